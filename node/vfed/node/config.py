@@ -1,0 +1,169 @@
+"""Node configuration: one YAML file read into pydantic, so a bad key fails at start-up with its name."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+_LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    """A dataset the node offers to algorithms, mounted read-only."""
+
+    uri: str
+    type: str = "csv"
+
+
+class ImagePolicy(_Strict):
+    """One allowed image: a digest (`sha256:...`) or a glob over the image reference."""
+
+    image: str
+    max_run_time_s: float | None = Field(default=None, gt=0)
+
+    def matches(self, reference: str, digest: str | None) -> bool:
+        """True when the rule admits this image reference or digest."""
+        if _DIGEST_RE.match(self.image):
+            return digest == self.image or reference.endswith("@" + self.image)
+        return fnmatch.fnmatchcase(reference, self.image)
+
+
+class Policies(_Strict):
+    """What this organization allows; an empty or missing list means no restriction on that axis."""
+
+    allowed_images: list[ImagePolicy] | None = None
+    allowed_organizations: list[int] | None = None
+    allowed_users: list[int] | None = None
+
+    @field_validator("allowed_images", mode="before")
+    @classmethod
+    def _strings_to_rules(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"image": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class RuntimeConfig(BaseModel):
+    """Which runtime runs the containers; the rest of the keys belong to that runtime's own config."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str = "docker"
+
+    def options(self) -> dict[str, Any]:
+        """The runtime-specific keys, for the runtime's own pydantic config."""
+        return dict(self.model_extra or {})
+
+
+class NodeSettings(_Strict):
+    """Everything `vnode run` needs."""
+
+    name: str = "node"
+    server_url: str = "http://127.0.0.1:7600"
+    api_key: SecretStr
+    private_key: Path | None = None
+    private_key_passphrase_env: str | None = None
+    data_dir: Path
+    datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
+    policies: Policies = Field(default_factory=Policies)
+    max_concurrent_runs: int = Field(default=4, ge=1, le=256)
+    max_run_time_s: float = Field(default=3600.0, gt=0)
+    kill_grace_s: float = Field(default=5.0, ge=0)
+    poll_interval_s: float = Field(default=10.0, gt=0)
+    mqtt_url: str | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    min_rows: int = Field(default=10, ge=0)
+    max_output_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_log_bytes: int = Field(default=64 * 1024, gt=0)
+    proxy_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("server_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("mqtt://", "mqtts://", "tcp://")):
+            raise ValueError("must look like mqtt://host:port")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_shape(cls, value: SecretStr) -> SecretStr:
+        if "." not in value.get_secret_value():
+            raise ValueError("must be '<key_id>.<secret>' as printed when the node was created")
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _labels(cls, value: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:
+        for label in value:
+            if not _LABEL_RE.match(label):
+                raise ValueError(f"dataset label {label!r} must be a letter then letters, digits or _")
+        return value
+
+    @property
+    def key_path(self) -> Path:
+        """Where the organization key lives: the configured path, else one inside data_dir."""
+        return self.private_key if self.private_key is not None else self.data_dir / "org-key.json"
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        parts.append(f"{key}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_settings(data: Any, *, base_dir: Path | None = None) -> NodeSettings:
+    """Validate an already-parsed mapping; relative paths are taken from base_dir."""
+    if not isinstance(data, dict):
+        raise ConfigError("(top level): the configuration must be a mapping of keys to values")
+    try:
+        settings = NodeSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    if base_dir is not None:
+        updates: dict[str, Any] = {}
+        if not settings.data_dir.is_absolute():
+            updates["data_dir"] = base_dir / settings.data_dir
+        if settings.private_key is not None and not settings.private_key.is_absolute():
+            updates["private_key"] = base_dir / settings.private_key
+        settings = settings.model_copy(update=updates)
+    return settings
+
+
+def load_settings(path: Path) -> NodeSettings:
+    """Read the YAML file at path; every failure is a ConfigError with one clear message."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}") from None
+    return parse_settings(data, base_dir=path.resolve().parent)

@@ -1,0 +1,90 @@
+"""Node configuration: good files load, bad ones fail with the key and the problem named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vfed.node.config import ConfigError, load_settings
+from vfed.node.policy import check_run
+
+GOOD = """
+name: site-a
+server_url: http://127.0.0.1:7600/
+api_key: abc.def
+data_dir: data
+datasets:
+  patients: {uri: /data/patients.csv, type: csv}
+policies:
+  allowed_images:
+    - vfed-test/*
+    - image: slow/*
+      max_run_time_s: 5
+    - sha256:%s
+  allowed_organizations: [1, 2]
+max_concurrent_runs: 2
+runtime: {kind: docker, memory_mb: 256}
+""" % ("a" * 64)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_loads_with_relative_paths_resolved(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD))
+    assert settings.server_url == "http://127.0.0.1:7600"
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.key_path == tmp_path / "data" / "org-key.json"
+    assert settings.datasets["patients"].type == "csv"
+    assert settings.runtime.kind == "docker"
+    assert settings.runtime.options() == {"memory_mb": 256}
+    assert settings.api_key.get_secret_value() == "abc.def"
+    assert "abc.def" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("api_key: abc.def\n", "data_dir: Field required"),
+        ("api_key: abc.def\ndata_dir: d\nmax_concurrent_runs: 0\n", "max_concurrent_runs: Input should be"),
+        ("api_key: abc.def\ndata_dir: d\nserver_url: ftp://x\n", "server_url: Value error, must start"),
+        ("api_key: nodot\ndata_dir: d\n", "api_key: Value error, must be '<key_id>.<secret>'"),
+        ("api_key: a.b\ndata_dir: d\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
+        ("api_key: a.b\ndata_dir: d\ndatasets: {'9x': {uri: u}}\n", "dataset label '9x'"),
+        ("api_key: a.b\ndata_dir: d\npolicies: {allowed_images: [{image: x, max_run_time_s: -1}]}\n",
+         "policies.allowed_images.0.max_run_time_s"),
+        ("- just\n- a list\n", "(top level): the configuration must be a mapping"),
+        ("api_key: [unclosed\n", "is not valid YAML at line"),
+    ],
+)
+def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_policy_rules(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD))
+    ok = check_run(settings, image="vfed-test/echo", digest=None, initiator_organization_id=1,
+                   initiator_user_id=7)
+    assert ok.allowed and ok.max_run_time_s == settings.max_run_time_s
+    slow = check_run(settings, image="slow/x", digest=None, initiator_organization_id=2, initiator_user_id=None)
+    assert slow.allowed and slow.max_run_time_s == 5
+    by_digest = check_run(settings, image="other", digest="sha256:" + "a" * 64, initiator_organization_id=1,
+                          initiator_user_id=None)
+    assert by_digest.allowed
+    image_no = check_run(settings, image="evil/x", digest="sha256:" + "b" * 64, initiator_organization_id=1,
+                         initiator_user_id=None)
+    assert not image_no.allowed and "allowed_images" in image_no.reason
+    org_no = check_run(settings, image="vfed-test/echo", digest=None, initiator_organization_id=3,
+                       initiator_user_id=None)
+    assert not org_no.allowed and "organization 3" in org_no.reason
