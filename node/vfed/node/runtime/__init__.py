@@ -1,0 +1,41 @@
+"""Container runtimes behind one small interface (base.Runtime); the Docker one lives in docker.py."""
+
+from vfed.node.runtime.base import (
+    INPUT_FILE,
+    OUTPUT_FILE,
+    PROXY_SOCKET,
+    TEMPORARY_FOLDER,
+    DatasetMount,
+    ExitStatus,
+    NotFound,
+    PermanentStartError,
+    RunHandleInfo,
+    RunLimits,
+    RunSpec,
+    RunState,
+    Runtime,
+    RuntimeUnavailable,
+    VfedRuntimeError,
+    algorithm_env,
+    dataset_path,
+)
+
+__all__ = [
+    "INPUT_FILE",
+    "OUTPUT_FILE",
+    "PROXY_SOCKET",
+    "TEMPORARY_FOLDER",
+    "DatasetMount",
+    "ExitStatus",
+    "NotFound",
+    "PermanentStartError",
+    "RunHandleInfo",
+    "RunLimits",
+    "RunSpec",
+    "RunState",
+    "Runtime",
+    "RuntimeUnavailable",
+    "VfedRuntimeError",
+    "algorithm_env",
+    "dataset_path",
+]

@@ -1,0 +1,266 @@
+"""The runtime boundary: what the agent asks of a container runtime, and nothing more.
+
+A runtime only runs containers. Policy, crypto and server I/O stay in the agent; the runtime's errors say what
+the agent should do (`RuntimeUnavailable`: retry later, `PermanentStartError`: fail the run, `NotFound` on
+kill/cleanup: already gone, which is success).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from enum import StrEnum
+from types import TracebackType
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Paths inside the algorithm container. The agent puts these in the algorithm's environment
+# (INPUT_FILE, OUTPUT_FILE, TEMPORARY_FOLDER, DATASET_<LABEL>_URI, PROXY_SOCKET); every runtime mounts there.
+CONTAINER_RUN_DIR = "/mnt/run"
+"""The run's own folder (RunSpec.run_dir), read-write: holds `input`, the algorithm writes `output`."""
+INPUT_FILE = f"{CONTAINER_RUN_DIR}/input"
+OUTPUT_FILE = f"{CONTAINER_RUN_DIR}/output"
+TEMPORARY_FOLDER = "/mnt/tmp"
+"""The job's temporary volume, shared only by runs of the same job on the same node."""
+DATASETS_ROOT = "/mnt/data"
+"""Each dataset is mounted read-only at DATASETS_ROOT/<label> (a file or a folder, as on the host)."""
+PROXY_SOCKET = "/run/vfed/proxy.sock"
+"""The run's own Unix socket to the proxy; the container has no network at all."""
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+LABEL_NODE = "vfed.node"
+LABEL_RUN_ID = "vfed.run_id"
+LABEL_JOB_ID = "vfed.job_id"
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def dataset_path(label: str) -> str:
+    """Where the dataset with this label appears inside the container."""
+    return f"{DATASETS_ROOT}/{label}"
+
+
+class VfedRuntimeError(Exception):
+    """Base of the runtime's errors."""
+
+
+class RuntimeUnavailable(VfedRuntimeError):
+    """The engine cannot be reached or is busy; the same call may work later."""
+
+
+class PermanentStartError(VfedRuntimeError):
+    """The run cannot start as specified (no such image, bad mount, bad spec); retrying will not help."""
+
+
+class NotFound(VfedRuntimeError):
+    """No container for this handle (never started, or already cleaned up)."""
+
+
+class DatasetMount(BaseModel):
+    """A dataset the run may read, mounted read-only at `dataset_path(label)`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    host_path: str = Field(description="Absolute path on the machine running the agent (see host_path_map).")
+    type: str = Field(description="csv, parquet, sqlite, folder...: the algorithm's DATASET_<LABEL>_TYPE")
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, v: str) -> str:
+        if not _LABEL_RE.match(v):
+            raise ValueError("dataset label must be letters, digits, '_' or '-' (at most 63)")
+        return v
+
+    @field_validator("host_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("dataset host_path must be absolute")
+        return v
+
+
+class RunLimits(BaseModel):
+    """Per-run resource limits; None takes the runtime config's default."""
+
+    model_config = ConfigDict(frozen=True)
+
+    memory_bytes: int | None = Field(default=None, gt=0)
+    nano_cpus: int | None = Field(default=None, gt=0, description="1e9 = one CPU")
+    pids_limit: int | None = Field(default=None, gt=0)
+
+
+class RunSpec(BaseModel):
+    """Everything a runtime needs to start one run. Built by the agent after every policy check passed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    job_id: str
+    node_name: str
+    organization_id: str
+    image: str
+    env: dict[str, str] = Field(default_factory=dict, description="The algorithm's environment, as given.")
+    run_dir: str = Field(description="Host folder with the `input` file; mounted read-write at /mnt/run.")
+    datasets: list[DatasetMount] = Field(default_factory=list)
+    proxy_socket: str | None = Field(default=None, description="Host path of this run's proxy Unix socket.")
+    limits: RunLimits = Field(default_factory=RunLimits)
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")
+    command: list[str] | None = Field(default=None, description="Overrides the image's CMD (tests, tools).")
+
+    @field_validator("run_id", "job_id", "node_name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        # These end up in container and volume names: keep them to what Docker and Kubernetes accept.
+        if not _NAME_RE.match(v):
+            raise ValueError("must be lowercase letters, digits, '_', '.' or '-' (at most 63)")
+        return v
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("run_dir must be absolute")
+        return v
+
+
+class ExitStatus(BaseModel):
+    """How a run ended, or that it had not ended when `wait` gave up."""
+
+    exit_code: int | None = Field(description="None while still running (timed_out) or when unknown.")
+    oom_killed: bool = False
+    timed_out: bool = Field(default=False, description="wait's timeout passed; the container was NOT killed.")
+    reason: str | None = Field(default=None, description="A short human reason when not a clean exit 0.")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not self.oom_killed and not self.timed_out
+
+
+class RunState(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+class RunHandleInfo(BaseModel):
+    """A container found by label, e.g. after the agent restarted."""
+
+    run_id: str
+    job_id: str
+    handle: str
+    state: RunState
+    exit_code: int | None = None
+    oom_killed: bool = False
+
+
+class Runtime(abc.ABC):
+    """A container runtime. Methods are safe to call concurrently for different handles.
+
+    No I/O in the constructor; `async with runtime:` (or `open()`/`close()`) connects and disconnects.
+    """
+
+    name: str = "abstract"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Connect to the engine; raises RuntimeUnavailable when it does not answer."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release the engine connection. Containers keep running."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def start(self, spec: RunSpec) -> str:
+        """Create and start the run's container (and its job volume if needed); return an opaque handle.
+
+        Returns as soon as the container is started. Raises PermanentStartError or RuntimeUnavailable.
+        Starting a run whose container already exists raises PermanentStartError (see list_runs).
+        """
+
+    @abc.abstractmethod
+    async def wait(self, handle: str, timeout_s: float | None = None) -> ExitStatus:
+        """Wait for the run to end. After timeout_s, return timed_out=True without killing anything."""
+
+    @abc.abstractmethod
+    async def kill(self, handle: str, grace_s: float = 10.0) -> None:
+        """Stop the run: SIGTERM, then SIGKILL after grace_s. The container stays for logs and exit code.
+
+        NotFound is not raised: a run that is gone is killed.
+        """
+
+    @abc.abstractmethod
+    async def logs(self, handle: str, max_bytes: int = 64 * 1024) -> str:
+        """The tail of the run's stdout+stderr, at most max_bytes (UTF-8, undecodable bytes replaced)."""
+
+    @abc.abstractmethod
+    async def cleanup(self, handle: str) -> None:
+        """Remove the run's container (killing it if needed). Idempotent: a missing container is fine."""
+
+    @abc.abstractmethod
+    async def list_runs(self, node_name: str) -> list[RunHandleInfo]:
+        """Every run container of this node, running or exited (found by label, not by memory)."""
+
+    @abc.abstractmethod
+    async def image_digest(self, image: str) -> str:
+        """The image's content digest ("sha256:..."), pulling it if absent; PermanentStartError if neither."""
+
+    @abc.abstractmethod
+    async def ensure_job_volume(self, node_name: str, job_id: str) -> str:
+        """Create the job's temporary volume if missing; return its name. Idempotent."""
+
+    @abc.abstractmethod
+    async def remove_job_volume(self, node_name: str, job_id: str) -> None:
+        """Remove the job's temporary volume. Missing is fine; in use by a run raises RuntimeUnavailable."""
+
+    @abc.abstractmethod
+    async def list_job_volumes(self, node_name: str) -> list[str]:
+        """Job ids that have a temporary volume on this node (for retention after a restart)."""
+
+
+def container_name(node_name: str, run_id: str) -> str:
+    return f"vfed-{node_name}-run-{run_id}"
+
+
+def job_volume_name(node_name: str, job_id: str) -> str:
+    return f"vfed-{node_name}-{job_id}-tmp"
+
+
+def algorithm_env(
+    *,
+    run_id: str,
+    job_id: str,
+    organization_id: str,
+    datasets: list[DatasetMount],
+    with_proxy: bool,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The standard algorithm environment (docs/algorithms.md) for the container paths above."""
+    env = {
+        "INPUT_FILE": INPUT_FILE,
+        "OUTPUT_FILE": OUTPUT_FILE,
+        "TEMPORARY_FOLDER": TEMPORARY_FOLDER,
+        "RUN_ID": run_id,
+        "JOB_ID": job_id,
+        "ORGANIZATION_ID": organization_id,
+        "DATASETS": ",".join(d.label for d in datasets),
+    }
+    for d in datasets:
+        key = d.label.upper().replace("-", "_")
+        env[f"DATASET_{key}_URI"] = dataset_path(d.label)
+        env[f"DATASET_{key}_TYPE"] = d.type
+    if with_proxy:
+        env["PROXY_SOCKET"] = PROXY_SOCKET
+    env.update(extra or {})
+    return env
