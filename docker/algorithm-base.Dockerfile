@@ -1,0 +1,9 @@
+# vfed/algorithm-base: the algorithm SDK plus pandas/pyarrow. Algorithm images start FROM this one and run
+# as the unprivileged user; the node adds the rest of the hardening at `docker run`.
+FROM vfed/base
+COPY wheels /tmp/wheels
+RUN /opt/vfed/bin/pip install -q --no-index --find-links /tmp/wheels "vfed[algorithms]" \
+ && rm -rf /tmp/wheels /root/.cache
+USER 10001:10001
+WORKDIR /home/vfed
+ENTRYPOINT ["python3", "-m", "vfed.algorithms"]

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Makes sure the real components the tests need are here: a Docker engine that answers, and the Mosquitto,
+# PostgreSQL and debootstrap binaries. The test session starts its own broker and database on loopback.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+. "$here/lib.sh"
+
+DOCKERD_LOG=${DOCKERD_LOG:-/var/log/vfed-dockerd.log}
+
+docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
+
+ensure_docker() {
+    if command -v docker >/dev/null && docker_answers; then
+        say "docker engine: answering ($(docker version --format '{{.Server.Version}}' 2>/dev/null || echo '?'))"
+        return
+    fi
+    if ! is_root; then
+        die "no Docker engine answers and this is not root: install and start one (apt-get install docker.io), or run as root"
+    fi
+    if ! command -v dockerd >/dev/null; then
+        apt_install docker.io iptables
+    fi
+    command -v docker >/dev/null || die "docker client missing after installing docker.io"
+    say "starting dockerd in the background (log: $DOCKERD_LOG)"
+    nohup dockerd >>"$DOCKERD_LOG" 2>&1 &
+    for _ in $(seq 1 60); do
+        if docker_answers; then
+            say "docker engine: started"
+            return
+        fi
+        sleep 1
+    done
+    tail -n 20 "$DOCKERD_LOG" | sed 's/^/    /' >&2
+    die "dockerd did not answer within 60 s (log above: $DOCKERD_LOG)"
+}
+
+ensure_binaries() {
+    local missing=()
+    command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+    command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+    # The distribution's own service instances are not used; the tests start their own on free ports.
+    say "mosquitto, postgresql, debootstrap: present"
+}
+
+ensure_binaries
+ensure_docker

@@ -1,0 +1,97 @@
+"""Session fixtures for real components, and a per-marker summary at the end of the run."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+
+import pytest
+
+from tests import infra
+
+MARKERS = ("docker", "mqtt", "postgres", "k8s", "fabric", "slow")
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[object]:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:  # any failure to reach the engine means: no engine here
+        infra.missing(
+            "docker", f"no Docker engine answers ({exc.__class__.__name__}: {exc}); run `make infra`"
+        )
+        raise AssertionError("unreachable") from exc
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_server() -> Iterator[infra.Mosquitto]:
+    with infra.mosquitto() as broker:
+        yield broker
+
+
+@pytest.fixture
+def mqtt_broker(mosquitto_server: infra.Mosquitto) -> infra.Broker:
+    """A running Mosquitto on loopback (restarted if a previous test stopped it)."""
+    if mosquitto_server.proc is None:
+        mosquitto_server.start()
+    return infra.Broker("127.0.0.1", mosquitto_server.port)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[infra.Postgres]:
+    with infra.postgres() as pg:
+        yield pg
+
+
+@pytest.fixture
+def postgres_url(postgres_server: infra.Postgres) -> str:
+    """URL (postgresql+asyncpg) of a fresh, empty database on the session's real PostgreSQL."""
+    return postgres_server.url(infra.create_database(postgres_server))
+
+
+# --- per-marker summary -------------------------------------------------------------------------------------
+
+_markers_of: dict[str, tuple[str, ...]] = {}
+_outcomes: dict[str, Counter[str]] = defaultdict(Counter)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        _markers_of[item.nodeid] = tuple(m for m in MARKERS if item.get_closest_marker(m) is not None)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    outcome = None
+    if report.when == "call":
+        outcome = report.outcome
+    elif report.when == "setup" and report.outcome != "passed":
+        outcome = report.outcome  # skipped or errored in setup
+    elif report.when == "teardown" and report.outcome == "failed":
+        outcome = "failed"
+    if outcome is None:
+        return
+    for marker in _markers_of.get(report.nodeid, ()) or ("unmarked",):
+        _outcomes[marker][outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _outcomes:
+        return
+    terminalreporter.section("vfed: tests per marker")
+    for marker in (*MARKERS, "unmarked"):
+        c = _outcomes.get(marker, Counter())
+        ran = c["passed"] + c["failed"]
+        terminalreporter.write_line(
+            f"marker {marker:9s} ran {ran:4d}  passed {c['passed']:4d}  failed {c['failed']:3d}  "
+            f"skipped {c['skipped']:3d}"
+        )
+    if os.environ.get(infra.REQUIRE_ENV) == "1":
+        terminalreporter.write_line(
+            "(components required: a missing docker/mqtt/postgres fails instead of skipping)"
+        )
