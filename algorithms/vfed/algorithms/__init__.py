@@ -1,1 +1,28 @@
-"""vfed.algorithms."""
+"""vfed.algorithms: the SDK that algorithm images are built with.
+
+Declare functions with `@federated(datasets=[...])` (run at the data, receive DataFrames) and `@central()`
+(orchestrate subtasks, receive an `AlgorithmClient`); the image's entry point `python -m vfed.algorithms`
+does the rest. Imports only `vfed.common`; pandas is loaded when a dataset is.
+"""
+
+from vfed.algorithms.client import AlgorithmClient, Organization, SubtaskFailed, TaskState
+from vfed.algorithms.decorators import central, federated
+from vfed.algorithms.disclosure import DisclosureError, min_rows, require_min_rows
+from vfed.algorithms.transport import ProxyError, ProxyUnavailable
+from vfed.common.payload import AlgorithmError, TaskInput
+
+__all__ = [
+    "AlgorithmClient",
+    "AlgorithmError",
+    "DisclosureError",
+    "Organization",
+    "ProxyError",
+    "ProxyUnavailable",
+    "SubtaskFailed",
+    "TaskInput",
+    "TaskState",
+    "central",
+    "federated",
+    "min_rows",
+    "require_min_rows",
+]

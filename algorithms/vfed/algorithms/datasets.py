@@ -1,0 +1,96 @@
+"""Loading the datasets a node offers a run, from the environment the node sets.
+
+`DATASETS` lists the labels (comma separated); for each label, `DATASET_<LABEL>_URI` and
+`DATASET_<LABEL>_TYPE` (csv, parquet or sql). A sql dataset's URI is a SQLAlchemy URL, read with
+`DATASET_<LABEL>_QUERY` (a SELECT) or `DATASET_<LABEL>_TABLE`. `<LABEL>` is the label in upper case with
+anything but letters and digits turned into `_`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class DatasetType(StrEnum):
+    """The storage formats the SDK reads."""
+
+    CSV = "csv"
+    PARQUET = "parquet"
+    SQL = "sql"
+
+
+class DatasetError(Exception):
+    """A dataset the function needs is not offered, or cannot be read."""
+
+
+def env_key(label: str) -> str:
+    """`DATASET_<LABEL>` prefix of a label's variables."""
+    return "DATASET_" + re.sub(r"[^A-Z0-9]", "_", label.upper())
+
+
+def available_labels(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The labels the node offers this run, in its order."""
+    env = os.environ if environ is None else environ
+    return [label.strip() for label in env.get("DATASETS", "").split(",") if label.strip()]
+
+
+def _file_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return unquote(parsed.path)
+    return uri
+
+
+def _read_sql(label: str, uri: str, env: Mapping[str, str]) -> pd.DataFrame:
+    import pandas as pd
+    import sqlalchemy as sa
+
+    query = env.get(f"{env_key(label)}_QUERY")
+    table = env.get(f"{env_key(label)}_TABLE")
+    if not query and not table:
+        raise DatasetError(f"sql dataset {label!r} needs {env_key(label)}_QUERY or {env_key(label)}_TABLE")
+    engine = sa.create_engine(uri)
+    try:
+        with engine.connect() as connection:
+            if query:
+                return pd.read_sql_query(sa.text(query), connection)
+            return pd.read_sql_table(str(table), connection)
+    finally:
+        engine.dispose()
+
+
+def load_dataset(label: str, environ: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The dataset with this label as a DataFrame; DatasetError says what is missing or unreadable."""
+    import pandas as pd
+
+    env = os.environ if environ is None else environ
+    offered = available_labels(env)
+    if label not in offered:
+        raise DatasetError(f"dataset {label!r} is not offered to this run (offered: {offered or 'none'})")
+    uri = env.get(f"{env_key(label)}_URI")
+    if not uri:
+        raise DatasetError(f"dataset {label!r} has no {env_key(label)}_URI")
+    raw_type = env.get(f"{env_key(label)}_TYPE", "").strip().lower()
+    try:
+        kind = DatasetType(raw_type)
+    except ValueError:
+        known = ", ".join(t.value for t in DatasetType)
+        raise DatasetError(f"dataset {label!r} has type {raw_type!r}; known types: {known}") from None
+    try:
+        if kind is DatasetType.CSV:
+            return pd.read_csv(_file_path(uri))
+        if kind is DatasetType.PARQUET:
+            return pd.read_parquet(_file_path(uri), engine="pyarrow")
+        return _read_sql(label, uri, env)
+    except DatasetError:
+        raise
+    except Exception as exc:  # pandas, pyarrow and SQLAlchemy raise many types
+        raise DatasetError(f"cannot read dataset {label!r} ({kind.value}): {exc}") from exc
