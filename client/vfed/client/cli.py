@@ -1,0 +1,213 @@
+"""`vfed`: the researcher's command line. Exit codes: 0 success, 1 failure, 2 usage error."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from vfed.client import credentials
+from vfed.client.client import AsyncClient
+from vfed.client.errors import ClientError
+from vfed.common.crypto import CryptoError
+from vfed.common.payload import AlgorithmError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str) -> None:
+    click.echo(f"vfed: error: {message}", err=True)
+    sys.exit(1)
+
+
+def handled(fn: F) -> F:
+    """Turns every expected failure into one line on stderr and exit code 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, CryptoError, AlgorithmError, OSError) as exc:
+            _fail(str(exc).splitlines()[0] if not isinstance(exc, ClientError) else str(exc))
+        except ValidationError as exc:
+            _fail(f"invalid input: {exc.errors()[0]['msg']}")
+        except Exception as exc:  # aiohttp connection errors and the like: still one clear line
+            _fail(f"{exc.__class__.__name__}: {exc}")
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _client() -> AsyncClient:
+    saved = credentials.load()
+    client = AsyncClient(saved.get("url"), key_file=saved.get("key_file"), token=saved.get("access_token"))
+    client.api.refresh_token = saved.get("refresh_token")
+    return client
+
+
+def _run(make: Callable[[AsyncClient], Coroutine[Any, Any, Any]]) -> Any:
+    async def go() -> Any:
+        async with _client() as client:
+            result = await make(client)
+            saved = credentials.load()
+            if saved and client.api.token and client.api.token != saved.get("access_token"):
+                saved.update(access_token=client.api.token, refresh_token=client.api.refresh_token)
+                credentials.save(saved)
+            return result
+
+    return asyncio.run(go())
+
+
+@click.group(epilog="Example: vfed login --url http://127.0.0.1:7600 --username alice")
+def main() -> None:
+    """Researcher commands: log in, create tasks, wait for them and read their decrypted results."""
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:7600", show_default=True, help="server URL")
+@click.option("--username", prompt=True)
+@click.option("--password", prompt=True, hide_input=True)
+@click.option("--key-file", type=click.Path(dir_okay=False), help="your organization's private key file")
+@handled
+def login(url: str, username: str, password: str, key_file: str | None) -> None:
+    """Log in and remember the tokens (0600 file in your config folder)."""
+
+    async def go() -> dict[str, Any]:
+        async with AsyncClient(url) as client:
+            return await client.api.login(username, password)
+
+    body = asyncio.run(go())
+    path = credentials.save(
+        {
+            "url": url,
+            "username": username,
+            "key_file": key_file,
+            "access_token": body["access_token"],
+            "refresh_token": body["refresh_token"],
+        }
+    )
+    click.echo(f"logged in as {username} (organization {body['organization_id']}); saved to {path}")
+
+
+@main.group()
+def task() -> None:
+    """Create, follow, read and kill tasks."""
+
+
+@task.command("create")
+@click.option("--collaboration", "collaboration", type=int, required=True)
+@click.option("--image", required=True)
+@click.option("--method", required=True)
+@click.option("--args", "args_json", default="[]", help="JSON list of positional arguments")
+@click.option("--kwargs", "kwargs_json", default="{}", help="JSON object of keyword arguments")
+@click.option("--org", "orgs", type=int, multiple=True, help="target organization (repeatable; default all)")
+@click.option("--dataset", "datasets", multiple=True, help="dataset label (repeatable)")
+@click.option("--name", default=None)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@handled
+def task_create(
+    collaboration: int,
+    image: str,
+    method: str,
+    args_json: str,
+    kwargs_json: str,
+    orgs: tuple[int, ...],
+    datasets: tuple[str, ...],
+    name: str | None,
+    fmt: str,
+) -> None:
+    """Create a task; its input is encrypted for every target organization.
+
+    Example: vfed task create --collaboration 1 --image vfed-examples/stats --method summary --args '["x"]'
+    """
+    args = _json_arg("--args", args_json, list)
+    kwargs = _json_arg("--kwargs", kwargs_json, dict)
+    body = _run(
+        lambda c: c.create_task(
+            collaboration,
+            image,
+            method,
+            args=args,
+            kwargs=kwargs,
+            organizations=list(orgs) or None,
+            datasets=datasets,
+            name=name,
+        )
+    )
+    click.echo(json.dumps(body) if fmt == "json" else f"task {body['id']} created (job {body.get('job_id')})")
+
+
+def _json_arg(flag: str, text: str, kind: type) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=flag) from exc
+    if not isinstance(value, kind):
+        raise click.BadParameter(f"must be a JSON {'list' if kind is list else 'object'}", param_hint=flag)
+    return value
+
+
+@task.command("wait")
+@click.argument("task_id", type=int)
+@click.option("--timeout", "timeout_s", type=float, default=None, help="seconds")
+@handled
+def task_wait(task_id: int, timeout_s: float | None) -> None:
+    """Wait until every run of TASK_ID finished."""
+    body = _run(lambda c: c.wait(task_id, timeout_s, progress=sys.stderr.isatty()))
+    click.echo(f"task {task_id} {body['status']}")
+    if body["status"] != "completed":
+        sys.exit(1)
+
+
+@task.command("results")
+@click.argument("task_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+@handled
+def task_results(task_id: int, fmt: str) -> None:
+    """Print the decrypted results of TASK_ID (one per organization)."""
+    results = _run(lambda c: c.results(task_id))
+    click.echo(_render(results, fmt), nl=False)
+
+
+def _render(results: list[Any], fmt: str) -> str:
+    plain = [r.to_dict(orient="records") if hasattr(r, "to_dict") else r for r in results]
+    if fmt == "json":
+        return json.dumps(plain, indent=2, default=str) + "\n"
+    out = io.StringIO()
+    rows = [(i, row) for i, r in enumerate(plain) for row in (r if isinstance(r, list) else [r])]
+    fields = sorted({k for _, row in rows if isinstance(row, dict) for k in row})
+    writer = csv.writer(out)
+    writer.writerow(["result", *(fields or ["value"])])
+    for i, row in rows:
+        writer.writerow([i, *([row.get(f) for f in fields] if isinstance(row, dict) else [json.dumps(row)])])
+    return out.getvalue()
+
+
+@task.command("kill")
+@click.argument("task_id", type=int)
+@handled
+def task_kill(task_id: int) -> None:
+    """Kill every unfinished run of TASK_ID."""
+    body = _run(lambda c: c.kill(task_id))
+    click.echo(f"task {task_id} {body.get('status', 'killed')}")
+
+
+@task.command("list")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@handled
+def task_list(fmt: str) -> None:
+    """List tasks you can see."""
+    tasks = _run(lambda c: c.tasks())
+    if fmt == "json":
+        click.echo(json.dumps(tasks, default=str))
+        return
+    for t in tasks:
+        click.echo(f"{t['id']:>6}  {t['status']:<10} {t['image']:<40} {t['name']}")

@@ -1,0 +1,198 @@
+"""The researcher's client: create tasks with end-to-end encrypted input, wait, read decrypted results.
+
+`AsyncClient` is the implementation; `Client` wraps it for plain scripts and notebooks by running its
+coroutines on a private event loop thread, so it works inside Jupyter's own running loop as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vfed.client import tasks
+from vfed.client.errors import KeyMissing
+from vfed.client.http import ApiSession
+from vfed.client.keys import KeyDirectory
+from vfed.common.crypto import Keyring
+
+T = TypeVar("T")
+DEFAULT_URL = "http://127.0.0.1:7600"
+
+
+class AsyncClient:
+    """Async researcher client. Key: `key_file` or VFED_KEY_FILE (passphrase: VFED_KEY_PASSPHRASE)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        key_file: str | Path | None = None,
+        passphrase: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.url = url or os.environ.get("VFED_SERVER_URL", DEFAULT_URL)
+        self.api = ApiSession(self.url, token=token or os.environ.get("VFED_TOKEN"))
+        self.keys = KeyDirectory(self.api)
+        self._key_file = key_file or os.environ.get("VFED_KEY_FILE")
+        self._passphrase = passphrase if passphrase is not None else os.environ.get("VFED_KEY_PASSPHRASE")
+        self._keyring: Keyring | None = None
+        self.organization_id: int | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    @property
+    def keyring(self) -> Keyring:
+        if self._keyring is None:
+            if not self._key_file:
+                raise KeyMissing("no organization key: pass key_file= or set VFED_KEY_FILE")
+            self._keyring = Keyring.load(Path(self._key_file), self._passphrase)
+        return self._keyring
+
+    def use_keyring(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+
+    async def login(self, username: str, password: str) -> None:
+        body = await self.api.login(username, password)
+        self.organization_id = int(body["organization_id"])
+
+    async def organizations(self) -> list[dict[str, Any]]:
+        return await self.api.get_all("/organizations")
+
+    async def collaborations(self) -> list[dict[str, Any]]:
+        return await self.api.get_all("/collaborations")
+
+    async def tasks(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self.api.get_all("/tasks", {k: v for k, v in filters.items() if v is not None})
+
+    async def task(self, task_id: int) -> dict[str, Any]:
+        body: dict[str, Any] = await self.api.request("GET", f"/tasks/{task_id}")
+        return body
+
+    async def runs(self, task_id: int) -> list[dict[str, Any]]:
+        return await self.api.get_all("/runs", {"task_id": task_id})
+
+    async def create_task(
+        self,
+        collaboration: int,
+        image: str,
+        method: str,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        organizations: Sequence[int] | None = None,
+        datasets: Sequence[str] = (),
+        name: str | None = None,
+        description: str = "",
+    ) -> dict[str, Any]:
+        """Encrypts the input once for every target organization, uploads it and creates the task."""
+        return await tasks.create(
+            self,
+            collaboration,
+            image,
+            method,
+            list(args),
+            kwargs or {},
+            None if organizations is None else list(organizations),
+            list(datasets),
+            name or method,
+            description,
+        )
+
+    async def wait(
+        self, task: int | dict[str, Any], timeout_s: float | None = None, progress: bool = True
+    ) -> dict[str, Any]:
+        """Waits until every run of the task finished; shows progress; returns the task."""
+        return await tasks.wait(self, _task_id(task), timeout_s, progress)
+
+    async def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> list[Any]:
+        """Decrypted results, one per run in organization order; a failed run raises RunFailed."""
+        return await tasks.results(self, _task_id(task), raise_on_failure)
+
+    async def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = await self.api.request("POST", f"/tasks/{_task_id(task)}/kill")
+        return body
+
+
+def _task_id(task: int | dict[str, Any]) -> int:
+    return int(task["id"]) if isinstance(task, dict) else int(task)
+
+
+class Client:
+    """Blocking face of AsyncClient for scripts and notebooks (same methods, same arguments)."""
+
+    def __init__(self, url: str | None = None, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vfed-client", daemon=True)
+        self._thread.start()
+        self._async = self._call(_make_async(url, kwargs))
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return fut.result()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def organization_id(self) -> int | None:
+        return self._async.organization_id
+
+    def use_keyring(self, keyring: Keyring) -> None:
+        self._async.use_keyring(keyring)
+
+    def login(self, username: str, password: str) -> None:
+        self._call(self._async.login(username, password))
+
+    def organizations(self) -> list[dict[str, Any]]:
+        return self._call(self._async.organizations())
+
+    def collaborations(self) -> list[dict[str, Any]]:
+        return self._call(self._async.collaborations())
+
+    def tasks(self, **filters: Any) -> list[dict[str, Any]]:
+        return self._call(self._async.tasks(**filters))
+
+    def task(self, task_id: int) -> dict[str, Any]:
+        return self._call(self._async.task(task_id))
+
+    def runs(self, task_id: int) -> list[dict[str, Any]]:
+        return self._call(self._async.runs(task_id))
+
+    def create_task(self, collaboration: int, image: str, method: str, **kwargs: Any) -> dict[str, Any]:
+        return self._call(self._async.create_task(collaboration, image, method, **kwargs))
+
+    def wait(
+        self, task: int | dict[str, Any], timeout_s: float | None = None, progress: bool = True
+    ) -> dict[str, Any]:
+        return self._call(self._async.wait(task, timeout_s, progress))
+
+    def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> list[Any]:
+        return self._call(self._async.results(task, raise_on_failure))
+
+    def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._async.kill(task))
+
+
+async def _make_async(url: str | None, kwargs: dict[str, Any]) -> AsyncClient:
+    return AsyncClient(url, **kwargs)

@@ -1,0 +1,44 @@
+"""Errors a researcher sees: each says what failed in one line."""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base of every vfed client error."""
+
+
+class ApiError(ClientError):
+    """The server answered with an error: its status, code and detail."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(f"server answered {status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+class NotLoggedIn(ClientError):
+    """No token: call `login` or set VFED_TOKEN."""
+
+
+class KeyMissing(ClientError):
+    """The organization's private key is needed to encrypt inputs and decrypt results."""
+
+
+class TaskTimeout(ClientError):
+    """`wait` gave up before every run finished."""
+
+
+class RunFailed(ClientError):
+    """A run did not complete: its organization, status, reason and the tail of its log."""
+
+    def __init__(self, run_id: int, organization_id: int, status: str, reason: str, log_tail: str) -> None:
+        msg = f"run {run_id} at organization {organization_id} {status}: {reason or 'no reason given'}"
+        if log_tail:
+            msg += "\n--- log tail ---\n" + log_tail
+        super().__init__(msg)
+        self.run_id = run_id
+        self.organization_id = organization_id
+        self.status = status
+        self.reason = reason
+        self.log_tail = log_tail

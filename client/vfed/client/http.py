@@ -1,0 +1,125 @@
+"""The researcher's HTTP session with the server: tokens, JSON errors, pagination, streamed blobs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from vfed.client.errors import ApiError, NotLoggedIn
+
+CHUNK_BYTES = 1 << 20
+
+
+class ApiSession:
+    """One aiohttp session against `<url>/api/v1`; refreshes the access token once on a 401."""
+
+    def __init__(self, url: str, token: str | None = None, refresh_token: str | None = None) -> None:
+        self.base = url.rstrip("/") + "/api/v1"
+        self.token = token
+        self.refresh_token = refresh_token
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ApiSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def login(self, username: str, password: str) -> dict[str, Any]:
+        body = await self.request(
+            "POST", "/token/user", json={"username": username, "password": password}, auth=False
+        )
+        self.token, self.refresh_token = body["access_token"], body["refresh_token"]
+        return dict(body)
+
+    async def _refresh(self) -> bool:
+        if not self.refresh_token:
+            return False
+        try:
+            body = await self.request(
+                "POST", "/token/refresh", json={"refresh_token": self.refresh_token}, auth=False
+            )
+        except ApiError:
+            return False
+        self.token = body["access_token"]
+        self.refresh_token = body.get("refresh_token", self.refresh_token)
+        return True
+
+    async def request(
+        self, method: str, path: str, *, auth: bool = True, retry: bool = True, **kwargs: Any
+    ) -> Any:
+        """A JSON request; an error answer raises ApiError with the server's code and detail."""
+        if auth and not self.token:
+            raise NotLoggedIn("not logged in: call login() or set VFED_TOKEN")
+        headers = self._headers() if auth else {}
+        async with self.session.request(method, self.base + path, headers=headers, **kwargs) as resp:
+            if resp.status == 401 and auth and retry and await self._refresh():
+                return await self.request(method, path, auth=auth, retry=False, **kwargs)
+            return await _json_or_raise(resp)
+
+    async def get_all(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every item of a paginated list."""
+        items: list[dict[str, Any]] = []
+        page = 1
+        while True:
+            body = await self.request("GET", path, params={**(params or {}), "page": page, "per_page": 500})
+            items.extend(body["data"])
+            if len(items) >= body["total"] or not body["data"]:
+                return items
+            page += 1
+
+    async def upload_blob(self, data: bytes | AsyncIterator[bytes]) -> str:
+        """Streams a body to `POST /blobs`; returns the blob id."""
+        headers = {**self._headers(), "Content-Type": "application/octet-stream"}
+        async with self.session.post(self.base + "/blobs", data=data, headers=headers) as resp:
+            body = await _json_or_raise(resp)
+        return str(body["id"])
+
+    async def download_blob(self, blob_id: str) -> bytes:
+        """The whole blob; a broken transfer resumes with a Range request."""
+        buf = bytearray()
+        for _attempt in range(5):
+            headers = self._headers()
+            if buf:
+                headers["Range"] = f"bytes={len(buf)}-"
+            try:
+                async with self.session.get(f"{self.base}/blobs/{blob_id}", headers=headers) as resp:
+                    if resp.status >= 400:
+                        await _json_or_raise(resp)
+                    if resp.status == 200 and buf:
+                        buf.clear()  # the server ignored the range: start over
+                    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                        buf.extend(chunk)
+                return bytes(buf)
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+                continue
+        raise ApiError(0, "download-failed", f"blob {blob_id} could not be downloaded after 5 attempts")
+
+
+async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:
+    if resp.status < 400:
+        if resp.status == 204:
+            return None
+        return await resp.json()
+    try:
+        body = await resp.json(content_type=None)
+        error, detail = str(body.get("error", resp.reason)), str(body.get("detail", ""))
+    except (ValueError, aiohttp.ContentTypeError, AttributeError):
+        error, detail = str(resp.reason), (await resp.text())[:500]
+    raise ApiError(resp.status, error, detail)
