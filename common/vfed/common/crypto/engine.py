@@ -1,0 +1,340 @@
+"""Push-style envelope state machines; the bytes, async and file helpers all drive these two classes."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import nacl.bindings as nb
+import nacl.exceptions
+import nacl.utils
+
+from .errors import (
+    BadSignature,
+    CorruptHeader,
+    CorruptKey,
+    CryptoError,
+    NotARecipient,
+    ReorderedChunk,
+    TamperedChunk,
+    TrailingData,
+    TruncatedPayload,
+    UnknownSender,
+)
+from .format import (
+    DEFAULT_CHUNK_SIZE,
+    FLAG_FINAL,
+    FRAME_HEAD,
+    FRAME_HEAD_BYTES,
+    HEADER_FIXED_BYTES,
+    MAGIC,
+    MAX_CHUNK_SIZE,
+    MAX_RECIPIENTS,
+    SIGNATURE_BYTES,
+    TAG_BYTES,
+    Cipher,
+    Header,
+    aead_for,
+    default_cipher,
+    header_hash,
+    header_size,
+    new_tags_hash,
+    pack_header,
+    read_header,
+    signed_message,
+)
+from .keyring import Keyring
+from .keys import OrgKey, PublicKey
+
+SenderLookup = PublicKey | Callable[[str], PublicKey | None]
+_NACL_ERRORS = (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, nacl.exceptions.TypeError)
+
+
+class _Buffer:
+    """A queue of byte pieces; `take(n)` returns exactly n bytes, copying at most once.
+
+    A read offset into the first piece avoids re-slicing a large input (which would be quadratic).
+    """
+
+    def __init__(self) -> None:
+        self._parts: deque[bytes] = deque()
+        self._offset = 0
+        self.size = 0
+
+    def push(self, data: bytes) -> None:
+        if data:
+            self._parts.append(data)
+            self.size += len(data)
+
+    def take(self, n: int) -> bytes:
+        if n == 0:
+            return b""
+        self.size -= n
+        first = self._parts[0]
+        start = self._offset
+        if start == 0 and len(first) == n:
+            self._parts.popleft()
+            return first
+        if len(first) - start >= n:
+            self._advance(first, start + n)
+            return first[start : start + n]
+        out = bytearray()
+        while len(out) < n:
+            part, start = self._parts[0], self._offset
+            stop = min(len(part), start + n - len(out))
+            out += memoryview(part)[start:stop]
+            self._advance(part, stop)
+        return bytes(out)
+
+    def _advance(self, first: bytes, stop: int) -> None:
+        if stop == len(first):
+            self._parts.popleft()
+            self._offset = 0
+        else:
+            self._offset = stop
+
+
+class Encryptor:
+    """Encrypt once for many recipients; `feed` and `finish` return envelope pieces in order."""
+
+    def __init__(
+        self,
+        sender: OrgKey,
+        recipients: Sequence[PublicKey],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        cipher: Cipher | None = None,
+    ) -> None:
+        unique = list({r.key_id: r for r in recipients}.values())
+        if not unique:
+            raise CryptoError("an envelope needs at least one recipient")
+        if len(unique) > MAX_RECIPIENTS:
+            raise CryptoError(f"an envelope holds at most {MAX_RECIPIENTS} recipients")
+        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise CryptoError(f"chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
+        self._aead = aead_for(cipher if cipher is not None else default_cipher())
+        self._key = nacl.utils.random(32)
+        entries = []
+        for recipient in unique:
+            try:
+                sealed = nb.crypto_box_seal(self._key, recipient.x25519)
+            except _NACL_ERRORS as exc:
+                raise CorruptKey(f"cannot seal to recipient key {recipient.key_id}") from exc
+            entries.append((recipient.key_id_bytes, sealed))
+        self.header = pack_header(self._aead.cipher, chunk_size, sender.public.key_id_bytes, entries)
+        self._sender = sender
+        self._chunk_size = chunk_size
+        self._head_hash = header_hash(self.header)
+        self._tags = new_tags_hash()
+        self._buffer = _Buffer()
+        self._index = 0
+        self._header_sent = False
+        self._finished = False
+
+    def _start(self) -> list[bytes]:
+        if self._header_sent:
+            return []
+        self._header_sent = True
+        return [self.header]
+
+    def _frame(self, chunk: bytes, final: bool) -> list[bytes]:
+        head = FRAME_HEAD.pack(self._index, FLAG_FINAL if final else 0, len(chunk))
+        sealed = self._aead.encrypt(
+            chunk, self._head_hash + head, self._aead.nonce(self._index, final), self._key
+        )
+        self._tags.update(head + sealed[-TAG_BYTES:])
+        self._index += 1
+        return [head, sealed]
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Accept plaintext; return the envelope bytes ready so far (a chunk is held until more arrives)."""
+        if self._finished:
+            raise CryptoError("encryptor already finished")
+        out = self._start()
+        self._buffer.push(bytes(data) if not isinstance(data, bytes) else data)
+        while self._buffer.size > self._chunk_size:
+            out += self._frame(self._buffer.take(self._chunk_size), final=False)
+        return out
+
+    def finish(self) -> list[bytes]:
+        """Emit the final chunk (possibly empty) and the signature trailer."""
+        if self._finished:
+            raise CryptoError("encryptor already finished")
+        out = self._start()
+        out += self._frame(self._buffer.take(self._buffer.size), final=True)
+        self._finished = True
+        out.append(self._sender.sign(signed_message(self._head_hash, self._tags.digest())))
+        return out
+
+
+def resolve_sender(header: Header, sender: SenderLookup) -> PublicKey:
+    """Map the header's sender key id to a public key, or raise UnknownSender."""
+    if isinstance(sender, PublicKey):
+        if sender.key_id != header.sender_key_id:
+            raise UnknownSender(
+                f"envelope was sent by key {header.sender_key_id}, expected sender key {sender.key_id}"
+            )
+        return sender
+    found = sender(header.sender_key_id)
+    if found is None:
+        raise UnknownSender(f"sender key {header.sender_key_id} is not known")
+    if found.key_id != header.sender_key_id:
+        raise UnknownSender(f"lookup for sender key {header.sender_key_id} returned key {found.key_id}")
+    return found
+
+
+def open_content_key(header: Header, keyring: Keyring) -> bytes:
+    """Unseal the content key with whichever of our keys the envelope names."""
+    for key_id, sealed in zip(header.recipient_key_ids, header.sealed_keys, strict=True):
+        key = keyring.get(key_id)
+        if key is None:
+            continue
+        try:
+            content_key = nb.crypto_box_seal_open(sealed, key.public.x25519, key.x25519_secret)
+        except _NACL_ERRORS as exc:
+            raise CorruptHeader(f"sealed content key for recipient {key_id} does not open") from exc
+        if len(content_key) != 32:
+            raise CorruptHeader(f"sealed content key for recipient {key_id} has the wrong length")
+        return content_key
+    ours = ", ".join(k.key_id for k in keyring.keys)
+    raise NotARecipient(f"none of our keys ({ours}) is among the envelope's recipients")
+
+
+class Decryptor:
+    """Parse and decrypt an envelope fed in pieces of any size.
+
+    `feed` returns plaintext of chunks that passed AEAD authentication. The sender's signature covers
+    the whole envelope, so it is checked only when the trailer arrives; `finish` raises unless it did.
+    Callers that must not act on unsigned plaintext buffer it (decrypt_bytes, decrypt_file do).
+    """
+
+    def __init__(self, keyring: Keyring, sender: SenderLookup) -> None:
+        self._keyring = keyring
+        self._sender_lookup = sender
+        self._buffer = _Buffer()
+        self._state = "fixed"
+        self._need = HEADER_FIXED_BYTES
+        self._fixed = b""
+        self._magic_seen = b""
+        self.header: Header | None = None
+        self.sender: PublicKey | None = None
+        self._index = 0
+        self._frame: tuple[bytes, bool, int] = (b"", False, 0)
+        self._tags = new_tags_hash()
+
+    @property
+    def wants(self) -> int:
+        """Bytes still missing for the next step (0 once done): lets file readers read exact frames."""
+        return 0 if self._state == "done" else max(self._need - self._buffer.size, 1)
+
+    @property
+    def verified(self) -> bool:
+        return self._state == "done"
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._state == "done":
+            if data:
+                raise TrailingData(f"{len(data)} unexpected bytes after the signature trailer")
+            return []
+        data = bytes(data) if not isinstance(data, bytes) else data
+        if len(self._magic_seen) < len(MAGIC):
+            self._check_magic(data)
+        self._buffer.push(data)
+        out: list[bytes] = []
+        while self._state != "done" and self._buffer.size >= self._need:
+            piece = self._step(self._buffer.take(self._need))
+            if piece is not None:
+                out.append(piece)
+        if self._state == "done" and self._buffer.size:
+            raise TrailingData(f"{self._buffer.size} unexpected bytes after the signature trailer")
+        return out
+
+    def _check_magic(self, data: bytes) -> None:
+        """Reject a non-envelope on its first bytes, not only after a full fixed header."""
+        self._magic_seen += data[: len(MAGIC) - len(self._magic_seen)]
+        if not MAGIC.startswith(self._magic_seen):
+            raise CorruptHeader("not a vfed envelope (bad magic bytes)")
+
+    def _step(self, data: bytes) -> bytes | None:
+        if self._state == "fixed":
+            self._fixed = data
+            self._state, self._need = "recipients", header_size(data) - HEADER_FIXED_BYTES
+        elif self._state == "recipients":
+            self._on_header(self._fixed + data)
+        elif self._state == "frame_head":
+            self._on_frame_head(data)
+        elif self._state == "frame_body":
+            return self._on_frame_body(data)
+        else:
+            self._on_trailer(data)
+        return None
+
+    def _on_header(self, raw: bytes) -> None:
+        header = read_header(raw)
+        self._aead = aead_for(header.cipher)
+        self.sender = resolve_sender(header, self._sender_lookup)
+        self._key = open_content_key(header, self._keyring)
+        self.header = header
+        self._head_hash = header_hash(raw)
+        self._state, self._need = "frame_head", FRAME_HEAD_BYTES
+
+    def _on_frame_head(self, head: bytes) -> None:
+        assert self.header is not None
+        index, flags, length = FRAME_HEAD.unpack(head)
+        position, chunk_size = self._index, self.header.chunk_size
+        if index != position:
+            raise ReorderedChunk(f"chunk {index} arrived at position {position}")
+        if flags & ~FLAG_FINAL:
+            raise TamperedChunk(f"chunk {position} has unknown flag bits {flags:#04x}")
+        final = bool(flags & FLAG_FINAL)
+        if length > chunk_size or (not final and length != chunk_size):
+            raise TamperedChunk(f"chunk {position} claims {length} bytes; chunk size is {chunk_size}")
+        self._frame = (head, final, length)
+        self._state, self._need = "frame_body", length + TAG_BYTES
+
+    def _on_frame_body(self, body: bytes) -> bytes:
+        head, final, _ = self._frame
+        position = self._index
+        nonce = self._aead.nonce(position, final)
+        try:
+            plain = self._aead.decrypt(body, self._head_hash + head, nonce, self._key)
+        except _NACL_ERRORS as exc:
+            raise TamperedChunk(
+                f"chunk {position} failed authentication (altered, or spliced from another envelope)"
+            ) from exc
+        self._tags.update(head + body[-TAG_BYTES:])
+        self._index += 1
+        if final:
+            self._state, self._need = "trailer", SIGNATURE_BYTES
+        else:
+            self._state, self._need = "frame_head", FRAME_HEAD_BYTES
+        return plain
+
+    def _on_trailer(self, signature: bytes) -> None:
+        assert self.sender is not None
+        try:
+            self.sender.verify(signed_message(self._head_hash, self._tags.digest()), signature)
+        except BadSignature as exc:
+            raise BadSignature(
+                f"signature of sender {self.sender.key_id} over header and chunk tags does not verify"
+            ) from exc
+        self._state = "done"
+
+    def finish(self) -> None:
+        """Raise TruncatedPayload unless the whole envelope, signature included, was consumed."""
+        if self._state == "done":
+            return
+        where = {
+            "fixed": "inside its header",
+            "recipients": "inside its header",
+            "frame_body": f"inside chunk {self._index}",
+            "trailer": "before the signature trailer",
+        }.get(self._state)
+        if where is None:  # frame_head
+            if self._buffer.size:
+                where = f"inside chunk {self._index}"
+            elif self._index == 0:
+                where = "after the header, before any chunk"
+            else:
+                where = f"after chunk {self._index - 1}, which is not the final chunk"
+        raise TruncatedPayload(f"envelope ends {where}")

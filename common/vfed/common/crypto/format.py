@@ -1,0 +1,176 @@
+"""Envelope v1 wire format: header, frames and trailer (byte layout in docs/crypto.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import nacl.bindings as nb
+
+from .errors import CorruptHeader, TruncatedPayload, UnknownVersion, UnsupportedCipher
+
+MAGIC = b"VFED"
+VERSION = 1
+KEY_ID_BYTES = 16
+SEALED_KEY_BYTES = 32 + 48  # crypto_box_seal: ephemeral public key + box(32-byte key) with MAC
+RECIPIENT_ENTRY_BYTES = KEY_ID_BYTES + SEALED_KEY_BYTES
+_FIXED = struct.Struct(">4sBBI16sH")  # magic, version, cipher, chunk_size, sender id, recipient count
+HEADER_FIXED_BYTES = _FIXED.size
+FRAME_HEAD = struct.Struct(">QBI")  # chunk index, flags, ciphertext length (without tag)
+FRAME_HEAD_BYTES = FRAME_HEAD.size
+TAG_BYTES = 16
+SIGNATURE_BYTES = 64
+FLAG_FINAL = 0x01
+DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_CHUNK_SIZE = 16 << 20
+MAX_RECIPIENTS = 0xFFFF
+SIGNATURE_DOMAIN = b"vfed/envelope/v1/signature\x00"
+
+
+class Cipher(IntEnum):
+    """Chunk AEAD; the id byte in the header says which one encrypted the payload."""
+
+    AES256GCM = 1
+    XCHACHA20POLY1305 = 2
+
+    @property
+    def label(self) -> str:
+        return {1: "AES-256-GCM", 2: "XChaCha20-Poly1305-IETF"}[self.value]
+
+
+AeadFn = Callable[[bytes, bytes | None, bytes, bytes], bytes]
+
+
+@dataclass(frozen=True)
+class Aead:
+    """One cipher's libsodium calls and nonce size."""
+
+    cipher: Cipher
+    nonce_bytes: int
+    encrypt: AeadFn
+    decrypt: AeadFn
+
+    def nonce(self, index: int, final: bool) -> bytes:
+        """Nonce = final flag byte, zero padding, chunk index (u64 big endian)."""
+        pad = b"\x00" * (self.nonce_bytes - 9)
+        return (b"\x01" if final else b"\x00") + pad + index.to_bytes(8, "big")
+
+
+_AEADS = {
+    Cipher.AES256GCM: Aead(
+        Cipher.AES256GCM, 12, nb.crypto_aead_aes256gcm_encrypt, nb.crypto_aead_aes256gcm_decrypt
+    ),
+    Cipher.XCHACHA20POLY1305: Aead(
+        Cipher.XCHACHA20POLY1305,
+        24,
+        nb.crypto_aead_xchacha20poly1305_ietf_encrypt,
+        nb.crypto_aead_xchacha20poly1305_ietf_decrypt,
+    ),
+}
+
+
+def aes_gcm_available() -> bool:
+    """libsodium's AES-256-GCM needs AES-NI + PCLMUL; it has no software fallback."""
+    check = getattr(nb, "crypto_aead_aes256gcm_is_available", None)
+    if check is None:
+        try:
+            check = importlib.import_module("nacl._sodium").lib.crypto_aead_aes256gcm_is_available
+        except (ImportError, AttributeError):
+            return False
+    return bool(check())
+
+
+def default_cipher() -> Cipher:
+    return Cipher.AES256GCM if aes_gcm_available() else Cipher.XCHACHA20POLY1305
+
+
+def aead_for(cipher: Cipher) -> Aead:
+    if cipher is Cipher.AES256GCM and not aes_gcm_available():
+        raise UnsupportedCipher("envelope uses AES-256-GCM but this CPU/libsodium lacks AES-NI support")
+    return _AEADS[cipher]
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a node can learn before decrypting: who sent it, for whom, how it is chunked."""
+
+    version: int
+    cipher: Cipher
+    chunk_size: int
+    sender_key_id: str
+    recipient_key_ids: tuple[str, ...]
+    size: int  # header bytes on the wire, sealed keys included
+    sealed_keys: tuple[bytes, ...] = field(default=(), repr=False)
+
+    @property
+    def raw_sender_id(self) -> bytes:
+        return bytes.fromhex(self.sender_key_id)
+
+
+def pack_header(
+    cipher: Cipher, chunk_size: int, sender_id: bytes, entries: list[tuple[bytes, bytes]]
+) -> bytes:
+    fixed = _FIXED.pack(MAGIC, VERSION, int(cipher), chunk_size, sender_id, len(entries))
+    return fixed + b"".join(key_id + sealed for key_id, sealed in entries)
+
+
+def header_size(prefix: bytes) -> int:
+    """Total header length once the fixed part (HEADER_FIXED_BYTES) is known."""
+    fixed = _parse_fixed(prefix)
+    return HEADER_FIXED_BYTES + fixed[5] * RECIPIENT_ENTRY_BYTES
+
+
+def _parse_fixed(prefix: bytes) -> tuple[bytes, int, int, int, bytes, int]:
+    if len(prefix) < HEADER_FIXED_BYTES:
+        if not MAGIC.startswith(bytes(prefix[: len(MAGIC)])):
+            raise CorruptHeader("not a vfed envelope (bad magic bytes)")
+        raise TruncatedPayload(
+            f"envelope header needs {HEADER_FIXED_BYTES} bytes, only {len(prefix)} present"
+        )
+    magic, version, cipher, chunk_size, sender, count = _FIXED.unpack_from(prefix)
+    if magic != MAGIC:
+        raise CorruptHeader("not a vfed envelope (bad magic bytes)")
+    if version != VERSION:
+        raise UnknownVersion(f"envelope format version {version} is not supported (this code reads 1)")
+    if cipher not in Cipher._value2member_map_:
+        raise CorruptHeader(f"envelope names unknown cipher id {cipher}")
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise CorruptHeader(f"envelope chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
+    if count == 0:
+        raise CorruptHeader("envelope lists no recipients")
+    return magic, version, cipher, chunk_size, sender, count
+
+
+def read_header(prefix: bytes) -> Header:
+    """Parse the header from the first bytes of an envelope (at least `Header.size` of them)."""
+    prefix = bytes(prefix)
+    _, version, cipher, chunk_size, sender, count = _parse_fixed(prefix)
+    size = HEADER_FIXED_BYTES + count * RECIPIENT_ENTRY_BYTES
+    if len(prefix) < size:
+        raise TruncatedPayload(f"envelope header needs {size} bytes, only {len(prefix)} present")
+    ids: list[str] = []
+    sealed: list[bytes] = []
+    for offset in range(HEADER_FIXED_BYTES, size, RECIPIENT_ENTRY_BYTES):
+        key_id = prefix[offset : offset + KEY_ID_BYTES].hex()
+        if key_id in ids:
+            raise CorruptHeader(f"envelope lists recipient {key_id} twice")
+        ids.append(key_id)
+        sealed.append(prefix[offset + KEY_ID_BYTES : offset + RECIPIENT_ENTRY_BYTES])
+    return Header(version, Cipher(cipher), chunk_size, sender.hex(), tuple(ids), size, tuple(sealed))
+
+
+def header_hash(header_bytes: bytes) -> bytes:
+    return hashlib.blake2b(header_bytes, digest_size=32, person=b"vfed-env1-head").digest()
+
+
+def new_tags_hash() -> hashlib.blake2b:
+    """Running hash of every frame head + tag; the signature covers it instead of the ciphertext."""
+    return hashlib.blake2b(digest_size=32, person=b"vfed-env1-tags")
+
+
+def signed_message(head_hash: bytes, tags_digest: bytes) -> bytes:
+    return SIGNATURE_DOMAIN + head_hash + tags_digest
