@@ -1,0 +1,343 @@
+"""The Docker runtime: one hardened container per run, no network, the run's proxy socket as its only way out.
+
+Blocking docker SDK calls run in threads. `wait` blocks for a whole run, so waits get their own bounded pool
+instead of starving the default one that every other call shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+
+from vfed.node.runtime.base import (
+    LABEL_JOB_ID,
+    LABEL_NODE,
+    LABEL_RUN_ID,
+    TEMPORARY_FOLDER,
+    ExitStatus,
+    NotFound,
+    PermanentStartError,
+    RunHandleInfo,
+    RunSpec,
+    RunState,
+    Runtime,
+    RuntimeUnavailable,
+    container_name,
+    job_volume_name,
+)
+from vfed.node.runtime.docker_spec import (
+    DockerRuntimeConfig,
+    check_local_paths,
+    container_kwargs,
+    grant_container_user,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+HANDLE_PREFIX = "docker:"
+_WAIT_CHUNK_S = 60.0
+_STATES = {
+    "created": RunState.CREATED,
+    "running": RunState.RUNNING,
+    "paused": RunState.RUNNING,
+    "restarting": RunState.RUNNING,
+}
+
+
+@contextlib.contextmanager
+def _engine_errors(what: str) -> Iterator[None]:
+    """Turn docker SDK errors into the boundary's errors, which say what the caller should do."""
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise PermanentStartError(f"{what}: image not found: {exc.explanation}") from exc
+    except docker.errors.NotFound as exc:
+        raise NotFound(f"{what}: {exc.explanation}") from exc
+    except docker.errors.APIError as exc:
+        status = exc.status_code or 500
+        if status >= 500:
+            raise RuntimeUnavailable(f"{what}: docker engine error {status}: {exc.explanation}") from exc
+        raise PermanentStartError(f"{what}: {exc.explanation}") from exc
+    except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+        raise RuntimeUnavailable(f"{what}: docker engine unreachable: {exc}") from exc
+
+
+def parse_handle(handle: str) -> str:
+    """The container name inside a handle; a handle of another runtime is simply not found here."""
+    if not handle.startswith(HANDLE_PREFIX) or len(handle) == len(HANDLE_PREFIX):
+        raise NotFound(f"not a docker run handle: {handle!r}")
+    return handle[len(HANDLE_PREFIX) :]
+
+
+def exit_reason(
+    exit_code: int | None, oom_killed: bool, error: str | None, memory_bytes: int | None
+) -> str | None:
+    """A short human reason for a run's end (None for a clean exit 0)."""
+    if oom_killed:
+        limit = f" (limit {memory_bytes // (1024 * 1024)} MiB)" if memory_bytes else ""
+        return f"out of memory{limit}"
+    if error:
+        return error
+    if exit_code in (None, 0):
+        return None
+    signals = {137: "killed (SIGKILL)", 143: "terminated (SIGTERM)", 139: "segmentation fault"}
+    return signals.get(exit_code, f"exit code {exit_code}")
+
+
+def _volume_init_tar(uid: int, gid: int) -> bytes:
+    """A tar holding only the job folder itself, owned by the container user (a fresh volume is root's)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(TEMPORARY_FOLDER.rsplit("/", 1)[1])
+        info.type = tarfile.DIRTYPE
+        info.uid, info.gid, info.mode, info.mtime = uid, gid, 0o700, int(time.time())
+        tar.addfile(info)
+    return buf.getvalue()
+
+
+class DockerRuntime(Runtime):
+    """Runs each run as a hardened sibling container on the local Docker engine."""
+
+    name = "docker"
+
+    def __init__(self, config: DockerRuntimeConfig | None = None, client: docker.DockerClient | None = None):
+        self.config = config or DockerRuntimeConfig()
+        self._client = client
+        self._own_client = client is None
+        self._waiters: ThreadPoolExecutor | None = None
+        self._ready_volumes: set[str] = set()
+        self._volume_locks: dict[str, asyncio.Lock] = {}
+
+    # -- lifecycle
+
+    async def open(self) -> None:
+        if self._waiters is None:
+            self._waiters = ThreadPoolExecutor(self.config.max_waiters, thread_name_prefix="vfed-docker-wait")
+        if self._client is None:
+            self._client = await asyncio.to_thread(self._connect)
+
+    def _connect(self) -> docker.DockerClient:
+        pool = self.config.max_waiters + 16
+        with _engine_errors("connect"):
+            if self.config.base_url:
+                client = docker.DockerClient(base_url=self.config.base_url, max_pool_size=pool)
+            else:
+                client = docker.from_env(max_pool_size=pool)
+            client.ping()
+            return client
+
+    async def close(self) -> None:
+        if self._waiters is not None:
+            self._waiters.shutdown(wait=False, cancel_futures=True)
+            self._waiters = None
+        if self._client is not None and self._own_client:
+            await asyncio.to_thread(self._client.close)
+            self._client = None
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking docker call in a thread, with errors translated."""
+        await self.open()
+
+        def call() -> T:
+            with _engine_errors(what):
+                return fn(*args)
+
+        return await asyncio.to_thread(call)
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise RuntimeUnavailable("docker runtime is not open")
+        return self._client
+
+    # -- images and volumes
+
+    async def image_digest(self, image: str) -> str:
+        """The local image ID (sha256 of the image config): content-addressed, known for local builds too."""
+        return await self._call(f"image {image}", self._image_id, image)
+
+    def _image_id(self, image: str) -> str:
+        try:
+            return str(self.client.images.get(image).id)
+        except docker.errors.ImageNotFound:
+            if not self.config.pull_missing:
+                raise
+        log.info("pulling image %s", image)
+        try:
+            return str(self.client.images.pull(image).id)
+        except docker.errors.APIError as exc:
+            raise PermanentStartError(
+                f"image {image} is not present and cannot be pulled: {exc.explanation}"
+            ) from exc
+
+    async def ensure_job_volume(self, node_name: str, job_id: str) -> str:
+        name = job_volume_name(node_name, job_id)
+        labels = {LABEL_NODE: node_name, LABEL_JOB_ID: job_id, "vfed.kind": "job-tmp"}
+        await self._call(f"volume {name}", lambda: self.client.volumes.create(name, labels=labels))
+        return name
+
+    async def remove_job_volume(self, node_name: str, job_id: str) -> None:
+        name = job_volume_name(node_name, job_id)
+        self._ready_volumes.discard(name)
+        try:
+            await self._call(f"volume {name}", lambda: self.client.volumes.get(name).remove())
+        except NotFound:
+            return
+        except PermanentStartError as exc:  # 409: a container still uses it
+            raise RuntimeUnavailable(f"volume {name} is still in use: {exc}") from exc
+
+    async def list_job_volumes(self, node_name: str) -> list[str]:
+        filters = {"label": [f"{LABEL_NODE}={node_name}", LABEL_JOB_ID]}
+        volumes = await self._call("list volumes", lambda: self.client.volumes.list(filters=filters))
+        return sorted(v.attrs["Labels"][LABEL_JOB_ID] for v in volumes)
+
+    # -- runs
+
+    async def start(self, spec: RunSpec) -> str:
+        kwargs = container_kwargs(spec, self.config)
+        handle = HANDLE_PREFIX + container_name(spec.node_name, spec.run_id)
+        try:
+            check_local_paths(spec)
+            grant_container_user(spec, self.config)
+        except OSError as exc:
+            raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
+        volume = job_volume_name(spec.node_name, spec.job_id)
+        if volume in self._ready_volumes:
+            container = await self._call(f"create {handle}", self._create, kwargs)
+        else:
+            # The first run of a job on this agent hands the job folder to the container user, once.
+            async with self._volume_locks.setdefault(volume, asyncio.Lock()):
+                await self.ensure_job_volume(spec.node_name, spec.job_id)
+                container = await self._call(f"create {handle}", self._create, kwargs)
+                if volume not in self._ready_volumes:
+                    await self._after_create(handle, container, lambda: self._init_volume(container))
+                    self._ready_volumes.add(volume)
+        await self._after_create(handle, container, container.start)
+        log.info("run %s started as %s", spec.run_id, handle)
+        return handle
+
+    def _init_volume(self, container: Container) -> None:
+        tar = _volume_init_tar(self.config.uid, self.config.gid)
+        container.put_archive(TEMPORARY_FOLDER.rsplit("/", 1)[0], tar)
+
+    async def _after_create(self, handle: str, container: Container, step: Callable[..., object]) -> None:
+        """Run a step on a created container; on failure remove it so the run can be started again."""
+        try:
+            await self._call(f"start {handle}", step)
+        except (PermanentStartError, RuntimeUnavailable, NotFound):
+            with contextlib.suppress(NotFound, RuntimeUnavailable, PermanentStartError):
+                await self._call(f"remove {handle}", lambda: container.remove(force=True))
+            raise
+
+    def _create(self, kwargs: dict[str, Any]) -> Container:
+        try:
+            return self.client.containers.create(**kwargs)
+        except docker.errors.ImageNotFound:
+            if not self.config.pull_missing:
+                raise
+        self._image_id(kwargs["image"])  # pulls, or raises PermanentStartError
+        return self.client.containers.create(**kwargs)
+
+    def _get(self, handle: str) -> Container:
+        return self.client.containers.get(parse_handle(handle))
+
+    async def wait(self, handle: str, timeout_s: float | None = None) -> ExitStatus:
+        await self.open()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = (
+                _WAIT_CHUNK_S
+                if deadline is None
+                else max(0.0, min(_WAIT_CHUNK_S, deadline - time.monotonic()))
+            )
+            status = await loop.run_in_executor(self._waiters, self._wait_chunk, handle, chunk)
+            if status is not None:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                return ExitStatus(exit_code=None, timed_out=True, reason=f"still running after {timeout_s} s")
+
+    def _wait_chunk(self, handle: str, chunk_s: float) -> ExitStatus | None:
+        """Block up to chunk_s for the container to stop; None when it is still running."""
+        with _engine_errors(f"wait {handle}"):
+            container = self._get(handle)
+            if chunk_s > 0:
+                with contextlib.suppress(requests.exceptions.ConnectionError, requests.exceptions.Timeout):
+                    container.wait(timeout=max(chunk_s, 0.01))
+            container.reload()
+            state = container.attrs["State"]
+            if state["Status"] in ("running", "restarting", "paused"):
+                return None
+            if state["Status"] == "created":
+                return ExitStatus(exit_code=None, reason="never started")
+            code, oom = int(state["ExitCode"]), bool(state["OOMKilled"])
+            memory = container.attrs["HostConfig"].get("Memory") or None
+            return ExitStatus(
+                exit_code=code,
+                oom_killed=oom,
+                reason=exit_reason(code, oom, state.get("Error") or None, memory),
+            )
+
+    async def kill(self, handle: str, grace_s: float = 10.0) -> None:
+        def stop() -> None:
+            container = self._get(handle)
+            container.stop(timeout=max(0, round(grace_s)))
+
+        with contextlib.suppress(NotFound):
+            await self._call(f"kill {handle}", stop)
+
+    async def logs(self, handle: str, max_bytes: int = 64 * 1024) -> str:
+        def tail() -> str:
+            kept = bytearray()
+            for chunk in self._get(handle).logs(stream=True, follow=False, stdout=True, stderr=True):
+                kept += chunk
+                if len(kept) > 2 * max_bytes:
+                    del kept[: len(kept) - max_bytes]
+            return bytes(kept[-max_bytes:]).decode("utf-8", errors="replace") if max_bytes > 0 else ""
+
+        return await self._call(f"logs {handle}", tail)
+
+    async def cleanup(self, handle: str) -> None:
+        def remove() -> None:
+            try:
+                self._get(handle).remove(force=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+
+        with contextlib.suppress(NotFound):
+            await self._call(f"cleanup {handle}", remove)
+
+    async def list_runs(self, node_name: str) -> list[RunHandleInfo]:
+        filters: dict[str, str | list[str] | bool] = {"label": [f"{LABEL_NODE}={node_name}", LABEL_RUN_ID]}
+        containers = await self._call(
+            "list runs", lambda: self.client.containers.list(all=True, filters=filters, sparse=False)
+        )
+        runs = []
+        for c in containers:
+            state = c.attrs["State"]
+            run_state = _STATES.get(state["Status"], RunState.EXITED)
+            runs.append(
+                RunHandleInfo(
+                    run_id=c.labels[LABEL_RUN_ID],
+                    job_id=c.labels.get(LABEL_JOB_ID, ""),
+                    handle=HANDLE_PREFIX + str(c.name),
+                    state=run_state,
+                    exit_code=int(state["ExitCode"]) if run_state is RunState.EXITED else None,
+                    oom_killed=bool(state.get("OOMKilled")),
+                )
+            )
+        return sorted(runs, key=lambda r: r.run_id)

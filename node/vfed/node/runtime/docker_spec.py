@@ -1,0 +1,159 @@
+"""The hardened container definition of one run, as plain data (no engine calls): easy to read and test.
+
+Everything the algorithm can touch is listed here: the run folder, the job's temporary volume, the run's proxy
+socket and the declared datasets (read-only). Nothing else from the host, and no network.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import PurePosixPath
+from typing import Any
+
+from docker.types import LogConfig, Mount
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vfed.node.runtime.base import (
+    CONTAINER_RUN_DIR,
+    LABEL_JOB_ID,
+    LABEL_NODE,
+    LABEL_RUN_ID,
+    PROXY_SOCKET,
+    TEMPORARY_FOLDER,
+    PermanentStartError,
+    RunSpec,
+    container_name,
+    dataset_path,
+    job_volume_name,
+)
+
+MIB = 1024 * 1024
+
+
+class DockerRuntimeConfig(BaseModel):
+    """Node-level settings of the Docker runtime; the limits are defaults a RunSpec may override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str | None = Field(default=None, description="Docker endpoint; None reads DOCKER_HOST etc.")
+    memory_bytes: int = Field(default=1024 * MIB, gt=0)
+    nano_cpus: int = Field(default=1_000_000_000, gt=0, description="1e9 = one CPU")
+    pids_limit: int = Field(default=256, gt=0)
+    tmpfs_bytes: int = Field(default=64 * MIB, gt=0, description="Size of the noexec tmpfs at /tmp.")
+    uid: int = Field(default=10001, gt=0, description="Unprivileged user the algorithm runs as (never 0).")
+    gid: int = Field(default=10001, gt=0)
+    log_max_bytes: int = Field(default=10 * MIB, gt=0, description="json-file log cap per container.")
+    pull_missing: bool = Field(default=True, description="Pull an image that is not present locally.")
+    max_waiters: int = Field(default=64, gt=0, description="Threads kept for concurrent wait() calls.")
+    host_path_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Path prefix as the agent sees it -> the same path on the Docker host. Needed when the "
+        "agent runs in a container: bind mounts of sibling containers name host paths.",
+    )
+
+    @field_validator("host_path_map")
+    @classmethod
+    def _absolute_prefixes(cls, v: dict[str, str]) -> dict[str, str]:
+        for local, host in v.items():
+            if not (local.startswith("/") and host.startswith("/")):
+                raise ValueError(f"host_path_map entries must be absolute paths: {local!r} -> {host!r}")
+        return v
+
+    def to_host_path(self, local_path: str) -> str:
+        """Translate a path the agent sees into the path the Docker host sees (longest prefix wins)."""
+        path = PurePosixPath(local_path)
+        best: tuple[int, str] | None = None
+        for local, host in self.host_path_map.items():
+            prefix = PurePosixPath(local)
+            if path == prefix or prefix in path.parents:
+                depth = len(prefix.parts)
+                if best is None or depth > best[0]:
+                    best = (depth, str(PurePosixPath(host) / path.relative_to(prefix)))
+        return best[1] if best else str(path)
+
+
+def check_local_paths(spec: RunSpec) -> None:
+    """Fail early, with a clear reason, when the run folder or the proxy socket is missing or wrong."""
+    if not os.path.isdir(spec.run_dir):
+        raise PermanentStartError(f"run_dir {spec.run_dir} is not a folder")
+    if spec.proxy_socket is not None:
+        try:
+            mode = os.stat(spec.proxy_socket).st_mode
+        except OSError as exc:
+            raise PermanentStartError(f"proxy socket {spec.proxy_socket}: {exc.strerror}") from exc
+        if not stat.S_ISSOCK(mode):
+            raise PermanentStartError(f"proxy socket {spec.proxy_socket} is not a Unix socket")
+
+
+def grant_container_user(spec: RunSpec, config: DockerRuntimeConfig) -> None:
+    """Let the container's user write the run folder and connect to the proxy socket.
+
+    As root we hand the folder to that user; otherwise we open its mode (its parent, the agent's data folder,
+    keeps other host users out). The socket must be writable to be connected to.
+    """
+    if os.geteuid() == 0:
+        os.chown(spec.run_dir, config.uid, config.gid)
+        os.chmod(spec.run_dir, 0o700)
+        for name in os.listdir(spec.run_dir):
+            os.chown(os.path.join(spec.run_dir, name), config.uid, config.gid, follow_symlinks=False)
+    else:
+        os.chmod(spec.run_dir, 0o777)
+        for name in os.listdir(spec.run_dir):
+            path = os.path.join(spec.run_dir, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.chmod(path, 0o644)
+    if spec.proxy_socket is not None:
+        os.chmod(spec.proxy_socket, 0o666)
+
+
+def run_labels(spec: RunSpec) -> dict[str, str]:
+    return {**spec.labels, LABEL_NODE: spec.node_name, LABEL_RUN_ID: spec.run_id, LABEL_JOB_ID: spec.job_id}
+
+
+def run_mounts(spec: RunSpec, config: DockerRuntimeConfig) -> list[Mount]:
+    """The only host paths the container sees."""
+    mounts = [
+        Mount(CONTAINER_RUN_DIR, config.to_host_path(spec.run_dir), type="bind", read_only=False),
+        Mount(TEMPORARY_FOLDER, job_volume_name(spec.node_name, spec.job_id), type="volume", no_copy=True),
+    ]
+    if spec.proxy_socket is not None:
+        mounts.append(
+            Mount(PROXY_SOCKET, config.to_host_path(spec.proxy_socket), type="bind", read_only=True)
+        )
+    mounts.extend(
+        Mount(dataset_path(d.label), config.to_host_path(d.host_path), type="bind", read_only=True)
+        for d in spec.datasets
+    )
+    return mounts
+
+
+def container_kwargs(spec: RunSpec, config: DockerRuntimeConfig) -> dict[str, Any]:
+    """Keyword arguments for `containers.create`: the hardened definition of one run."""
+    memory = spec.limits.memory_bytes or config.memory_bytes
+    return {
+        "image": spec.image,
+        "command": spec.command,
+        "name": container_name(spec.node_name, spec.run_id),
+        "hostname": "vfed-run",
+        "environment": {"HOME": "/tmp", **spec.env},
+        "labels": run_labels(spec),
+        "user": f"{config.uid}:{config.gid}",
+        "mounts": run_mounts(spec, config),
+        "network_mode": "none",
+        "read_only": True,
+        "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={config.tmpfs_bytes}"},
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "privileged": False,
+        "ipc_mode": "private",
+        "pids_limit": spec.limits.pids_limit or config.pids_limit,
+        "mem_limit": memory,
+        "memswap_limit": memory,  # no swap: a memory bomb is killed, not slowed to a crawl
+        "nano_cpus": spec.limits.nano_cpus or config.nano_cpus,
+        "init": True,  # a real PID 1: reaps zombies, forwards SIGTERM on kill
+        "log_config": LogConfig(
+            type=LogConfig.types.JSON, config={"max-size": str(config.log_max_bytes), "max-file": "1"}
+        ),
+        "detach": True,
+    }
