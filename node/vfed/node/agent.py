@@ -1,0 +1,251 @@
+"""The node agent: start-up, then a loop of doorbell-or-poll -> claim -> run, at most N runs at once.
+
+`async with Agent(settings) as agent: await agent.run()`. `run(burst=True)` returns once nothing is pending
+or running, so tests drive the real loop to completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import aiohttp
+from pydantic import ValidationError
+
+from vfed.node.config import ConfigError, NodeSettings
+from vfed.node.doorbell import Doorbell, Ring
+from vfed.node.journal import Journal
+from vfed.node.keys import load_or_create, reconcile
+from vfed.node.metrics import NodeMetrics, serve_metrics
+from vfed.node.recovery import Resume, recover
+from vfed.node.runner import Runner, Services
+from vfed.node.runtime.base import Runtime
+from vfed.node.server_api import NodeClient, NodeIdentity
+from vfed.proxy.keys import KeyDirectory
+from vfed.proxy.rest import ApiError, ServerUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class AgentStartError(Exception):
+    """The agent cannot start; the message says why and what to do."""
+
+
+def build_runtime(settings: NodeSettings) -> Runtime:
+    """The configured runtime with its own validated config."""
+    if settings.runtime.kind != "docker":
+        raise ConfigError(f"runtime.kind: unknown runtime {settings.runtime.kind!r} (known: docker)")
+    from vfed.node.runtime.docker import DockerRuntime
+    from vfed.node.runtime.docker_spec import DockerRuntimeConfig
+
+    try:
+        return DockerRuntime(DockerRuntimeConfig.model_validate(settings.runtime.options()))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"runtime.{key}: {first['msg']}") from None
+
+
+class Agent:
+    """One node's daemon. No I/O in the constructor; `async with` sets everything up."""
+
+    def __init__(self, settings: NodeSettings, *, rotate_key: bool = False, runtime: Runtime | None = None):
+        self.settings = settings
+        self.rotate_key = rotate_key
+        self.metrics = NodeMetrics()
+        self.metrics_port: int | None = None
+        self._runtime = runtime
+        self._stack = AsyncExitStack()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._kills: dict[int, asyncio.Event] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._semaphore = asyncio.Semaphore(settings.max_concurrent_runs)
+        self._tg: asyncio.TaskGroup | None = None
+        self.services: Services | None = None
+        self.runner: Runner | None = None
+        self.doorbell: Doorbell | None = None
+
+    async def __aenter__(self) -> Agent:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        for task in [*self._background, *self._tasks.values()]:
+            task.cancel()
+        await self._stack.aclose()
+
+    def stop(self) -> None:
+        """Ask the loop to return; containers keep running and are picked up again after a restart."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def _start(self) -> None:
+        s = self.settings
+        session = await self._stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300))
+        )
+        client = NodeClient(session, s.server_url, s.api_key.get_secret_value())
+        keyring, created = await asyncio.to_thread(load_or_create, s)
+        if created:
+            log.info("generated a new organization key at %s", s.key_path)
+        identity = await self._login(client)
+        await reconcile(s, client, keyring, identity.organization_id, rotate=self.rotate_key)
+        runtime = self._runtime or build_runtime(s)
+        await self._stack.enter_async_context(runtime)
+        journal = Journal(s.data_dir / "journal.sqlite3")
+        self._stack.callback(journal.close)
+        self.services = Services(
+            s,
+            client,
+            session,
+            keyring,
+            runtime,
+            journal,
+            self.metrics,
+            KeyDirectory(client),
+            identity.organization_id,
+            identity.collaboration_id,
+        )
+        self.runner = Runner(self.services)
+        if s.metrics_port is not None:
+            runner, self.metrics_port = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
+            self._stack.push_async_callback(runner.cleanup)
+        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        log.info("node %s (organization %s) started", identity.node_id, identity.organization_id)
+
+    async def _login(self, client: NodeClient) -> NodeIdentity:
+        delay = 0.5
+        for _ in range(8):
+            try:
+                return await client.login()
+            except ApiError as exc:
+                raise AgentStartError(
+                    f"the server refused this node's api_key: {exc.detail or exc.error}"
+                ) from None
+            except ServerUnavailable as exc:
+                log.warning("server not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AgentStartError(f"the server at {self.settings.server_url} does not answer")
+
+    @property
+    def _s(self) -> Services:
+        assert self.services is not None, "use the agent inside `async with`"
+        return self.services
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Recover what a previous process left, then serve until stop() (or, in burst mode, until idle)."""
+        s = self._s
+        await recover(s, self._runner_or_fail(), self._spawn_resumed)
+        mqtt_url = self.settings.mqtt_url or await self._mqtt_from_server()
+        if mqtt_url and s.client.identity is not None:
+            self.doorbell = Doorbell(mqtt_url, s.client.identity.node_id, self._on_ring)
+            self._background.append(asyncio.create_task(self.doorbell.run(), name="doorbell"))
+        backoff = self.settings.poll_interval_s
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                pending = await self._poll_once()
+                backoff = self.settings.poll_interval_s
+            except ServerUnavailable as exc:
+                log.warning("server unreachable (%s); polling again later", exc)
+                pending, backoff = -1, min(backoff * 2, 60.0)
+            if burst and pending == 0 and not self._tasks:
+                return
+            timeout = 0.2 if burst else backoff * random.uniform(0.8, 1.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _mqtt_from_server(self) -> str | None:
+        try:
+            health = await self._s.client.health()
+        except (ApiError, ServerUnavailable):
+            return None
+        url = health.get("mqtt_url") or health.get("mqtt")
+        return str(url) if isinstance(url, str) and url else None
+
+    async def _poll_once(self) -> int:
+        """Start every pending run of our organization we are not already handling; check kills."""
+        s = self._s
+        runs = await s.client.list_runs(organization_id=s.organization_id, status="pending")
+        fresh = [r.id for r in runs if r.id not in self._tasks]
+        for run_id in fresh:
+            self._spawn(run_id)
+        await self._check_server_kills()
+        return len(fresh)
+
+    async def _check_server_kills(self) -> None:
+        for run_id in list(self._tasks):
+            if run_id in self._kills and self._kills[run_id].is_set():
+                continue
+            with contextlib.suppress(ApiError):
+                run = await self._s.client.get_run(run_id)
+                if run.status == "killed":
+                    self._kill(run_id)
+
+    def _on_ring(self, ring: Ring) -> None:
+        self.metrics.doorbells.inc()
+        if ring.event == "run-killed" and ring.run_id is not None:
+            self._kill(ring.run_id)
+        self._wake.set()
+
+    def _kill(self, run_id: int) -> None:
+        event = self._kills.get(run_id)
+        if event is not None and not event.is_set():
+            log.info("run %s: kill requested", run_id)
+            event.set()
+
+    def _runner_or_fail(self) -> Runner:
+        assert self.runner is not None
+        return self.runner
+
+    def _spawn(self, run_id: int) -> None:
+        async def body(kill: asyncio.Event) -> None:
+            async with self._semaphore:
+                if not kill.is_set():
+                    await self._runner_or_fail().execute(run_id, kill)
+
+        self._track(run_id, body)
+
+    def _spawn_resumed(self, run_id: int, resume: Resume) -> None:
+        """Follow a run recovered after a restart."""
+
+        async def body(kill: asyncio.Event) -> None:
+            async with self._semaphore:
+                await resume(kill)
+
+        self._track(run_id, body)
+
+    def _track(self, run_id: int, body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        assert self._tg is not None
+        kill = asyncio.Event()
+        self._kills[run_id] = kill
+
+        async def guarded() -> None:
+            try:
+                await body(kill)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("run %s: unexpected error", run_id)
+                await self._runner_or_fail().abandon(run_id, exc)
+            finally:
+                self._tasks.pop(run_id, None)
+                self._kills.pop(run_id, None)
+                self._wake.set()
+
+        self._tasks[run_id] = self._tg.create_task(guarded(), name=f"run-{run_id}")

@@ -1,0 +1,60 @@
+"""`vnode`: the node's command line. `vnode run --config FILE` runs the agent in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from vfed.common.crypto import CryptoError
+from vfed.node.agent import Agent, AgentStartError
+from vfed.node.config import ConfigError, NodeSettings, load_settings
+from vfed.node.keys import KeyMismatch
+from vfed.node.runtime.base import RuntimeUnavailable
+from vfed.proxy.rest import ServerUnavailable
+
+
+@click.group()
+def main() -> None:
+    """vfed node: runs algorithms on this organization's data, on request of the federation."""
+
+
+async def _serve(settings: NodeSettings, rotate_key: bool) -> None:
+    async with Agent(settings, rotate_key=rotate_key) as agent:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(path_type=Path), help="Node YAML file."
+)
+@click.option("--rotate-key", is_flag=True, help="Make a new organization key and publish it.")
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+def run(config_path: Path, rotate_key: bool, log_level: str) -> None:
+    """Run the node agent in the foreground until SIGTERM or Ctrl-C."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        settings = load_settings(config_path)
+        asyncio.run(_serve(settings, rotate_key))
+    except ConfigError as exc:
+        _fail(f"bad configuration {config_path}: {exc}")
+    except (AgentStartError, KeyMismatch, ServerUnavailable, RuntimeUnavailable) as exc:
+        _fail(str(exc))
+    except CryptoError as exc:
+        _fail(f"organization key: {exc}")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"vnode: error: {message}", err=True)
+    sys.exit(1)

@@ -1,0 +1,212 @@
+"""The end of a run: wait or kill, read the output, seal it for the initiator, upload, report, clean up.
+
+Each step reads the journal and writes it before the next, so `complete` can be called again after a crash
+and picks up where the last attempt stopped: the output is sealed once, uploaded once, reported once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from vfed.common.crypto import encrypt_file
+from vfed.node.journal import Entry, Stage
+from vfed.node.runtime.base import OUTPUT_NAME, ExitStatus, NotFound, RuntimeUnavailable
+from vfed.proxy.rest import ApiError, ServerUnavailable, file_chunks
+
+if TYPE_CHECKING:
+    from vfed.node.runner import Services
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SEALED_NAME = "output.sealed"
+SERVER_RETRY_S = 600.0
+
+
+async def retry_server(call: Callable[[], Awaitable[T]]) -> T:
+    """Call again while the server is unreachable (a restart), for up to SERVER_RETRY_S."""
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(ServerUnavailable),
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        stop=stop_after_delay(SERVER_RETRY_S),
+        reraise=True,
+    ):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Finisher:
+    """The steps after the container started, shared by live runs and runs recovered after a restart."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.s.settings.data_dir / "runs" / str(run_id)
+
+    async def end_without_container(self, run_id: int, status: str, reason: str) -> None:
+        """A run refused or failed before its container ran."""
+        log.info("run %s: %s: %s", run_id, status, reason)
+        await self._report(run_id, status=status, reason=reason)
+        self.s.journal.done(run_id)
+        self.s.metrics.runs.labels(status).inc()
+        await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
+
+    async def follow(
+        self, run_id: int, job_id: int, handle: str, deadline: float, kill: asyncio.Event
+    ) -> None:
+        """Wait for the container, the deadline or a kill, whichever is first; then complete the run."""
+        self.s.metrics.active.inc()
+        try:
+            status, reason, exit_status = await self._wait_or_kill(run_id, handle, deadline, kill)
+        finally:
+            self.s.metrics.active.dec()
+        await self.exited(run_id, exit_status, status, reason)
+        await self.complete(run_id, job_id, handle)
+
+    async def _wait_or_kill(
+        self, run_id: int, handle: str, deadline: float, kill: asyncio.Event
+    ) -> tuple[str | None, str | None, ExitStatus | None]:
+        runtime = self.s.runtime
+        waiting = asyncio.ensure_future(runtime.wait(handle, timeout_s=max(deadline - time.time(), 0.0)))
+        killing = asyncio.ensure_future(kill.wait())
+        try:
+            await asyncio.wait({waiting, killing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            killing.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+            await runtime.kill(handle, grace_s=self.s.settings.kill_grace_s)
+            log.info("run %s: killed on request", run_id)
+            return "killed", "killed on request", await self._final_wait(handle)
+        try:
+            exit_status = waiting.result()
+        except NotFound:
+            return "crashed", "the container disappeared while running", None
+        if exit_status.timed_out:
+            await runtime.kill(handle, grace_s=self.s.settings.kill_grace_s)
+            log.info("run %s: past its wall-clock limit, killed", run_id)
+            reason = "killed: ran past its wall-clock limit (max_run_time_s)"
+            return "failed", reason, await self._final_wait(handle)
+        return None, None, exit_status
+
+    async def _final_wait(self, handle: str) -> ExitStatus | None:
+        try:
+            return await self.s.runtime.wait(handle, timeout_s=self.s.settings.kill_grace_s + 30)
+        except (NotFound, RuntimeUnavailable):
+            return None
+
+    async def exited(
+        self, run_id: int, exit_status: ExitStatus | None, status: str | None, reason: str | None
+    ) -> None:
+        """Decide the final status from how the container ended and what it left; journal it."""
+        output = self.run_dir(run_id) / OUTPUT_NAME
+        code = exit_status.exit_code if exit_status is not None else None
+        size = output.stat().st_size if output.is_file() else None
+        limit = self.s.settings.max_output_bytes
+        if status is None and exit_status is not None:
+            status, reason = _judge(exit_status, size, limit)
+        keep = status not in ("killed", "crashed") and size is not None and size <= limit
+        if not keep:
+            output.unlink(missing_ok=True)
+        self.s.journal.exited(run_id, code, status or "crashed", reason)
+        log.info("run %s: exited with code %s -> %s %s", run_id, code, status, reason or "")
+
+    async def complete(self, run_id: int, job_id: int, handle: str | None) -> None:
+        """From the journal's stage to the final report; safe to call again after a crash."""
+        entry = self.s.journal.get(run_id)
+        if entry is None:
+            return
+        if entry.stage == Stage.EXITED and (self.run_dir(run_id) / OUTPUT_NAME).is_file():
+            await self._seal(entry)
+            entry = self.s.journal.get(run_id) or entry
+        if entry.stage == Stage.SEALED:
+            await self._upload(entry)
+            entry = self.s.journal.get(run_id) or entry
+        log_text = await self._logs(handle)
+        status = entry.final_status or "crashed"
+        await self._report(
+            run_id,
+            status=status,
+            exit_code=entry.exit_code,
+            reason=entry.reason,
+            log=log_text,
+            result_blob_id=entry.result_blob_id,
+        )
+        self.s.journal.done(run_id)
+        self.s.metrics.runs.labels(status).inc()
+        log.info("run %s: %s", run_id, status)
+        await self._clean_up(run_id, job_id, handle)
+
+    async def _seal(self, entry: Entry) -> None:
+        task = await retry_server(lambda: self.s.client.get_task(entry.task_id))
+        if task.initiator_organization_id is None:
+            raise RuntimeError(f"task {entry.task_id} has no initiating organization")
+        recipient = await retry_server(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))
+        run_dir = self.run_dir(entry.run_id)
+        source, target = run_dir / OUTPUT_NAME, run_dir / SEALED_NAME
+        await asyncio.to_thread(encrypt_file, source, target, self.s.keyring.current, [recipient])
+        self.s.journal.sealed(entry.run_id)
+
+    async def _upload(self, entry: Entry) -> None:
+        path = self.run_dir(entry.run_id) / SEALED_NAME
+        size = path.stat().st_size
+        info = await retry_server(lambda: self.s.client.upload_blob(file_chunks(path), size=size))
+        self.s.metrics.bytes_up.inc(size)
+        self.s.journal.uploaded(entry.run_id, info.id)
+
+    async def _logs(self, handle: str | None) -> str | None:
+        if handle is None:
+            return None
+        try:
+            return await self.s.runtime.logs(handle, max_bytes=self.s.settings.max_log_bytes)
+        except Exception as exc:  # logs are a courtesy; never let them block the result
+            log.warning("could not read logs of %s: %s", handle, exc)
+            return None
+
+    async def _report(self, run_id: int, **fields: object) -> None:
+        """PATCH the final state; a run the server already ended (409) still gets its log."""
+        try:
+            await retry_server(lambda: self.s.client.patch_run(run_id, **fields))
+        except ApiError as exc:
+            if exc.status != 409:
+                log.error("run %s: the server refused the final status: %s", run_id, exc)
+                return
+            if fields.get("log"):
+                with contextlib.suppress(ApiError, ServerUnavailable):
+                    await self.s.client.patch_run(run_id, log=fields["log"])
+
+    async def _clean_up(self, run_id: int, job_id: int, handle: str | None) -> None:
+        if handle is not None:
+            with contextlib.suppress(NotFound, RuntimeUnavailable):
+                await self.s.runtime.cleanup(handle)
+        await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
+        if not any(e.job_id == job_id for e in self.s.journal.unfinished()):
+            with contextlib.suppress(RuntimeUnavailable, NotFound):
+                await self.s.runtime.remove_job_volume(self.s.settings.name, str(job_id))
+
+
+def _judge(exit_status: ExitStatus, size: int | None, limit: int) -> tuple[str, str | None]:
+    if exit_status.oom_killed:
+        return "failed", "killed: out of memory"
+    if size is not None and size > limit:
+        return "failed", f"the output is {size} bytes, over this node's limit of {limit} bytes"
+    if exit_status.exit_code != 0:
+        reason = exit_status.reason or f"the algorithm exited with code {exit_status.exit_code}"
+        return "failed", reason
+    if size is None:
+        return "failed", "the algorithm exited without writing its output file"
+    return "completed", None
+

@@ -1,0 +1,116 @@
+"""The agent's local journal (SQLite) of claimed runs, so a restart neither loses nor repeats a result.
+
+Each run moves through stages; every stage is written before the next step starts:
+claimed -> started (container handle) -> exited (exit code) -> sealed (encrypted output on disk)
+-> uploaded (result blob id) -> row deleted once the server has the final status.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    handle TEXT,
+    exit_code INTEGER,
+    reason TEXT,
+    final_status TEXT,
+    result_blob_id TEXT,
+    deadline REAL,
+    updated_at REAL NOT NULL
+)
+"""
+
+
+class Stage(StrEnum):
+    CLAIMED = "claimed"
+    STARTED = "started"
+    EXITED = "exited"
+    SEALED = "sealed"
+    UPLOADED = "uploaded"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One unfinished run as the journal last saw it."""
+
+    run_id: int
+    task_id: int
+    job_id: int
+    stage: Stage
+    handle: str | None
+    exit_code: int | None
+    reason: str | None
+    final_status: str | None
+    result_blob_id: str | None
+    deadline: float | None
+
+
+class Journal:
+    """Small synchronous SQLite store; each call is one short transaction on a local file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def claimed(self, run_id: int, task_id: int, job_id: int) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO runs (run_id, task_id, job_id, stage, updated_at) VALUES (?, ?, ?, ?, ?)",
+            (run_id, task_id, job_id, Stage.CLAIMED, time.time()),
+        )
+
+    def started(self, run_id: int, handle: str, deadline: float) -> None:
+        self._update(run_id, stage=Stage.STARTED, handle=handle, deadline=deadline)
+
+    def exited(self, run_id: int, exit_code: int | None, final_status: str, reason: str | None) -> None:
+        self._update(
+            run_id, stage=Stage.EXITED, exit_code=exit_code, final_status=final_status, reason=reason
+        )
+
+    def sealed(self, run_id: int) -> None:
+        self._update(run_id, stage=Stage.SEALED)
+
+    def uploaded(self, run_id: int, result_blob_id: str) -> None:
+        self._update(run_id, stage=Stage.UPLOADED, result_blob_id=result_blob_id)
+
+    def done(self, run_id: int) -> None:
+        self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+
+    def get(self, run_id: int) -> Entry | None:
+        rows = self._select("WHERE run_id = ?", (run_id,))
+        return rows[0] if rows else None
+
+    def unfinished(self) -> list[Entry]:
+        return self._select("ORDER BY run_id", ())
+
+    def _update(self, run_id: int, **fields: object) -> None:
+        names = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(
+            f"UPDATE runs SET {names}, updated_at = ? WHERE run_id = ?",
+            (*fields.values(), time.time(), run_id),
+        )
+
+    def _select(self, where: str, args: tuple[object, ...]) -> list[Entry]:
+        cursor = self._db.execute(
+            "SELECT run_id, task_id, job_id, stage, handle, exit_code, reason, final_status, result_blob_id,"
+            f" deadline FROM runs {where}",
+            args,
+        )
+        return [
+            Entry(r[0], r[1], r[2], Stage(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+            for r in cursor.fetchall()
+        ]

@@ -1,0 +1,55 @@
+"""The agent's Prometheus metrics and the small local HTTP endpoint that serves them."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+
+class NodeMetrics:
+    """One registry per agent, so several agents in one test process do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Counter(
+            "vnode_runs", "Runs finished, by final status", ["status"], registry=self.registry
+        )
+        self.active = Gauge("vnode_runs_active", "Runs with a container now", registry=self.registry)
+        self.start_latency = Histogram(
+            "vnode_container_start_seconds",
+            "From claim to container started",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.bytes_down = Counter("vnode_bytes_down", "Blob bytes downloaded", registry=self.registry)
+        self.bytes_up = Counter("vnode_bytes_up", "Blob bytes uploaded", registry=self.registry)
+        self.doorbells = Counter("vnode_doorbells", "Doorbell messages received", registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_app(metrics: NodeMetrics) -> web.Application:
+    """`GET /metrics` in the Prometheus text format; nothing else."""
+
+    async def handler(request: web.Request) -> web.Response:
+        response = web.Response(body=metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    return app
+
+
+async def serve_metrics(metrics: NodeMetrics, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start the endpoint; port 0 picks a free one, returned with the runner (cleanup() stops it)."""
+    runner = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, int(bound)

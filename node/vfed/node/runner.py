@@ -1,0 +1,249 @@
+"""One run from claim to final status: the steps between the agent's loop and the runtime.
+
+Every refusal ends the run with a clear status and reason (never an exception out of the agent), and every
+step that matters after a crash is written to the journal before the next one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
+from vfed.node.config import NodeSettings
+from vfed.node.journal import Journal
+from vfed.node.metrics import NodeMetrics
+from vfed.node.policy import check_run
+from vfed.node.runtime.base import (
+    INPUT_NAME,
+    DatasetMount,
+    PermanentStartError,
+    RunSpec,
+    Runtime,
+    RuntimeUnavailable,
+    algorithm_env,
+)
+from vfed.node.server_api import AlreadyClaimed, NodeClient
+from vfed.proxy.app import ProxyContext, RunInfo
+from vfed.proxy.keys import KeyDirectory, KeyUnavailable
+from vfed.proxy.rest import RestClient, Run, Task
+from vfed.proxy.server import ProxyServer
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS_ENV = "VFED_MIN_ROWS"
+
+
+class RunRefused(Exception):
+    """The run cannot go on; it ends with this status and reason."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Prepared:
+    """A run that passed every check and has its input on disk."""
+
+    run: Run
+    task: Task
+    digest: str
+    max_run_time_s: float
+    run_dir: Path
+
+
+@dataclass
+class Services:
+    """What every run shares with the agent."""
+
+    settings: NodeSettings
+    client: NodeClient
+    session: aiohttp.ClientSession
+    keyring: Keyring
+    runtime: Runtime
+    journal: Journal
+    metrics: NodeMetrics
+    keys: KeyDirectory
+    organization_id: int
+    collaboration_id: int
+
+
+class Runner:
+    """Claims and carries out runs; `finisher` (finish.py) does the part after the container."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+        from vfed.node.finish import Finisher
+
+        self.finisher = Finisher(services)
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.s.settings.data_dir / "runs" / str(run_id)
+
+    def socket_path(self, run_id: int) -> Path:
+        return self.s.settings.data_dir / "sockets" / str(run_id) / "proxy.sock"
+
+    async def execute(self, run_id: int, kill: asyncio.Event) -> None:
+        """Claim the run and carry it through; returns quietly when another node claimed it first."""
+        claimed_at = time.monotonic()
+        try:
+            run = await self.s.client.claim(run_id)
+        except AlreadyClaimed:
+            log.info("run %s: claimed by another node", run_id)
+            return
+        self.s.journal.claimed(run.id, run.task_id, run.job_id)
+        log.info("run %s: claimed (task %s, job %s)", run.id, run.task_id, run.job_id)
+        try:
+            prepared = await self._prepare(run)
+        except RunRefused as refused:
+            await self.finisher.end_without_container(run.id, refused.status, refused.reason)
+            return
+        await self._start_and_follow(prepared, kill, claimed_at)
+
+    async def abandon(self, run_id: int, exc: BaseException) -> None:
+        """After an unexpected error: remove the container if any and mark the run crashed, best effort."""
+        entry = self.s.journal.get(run_id)
+        if entry is None:
+            return
+        if entry.handle is not None:
+            with contextlib.suppress(Exception):
+                await self.s.runtime.cleanup(entry.handle)
+        with contextlib.suppress(Exception):
+            await self.finisher.end_without_container(run_id, "crashed", f"node agent error: {exc}")
+
+    async def _prepare(self, run: Run) -> Prepared:
+        task = await self.s.client.get_task(run.task_id)
+        plaintext = await self._decrypt_input(run, task)
+        try:
+            digest = await self.s.runtime.image_digest(task.image)
+        except PermanentStartError as exc:
+            raise RunRefused("start-failed", f"image {task.image} is not available: {exc}") from None
+        decision = check_run(
+            self.s.settings,
+            image=task.image,
+            digest=digest,
+            initiator_organization_id=task.initiator_organization_id,
+            initiator_user_id=task.initiator_user_id,
+        )
+        if not decision.allowed:
+            raise RunRefused("not-allowed", decision.reason)
+        missing = [d for d in task.datasets if d not in self.s.settings.datasets]
+        if missing:
+            raise RunRefused("not-allowed", f"this node offers no dataset labelled {', '.join(missing)}")
+        run_dir = self.run_dir(run.id)
+        await asyncio.to_thread(_write_run_dir, run_dir, plaintext)
+        return Prepared(run, task, digest, decision.max_run_time_s, run_dir)
+
+    async def _decrypt_input(self, run: Run, task: Task) -> bytes:
+        if run.input_blob_id is None:
+            raise RunRefused("failed", "the run has no input blob")
+        if task.initiator_organization_id is None:
+            raise RunRefused(
+                "failed", "the task names no initiating organization to verify the input against"
+            )
+        blob = await self.s.client.download_blob(run.input_blob_id)
+        self.s.metrics.bytes_down.inc(len(blob))
+        try:
+            sender = await self.s.keys.sender(task.initiator_organization_id)
+            return await asyncio.to_thread(decrypt_bytes, blob, self.s.keyring, sender)
+        except (CryptoError, KeyUnavailable) as exc:
+            raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
+
+    def _spec(self, prepared: Prepared) -> RunSpec:
+        run, settings = prepared.run, self.s.settings
+        datasets = [
+            DatasetMount(
+                label=label, host_path=settings.datasets[label].uri, type=settings.datasets[label].type
+            )
+            for label in prepared.task.datasets
+        ]
+        env = algorithm_env(
+            run_id=str(run.id),
+            job_id=str(run.job_id),
+            organization_id=str(run.organization_id),
+            datasets=datasets,
+            with_proxy=True,
+            extra={MIN_ROWS_ENV: str(settings.min_rows)},
+        )
+        return RunSpec(
+            run_id=str(run.id),
+            job_id=str(run.job_id),
+            node_name=settings.name,
+            organization_id=str(run.organization_id),
+            image=prepared.task.image,
+            env=env,
+            run_dir=str(prepared.run_dir),
+            datasets=datasets,
+            proxy_socket=str(self.socket_path(run.id)),
+        )
+
+    async def start_proxy(self, run: Run, task: Task) -> ProxyServer:
+        """The run's own proxy on its own socket, speaking to the server with the run's token."""
+        token = await self.s.client.run_token(run.id)
+        info = RunInfo(
+            run.id, run.task_id, run.job_id, run.organization_id, task.collaboration_id, task.image
+        )
+        ctx = ProxyContext(
+            run=info,
+            rest=RestClient(self.s.session, self.s.settings.server_url, token),
+            org_key=self.s.keyring.current,
+            keyring=self.s.keyring,
+            max_request_bytes=self.s.settings.proxy_max_request_bytes,
+        )
+        proxy = ProxyServer(ctx, self.socket_path(run.id))
+        await proxy.start()
+        return proxy
+
+    async def _start_and_follow(self, prepared: Prepared, kill: asyncio.Event, claimed_at: float) -> None:
+        run = prepared.run
+        proxy = await self.start_proxy(run, prepared.task)
+        try:
+            handle = await self._start_container(prepared)
+        except RunRefused as refused:
+            await proxy.stop()
+            await self.finisher.end_without_container(run.id, refused.status, refused.reason)
+            return
+        self.s.metrics.start_latency.observe(time.monotonic() - claimed_at)
+        deadline = time.time() + prepared.max_run_time_s
+        self.s.journal.started(run.id, handle, deadline)
+        log.info("run %s: container started (%s)", run.id, handle)
+        try:
+            await self.s.client.patch_run(run.id, status="active", image_digest=prepared.digest)
+        except Exception as exc:  # the server may have killed it meanwhile; follow() finds out
+            log.warning("run %s: could not mark active: %s", run.id, exc)
+        try:
+            await self.finisher.follow(run.id, run.job_id, handle, deadline, kill)
+        finally:
+            await proxy.stop()
+
+    async def _start_container(self, prepared: Prepared) -> str:
+        spec = self._spec(prepared)
+        for attempt in range(5):
+            try:
+                return await self.s.runtime.start(spec)
+            except PermanentStartError as exc:
+                raise RunRefused("start-failed", f"the container did not start: {exc}") from None
+            except RuntimeUnavailable as exc:
+                log.warning("run %s: runtime unavailable (%s), attempt %d", prepared.run.id, exc, attempt + 1)
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise RunRefused("start-failed", "the container runtime stayed unavailable")
+
+
+def _write_run_dir(run_dir: Path, plaintext: bytes) -> None:
+    """A fresh run folder the container user can write its output into, holding the input."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    run_dir.chmod(0o777)
+    path = run_dir / INPUT_NAME
+    path.write_bytes(plaintext)
+    path.chmod(0o644)

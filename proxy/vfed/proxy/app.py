@@ -1,0 +1,299 @@
+"""The proxy: one aiohttp app per run, the only thing an algorithm container can reach (docs/proxy-api.md).
+
+The app is bound to one run, so the socket it listens on identifies the caller; nothing inside the container
+is a credential. It speaks to the server with the run's own token, encrypts subtask inputs for each target
+organization (signed with our key) and decrypts subtask results with our keyring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vfed.common.crypto import CryptoError, Keyring, OrgKey, PublicKey, decrypt_bytes, encrypt_bytes
+from vfed.common.payload import TaskInput, result_content_type
+from vfed.proxy.keys import KeyDirectory, KeyUnavailable
+from vfed.proxy.rest import ApiError, RestClient, Run, ServerUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 300.0
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The calling run, as `GET /run` shows it."""
+
+    run_id: int
+    task_id: int
+    job_id: int
+    organization_id: int
+    collaboration_id: int
+    image: str
+
+
+@dataclass
+class ProxyContext:
+    """Everything one run's proxy needs; built by the agent after the run was claimed."""
+
+    run: RunInfo
+    rest: RestClient
+    org_key: OrgKey
+    keyring: Keyring
+    max_request_bytes: int = 64 * 1024 * 1024
+    keys: KeyDirectory = field(init=False)
+    subtasks: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyDirectory(self.rest)
+
+
+CONTEXT = web.AppKey("context", ProxyContext)
+
+
+class ProxyError(Exception):
+    """A refusal with an HTTP status and a short code, turned into JSON by the middleware."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+class NewTask(BaseModel):
+    """The body of `POST /tasks` from an algorithm."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=10_000)
+    image: str | None = None
+    datasets: list[str] = Field(default_factory=list)
+    input: TaskInput | None = None
+    inputs: dict[int, TaskInput] | None = None
+    organizations: list[int] = Field(min_length=1)
+
+
+def _problem(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(  # noqa: PLR0911 - one answer per error kind
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Every failure answers JSON {"error", "detail"}; server errors keep their status when they are 4xx."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return _problem(exc.status, exc.error, exc.detail)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONTEXT].max_request_bytes
+        return _problem(413, "too-large", f"request body over the proxy's limit of {limit} bytes")
+    except web.HTTPException as exc:
+        if exc.status == 405:
+            return _problem(403, "forbidden", f"{request.method} {request.path} is not allowed")
+        return _problem(exc.status, exc.reason.lower().replace(" ", "-"), exc.text or exc.reason)
+    except ApiError as exc:
+        status = exc.status if 400 <= exc.status < 500 else 502
+        return _problem(status, exc.error, f"server: {exc.detail}")
+    except ServerUnavailable as exc:
+        return _problem(503, "server-unavailable", str(exc))
+    except KeyUnavailable as exc:
+        return _problem(409, "no-public-key", str(exc))
+
+
+async def get_run(request: web.Request) -> web.Response:
+    info = request.app[CONTEXT].run
+    return web.json_response(
+        {
+            "run_id": info.run_id,
+            "task_id": info.task_id,
+            "job_id": info.job_id,
+            "organization_id": info.organization_id,
+            "collaboration_id": info.collaboration_id,
+            "image": info.image,
+        }
+    )
+
+
+async def get_organizations(request: web.Request) -> web.Response:
+    orgs = await request.app[CONTEXT].rest.list_organizations()
+    data = [{"id": o.id, "name": o.name, "key_id": o.key_id} for o in orgs]
+    return web.json_response({"data": data})
+
+
+async def _read_new_task(request: web.Request) -> NewTask:
+    body = await request.read()
+    try:
+        return NewTask.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ProxyError(400, "bad-request", f"{where}: {first['msg']}") from None
+
+
+async def _seal(ctx: ProxyContext, data: bytes, org_ids: list[int]) -> str:
+    """Encrypt data for these organizations, signed with our key; upload it; return the blob id."""
+    recipients: list[PublicKey] = [await ctx.keys.public_key(org_id) for org_id in org_ids]
+    sealed = await asyncio.to_thread(encrypt_bytes, data, ctx.org_key, recipients)
+    return (await ctx.rest.upload_blob(sealed)).id
+
+
+async def post_task(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    new = await _read_new_task(request)
+    if (new.input is None) == (new.inputs is None):
+        raise ProxyError(400, "bad-request", "give exactly one of 'input' (for all) or 'inputs' (per org)")
+    orgs = list(dict.fromkeys(new.organizations))
+    if new.inputs is not None and set(new.inputs) != set(orgs):
+        raise ProxyError(400, "bad-request", "'inputs' must have exactly one entry per organization")
+    blob_by_org: dict[int, str] = {}
+    if new.input is not None:
+        blob = await _seal(ctx, new.input.to_json(), orgs)
+        blob_by_org = dict.fromkeys(orgs, blob)
+    else:
+        assert new.inputs is not None
+        for org_id in orgs:
+            blob_by_org[org_id] = await _seal(ctx, new.inputs[org_id].to_json(), [org_id])
+    task = await ctx.rest.create_task(
+        {
+            "collaboration_id": ctx.run.collaboration_id,
+            "name": new.name,
+            "description": new.description or "",
+            "image": new.image or ctx.run.image,
+            "datasets": new.datasets,
+            "organizations": [{"id": o, "input_blob_id": blob_by_org[o]} for o in orgs],
+            "parent_id": ctx.run.task_id,
+        }
+    )
+    ctx.subtasks.add(task.id)
+    runs = await ctx.rest.list_runs(task_id=task.id)
+    log.info("run %s created subtask %s for organizations %s", ctx.run.run_id, task.id, orgs)
+    return web.json_response({"task_id": task.id, "run_ids": [r.id for r in runs]}, status=201)
+
+
+def _int_param(request: web.Request, name: str) -> int:
+    try:
+        return int(request.match_info[name])
+    except ValueError:
+        raise ProxyError(400, "bad-request", f"{name} must be an integer") from None
+
+
+async def _own_task_runs(ctx: ProxyContext, task_id: int) -> list[Run]:
+    """The runs of a subtask of this run's job; 403 for any other task."""
+    if task_id not in ctx.subtasks:
+        try:
+            task = await ctx.rest.get_task(task_id)
+        except ApiError as exc:
+            if exc.status in (403, 404):
+                raise ProxyError(403, "forbidden", f"task {task_id} is not a subtask of this job") from None
+            raise
+        if task.job_id != ctx.run.job_id or task.id == ctx.run.task_id:
+            raise ProxyError(403, "forbidden", f"task {task_id} is not a subtask of this job")
+        ctx.subtasks.add(task_id)
+    return await ctx.rest.list_runs(task_id=task_id)
+
+
+def _task_view(task_id: int, runs: list[Run]) -> dict[str, Any]:
+    done = bool(runs) and all(r.finished for r in runs)
+    statuses = {r.status for r in runs}
+    if not done:
+        status = "active" if statuses - {"pending"} else "pending"
+    elif statuses == {"completed"}:
+        status = "completed"
+    else:
+        status = "killed" if "killed" in statuses else "failed"
+    return {
+        "task_id": task_id,
+        "status": status,
+        "done": done,
+        "runs": [
+            {"run_id": r.id, "organization_id": r.organization_id, "status": r.status, "reason": r.reason}
+            for r in runs
+        ],
+    }
+
+
+async def get_task(request: web.Request) -> web.Response:
+    task_id = _int_param(request, "task_id")
+    runs = await _own_task_runs(request.app[CONTEXT], task_id)
+    return web.json_response(_task_view(task_id, runs))
+
+
+async def wait_task(request: web.Request) -> web.Response:
+    """Long poll: answer when every run of the subtask is finished or the timeout passed."""
+    ctx = request.app[CONTEXT]
+    task_id = _int_param(request, "task_id")
+    try:
+        timeout_s = min(float(request.query.get("timeout_s", "30")), MAX_WAIT_S)
+    except ValueError:
+        raise ProxyError(400, "bad-request", "timeout_s must be a number") from None
+    deadline = time.monotonic() + max(timeout_s, 0.0)
+    delay = 0.05
+    while True:
+        view = _task_view(task_id, await _own_task_runs(ctx, task_id))
+        if view["done"] or time.monotonic() >= deadline:
+            return web.json_response(view)
+        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+        delay = min(delay * 2, 1.0)
+
+
+async def get_result(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    run_id = _int_param(request, "run_id")
+    try:
+        run = await ctx.rest.get_run(run_id)
+    except ApiError as exc:
+        if exc.status in (403, 404):
+            raise ProxyError(403, "forbidden", f"run {run_id} is not a run of this job's subtasks") from None
+        raise
+    if run.job_id != ctx.run.job_id or run.task_id == ctx.run.task_id or run.id == ctx.run.run_id:
+        raise ProxyError(403, "forbidden", f"run {run_id} is not a run of this job's subtasks")
+    if run.status != "completed" or run.result_blob_id is None:
+        return web.json_response(
+            {
+                "error": "not-completed",
+                "detail": f"run {run_id} is {run.status}",
+                "status": run.status,
+                "reason": run.reason,
+            },
+            status=409,
+        )
+    blob = await ctx.rest.download_blob(run.result_blob_id)
+    sender = await ctx.keys.sender(run.organization_id)
+    try:
+        plain = await asyncio.to_thread(decrypt_bytes, blob, ctx.keyring, sender)
+    except CryptoError as exc:
+        ctx.keys.forget(run.organization_id)
+        raise ProxyError(502, "undecryptable", f"result of run {run_id} does not decrypt: {exc}") from None
+    return web.Response(body=plain, content_type=result_content_type(plain))
+
+
+async def forbidden(request: web.Request) -> web.Response:
+    return _problem(403, "forbidden", f"{request.method} {request.path} is not allowed through the proxy")
+
+
+def create_proxy_app(ctx: ProxyContext) -> web.Application:
+    """The app for one run. Only the routes of docs/proxy-api.md; everything else answers 403."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=ctx.max_request_bytes)
+    app[CONTEXT] = ctx
+    app.router.add_get("/run", get_run)
+    app.router.add_get("/organizations", get_organizations)
+    app.router.add_post("/tasks", post_task)
+    app.router.add_get(r"/tasks/{task_id}", get_task)
+    app.router.add_get(r"/tasks/{task_id}/wait", wait_task)
+    app.router.add_get(r"/runs/{run_id}/result", get_result)
+    app.router.add_route("*", "/{tail:.*}", forbidden)
+    return app

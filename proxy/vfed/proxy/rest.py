@@ -1,0 +1,220 @@
+"""A small client of the server's REST API (docs/api.md), shared by the proxy (run token) and the node agent.
+
+It holds a bearer token and turns answers into pydantic models; error answers become `ApiError` with the
+server's `error` code, connection failures `ServerUnavailable`. The node's subclass adds login and refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict
+
+TERMINAL_RUN_STATUSES = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
+
+
+class ServerUnavailable(Exception):
+    """The server did not answer (connection refused, timeout, 502/503/504); try again later."""
+
+
+class ApiError(Exception):
+    """The server answered with an error document."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Organization(_Model):
+    id: int
+    name: str
+    public_key: str | None = None
+    key_id: str | None = None
+
+
+class Task(_Model):
+    id: int
+    collaboration_id: int
+    initiator_organization_id: int | None = None
+    initiator_user_id: int | None = None
+    image: str
+    image_digest: str | None = None
+    name: str = ""
+    description: str | None = None
+    organization_ids: list[int] = []
+    datasets: list[str] = []
+    parent_id: int | None = None
+    job_id: int
+    status: str
+
+
+class Run(_Model):
+    id: int
+    task_id: int
+    job_id: int
+    organization_id: int
+    node_id: int | None = None
+    status: str
+    input_blob_id: str | None = None
+    result_blob_id: str | None = None
+    image_digest: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    log: str | None = None
+    created_at: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_RUN_STATUSES
+
+
+class BlobInfo(_Model):
+    id: str
+    size: int
+    sha256: str
+
+
+def api_base(server_url: str) -> str:
+    """The API root for a server URL given with or without its /api/v1 suffix."""
+    url = server_url.rstrip("/")
+    return url if url.endswith("/api/v1") else url + "/api/v1"
+
+
+class RestClient:
+    """Bearer-token calls to one server. Owns no session: the caller's session outlives it."""
+
+    def __init__(self, session: aiohttp.ClientSession, server_url: str, token: str | None = None) -> None:
+        self.session = session
+        self.base = api_base(server_url)
+        self.token = token
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = dict(extra or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    async def _on_unauthorized(self) -> bool:
+        """Called on a 401; True when the subclass obtained a new token and the call should be retried."""
+        return False
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """One call; JSON answer (or bytes when raw). Retries once after a refreshed token on 401."""
+        for attempt in (0, 1):
+            try:
+                async with self.session.request(
+                    method,
+                    self.base + path,
+                    json=json,
+                    params=_clean(params),
+                    data=data,
+                    headers=self._headers(headers),
+                ) as response:
+                    if response.status == 401 and attempt == 0 and await self._on_unauthorized():
+                        continue
+                    if response.status >= 400:
+                        await _raise_for(response)
+                    body = await response.read()
+                    self.bytes_down += len(body)
+                    if raw:
+                        return body
+                    return await response.json(content_type=None) if body else None
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                raise ServerUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("GET", "/health")
+        return result
+
+    async def get_organization(self, organization_id: int) -> Organization:
+        return Organization.model_validate(await self.request("GET", f"/organizations/{organization_id}"))
+
+    async def list_organizations(self) -> list[Organization]:
+        return [Organization.model_validate(o) for o in await self.list_all("/organizations")]
+
+    async def get_task(self, task_id: int) -> Task:
+        return Task.model_validate(await self.request("GET", f"/tasks/{task_id}"))
+
+    async def create_task(self, body: Mapping[str, Any]) -> Task:
+        return Task.model_validate(await self.request("POST", "/tasks", json=dict(body)))
+
+    async def get_run(self, run_id: int) -> Run:
+        return Run.model_validate(await self.request("GET", f"/runs/{run_id}"))
+
+    async def list_runs(self, **filters: Any) -> list[Run]:
+        return [Run.model_validate(r) for r in await self.list_all("/runs", filters)]
+
+    async def list_all(self, path: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """Every item of a paged list, following pages until the last."""
+        items: list[Any] = []
+        page = 1
+        while True:
+            query = {**(params or {}), "page": page, "per_page": 500}
+            answer = await self.request("GET", path, params=query)
+            items.extend(answer["data"])
+            if not answer.get("links", {}).get("next") or not answer["data"]:
+                return items
+            page += 1
+
+    async def upload_blob(self, data: bytes | AsyncIterable[bytes], size: int | None = None) -> BlobInfo:
+        """Store bytes (or a stream of chunks) on the server; the answer carries the blob id."""
+        headers = {"Content-Type": "application/octet-stream"}
+        answer = await self.request("POST", "/blobs", data=data, headers=headers)
+        info = BlobInfo.model_validate(answer)
+        self.bytes_up += info.size if size is None else size
+        return info
+
+    async def download_blob(self, blob_id: str) -> bytes:
+        body: bytes = await self.request("GET", f"/blobs/{blob_id}", raw=True)
+        return body
+
+
+async def file_chunks(path: Path, chunk_bytes: int = 1024 * 1024) -> AsyncIterable[bytes]:
+    """A file as chunks for a streamed upload, read off the event loop."""
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
+            yield chunk
+    finally:
+        handle.close()
+
+
+def _clean(params: Mapping[str, Any] | None) -> dict[str, str] | None:
+    if params is None:
+        return None
+    return {k: str(v) for k, v in params.items() if v is not None}
+
+
+async def _raise_for(response: aiohttp.ClientResponse) -> None:
+    if response.status in (502, 503, 504):
+        raise ServerUnavailable(f"{response.method} {response.url.path}: HTTP {response.status}")
+    try:
+        document = await response.json(content_type=None)
+        error, detail = str(document.get("error", "error")), str(document.get("detail", ""))
+    except (ValueError, AttributeError, aiohttp.ContentTypeError):
+        error, detail = "http-error", (await response.text())[:500]
+    raise ApiError(response.status, error, detail)
