@@ -7,6 +7,7 @@ so a central function never spins.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -182,10 +183,10 @@ class AlgorithmClient:
             missing = set(orgs) - set(per_org_inputs)
             if missing:
                 raise ValueError(f"per_org_inputs has no input for organizations {sorted(missing)}")
-            body["inputs"] = {str(org): per_org_inputs[org].model_dump(mode="json") for org in orgs}
+            body["inputs"] = {str(org): json.loads(per_org_inputs[org].to_json()) for org in orgs}
         else:
             task_input = TaskInput(method=method, args=list(args), kwargs=dict(kwargs or {}))
-            body["input"] = task_input.model_dump(mode="json")
+            body["input"] = json.loads(task_input.to_json())  # refuses NaN rather than sending null
         if datasets is not None:
             body["datasets"] = list(datasets)
         answer = self._transport.call("POST", "/tasks", body).json()

@@ -1,22 +1,26 @@
 """Loading the datasets a node offers a run, from the environment the node sets.
 
 `DATASETS` lists the labels (comma separated); for each label, `DATASET_<LABEL>_URI` and
-`DATASET_<LABEL>_TYPE` (csv, parquet or sql). A sql dataset's URI is a SQLAlchemy URL, read with
-`DATASET_<LABEL>_QUERY` (a SELECT) or `DATASET_<LABEL>_TABLE`. `<LABEL>` is the label in upper case with
-anything but letters and digits turned into `_`.
+`DATASET_<LABEL>_TYPE`: csv, parquet (a file path), sqlite (a database file, opened read-only) or sql (a
+SQLAlchemy URL). Databases are read with `DATASET_<LABEL>_QUERY` (a SELECT) or `DATASET_<LABEL>_TABLE`; a
+sqlite file holding a single table needs neither. `<LABEL>` is the label in upper case with anything but
+letters and digits turned into `_`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sqlite3
 from collections.abc import Mapping
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 if TYPE_CHECKING:
     import pandas as pd
+    import sqlalchemy as sa
 
 
 class DatasetType(StrEnum):
@@ -24,6 +28,7 @@ class DatasetType(StrEnum):
 
     CSV = "csv"
     PARQUET = "parquet"
+    SQLITE = "sqlite"
     SQL = "sql"
 
 
@@ -49,28 +54,54 @@ def _file_path(uri: str) -> str:
     return uri
 
 
-def _read_sql(label: str, uri: str, env: Mapping[str, str]) -> pd.DataFrame:
+def _sqlite_engine(path: str) -> sa.Engine:
+    import sqlalchemy as sa
+
+    if not Path(path).is_file():
+        raise DatasetError(f"sqlite database {path} does not exist")
+    # Datasets are mounted read-only: open without ever creating or writing a journal.
+    uri = "file:" + quote(str(Path(path).resolve())) + "?mode=ro"
+    return sa.create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True))
+
+
+def _read_database(label: str, engine: sa.Engine, env: Mapping[str, str]) -> pd.DataFrame:
     import pandas as pd
     import sqlalchemy as sa
 
     query = env.get(f"{env_key(label)}_QUERY")
     table = env.get(f"{env_key(label)}_TABLE")
-    if not query and not table:
-        raise DatasetError(f"sql dataset {label!r} needs {env_key(label)}_QUERY or {env_key(label)}_TABLE")
-    engine = sa.create_engine(uri)
     try:
         with engine.connect() as connection:
             if query:
                 return pd.read_sql_query(sa.text(query), connection)
-            return pd.read_sql_table(str(table), connection)
+            if not table:
+                tables = sa.inspect(connection).get_table_names()
+                if len(tables) != 1:
+                    raise DatasetError(
+                        f"database dataset {label!r} holds tables {tables}: set "
+                        f"{env_key(label)}_TABLE or {env_key(label)}_QUERY"
+                    )
+                table = tables[0]
+            return pd.read_sql_table(table, connection)
     finally:
         engine.dispose()
 
 
+def _read(label: str, kind: DatasetType, uri: str, env: Mapping[str, str]) -> pd.DataFrame:
+    import pandas as pd
+    import sqlalchemy as sa
+
+    if kind is DatasetType.CSV:
+        return pd.read_csv(_file_path(uri))
+    if kind is DatasetType.PARQUET:
+        return pd.read_parquet(_file_path(uri), engine="pyarrow")
+    if kind is DatasetType.SQLITE:
+        return _read_database(label, _sqlite_engine(_file_path(uri)), env)
+    return _read_database(label, sa.create_engine(uri), env)
+
+
 def load_dataset(label: str, environ: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The dataset with this label as a DataFrame; DatasetError says what is missing or unreadable."""
-    import pandas as pd
-
     env = os.environ if environ is None else environ
     offered = available_labels(env)
     if label not in offered:
@@ -85,11 +116,7 @@ def load_dataset(label: str, environ: Mapping[str, str] | None = None) -> pd.Dat
         known = ", ".join(t.value for t in DatasetType)
         raise DatasetError(f"dataset {label!r} has type {raw_type!r}; known types: {known}") from None
     try:
-        if kind is DatasetType.CSV:
-            return pd.read_csv(_file_path(uri))
-        if kind is DatasetType.PARQUET:
-            return pd.read_parquet(_file_path(uri), engine="pyarrow")
-        return _read_sql(label, uri, env)
+        return _read(label, kind, uri, env)
     except DatasetError:
         raise
     except Exception as exc:  # pandas, pyarrow and SQLAlchemy raise many types

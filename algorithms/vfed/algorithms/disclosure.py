@@ -28,7 +28,7 @@ class DisclosureError(Exception):
 
 
 def min_rows(environ: Mapping[str, str] | None = None) -> int:
-    """The node's limit; a malformed value fails closed rather than disabling the check."""
+    """The node's limit (0 turns the check off); a malformed value fails the run, never skips the check."""
     env = os.environ if environ is None else environ
     raw = env.get(MIN_ROWS_ENV, "").strip()
     if not raw:
@@ -37,8 +37,8 @@ def min_rows(environ: Mapping[str, str] | None = None) -> int:
         value = int(raw)
     except ValueError as exc:
         raise ValueError(f"{MIN_ROWS_ENV} must be a whole number, got {raw!r}") from exc
-    if value < 1:
-        raise ValueError(f"{MIN_ROWS_ENV} must be at least 1, got {value}")
+    if value < 0:
+        raise ValueError(f"{MIN_ROWS_ENV} must not be negative, got {value}")
     return value
 
 

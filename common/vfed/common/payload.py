@@ -46,7 +46,7 @@ class TaskInput(BaseModel):
 
     def to_json(self) -> bytes:
         """The wire form (UTF-8 JSON); NaN and infinities are refused because JSON has none."""
-        return json.dumps(self.model_dump(mode="json"), allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(self.model_dump(), allow_nan=False, separators=(",", ":"), default=_plain).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> TaskInput:
@@ -63,6 +63,16 @@ def _is_dataframe(value: object) -> bool:
     return isinstance(value, pd.DataFrame | pd.Series)
 
 
+def _plain(value: Any) -> Any:
+    """json.dumps fallback: numpy arrays and scalars as plain Python (numpy is never imported here)."""
+    if type(value).__module__ == "numpy":
+        for attr in ("tolist", "item"):
+            convert = getattr(value, attr, None)
+            if callable(convert):
+                return convert()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _to_jsonable(value: Any) -> Any:
     """Plain Python from numpy scalars/arrays and nested containers; non-finite floats become null."""
     if isinstance(value, float):
@@ -73,11 +83,8 @@ def _to_jsonable(value: Any) -> Any:
         return {str(k): _to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_to_jsonable(v) for v in value]
-    # numpy arrays and scalars (without importing numpy): arrays have tolist, scalars item.
-    for attr in ("tolist", "item"):
-        convert = getattr(value, attr, None)
-        if callable(convert) and type(value).__module__ == "numpy":
-            return _to_jsonable(convert())
+    if type(value).__module__ == "numpy":
+        return _to_jsonable(_plain(value))
     raise TypeError(
         f"cannot encode a {type(value).__name__} as a result: return JSON-like values "
         "(dict, list, str, int, float, bool, None, numpy values) or a pandas DataFrame"

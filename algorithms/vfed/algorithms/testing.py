@@ -1,0 +1,116 @@
+"""Running an algorithm's central function in-process, against local DataFrames instead of nodes.
+
+`LocalClient` stands in for the node's proxy so algorithm authors (and our own tests) can check a central
+function without a server: subtasks run synchronously, their inputs and results go through the same JSON /
+Parquet encoding as in production, disclosure control applies, and a failing subtask surfaces as
+`SubtaskFailed` with its reason, as it would through the proxy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from vfed.algorithms.client import (
+    AlgorithmClient,
+    Organization,
+    RunStatus,
+    Subtask,
+    SubtaskFailed,
+    SubtaskRun,
+    TaskState,
+)
+from vfed.algorithms.decorators import declared_functions
+from vfed.algorithms.disclosure import DEFAULT_MIN_ROWS, require_min_rows
+from vfed.algorithms.transport import Transport
+from vfed.common.manifest import FunctionKind, declared_epsilon
+from vfed.common.payload import TaskInput, decode_result, encode_result
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class LocalClient(AlgorithmClient):
+    """An AlgorithmClient whose organizations are in-memory datasets: {org_id: {label: DataFrame}}."""
+
+    def __init__(
+        self,
+        module: ModuleType,
+        datasets: Mapping[int, Mapping[str, pd.DataFrame]],
+        *,
+        min_rows: int = DEFAULT_MIN_ROWS,
+    ) -> None:
+        super().__init__(Transport(url="http://local.invalid"))
+        self._functions = declared_functions(module)
+        self._datasets = datasets
+        self._min_rows = min_rows
+        self._ids = itertools.count(1)
+        self._tasks: dict[int, list[tuple[SubtaskRun, bytes | None]]] = {}
+        self.created: list[tuple[int, TaskInput]] = []
+        """Every subtask input, in order: what a central function asked the organizations to do."""
+
+    def organizations(self) -> list[Organization]:
+        return [Organization(id=org, name=f"org-{org}") for org in self._datasets]
+
+    def _run_one(self, org: int, task_input: TaskInput) -> tuple[RunStatus, str | None, bytes | None]:
+        entry = self._functions.get(task_input.method)
+        if entry is None:
+            return RunStatus.FAILED, f"method {task_input.method!r} is not declared", None
+        function, spec = entry
+        try:
+            declared_epsilon(spec, task_input)
+            if spec.kind is FunctionKind.CENTRAL:
+                value = function(self, *task_input.args, **task_input.kwargs)
+            else:
+                frames = [self._datasets[org][label] for label in spec.datasets]
+                for label, frame in zip(spec.datasets, frames, strict=True):
+                    require_min_rows(frame, f"dataset {label!r}", limit=self._min_rows)
+                value = function(*frames, *task_input.args, **task_input.kwargs)
+            return RunStatus.COMPLETED, None, encode_result(value)
+        except Exception as exc:  # a run's failure becomes its status and reason, as at a node
+            return RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None
+
+    def create_subtask(
+        self,
+        method: str,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        organizations: Iterable[int] | None = None,
+        per_org_inputs: Mapping[int, TaskInput] | None = None,
+        datasets: Iterable[str] | None = None,
+        name: str | None = None,
+    ) -> Subtask:
+        orgs = list(organizations) if organizations is not None else list(per_org_inputs or {})
+        if not orgs:
+            raise ValueError("create_subtask needs at least one organization")
+        shared = TaskInput(method=method, args=list(args), kwargs=dict(kwargs or {}))
+        task_id = next(self._ids)
+        runs = []
+        for org in orgs:
+            chosen = per_org_inputs[org] if per_org_inputs is not None else shared
+            wire = TaskInput.from_json(chosen.to_json())  # the same JSON round trip as through the proxy
+            self.created.append((org, wire))
+            status, reason, output = self._run_one(org, wire)
+            run = SubtaskRun(run_id=next(self._ids), organization_id=org, status=status, reason=reason)
+            runs.append((run, output))
+        self._tasks[task_id] = runs
+        return Subtask(task_id=task_id, run_ids=[run.run_id for run, _ in runs])
+
+    def task(self, task_id: int) -> TaskState:
+        runs = [run for run, _ in self._tasks[task_id]]
+        failed = any(run.status is not RunStatus.COMPLETED for run in runs)
+        return TaskState(task_id=task_id, status="failed" if failed else "completed", runs=runs, done=True)
+
+    def wait(self, task_id: int, timeout_s: float = 3600.0) -> TaskState:
+        return self.task(task_id)
+
+    def results_by_organization(self, task_id: int) -> dict[int, Any]:
+        values: dict[int, Any] = {}
+        for run, output in self._tasks[task_id]:
+            if run.status is not RunStatus.COMPLETED or output is None:
+                raise SubtaskFailed(task_id, run)
+            values[run.organization_id] = decode_result(output)
+        return values
