@@ -1,0 +1,94 @@
+"""Blob upload (streamed, hashed, size-capped) and download (sendfile, Range resumes)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from vfed.server.access import Scope, require, run_filter, scope_of
+from vfed.server.api.common import caller, json_response, session
+from vfed.server.auth import Principal
+from vfed.server.blobs import CHUNK_BYTES, BlobTooLarge
+from vfed.server.errors import ApiError, not_found
+from vfed.server.metrics import METRICS
+from vfed.server.models import Blob, Run
+from vfed.server.schemas import BlobOut
+from vfed.server.state import BLOBS
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "too-large", f"blobs may be at most {limit} bytes")
+
+
+async def upload_blob(request: web.Request) -> web.Response:
+    """Stream the body to a file, recording size and SHA-256."""
+    store = request.app[BLOBS]
+    if request.content_length is not None and request.content_length > store.max_bytes:
+        raise _too_large(store.max_bytes)
+    async with session(request) as s:
+        p = await caller(request, s)
+        require(p, "blob", "create")
+    try:
+        stored = await store.write(request.content.iter_chunked(CHUNK_BYTES))
+    except BlobTooLarge as exc:
+        raise _too_large(store.max_bytes) from exc
+    async with session(request) as s:
+        s.add(
+            Blob(
+                id=stored.id,
+                size=stored.size,
+                sha256=stored.sha256,
+                owner_organization_id=p.organization_id,
+                owner_user_id=p.user_id,
+                owner_node_id=p.node_id,
+            )
+        )
+        await s.commit()
+    request.app[METRICS].blob_bytes_in.inc(stored.size)
+    return json_response(BlobOut(id=stored.id, size=stored.size, sha256=stored.sha256), 201)
+
+
+async def readable_blob(s: AsyncSession, p: Principal, blob_id: str) -> Blob | None:
+    """The blob if the caller uploaded it or may read a run that references it."""
+    blob = await s.get(Blob, blob_id)
+    if blob is None:
+        return None
+    run_scope = scope_of(p, "run", "read")
+    if run_scope == Scope.GLOBAL:
+        return blob
+    if p.kind == "user" and blob.owner_user_id == p.user_id:
+        return blob
+    if p.kind in ("node", "run") and blob.owner_node_id == p.node_id and blob.owner_user_id is None:
+        return blob
+    if run_scope == Scope.NONE:
+        return None
+    uses = or_(Run.input_blob_id == blob_id, Run.result_blob_id == blob_id)
+    found = (await s.execute(select(Run.id).where(uses, run_filter(p, run_scope)).limit(1))).first()
+    return blob if found else None
+
+
+async def download_blob(request: web.Request) -> web.StreamResponse:
+    """The bytes; `Range: bytes=N-` answers 206 so broken transfers resume."""
+    blob_id = request.match_info["blob_id"]
+    async with session(request) as s:
+        p = await caller(request, s)
+        blob = await readable_blob(s, p, blob_id)
+    if blob is None:
+        raise not_found("blob", blob_id)
+    path = request.app[BLOBS].path(blob.id)
+    sent = blob.size
+    try:
+        rng = request.http_range
+        start, stop = rng.start or 0, rng.stop if rng.stop is not None else blob.size
+        if start < 0:
+            start, stop = max(blob.size + start, 0), blob.size
+        sent = max(min(stop, blob.size) - start, 0)
+    except ValueError:
+        sent = 0
+    request.app[METRICS].blob_bytes_out.inc(sent)
+    return web.FileResponse(
+        path,
+        chunk_size=CHUNK_BYTES,
+        headers={"Content-Type": "application/octet-stream", "X-Sha256": blob.sha256},
+    )

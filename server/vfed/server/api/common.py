@@ -1,0 +1,188 @@
+"""Helpers every handler uses: parsing bodies and queries, the caller, pagination, JSON answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from vfed.server import auth
+from vfed.server.config import format_validation_error
+from vfed.server.errors import ApiError, bad_request, not_found, unauthorized
+from vfed.server.models import TERMINAL, Base, Node, Run, Task, User
+from vfed.server.state import NODE_SEEN, SESSIONS, SETTINGS
+
+M = TypeVar("M", bound=BaseModel)
+PRINCIPAL = "vfed.principal"
+SEEN_WRITE_EVERY_S = 5.0
+
+
+def session(request: web.Request) -> AsyncSession:
+    """A new database session (use as `async with`)."""
+    return request.app[SESSIONS]()
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """Parse and validate a JSON body: malformed JSON is 400, a wrong shape 422."""
+    raw = await request.read()
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}", "malformed-json") from exc
+    if data is None and not raw:
+        raise bad_request("this endpoint needs a JSON body", "malformed-json")
+    return validate(model, data)
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate `data`, or 422 naming each bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "validation-error", format_validation_error(exc)) from exc
+
+
+def read_query(request: web.Request, model: type[M]) -> M:
+    """Validate the query string (repeated keys are refused rather than guessed)."""
+    data: dict[str, str] = {}
+    for key, value in request.query.items():
+        if key in data:
+            raise ApiError(422, "validation-error", f"{key}: given more than once")
+        data[key] = value
+    return validate(model, data)
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    """An integer path parameter (routes only match digits; this guards the range)."""
+    value = int(request.match_info[name])
+    if value > 2**31 - 1:
+        raise not_found("object", value)
+    return value
+
+
+def json_response(model: BaseModel, status: int = 200) -> web.Response:
+    """Serialise a response model."""
+    return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
+
+
+def page_of(
+    request: web.Request, items: Sequence[BaseModel], total: int, page: int, per_page: int
+) -> dict[str, Any]:
+    """The list envelope: data, page, per_page, total and links to this and the next page."""
+    url = request.rel_url
+    nxt = str(url.update_query(page=page + 1, per_page=per_page)) if page * per_page < total else None
+    return {
+        "data": [i.model_dump(mode="json") for i in items],
+        "page": page,
+        "per_page": per_page,
+        "total": total,
+        "links": {"self": str(url), "next": nxt},
+    }
+
+
+async def paginate(
+    s: AsyncSession, model: type[Base], where: list[ColumnElement[bool]], page: int, per_page: int
+) -> tuple[list[Any], int]:
+    """One page of `model` rows matching `where`, ordered by id, and the total count."""
+    total = (await s.execute(select(func.count()).select_from(model).where(*where))).scalar_one()
+    query = select(model).where(*where).order_by(model.id).offset((page - 1) * per_page).limit(per_page)  # type: ignore[attr-defined]
+    rows = (await s.execute(query)).scalars().all()
+    return list(rows), int(total)
+
+
+async def caller(request: web.Request, s: AsyncSession) -> auth.Principal:
+    """Who is calling: from the bearer token, checked against the database on every request."""
+    cached = request.get(PRINCIPAL)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    settings = request.app[SETTINGS]
+    claims = auth.decode(settings.jwt_secret, auth.bearer(request.headers.get("Authorization")), "access")
+    kind = claims.get("kind")
+    if kind == "user":
+        principal = await _user_principal(s, claims)
+    elif kind == "node":
+        principal = await _node_principal(request, s, int(claims["sub"]))
+    elif kind == "run":
+        principal = await _run_principal(request, s, claims)
+    else:
+        raise unauthorized("the token is not valid", "invalid-token")
+    request[PRINCIPAL] = principal
+    return principal
+
+
+async def _user_principal(s: AsyncSession, claims: dict[str, Any]) -> auth.Principal:
+    user = await s.get(User, int(claims["sub"]))
+    if user is None:
+        raise unauthorized("the user no longer exists", "invalid-token")
+    return auth.Principal(
+        "user", user.organization_id, frozenset(r.name for r in user.roles), user_id=user.id
+    )
+
+
+async def _node_principal(request: web.Request, s: AsyncSession, node_id: int) -> auth.Principal:
+    node = await s.get(Node, node_id)
+    if node is None:
+        raise unauthorized("the node no longer exists", "invalid-token")
+    await touch_node(request, s, node, force=False)
+    return auth.Principal(
+        "node",
+        node.organization_id,
+        frozenset({"node"}),
+        node_id=node.id,
+        collaboration_id=node.collaboration_id,
+    )
+
+
+async def _run_principal(request: web.Request, s: AsyncSession, claims: dict[str, Any]) -> auth.Principal:
+    run = await s.get(Run, int(claims["run_id"]))
+    if run is None or run.status in TERMINAL or run.node_id != int(claims["sub"]):
+        raise unauthorized("the run has ended; its token expired with it", "token-expired")
+    task = await s.get(Task, run.task_id)
+    assert task is not None
+    node = await s.get(Node, run.node_id)
+    if node is None:
+        raise unauthorized("the node no longer exists", "invalid-token")
+    await touch_node(request, s, node, force=False)
+    return auth.Principal(
+        "run",
+        run.organization_id,
+        frozenset({"run"}),
+        node_id=run.node_id,
+        collaboration_id=task.collaboration_id,
+        run_id=run.id,
+        task_id=task.id,
+        job_id=task.job_id,
+    )
+
+
+async def touch_node(request: web.Request, s: AsyncSession, node: Node, force: bool) -> None:
+    """Record that a node was seen; at most one write per node every few seconds unless forced."""
+    seen = request.app[NODE_SEEN]
+    now = time.monotonic()
+    if not force and now - seen.get(node.id, -1e9) < SEEN_WRITE_EVERY_S:
+        return
+    seen[node.id] = now
+    stamp = datetime.now(UTC)
+    await s.execute(update(Node).where(Node.id == node.id).values(last_seen_at=stamp))
+    await s.commit()
+    node.last_seen_at = stamp
+
+
+def node_status(node: Node, window_s: int) -> str:
+    """online when seen within the window."""
+    if node.last_seen_at is None:
+        return "offline"
+    return "online" if datetime.now(UTC) - node.last_seen_at <= timedelta(seconds=window_s) else "offline"
+
+
+def api_url(request: web.Request, path: str) -> str:
+    """A link to another resource, relative to the API base."""
+    del request
+    return f"/api/v1{path}"

@@ -1,0 +1,64 @@
+"""Health, metrics, doorbell info and the API description."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+
+from vfed.server.api.common import json_response, session
+from vfed.server.doorbell import TOPIC_PREFIX
+from vfed.server.metrics import METRICS
+from vfed.server.models import Run, RunStatus
+from vfed.server.schemas import DoorbellOut, HealthOut
+from vfed.server.state import DOORBELL
+
+OPENAPI = web.AppKey("openapi", dict)
+DOCS_HTML = web.AppKey("docs_html", str)
+
+
+def server_version() -> str:
+    """The installed package version."""
+    try:
+        return version("vfed")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness plus a database round trip."""
+    async with session(request) as s:
+        await s.execute(select(1))
+    return json_response(HealthOut(status="ok", version=server_version()))
+
+
+async def doorbell_info(request: web.Request) -> web.Response:
+    """Where nodes can listen for doorbells (no secrets: credentials are configured on the node)."""
+    address = request.app[DOORBELL].address
+    url = None
+    if address is not None:
+        url = f"{'mqtts' if address.tls else 'mqtt'}://{address.host}:{address.port}"
+    return json_response(DoorbellOut(url=url, topic_prefix=TOPIC_PREFIX))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; runs by status are counted at scrape time."""
+    m = request.app[METRICS]
+    async with session(request) as s:
+        rows = dict((await s.execute(select(Run.status, func.count()).group_by(Run.status))).tuples().all())
+    for status in RunStatus:
+        m.runs.labels(str(status)).set(rows.get(str(status), 0))
+    body = generate_latest(m.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document, generated from the route table and pydantic models."""
+    return web.json_response(request.app[OPENAPI])
+
+
+async def docs(request: web.Request) -> web.Response:
+    """A browsable list of operations (self-contained: no external assets)."""
+    return web.Response(text=request.app[DOCS_HTML], content_type="text/html")

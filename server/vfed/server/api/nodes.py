@@ -1,0 +1,123 @@
+"""Nodes: one agent of an organization in a collaboration; its API key is shown once, at creation."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy import select
+
+from vfed.server import auth
+from vfed.server.access import Scope, node_filter, require
+from vfed.server.api.common import (
+    caller,
+    json_response,
+    node_status,
+    page_of,
+    paginate,
+    path_id,
+    read_json,
+    read_query,
+    session,
+    touch_node,
+)
+from vfed.server.errors import ApiError, forbidden, not_found
+from vfed.server.models import Collaboration, Node
+from vfed.server.schemas import NodeCreatedOut, NodeIn, NodeOut, NodeQuery
+from vfed.server.state import SETTINGS
+
+
+def out(request: web.Request, n: Node) -> NodeOut:
+    """The node as the API shows it (never its key)."""
+    return NodeOut(
+        id=n.id,
+        name=n.name,
+        organization_id=n.organization_id,
+        collaboration_id=n.collaboration_id,
+        status=node_status(n, request.app[SETTINGS].online_window_s),
+        last_seen_at=n.last_seen_at,
+        links={
+            "self": f"/api/v1/nodes/{n.id}",
+            "organization": f"/api/v1/organizations/{n.organization_id}",
+            "collaboration": f"/api/v1/collaborations/{n.collaboration_id}",
+        },
+    )
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    """Nodes the caller may see."""
+    q = read_query(request, NodeQuery)
+    async with session(request) as s:
+        p = await caller(request, s)
+        where = [node_filter(p, require(p, "node", "read"))]
+        if q.organization_id is not None:
+            where.append(Node.organization_id == q.organization_id)
+        if q.collaboration_id is not None:
+            where.append(Node.collaboration_id == q.collaboration_id)
+        rows, total = await paginate(s, Node, where, q.page, q.per_page)
+    return web.json_response(page_of(request, [out(request, n) for n in rows], total, q.page, q.per_page))
+
+
+async def get_node(request: web.Request) -> web.Response:
+    """One node."""
+    nid = path_id(request)
+    async with session(request) as s:
+        p = await caller(request, s)
+        where = node_filter(p, require(p, "node", "read"))
+        n = (await s.execute(select(Node).where(Node.id == nid, where))).scalar_one_or_none()
+    if n is None:
+        raise not_found("node", nid)
+    return json_response(out(request, n))
+
+
+async def node_self(request: web.Request) -> web.Response:
+    """The calling node."""
+    async with session(request) as s:
+        p = await caller(request, s)
+        if p.kind not in ("node", "run") or p.node_id is None:
+            raise forbidden("only a node token has a self")
+        n = await s.get(Node, p.node_id)
+    assert n is not None
+    return json_response(out(request, n))
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    """Record that the node is alive; nothing else."""
+    async with session(request) as s:
+        p = await caller(request, s)
+        if p.kind != "node" or p.node_id is None:
+            raise forbidden("only a node token sends heartbeats")
+        n = await s.get(Node, p.node_id)
+        assert n is not None
+        await touch_node(request, s, n, force=True)
+    return json_response(out(request, n))
+
+
+async def create_node(request: web.Request) -> web.Response:
+    """Org-admin (own organization) or root: a node and its API key, answered once."""
+    body = await read_json(request, NodeIn)
+    async with session(request) as s:
+        p = await caller(request, s)
+        scope = require(p, "node", "create")
+        org_id = body.organization_id or p.organization_id
+        if scope < Scope.GLOBAL and org_id != p.organization_id:
+            raise forbidden("you may create nodes for your own organization only")
+        collab = await s.get(Collaboration, body.collaboration_id)
+        if collab is None or (
+            scope < Scope.GLOBAL and p.organization_id not in {o.id for o in collab.organizations}
+        ):
+            raise not_found("collaboration", body.collaboration_id)
+        if org_id not in {o.id for o in collab.organizations}:
+            raise ApiError(
+                422, "validation-error", f"organization {org_id} is not in collaboration {collab.id}"
+            )
+        key_id, api_key, key_hash = auth.new_api_key()
+        n = Node(
+            name=body.name or f"node-{org_id}-{collab.id}",
+            organization_id=org_id,
+            collaboration_id=collab.id,
+            api_key_id=key_id,
+            api_key_hash=key_hash,
+        )
+        s.add(n)
+        await s.commit()
+    base = out(request, n)
+    return json_response(NodeCreatedOut(**base.model_dump(), api_key=api_key), 201)

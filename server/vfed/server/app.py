@@ -1,0 +1,67 @@
+"""The app factory: settings in, a ready aiohttp application out; resources live in cleanup contexts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from vfed.server import db
+from vfed.server.api.meta import DOCS_HTML, OPENAPI
+from vfed.server.blobs import BlobStore
+from vfed.server.config import Settings
+from vfed.server.doorbell import Doorbell
+from vfed.server.embedded import EmbeddedBroker
+from vfed.server.errors import error_middleware
+from vfed.server.metrics import METRICS, Metrics, metrics_middleware
+from vfed.server.openapi import build_docs_html, build_openapi
+from vfed.server.routes import add_routes
+from vfed.server.state import BLOBS, DOORBELL, ENGINE, NODE_SEEN, SESSIONS, SETTINGS
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the server application; nothing touches disk, database or network until it starts."""
+    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=4 * 1024 * 1024)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[NODE_SEEN] = {}
+    app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
+    app[OPENAPI] = build_openapi()
+    app[DOCS_HTML] = build_docs_html()
+    add_routes(app)
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_doorbell)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.blob_path().mkdir(parents=True, exist_ok=True)
+    engine = db.make_engine(settings.db_url())
+    if settings.auto_migrate:
+        await db.upgrade(engine)
+    app[ENGINE] = engine
+    app[SESSIONS] = db.make_sessionmaker(engine)
+    yield
+    await engine.dispose()
+
+
+async def _doorbell(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    broker: EmbeddedBroker | None = None
+    url = settings.mqtt.url
+    if url is None and settings.mqtt.embedded_broker:
+        broker = EmbeddedBroker("127.0.0.1", settings.mqtt.embedded_port)
+        await broker.start()
+        url = broker.url
+    doorbell = Doorbell(settings.mqtt, url, app[METRICS])
+    app[DOORBELL] = doorbell
+    await doorbell.start()
+    yield
+    await doorbell.stop()
+    if broker is not None:
+        await broker.stop()

@@ -1,0 +1,133 @@
+"""`vserver`: start the server, import organizations/users/nodes, upgrade the database."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from aiohttp import web
+
+from vfed.server import db
+from vfed.server.config import ConfigError, Settings, load_settings
+
+_config = click.option("--config", "config", type=click.Path(path_type=Path), help="YAML config file")
+_data_dir = click.option("--data-dir", type=click.Path(path_type=Path), help="SQLite and blobs folder")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        settings = load_settings(config, **overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise
+    if "jwt_secret" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"jwt_secret": _stable_secret(settings.data_dir)})
+    return settings
+
+
+def _stable_secret(data_dir: Path) -> str:
+    """Without a configured secret, keep one in the data folder so tokens survive restarts."""
+    path = data_dir / "jwt_secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
+    return secret
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING, ERROR")
+def main(log_level: str) -> None:
+    """vfed central server."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@_config
+@click.option("--host", help="address to listen on (default 127.0.0.1)")
+@click.option("--port", type=int, help="port (default 7600)")
+@_data_dir
+def start(config: Path | None, host: str | None, port: int | None, data_dir: Path | None) -> None:
+    """Run the server (with an embedded MQTT broker on loopback unless a broker URL is configured)."""
+    from vfed.server.app import create_app
+
+    settings = _settings(config, host=host, port=port, data_dir=data_dir)
+    if settings.mqtt.url is None:
+        settings.mqtt.embedded_broker = True
+    try:
+        web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log=None)
+    except OSError as exc:
+        _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@_config
+@_data_dir
+def import_(file: Path, config: Path | None, data_dir: Path | None) -> None:
+    """Create organizations, collaborations, users and nodes from FILE (prints new node API keys once)."""
+    from vfed.server.importer import read_import_file
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        spec = read_import_file(file)
+        lines = asyncio.run(_import(settings, spec))
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    for line in lines:
+        click.echo(line)
+
+
+async def _import(settings: Settings, spec: Any) -> list[str]:
+    from vfed.server.importer import run_import
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = db.make_engine(settings.db_url())
+    try:
+        await db.upgrade(engine)
+        async with db.make_sessionmaker(engine)() as s:
+            return await run_import(s, spec)
+    finally:
+        await engine.dispose()
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database maintenance."""
+
+
+@db_group.command()
+@_config
+@_data_dir
+def upgrade(config: Path | None, data_dir: Path | None) -> None:
+    """Bring the database schema to the newest version."""
+    settings = _settings(config, data_dir=data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def run() -> None:
+        engine = db.make_engine(settings.db_url())
+        try:
+            await db.upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        _fail(f"cannot reach the database: {exc}")
+    click.echo("database schema is up to date")

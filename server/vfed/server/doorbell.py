@@ -1,0 +1,123 @@
+"""MQTT doorbell: tells a node "look at the API now". Never blocks or fails an API request.
+
+Messages go into a bounded in-memory queue; one background task publishes them, reconnecting with jittered
+backoff while the broker is away. A lost message only delays work: nodes also poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from vfed.server.config import MqttSettings
+from vfed.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+TOPIC_PREFIX = "vfed/nodes/"
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """mqtt://host[:1883] or mqtts://host[:8883]."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+        raise ValueError(f"broker URL {url!r}: use mqtt://host:port or mqtts://host:port")
+    tls = parts.scheme in ("mqtts", "ssl")
+    return BrokerAddress(parts.hostname, parts.port or (8883 if tls else 1883), tls)
+
+
+class Doorbell:
+    """Queue + background publisher. `ring` is synchronous and O(1)."""
+
+    def __init__(self, settings: MqttSettings, url: str | None, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.address = parse_broker_url(url) if url else None
+        self.metrics = metrics
+        self.connected = asyncio.Event()
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def ring(self, node_id: int, event: str, run_id: int, task_id: int) -> None:
+        """Queue one message for one node; drops the oldest when the queue is full."""
+        if self.address is None:
+            return
+        payload = json.dumps({"event": event, "run_id": run_id, "task_id": task_id}).encode()
+        if len(self._queue) >= self.settings.queue_max:
+            self._queue.popleft()
+            self._count("dropped")
+        self._queue.append((f"{TOPIC_PREFIX}{node_id}", payload))
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start the background publisher (no-op without a broker)."""
+        if self.address is not None:
+            self._task = asyncio.create_task(self._run(), name="doorbell")
+
+    async def stop(self) -> None:
+        """Cancel the publisher; queued messages are dropped (nodes poll)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.doorbell.labels(outcome).inc()
+
+    def _client(self) -> aiomqtt.Client:
+        assert self.address is not None
+        s = self.settings
+        tls_context = None
+        if self.address.tls:
+            tls_context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+            if s.cert_file:
+                tls_context.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+        return aiomqtt.Client(
+            self.address.host,
+            self.address.port,
+            username=s.username,
+            password=s.password,
+            tls_context=tls_context,
+            timeout=10,
+        )
+
+    async def _run(self) -> None:
+        delay_s = 0.5
+        while True:
+            try:
+                async with self._client() as client:
+                    self.connected.set()
+                    delay_s = 0.5
+                    log.info("doorbell connected to %s:%s", self.address.host, self.address.port)  # type: ignore[union-attr]
+                    await self._drain(client)
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                log.warning("doorbell broker unavailable (%s); retrying in %.1f s", exc, delay_s)
+            await asyncio.sleep(delay_s * (0.5 + random.random()))
+            delay_s = min(delay_s * 2, self.settings.reconnect_max_s)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            topic, payload = self._queue[0]
+            await client.publish(topic, payload, qos=1)
+            self._queue.popleft()
+            self._count("published")

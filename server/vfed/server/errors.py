@@ -1,0 +1,82 @@
+"""Domain errors and the middleware that turns every failure into `{"error", "detail"}` JSON."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An answer other than success, with a short machine code and a human detail."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def bad_request(detail: str, error: str = "bad-request") -> ApiError:
+    """400: the request itself is wrong."""
+    return ApiError(400, error, detail)
+
+
+def unauthorized(detail: str, error: str = "unauthorized") -> ApiError:
+    """401: no or bad credentials."""
+    return ApiError(401, error, detail, {"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(detail: str) -> ApiError:
+    """403: known caller, not allowed."""
+    return ApiError(403, "forbidden", detail)
+
+
+def not_found(what: str, ident: object) -> ApiError:
+    """404: absent or invisible to this caller (the same answer, so nothing leaks)."""
+    return ApiError(404, "not-found", f"{what} {ident} not found")
+
+
+def conflict(error: str, detail: str) -> ApiError:
+    """409: the state of the resource forbids this."""
+    return ApiError(409, error, detail)
+
+
+def error_response(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The single shape of every error body."""
+    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+_HTTP_CODES = {
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "too-large",
+    415: "unsupported-media-type",
+    400: "bad-request",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Catch domain errors, aiohttp's own HTTP errors and bugs; answer JSON always."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers: dict[str, Any] = {k: v for k, v in exc.headers.items() if k.lower() in {"allow"}}
+        code = _HTTP_CODES.get(exc.status, "http-error")
+        return error_response(exc.status, code, exc.reason, headers)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "the server hit a bug; it is logged")

@@ -1,0 +1,270 @@
+"""Every route in one table: path, method, handler, and the models the OpenAPI document is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from vfed.server import schemas as sc
+from vfed.server.api import blobs, collaborations, meta, nodes, organizations, runs, tasks, tokens, users
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+API = "/api/v1"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation; `path` uses {id} (integer) and {blob_id} (hex string) placeholders."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    body: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    status: int = 200
+    auth: bool = True
+    binary_in: bool = False
+    binary_out: bool = False
+
+
+OPS: list[Op] = [
+    Op(
+        "POST",
+        "/token/user",
+        tokens.token_user,
+        "Log in with username and password",
+        "tokens",
+        sc.TokenUserIn,
+        sc.TokenUserOut,
+        auth=False,
+    ),
+    Op(
+        "POST",
+        "/token/node",
+        tokens.token_node,
+        "Log in with a node API key",
+        "tokens",
+        sc.TokenNodeIn,
+        sc.TokenNodeOut,
+        auth=False,
+    ),
+    Op(
+        "POST",
+        "/token/refresh",
+        tokens.token_refresh,
+        "Exchange a refresh token",
+        "tokens",
+        sc.TokenRefreshIn,
+        sc.TokenRefreshOut,
+        auth=False,
+    ),
+    Op(
+        "GET",
+        "/organizations",
+        organizations.list_organizations,
+        "List organizations",
+        "organizations",
+        response=sc.OrganizationPage,
+        query=sc.OrganizationQuery,
+    ),
+    Op(
+        "POST",
+        "/organizations",
+        organizations.create_organization,
+        "Create an organization (root)",
+        "organizations",
+        sc.OrganizationIn,
+        sc.OrganizationOut,
+        status=201,
+    ),
+    Op(
+        "GET",
+        "/organizations/{id}",
+        organizations.get_organization,
+        "Get an organization",
+        "organizations",
+        response=sc.OrganizationOut,
+    ),
+    Op(
+        "PUT",
+        "/organizations/{id}/public_key",
+        organizations.put_public_key,
+        "Replace the public key",
+        "organizations",
+        sc.PublicKeyIn,
+        sc.OrganizationOut,
+    ),
+    Op(
+        "GET",
+        "/organizations/{id}/keys",
+        organizations.list_keys,
+        "Previous public keys, newest first",
+        "organizations",
+        response=sc.OrganizationKeysOut,
+    ),
+    Op(
+        "GET",
+        "/collaborations",
+        collaborations.list_collaborations,
+        "List collaborations",
+        "collaborations",
+        response=sc.CollaborationPage,
+        query=sc.CollaborationQuery,
+    ),
+    Op(
+        "POST",
+        "/collaborations",
+        collaborations.create_collaboration,
+        "Create a collaboration (root)",
+        "collaborations",
+        sc.CollaborationIn,
+        sc.CollaborationOut,
+        status=201,
+    ),
+    Op(
+        "GET",
+        "/collaborations/{id}",
+        collaborations.get_collaboration,
+        "Get a collaboration",
+        "collaborations",
+        response=sc.CollaborationOut,
+    ),
+    Op(
+        "PATCH",
+        "/collaborations/{id}",
+        collaborations.patch_collaboration,
+        "Change a collaboration (root)",
+        "collaborations",
+        sc.CollaborationPatch,
+        sc.CollaborationOut,
+    ),
+    Op("GET", "/nodes", nodes.list_nodes, "List nodes", "nodes", response=sc.NodePage, query=sc.NodeQuery),
+    Op(
+        "POST",
+        "/nodes",
+        nodes.create_node,
+        "Register a node; its API key is answered once",
+        "nodes",
+        sc.NodeIn,
+        sc.NodeCreatedOut,
+        status=201,
+    ),
+    Op("GET", "/nodes/self", nodes.node_self, "The calling node", "nodes", response=sc.NodeOut),
+    Op(
+        "POST",
+        "/nodes/heartbeat",
+        nodes.heartbeat,
+        "Mark the calling node online",
+        "nodes",
+        response=sc.NodeOut,
+    ),
+    Op("GET", "/nodes/{id}", nodes.get_node, "Get a node", "nodes", response=sc.NodeOut),
+    Op("GET", "/users", users.list_users, "List users", "users", response=sc.UserPage, query=sc.UserQuery),
+    Op("POST", "/users", users.create_user, "Create a user", "users", sc.UserIn, sc.UserOut, status=201),
+    Op("GET", "/users/{id}", users.get_user, "Get a user", "users", response=sc.UserOut),
+    Op(
+        "PATCH",
+        "/users/{id}",
+        users.patch_user,
+        "Change a user's password or roles",
+        "users",
+        sc.UserPatch,
+        sc.UserOut,
+    ),
+    Op(
+        "GET",
+        "/roles",
+        users.list_roles,
+        "List roles and their rules",
+        "users",
+        response=sc.RolePage,
+        query=sc.PageQuery,
+    ),
+    Op(
+        "POST",
+        "/blobs",
+        blobs.upload_blob,
+        "Upload a blob (streamed octet-stream)",
+        "blobs",
+        response=sc.BlobOut,
+        status=201,
+        binary_in=True,
+    ),
+    Op(
+        "GET",
+        "/blobs/{blob_id}",
+        blobs.download_blob,
+        "Download a blob; Range resumes",
+        "blobs",
+        binary_out=True,
+    ),
+    Op("GET", "/tasks", tasks.list_tasks, "List tasks", "tasks", response=sc.TaskPage, query=sc.TaskQuery),
+    Op(
+        "POST",
+        "/tasks",
+        tasks.create_task,
+        "Create a task with one run per organization",
+        "tasks",
+        sc.TaskIn,
+        sc.TaskOut,
+        status=201,
+    ),
+    Op("GET", "/tasks/{id}", tasks.get_task, "Get a task", "tasks", response=sc.TaskOut),
+    Op(
+        "POST",
+        "/tasks/{id}/kill",
+        tasks.kill_task,
+        "Kill a task's unfinished runs",
+        "tasks",
+        response=sc.TaskOut,
+    ),
+    Op("GET", "/runs", runs.list_runs, "List runs", "runs", response=sc.RunPage, query=sc.RunQuery),
+    Op("GET", "/runs/{id}", runs.get_run, "Get a run", "runs", response=sc.RunOut),
+    Op(
+        "PATCH",
+        "/runs/{id}",
+        runs.patch_run,
+        "Report a run's progress (claiming node)",
+        "runs",
+        sc.RunPatch,
+        sc.RunOut,
+    ),
+    Op("POST", "/runs/{id}/claim", runs.claim_run, "Claim a pending run (node)", "runs", response=sc.RunOut),
+    Op(
+        "POST",
+        "/runs/{id}/token",
+        runs.run_token,
+        "A token for the run's proxy (claiming node)",
+        "runs",
+        response=sc.RunTokenOut,
+    ),
+    Op("GET", "/health", meta.health, "Liveness", "meta", response=sc.HealthOut, auth=False),
+    Op(
+        "GET",
+        "/doorbell",
+        meta.doorbell_info,
+        "Where the MQTT doorbell rings",
+        "meta",
+        response=sc.DoorbellOut,
+        auth=False,
+    ),
+]
+
+
+def _aiohttp_path(path: str) -> str:
+    return API + path.replace("{id}", r"{id:\d{1,12}}").replace("{blob_id}", r"{blob_id:[0-9a-f]{32}}")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every operation, plus the non-API routes (docs, openapi, metrics)."""
+    for op in OPS:
+        app.router.add_route(op.method, _aiohttp_path(op.path), op.handler)
+    app.router.add_get(API + "/openapi.json", meta.openapi)
+    app.router.add_get(API + "/docs", meta.docs)
+    app.router.add_get("/metrics", meta.metrics)

@@ -1,0 +1,319 @@
+"""Pydantic models of every request and response body; the OpenAPI document is generated from them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vfed.server.models import RoleName, RunStatus, TaskStatus
+
+Links = dict[str, str | None]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+Text = Annotated[str, Field(max_length=100_000)]
+Id = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+
+class In(BaseModel):
+    """Request bodies reject unknown keys, so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: str
+
+
+class PageOut(BaseModel):
+    page: int
+    per_page: int
+    total: int
+    links: Links
+
+
+# --- tokens -------------------------------------------------------------------------------------------
+class TokenUserIn(In):
+    username: Annotated[str, Field(min_length=1, max_length=200)]
+    password: Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+class TokenNodeIn(In):
+    api_key: Annotated[str, Field(min_length=3, max_length=200)]
+
+
+class TokenRefreshIn(In):
+    refresh_token: Annotated[str, Field(min_length=1, max_length=4000)]
+
+
+class TokenRefreshOut(BaseModel):
+    access_token: str
+    refresh_token: str
+
+
+class TokenUserOut(TokenRefreshOut):
+    user_id: int
+    organization_id: int
+
+
+class TokenNodeOut(TokenRefreshOut):
+    node_id: int
+    organization_id: int
+    collaboration_id: int
+
+
+class RunTokenOut(BaseModel):
+    token: str
+    expires_at: datetime
+
+
+# --- organizations, collaborations ----------------------------------------------------------------------
+class OrganizationIn(In):
+    name: Name
+    public_key: Text | None = None
+
+
+class PublicKeyIn(In):
+    public_key: Annotated[str, Field(min_length=1, max_length=100_000)]
+
+
+class OrganizationOut(BaseModel):
+    id: int
+    name: str
+    public_key: str | None
+    key_id: str | None
+    links: Links
+
+
+class OrganizationKeyOut(BaseModel):
+    public_key: str
+    key_id: str | None
+    created_at: datetime
+    retired_at: datetime
+
+
+class OrganizationKeysOut(BaseModel):
+    data: list[OrganizationKeyOut]
+
+
+class OrganizationPage(PageOut):
+    data: list[OrganizationOut]
+
+
+class CollaborationIn(In):
+    name: Name
+    organization_ids: list[Id] = Field(default_factory=list, max_length=10_000)
+    encrypted: bool = True
+
+
+class CollaborationPatch(In):
+    name: Name | None = None
+    organization_ids: list[Id] | None = Field(None, max_length=10_000)
+    encrypted: bool | None = None
+
+
+class CollaborationOut(BaseModel):
+    id: int
+    name: str
+    organization_ids: list[int]
+    encrypted: bool
+    links: Links
+
+
+class CollaborationPage(PageOut):
+    data: list[CollaborationOut]
+
+
+# --- nodes, users, roles --------------------------------------------------------------------------------
+class NodeIn(In):
+    collaboration_id: Id
+    organization_id: Id | None = Field(None, description="default: the caller's organization")
+    name: Name | None = None
+
+
+class NodeOut(BaseModel):
+    id: int
+    name: str
+    organization_id: int
+    collaboration_id: int
+    status: str = Field(description="online | offline")
+    last_seen_at: datetime | None
+    links: Links
+
+
+class NodeCreatedOut(NodeOut):
+    api_key: str = Field(description="shown once; store it now")
+
+
+class NodePage(PageOut):
+    data: list[NodeOut]
+
+
+class UserIn(In):
+    username: Name
+    password: Annotated[str, Field(min_length=8, max_length=1000)]
+    organization_id: Id | None = Field(None, description="default: the caller's organization")
+    roles: list[RoleName] = Field(default_factory=lambda: [RoleName.RESEARCHER], max_length=5)
+
+
+class UserPatch(In):
+    password: Annotated[str, Field(min_length=8, max_length=1000)] | None = None
+    roles: list[RoleName] | None = Field(None, max_length=5)
+
+
+class UserOut(BaseModel):
+    id: int
+    username: str
+    organization_id: int
+    roles: list[str]
+    links: Links
+
+
+class UserPage(PageOut):
+    data: list[UserOut]
+
+
+class RuleOut(BaseModel):
+    resource: str
+    operation: str
+    scope: str
+
+
+class RoleOut(BaseModel):
+    id: int
+    name: str
+    description: str
+    rules: list[RuleOut]
+
+
+class RolePage(PageOut):
+    data: list[RoleOut]
+
+
+# --- blobs, tasks, runs ----------------------------------------------------------------------------------
+class BlobOut(BaseModel):
+    id: str
+    size: int
+    sha256: str
+
+
+class TaskOrganizationIn(In):
+    id: Id
+    input_blob_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+
+class TaskIn(In):
+    collaboration_id: Id | None = Field(None, description="implied by a run token")
+    name: Annotated[str, Field(max_length=200)] = ""
+    description: Text = ""
+    image: Annotated[str, Field(min_length=1, max_length=1000)]
+    image_digest: Annotated[str, Field(max_length=200)] | None = None
+    datasets: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100
+    )
+    organizations: list[TaskOrganizationIn] = Field(min_length=1, max_length=1000)
+    parent_id: Id | None = None
+
+
+class TaskOut(BaseModel):
+    id: int
+    collaboration_id: int
+    initiator_organization_id: int
+    initiator_user_id: int | None
+    image: str
+    image_digest: str | None
+    name: str
+    description: str
+    organization_ids: list[int]
+    datasets: list[str]
+    parent_id: int | None
+    job_id: int
+    status: TaskStatus
+    created_at: datetime
+    links: Links
+
+
+class TaskPage(PageOut):
+    data: list[TaskOut]
+
+
+class RunOut(BaseModel):
+    id: int
+    task_id: int
+    job_id: int
+    organization_id: int
+    node_id: int | None
+    status: RunStatus
+    input_blob_id: str | None
+    result_blob_id: str | None
+    image_digest: str | None
+    exit_code: int | None
+    reason: str | None
+    log: str
+    created_at: datetime
+    claimed_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: Links
+
+
+class RunPage(PageOut):
+    data: list[RunOut]
+
+
+class RunPatch(In):
+    status: RunStatus | None = None
+    exit_code: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | None = None
+    reason: Text | None = None
+    log: Annotated[str, Field(max_length=64 * 1024 * 1024)] | None = None
+    image_digest: Annotated[str, Field(max_length=200)] | None = None
+    result_blob_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+
+
+class DoorbellOut(BaseModel):
+    url: str | None = Field(description="the broker nodes should subscribe to, if the server knows one")
+    topic_prefix: str
+
+
+# --- query strings ---------------------------------------------------------------------------------------
+class PageQuery(In):
+    page: Annotated[int, Field(ge=1, le=10**6)] = 1
+    per_page: Annotated[int, Field(ge=1, le=500)] = 50
+
+
+class OrganizationQuery(PageQuery):
+    name: Annotated[str, Field(max_length=200)] | None = None
+    collaboration_id: Id | None = None
+
+
+class CollaborationQuery(PageQuery):
+    organization_id: Id | None = None
+
+
+class NodeQuery(PageQuery):
+    organization_id: Id | None = None
+    collaboration_id: Id | None = None
+
+
+class UserQuery(PageQuery):
+    organization_id: Id | None = None
+
+
+class TaskQuery(PageQuery):
+    collaboration_id: Id | None = None
+    parent_id: Id | None = None
+    job_id: Id | None = None
+    status: TaskStatus | None = None
+
+
+class RunQuery(PageQuery):
+    task_id: Id | None = None
+    organization_id: Id | None = None
+    node_id: Id | None = None
+    status: RunStatus | None = None

@@ -1,0 +1,17 @@
+"""Typed application keys for shared resources (no module globals)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from vfed.server.blobs import BlobStore
+from vfed.server.config import Settings
+from vfed.server.doorbell import Doorbell
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", AsyncEngine)
+SESSIONS = web.AppKey("sessions", async_sessionmaker[AsyncSession])
+BLOBS = web.AppKey("blobs", BlobStore)
+DOORBELL = web.AppKey("doorbell", Doorbell)
+NODE_SEEN = web.AppKey("node_seen", dict[int, float])
