@@ -15,6 +15,7 @@ from vfed.common.crypto import CryptoError
 from vfed.node.agent import Agent, AgentStartError
 from vfed.node.config import ConfigError, NodeSettings, load_settings
 from vfed.node.keys import KeyMismatch
+from vfed.node.operator import COMMANDS as OPERATOR_COMMANDS
 from vfed.node.runtime.base import RuntimeUnavailable
 from vfed.proxy.rest import ServerUnavailable
 
@@ -58,3 +59,8 @@ def run(config_path: Path, rotate_key: bool, log_level: str) -> None:
 def _fail(message: str) -> None:
     click.echo(f"vnode: error: {message}", err=True)
     sys.exit(1)
+
+
+# The operator's commands (new, keys, start, stop, list, attach, files, clean) live in vfed.node.operator.
+for _command in OPERATOR_COMMANDS:
+    main.add_command(_command)

@@ -1,0 +1,23 @@
+"""The node operator's commands (`vnode new|keys|start|stop|list|attach|files|clean`), a module per group."""
+
+from __future__ import annotations
+
+import click
+
+from vfed.node.operator.keys import keys_group
+from vfed.node.operator.lifecycle import attach_command, clean_command, start_command, stop_command
+from vfed.node.operator.listing import files_command, list_command
+from vfed.node.operator.new import new_command
+
+COMMANDS: list[click.Command] = [
+    new_command,
+    keys_group,
+    start_command,
+    stop_command,
+    list_command,
+    attach_command,
+    files_command,
+    clean_command,
+]
+
+__all__ = ["COMMANDS"]

@@ -1,0 +1,161 @@
+"""The node agent as a container: its config as the container sees it, its mounts, its network, its state.
+
+When the agent runs in a container, the algorithm containers it starts are its siblings on the same engine, so
+every bind mount they get must name a HOST path. The run folders live in the node's volume (`vfed-<name>-vol`,
+at /var/lib/vfed inside); the runtime's `host_path_map` maps that prefix to the volume's Mountpoint. Datasets
+are mounted into the agent at their own host path, so they need no mapping.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import docker.errors
+import yaml
+from docker import DockerClient
+from docker.models.containers import Container
+from docker.models.volumes import Volume
+from docker.types import Mount
+
+from vfed.node.config import NodeSettings
+from vfed.node.operator.common import (
+    LABEL_AGENT_NODE,
+    LABEL_AGENT_SCOPE,
+    LABEL_ROLE,
+    ROLE_AGENT,
+    OperatorError,
+)
+from vfed.node.operator.new import write_config
+from vfed.node.operator.paths import NodeRef
+
+DEFAULT_IMAGE = "vfed/node"
+DATA_IN_CONTAINER = "/var/lib/vfed"
+CONFIG_IN_CONTAINER = "/etc/vfed/node.yaml"
+KEY_IN_CONTAINER = "/etc/vfed/org-key.json"
+SOURCE_ROOTS = ("common", "node", "server", "proxy", "algorithms", "client")
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def is_loopback(url: str | None) -> bool:
+    """True when the URL points at this machine's loopback, which a bridged container cannot reach."""
+    if not url:
+        return False
+    host = urlparse(url).hostname or ""
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def docker_socket_path() -> str:
+    """The engine's Unix socket on this machine (DOCKER_HOST when it names one)."""
+    host = os.environ.get("DOCKER_HOST", "")
+    return host[len("unix://") :] if host.startswith("unix://") else "/var/run/docker.sock"
+
+
+def node_volume(client: DockerClient, ref: NodeRef) -> Volume:
+    """The node's own volume (journal, run folders, proxy sockets), created on first use."""
+    try:
+        return client.volumes.get(ref.volume_name)
+    except docker.errors.NotFound:
+        labels = {LABEL_ROLE: ROLE_AGENT, LABEL_AGENT_NODE: ref.name, LABEL_AGENT_SCOPE: ref.scope.value}
+        return client.volumes.create(ref.volume_name, labels=labels)
+
+
+def mountpoint(volume: Volume) -> str:
+    point = volume.attrs.get("Mountpoint")
+    if not isinstance(point, str) or not point.startswith("/"):
+        raise OperatorError(
+            f"volume {volume.name} has no host Mountpoint (remote engine?): cannot map run folders"
+        )
+    return point
+
+
+def agent_config(ref: NodeRef, settings: NodeSettings, host_mountpoint: str) -> dict[str, Any]:
+    """The operator's YAML with the paths the agent sees inside its container, and the host path map."""
+    raw: dict[str, Any] = yaml.safe_load(ref.config_path.read_text(encoding="utf-8"))
+    runtime = dict(raw.get("runtime") or {})
+    path_map = dict(runtime.get("host_path_map") or {})
+    path_map[DATA_IN_CONTAINER] = host_mountpoint
+    runtime["host_path_map"] = path_map
+    raw.update(data_dir=DATA_IN_CONTAINER, private_key=KEY_IN_CONTAINER, runtime=runtime, name=settings.name)
+    return raw
+
+
+def write_agent_config(ref: NodeRef, settings: NodeSettings, host_mountpoint: str) -> Path:
+    """Write the container's config beside the node's data (mode 0600: it holds the API key)."""
+    path = ref.data_dir / "agent.yaml"
+    write_config(path, agent_config(ref, settings, host_mountpoint))
+    return path
+
+
+def dataset_mounts(settings: NodeSettings) -> list[Mount]:
+    """Each dataset that is a host path, read-only at the same path (so the runtime needs no mapping)."""
+    mounts = []
+    for label, ds in settings.datasets.items():
+        if "://" in ds.uri:
+            continue
+        if not Path(ds.uri).exists():
+            raise OperatorError(f"invalid config: datasets.{label}.uri: {ds.uri} does not exist")
+        mounts.append(Mount(ds.uri, ds.uri, type="bind", read_only=True))
+    return mounts
+
+
+def develop_mounts(client: DockerClient, image: str, source: Path) -> list[Mount]:
+    """Mount each vfed package of a source tree over the one installed in the image (read-only)."""
+    site = _image_site_packages(client, image)
+    mounts = []
+    for root in SOURCE_ROOTS:
+        pkg = source / root / "vfed" / root
+        if pkg.is_dir():
+            mounts.append(Mount(f"{site}/vfed/{root}", str(pkg.resolve()), type="bind", read_only=True))
+    if not mounts:
+        raise OperatorError(
+            f"--develop {source}: no vfed source tree there (expected {source}/node/vfed/node)"
+        )
+    return mounts
+
+
+def _image_site_packages(client: DockerClient, image: str) -> str:
+    probe = "import os, vfed.node as n; print(os.path.dirname(os.path.dirname(n.__path__[0])))"
+    try:
+        out = client.containers.run(
+            image, ["-c", probe], entrypoint="python", remove=True, network_mode="none"
+        )
+    except docker.errors.DockerException as exc:
+        raise OperatorError(f"cannot find the installed vfed package in {image}: {exc}") from None
+    text = out.decode().strip() if isinstance(out, bytes) else str(out).strip()
+    if not text.startswith("/"):
+        raise OperatorError(f"cannot find the installed vfed package in {image}")
+    return text
+
+
+def find_agent(client: DockerClient, ref: NodeRef) -> Container | None:
+    try:
+        return client.containers.get(ref.container_name)
+    except docker.errors.NotFound:
+        return None
+
+
+def is_running(container: Container | None) -> bool:
+    return container is not None and container.status in ("running", "restarting", "paused")
+
+
+def log_tail(container: Container, lines: int = 20) -> str:
+    try:
+        raw = container.logs(tail=lines)
+    except docker.errors.DockerException:
+        return "(no logs)"
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return text.rstrip() or "(no output)"
+
+
+ONLINE_RE = re.compile(r"\bonline\b", re.IGNORECASE)
+"""The agent's log line saying it authenticated and serves (`... online ...`); `offline` does not match."""

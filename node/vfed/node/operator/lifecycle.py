@@ -1,0 +1,325 @@
+"""`vnode start|stop|attach|clean`: the node agent as a long-lived container `vfed-<name>-<scope>`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import click
+import docker.errors
+from docker import DockerClient
+from docker.models.containers import Container
+from docker.types import LogConfig, Mount
+
+from vfed.node.config import NodeSettings
+from vfed.node.operator import container as agent
+from vfed.node.operator.common import (
+    CONTEXT,
+    LABEL_AGENT_NODE,
+    LABEL_AGENT_SCOPE,
+    LABEL_ROLE,
+    ROLE_AGENT,
+    OperatorError,
+    engine,
+    load,
+    scope_option,
+    to_scope,
+)
+from vfed.node.operator.paths import NodeRef, nodes_in, resolve
+from vfed.node.runtime.base import LABEL_NODE
+
+_START_HELP = """Run node NAME's agent in a container and wait until it reports online.
+
+\b
+The container `vfed-<name>-<scope>` gets the Docker socket, the config, the key file and the datasets
+(read-only) and the volume `vfed-<name>-vol` (journal, run folders). A server on 127.0.0.1 is reached
+through the host's network (a bridged container's loopback is its own).
+
+\b
+Examples:
+  vnode start hospital-a
+  vnode start hospital-a --attach                 # then follow its log (Ctrl-C leaves it running)
+  vnode start lab --system --image vfed/node:dev --develop ~/src/vfed
+"""
+
+
+def _build_image(client: DockerClient, image: str) -> None:
+    """Pull the image, or build it with the source tree's scripts/build-images.sh when that exists."""
+    try:
+        client.images.get(image)
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        client.images.pull(image)
+        return
+    except docker.errors.DockerException:
+        pass
+    script = Path(__file__).resolve().parents[4] / "scripts" / "build-images.sh"
+    if image != agent.DEFAULT_IMAGE or not script.is_file():
+        raise OperatorError(
+            f"image {image} is not present and cannot be pulled; build it (scripts/build-images.sh)"
+        )
+    click.echo(f"image {image} missing: building it with {script} (a few minutes)")
+    if subprocess.run([str(script)], check=False).returncode != 0:
+        raise OperatorError(f"building {image} with {script} failed (its output is above)")
+
+
+def _environment(settings: NodeSettings) -> dict[str, str]:
+    """Pass the key passphrase through when the config names its variable and it is set here."""
+    name = settings.private_key_passphrase_env
+    if name and os.environ.get(name):
+        return {name: os.environ[name]}
+    return {}
+
+
+def _mounts(
+    client: DockerClient, ref: NodeRef, settings: NodeSettings, image: str, develop: Path | None
+) -> list[Mount]:
+    if not settings.key_path.is_file():
+        raise OperatorError(
+            f"no organization key at {settings.key_path}: create one with `vnode keys generate {ref.name}`"
+        )
+    volume = agent.node_volume(client, ref)
+    config_file = agent.write_agent_config(ref, settings, agent.mountpoint(volume))
+    socket = agent.docker_socket_path()
+    mounts = [
+        Mount(socket, socket, type="bind"),
+        Mount(agent.CONFIG_IN_CONTAINER, str(config_file), type="bind", read_only=True),
+        Mount(agent.KEY_IN_CONTAINER, str(settings.key_path.resolve()), type="bind", read_only=True),
+        Mount(agent.DATA_IN_CONTAINER, ref.volume_name, type="volume"),
+        *agent.dataset_mounts(settings),
+    ]
+    if develop is not None:
+        mounts += agent.develop_mounts(client, image, develop)
+    return mounts
+
+
+def run_agent(
+    client: DockerClient, ref: NodeRef, settings: NodeSettings, image: str, develop: Path | None
+) -> Container:
+    """Create and start the agent container (replacing a stopped leftover of the same name)."""
+    old = agent.find_agent(client, ref)
+    if agent.is_running(old):
+        raise OperatorError(f"node {ref} is already running (container {ref.container_name})")
+    if settings.runtime.kind != "docker":
+        raise OperatorError(
+            f"vnode start runs Docker-runtime nodes; runtime.kind is {settings.runtime.kind!r}"
+        )
+    _build_image(client, image)
+    mounts = _mounts(client, ref, settings, image, develop)
+    if old is not None:
+        old.remove(force=True)
+    # A bridged container's 127.0.0.1 is its own: a server or broker on host loopback needs host networking.
+    host_net = agent.is_loopback(settings.server_url) or agent.is_loopback(settings.mqtt_url)
+    try:
+        started: Container = client.containers.run(
+            image,
+            name=ref.container_name,
+            detach=True,
+            init=True,
+            mounts=mounts,
+            environment=_environment(settings),
+            labels={
+                LABEL_ROLE: ROLE_AGENT,
+                LABEL_AGENT_NODE: ref.name,
+                LABEL_AGENT_SCOPE: ref.scope.value,
+                "vfed.agent.config": str(ref.config_path),
+            },
+            network_mode="host" if host_net else None,
+            # unless-stopped: back after a reboot or crash; `vnode stop` is final (the stubs lack the value).
+            restart_policy=cast(Any, {"Name": "unless-stopped"}),
+            log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+        )
+    except docker.errors.DockerException as exc:
+        raise OperatorError(f"cannot start container {ref.container_name}: {exc}") from None
+    return started
+
+
+def wait_online(container: Container, timeout_s: float) -> None:
+    """Until the agent logs that it is online; a container that exits, or the timeout, fails with its log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        container.reload()
+        if container.status in ("exited", "dead") or container.attrs["RestartCount"] > 0:
+            state = container.attrs["State"]
+            raise OperatorError(
+                f"the agent stopped (exit code {state.get('ExitCode')}); its last log lines:\n"
+                f"{agent.log_tail(container)}"
+            )
+        if agent.ONLINE_RE.search(container.logs().decode("utf-8", "replace")):
+            return
+        if time.monotonic() > deadline:
+            raise OperatorError(
+                f"the agent did not report online within {timeout_s:.0f} s; its last log lines:\n"
+                f"{agent.log_tail(container)}"
+            )
+        time.sleep(0.3)
+
+
+def follow_logs(container: Container, tail: int | Literal["all"] = 50) -> None:
+    """Print the agent's log as it grows, until Ctrl-C or the container ends."""
+    try:
+        for chunk in container.logs(stream=True, follow=True, tail=tail):
+            click.echo(chunk.decode("utf-8", "replace"), nl=False)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+
+
+@click.command("start", help=_START_HELP, context_settings=CONTEXT)
+@click.argument("name", required=False)
+@scope_option
+@click.option("--attach", is_flag=True, help="Follow the agent's log once it is online.")
+@click.option("--image", default=agent.DEFAULT_IMAGE, show_default=True, help="The node image.")
+@click.option(
+    "--develop", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Source tree to mount."
+)
+@click.option(
+    "--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds to wait for online."
+)
+def start_command(
+    name: str | None, user_scope: bool, attach: bool, image: str, develop: Path | None, timeout_s: float
+) -> None:
+    ref = resolve(name, to_scope(user_scope))
+    settings = load(ref)
+    client = engine()
+    container = run_agent(client, ref, settings, image, develop)
+    try:
+        wait_online(container, timeout_s)
+    except OperatorError:
+        container.stop(timeout=5)
+        raise
+    click.echo(f"node {ref} is online (container {ref.container_name})")
+    if attach:
+        follow_logs(container, tail="all")
+
+
+def stop_node(client: DockerClient, ref: NodeRef, grace_s: float) -> bool:
+    """SIGTERM the agent (it stops its runs and marks them killed), then tidy up; False when not running."""
+    container = agent.find_agent(client, ref)
+    if not agent.is_running(container):
+        return False
+    assert container is not None
+    container.stop(timeout=int(grace_s))
+    for run in client.containers.list(filters={"label": f"{LABEL_NODE}={ref.name}", "status": "running"}):
+        run.stop(timeout=int(grace_s))  # only if the agent could not within its grace period
+    remove_job_volumes(client, ref.name)
+    return True
+
+
+def remove_job_volumes(client: DockerClient, node: str) -> list[str]:
+    """Remove this node's job volumes that no container uses any more (those of finished jobs)."""
+    pattern = re.compile(rf"^vfed-{re.escape(node)}-[^-]+-tmp$")
+    removed = []
+    for volume in client.volumes.list():
+        labels = volume.attrs.get("Labels") or {}
+        if labels.get(LABEL_NODE) != node and not pattern.match(volume.name or ""):
+            continue
+        if labels.get(LABEL_NODE) not in (None, node):
+            continue
+        try:
+            volume.remove()
+            removed.append(str(volume.name))
+        except docker.errors.APIError:
+            continue  # still used by a run container: its job is not finished
+    return removed
+
+
+@click.command("stop", context_settings=CONTEXT)
+@click.argument("name", required=False)
+@scope_option
+@click.option("--all", "stop_all", is_flag=True, help="Stop every running node of the scope.")
+@click.option(
+    "--grace", "grace_s", type=float, default=30.0, show_default=True, help="Seconds before SIGKILL."
+)
+def stop_command(name: str | None, user_scope: bool, stop_all: bool, grace_s: float) -> None:
+    """Stop node NAME gracefully: its running algorithm containers are stopped and their runs marked killed.
+
+    \b
+    Examples:
+      vnode stop hospital-a
+      vnode stop --all --system
+    """
+    scope = to_scope(user_scope)
+    if stop_all and name:
+        raise click.UsageError("give NAME or --all, not both")
+    client = engine()
+    if stop_all:
+        refs = [r for r in nodes_in(scope) if agent.is_running(agent.find_agent(client, r))]
+    else:
+        refs = [resolve(name, scope)]
+    for ref in refs:
+        if stop_node(client, ref, grace_s):
+            click.echo(f"stopped node {ref}")
+        elif not stop_all:
+            raise OperatorError(f"node {ref} is not running")
+    if stop_all and not refs:
+        click.echo(f"no node of the {scope} scope is running")
+
+
+@click.command("attach", context_settings=CONTEXT)
+@click.argument("name", required=False)
+@scope_option
+@click.option("--tail", default="50", show_default=True, help="Earlier lines to show first (or 'all').")
+def attach_command(name: str | None, user_scope: bool, tail: str) -> None:
+    """Follow node NAME's agent log until Ctrl-C (the node keeps running).
+
+    \b
+    Examples:
+      vnode attach hospital-a
+      vnode attach lab --system --tail all
+    """
+    ref = resolve(name, to_scope(user_scope))
+    container = agent.find_agent(engine(), ref)
+    if container is None:
+        raise OperatorError(
+            f"node {ref} has no container ({ref.container_name}); start it with `vnode start`"
+        )
+    if tail != "all" and not tail.isdigit():
+        raise click.UsageError(f"--tail must be a number of lines or 'all', not {tail!r}")
+    follow_logs(container, tail="all" if tail == "all" else int(tail))
+
+
+@click.command("clean", context_settings=CONTEXT)
+@click.argument("name", required=False)
+@scope_option
+def clean_command(name: str | None, user_scope: bool) -> None:
+    """Remove what node NAME left behind: its stopped containers, its volumes (journal too) and networks.
+
+    \b
+    Examples:
+      vnode clean hospital-a
+    """
+    ref = resolve(name, to_scope(user_scope))
+    client = engine()
+    own = agent.find_agent(client, ref)
+    if agent.is_running(own):
+        raise OperatorError(f"node {ref} is running; stop it first (`vnode stop {ref.name}`)")
+    removed = []
+    for c in ([own] if own else []) + client.containers.list(
+        all=True, filters={"label": f"{LABEL_NODE}={ref.name}"}
+    ):
+        c.remove(force=True)
+        removed.append(f"container {c.name}")
+    removed += [f"volume {v}" for v in remove_job_volumes(client, ref.name)]
+    for vol_name in (ref.volume_name,):
+        try:
+            client.volumes.get(vol_name).remove(force=True)
+            removed.append(f"volume {vol_name}")
+        except docker.errors.NotFound:
+            pass
+    for net in client.networks.list(names=[f"vfed-{ref.name}-net"]) + client.networks.list(
+        filters={"label": f"{LABEL_NODE}={ref.name}"}
+    ):
+        try:
+            net.remove()
+            removed.append(f"network {net.name}")
+        except docker.errors.NotFound:
+            pass
+    click.echo(
+        "\n".join(f"removed {r}" for r in dict.fromkeys(removed)) or f"nothing left over for node {ref}"
+    )

@@ -1,0 +1,183 @@
+"""`vnode new`: write a node configuration, from questions or from flags, validated before it is saved."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from vfed.node.config import ConfigError, parse_settings
+from vfed.node.operator import keys
+from vfed.node.operator.common import CONTEXT, OperatorError, scope_option, to_scope
+from vfed.node.operator.paths import NodeRef, check_name, interactive
+
+_TYPES_BY_SUFFIX = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".sqlite": "sqlite",
+    ".db": "sqlite",
+    ".json": "json",
+}
+_KNOWN_TYPES = {"csv", "parquet", "sqlite", "json", "folder", "excel", "sparql", "omop"}
+
+_HELP = """Create the configuration of node NAME (asks questions, or runs fully from flags).
+
+\b
+Examples:
+  vnode new                                       # asks, with defaults
+  vnode new hospital-a --server-url http://127.0.0.1:7600 --api-key 3.s3cr3t \\
+      --dataset patients=/data/patients.csv --dataset images=/data/scans:folder
+  vnode new lab --system --api-key 4.xyz --private-key /etc/vfed/keys/lab.key --force
+"""
+
+
+def parse_dataset(text: str) -> tuple[str, dict[str, str]]:
+    """`LABEL=PATH[:TYPE]` into (label, {uri, type}); the type is guessed from the path when left out."""
+    label, sep, rest = text.partition("=")
+    if not sep or not label or not rest:
+        raise click.BadParameter(f"{text!r}: expected LABEL=PATH[:TYPE]", param_hint="'--dataset'")
+    path, colon, kind = rest.rpartition(":")
+    if not colon or "/" in kind or kind not in _KNOWN_TYPES:
+        path, kind = rest, ""
+    if "://" not in path:
+        path = str(Path(path).expanduser().resolve())
+    if not kind:
+        kind = "folder" if Path(path).is_dir() else _TYPES_BY_SUFFIX.get(Path(path).suffix.lower(), "csv")
+    return label, {"uri": path, "type": kind}
+
+
+def build_config(
+    ref: NodeRef,
+    *,
+    server_url: str,
+    api_key: str,
+    datasets: list[str],
+    private_key: str | None,
+    runtime: str,
+    mqtt_url: str | None,
+) -> dict[str, Any]:
+    """The YAML mapping for this node, checked against the agent's own settings model."""
+    data: dict[str, Any] = {
+        "name": ref.name,
+        "server_url": server_url,
+        "api_key": api_key,
+        "data_dir": str(ref.data_dir),
+        "private_key": str(Path(private_key).expanduser().resolve())
+        if private_key
+        else str(ref.data_dir / "org-key.json"),
+        "datasets": dict(parse_dataset(d) for d in datasets),
+        "runtime": {"kind": runtime},
+    }
+    if mqtt_url:
+        data["mqtt_url"] = mqtt_url
+    try:
+        parse_settings(data)
+    except ConfigError as exc:
+        raise OperatorError(f"the configuration would be invalid: {exc}") from None
+    return data
+
+
+def write_config(path: Path, data: dict[str, Any]) -> None:
+    """Write with mode 0600: the file holds the node's API key."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".yaml.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(
+            f"# vfed node {data['name']!r}: written by `vnode new`; `vnode files` shows the other files.\n"
+        )
+        yaml.safe_dump(data, fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _ask(value: str | None, question: str, default: str | None, required: str) -> str:
+    if value:
+        return value
+    if interactive():
+        return str(click.prompt(question, default=default))
+    if default is not None:
+        return default
+    raise click.UsageError(f"{required} is required when not run interactively")
+
+
+def _ask_datasets(given: tuple[str, ...]) -> list[str]:
+    if given or not interactive():
+        return list(given)
+    found: list[str] = []
+    while True:
+        answer = str(
+            click.prompt("Dataset as LABEL=PATH[:TYPE] (empty to finish)", default="", show_default=False)
+        )
+        if not answer:
+            return found
+        try:
+            parse_dataset(answer)
+        except click.BadParameter as exc:
+            click.echo(exc.format_message(), err=True)
+            continue
+        found.append(answer)
+
+
+@click.command("new", help=_HELP, context_settings=CONTEXT)
+@click.argument("name", required=False)
+@scope_option
+@click.option("--server-url", help="The vfed server. [default: http://127.0.0.1:7600]")
+@click.option("--api-key", help="The node's API key, '<key_id>.<secret>', as printed by the server.")
+@click.option("--dataset", "datasets", multiple=True, metavar="LABEL=PATH[:TYPE]", help="Repeatable.")
+@click.option("--private-key", type=click.Path(dir_okay=False), help="The organization's private key file.")
+@click.option("--runtime", type=click.Choice(["docker", "kubernetes"]), help="[default: docker]")
+@click.option("--mqtt-url", help="Doorbell broker, mqtt://host:port (optional: polling works without).")
+@click.option("--generate-key/--no-generate-key", default=None, help="Create the key file when missing.")
+@click.option("--force", is_flag=True, help="Overwrite an existing configuration of that name.")
+def new_command(
+    name: str | None,
+    user_scope: bool,
+    server_url: str | None,
+    api_key: str | None,
+    datasets: tuple[str, ...],
+    private_key: str | None,
+    runtime: str | None,
+    mqtt_url: str | None,
+    generate_key: bool | None,
+    force: bool,
+) -> None:
+    name = check_name(_ask(name, "Node name", "node", "NAME"))
+    ref = NodeRef(name, to_scope(user_scope))
+    if ref.config_path.exists() and not force:
+        raise OperatorError(f"{ref.config_path} exists; add --force to overwrite it")
+    data = build_config(
+        ref,
+        server_url=_ask(server_url, "Server URL", "http://127.0.0.1:7600", "--server-url"),
+        api_key=_ask(api_key, "Node API key (<key_id>.<secret>)", None, "--api-key"),
+        datasets=_ask_datasets(datasets),
+        private_key=private_key
+        or (
+            click.prompt("Organization private key file", default=str(ref.data_dir / "org-key.json"))
+            if interactive()
+            else None
+        ),
+        runtime=runtime
+        or (
+            click.prompt("Runtime", type=click.Choice(["docker", "kubernetes"]), default="docker")
+            if interactive()
+            else "docker"
+        ),
+        mqtt_url=mqtt_url,
+    )
+    write_config(ref.config_path, data)
+    click.echo(f"wrote {ref.config_path}")
+    key_path = Path(data["private_key"])
+    if not key_path.exists():
+        if generate_key is None:
+            generate_key = (
+                click.confirm(f"Generate an organization key at {key_path}?", default=True)
+                if (interactive())
+                else True
+            )
+        if generate_key:
+            key_id = keys.generate_file(key_path, passphrase=None)
+            click.echo(f"generated organization key {key_id} at {key_path} (mode 0600)")
+    click.echo(f"next: `vnode start {name}{'' if user_scope else ' --system'}`")
