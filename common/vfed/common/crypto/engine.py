@@ -203,9 +203,10 @@ def open_content_key(header: Header, keyring: Keyring) -> bytes:
 class Decryptor:
     """Parse and decrypt an envelope fed in pieces of any size.
 
-    `feed` returns plaintext of chunks that passed AEAD authentication. The sender's signature covers
-    the whole envelope, so it is checked only when the trailer arrives; `finish` raises unless it did.
-    Callers that must not act on unsigned plaintext buffer it (decrypt_bytes, decrypt_file do).
+    `feed` returns plaintext of non-final chunks as soon as they pass AEAD authentication; the final
+    chunk comes out only after the sender's signature (the trailer) verifies, and `finish` raises
+    unless it did. Callers that must not act on unsigned plaintext buffer it (decrypt_bytes and
+    decrypt_file do).
     """
 
     def __init__(self, keyring: Keyring, sender: SenderLookup) -> None:
@@ -221,6 +222,7 @@ class Decryptor:
         self._index = 0
         self._frame: tuple[bytes, bool, int] = (b"", False, 0)
         self._tags = new_tags_hash()
+        self._final_plain = b""
 
     @property
     def wants(self) -> int:
@@ -266,7 +268,7 @@ class Decryptor:
         elif self._state == "frame_body":
             return self._on_frame_body(data)
         else:
-            self._on_trailer(data)
+            return self._on_trailer(data)
         return None
 
     def _on_header(self, raw: bytes) -> None:
@@ -292,7 +294,7 @@ class Decryptor:
         self._frame = (head, final, length)
         self._state, self._need = "frame_body", length + TAG_BYTES
 
-    def _on_frame_body(self, body: bytes) -> bytes:
+    def _on_frame_body(self, body: bytes) -> bytes | None:
         head, final, _ = self._frame
         position = self._index
         nonce = self._aead.nonce(position, final)
@@ -305,12 +307,14 @@ class Decryptor:
         self._tags.update(head + body[-TAG_BYTES:])
         self._index += 1
         if final:
+            # The end of the payload is released only with a verified signature (docs/crypto.md).
+            self._final_plain = plain
             self._state, self._need = "trailer", SIGNATURE_BYTES
-        else:
-            self._state, self._need = "frame_head", FRAME_HEAD_BYTES
+            return None
+        self._state, self._need = "frame_head", FRAME_HEAD_BYTES
         return plain
 
-    def _on_trailer(self, signature: bytes) -> None:
+    def _on_trailer(self, signature: bytes) -> bytes:
         assert self.sender is not None
         try:
             self.sender.verify(signed_message(self._head_hash, self._tags.digest()), signature)
@@ -319,6 +323,8 @@ class Decryptor:
                 f"signature of sender {self.sender.key_id} over header and chunk tags does not verify"
             ) from exc
         self._state = "done"
+        final, self._final_plain = self._final_plain, b""
+        return final
 
     def finish(self) -> None:
         """Raise TruncatedPayload unless the whole envelope, signature included, was consumed."""

@@ -174,7 +174,7 @@ def _read_private_file(path: Path) -> bytes:
         raise KeyFileMissing(f"key file {path} does not exist") from exc
     except OSError as exc:
         raise KeyFileMissing(f"key file {path} cannot be opened: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as handle:
+    try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise KeyFileMissing(f"key file {path} is not a regular file")
@@ -183,7 +183,10 @@ def _read_private_file(path: Path) -> bytes:
                 f"key file {path} has mode {stat.S_IMODE(mode):04o}; group/others must have no access "
                 f"(run: chmod 600 {path})"
             )
-        data = handle.read(MAX_FILE_BYTES + 1)
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
     if len(data) > MAX_FILE_BYTES:
         raise CorruptKey(f"key file {path} is larger than {MAX_FILE_BYTES} bytes")
     return data
