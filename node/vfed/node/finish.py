@@ -36,7 +36,7 @@ async def retry_server(call: Callable[[], Awaitable[T]]) -> T:
     """Call again while the server is unreachable (a restart), for up to SERVER_RETRY_S."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(ServerUnavailable),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
         stop=stop_after_delay(SERVER_RETRY_S),
         reraise=True,
     ):

@@ -1,0 +1,164 @@
+"""A real federation for the node and proxy tests: the server app on a loopback port, seeded through the
+server's own importer, node configs, agent subprocesses (`vnode run`) and a researcher client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from tests import infra
+from vfed.server import db
+from vfed.server.app import create_app
+from vfed.server.config import MqttSettings, Settings
+from vfed.server.importer import ImportFile, run_import
+
+PROBE_IMAGE = "vfed-test/node-probe"
+PASSWORD = "correct-horse-battery"
+ROOT = Path(__file__).resolve().parents[2]
+VNODE = str(Path(sys.executable).parent / "vnode")
+
+
+def ensure_probe_image() -> None:
+    """Build the probe image (quick when cached) so the tests do not depend on build-images.sh order."""
+    subprocess.run(
+        ["docker", "build", "-q", "-t", PROBE_IMAGE, str(ROOT / "tests" / "images" / "node-probe")],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+
+@dataclass
+class Server:
+    """The server app served on a fixed loopback port, so it can be stopped and started again."""
+
+    data_dir: Path
+    mqtt_url: str | None
+    port: int = field(default_factory=infra.free_port)
+    runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def settings(self) -> Settings:
+        return Settings(
+            host="127.0.0.1",
+            port=self.port,
+            data_dir=self.data_dir,
+            jwt_secret="node-tests-secret-0123456789abcdefghij",
+            mqtt=MqttSettings(url=self.mqtt_url),
+        )
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(create_app(self.settings()), access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def seed(self, orgs: list[str], collaboration: str = "collab") -> dict[str, str]:
+        """Organizations, one collaboration, a researcher and a node per organization; node API keys."""
+        spec = ImportFile.model_validate(
+            {
+                "organizations": [{"name": o} for o in orgs],
+                "collaborations": [{"name": collaboration, "organizations": orgs}],
+                "users": [{"username": f"res-{o}", "password": PASSWORD, "organization": o} for o in orgs],
+                "nodes": [{"name": f"node-{o}", "organization": o, "collaboration": collaboration} for o in orgs],
+            }
+        )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = db.make_engine(self.settings().db_url())
+        try:
+            await db.upgrade(engine)
+            async with db.make_sessionmaker(engine)() as s:
+                lines = await run_import(s, spec)
+        finally:
+            await engine.dispose()
+        keys = {}
+        for line in lines:
+            found = re.match(r"node node-(\S+): created; API key \(shown once\): (\S+)", line)
+            if found:
+                keys[found.group(1)] = found.group(2)
+        return keys
+
+
+def write_node_config(
+    path: Path, *, name: str, api_key: str, server_url: str, mqtt_url: str | None, **extra: Any
+) -> Path:
+    """A node YAML file with test-friendly defaults (short poll, small limits)."""
+    config: dict[str, Any] = {
+        "name": name,
+        "server_url": server_url,
+        "api_key": api_key,
+        "data_dir": str(path.parent / f"{name}-data"),
+        "poll_interval_s": 1.0,
+        "kill_grace_s": 1.0,
+        "max_concurrent_runs": 4,
+        "runtime": {"kind": "docker", "memory_bytes": 256 * 1024 * 1024},
+    }
+    if mqtt_url:
+        config["mqtt_url"] = mqtt_url
+    config.update(extra)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class AgentProcess:
+    """`vnode run --config FILE` as a child process, logging to a file."""
+
+    config: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [VNODE, "run", "--config", str(self.config), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_for_log(self, text: str, timeout_s: float = 30.0) -> None:
+        for _ in range(int(timeout_s * 10)):
+            if text in self.log():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"agent exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{text!r} not in the agent log after {timeout_s} s:\n{self.log()[-3000:]}")
+
+
+async def run_statuses(client: Any, task_id: int) -> list[tuple[int, str, str | None]]:
+    """(organization, status, reason) of each run of a task."""
+    return [(r["organization_id"], r["status"], r.get("reason")) for r in await client.runs(task_id)]
