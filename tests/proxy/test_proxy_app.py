@@ -1,0 +1,224 @@
+"""The proxy over a real Unix socket, against the real server app: routes, refusals, encryption both ways."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.node.node_harness import PASSWORD, Server
+from vfed.client.client import AsyncClient
+from vfed.common.crypto import Keyring, NotARecipient, decrypt_bytes, encrypt_bytes
+from vfed.common.payload import TaskInput, encode_result
+from vfed.node.server_api import NodeClient
+from vfed.proxy.app import ProxyContext, RunInfo
+from vfed.proxy.rest import RestClient
+from vfed.proxy.server import ProxyServer
+
+
+@dataclass
+class World:
+    server: Server
+    session: aiohttp.ClientSession
+    nodes: dict[str, NodeClient]
+    keyrings: dict[str, Keyring]
+    org_ids: dict[str, int]
+    parent_run: int
+    parent_task: int
+    proxy_session: aiohttp.ClientSession
+    ctx: ProxyContext
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    server = Server(tmp_path / "server", mqtt_url=None)
+    api_keys = await server.seed(["a", "b"])
+    await server.start()
+    session = aiohttp.ClientSession()
+    nodes, keyrings, org_ids = {}, {}, {}
+    for name, api_key in api_keys.items():
+        node = NodeClient(session, server.url, api_key)
+        identity = await node.login()
+        keyrings[name] = Keyring.generate()
+        await node.put_public_key(identity.organization_id, keyrings[name].current.public.to_text())
+        nodes[name], org_ids[name] = node, identity.organization_id
+    key_file = tmp_path / "a-key.json"
+    keyrings["a"].save(key_file)
+    async with AsyncClient(server.url, key_file=key_file) as researcher:
+        await researcher.login("res-a", PASSWORD)
+        collab = (await researcher.collaborations())[0]["id"]
+        task = await researcher.create_task(
+            collab, "vfed-test/node-probe", "master", organizations=[org_ids["a"]]
+        )
+    (run,) = await nodes["a"].list_runs(task_id=task["id"])
+    run = await nodes["a"].claim(run.id)
+    token = await nodes["a"].run_token(run.id)
+    info = RunInfo(run.id, run.task_id, run.job_id, run.organization_id, collab, "vfed-test/node-probe")
+    ctx = ProxyContext(
+        run=info,
+        rest=RestClient(session, server.url, token),
+        org_key=keyrings["a"].current,
+        keyring=keyrings["a"],
+        max_request_bytes=64 * 1024,
+    )
+    socket_path = tmp_path / "sock" / "proxy.sock"
+    async with ProxyServer(ctx, socket_path):
+        connector = aiohttp.UnixConnector(path=str(socket_path))
+        async with aiohttp.ClientSession(connector=connector, base_url="http://proxy") as proxy_session:
+            yield World(server, session, nodes, keyrings, org_ids, run.id, task["id"], proxy_session, ctx)
+    await session.close()
+    await server.stop()
+
+
+async def call(world: World, method: str, path: str, **kwargs: object) -> tuple[int, object]:
+    async with world.proxy_session.request(method, path, **kwargs) as response:  # type: ignore[arg-type]
+        body = await response.read()
+        try:
+            return response.status, json.loads(body)
+        except ValueError:
+            return response.status, body
+
+
+async def test_run_and_organizations(world: World) -> None:
+    status, body = await call(world, "GET", "/run")
+    assert status == 200
+    assert body == {
+        "run_id": world.parent_run,
+        "task_id": world.parent_task,
+        "job_id": world.ctx.run.job_id,
+        "organization_id": world.org_ids["a"],
+        "collaboration_id": world.ctx.run.collaboration_id,
+        "image": "vfed-test/node-probe",
+    }
+    status, body = await call(world, "GET", "/organizations")
+    assert status == 200
+    assert isinstance(body, dict)
+    by_id = {o["id"]: o for o in body["data"]}
+    assert set(by_id) == set(world.org_ids.values())
+    assert by_id[world.org_ids["b"]]["key_id"] == world.keyrings["b"].current.key_id
+    assert "public_key" not in by_id[world.org_ids["b"]]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/nodes"),
+        ("DELETE", "/run"),
+        ("POST", "/token/node"),
+        ("GET", "/blobs/abc"),
+        ("PATCH", "/runs/1"),
+        ("GET", "/api/v1/runs"),
+        ("POST", "/run"),
+    ],
+)
+async def test_unlisted_routes_answer_403_json(world: World, method: str, path: str) -> None:
+    status, body = await call(world, method, path)
+    assert status == 403
+    assert isinstance(body, dict) and body["error"] == "forbidden" and path in body["detail"]
+
+
+async def test_request_over_the_limit_answers_413(world: World) -> None:
+    big = {"name": "x", "input": {"method": "echo", "args": ["y" * 100_000]}, "organizations": [1]}
+    status, body = await call(world, "POST", "/tasks", json=big)
+    assert status == 413
+    assert isinstance(body, dict) and body["error"] == "too-large"
+
+
+@pytest.mark.parametrize(
+    ("payload", "detail"),
+    [
+        ({"name": "x", "organizations": [1]}, "exactly one of"),
+        ({"name": "x", "organizations": [], "input": {"method": "m"}}, "organizations"),
+        ({"name": "x", "organizations": [1], "input": {"method": "m"}, "extra": 1}, "extra"),
+        ({"name": "x", "organizations": [1, 2], "inputs": {"1": {"method": "m"}}}, "one entry per"),
+    ],
+)
+async def test_bad_task_bodies_answer_400(world: World, payload: dict[str, object], detail: str) -> None:
+    status, body = await call(world, "POST", "/tasks", json=payload)
+    assert status == 400, body
+    assert isinstance(body, dict) and detail in body["detail"]
+
+
+async def test_subtask_input_is_sealed_for_each_org_and_signed_by_ours(world: World) -> None:
+    a, b = world.org_ids["a"], world.org_ids["b"]
+    new = {"name": "sub", "input": {"method": "echo", "args": [1]}, "organizations": [a, b]}
+    status, body = await call(world, "POST", "/tasks", json=new)
+    assert status == 201, body
+    assert isinstance(body, dict) and len(body["run_ids"]) == 2
+    sender = world.keyrings["a"].current.public
+    for name in ("a", "b"):
+        (run,) = await world.nodes[name].list_runs(
+            task_id=body["task_id"], organization_id=world.org_ids[name]
+        )
+        assert run.input_blob_id is not None
+        blob = await world.nodes[name].download_blob(run.input_blob_id)
+        assert b"echo" not in blob
+        plain = decrypt_bytes(blob, world.keyrings[name], sender)
+        assert TaskInput.from_json(plain) == TaskInput(method="echo", args=[1])
+    task = await world.nodes["b"].get_task(body["task_id"])
+    assert task.parent_id == world.parent_task and task.job_id == world.ctx.run.job_id
+
+
+async def test_per_org_inputs_open_only_for_their_org(world: World) -> None:
+    a, b = world.org_ids["a"], world.org_ids["b"]
+    new = {
+        "name": "sub",
+        "inputs": {
+            str(a): {"method": "echo", "args": ["for-a"]},
+            str(b): {"method": "echo", "args": ["for-b"]},
+        },
+        "organizations": [a, b],
+    }
+    status, body = await call(world, "POST", "/tasks", json=new)
+    assert status == 201, body
+    assert isinstance(body, dict)
+    sender = world.keyrings["a"].current.public
+    (run_b,) = await world.nodes["b"].list_runs(task_id=body["task_id"], organization_id=b)
+    assert run_b.input_blob_id is not None
+    blob_b = await world.nodes["b"].download_blob(run_b.input_blob_id)
+    assert TaskInput.from_json(decrypt_bytes(blob_b, world.keyrings["b"], sender)).args == ["for-b"]
+    with pytest.raises(NotARecipient):
+        decrypt_bytes(blob_b, world.keyrings["a"], sender)
+
+
+async def test_results_come_back_decrypted_and_waits_end(world: World) -> None:
+    b = world.org_ids["b"]
+    new = {"name": "sub", "input": {"method": "echo"}, "organizations": [b]}
+    _, created = await call(world, "POST", "/tasks", json=new)
+    assert isinstance(created, dict)
+    task_id, (run_id,) = created["task_id"], created["run_ids"]
+    status, view = await call(world, "GET", f"/tasks/{task_id}/wait?timeout_s=0.3")
+    assert status == 200 and isinstance(view, dict)
+    assert view["done"] is False and view["runs"][0]["status"] == "pending"
+    status, body = await call(world, "GET", f"/runs/{run_id}/result")
+    assert status == 409 and isinstance(body, dict) and body["status"] == "pending"
+    # Node b runs it: claims, seals its result for a (signed by b), reports completion.
+    node_b = world.nodes["b"]
+    await node_b.claim(run_id)
+    sealed = encrypt_bytes(
+        encode_result({"answer": 42}), world.keyrings["b"].current, [world.keyrings["a"].current.public]
+    )
+    blob = await node_b.upload_blob(sealed)
+    await node_b.patch_run(run_id, status="completed", exit_code=0, result_blob_id=blob.id)
+    status, view = await call(world, "GET", f"/tasks/{task_id}/wait?timeout_s=10")
+    assert status == 200 and isinstance(view, dict)
+    assert view["done"] is True and view["status"] == "completed"
+    async with world.proxy_session.get(f"/runs/{run_id}/result") as response:
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert json.loads(await response.read())["value"] == {"answer": 42}
+
+
+async def test_tasks_outside_the_job_are_forbidden(world: World) -> None:
+    status, body = await call(world, "GET", f"/tasks/{world.parent_task}")
+    assert status == 403, body
+    status, body = await call(world, "GET", f"/runs/{world.parent_run}/result")
+    assert status == 403, body
+    status, body = await call(world, "GET", "/tasks/999999")
+    assert status == 403, body
+    status, body = await call(world, "GET", "/tasks/notanumber")
+    assert status == 400, body
