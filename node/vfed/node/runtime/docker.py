@@ -20,6 +20,7 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
+from docker.types import Mount
 
 from vfed.node.runtime.base import (
     LABEL_JOB_ID,
@@ -215,23 +216,40 @@ class DockerRuntime(Runtime):
         except OSError as exc:
             raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
         volume = job_volume_name(spec.node_name, spec.job_id)
-        if volume in self._ready_volumes:
-            container = await self._call(f"create {handle}", self._create, kwargs)
-        else:
+        if volume not in self._ready_volumes:
             # The first run of a job on this agent hands the job folder to the container user, once.
             async with self._volume_locks.setdefault(volume, asyncio.Lock()):
-                await self.ensure_job_volume(spec.node_name, spec.job_id)
-                container = await self._call(f"create {handle}", self._create, kwargs)
                 if volume not in self._ready_volumes:
-                    await self._after_create(handle, container, lambda: self._init_volume(container))
+                    await self.ensure_job_volume(spec.node_name, spec.job_id)
+                    await self._call(f"init {volume}", self._init_volume, spec.image, volume)
                     self._ready_volumes.add(volume)
+        container = await self._call(f"create {handle}", self._create, kwargs)
         await self._after_create(handle, container, container.start)
         log.info("run %s started as %s", spec.run_id, handle)
         return handle
 
-    def _init_volume(self, container: Container) -> None:
-        tar = _volume_init_tar(self.config.uid, self.config.gid)
-        container.put_archive(TEMPORARY_FOLDER.rsplit("/", 1)[0], tar)
+    def _init_volume(self, image: str, volume: str) -> None:
+        """Chown the volume's root through a container that is created, never started.
+
+        The archive API cannot write under a read-only root, so this helper has a writable one; it uses the
+        run's own image because that one is known to be present.
+        """
+        self._image_id(image)  # pulls if needed, or raises PermanentStartError
+        mount = Mount(TEMPORARY_FOLDER, volume, type="volume", no_copy=True)
+        helper = self.client.containers.create(
+            image,
+            ["true"],
+            network_mode="none",
+            mounts=[mount],
+            user="0",
+            labels={"vfed.kind": "volume-init"},
+        )
+        try:
+            helper.put_archive(
+                TEMPORARY_FOLDER.rsplit("/", 1)[0], _volume_init_tar(self.config.uid, self.config.gid)
+            )
+        finally:
+            helper.remove(force=True)
 
     async def _after_create(self, handle: str, container: Container, step: Callable[..., object]) -> None:
         """Run a step on a created container; on failure remove it so the run can be started again."""
