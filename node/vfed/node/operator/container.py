@@ -157,5 +157,5 @@ def log_tail(container: Container, lines: int = 20) -> str:
     return text.rstrip() or "(no output)"
 
 
-ONLINE_RE = re.compile(r"\bonline\b", re.IGNORECASE)
-"""The agent's log line saying it authenticated and serves (`... online ...`); `offline` does not match."""
+ONLINE_RE = re.compile(r"\bnode \S+ \(organization \S+\) (?:started|online)\b")
+"""The agent's log line once it has logged in, reconciled its key and opened its runtime (vfed.node.agent)."""

@@ -17,6 +17,7 @@ from docker.types import LogConfig, Mount
 
 from vfed.node.config import NodeSettings
 from vfed.node.operator import container as agent
+from vfed.node.operator import server
 from vfed.node.operator.common import (
     CONTEXT,
     LABEL_AGENT_NODE,
@@ -30,7 +31,7 @@ from vfed.node.operator.common import (
     to_scope,
 )
 from vfed.node.operator.paths import NodeRef, nodes_in, resolve
-from vfed.node.runtime.base import LABEL_NODE
+from vfed.node.runtime.base import LABEL_NODE, LABEL_RUN_ID
 
 _START_HELP = """Run node NAME's agent in a container and wait until it reports online.
 
@@ -198,17 +199,38 @@ def start_command(
         follow_logs(container, tail="all")
 
 
-def stop_node(client: DockerClient, ref: NodeRef, grace_s: float) -> bool:
-    """SIGTERM the agent (it stops its runs and marks them killed), then tidy up; False when not running."""
+def stop_node(client: DockerClient, ref: NodeRef, settings: NodeSettings, grace_s: float) -> bool:
+    """SIGTERM the agent, stop its runs and mark them killed, remove finished jobs' volumes.
+
+    False when the node was not running.
+    """
     container = agent.find_agent(client, ref)
-    if not agent.is_running(container):
+    if container is None or not agent.is_running(container):
         return False
-    assert container is not None
     container.stop(timeout=int(grace_s))
-    for run in client.containers.list(filters={"label": f"{LABEL_NODE}={ref.name}", "status": "running"}):
-        run.stop(timeout=int(grace_s))  # only if the agent could not within its grace period
+    killed = kill_runs(client, ref, settings)
+    if killed:
+        click.echo(f"stopped runs {', '.join(map(str, killed))} of node {ref} and marked them killed")
     remove_job_volumes(client, ref.name)
     return True
+
+
+def kill_runs(client: DockerClient, ref: NodeRef, settings: NodeSettings) -> list[int]:
+    """Stop the node's running algorithm containers; their runs become `killed` on the server."""
+    run_ids: list[int] = []
+    logs: dict[int, str] = {}
+    for run in client.containers.list(filters={"label": f"{LABEL_NODE}={ref.name}", "status": "running"}):
+        run.stop(timeout=int(settings.kill_grace_s))
+        label = run.labels.get(LABEL_RUN_ID, "")
+        if label.isdigit():
+            run_ids.append(int(label))
+            logs[int(label)] = agent.log_tail(run, 200)
+        run.remove(force=True)
+    try:
+        server.mark_killed(settings, run_ids, "the node was stopped by its operator", logs)
+    except OperatorError as exc:
+        click.echo(f"warning: runs {run_ids} stopped but not marked killed: {exc.message}", err=True)
+    return run_ids
 
 
 def remove_job_volumes(client: DockerClient, node: str) -> list[str]:
@@ -253,7 +275,7 @@ def stop_command(name: str | None, user_scope: bool, stop_all: bool, grace_s: fl
     else:
         refs = [resolve(name, scope)]
     for ref in refs:
-        if stop_node(client, ref, grace_s):
+        if stop_node(client, ref, load(ref), grace_s):
             click.echo(f"stopped node {ref}")
         elif not stop_all:
             raise OperatorError(f"node {ref} is not running")

@@ -17,7 +17,8 @@ from vfed.node.operator.common import CONTEXT, OperatorError, engine, load, scop
 from vfed.node.operator.paths import NodeRef, all_nodes, resolve
 
 _LIST_HELP = """List every node configuration in both scopes: running or not, online or offline as the server
-sees it, runtime and datasets.
+sees it, runtime and datasets. A node whose container is not running here is listed offline without asking
+the server (asking with the node's key would count as a sign of life).
 
 \b
 Examples:
@@ -53,7 +54,9 @@ def describe(ref: NodeRef, client: DockerClient | None) -> dict[str, Any]:
             row["running"] = agent.is_running(agent.find_agent(client, ref))
         except docker.errors.DockerException as exc:
             row["error"] = f"Docker engine: {exc}"
-    row["status"] = server.node_status(settings)
+    # Any request with the node's key counts as a sign of life on the server (docs/api.md), so asking about a
+    # node that is not running here would itself make it look online for a minute: such a node is offline.
+    row["status"] = server.node_status(settings) if row["running"] else "offline"
     return row
 
 
@@ -116,14 +119,14 @@ def files_command(name: str | None, user_scope: bool, fmt: str) -> None:
         "data": str(ref.data_dir),
         "agent_config": str(ref.data_dir / "agent.yaml"),
         "volume": ref.volume_name,
-        "journal": f"{agent.DATA_IN_CONTAINER}/journal.sqlite in volume {ref.volume_name}",
+        "journal": f"{agent.DATA_IN_CONTAINER}/journal.sqlite3 in volume {ref.volume_name}",
         "logs": f"`vnode attach {ref.name}` (container {ref.container_name})",
     }
     try:
         client = engine()
         point = client.volumes.get(ref.volume_name).attrs.get("Mountpoint")
         if point:
-            where["journal"] = f"{point}/journal.sqlite"
+            where["journal"] = f"{point}/journal.sqlite3"
         found = agent.find_agent(client, ref)
         if found is not None and found.attrs.get("LogPath"):
             where["logs"] = str(found.attrs["LogPath"])

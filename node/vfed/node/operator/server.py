@@ -74,3 +74,21 @@ def upload_public_key(settings: NodeSettings, public_key: str) -> dict[str, Any]
         json={"public_key": public_key},
     )
     return org if isinstance(org, dict) else {}
+
+
+def mark_killed(settings: NodeSettings, run_ids: list[int], reason: str, logs: dict[int, str]) -> list[int]:
+    """Mark our runs killed (as the claiming node); returns the ids the server accepted."""
+    if not run_ids:
+        return []
+    session = login(settings)
+    done = []
+    for run_id in run_ids:
+        body: dict[str, Any] = {"status": "killed", "reason": reason}
+        if logs.get(run_id):
+            body["log"] = logs[run_id]
+        try:
+            _call("PATCH", f"{session.base}/runs/{run_id}", token=session.token, json=body)
+            done.append(run_id)
+        except OperatorError:
+            continue  # already final (completed just now, or killed by the agent itself)
+    return done
