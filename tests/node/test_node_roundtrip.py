@@ -56,3 +56,56 @@ async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: obj
         assert runs[0]["image_digest"].startswith("sha256:")
     finally:
         await server.stop()
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+async def test_three_agent_processes_round_trip_and_master_subtasks(tmp_path: Path, mqtt_broker: object) -> None:
+    """Three `vnode run` processes; the doorbell alone (poll every 60 s) must bring the work in time."""
+    server = Server(tmp_path / "server", mqtt_url=mqtt_broker.url)  # type: ignore[attr-defined]
+    api_keys = await server.seed(["a", "b", "c"])
+    await server.start()
+    agents = {}
+    try:
+        for name, key in api_keys.items():
+            config = write_node_config(
+                tmp_path / f"{name}.yaml", name=name, api_key=key, server_url=server.url, mqtt_url=None,
+                poll_interval_s=60.0,
+            )
+            agents[name] = AgentProcess(config, tmp_path / f"{name}.log")
+            agents[name].start()
+        for agent in agents.values():
+            await agent.wait_for_log("doorbell subscribed")
+        key_a = load_settings(agents["a"].config).key_path
+        async with AsyncClient(server.url, key_file=key_a) as researcher:
+            await researcher.login("res-a", PASSWORD)
+            collab = (await researcher.collaborations())[0]["id"]
+            task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[2, 3])
+            done = await researcher.wait(task, timeout_s=40, progress=False)
+            assert done["status"] == "completed", await researcher.runs(task["id"])
+            results = await researcher.results(task)
+            runs = await researcher.runs(task["id"])
+            org_ids = sorted(r["organization_id"] for r in runs)
+            assert sorted(r["organization_id"] for r in results) == org_ids
+            assert all(r["value"] == 5 * r["organization_id"] for r in results)
+            # Each result is sealed for the initiator only: org b's own key does not open b's result.
+            key_b = Keyring.load(load_settings(agents["b"].config).key_path)
+            run_b = next(r for r in runs if r["organization_id"] != researcher.organization_id)
+            blob = await researcher.api.download_blob(run_b["result_blob_id"])
+            with pytest.raises(NotARecipient):
+                decrypt_bytes(blob, key_b, key_b.current.public)
+
+            org_a = researcher.organization_id
+            master = await researcher.create_task(collab, PROBE_IMAGE, "master", args=[1], organizations=[org_a])
+            done = await researcher.wait(master, timeout_s=60, progress=False)
+            assert done["status"] == "completed", await researcher.runs(master["id"])
+            (aggregate,) = await researcher.results(master)
+            assert aggregate["by_org"] == {str(o): o for o in org_ids}
+            assert aggregate["total"] == sum(org_ids)
+            subtasks = await researcher.tasks(parent_id=master["id"])
+            assert [t["id"] for t in subtasks] == [aggregate["subtask"]]
+    finally:
+        codes = {name: agent.stop() for name, agent in agents.items()}
+        await server.stop()
+    assert codes == dict.fromkeys(agents, 0), {n: a.log()[-2000:] for n, a in agents.items()}
+    await asyncio.sleep(0)

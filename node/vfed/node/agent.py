@@ -171,12 +171,14 @@ class Agent:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _mqtt_from_server(self) -> str | None:
+        """The broker the server announces at `GET /doorbell`, when the config names none."""
         try:
-            health = await self._s.client.health()
-        except (ApiError, ServerUnavailable):
+            answer = await self._s.client.request("GET", "/doorbell")
+        except (ApiError, ServerUnavailable) as exc:
+            log.warning("no doorbell address from the server (%s); polling only", exc)
             return None
-        url = health.get("mqtt_url") or health.get("mqtt")
-        return str(url) if isinstance(url, str) and url else None
+        url = answer.get("url") if isinstance(answer, dict) else None
+        return str(url) if url else None
 
     async def _poll_once(self) -> int:
         """Start every pending run of our organization we are not already handling; check kills."""
