@@ -20,7 +20,7 @@ from vfed.server.models import TERMINAL, Base, Node, Run, Task, User
 from vfed.server.state import NODE_SEEN, SESSIONS, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
-PRINCIPAL = "vfed.principal"
+PRINCIPAL = web.RequestKey("principal", auth.Principal)
 SEEN_WRITE_EVERY_S = 5.0
 
 

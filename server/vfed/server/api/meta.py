@@ -47,7 +47,8 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition; runs by status are counted at scrape time."""
     m = request.app[METRICS]
     async with session(request) as s:
-        rows = dict((await s.execute(select(Run.status, func.count()).group_by(Run.status))).tuples().all())
+        result = await s.execute(select(Run.status, func.count()).group_by(Run.status))
+        rows = {status: count for status, count in result}
     for status in RunStatus:
         m.runs.labels(str(status)).set(rows.get(str(status), 0))
     body = generate_latest(m.registry)

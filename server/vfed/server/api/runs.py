@@ -114,10 +114,10 @@ async def claim_run(request: web.Request) -> web.Response:
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             await s.rollback()
-            raise conflict("already-claimed", f"run {run.id} is no longer pending")
+            raise conflict("already-claimed", f"run {path_id(request)} is no longer pending")
         await refresh_status(s, run.task_id)
         await s.commit()
-        run = await visible_run(s, p, run.id)
+        run = await visible_run(s, p, path_id(request))
     return json_response(out(run))
 
 
@@ -165,12 +165,12 @@ async def patch_run(request: web.Request) -> web.Response:
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 await s.rollback()
-                run = await visible_run(s, p, run.id)
+                run = await visible_run(s, p, path_id(request))
                 code = "run-killed" if run.status == RunStatus.KILLED else "run-final"
                 raise conflict(code, f"run {run.id} is {run.status}; its status is final")
             await refresh_status(s, run.task_id)
             await s.commit()
-        run = await visible_run(s, p, run.id)
+        run = await visible_run(s, p, path_id(request))
     return json_response(out(run))
 
 
