@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vfed.algorithms.transport import ProxyError, ProxyUnavailable, Transport
+from vfed.algorithms.transport import ProxyError, ProxyUnavailable, Response, Transport
 from vfed.common.payload import TaskInput, decode_result
 
 log = logging.getLogger(__name__)
@@ -133,26 +133,32 @@ class _Backoff:
 class AlgorithmClient:
     """The proxy seen from a central function: organizations, subtasks, waiting and results."""
 
-    def __init__(self, transport: Transport, *, long_poll_s: float = LONG_POLL_S) -> None:
+    def __init__(
+        self, transport: Transport, *, long_poll_s: float = LONG_POLL_S, get_attempts: int = 6
+    ) -> None:
         self._transport = transport
         self._long_poll_s = long_poll_s
+        self._get_attempts = max(1, get_attempts)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AlgorithmClient:
         """The client for the proxy the node gave this run (PROXY_SOCKET, or PROXY_URL + PROXY_TOKEN)."""
         return cls(Transport.from_env(environ))
 
-    def _get(self, path: str, timeout_s: float = 60.0) -> Any:
+    def _get_response(self, path: str, timeout_s: float = 60.0) -> Response:
         """GET with retries on connection failures (GETs are safe to repeat)."""
         backoff = _Backoff()
-        for attempt in range(6):
+        for _ in range(self._get_attempts - 1):
             try:
-                return self._transport.call("GET", path, timeout_s=timeout_s).json()
-            except ProxyUnavailable:
-                if attempt == 5:
-                    raise
-                time.sleep(backoff.next_delay())
-        raise AssertionError("unreachable")
+                return self._transport.call("GET", path, timeout_s=timeout_s)
+            except ProxyUnavailable as exc:
+                delay_s = backoff.next_delay()
+                log.warning("GET %s: %s; retrying in %.1f s", path, exc, delay_s)
+                time.sleep(delay_s)
+        return self._transport.call("GET", path, timeout_s=timeout_s)
+
+    def _get(self, path: str) -> Any:
+        return self._get_response(path).json()
 
     def run_info(self) -> RunInfo:
         """This run's identity, as the proxy knows it."""
@@ -241,7 +247,7 @@ class AlgorithmClient:
             if run.status is not RunStatus.COMPLETED:
                 raise SubtaskFailed(task_id, run)
             try:
-                response = self._transport.call("GET", f"/runs/{run.run_id}/result")
+                response = self._get_response(f"/runs/{run.run_id}/result")
             except ProxyError as exc:
                 if exc.status == 409:
                     raise SubtaskFailed(task_id, run.model_copy(update={"reason": exc.detail})) from exc
