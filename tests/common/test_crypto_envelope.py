@@ -292,3 +292,20 @@ def test_encryptor_refuses_use_after_finish(orgs: dict[str, Keyring]) -> None:
     assert _open(orgs, b"".join(pieces)) == b""
     with pytest.raises(CryptoError, match="already finished"):
         enc.feed(b"more")
+
+
+def test_cipher_fallback_without_aes_ni(orgs: dict[str, Keyring], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulates a CPU without AES-NI (this machine has it, so libsodium's probe is patched out):
+    new envelopes fall back to XChaCha20-Poly1305, and AES-GCM envelopes fail with a clear error."""
+    from vfed.common.crypto import UnsupportedCipher, default_cipher
+    from vfed.common.crypto import format as fmt
+
+    aes_blob = _env(orgs, b"payload", cipher=Cipher.AES256GCM) if aes_gcm_available() else None
+    monkeypatch.setattr(fmt, "aes_gcm_available", lambda: False)
+    assert default_cipher() is Cipher.XCHACHA20POLY1305
+    blob = encrypt_bytes(b"payload", orgs["alice"].current, [orgs["bob"].current.public])
+    assert read_header(blob).cipher is Cipher.XCHACHA20POLY1305
+    assert _open(orgs, blob) == b"payload"
+    if aes_blob is not None:
+        with pytest.raises(UnsupportedCipher, match="AES-NI"):
+            _open(orgs, aes_blob)

@@ -187,3 +187,10 @@ def test_sender_rotation_resolves_historical_keys_by_id() -> None:
     sender.rotate()
     published = {k.key_id: k.public for k in sender.keys}
     assert decrypt_bytes(blob, recipient, published.get) == b"x"
+
+
+def test_save_into_a_missing_folder_is_a_crypto_error(tmp_path: Path) -> None:
+    from vfed.common.crypto import CryptoError
+
+    with pytest.raises(CryptoError, match="cannot write key file"):
+        Keyring.generate().save(tmp_path / "missing" / "org.key")

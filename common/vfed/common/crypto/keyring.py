@@ -22,7 +22,7 @@ import nacl.pwhash
 import nacl.utils
 from nacl.secret import SecretBox
 
-from .errors import CorruptKey, InsecureKeyFile, KeyFileMissing, UnknownVersion, WrongPassphrase
+from .errors import CorruptKey, CryptoError, InsecureKeyFile, KeyFileMissing, UnknownVersion, WrongPassphrase
 from .keys import OrgKey
 
 FORMAT_VERSION = 1
@@ -132,7 +132,10 @@ class Keyring:
         """Write atomically with mode 0600 (temp file in the same folder, fsync, rename)."""
         target = Path(path)
         data = json.dumps(self.to_document(passphrase, opslimit=opslimit, memlimit=memlimit), indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=".vfed-key-", dir=target.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".vfed-key-", dir=target.parent)
+        except OSError as exc:
+            raise CryptoError(f"cannot write key file {target}: {exc.strerror}") from exc
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
