@@ -65,10 +65,11 @@ class PrivacyLedger:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # One connection per call: safe from any thread, and the file lock serializes processes.
+        if not self._ready:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         with closing(connection):
             if not self._ready:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 connection.executescript(_SCHEMA)
                 self._ready = True
             connection.execute("BEGIN IMMEDIATE")
