@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -200,37 +201,45 @@ def start_command(
 
 
 def stop_node(client: DockerClient, ref: NodeRef, settings: NodeSettings, grace_s: float) -> bool:
-    """SIGTERM the agent, stop its runs and mark them killed, remove finished jobs' volumes.
+    """Stop the node's runs (marked killed), then SIGTERM its agent, then remove finished jobs' volumes.
 
-    False when the node was not running.
+    The runs go first: marked killed on the server before their containers stop, the agent cannot report
+    them as failed, and an agent with no run left stops at once. False when the node was not running.
     """
     container = agent.find_agent(client, ref)
     if container is None or not agent.is_running(container):
         return False
+    stopped = kill_runs(client, ref, settings)
     container.stop(timeout=int(grace_s))
-    killed = kill_runs(client, ref, settings)
-    if killed:
-        click.echo(f"stopped runs {', '.join(map(str, killed))} of node {ref} and marked them killed")
+    stopped += kill_runs(client, ref, settings)  # any run started while we were stopping the first ones
+    for run in stopped:
+        with contextlib.suppress(docker.errors.NotFound):
+            run.remove(force=True)
+    if stopped:
+        ids = ", ".join(run.labels.get(LABEL_RUN_ID, "?") for run in stopped)
+        click.echo(f"stopped runs {ids} of node {ref} and marked them killed")
     remove_job_volumes(client, ref.name)
     return True
 
 
-def kill_runs(client: DockerClient, ref: NodeRef, settings: NodeSettings) -> list[int]:
-    """Stop the node's running algorithm containers; their runs become `killed` on the server."""
-    run_ids: list[int] = []
-    logs: dict[int, str] = {}
-    for run in client.containers.list(filters={"label": f"{LABEL_NODE}={ref.name}", "status": "running"}):
-        run.stop(timeout=int(settings.kill_grace_s))
-        label = run.labels.get(LABEL_RUN_ID, "")
-        if label.isdigit():
-            run_ids.append(int(label))
-            logs[int(label)] = agent.log_tail(run, 200)
-        run.remove(force=True)
+def kill_runs(client: DockerClient, ref: NodeRef, settings: NodeSettings) -> list[Container]:
+    """Mark the node's running runs killed on the server, then stop their containers."""
+    running = client.containers.list(filters={"label": f"{LABEL_NODE}={ref.name}", "status": "running"})
+    if not running:
+        return []
+    run_ids = [int(c.labels[LABEL_RUN_ID]) for c in running if c.labels.get(LABEL_RUN_ID, "").isdigit()]
+    logs = {
+        int(c.labels[LABEL_RUN_ID]): agent.log_tail(c, 200)
+        for c in running
+        if c.labels.get(LABEL_RUN_ID, "").isdigit()
+    }
     try:
         server.mark_killed(settings, run_ids, "the node was stopped by its operator", logs)
     except OperatorError as exc:
-        click.echo(f"warning: runs {run_ids} stopped but not marked killed: {exc.message}", err=True)
-    return run_ids
+        click.echo(f"warning: runs {run_ids} are stopped but not marked killed: {exc.message}", err=True)
+    for run in running:
+        run.stop(timeout=int(settings.kill_grace_s))
+    return running
 
 
 def remove_job_volumes(client: DockerClient, node: str) -> list[str]:
