@@ -4,11 +4,13 @@ server's own importer, node configs, agent subprocesses (`vnode run`) and a rese
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import yaml
 from aiohttp import web
 
 from tests import infra
+from vfed.node.agent import Agent
+from vfed.node.config import NodeSettings
 from vfed.server import db
 from vfed.server.app import create_app
 from vfed.server.config import MqttSettings, Settings
@@ -77,7 +81,9 @@ class Server:
                 "organizations": [{"name": o} for o in orgs],
                 "collaborations": [{"name": collaboration, "organizations": orgs}],
                 "users": [{"username": f"res-{o}", "password": PASSWORD, "organization": o} for o in orgs],
-                "nodes": [{"name": f"node-{o}", "organization": o, "collaboration": collaboration} for o in orgs],
+                "nodes": [
+                    {"name": f"node-{o}", "organization": o, "collaboration": collaboration} for o in orgs
+                ],
             }
         )
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -162,3 +168,34 @@ class AgentProcess:
 async def run_statuses(client: Any, task_id: int) -> list[tuple[int, str, str | None]]:
     """(organization, status, reason) of each run of a task."""
     return [(r["organization_id"], r["status"], r.get("reason")) for r in await client.runs(task_id)]
+
+
+@contextlib.asynccontextmanager
+async def running_agent(settings: NodeSettings, **kwargs: Any) -> AsyncIterator[Agent]:
+    """An agent of this process serving in the background (the real loop, not burst mode)."""
+    async with Agent(settings, **kwargs) as agent:
+        loop = asyncio.create_task(agent.run())
+        try:
+            yield agent
+        finally:
+            agent.stop()
+            await asyncio.wait_for(loop, 30)
+
+
+async def wait_run_status(
+    client: Any, task_id: int, statuses: set[str], timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
+    """Poll the server until every run of the task has one of these statuses; answer the runs."""
+    runs: list[dict[str, Any]] = []
+    for _ in range(int(timeout_s * 10)):
+        runs = await client.runs(task_id)
+        if runs and all(r["status"] in statuses for r in runs):
+            return runs
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"runs of task {task_id} not in {statuses} after {timeout_s} s: {runs}")
+
+
+def blob_files(server: Server) -> list[Path]:
+    """The blobs the server stores (finished uploads only)."""
+    root = server.data_dir / "blobs"
+    return [p for p in root.glob("*/*") if p.suffix != ".part"]

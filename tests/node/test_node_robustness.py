@@ -1,0 +1,232 @@
+"""The agent under trouble: kills, a SIGKILLed agent, a missing broker, a restarted server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests import infra
+from tests.node.node_harness import (
+    PASSWORD,
+    PROBE_IMAGE,
+    AgentProcess,
+    Server,
+    blob_files,
+    ensure_probe_image,
+    running_agent,
+    wait_run_status,
+    write_node_config,
+)
+from vfed.client.client import AsyncClient
+from vfed.node.config import NodeSettings, load_settings
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def probe_image() -> None:
+    ensure_probe_image()
+
+
+@dataclass
+class Site:
+    """One organization's server side: the server, its node's config, and a logged-in researcher."""
+
+    server: Server
+    config: Path
+    researcher: AsyncClient
+    collaboration: int
+
+    @property
+    def settings(self) -> NodeSettings:
+        return load_settings(self.config)
+
+    async def submit(self, method: str, *args: Any) -> dict[str, Any]:
+        return await self.researcher.create_task(self.collaboration, PROBE_IMAGE, method, args=list(args))
+
+
+async def make_site(tmp_path: Path, mqtt_url: str | None, **node: Any) -> tuple[Server, Path]:
+    server = Server(tmp_path / "server", mqtt_url=mqtt_url)
+    keys = await server.seed(["alpha"])
+    await server.start()
+    config = write_node_config(
+        tmp_path / "alpha.yaml", name="alpha", api_key=keys["alpha"], server_url=server.url, mqtt_url=mqtt_url,
+        **node,
+    )
+    return server, config
+
+
+@contextlib.asynccontextmanager
+async def researcher_for(server: Server, config: Path) -> AsyncIterator[Site]:
+    """Log in as the organization's researcher once its node has published the key."""
+    settings = load_settings(config)
+    for _ in range(100):
+        if settings.key_path.exists():
+            break
+        await asyncio.sleep(0.1)
+    async with AsyncClient(server.url, key_file=settings.key_path) as researcher:
+        await researcher.login("res-alpha", PASSWORD)
+        collab = (await researcher.collaborations())[0]["id"]
+        yield Site(server, config, researcher, collab)
+
+
+def node_containers(docker_client: Any, node: str = "alpha") -> list[Any]:
+    return list(docker_client.containers.list(all=True, filters={"label": f"vfed.node={node}"}))
+
+
+async def kill_and_wait(site: Site, docker_client: Any) -> dict[str, Any]:
+    """Kill a sleeping run; answer the run once the container is gone and the log had time to arrive."""
+    task = await site.submit("sleep", 120)
+    await wait_run_status(site.researcher, task["id"], {"active"})
+    await asyncio.sleep(0.5)  # let the probe print its first line
+    await site.researcher.kill(task)
+    await wait_run_status(site.researcher, task["id"], {"killed"}, timeout_s=20)
+    for _ in range(100):  # the agent stops the container, then uploads the log so far
+        (run,) = await site.researcher.runs(task["id"])
+        if run["log"] and not node_containers(docker_client):
+            break
+        await asyncio.sleep(0.1)
+    assert node_containers(docker_client) == []
+    return dict(run)
+
+
+@pytest.mark.mqtt
+async def test_kill_on_doorbell_stops_the_container(
+    tmp_path: Path, mqtt_broker: infra.Broker, docker_client: Any
+) -> None:
+    """Polling only every 60 s: the container is gone within seconds, so the doorbell did it."""
+    server, config = await make_site(tmp_path, mqtt_broker.url, poll_interval_s=60.0)
+    try:
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            run = await kill_and_wait(site, docker_client)
+            assert run["status"] == "killed"
+    finally:
+        await server.stop()
+
+
+@pytest.mark.xfail(
+    reason="the server answers 409 to a log-only PATCH of a killed run; docs/api.md refuses only status "
+    "changes, so the issue's 'upload the log so far' needs the server to accept the log",
+    strict=False,
+)
+async def test_killed_run_keeps_its_log(tmp_path: Path, docker_client: Any) -> None:
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
+    try:
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            run = await kill_and_wait(site, docker_client)
+            assert "probe: sleep" in (run["log"] or ""), run
+    finally:
+        await server.stop()
+
+
+async def test_kill_seen_by_polling_and_wall_clock_limit(tmp_path: Path, docker_client: Any) -> None:
+    """Without a broker the poll notices the kill; a run past max_run_time_s is killed with that reason."""
+    server, config = await make_site(
+        tmp_path, None, poll_interval_s=0.5,
+        policies={"allowed_images": [{"image": PROBE_IMAGE, "max_run_time_s": 2}]},
+    )
+    try:
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            killed = await site.submit("sleep", 120)
+            await wait_run_status(site.researcher, killed["id"], {"active"})
+            await site.researcher.kill(killed)
+            await wait_run_status(site.researcher, killed["id"], {"killed"}, timeout_s=20)
+            slow = await site.submit("sleep", 60)
+            (run,) = await wait_run_status(site.researcher, slow["id"], {"failed"}, timeout_s=30)
+            assert "wall-clock limit" in run["reason"]
+    finally:
+        await server.stop()
+
+
+async def test_sigkilled_agent_collects_the_result_exactly_once(tmp_path: Path, docker_client: Any) -> None:
+    """The container finishes while its agent is dead; the restarted agent uploads the result once."""
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
+    agent = AgentProcess(config, tmp_path / "agent.log")
+    agent.start()
+    try:
+        async with researcher_for(server, config) as site:
+            finished_while_down = await site.submit("sleep", 3)
+            await wait_run_status(site.researcher, finished_while_down["id"], {"active"})
+            assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+            blobs_before = len(blob_files(server))
+            await asyncio.sleep(5)  # the container exits meanwhile
+            still_running = await site.submit("sleep", 4)
+            agent.start()
+            await wait_run_status(site.researcher, still_running["id"], {"active"})
+            assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+            agent.start()
+            await wait_run_status(site.researcher, finished_while_down["id"], {"completed"})
+            await wait_run_status(site.researcher, still_running["id"], {"completed"})
+            assert await site.researcher.results(finished_while_down) == [{"slept": 3}]
+            assert await site.researcher.results(still_running) == [{"slept": 4}]
+            # one result blob each, plus the second task's input: nothing uploaded twice
+            assert len(blob_files(server)) == blobs_before + 3
+            await agent.wait_for_log("exited while the agent was down")
+            await agent.wait_for_log("still running after the restart")
+            assert node_containers(docker_client) == []
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+        await server.stop()
+
+
+@pytest.mark.mqtt
+async def test_broker_down_polling_carries_on_and_doorbell_comes_back(
+    tmp_path: Path, mosquitto_server: infra.Mosquitto, mqtt_broker: infra.Broker
+) -> None:
+    server, config = await make_site(tmp_path, mqtt_broker.url, poll_interval_s=1.0)
+    try:
+        async with running_agent(load_settings(config)) as agent, researcher_for(server, config) as site:
+            assert agent.doorbell is not None
+            await asyncio.wait_for(agent.doorbell.connected.wait(), 10)
+            mosquitto_server.stop()
+            task = await site.submit("echo", 1)
+            await wait_run_status(site.researcher, task["id"], {"completed"}, timeout_s=30)
+            assert not agent.doorbell.connected.is_set()
+            mosquitto_server.start()
+            await asyncio.wait_for(agent.doorbell.connected.wait(), 40)
+    finally:
+        if mosquitto_server.proc is None:
+            mosquitto_server.start()
+        await server.stop()
+
+
+async def test_server_restart_agent_reconnects(tmp_path: Path) -> None:
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
+    try:
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            running = await site.submit("sleep", 3)
+            await wait_run_status(site.researcher, running["id"], {"active"})
+            await server.stop()
+            await asyncio.sleep(4)  # the run ends while the server is down; its result waits
+            await server.start()
+            await wait_run_status(site.researcher, running["id"], {"completed"}, timeout_s=60)
+            after = await site.submit("echo", 2)
+            await wait_run_status(site.researcher, after["id"], {"completed"}, timeout_s=60)
+            assert await site.researcher.results(running) == [{"slept": 3}]
+    finally:
+        await server.stop()
+
+
+async def test_metrics_endpoint_counts_runs(tmp_path: Path) -> None:
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5, metrics_port=0)
+    try:
+        async with running_agent(load_settings(config)) as agent, researcher_for(server, config) as site:
+            task = await site.submit("echo", 1)
+            await wait_run_status(site.researcher, task["id"], {"completed"})
+            await asyncio.sleep(0.2)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{agent.metrics_port}/metrics") as response:
+                    text = await response.text()
+        assert 'vnode_runs_total{status="completed"} 1.0' in text
+        assert "vnode_container_start_seconds_count 1.0" in text
+        assert "vnode_bytes_up_total" in text
+    finally:
+        await server.stop()
