@@ -114,6 +114,7 @@ def network_probes(targets: dict[str, Any]) -> list[Result]:
     results.append(attempt("interfaces", lambda: sorted(os.listdir("/sys/class/net"))))
     for path in ("/var/run/docker.sock", "/run/docker.sock"):
         results.append(attempt(f"docker-socket:{path}", lambda p=path: unix_http_get(p, "/version")[:200]))
+        results.append(attempt(f"docker-socket-present:{path}", lambda p=path: os.stat(p).st_mode))
     return results
 
 

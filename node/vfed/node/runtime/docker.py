@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HANDLE_PREFIX = "docker:"
-_WAIT_CHUNK_S = 60.0
+_WAIT_CHUNK_S = 5.0  # short, so a closing agent never waits long for a blocked thread
 _STATES = {
     "created": RunState.CREATED,
     "running": RunState.RUNNING,
