@@ -35,6 +35,8 @@ def handled(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
         except (ClientError, CryptoError, AlgorithmError, OSError) as exc:
             _fail(str(exc).splitlines()[0] if not isinstance(exc, ClientError) else str(exc))
         except ValidationError as exc:
