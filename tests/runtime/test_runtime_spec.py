@@ -1,0 +1,186 @@
+"""The runtime's plain-data parts: run specs, host path translation, the hardened container definition."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from vfed.node.runtime import DatasetMount, NotFound, PermanentStartError, RunLimits, RunSpec, algorithm_env
+from vfed.node.runtime.base import container_name, job_volume_name
+from vfed.node.runtime.docker import exit_reason, parse_handle
+from vfed.node.runtime.docker_spec import (
+    DockerRuntimeConfig,
+    check_local_paths,
+    container_kwargs,
+    grant_container_user,
+)
+
+
+def spec(tmp_path: Path, **kw: object) -> RunSpec:
+    fields: dict[str, object] = {
+        "run_id": "r1",
+        "job_id": "j1",
+        "node_name": "n1",
+        "organization_id": "o1",
+        "image": "img",
+        "run_dir": str(tmp_path),
+    }
+    return RunSpec.model_validate(fields | kw)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "path", "expected"),
+    [
+        ({}, "/var/lib/vnode/runs/1", "/var/lib/vnode/runs/1"),
+        ({"/var/lib/vnode": "/srv/vnode"}, "/var/lib/vnode/runs/1", "/srv/vnode/runs/1"),
+        ({"/var/lib/vnode": "/srv/vnode"}, "/var/lib/vnode", "/srv/vnode"),
+        ({"/data": "/host/data"}, "/database/x", "/database/x"),  # a prefix of the name is not a parent
+        ({"/d": "/h1", "/d/sub": "/h2"}, "/d/sub/x", "/h2/x"),  # the longest prefix wins
+        ({"/d/": "/h1/"}, "/d/x", "/h1/x"),
+    ],
+)
+def test_host_path_map(mapping: dict[str, str], path: str, expected: str) -> None:
+    assert DockerRuntimeConfig(host_path_map=mapping).to_host_path(path) == expected
+
+
+def test_host_path_map_needs_absolute_paths() -> None:
+    with pytest.raises(ValidationError, match="absolute"):
+        DockerRuntimeConfig(host_path_map={"relative": "/x"})
+
+
+def test_config_rejects_unknown_keys_and_root() -> None:
+    with pytest.raises(ValidationError):
+        DockerRuntimeConfig.model_validate({"memory": "1g"})
+    with pytest.raises(ValidationError):
+        DockerRuntimeConfig(uid=0)
+
+
+@pytest.mark.parametrize("field", ["run_id", "job_id", "node_name"])
+@pytest.mark.parametrize("bad", ["", "Upper", "a/b", "../x", "x" * 64, "a b"])
+def test_names_that_end_up_in_docker_names_are_checked(tmp_path: Path, field: str, bad: str) -> None:
+    with pytest.raises(ValidationError):
+        spec(tmp_path, **{field: bad})
+
+
+def test_dataset_labels_and_paths_are_checked() -> None:
+    for label, path in [("a/b", "/x"), ("", "/x"), ("ok", "relative")]:
+        with pytest.raises(ValidationError):
+            DatasetMount(label=label, host_path=path, type="csv")
+
+
+def test_limits_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError):
+        RunLimits(memory_bytes=0)
+
+
+def test_names() -> None:
+    assert container_name("n1", "42") == "vfed-n1-run-42"
+    assert job_volume_name("n1", "7") == "vfed-n1-7-tmp"
+
+
+def test_algorithm_environment() -> None:
+    env = algorithm_env(
+        run_id="1",
+        job_id="2",
+        organization_id="3",
+        datasets=[DatasetMount(label="my-cohort", host_path="/d", type="parquet")],
+        with_proxy=True,
+        extra={"X": "y"},
+    )
+    assert env == {
+        "INPUT_FILE": "/mnt/run/input",
+        "OUTPUT_FILE": "/mnt/run/output",
+        "TEMPORARY_FOLDER": "/mnt/tmp",
+        "RUN_ID": "1",
+        "JOB_ID": "2",
+        "ORGANIZATION_ID": "3",
+        "DATASETS": "my-cohort",
+        "DATASET_MY_COHORT_URI": "/mnt/data/my-cohort",
+        "DATASET_MY_COHORT_TYPE": "parquet",
+        "PROXY_SOCKET": "/run/vfed/proxy.sock",
+        "X": "y",
+    }
+    assert "PROXY_SOCKET" not in algorithm_env(
+        run_id="1", job_id="2", organization_id="3", datasets=[], with_proxy=False
+    )
+
+
+def test_container_definition_is_hardened(tmp_path: Path) -> None:
+    config = DockerRuntimeConfig(host_path_map={str(tmp_path): "/host"}, pids_limit=99)
+    s = spec(
+        tmp_path,
+        proxy_socket=str(tmp_path / "p.sock"),
+        datasets=[DatasetMount(label="d", host_path="/srv/d.csv", type="csv")],
+        env={"HOME": "/mnt/tmp", "A": "b"},
+        labels={"vfed.node": "spoofed", "team": "x"},
+    )
+    kw = container_kwargs(s, config)
+    assert kw["network_mode"] == "none" and kw["read_only"] and kw["cap_drop"] == ["ALL"]
+    assert kw["security_opt"] == ["no-new-privileges"] and kw["privileged"] is False
+    assert kw["user"] == "10001:10001" and kw["pids_limit"] == 99
+    assert kw["mem_limit"] == kw["memswap_limit"] == config.memory_bytes
+    assert kw["environment"] == {"HOME": "/mnt/tmp", "A": "b"}
+    assert kw["labels"] == {"team": "x", "vfed.node": "n1", "vfed.run_id": "r1", "vfed.job_id": "j1"}
+    mounts = {m["Target"]: (m["Source"], m["ReadOnly"], m["Type"]) for m in kw["mounts"]}
+    assert mounts == {
+        "/mnt/run": ("/host", False, "bind"),
+        "/mnt/tmp": ("vfed-n1-j1-tmp", False, "volume"),
+        "/run/vfed/proxy.sock": ("/host/p.sock", True, "bind"),
+        "/mnt/data/d": ("/srv/d.csv", True, "bind"),
+    }
+
+
+def test_local_paths_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(PermanentStartError, match="not a folder"):
+        check_local_paths(spec(tmp_path, run_dir=str(tmp_path / "missing")))
+    with pytest.raises(PermanentStartError, match="proxy socket"):
+        check_local_paths(spec(tmp_path, proxy_socket=str(tmp_path / "missing.sock")))
+    sock_path = tmp_path / "ok.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        check_local_paths(spec(tmp_path, proxy_socket=str(sock_path)))
+
+
+def test_container_user_gets_the_run_folder_and_socket(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    (run_dir / "input").write_text("x")
+    sock_path = tmp_path / "p.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        sock_path.chmod(0o600)
+        grant_container_user(
+            spec(tmp_path, run_dir=str(run_dir), proxy_socket=str(sock_path)), DockerRuntimeConfig()
+        )
+        assert sock_path.stat().st_mode & 0o777 == 0o666
+    if os.geteuid() == 0:
+        assert (run_dir.stat().st_uid, (run_dir / "input").stat().st_uid) == (10001, 10001)
+    else:
+        assert run_dir.stat().st_mode & 0o777 == 0o777
+
+
+def test_handles() -> None:
+    assert parse_handle("docker:vfed-n-run-1") == "vfed-n-run-1"
+    for bad in ("docker:", "k8s:ns/job", "vfed-n-run-1"):
+        with pytest.raises(NotFound):
+            parse_handle(bad)
+
+
+@pytest.mark.parametrize(
+    ("code", "oom", "error", "expected"),
+    [
+        (0, False, None, None),
+        (3, False, None, "exit code 3"),
+        (137, False, None, "killed (SIGKILL)"),
+        (143, False, None, "terminated (SIGTERM)"),
+        (137, True, None, "out of memory (limit 64 MiB)"),
+        (None, False, None, None),
+        (1, False, "mount failed", "mount failed"),
+    ],
+)
+def test_exit_reasons(code: int | None, oom: bool, error: str | None, expected: str | None) -> None:
+    assert exit_reason(code, oom, error, 64 << 20) == expected
