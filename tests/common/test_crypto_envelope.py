@@ -102,10 +102,10 @@ def test_read_header_names_sender_and_recipients(orgs: dict[str, Keyring]) -> No
     assert header.version == 1
     assert header.sender_key_id == orgs["alice"].current.key_id
     assert header.recipient_key_ids == (orgs["bob"].current.key_id,)
-    assert header.chunk_size == CS and header.size == 28 + 96
-    with pytest.raises(TruncatedPayload, match="needs 124 bytes"):
+    assert header.chunk_size == CS and header.size == 29 + 96
+    with pytest.raises(TruncatedPayload, match="needs 125 bytes"):
         read_header(blob[:100])
-    with pytest.raises(TruncatedPayload, match="needs 28 bytes"):
+    with pytest.raises(TruncatedPayload, match="needs 29 bytes"):
         read_header(blob[:10])
 
 
@@ -220,10 +220,10 @@ def test_header_change_breaks_the_chunks(orgs: dict[str, Keyring]) -> None:
     blob = encrypt_bytes(
         os.urandom(100), orgs["alice"].current, [orgs["bob"].current.public, orgs["carol"].current.public]
     )
-    carol_entry = 28 + 96 + 16 + 5
+    carol_entry = 29 + 96 + 16 + 5
     with pytest.raises(TamperedChunk, match="chunk 0"):
         _open(orgs, flip(blob, carol_entry))
-    bob_entry = 28 + 16 + 5
+    bob_entry = 29 + 16 + 5
     with pytest.raises(CorruptHeader, match="does not open"):
         _open(orgs, flip(blob, bob_entry))
 
@@ -238,11 +238,11 @@ def test_signature_by_another_key_is_refused(orgs: dict[str, Keyring]) -> None:
     """Mallory re-signs Alice's header and chunks with her own key: the envelope still names Alice."""
     blob = _three_chunks(orgs)
     lay = layout(blob)
-    from vfed.common.crypto.format import header_hash, new_tags_hash, signed_message
+    from vfed.common.crypto.format import FramesHash, header_hash, signed_message
 
-    tags = new_tags_hash()
+    tags = FramesHash(committed=False)
     for frame in lay.frames:
-        tags.update(frame[:13] + frame[-16:])
+        tags.update(frame[:13], frame[13:])
     message = signed_message(header_hash(lay.header), tags.digest())
     orgs["alice"].current.public.verify(message, lay.trailer)  # the test rebuilt what Alice signed
     lay.trailer = orgs["mallory"].current.sign(message)
@@ -266,10 +266,12 @@ def test_header_fields_are_checked(orgs: dict[str, Keyring]) -> None:
     with pytest.raises(CorruptHeader, match="unknown cipher id 9"):
         _open(orgs, blob[:5] + b"\x09" + blob[6:])
     with pytest.raises(CorruptHeader, match="chunk size 0"):
-        _open(orgs, blob[:6] + b"\x00\x00\x00\x00" + blob[10:])
+        _open(orgs, blob[:7] + b"\x00\x00\x00\x00" + blob[11:])
     with pytest.raises(CorruptHeader, match="no recipients"):
-        _open(orgs, blob[:26] + b"\x00\x00" + blob[28:])
-    oversized = blob[:6] + struct.pack(">I", (16 << 20) + 1) + blob[10:]
+        _open(orgs, blob[:27] + b"\x00\x00" + blob[29:])
+    with pytest.raises(CorruptHeader, match="unknown flag bits 0x80"):
+        _open(orgs, blob[:6] + b"\x80" + blob[7:])
+    oversized = blob[:7] + struct.pack(">I", (16 << 20) + 1) + blob[11:]
     with pytest.raises(CorruptHeader, match="outside"):
         _open(orgs, oversized)
 
@@ -309,3 +311,84 @@ def test_cipher_fallback_without_aes_ni(orgs: dict[str, Keyring], monkeypatch: p
     if aes_blob is not None:
         with pytest.raises(UnsupportedCipher, match="AES-NI"):
             _open(orgs, aes_blob)
+
+
+# ---- the co-recipient forgery that commit mode exists for ---------------------------------------
+
+
+def _gf_mult(x: int, y: int) -> int:
+    """GCM's GF(2^128) product (NIST SP 800-38D, algorithm 1; bit 0 is the most significant)."""
+    z, v = 0, y
+    for i in range(128):
+        if (x >> (127 - i)) & 1:
+            z ^= v
+        v = (v >> 1) ^ (0xE1 << 120) if v & 1 else v >> 1
+    return z
+
+
+def _forge_same_tag(frame: bytes, content_key: bytes) -> bytes:
+    """Change ciphertext blocks 0 and 2 of an AES-GCM frame so that its tag stays valid.
+
+    Knowing the key gives H^2 from two one-block tags under any nonce; a change d in block 0 is then
+    cancelled in GHASH by d * H^2 in block 2. This is why tags alone do not commit to the ciphertext.
+    """
+    import nacl.bindings as nb
+
+    nonce = b"\x00" * 12
+    one = (1 << 127).to_bytes(16, "big")  # the field's multiplicative identity
+    t0 = nb.crypto_aead_aes256gcm_encrypt(b"\x00" * 16, None, nonce, content_key)[-16:]
+    t1 = nb.crypto_aead_aes256gcm_encrypt(one, None, nonce, content_key)[-16:]
+    h_squared = int.from_bytes(t0, "big") ^ int.from_bytes(t1, "big")
+    delta_a = int.from_bytes(b"forged by carol!", "big")
+    delta_b = _gf_mult(delta_a, h_squared)
+    body = bytearray(frame)
+    for offset, delta in ((13, delta_a), (13 + 32, delta_b)):
+        block = int.from_bytes(body[offset : offset + 16], "big") ^ delta
+        body[offset : offset + 16] = block.to_bytes(16, "big")
+    return bytes(body)
+
+
+@pytest.mark.skipif(not aes_gcm_available(), reason="the forgery is shown for AES-GCM")
+def test_co_recipient_forgery_is_caught_only_in_commit_mode(orgs: dict[str, Keyring]) -> None:
+    """Carol, a co-recipient, learns the content key and rewrites Alice's chunk for Bob keeping the
+    tag. Signing tags only (commit=False) lets it through; the default for several recipients
+    (commit=True, SHA-256 over all frame bytes) rejects it with BadSignature."""
+    import nacl.bindings as nb
+
+    alice, bob, carol = orgs["alice"], orgs["bob"], orgs["carol"]
+    data = bytes(range(256)) * 8
+    recipients = [bob.current.public, carol.current.public]
+    results = {}
+    for commit in (False, None):
+        blob = encrypt_bytes(data, alice.current, recipients, chunk_size=CS, commit=commit)
+        header = read_header(blob)
+        sealed = header.sealed_keys[header.recipient_key_ids.index(carol.current.key_id)]
+        key = nb.crypto_box_seal_open(sealed, carol.current.public.x25519, carol.current.x25519_secret)
+        lay = layout(blob)
+        lay.frames[0] = _forge_same_tag(lay.frames[0], key)
+        try:
+            results[commit] = decrypt_bytes(lay.join(), bob, alice.current.public)
+        except BadSignature as exc:
+            results[commit] = exc
+    forged = results[False]
+    assert isinstance(forged, bytes) and forged != data and forged[16:32] == data[16:32]
+    assert isinstance(results[None], BadSignature)
+
+
+def test_commit_mode_defaults_and_round_trips(orgs: dict[str, Keyring]) -> None:
+    one = encrypt_bytes(b"x" * 3000, orgs["alice"].current, [orgs["bob"].current.public], chunk_size=CS)
+    two = encrypt_bytes(
+        b"x" * 3000,
+        orgs["alice"].current,
+        [orgs["bob"].current.public, orgs["carol"].current.public],
+        chunk_size=CS,
+    )
+    forced = _env(orgs, b"x" * 3000)
+    assert not read_header(one).committed and read_header(two).committed
+    assert decrypt_bytes(two, orgs["carol"], orgs["alice"].current.public) == b"x" * 3000
+    assert _open(orgs, forced) == b"x" * 3000
+    single_committed = encrypt_bytes(b"y", orgs["alice"].current, [orgs["bob"].current.public], commit=True)
+    assert read_header(single_committed).committed
+    assert _open(orgs, single_committed) == b"y"
+    with pytest.raises(BadSignature):
+        _open(orgs, flip(two, len(two) - 1))

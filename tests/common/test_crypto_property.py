@@ -40,12 +40,19 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     blob_cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=12),
     cipher=st.sampled_from(CIPHERS),
     to_carol=st.booleans(),
+    commit=st.sampled_from([None, True, False]),
 )
 def test_round_trip_over_random_sizes_and_chunkings(
-    data: bytes, chunk_size: int, plain_cuts: list[int], blob_cuts: list[int], cipher: Cipher, to_carol: bool
+    data: bytes,
+    chunk_size: int,
+    plain_cuts: list[int],
+    blob_cuts: list[int],
+    cipher: Cipher,
+    to_carol: bool,
+    commit: bool | None,
 ) -> None:
     recipients = [BOB.current.public] + ([CAROL.current.public] if to_carol else [])
-    enc = Encryptor(ALICE.current, recipients, chunk_size=chunk_size, cipher=cipher)
+    enc = Encryptor(ALICE.current, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
     pieces: list[bytes] = []
     for piece in _split(data, plain_cuts):
         pieces += enc.feed(piece)
@@ -82,6 +89,9 @@ def test_async_stream_round_trip(data: bytes, chunk_size: int, cuts: list[int]) 
 
 
 BASE = encrypt_bytes(bytes(range(256)) * 7, ALICE.current, [BOB.current.public], chunk_size=300)
+BASE_COMMITTED = encrypt_bytes(
+    bytes(range(256)) * 7, ALICE.current, [BOB.current.public, CAROL.current.public], chunk_size=300
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -93,10 +103,13 @@ BASE = encrypt_bytes(bytes(range(256)) * 7, ALICE.current, [BOB.current.public],
         unique_by=lambda edit: edit[0],
     ),
     cut=st.one_of(st.none(), st.integers(0, len(BASE) - 1)),
+    committed=st.booleans(),
 )
-def test_any_damage_raises_a_crypto_error(edits: list[tuple[int, int]], cut: int | None) -> None:
+def test_any_damage_raises_a_crypto_error(
+    edits: list[tuple[int, int]], cut: int | None, committed: bool
+) -> None:
     """XOR some bytes and maybe truncate: decryption must fail with a CryptoError, never anything else."""
-    damaged = bytearray(BASE)
+    damaged = bytearray(BASE_COMMITTED if committed else BASE)
     for pos, mask in edits:
         damaged[pos] ^= mask
     blob = bytes(damaged if cut is None else damaged[:cut])

@@ -29,9 +29,10 @@ def encrypt_bytes(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cipher: Cipher | None = None,
+    commit: bool | None = None,
 ) -> bytes:
     """Encrypt once, seal the content key per recipient, sign; returns the whole envelope."""
-    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher)
+    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
     return b"".join(enc.feed(bytes(data)) + enc.finish())
 
 
@@ -59,9 +60,10 @@ async def encrypt_stream(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cipher: Cipher | None = None,
+    commit: bool | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield envelope pieces as plaintext pieces of any size arrive (header first, trailer last)."""
-    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher)
+    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
     async for piece in _aiter(source):
         for out in enc.feed(piece):
             yield out
@@ -90,9 +92,10 @@ def encrypt_fileobj(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cipher: Cipher | None = None,
+    commit: bool | None = None,
 ) -> int:
     """Stream a binary file object into an envelope; returns envelope bytes written."""
-    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher)
+    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
     written = 0
     while piece := src.read(max(chunk_size, _READ_BYTES)):
         for out in enc.feed(piece):
@@ -132,13 +135,16 @@ def encrypt_file(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cipher: Cipher | None = None,
+    commit: bool | None = None,
 ) -> int:
     """Encrypt a file into a new file (written beside it, renamed into place when complete)."""
     dst = Path(dst_path)
     fd, tmp = _atomic_output(dst)
     try:
         with open(src_path, "rb") as src, os.fdopen(fd, "wb") as out:
-            written = encrypt_fileobj(src, out, sender, recipients, chunk_size=chunk_size, cipher=cipher)
+            written = encrypt_fileobj(
+                src, out, sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit
+            )
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

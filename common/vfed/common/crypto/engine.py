@@ -33,12 +33,12 @@ from .format import (
     SIGNATURE_BYTES,
     TAG_BYTES,
     Cipher,
+    FramesHash,
     Header,
     aead_for,
     default_cipher,
     header_hash,
     header_size,
-    new_tags_hash,
     pack_header,
     read_header,
     signed_message,
@@ -104,6 +104,7 @@ class Encryptor:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         cipher: Cipher | None = None,
+        commit: bool | None = None,
     ) -> None:
         unique = list({r.key_id: r for r in recipients}.values())
         if not unique:
@@ -121,11 +122,14 @@ class Encryptor:
             except _NACL_ERRORS as exc:
                 raise CorruptKey(f"cannot seal to recipient key {recipient.key_id}") from exc
             entries.append((recipient.key_id_bytes, sealed))
-        self.header = pack_header(self._aead.cipher, chunk_size, sender.public.key_id_bytes, entries)
+        committed = len(unique) > 1 if commit is None else commit
+        self.header = pack_header(
+            self._aead.cipher, committed, chunk_size, sender.public.key_id_bytes, entries
+        )
         self._sender = sender
         self._chunk_size = chunk_size
         self._head_hash = header_hash(self.header)
-        self._tags = new_tags_hash()
+        self._tags = FramesHash(committed)
         self._buffer = _Buffer()
         self._index = 0
         self._header_sent = False
@@ -142,7 +146,7 @@ class Encryptor:
         sealed = self._aead.encrypt(
             chunk, self._head_hash + head, self._aead.nonce(self._index, final), self._key
         )
-        self._tags.update(head + sealed[-TAG_BYTES:])
+        self._tags.update(head, sealed)
         self._index += 1
         return [head, sealed]
 
@@ -221,7 +225,7 @@ class Decryptor:
         self.sender: PublicKey | None = None
         self._index = 0
         self._frame: tuple[bytes, bool, int] = (b"", False, 0)
-        self._tags = new_tags_hash()
+        self._tags = FramesHash(False)
         self._final_plain = b""
 
     @property
@@ -277,6 +281,7 @@ class Decryptor:
         self.sender = resolve_sender(header, self._sender_lookup)
         self._key = open_content_key(header, self._keyring)
         self.header = header
+        self._tags = FramesHash(header.committed)
         self._head_hash = header_hash(raw)
         self._state, self._need = "frame_head", FRAME_HEAD_BYTES
 
@@ -304,7 +309,7 @@ class Decryptor:
             raise TamperedChunk(
                 f"chunk {position} failed authentication (altered, or spliced from another envelope)"
             ) from exc
-        self._tags.update(head + body[-TAG_BYTES:])
+        self._tags.update(head, body)
         self._index += 1
         if final:
             # The end of the payload is released only with a verified signature (docs/crypto.md).

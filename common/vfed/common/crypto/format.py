@@ -18,13 +18,15 @@ VERSION = 1
 KEY_ID_BYTES = 16
 SEALED_KEY_BYTES = 32 + 48  # crypto_box_seal: ephemeral public key + box(32-byte key) with MAC
 RECIPIENT_ENTRY_BYTES = KEY_ID_BYTES + SEALED_KEY_BYTES
-_FIXED = struct.Struct(">4sBBI16sH")  # magic, version, cipher, chunk_size, sender id, recipient count
+# magic, version, cipher, header flags, chunk_size, sender id, recipient count
+_FIXED = struct.Struct(">4sBBBI16sH")
 HEADER_FIXED_BYTES = _FIXED.size
 FRAME_HEAD = struct.Struct(">QBI")  # chunk index, flags, ciphertext length (without tag)
 FRAME_HEAD_BYTES = FRAME_HEAD.size
 TAG_BYTES = 16
 SIGNATURE_BYTES = 64
 FLAG_FINAL = 0x01
+HEADER_FLAG_COMMITTED = 0x01  # the signature covers a SHA-256 of all frame bytes, not just the tags
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 16 << 20
 MAX_RECIPIENTS = 0xFFFF
@@ -104,6 +106,7 @@ class Header:
     sender_key_id: str
     recipient_key_ids: tuple[str, ...]
     size: int  # header bytes on the wire, sealed keys included
+    committed: bool = False  # signature covers all frame bytes (multi-recipient default)
     sealed_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
@@ -112,43 +115,46 @@ class Header:
 
 
 def pack_header(
-    cipher: Cipher, chunk_size: int, sender_id: bytes, entries: list[tuple[bytes, bytes]]
+    cipher: Cipher, committed: bool, chunk_size: int, sender_id: bytes, entries: list[tuple[bytes, bytes]]
 ) -> bytes:
-    fixed = _FIXED.pack(MAGIC, VERSION, int(cipher), chunk_size, sender_id, len(entries))
+    flags = HEADER_FLAG_COMMITTED if committed else 0
+    fixed = _FIXED.pack(MAGIC, VERSION, int(cipher), flags, chunk_size, sender_id, len(entries))
     return fixed + b"".join(key_id + sealed for key_id, sealed in entries)
 
 
 def header_size(prefix: bytes) -> int:
     """Total header length once the fixed part (HEADER_FIXED_BYTES) is known."""
     fixed = _parse_fixed(prefix)
-    return HEADER_FIXED_BYTES + fixed[5] * RECIPIENT_ENTRY_BYTES
+    return HEADER_FIXED_BYTES + fixed[-1] * RECIPIENT_ENTRY_BYTES
 
 
-def _parse_fixed(prefix: bytes) -> tuple[bytes, int, int, int, bytes, int]:
+def _parse_fixed(prefix: bytes) -> tuple[bytes, int, int, int, int, bytes, int]:
     if len(prefix) < HEADER_FIXED_BYTES:
         if not MAGIC.startswith(bytes(prefix[: len(MAGIC)])):
             raise CorruptHeader("not a vfed envelope (bad magic bytes)")
         raise TruncatedPayload(
             f"envelope header needs {HEADER_FIXED_BYTES} bytes, only {len(prefix)} present"
         )
-    magic, version, cipher, chunk_size, sender, count = _FIXED.unpack_from(prefix)
+    magic, version, cipher, flags, chunk_size, sender, count = _FIXED.unpack_from(prefix)
     if magic != MAGIC:
         raise CorruptHeader("not a vfed envelope (bad magic bytes)")
     if version != VERSION:
         raise UnknownVersion(f"envelope format version {version} is not supported (this code reads 1)")
     if cipher not in Cipher._value2member_map_:
         raise CorruptHeader(f"envelope names unknown cipher id {cipher}")
+    if flags & ~HEADER_FLAG_COMMITTED:
+        raise CorruptHeader(f"envelope header has unknown flag bits {flags:#04x}")
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise CorruptHeader(f"envelope chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
     if count == 0:
         raise CorruptHeader("envelope lists no recipients")
-    return magic, version, cipher, chunk_size, sender, count
+    return magic, version, cipher, flags, chunk_size, sender, count
 
 
 def read_header(prefix: bytes) -> Header:
     """Parse the header from the first bytes of an envelope (at least `Header.size` of them)."""
     prefix = bytes(prefix)
-    _, version, cipher, chunk_size, sender, count = _parse_fixed(prefix)
+    _, version, cipher, flags, chunk_size, sender, count = _parse_fixed(prefix)
     size = HEADER_FIXED_BYTES + count * RECIPIENT_ENTRY_BYTES
     if len(prefix) < size:
         raise TruncatedPayload(f"envelope header needs {size} bytes, only {len(prefix)} present")
@@ -160,16 +166,37 @@ def read_header(prefix: bytes) -> Header:
             raise CorruptHeader(f"envelope lists recipient {key_id} twice")
         ids.append(key_id)
         sealed.append(prefix[offset + KEY_ID_BYTES : offset + RECIPIENT_ENTRY_BYTES])
-    return Header(version, Cipher(cipher), chunk_size, sender.hex(), tuple(ids), size, tuple(sealed))
+    committed = bool(flags & HEADER_FLAG_COMMITTED)
+    return Header(
+        version, Cipher(cipher), chunk_size, sender.hex(), tuple(ids), size, committed, tuple(sealed)
+    )
 
 
 def header_hash(header_bytes: bytes) -> bytes:
     return hashlib.blake2b(header_bytes, digest_size=32, person=b"vfed-env1-head").digest()
 
 
-def new_tags_hash() -> hashlib.blake2b:
-    """Running hash of every frame head + tag; the signature covers it instead of the ciphertext."""
-    return hashlib.blake2b(digest_size=32, person=b"vfed-env1-tags")
+class FramesHash:
+    """What the signature covers besides the header: every frame head + tag, or every frame byte.
+
+    Tags alone are cheap but only bind the ciphertext for those who lack the content key; with several
+    recipients each of them has it, so those envelopes commit to all frame bytes (SHA-256).
+    """
+
+    def __init__(self, committed: bool) -> None:
+        self.committed = committed
+        self._sha = hashlib.sha256(b"vfed-env1-frames")
+        self._tags = hashlib.blake2b(digest_size=32, person=b"vfed-env1-tags")
+
+    def update(self, head: bytes, sealed: bytes) -> None:
+        if self.committed:
+            self._sha.update(head)
+            self._sha.update(sealed)
+        else:
+            self._tags.update(head + sealed[-TAG_BYTES:])
+
+    def digest(self) -> bytes:
+        return self._sha.digest() if self.committed else self._tags.digest()
 
 
 def signed_message(head_hash: bytes, tags_digest: bytes) -> bytes:
