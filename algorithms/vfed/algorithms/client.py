@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from vfed.algorithms.transport import ProxyError, ProxyUnavailable, Response, Transport
+from vfed.common.manifest import FunctionSpec
 from vfed.common.payload import TaskInput, decode_result
 
 log = logging.getLogger(__name__)
@@ -134,16 +135,27 @@ class AlgorithmClient:
     """The proxy seen from a central function: organizations, subtasks, waiting and results."""
 
     def __init__(
-        self, transport: Transport, *, long_poll_s: float = LONG_POLL_S, get_attempts: int = 6
+        self,
+        transport: Transport,
+        *,
+        long_poll_s: float = LONG_POLL_S,
+        get_attempts: int = 6,
+        declared: Mapping[str, FunctionSpec] | None = None,
     ) -> None:
         self._transport = transport
+        self._declared = dict(declared or {})
         self._long_poll_s = long_poll_s
         self._get_attempts = max(1, get_attempts)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AlgorithmClient:
-        """The client for the proxy the node gave this run (PROXY_SOCKET, or PROXY_URL + PROXY_TOKEN)."""
-        return cls(Transport.from_env(environ))
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, declared: Mapping[str, FunctionSpec] | None = None
+    ) -> AlgorithmClient:
+        """The client for the proxy the node gave this run (PROXY_SOCKET, or PROXY_URL + PROXY_TOKEN).
+
+        `declared` (the image's own functions) lets subtasks ask for the datasets their method declares.
+        """
+        return cls(Transport.from_env(environ), declared=declared)
 
     def _get_response(self, path: str, timeout_s: float = 60.0) -> Response:
         """GET with retries on connection failures (GETs are safe to repeat)."""
@@ -180,7 +192,10 @@ class AlgorithmClient:
         datasets: Iterable[str] | None = None,
         name: str | None = None,
     ) -> Subtask:
-        """Ask the organizations to run `method` with one shared input, or each its own (`per_org_inputs`)."""
+        """Ask the organizations to run `method` with one shared input, or each its own (`per_org_inputs`).
+
+        `datasets` defaults to the labels `method` declares in this image, so the nodes mount them.
+        """
         orgs = list(organizations) if organizations is not None else list(per_org_inputs or {})
         if not orgs:
             raise ValueError("create_subtask needs at least one organization")
@@ -193,6 +208,8 @@ class AlgorithmClient:
         else:
             task_input = TaskInput(method=method, args=list(args), kwargs=dict(kwargs or {}))
             body["input"] = json.loads(task_input.to_json())  # refuses NaN rather than sending null
+        if datasets is None and method in self._declared:
+            datasets = self._declared[method].datasets
         if datasets is not None:
             body["datasets"] = list(datasets)
         answer = self._transport.call("POST", "/tasks", body).json()
@@ -262,10 +279,11 @@ class AlgorithmClient:
         kwargs: Mapping[str, Any] | None = None,
         *,
         organizations: Iterable[int] | None = None,
+        datasets: Iterable[str] | None = None,
         timeout_s: float = 3600.0,
     ) -> list[Any]:
         """Create a subtask for the organizations (default: all), wait, and return its results."""
         orgs = list(organizations) if organizations is not None else [o.id for o in self.organizations()]
-        subtask = self.create_subtask(method, args=args, kwargs=kwargs, organizations=orgs)
+        subtask = self.create_subtask(method, args, kwargs, organizations=orgs, datasets=datasets)
         self.wait(subtask.task_id, timeout_s)
         return self.results(subtask.task_id)

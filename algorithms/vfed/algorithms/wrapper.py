@@ -50,7 +50,9 @@ def _read_input(env: Mapping[str, str]) -> TaskInput:
         raise SetupError(f"INPUT_FILE is not a valid task input: {where}: {first['msg']}") from exc
 
 
-def _resolve(env: Mapping[str, str], method: str) -> tuple[Callable[..., Any], FunctionSpec]:
+def _resolve(
+    env: Mapping[str, str], method: str
+) -> tuple[Callable[..., Any], FunctionSpec, dict[str, FunctionSpec]]:
     module_name = env.get(MODULE_ENV)
     if not module_name:
         raise SetupError(f"{MODULE_ENV} is not set: the image must name its algorithm module")
@@ -64,7 +66,8 @@ def _resolve(env: Mapping[str, str], method: str) -> tuple[Callable[..., Any], F
         raise SetupError(
             f"method {method!r} is not a declared function of {module_name} (declared: {offered})"
         )
-    return functions[method]
+    function, spec = functions[method]
+    return function, spec, {name: entry[1] for name, entry in functions.items()}
 
 
 def _check_epsilon(spec: FunctionSpec, task_input: TaskInput, env: Mapping[str, str]) -> None:
@@ -79,10 +82,10 @@ def _check_epsilon(spec: FunctionSpec, task_input: TaskInput, env: Mapping[str, 
 
 def _prepare(task_input: TaskInput, env: Mapping[str, str]) -> Callable[[], Any]:
     """Everything that can fail before the algorithm's own code runs; returns the call to make."""
-    function, spec = _resolve(env, task_input.method)
+    function, spec, declared = _resolve(env, task_input.method)
     _check_epsilon(spec, task_input, env)
     if spec.kind is FunctionKind.CENTRAL:
-        client = AlgorithmClient.from_env(env)
+        client = AlgorithmClient.from_env(env, declared)
         return lambda: function(client, *task_input.args, **task_input.kwargs)
     frames = [load_dataset(label, env) for label in spec.datasets]
     for label, frame in zip(spec.datasets, frames, strict=True):
