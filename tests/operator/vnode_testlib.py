@@ -84,14 +84,15 @@ def new_node(name: str, api_key: str = "1.secret", *extra: str) -> Result:
 
 def remove_node_objects(client: docker.DockerClient, name: str) -> None:
     """Remove every container and volume a test node may have left (agent, runs, job volumes)."""
-    for c in client.containers.list(all=True):
+    for c in client.containers.list(all=True, ignore_removed=True):
         labels = c.labels or {}
         if (
             c.name in (f"vfed-{name}-user", f"vfed-{name}-system")
             or labels.get("vfed.node") == name
             or labels.get("vfed.agent.node") == name
         ):
-            c.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                c.remove(force=True)
     for v in client.volumes.list():
         if (v.name or "").startswith(f"vfed-{name}-"):
             with contextlib.suppress(docker.errors.APIError):

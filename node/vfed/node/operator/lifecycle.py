@@ -133,8 +133,6 @@ def run_agent(
                 "vfed.agent.config": str(ref.config_path),
             },
             network_mode="host" if host_net else None,
-            # unless-stopped: back after a reboot or crash; `vnode stop` is final (the stubs lack the value).
-            restart_policy=cast(Any, {"Name": "unless-stopped"}),
             log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
         )
     except docker.errors.DockerException as exc:
@@ -147,7 +145,7 @@ def wait_online(container: Container, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         container.reload()
-        if container.status in ("exited", "dead") or container.attrs["RestartCount"] > 0:
+        if container.status in ("exited", "dead"):
             state = container.attrs["State"]
             raise OperatorError(
                 f"the agent stopped (exit code {state.get('ExitCode')}); its last log lines:\n"
@@ -195,6 +193,8 @@ def start_command(
     except OperatorError:
         container.stop(timeout=5)
         raise
+    # Only a node that came up is restarted after a crash or reboot; `vnode stop` stays final.
+    container.update(restart_policy=cast(Any, {"Name": "unless-stopped"}))
     click.echo(f"node {ref} is online (container {ref.container_name})")
     if attach:
         follow_logs(container, tail="all")
@@ -224,7 +224,9 @@ def stop_node(client: DockerClient, ref: NodeRef, settings: NodeSettings, grace_
 
 def kill_runs(client: DockerClient, ref: NodeRef, settings: NodeSettings) -> list[Container]:
     """Mark the node's running runs killed on the server, then stop their containers."""
-    running = client.containers.list(filters={"label": f"{LABEL_NODE}={ref.name}", "status": "running"})
+    running = client.containers.list(
+        filters={"label": f"{LABEL_NODE}={ref.name}", "status": "running"}, ignore_removed=True
+    )
     if not running:
         return []
     run_ids = [int(c.labels[LABEL_RUN_ID]) for c in running if c.labels.get(LABEL_RUN_ID, "").isdigit()]
@@ -332,10 +334,11 @@ def clean_command(name: str | None, user_scope: bool) -> None:
         raise OperatorError(f"node {ref} is running; stop it first (`vnode stop {ref.name}`)")
     removed = []
     for c in ([own] if own else []) + client.containers.list(
-        all=True, filters={"label": f"{LABEL_NODE}={ref.name}"}
+        all=True, filters={"label": f"{LABEL_NODE}={ref.name}"}, ignore_removed=True
     ):
-        c.remove(force=True)
-        removed.append(f"container {c.name}")
+        with contextlib.suppress(docker.errors.NotFound):
+            c.remove(force=True)
+            removed.append(f"container {c.name}")
     removed += [f"volume {v}" for v in remove_job_volumes(client, ref.name)]
     for vol_name in (ref.volume_name,):
         try:
