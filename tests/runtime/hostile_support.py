@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import psutil
+import psutil  # type: ignore[import-untyped]
 from aiohttp import web
 from docker.types import Mount
 

@@ -257,7 +257,7 @@ def algorithm_env(
         "DATASETS": ",".join(d.label for d in datasets),
     }
     for d in datasets:
-        key = d.label.upper().replace("-", "_")
+        key = re.sub(r"[^A-Za-z0-9]", "_", d.label).upper()
         env[f"DATASET_{key}_URI"] = dataset_path(d.label)
         env[f"DATASET_{key}_TYPE"] = d.type
     if with_proxy:
