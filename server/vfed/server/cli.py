@@ -131,3 +131,7 @@ def upgrade(config: Path | None, data_dir: Path | None) -> None:
     except OSError as exc:
         _fail(f"cannot reach the database: {exc}")
     click.echo("database schema is up to date")
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,15 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(problem).split())
+
+
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
     """Read YAML (if given), apply non-None overrides, validate."""
     raw: dict[str, Any] = {}
@@ -90,7 +99,7 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         raw = loaded or {}

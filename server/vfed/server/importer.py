@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from vfed.common.crypto.errors import CryptoError
 from vfed.common.crypto.keys import PublicKey
 from vfed.server import auth
-from vfed.server.config import ConfigError, format_validation_error
+from vfed.server.config import ConfigError, format_validation_error, yaml_problem
 from vfed.server.models import Collaboration, Node, Organization, Role, RoleName, User
 
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def read_import_file(path: Path) -> ImportFile:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     try:
         return ImportFile.model_validate(raw)
     except ValidationError as exc:
@@ -146,7 +146,7 @@ async def _nodes(
             )
         )
         if found.first() is not None:
-            lines.append(f"node {n.name}: exists (its API key was shown when it was created)")
+            lines.append(f"node {n.name}: exists; its key is not shown again")
             continue
         key_id, api_key, key_hash = auth.new_api_key()
         s.add(
