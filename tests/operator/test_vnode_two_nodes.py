@@ -1,0 +1,157 @@
+"""Issue 6's scenario on one machine: two dockerized nodes with different names and scopes, a real server
+process (`vserver start` + `vserver import`), the session's Mosquitto as doorbell broker, real algorithm
+containers started by the agents-in-containers as siblings.
+
+`--develop ROOT` mounts this checkout over the package inside vfed/node, so the test exercises the code under
+test even when the image was built from an older tree (and exercises `--develop` itself).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from tests.node.node_harness import PROBE_IMAGE, ensure_probe_image
+from vnode_testlib import (
+    PASSWORD,
+    ROOT,
+    VNODE,
+    Dirs,
+    VServer,
+    dirs,
+    remove_node_objects,
+    unique,
+    vnode_proc,
+    vserver,
+)
+
+from vfed.client.client import Client
+from vfed.node.config import load_settings
+
+__all__ = ["dirs", "vserver"]
+
+pytestmark = [pytest.mark.docker, pytest.mark.mqtt, pytest.mark.slow]
+
+
+@pytest.fixture
+def names(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
+    first, second = unique("na"), unique("nb")
+    yield first, second
+    for name in (first, second):
+        remove_node_objects(docker_client, name)
+
+
+def _ok(*args: str) -> str:
+    done = vnode_proc(*args)
+    assert done.returncode == 0, f"vnode {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _listed() -> dict[str, dict[str, Any]]:
+    return {row["name"]: row for row in json.loads(_ok("list", "--format", "json"))}
+
+
+def _runs(client: Client, task_id: int) -> dict[int, str]:
+    return {r["organization_id"]: r["status"] for r in client.runs(task_id)}
+
+
+def _wait_runs(client: Client, task_id: int, want: dict[int, str], timeout_s: float = 60) -> dict[int, str]:
+    deadline = time.monotonic() + timeout_s
+    seen = _runs(client, task_id)
+    while time.monotonic() < deadline:
+        seen = _runs(client, task_id)
+        if all(seen.get(org) == status for org, status in want.items()):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"runs of task {task_id}: {seen}, expected {want}")
+
+
+def test_two_nodes_on_one_machine(
+    dirs: Dirs, vserver: VServer, names: tuple[str, str], docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    ensure_probe_image()
+    keys = vserver.import_world(["A", "B"])
+    vserver.start()
+    first, second = names
+    table = tmp_path / "table.csv"
+    table.write_text("x\n1\n2\n")
+    broker = vserver.mqtt_url or ""
+    common = ["--server-url", vserver.url, "--mqtt-url", broker]
+    _ok("new", first, "--api-key", keys["A"], "--dataset", f"table={table}", *common)
+    _ok("new", second, "--system", "--api-key", keys["B"], *common)
+
+    # Both start (different names, different scopes) and come online.
+    assert f"node {first} (user) is online" in _ok("start", first, "--develop", str(ROOT))
+    assert f"node {second} (system) is online" in _ok("start", second, "--system", "--develop", str(ROOT))
+    rows = _listed()
+    for name, scope in ((first, "user"), (second, "system")):
+        assert rows[name]["scope"] == scope
+        assert rows[name]["running"] is True and rows[name]["status"] == "online", rows[name]
+        assert rows[name]["runtime"] == "docker"
+    assert rows[first]["datasets"] == ["table"] and rows[second]["datasets"] == []
+    _check_agent_container(docker_client, f"vfed-{first}-user", first, table)
+
+    # attach follows the log until Ctrl-C.
+    attach = subprocess.Popen(
+        [VNODE, "attach", first], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(3)
+    attach.send_signal(signal.SIGINT)
+    out, err = attach.communicate(timeout=20)
+    assert attach.returncode == 0, err
+    assert "started" in out and "vfed.node" in out, out
+
+    # The second node stops: offline, and its work waits for it.
+    assert f"stopped node {second} (system)" in _ok("stop", second, "--system", "--grace", "20")
+    rows = _listed()
+    assert rows[second]["running"] is False and rows[second]["status"] == "offline"
+    assert rows[first]["running"] is True and rows[first]["status"] == "online"
+
+    key_file = load_settings(dirs.user_config / "vfed" / "nodes" / f"{first}.yaml").key_path
+    with Client(vserver.url, key_file=key_file) as researcher:
+        researcher.login("res-A", PASSWORD)
+        orgs = {o["name"]: o["id"] for o in researcher.organizations()}
+        collaboration = researcher.collaborations()[0]["id"]
+        task = researcher.create_task(collaboration, PROBE_IMAGE, "echo", args=[2, 3])
+        _wait_runs(researcher, task["id"], {orgs["A"]: "completed"})
+        time.sleep(3)  # the stopped node's run must not move, even given time
+        assert _runs(researcher, task["id"])[orgs["B"]] == "pending"
+
+        # Started again, the second node picks up its pending run and the task completes.
+        _ok("start", second, "--system", "--develop", str(ROOT))
+        _wait_runs(researcher, task["id"], {orgs["A"]: "completed", orgs["B"]: "completed"})
+        results = {r["organization_id"]: r["value"] for r in researcher.results(task)}
+    assert results == {orgs["A"]: 5 * orgs["A"], orgs["B"]: 5 * orgs["B"]}
+
+    assert f"stopped node {first} (user)" in _ok("stop", "--all")
+    assert f"stopped node {second} (system)" in _ok("stop", "--all", "--system")
+    rows = _listed()
+    assert not rows[first]["running"] and not rows[second]["running"]
+    assert not [
+        v for v in docker_client.volumes.list() if (v.name or "").endswith("-tmp") and first in v.name
+    ]
+
+
+def _check_agent_container(client: docker.DockerClient, container: str, name: str, table: Path) -> None:
+    """Host network for a loopback server; socket, config, key, dataset (read-only) and volume mounted."""
+    attrs = client.containers.get(container).attrs
+    assert attrs["HostConfig"]["NetworkMode"] == "host"
+    assert attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    mounts = {m["Destination"]: m for m in attrs["Mounts"]}
+    assert mounts["/var/run/docker.sock"]["Type"] == "bind"
+    assert mounts["/etc/vfed/node.yaml"]["RW"] is False
+    assert mounts["/etc/vfed/org-key.json"]["RW"] is False
+    assert mounts[str(table)]["RW"] is False and mounts[str(table)]["Source"] == str(table)
+    assert (
+        mounts["/var/lib/vfed"]["Type"] == "volume" and mounts["/var/lib/vfed"]["Name"] == f"vfed-{name}-vol"
+    )
+    assert any(d.endswith("/site-packages/vfed/node") for d in mounts)  # --develop
+    labels = attrs["Config"]["Labels"]
+    assert labels["vfed.agent.node"] == name and labels["vfed.agent.scope"] == "user"
