@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-
 from tests import infra
+
 from vfed.node.agent import Agent
 from vfed.node.config import NodeSettings
 from vfed.server import db

@@ -55,8 +55,10 @@ def test_good_config_loads_with_relative_paths_resolved(tmp_path: Path) -> None:
         ("api_key: nodot\ndata_dir: d\n", "api_key: Value error, must be '<key_id>.<secret>'"),
         ("api_key: a.b\ndata_dir: d\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
         ("api_key: a.b\ndata_dir: d\ndatasets: {'9x': {uri: u}}\n", "dataset label '9x'"),
-        ("api_key: a.b\ndata_dir: d\npolicies: {allowed_images: [{image: x, max_run_time_s: -1}]}\n",
-         "policies.allowed_images.0.max_run_time_s"),
+        (
+            "api_key: a.b\ndata_dir: d\npolicies: {allowed_images: [{image: x, max_run_time_s: -1}]}\n",
+            "policies.allowed_images.0.max_run_time_s",
+        ),
         ("- just\n- a list\n", "(top level): the configuration must be a mapping"),
         ("api_key: [unclosed\n", "is not valid YAML at line"),
     ],
@@ -74,17 +76,31 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_policy_rules(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, GOOD))
-    ok = check_run(settings, image="vfed-test/echo", digest=None, initiator_organization_id=1,
-                   initiator_user_id=7)
+    ok = check_run(
+        settings, image="vfed-test/echo", digest=None, initiator_organization_id=1, initiator_user_id=7
+    )
     assert ok.allowed and ok.max_run_time_s == settings.max_run_time_s
-    slow = check_run(settings, image="slow/x", digest=None, initiator_organization_id=2, initiator_user_id=None)
+    slow = check_run(
+        settings, image="slow/x", digest=None, initiator_organization_id=2, initiator_user_id=None
+    )
     assert slow.allowed and slow.max_run_time_s == 5
-    by_digest = check_run(settings, image="other", digest="sha256:" + "a" * 64, initiator_organization_id=1,
-                          initiator_user_id=None)
+    by_digest = check_run(
+        settings,
+        image="other",
+        digest="sha256:" + "a" * 64,
+        initiator_organization_id=1,
+        initiator_user_id=None,
+    )
     assert by_digest.allowed
-    image_no = check_run(settings, image="evil/x", digest="sha256:" + "b" * 64, initiator_organization_id=1,
-                         initiator_user_id=None)
+    image_no = check_run(
+        settings,
+        image="evil/x",
+        digest="sha256:" + "b" * 64,
+        initiator_organization_id=1,
+        initiator_user_id=None,
+    )
     assert not image_no.allowed and "allowed_images" in image_no.reason
-    org_no = check_run(settings, image="vfed-test/echo", digest=None, initiator_organization_id=3,
-                       initiator_user_id=None)
+    org_no = check_run(
+        settings, image="vfed-test/echo", digest=None, initiator_organization_id=3, initiator_user_id=None
+    )
     assert not org_no.allowed and "organization 3" in org_no.reason

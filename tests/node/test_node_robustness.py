@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from tests import infra
 from tests.node.node_harness import (
     PASSWORD,
@@ -25,6 +24,7 @@ from tests.node.node_harness import (
     wait_run_status,
     write_node_config,
 )
+
 from vfed.client.client import AsyncClient
 from vfed.node.config import NodeSettings, load_settings
 
@@ -58,7 +58,11 @@ async def make_site(tmp_path: Path, mqtt_url: str | None, **node: Any) -> tuple[
     keys = await server.seed(["alpha"])
     await server.start()
     config = write_node_config(
-        tmp_path / "alpha.yaml", name="alpha", api_key=keys["alpha"], server_url=server.url, mqtt_url=mqtt_url,
+        tmp_path / "alpha.yaml",
+        name="alpha",
+        api_key=keys["alpha"],
+        server_url=server.url,
+        mqtt_url=mqtt_url,
         **node,
     )
     return server, config
@@ -130,7 +134,9 @@ async def test_killed_run_keeps_its_log(tmp_path: Path, docker_client: Any) -> N
 async def test_kill_seen_by_polling_and_wall_clock_limit(tmp_path: Path, docker_client: Any) -> None:
     """Without a broker the poll notices the kill; a run past max_run_time_s is killed with that reason."""
     server, config = await make_site(
-        tmp_path, None, poll_interval_s=0.5,
+        tmp_path,
+        None,
+        poll_interval_s=0.5,
         policies={"allowed_images": [{"image": PROBE_IMAGE, "max_run_time_s": 2}]},
     )
     try:
@@ -222,9 +228,9 @@ async def test_metrics_endpoint_counts_runs(tmp_path: Path) -> None:
             task = await site.submit("echo", 1)
             await wait_run_status(site.researcher, task["id"], {"completed"})
             await asyncio.sleep(0.2)
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{agent.metrics_port}/metrics") as response:
-                    text = await response.text()
+            url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
+            async with aiohttp.ClientSession() as http, http.get(url) as response:
+                text = await response.text()
         assert 'vnode_runs_total{status="completed"} 1.0' in text
         assert "vnode_container_start_seconds_count 1.0" in text
         assert "vnode_bytes_up_total" in text

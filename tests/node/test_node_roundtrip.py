@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from tests.node.node_harness import (
     PASSWORD,
     PROBE_IMAGE,
@@ -15,6 +14,7 @@ from tests.node.node_harness import (
     ensure_probe_image,
     write_node_config,
 )
+
 from vfed.client.client import AsyncClient
 from vfed.common.crypto import Keyring, NotARecipient, decrypt_bytes
 from vfed.node.agent import Agent
@@ -60,7 +60,9 @@ async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: obj
 
 @pytest.mark.mqtt
 @pytest.mark.slow
-async def test_three_agent_processes_round_trip_and_master_subtasks(tmp_path: Path, mqtt_broker: object) -> None:
+async def test_three_agent_processes_round_trip_and_master_subtasks(
+    tmp_path: Path, mqtt_broker: object
+) -> None:
     """Three `vnode run` processes; the doorbell alone (poll every 60 s) must bring the work in time."""
     server = Server(tmp_path / "server", mqtt_url=mqtt_broker.url)  # type: ignore[attr-defined]
     api_keys = await server.seed(["a", "b", "c"])
@@ -69,7 +71,11 @@ async def test_three_agent_processes_round_trip_and_master_subtasks(tmp_path: Pa
     try:
         for name, key in api_keys.items():
             config = write_node_config(
-                tmp_path / f"{name}.yaml", name=name, api_key=key, server_url=server.url, mqtt_url=None,
+                tmp_path / f"{name}.yaml",
+                name=name,
+                api_key=key,
+                server_url=server.url,
+                mqtt_url=None,
                 poll_interval_s=60.0,
             )
             agents[name] = AgentProcess(config, tmp_path / f"{name}.log")
@@ -96,7 +102,9 @@ async def test_three_agent_processes_round_trip_and_master_subtasks(tmp_path: Pa
                 decrypt_bytes(blob, key_b, key_b.current.public)
 
             org_a = researcher.organization_id
-            master = await researcher.create_task(collab, PROBE_IMAGE, "master", args=[1], organizations=[org_a])
+            master = await researcher.create_task(
+                collab, PROBE_IMAGE, "master", args=[1], organizations=[org_a]
+            )
             done = await researcher.wait(master, timeout_s=60, progress=False)
             assert done["status"] == "completed", await researcher.runs(master["id"])
             (aggregate,) = await researcher.results(master)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from tests.node.node_harness import PASSWORD, Server
+
 from vfed.client.client import AsyncClient
 from vfed.common.crypto import Keyring, NotARecipient, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, encode_result

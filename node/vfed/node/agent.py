@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -95,6 +96,7 @@ class Agent:
 
     async def _start(self) -> None:
         s = self.settings
+        runtime = self._runtime or build_runtime(s)  # validates the runtime config before any I/O
         session = await self._stack.enter_async_context(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300))
         )
@@ -104,7 +106,6 @@ class Agent:
             log.info("generated a new organization key at %s", s.key_path)
         identity = await self._login(client)
         await reconcile(s, client, keyring, identity.organization_id, rotate=self.rotate_key)
-        runtime = self._runtime or build_runtime(s)
         await self._stack.enter_async_context(runtime)
         journal = Journal(s.data_dir / "journal.sqlite3")
         self._stack.callback(journal.close)
@@ -128,19 +129,23 @@ class Agent:
         log.info("node %s (organization %s) started", identity.node_id, identity.organization_id)
 
     async def _login(self, client: NodeClient) -> NodeIdentity:
+        """Log in, waiting up to startup_timeout_s for a server that is still starting."""
+        deadline = time.monotonic() + self.settings.startup_timeout_s
         delay = 0.5
-        for _ in range(8):
+        while True:
             try:
                 return await client.login()
             except ApiError as exc:
-                raise AgentStartError(
-                    f"the server refused this node's api_key: {exc.detail or exc.error}"
-                ) from None
+                detail = exc.detail or exc.error
+                raise AgentStartError(f"the server refused this node's api_key: {detail}") from None
             except ServerUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise AgentStartError(
+                        f"the server at {self.settings.server_url} does not answer"
+                    ) from None
                 log.warning("server not reachable yet (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        raise AgentStartError(f"the server at {self.settings.server_url} does not answer")
 
     @property
     def _s(self) -> Services:

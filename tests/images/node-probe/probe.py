@@ -45,7 +45,9 @@ def echo(args, kwargs):
         "run_id": int(os.environ["RUN_ID"]),
         "args": args,
         "kwargs": kwargs,
-        "value": sum(args) * int(os.environ["ORGANIZATION_ID"]) if all(isinstance(a, int) for a in args) else None,
+        "value": sum(args) * int(os.environ["ORGANIZATION_ID"])
+        if all(isinstance(a, int) for a in args)
+        else None,
     }
 
 
@@ -73,8 +75,14 @@ def master(args, kwargs):
 
 def proxy_probe(args, kwargs):
     outcomes = {}
-    for method, path in [("GET", "/run"), ("GET", "/nodes"), ("DELETE", "/run"), ("GET", "/blobs/x"),
-                         ("POST", "/token/node"), ("GET", "/runs/1/result")]:
+    for method, path in [
+        ("GET", "/run"),
+        ("GET", "/nodes"),
+        ("DELETE", "/run"),
+        ("GET", "/blobs/x"),
+        ("POST", "/token/node"),
+        ("GET", "/runs/1/result"),
+    ]:
         status, _ = proxy(method, path)
         outcomes[f"{method} {path}"] = status
     return outcomes

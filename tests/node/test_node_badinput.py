@@ -1,0 +1,201 @@
+"""Bad input ends a run with a clear status and reason, and the agent keeps serving; bad config fails fast."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.node.node_harness import (
+    PASSWORD,
+    PROBE_IMAGE,
+    VNODE,
+    Server,
+    ensure_probe_image,
+    running_agent,
+    wait_run_status,
+    write_node_config,
+)
+
+from vfed.client.client import AsyncClient
+from vfed.common.crypto import Keyring, encrypt_bytes
+from vfed.common.payload import TaskInput
+from vfed.node.agent import Agent
+from vfed.node.config import load_settings
+from vfed.node.keys import KeyMismatch
+
+FINAL = {"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def probe_image() -> None:
+    ensure_probe_image()
+
+
+async def submit(researcher: AsyncClient, collab: int, image: str, method: str, *args: Any) -> int:
+    task = await researcher.create_task(collab, image, method, args=list(args))
+    return int(task["id"])
+
+
+async def final_run(researcher: AsyncClient, task_id: int) -> dict[str, Any]:
+    (run,) = await wait_run_status(researcher, task_id, FINAL, timeout_s=60)
+    return dict(run)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server", mqtt_url=None)
+    keys = await server.seed(["alpha"])
+    await server.start()
+    config = write_node_config(
+        tmp_path / "alpha.yaml",
+        name="alpha",
+        api_key=keys["alpha"],
+        server_url=server.url,
+        mqtt_url=None,
+        poll_interval_s=0.5,
+        max_output_bytes=1000,
+        policies={"allowed_images": [PROBE_IMAGE, "vfed-test/no-such-image*"]},
+    )
+    settings = load_settings(config)
+    try:
+        async with running_agent(settings), AsyncClient(server.url, key_file=settings.key_path) as researcher:
+            await researcher.login("res-alpha", PASSWORD)
+            collab = (await researcher.collaborations())[0]["id"]
+            org = researcher.organization_id
+            # input sealed for a key that is not this organization's
+            stranger = Keyring.generate().current.public
+            blob = encrypt_bytes(TaskInput(method="echo").to_json(), researcher.keyring.current, [stranger])
+            blob_id = await researcher.api.upload_blob(blob)
+            undecryptable = await researcher.api.request(
+                "POST",
+                "/tasks",
+                json={
+                    "collaboration_id": collab,
+                    "name": "x",
+                    "description": "",
+                    "image": PROBE_IMAGE,
+                    "datasets": [],
+                    "organizations": [{"id": org, "input_blob_id": blob_id}],
+                },
+            )
+            cases = {
+                "undecryptable": int(undecryptable["id"]),
+                "unknown image": await submit(researcher, collab, "vfed-test/no-such-image:never", "echo"),
+                "not allowed": await submit(researcher, collab, "vfed/base", "echo"),
+                "no output": await submit(researcher, collab, PROBE_IMAGE, "no_output"),
+                "too big": await submit(researcher, collab, PROBE_IMAGE, "big_output", 5000),
+                "exit 3": await submit(researcher, collab, PROBE_IMAGE, "fail", 3),
+                "unknown dataset": int(
+                    (await researcher.create_task(collab, PROBE_IMAGE, "echo", datasets=["nothere"]))["id"]
+                ),
+            }
+            runs = {name: await final_run(researcher, task_id) for name, task_id in cases.items()}
+            good = await submit(researcher, collab, PROBE_IMAGE, "echo", 4)
+            assert (await final_run(researcher, good))["status"] == "completed"
+    finally:
+        await server.stop()
+    expected = {
+        "undecryptable": ("failed", "does not decrypt"),
+        "unknown image": ("start-failed", "is not available"),
+        "not allowed": ("not-allowed", "allowed_images"),
+        "no output": ("failed", "without writing its output file"),
+        "too big": ("failed", "over this node's limit of 1000 bytes"),
+        "exit 3": ("failed", "exit code 3"),
+        "unknown dataset": ("not-allowed", "no dataset labelled nothere"),
+    }
+    for name, (status, reason) in expected.items():
+        assert runs[name]["status"] == status, (name, runs[name])
+        assert reason in (runs[name]["reason"] or ""), (name, runs[name])
+    assert runs["exit 3"]["exit_code"] == 3
+    assert "failing on purpose" in runs["exit 3"]["log"]
+    assert runs["too big"]["result_blob_id"] is None
+
+
+def run_vnode(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VNODE, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"api_key": "a.b", "data_dir": "d", "max_concurrent_runs": 0},
+            "max_concurrent_runs: Input should be",
+        ),
+        ({"api_key": "a.b", "data_dir": "d", "runtime": {"kind": "docker", "bogus": 1}}, "runtime.bogus"),
+        ({"api_key": "a.b", "data_dir": "d", "runtime": {"kind": "k9s"}}, "runtime.kind: unknown runtime"),
+        ({"data_dir": "d"}, "api_key: Field required"),
+    ],
+)
+def test_malformed_config_one_clear_line(tmp_path: Path, config: dict[str, Any], message: str) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"server_url": "http://127.0.0.1:9", **config}))
+    result = run_vnode("run", "--config", str(path))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vnode: error: ") and message in lines[0], lines[0]
+
+
+def test_unreachable_server_and_wrong_api_key_fail_clearly(tmp_path: Path) -> None:
+    path = write_node_config(
+        tmp_path / "n.yaml",
+        name="n",
+        api_key="k.s",
+        server_url="http://127.0.0.1:9",
+        mqtt_url=None,
+        startup_timeout_s=1,
+    )
+    result = run_vnode("run", "--config", str(path))
+    assert result.returncode == 1
+    assert "does not answer" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.docker
+async def test_key_mismatch_refuses_unless_rotating(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server", mqtt_url=None)
+    keys = await server.seed(["alpha"])
+    await server.start()
+    try:
+        first = load_settings(
+            write_node_config(
+                tmp_path / "one.yaml",
+                name="one",
+                api_key=keys["alpha"],
+                server_url=server.url,
+                mqtt_url=None,
+                runtime={"kind": "docker"},
+            )
+        )
+        async with Agent(first):
+            pass
+        other = first.model_copy(update={"data_dir": tmp_path / "other-data"})
+        with pytest.raises(KeyMismatch, match="--rotate-key"):
+            async with Agent(other):
+                pass
+        async with Agent(other, rotate_key=True) as agent:
+            assert agent.services is not None
+            org = await agent.services.client.get_organization(agent.services.organization_id)
+            assert org.key_id == agent.services.keyring.current.key_id
+        assert len(Keyring.load(other.key_path).keys) == 2  # the old key stays for decrypting
+        bad = write_node_config(
+            tmp_path / "bad.yaml",
+            name="bad",
+            api_key="nope.nope",
+            server_url=server.url,
+            mqtt_url=None,
+        )
+        # the server runs in this event loop: the CLI must run without blocking it
+        proc = await asyncio.create_subprocess_exec(
+            VNODE, "run", "--config", str(bad), stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 1, stderr
+        assert stderr.decode().strip().splitlines()[-1].startswith("vnode: error: the server refused")
+    finally:
+        await server.stop()
