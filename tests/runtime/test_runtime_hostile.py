@@ -33,7 +33,7 @@ from hostile_support import (
 )
 from runtime_contract import SpecFactory, make_spec, node_name
 
-from vfed.node.runtime import DatasetMount, RunLimits
+from vfed.node.runtime import BadOutput, DatasetMount, RunLimits, read_run_output
 from vfed.node.runtime.docker import DockerRuntime
 from vfed.node.runtime.docker_spec import DockerRuntimeConfig
 
@@ -245,3 +245,20 @@ async def test_memory_bomb_is_oom_killed(
     # The runtime keeps serving.
     after = await runtime.start(make_spec(["python3", "-c", "print('next run')"], image="vfed/base"))
     assert (await runtime.wait(after, timeout_s=60)).exit_code == 0
+
+
+@pytest.mark.parametrize("mode", ["output-symlink", "output-fifo"])
+async def test_booby_trapped_output_is_refused(
+    runtime: DockerRuntime, make_spec: SpecFactory, hostile_image: str, tmp_path: Path, mode: str
+) -> None:
+    """The run folder is writable by the algorithm: its output must be read without trusting what it is."""
+    key = tmp_path / "org-private.key"
+    key.write_text("PRIVATE KEY of the organization")
+    spec = make_spec([mode], image=hostile_image, env={"SYMLINK_TARGET": str(key)})
+    handle = await runtime.start(spec)
+    assert (await runtime.wait(handle, timeout_s=60)).exit_code == 0, await runtime.logs(handle)
+    output = Path(spec.run_dir) / "output"
+    if mode == "output-symlink":
+        assert output.is_symlink() and output.read_text() == key.read_text()  # the trap is real
+    with pytest.raises(BadOutput, match="not a regular file"):
+        read_run_output(spec.run_dir, max_bytes=1 << 20)

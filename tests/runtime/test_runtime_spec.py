@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from vfed.node.runtime import DatasetMount, NotFound, PermanentStartError, RunLimits, RunSpec, algorithm_env
+from vfed.node.runtime import (
+    BadOutput,
+    DatasetMount,
+    NotFound,
+    PermanentStartError,
+    RunLimits,
+    RunSpec,
+    algorithm_env,
+    read_run_output,
+)
 from vfed.node.runtime.base import container_name, job_volume_name
 from vfed.node.runtime.docker import exit_reason, parse_handle
 from vfed.node.runtime.docker_spec import (
@@ -184,3 +193,27 @@ def test_handles() -> None:
 )
 def test_exit_reasons(code: int | None, oom: bool, error: str | None, expected: str | None) -> None:
     assert exit_reason(code, oom, error, 64 << 20) == expected
+
+
+def test_output_is_read_only_when_it_is_a_plain_small_file(tmp_path: Path) -> None:
+    out = tmp_path / "output"
+    with pytest.raises(BadOutput, match="no output"):
+        read_run_output(str(tmp_path), max_bytes=10)
+    out.write_bytes(b"0123456789")
+    assert read_run_output(str(tmp_path), max_bytes=10) == b"0123456789"
+    with pytest.raises(BadOutput, match="over the limit"):
+        read_run_output(str(tmp_path), max_bytes=9)
+    out.unlink()
+    secret = tmp_path / "key"
+    secret.write_text("private")
+    out.symlink_to(secret)
+    with pytest.raises(BadOutput, match="not a regular file"):
+        read_run_output(str(tmp_path), max_bytes=100)
+    out.unlink()
+    out.mkdir()
+    with pytest.raises(BadOutput, match="not a regular file"):
+        read_run_output(str(tmp_path), max_bytes=100)
+    out.rmdir()
+    os.mkfifo(out)
+    with pytest.raises(BadOutput, match="not a regular file"):
+        read_run_output(str(tmp_path), max_bytes=100)

@@ -1,7 +1,8 @@
 """A hostile algorithm: tries every way out of its container and reports each attempt as JSON.
 
 Modes (first argument): `probes` (network, sockets, volumes, writes, privileges; one JSON report),
-`forkbomb` (forks until the pids limit stops it, holds, reports), `membomb` (allocates until killed).
+`forkbomb` (forks until the pids limit stops it, holds, reports), `membomb` (allocates until killed),
+`output-symlink` and `output-fifo` (booby-trap the output file for the agent that reads it).
 Targets come from the HOSTILE_TARGETS environment variable (JSON), so the test decides what to aim at.
 The report goes to stdout as one line `HOSTILE-REPORT {...}` and, when writable, to OUTPUT_FILE.
 Standard library only: the image must not need anything the test cannot build offline.
@@ -230,9 +231,23 @@ def membomb() -> None:
         print(f"allocated {len(hoard) * 16} MiB", flush=True)
 
 
+def output_symlink() -> None:
+    """Leave OUTPUT_FILE as a link to a path on the HOST (the node's key), hoping the agent follows it."""
+    os.symlink(os.environ["SYMLINK_TARGET"], os.environ["OUTPUT_FILE"])
+    print("output is now a symlink", flush=True)
+
+
+def output_fifo() -> None:
+    """Leave OUTPUT_FILE as a FIFO: a reader that opens it naively blocks forever."""
+    os.mkfifo(os.environ["OUTPUT_FILE"])
+    print("output is now a fifo", flush=True)
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "probes"
-    {"probes": probes, "forkbomb": forkbomb, "membomb": membomb}[mode]()
+    modes = {"probes": probes, "forkbomb": forkbomb, "membomb": membomb}
+    modes |= {"output-symlink": output_symlink, "output-fifo": output_fifo}
+    modes[mode]()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from vfed.node.runtime.base import (
     OUTPUT_FILE,
     PROXY_SOCKET,
     TEMPORARY_FOLDER,
+    BadOutput,
     DatasetMount,
     ExitStatus,
     NotFound,
@@ -18,6 +19,7 @@ from vfed.node.runtime.base import (
     VfedRuntimeError,
     algorithm_env,
     dataset_path,
+    read_run_output,
 )
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "OUTPUT_FILE",
     "PROXY_SOCKET",
     "TEMPORARY_FOLDER",
+    "BadOutput",
     "DatasetMount",
     "ExitStatus",
     "NotFound",
@@ -38,4 +41,5 @@ __all__ = [
     "VfedRuntimeError",
     "algorithm_env",
     "dataset_path",
+    "read_run_output",
 ]

@@ -8,7 +8,9 @@ kill/cleanup: already gone, which is success).
 from __future__ import annotations
 
 import abc
+import os
 import re
+import stat
 from enum import StrEnum
 from types import TracebackType
 from typing import Self
@@ -58,6 +60,10 @@ class PermanentStartError(VfedRuntimeError):
 
 class NotFound(VfedRuntimeError):
     """No container for this handle (never started, or already cleaned up)."""
+
+
+class BadOutput(VfedRuntimeError):
+    """The run's output is missing, too large, or not a plain file (a symlink could name the node's key)."""
 
 
 class DatasetMount(BaseModel):
@@ -264,3 +270,32 @@ def algorithm_env(
         env["PROXY_SOCKET"] = PROXY_SOCKET
     env.update(extra or {})
     return env
+
+
+def read_run_output(run_dir: str, max_bytes: int) -> bytes:
+    """Read the output the algorithm left in its run folder, safely: the folder is writable by hostile code.
+
+    The container could make `output` a symlink to a host file (the node's private key), a FIFO that blocks
+    the reader, a folder, or something huge; only a regular file of at most max_bytes is read, without
+    following links. Raises BadOutput with a reason fit for the run's status.
+    """
+    path = os.path.join(run_dir, OUTPUT_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise BadOutput("the algorithm wrote no output") from exc
+    except OSError as exc:  # ELOOP: a symlink
+        raise BadOutput(f"output is not a regular file ({exc.strerror})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadOutput("output is not a regular file")
+        if info.st_size > max_bytes:
+            raise BadOutput(f"output is {info.st_size} bytes, over the limit of {max_bytes}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # grew while we read it
+        raise BadOutput(f"output is over the limit of {max_bytes} bytes")
+    return data
