@@ -32,14 +32,18 @@ ROOT = Path(__file__).resolve().parents[2]
 VNODE = str(Path(sys.executable).parent / "vnode")
 
 
+PROBE_DP_IMAGE = "vfed-test/node-probe-dp"
+DP_MANIFEST = '{"version": 1, "functions": {"echo": {"kind": "federated", "epsilon_kwarg": "epsilon"}}}'
+
+
 def ensure_probe_image() -> None:
-    """Build the probe image (quick when cached) so the tests do not depend on build-images.sh order."""
-    subprocess.run(
-        ["docker", "build", "-q", "-t", PROBE_IMAGE, str(ROOT / "tests" / "images" / "node-probe")],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    """Build the probe image (quick when cached) so the tests do not depend on build-images.sh order;
+    a second tag carries a manifest label declaring `echo` as spending `epsilon`."""
+    folder = str(ROOT / "tests" / "images" / "node-probe")
+    for tag, extra in ((PROBE_IMAGE, []), (PROBE_DP_IMAGE, ["--label", f"vfed.manifest={DP_MANIFEST}"])):
+        subprocess.run(
+            ["docker", "build", "-q", "-t", tag, *extra, folder], check=True, capture_output=True, timeout=600
+        )
 
 
 @dataclass

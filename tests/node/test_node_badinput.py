@@ -11,6 +11,7 @@ import pytest
 import yaml
 from tests.node.node_harness import (
     PASSWORD,
+    PROBE_DP_IMAGE,
     PROBE_IMAGE,
     VNODE,
     Server,
@@ -90,6 +91,9 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
                 "no output": await submit(researcher, collab, PROBE_IMAGE, "no_output"),
                 "too big": await submit(researcher, collab, PROBE_IMAGE, "big_output", 5000),
                 "exit 3": await submit(researcher, collab, PROBE_IMAGE, "fail", 3),
+                "symlink": await submit(
+                    researcher, collab, PROBE_IMAGE, "symlink_output", str(settings.key_path)
+                ),
                 "unknown dataset": int(
                     (await researcher.create_task(collab, PROBE_IMAGE, "echo", datasets=["nothere"]))["id"]
                 ),
@@ -103,9 +107,10 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
         "undecryptable": ("failed", "does not decrypt"),
         "unknown image": ("start-failed", "is not available"),
         "not allowed": ("not-allowed", "allowed_images"),
-        "no output": ("failed", "without writing its output file"),
-        "too big": ("failed", "over this node's limit of 1000 bytes"),
+        "no output": ("failed", "wrote no output"),
+        "too big": ("failed", "over the limit of 1000"),
         "exit 3": ("failed", "exit code 3"),
+        "symlink": ("failed", "wrote no output"),  # the link to the node's key file was removed unread
         "unknown dataset": ("not-allowed", "no dataset labelled nothere"),
     }
     for name, (status, reason) in expected.items():
@@ -114,6 +119,7 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
     assert runs["exit 3"]["exit_code"] == 3
     assert "failing on purpose" in runs["exit 3"]["log"]
     assert runs["too big"]["result_blob_id"] is None
+    assert runs["symlink"]["result_blob_id"] is None
 
 
 def run_vnode(*args: str) -> subprocess.CompletedProcess[str]:
@@ -199,3 +205,44 @@ async def test_key_mismatch_refuses_unless_rotating(tmp_path: Path) -> None:
         assert stderr.decode().strip().splitlines()[-1].startswith("vnode: error: the server refused")
     finally:
         await server.stop()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+async def test_privacy_budget_is_charged_before_start_and_refuses_when_spent(tmp_path: Path) -> None:
+    """The dataset is mounted read-only, the granted epsilon is passed on, and the third run finds it spent."""
+    data = tmp_path / "patients.csv"
+    data.write_text("age,weight\n40,70\n")
+    server = Server(tmp_path / "server", mqtt_url=None)
+    keys = await server.seed(["alpha"])
+    await server.start()
+    config = write_node_config(
+        tmp_path / "alpha.yaml",
+        name="alpha",
+        api_key=keys["alpha"],
+        server_url=server.url,
+        mqtt_url=None,
+        poll_interval_s=0.5,
+        datasets={"patients": {"uri": str(data), "type": "csv", "epsilon_budget": 1.0}},
+    )
+    settings = load_settings(config)
+    try:
+        async with running_agent(settings), AsyncClient(server.url, key_file=settings.key_path) as researcher:
+            await researcher.login("res-alpha", PASSWORD)
+            collab = (await researcher.collaborations())[0]["id"]
+            outcomes = []
+            for image in (PROBE_DP_IMAGE, PROBE_DP_IMAGE, PROBE_DP_IMAGE, PROBE_IMAGE):
+                task = await researcher.create_task(
+                    collab, image, "echo", kwargs={"epsilon": 0.4}, datasets=["patients"]
+                )
+                run = await final_run(researcher, int(task["id"]))
+                result = (await researcher.results(task))[0] if run["status"] == "completed" else None
+                outcomes.append((run["status"], run["reason"] or "", result))
+    finally:
+        await server.stop()
+    for status, _, result in outcomes[:2]:
+        assert status == "completed"
+        assert result["datasets"] == {"patients": "age,weight"}
+        assert result["epsilon_granted"] == "0.4"
+    assert outcomes[2][0] == "not-allowed" and "exhausted" in outcomes[2][1]
+    assert outcomes[3][0] == "not-allowed" and "does not declare the epsilon" in outcomes[3][1]

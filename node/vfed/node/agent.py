@@ -23,6 +23,7 @@ from vfed.node.doorbell import Doorbell, Ring
 from vfed.node.journal import Journal
 from vfed.node.keys import load_or_create, reconcile
 from vfed.node.metrics import NodeMetrics, serve_metrics
+from vfed.node.privacy import PrivacyLedger
 from vfed.node.recovery import Resume, recover
 from vfed.node.runner import Runner, Services
 from vfed.node.runtime.base import Runtime
@@ -110,16 +111,17 @@ class Agent:
         journal = Journal(s.data_dir / "journal.sqlite3")
         self._stack.callback(journal.close)
         self.services = Services(
-            s,
-            client,
-            session,
-            keyring,
-            runtime,
-            journal,
-            self.metrics,
-            KeyDirectory(client),
-            identity.organization_id,
-            identity.collaboration_id,
+            settings=s,
+            client=client,
+            session=session,
+            keyring=keyring,
+            runtime=runtime,
+            journal=journal,
+            metrics=self.metrics,
+            keys=KeyDirectory(client),
+            organization_id=identity.organization_id,
+            collaboration_id=identity.collaboration_id,
+            ledger=PrivacyLedger(s.data_dir / "privacy.sqlite3"),
         )
         self.runner = Runner(self.services)
         if s.metrics_port is not None:

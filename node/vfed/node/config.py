@@ -27,6 +27,7 @@ class DatasetConfig(_Strict):
 
     uri: str
     type: str = "csv"
+    epsilon_budget: float | None = Field(default=None, gt=0)
 
 
 class ImagePolicy(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -17,9 +18,17 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from vfed.common.crypto import encrypt_file
+from vfed.common.crypto import encrypt_bytes
 from vfed.node.journal import Entry, Stage
-from vfed.node.runtime.base import OUTPUT_NAME, ExitStatus, NotFound, RuntimeUnavailable
+from vfed.node.runtime.base import (
+    OUTPUT_NAME,
+    BadOutput,
+    ExitStatus,
+    NotFound,
+    RuntimeUnavailable,
+    read_run_output,
+    sanitize_run_dir,
+)
 from vfed.proxy.rest import ApiError, ServerUnavailable, file_chunks
 
 if TYPE_CHECKING:
@@ -111,16 +120,25 @@ class Finisher:
     async def exited(
         self, run_id: int, exit_status: ExitStatus | None, status: str | None, reason: str | None
     ) -> None:
-        """Decide the final status from how the container ended and what it left; journal it."""
-        output = self.run_dir(run_id) / OUTPUT_NAME
+        """Decide the final status from how the container ended and what it left; journal it.
+
+        Only called once the container has stopped, so the folder it could write can be cleaned of traps
+        (symlinks to host files, FIFOs) before anything reads it.
+        """
+        run_dir = self.run_dir(run_id)
         code = exit_status.exit_code if exit_status is not None else None
-        size = output.stat().st_size if output.is_file() else None
-        limit = self.s.settings.max_output_bytes
+        bad: str | None = None
         if status is None and exit_status is not None:
-            status, reason = _judge(exit_status, size, limit)
-        keep = status not in ("killed", "crashed") and size is not None and size <= limit
-        if not keep:
-            output.unlink(missing_ok=True)
+            removed = await asyncio.to_thread(sanitize_run_dir, str(run_dir))
+            if removed:
+                log.warning("run %s: removed non-regular files from the run folder: %s", run_id, removed)
+            try:
+                await asyncio.to_thread(read_run_output, str(run_dir), self.s.settings.max_output_bytes)
+            except BadOutput as exc:
+                bad = str(exc)
+            status, reason = _judge(exit_status, bad)
+        if status in ("killed", "crashed") or bad is not None:
+            (run_dir / OUTPUT_NAME).unlink(missing_ok=True)
         self.s.journal.exited(run_id, code, status or "crashed", reason)
         log.info("run %s: exited with code %s -> %s %s", run_id, code, status, reason or "")
 
@@ -156,8 +174,9 @@ class Finisher:
             raise RuntimeError(f"task {entry.task_id} has no initiating organization")
         recipient = await retry_server(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))
         run_dir = self.run_dir(entry.run_id)
-        source, target = run_dir / OUTPUT_NAME, run_dir / SEALED_NAME
-        await asyncio.to_thread(encrypt_file, source, target, self.s.keyring.current, [recipient])
+        plain = await asyncio.to_thread(read_run_output, str(run_dir), self.s.settings.max_output_bytes)
+        sealed = await asyncio.to_thread(encrypt_bytes, plain, self.s.keyring.current, [recipient])
+        await asyncio.to_thread(_write_new, run_dir / SEALED_NAME, sealed)
         self.s.journal.sealed(entry.run_id)
 
     async def _upload(self, entry: Entry) -> None:
@@ -198,15 +217,25 @@ class Finisher:
                 await self.s.runtime.remove_job_volume(self.s.settings.name, str(job_id))
 
 
-def _judge(exit_status: ExitStatus, size: int | None, limit: int) -> tuple[str, str | None]:
+def _judge(exit_status: ExitStatus, bad_output: str | None) -> tuple[str, str | None]:
     if exit_status.oom_killed:
-        return "failed", "killed: out of memory"
-    if size is not None and size > limit:
-        return "failed", f"the output is {size} bytes, over this node's limit of {limit} bytes"
+        return "failed", exit_status.reason or "killed: out of memory"
     if exit_status.exit_code != 0:
         reason = exit_status.reason or f"the algorithm exited with code {exit_status.exit_code}"
+        if not (exit_status.reason or "").startswith("exit code"):
+            reason = f"exit code {exit_status.exit_code}: {reason}"
         return "failed", reason
-    if size is None:
-        return "failed", "the algorithm exited without writing its output file"
+    if bad_output is not None:
+        return "failed", bad_output
     return "completed", None
 
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a file that replaces whatever entry had that name (never writing through a link)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

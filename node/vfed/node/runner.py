@@ -17,10 +17,12 @@ from pathlib import Path
 import aiohttp
 
 from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
+from vfed.node import budget
 from vfed.node.config import NodeSettings
 from vfed.node.journal import Journal
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run
+from vfed.node.privacy import BudgetRefused, PrivacyLedger
 from vfed.node.runtime.base import (
     INPUT_NAME,
     DatasetMount,
@@ -39,6 +41,7 @@ from vfed.proxy.server import ProxyServer
 log = logging.getLogger(__name__)
 
 MIN_ROWS_ENV = "VFED_MIN_ROWS"
+EPSILON_GRANTED_ENV = "VFED_EPSILON_GRANTED"
 
 
 class RunRefused(Exception):
@@ -59,6 +62,7 @@ class Prepared:
     digest: str
     max_run_time_s: float
     run_dir: Path
+    epsilon: float | None = None
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Services:
     keys: KeyDirectory
     organization_id: int
     collaboration_id: int
+    ledger: PrivacyLedger
 
 
 class Runner:
@@ -139,9 +144,22 @@ class Runner:
         missing = [d for d in task.datasets if d not in self.s.settings.datasets]
         if missing:
             raise RunRefused("not-allowed", f"this node offers no dataset labelled {', '.join(missing)}")
+        try:
+            epsilon = await budget.charge(
+                self.s.settings,
+                self.s.ledger,
+                self.s.runtime,
+                run_id=run.id,
+                image=task.image,
+                plaintext=plaintext,
+                datasets=task.datasets,
+                initiator=str(task.initiator_organization_id),
+            )
+        except BudgetRefused as exc:
+            raise RunRefused("not-allowed", str(exc)) from None
         run_dir = self.run_dir(run.id)
         await asyncio.to_thread(_write_run_dir, run_dir, plaintext)
-        return Prepared(run, task, digest, decision.max_run_time_s, run_dir)
+        return Prepared(run, task, digest, decision.max_run_time_s, run_dir, epsilon)
 
     async def _decrypt_input(self, run: Run, task: Task) -> bytes:
         if run.input_blob_id is None:
@@ -172,7 +190,7 @@ class Runner:
             organization_id=str(run.organization_id),
             datasets=datasets,
             with_proxy=True,
-            extra={MIN_ROWS_ENV: str(settings.min_rows)},
+            extra=_extra_env(settings, prepared.epsilon),
         )
         return RunSpec(
             run_id=str(run.id),
@@ -236,6 +254,13 @@ class Runner:
                 log.warning("run %s: runtime unavailable (%s), attempt %d", prepared.run.id, exc, attempt + 1)
                 await asyncio.sleep(0.5 * 2**attempt)
         raise RunRefused("start-failed", "the container runtime stayed unavailable")
+
+
+def _extra_env(settings: NodeSettings, epsilon: float | None) -> dict[str, str]:
+    env = {MIN_ROWS_ENV: str(settings.min_rows)}
+    if epsilon is not None:
+        env[EPSILON_GRANTED_ENV] = repr(epsilon)
+    return env
 
 
 def _write_run_dir(run_dir: Path, plaintext: bytes) -> None:

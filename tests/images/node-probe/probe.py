@@ -39,8 +39,18 @@ def write_result(value):
         json.dump(document, handle)
 
 
+def first_lines():
+    lines = {}
+    for label in filter(None, os.environ.get("DATASETS", "").split(",")):
+        with open(os.environ[f"DATASET_{label.upper()}_URI"]) as handle:
+            lines[label] = handle.readline().strip()
+    return lines
+
+
 def echo(args, kwargs):
     return {
+        "datasets": first_lines(),
+        "epsilon_granted": os.environ.get("VFED_EPSILON_GRANTED"),
         "organization_id": int(os.environ["ORGANIZATION_ID"]),
         "run_id": int(os.environ["RUN_ID"]),
         "args": args,
@@ -105,6 +115,8 @@ def main():
     elif method == "big_output":
         with open(os.environ["OUTPUT_FILE"], "wb") as handle:
             handle.write(b"x" * int(args[0]))
+    elif method == "symlink_output":
+        os.symlink(args[0], os.environ["OUTPUT_FILE"])
     elif method == "master":
         write_result(master(args, kwargs))
     elif method == "proxy_probe":
