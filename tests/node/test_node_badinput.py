@@ -210,7 +210,7 @@ async def test_key_mismatch_refuses_unless_rotating(tmp_path: Path) -> None:
 @pytest.mark.docker
 @pytest.mark.slow
 async def test_privacy_budget_is_charged_before_start_and_refuses_when_spent(tmp_path: Path) -> None:
-    """The dataset is mounted read-only, the granted epsilon is passed on, and the third run finds it spent."""
+    """The dataset is mounted read-only, the granted epsilon is passed on, the third run finds it spent."""
     data = tmp_path / "patients.csv"
     data.write_text("age,weight\n40,70\n")
     server = Server(tmp_path / "server", mqtt_url=None)
