@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -249,16 +250,34 @@ async def test_memory_bomb_is_oom_killed(
 
 @pytest.mark.parametrize("mode", ["output-symlink", "output-fifo"])
 async def test_booby_trapped_output_is_refused(
-    runtime: DockerRuntime, make_spec: SpecFactory, hostile_image: str, tmp_path: Path, mode: str
+    runtime: DockerRuntime,
+    make_spec: SpecFactory,
+    hostile_image: str,
+    tmp_path: Path,
+    mode: str,
+    docker_client: docker.DockerClient,
 ) -> None:
-    """The run folder is writable by the algorithm: its output must be read without trusting what it is."""
+    """The run folder is writable by the algorithm: what it leaves there must not lead the agent elsewhere."""
     key = tmp_path / "org-private.key"
     key.write_text("PRIVATE KEY of the organization")
     spec = make_spec([mode], image=hostile_image, env={"SYMLINK_TARGET": str(key)})
     handle = await runtime.start(spec)
+    container = docker_client.containers.get(handle.removeprefix("docker:"))
+    await asyncio.to_thread(container.wait, timeout=60)
+    run_dir = Path(spec.run_dir)
+    output = run_dir / "output"
+    if mode == "output-symlink":  # the trap is real: a naive reader gets the key
+        assert output.is_symlink() and output.read_text() == key.read_text()
+        assert (run_dir / "output.sealed").is_symlink()
+        with pytest.raises(BadOutput, match="not a regular file"):
+            read_run_output(spec.run_dir, max_bytes=1 << 20)
+    else:
+        assert output.is_fifo()
+        with pytest.raises(BadOutput, match="not a regular file"):
+            read_run_output(spec.run_dir, max_bytes=1 << 20)
+    # Once the runtime has seen the exit, only regular files are left.
     assert (await runtime.wait(handle, timeout_s=60)).exit_code == 0, await runtime.logs(handle)
-    output = Path(spec.run_dir) / "output"
-    if mode == "output-symlink":
-        assert output.is_symlink() and output.read_text() == key.read_text()  # the trap is real
-    with pytest.raises(BadOutput, match="not a regular file"):
+    assert sorted(os.listdir(run_dir)) == ["input"]
+    with pytest.raises(BadOutput, match="no output"):
         read_run_output(spec.run_dir, max_bytes=1 << 20)
+    assert key.read_text() == "PRIVATE KEY of the organization"

@@ -18,6 +18,7 @@ from vfed.node.runtime import (
     RunSpec,
     algorithm_env,
     read_run_output,
+    sanitize_run_dir,
 )
 from vfed.node.runtime.base import container_name, job_volume_name
 from vfed.node.runtime.docker import exit_reason, parse_handle
@@ -133,7 +134,8 @@ def test_container_definition_is_hardened(tmp_path: Path) -> None:
     assert kw["user"] == "10001:10001" and kw["pids_limit"] == 99
     assert kw["mem_limit"] == kw["memswap_limit"] == config.memory_bytes
     assert kw["environment"] == {"HOME": "/mnt/tmp", "A": "b"}
-    assert kw["labels"] == {"team": "x", "vfed.node": "n1", "vfed.run_id": "r1", "vfed.job_id": "j1"}
+    own = {"vfed.node": "n1", "vfed.run_id": "r1", "vfed.job_id": "j1", "vfed.run_dir": str(tmp_path)}
+    assert kw["labels"] == {"team": "x", **own}
     mounts = {m["Target"]: (m["Source"], m["ReadOnly"], m["Type"]) for m in kw["mounts"]}
     assert mounts == {
         "/mnt/run": ("/host", False, "bind"),
@@ -217,3 +219,18 @@ def test_output_is_read_only_when_it_is_a_plain_small_file(tmp_path: Path) -> No
     os.mkfifo(out)
     with pytest.raises(BadOutput, match="not a regular file"):
         read_run_output(str(tmp_path), max_bytes=100)
+
+
+def test_sanitize_keeps_only_regular_files(tmp_path: Path) -> None:
+    (tmp_path / "input").write_text("in")
+    (tmp_path / "output").write_text("out")
+    secret = tmp_path.parent / f"{tmp_path.name}-key"
+    secret.write_text("private")
+    (tmp_path / "output.sealed").symlink_to(secret)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "f").write_text("x")
+    os.mkfifo(tmp_path / "pipe")
+    assert sanitize_run_dir(str(tmp_path)) == ["junk", "output.sealed", "pipe"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "output"]
+    assert secret.read_text() == "private"
+    assert sanitize_run_dir(str(tmp_path / "gone")) == []

@@ -234,6 +234,9 @@ def membomb() -> None:
 def output_symlink() -> None:
     """Leave OUTPUT_FILE as a link to a path on the HOST (the node's key), hoping the agent follows it."""
     os.symlink(os.environ["SYMLINK_TARGET"], os.environ["OUTPUT_FILE"])
+    # ... and the name the agent writes next, hoping it overwrites the host file through the link.
+    os.symlink(os.environ["SYMLINK_TARGET"], os.environ["OUTPUT_FILE"] + ".sealed")
+    os.mkdir(os.environ["OUTPUT_FILE"] + ".d")
     print("output is now a symlink", flush=True)
 
 

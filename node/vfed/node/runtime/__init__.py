@@ -20,6 +20,7 @@ from vfed.node.runtime.base import (
     algorithm_env,
     dataset_path,
     read_run_output,
+    sanitize_run_dir,
 )
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "algorithm_env",
     "dataset_path",
     "read_run_output",
+    "sanitize_run_dir",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+import shutil
 import stat
 from enum import StrEnum
 from types import TracebackType
@@ -36,6 +37,7 @@ OUTPUT_NAME = "output"
 LABEL_NODE = "vfed.node"
 LABEL_RUN_ID = "vfed.run_id"
 LABEL_JOB_ID = "vfed.job_id"
+LABEL_RUN_DIR = "vfed.run_dir"
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -299,3 +301,26 @@ def read_run_output(run_dir: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:  # grew while we read it
         raise BadOutput(f"output is over the limit of {max_bytes} bytes")
     return data
+
+
+def sanitize_run_dir(run_dir: str) -> list[str]:
+    """Remove everything but regular files from an EXITED run's folder; return what was removed.
+
+    The algorithm could leave `output`, or a name the agent writes next (`output.sealed`), as a symlink to a
+    host file, a FIFO or a folder; the agent would then read or overwrite the host file through it. Only call
+    this once the container has stopped, so nothing can put a trap back.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(run_dir))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
+        removed.append(entry.name)
+    return sorted(removed)

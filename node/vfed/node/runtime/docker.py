@@ -25,6 +25,7 @@ from docker.types import Mount
 from vfed.node.runtime.base import (
     LABEL_JOB_ID,
     LABEL_NODE,
+    LABEL_RUN_DIR,
     LABEL_RUN_ID,
     TEMPORARY_FOLDER,
     ExitStatus,
@@ -37,6 +38,7 @@ from vfed.node.runtime.base import (
     RuntimeUnavailable,
     container_name,
     job_volume_name,
+    sanitize_run_dir,
 )
 from vfed.node.runtime.docker_spec import (
     DockerRuntimeConfig,
@@ -96,6 +98,17 @@ def exit_reason(
         return None
     signals = {137: "killed (SIGKILL)", 143: "terminated (SIGTERM)", 139: "segmentation fault"}
     return signals.get(exit_code, f"exit code {exit_code}")
+
+
+def _disarm(container: Container) -> None:
+    """Once a run has stopped, take out whatever non-file it left in its run folder (see sanitize_run_dir)."""
+    run_dir = container.labels.get(LABEL_RUN_DIR)
+    if run_dir:
+        removed = sanitize_run_dir(run_dir)
+        if removed:
+            log.warning(
+                "run container %s left non-files in its run folder, removed: %s", container.name, removed
+            )
 
 
 def _volume_init_tar(uid: int, gid: int) -> bytes:
@@ -301,6 +314,7 @@ class DockerRuntime(Runtime):
                 return None
             if state["Status"] == "created":
                 return ExitStatus(exit_code=None, reason="never started")
+            _disarm(container)
             code, oom = int(state["ExitCode"]), bool(state["OOMKilled"])
             memory = container.attrs["HostConfig"].get("Memory") or None
             return ExitStatus(
@@ -348,6 +362,8 @@ class DockerRuntime(Runtime):
         for c in containers:
             state = c.attrs["State"]
             run_state = _STATES.get(state["Status"], RunState.EXITED)
+            if run_state is RunState.EXITED:
+                await asyncio.to_thread(_disarm, c)
             runs.append(
                 RunHandleInfo(
                     run_id=c.labels[LABEL_RUN_ID],

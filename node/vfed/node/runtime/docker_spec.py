@@ -18,6 +18,7 @@ from vfed.node.runtime.base import (
     CONTAINER_RUN_DIR,
     LABEL_JOB_ID,
     LABEL_NODE,
+    LABEL_RUN_DIR,
     LABEL_RUN_ID,
     PROXY_SOCKET,
     TEMPORARY_FOLDER,
@@ -108,7 +109,8 @@ def grant_container_user(spec: RunSpec, config: DockerRuntimeConfig) -> None:
 
 
 def run_labels(spec: RunSpec) -> dict[str, str]:
-    return {**spec.labels, LABEL_NODE: spec.node_name, LABEL_RUN_ID: spec.run_id, LABEL_JOB_ID: spec.job_id}
+    own = {LABEL_NODE: spec.node_name, LABEL_RUN_ID: spec.run_id, LABEL_JOB_ID: spec.job_id}
+    return {**spec.labels, **own, LABEL_RUN_DIR: spec.run_dir}
 
 
 def run_mounts(spec: RunSpec, config: DockerRuntimeConfig) -> list[Mount]:
