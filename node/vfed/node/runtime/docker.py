@@ -134,6 +134,7 @@ class DockerRuntime(Runtime):
         self._waiters: ThreadPoolExecutor | None = None
         self._ready_volumes: set[str] = set()
         self._volume_locks: dict[str, asyncio.Lock] = {}
+        self._open_lock = asyncio.Lock()
 
     # -- lifecycle
 
@@ -141,7 +142,9 @@ class DockerRuntime(Runtime):
         if self._waiters is None:
             self._waiters = ThreadPoolExecutor(self.config.max_waiters, thread_name_prefix="vfed-docker-wait")
         if self._client is None:
-            self._client = await asyncio.to_thread(self._connect)
+            async with self._open_lock:  # concurrent first calls share one client
+                if self._client is None:
+                    self._client = await asyncio.to_thread(self._connect)
 
     def _connect(self) -> docker.DockerClient:
         pool = self.config.max_waiters + 16
@@ -249,9 +252,13 @@ class DockerRuntime(Runtime):
         """
         self._image_id(image)  # pulls if needed, or raises PermanentStartError
         mount = Mount(TEMPORARY_FOLDER, volume, type="volume", no_copy=True)
+        name = f"{volume}-init"
+        with contextlib.suppress(docker.errors.NotFound):  # left by an agent that died right here
+            self.client.containers.get(name).remove(force=True)
         helper = self.client.containers.create(
             image,
             ["true"],
+            name=name,
             network_mode="none",
             mounts=[mount],
             user="0",
