@@ -26,7 +26,7 @@ build_example() {
         return
     fi
     say "image $image: building"
-    local stage=vfed-examples/$name:stage
+    local stage=vfed-examples/$name:stage-$$
     run_logged "docker build $name" docker build -q --label "vfed.inputs=$hash" -t "$stage" "$dir"
     local manifest
     manifest=$(docker run --rm --network none --cap-drop ALL "$stage" --manifest) \

@@ -325,7 +325,9 @@ async def test_central_summary_through_wrapper_and_proxy(socket_dir: Path, tmp_p
     pooled = pd.concat(frames)
     assert result["columns"]["cost"]["mean"] == pytest.approx(pooled["cost"].mean(), rel=1e-12)
     assert len(proxy.tasks) == 2
-    assert all(task.body["datasets"] == ["default"] for task in proxy.tasks.values()), "declared datasets asked"
+    assert all(task.body["datasets"] == ["default"] for task in proxy.tasks.values()), (
+        "declared datasets asked"
+    )
 
 
 def _local(frames: list[pd.DataFrame]):  # type: ignore[no-untyped-def]

@@ -1,0 +1,162 @@
+"""The example algorithms end to end: the real server app, three real node agents, real Docker, real crypto.
+
+Each organization holds one generated partition as a CSV dataset labelled `default`; the researcher runs a
+central function at organization a, which creates subtasks at all three through its proxy. Results must equal
+the pooled computation on the concatenated data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from alg_helpers import EXAMPLES, partitions
+from tests.node.node_harness import PASSWORD, Server, running_agent, write_node_config
+
+from vfed.client.client import AsyncClient
+from vfed.client.errors import RunFailed
+from vfed.node.config import load_settings
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+NAMES = ("a", "b", "c")
+
+
+@dataclass
+class Federation:
+    researcher: AsyncClient
+    collaboration: int
+    org_a: int
+    frames: list[pd.DataFrame]
+
+    async def run(self, example: str, method: str, timeout_s: float = 180, **kwargs: Any) -> dict[str, Any]:
+        """A central task at organization a; returns the task after it finished."""
+        task = await self.researcher.create_task(
+            self.collaboration,
+            f"vfed-examples/{example}:latest",
+            method,
+            kwargs=kwargs,
+            organizations=[self.org_a],
+        )
+        done: dict[str, Any] = await self.researcher.wait(task, timeout_s=timeout_s, progress=False)
+        return done
+
+
+@pytest.fixture(scope="module")
+def example_images(docker_client: Any) -> None:
+    build = subprocess.run(
+        ["bash", str(EXAMPLES / "build.sh")], capture_output=True, text=True, timeout=900, check=False
+    )
+    assert build.returncode == 0, build.stderr + build.stdout
+
+
+@pytest.fixture
+async def federation(tmp_path: Path, example_images: None) -> AsyncIterator[Federation]:
+    frames = partitions(seed=99)
+    frames[2]["rare"] = np.where(np.arange(len(frames[2])) < 5, 1.0, np.nan)  # 5 values at c only
+    for frame in frames[:2]:
+        frame["rare"] = np.arange(len(frame), dtype=float)
+    server = Server(tmp_path / "server", mqtt_url=None)
+    keys = await server.seed(list(NAMES))
+    await server.start()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(server.stop)
+        settings = {}
+        for name, frame in zip(NAMES, frames, strict=True):
+            data = tmp_path / f"{name}.csv"
+            frame.to_csv(data, index=False)
+            config = write_node_config(
+                tmp_path / f"{name}.yaml",
+                name=f"alg-{name}",
+                api_key=keys[name],
+                server_url=server.url,
+                mqtt_url=None,
+                poll_interval_s=0.5,
+                datasets={"default": {"uri": str(data), "type": "csv"}},
+            )
+            settings[name] = load_settings(config)
+            await stack.enter_async_context(running_agent(settings[name]))
+        researcher = await stack.enter_async_context(AsyncClient(server.url, key_file=settings["a"].key_path))
+        await researcher.login("res-a", PASSWORD)
+        collaboration = (await researcher.collaborations())[0]["id"]
+        assert researcher.organization_id is not None
+        yield Federation(researcher, collaboration, researcher.organization_id, frames)
+
+
+async def test_examples_equal_the_pooled_computation(federation: Federation) -> None:
+    pooled = pd.concat(federation.frames, ignore_index=True)
+
+    done = await federation.run("summary_stats", "summary", columns=["age", "bmi"], bins=6)
+    assert done["status"] == "completed", await federation.researcher.runs(done["id"])
+    (summary,) = await federation.researcher.results(done)
+    assert len(summary["organizations"]) == 3
+    for name in ("age", "bmi"):
+        column, got = pooled[name].dropna(), summary["columns"][name]
+        assert (got["count"], got["missing"], got["min"], got["max"]) == (
+            len(column),
+            int(pooled[name].isna().sum()),
+            column.min(),
+            column.max(),
+        )
+        assert got["mean"] == pytest.approx(column.mean(), rel=1e-12)
+        assert got["variance"] == pytest.approx(column.var(), rel=1e-10)
+        assert got["histogram"]["counts"] == np.histogram(column, bins=6)[0].tolist()
+
+    done = await federation.run("federated_glm", "glm", outcome="event", predictors=["age", "bmi"])
+    assert done["status"] == "completed", await federation.researcher.runs(done["id"])
+    (fit,) = await federation.researcher.results(done)
+    data = pooled[["event", "age", "bmi"]].dropna()
+    reference = sm.Logit(data["event"], sm.add_constant(data[["age", "bmi"]])).fit(
+        method="newton", tol=1e-14, disp=0
+    )
+    np.testing.assert_allclose(
+        list(fit["coefficients"].values()), reference.params.to_numpy(), atol=1e-6, rtol=0
+    )
+    subtasks = await federation.researcher.tasks(parent_id=done["id"])
+    assert len(subtasks) == fit["iterations"] and all(t["datasets"] == ["default"] for t in subtasks)
+
+    done = await federation.run("dp_stats", "dp_total", statistic="count", epsilon=1.0)
+    assert done["status"] == "completed", await federation.researcher.runs(done["id"])
+    (count,) = await federation.researcher.results(done)
+    assert abs(count["value"] - len(pooled)) < 60 and count["value"] != len(pooled)
+
+
+async def test_disclosure_control_and_failures_reach_the_researcher(federation: Federation) -> None:
+    done = await federation.run("summary_stats", "summary", columns=["rare"])
+    assert done["status"] == "failed"
+    with pytest.raises(RunFailed) as caught:
+        await federation.researcher.results(done)
+    failure = caught.value
+    assert "SubtaskFailed" in failure.log_tail and "failed: exit code 3" in failure.log_tail
+    subtask = (await federation.researcher.tasks(parent_id=done["id"]))[0]
+    runs = await federation.researcher.runs(subtask["id"])
+    refused = [r for r in runs if r["status"] == "failed"]
+    assert len(refused) == 1 and refused[0]["exit_code"] == 3
+    assert (
+        "column 'rare' (non-missing) has 5 records; this node shares aggregates over at least 10"
+        in refused[0]["log"]
+    )
+
+    # A crashing algorithm: the researcher gets the reason and the traceback's tail.
+    task = await federation.researcher.create_task(
+        federation.collaboration,
+        "vfed-examples/summary_stats:latest",
+        "partial_stats",
+        kwargs={"columns": ["no_such_column"]},
+        datasets=["default"],
+        organizations=[federation.org_a],
+    )
+    done = await federation.researcher.wait(task, timeout_s=120, progress=False)
+    with pytest.raises(RunFailed) as caught:
+        await federation.researcher.results(done)
+    assert "exit code 1" in caught.value.reason
+    assert (
+        "KeyError" in caught.value.log_tail and "no such columns: ['no_such_column']" in caught.value.log_tail
+    )
