@@ -80,6 +80,7 @@ async def test_one_gib_upload_and_download_bounded_memory(tmp_path: Path) -> Non
             peak = await sampler
     growth = peak - baseline
     print(
-        f"server RSS baseline {baseline / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, growth {growth / 2**20:.0f} MiB"
+        f"server RSS baseline {baseline / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, "
+        f"growth {growth / 2**20:.0f} MiB"
     )
     assert growth < MAX_RSS_GROWTH, f"server RSS grew by {growth / 2**20:.0f} MiB moving 1 GiB"

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import IntegrityError
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,6 +72,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.error, exc.detail, exc.headers)
+    except IntegrityError as exc:
+        log.info("integrity conflict on %s %s: %s", request.method, request.path, exc.orig)
+        return error_response(409, "conflict", "the change conflicts with existing data (a duplicate?)")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

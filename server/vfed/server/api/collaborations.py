@@ -100,18 +100,18 @@ async def patch_collaboration(request: web.Request) -> web.Response:
     body = await read_json(request, CollaborationPatch)
     async with session(request) as s:
         p = await caller(request, s)
-        if require(p, "collaboration", "read") < Scope.GLOBAL:
+        if require(p, "collaboration", "edit") < Scope.GLOBAL:
             raise forbidden("only root changes collaborations")
         c = await s.get(Collaboration, cid)
         if c is None:
             raise not_found("collaboration", cid)
-        if body.name is not None:
-            c.name = body.name
-        if body.encrypted is not None:
-            c.encrypted = body.encrypted
-        if body.organization_ids is not None:
-            c.organizations = await _orgs(s, body.organization_ids)
         try:
+            if body.organization_ids is not None:
+                c.organizations = await _orgs(s, body.organization_ids)
+            if body.name is not None:
+                c.name = body.name
+            if body.encrypted is not None:
+                c.encrypted = body.encrypted
             await s.commit()
         except IntegrityError as exc:
             raise conflict("exists", f"a collaboration named {body.name!r} exists") from exc
