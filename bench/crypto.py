@@ -33,8 +33,21 @@ REPO = Path(__file__).resolve().parent.parent
 Timing = dict[str, float | None]
 
 
-def _median_mibps(size: int, seconds: list[float]) -> float:
-    return round(size / MIB / statistics.median(seconds), 1)
+Sample = list[float]  # [wall-clock seconds, CPU seconds (user + system) of the measuring process]
+
+
+def _clock() -> Sample:
+    return [time.perf_counter(), time.process_time()]
+
+
+def _since(start: Sample) -> Sample:
+    now = _clock()
+    return [now[0] - start[0], now[1] - start[1]]
+
+
+def _median_mibps(size: int, samples: list[Sample], which: int = 0) -> float:
+    """Throughput of the median sample; which=0 wall clock, which=1 CPU time (immune to co-tenants)."""
+    return round(size / MIB / max(statistics.median(s[which] for s in samples), 1e-9), 1)
 
 
 def _peak_rss_mib() -> float:
@@ -112,8 +125,13 @@ def _vfed_pairs() -> dict[str, tuple[Callable[[bytes], Any], Callable[[bytes], A
         dec.finish()
         return out
 
+    def enc_committed(data: bytes) -> _Pieces:
+        enc = Encryptor(sender.current, to, chunk_size=CHUNK, commit=True)
+        return _Pieces(enc.feed(data) + enc.finish())
+
     return {
         "vfed": (enc_chunks, dec_chunks),
+        "vfed_committed": (enc_committed, dec_chunks),
         "vfed_bytes": (
             lambda data: encrypt_bytes(data, sender.current, to, chunk_size=CHUNK),
             lambda blob: decrypt_bytes(blob, receiver, sender.current.public),
@@ -139,18 +157,20 @@ def bench_memory(size: int, repeat: int) -> dict[str, Timing]:
     for name, (_, dec) in methods.items():  # correctness once, outside the timings
         if _as_blob(dec(blobs[name])) != data:
             raise SystemExit(f"{name} did not round-trip {size} bytes")
-    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in methods}
+    times: dict[str, tuple[list[Sample], list[Sample]]] = {name: ([], []) for name in methods}
+    inner = max(1, (64 * MIB) // size)  # small payloads: time enough calls to rise above timer noise
     for _ in range(repeat):
         for name, (enc, dec) in methods.items():
-            start = time.perf_counter()
-            enc(data)
-            times[name][0].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            dec(blobs[name])
-            times[name][1].append(time.perf_counter() - start)
-    return {
-        name: {"enc": _median_mibps(size, e), "dec": _median_mibps(size, d)} for name, (e, d) in times.items()
-    }
+            times[name][0].append(_per_call(enc, data, inner))
+            times[name][1].append(_per_call(dec, blobs[name], inner))
+    return {name: _timing(size, {"enc_s": e, "dec_s": d, "ok": True}) for name, (e, d) in times.items()}
+
+
+def _per_call(fn: Callable[[bytes], Any], arg: bytes, inner: int) -> Sample:
+    start = _clock()
+    for _ in range(inner):
+        fn(arg)
+    return [t / inner for t in _since(start)]
 
 
 # ---- 1 GiB streamed file to file, each method in a fresh child process ---------------------------
@@ -170,12 +190,12 @@ def _child_stream_vfed(src: Path, work: Path, repeat: int) -> dict[str, Any]:
     sealed, plain = work / "vfed.sealed", work / "vfed.plain"
     enc_s, dec_s = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = _clock()
         encrypt_file(src, sealed, sender.current, [receiver.current.public], chunk_size=CHUNK)
-        enc_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        enc_s.append(_since(start))
+        start = _clock()
         decrypt_file(sealed, plain, receiver, sender.current.public)
-        dec_s.append(time.perf_counter() - start)
+        dec_s.append(_since(start))
     rss_mib = _peak_rss_mib()  # before the comparison, which is not part of the stream
     return {"enc_s": enc_s, "dec_s": dec_s, "rss_mib": rss_mib, "ok": _same_file(src, plain)}
 
@@ -185,14 +205,14 @@ def _child_stream_limit(src: Path, work: Path, repeat: int) -> dict[str, Any]:
 
     key, sealed, plain = os.urandom(32), work / "limit.sealed", work / "limit.plain"
 
-    def run(inp: Path, out: Path, step: int, fn: Callable[[bytes, None, bytes, bytes], bytes]) -> float:
-        start = time.perf_counter()
+    def run(inp: Path, out: Path, step: int, fn: Callable[[bytes, None, bytes, bytes], bytes]) -> Sample:
+        start = _clock()
         with inp.open("rb") as fin, out.open("wb") as fout:
             n = 0
             while piece := fin.read(step):
                 fout.write(fn(piece, None, n.to_bytes(12, "big"), key))
                 n += 1
-        return time.perf_counter() - start
+        return _since(start)
 
     enc_s = [run(src, sealed, CHUNK, nb.crypto_aead_aes256gcm_encrypt) for _ in range(repeat)]
     dec_s = [run(sealed, plain, CHUNK + 16, nb.crypto_aead_aes256gcm_decrypt) for _ in range(repeat)]
@@ -224,22 +244,47 @@ def _run_child(python: str, args: list[str], timeout_s: float = 3600) -> dict[st
     return result
 
 
-def bench_stream(src: Path, work: Path, repeat: int) -> dict[str, Timing]:
+StreamMethod = tuple[str, str, str]  # name, interpreter, child kind
+
+
+def bench_stream(src: Path, work: Path, repeat: int, methods: list[StreamMethod]) -> dict[str, Timing]:
+    """One fresh child per method and run, interleaved: contention hits all methods alike, and each
+    child's peak RSS is its own."""
     size = src.stat().st_size
-    out: dict[str, Timing] = {}
-    for method in ("vfed", "limit"):
-        res = _run_child(sys.executable, ["--child", f"stream-{method}", str(src), str(work), str(repeat)])
-        out[method] = _timing(size, res)
-    return out
+    runs: dict[str, dict[str, Any]] = {
+        m[0]: {"enc_s": [], "dec_s": [], "ok": True, "rss_mib": 0.0} for m in methods
+    }
+    for _ in range(repeat):
+        for name, python, kind in methods:
+            res = _run_child(python, ["--child", kind, str(src), str(work), "1"])
+            _drop_outputs(work, name)
+            acc = runs[name]
+            if "error" in res:
+                acc["error"] = res["error"]
+                continue
+            acc["enc_s"] += res["enc_s"]
+            acc["dec_s"] += res["dec_s"]
+            acc["ok"] = acc["ok"] and res["ok"]
+            acc["rss_mib"] = max(acc["rss_mib"], res["rss_mib"])
+    return {name: _timing(size, acc) for name, acc in runs.items()}
+
+
+def _drop_outputs(work: Path, method: str) -> None:
+    """Free the tmpfs space of one method's streamed outputs before the next one runs."""
+    prefix = "v6" if method == "v6_stream" else method
+    for suffix in ("sealed", "plain"):
+        (work / f"{prefix}.{suffix}").unlink(missing_ok=True)
 
 
 def _timing(size: int, res: dict[str, Any]) -> Timing:
     if "error" in res or not res.get("ok", False):
         print(f"  note: child failed: {res.get('error', 'output did not round-trip')}", file=sys.stderr)
-        return {"enc": None, "dec": None, "rss_mib": res.get("rss_mib")}
+        return {"enc": None, "dec": None, "enc_cpu": None, "dec_cpu": None, "rss_mib": res.get("rss_mib")}
     return {
         "enc": _median_mibps(size, res["enc_s"]),
         "dec": _median_mibps(size, res["dec_s"]),
+        "enc_cpu": _median_mibps(size, res["enc_s"], 1),
+        "dec_cpu": _median_mibps(size, res["dec_s"], 1),
         "rss_mib": res.get("rss_mib"),
     }
 
@@ -299,12 +344,12 @@ def _v6_stream_memory(cryptor: Any, pub: str, size: int, repeat: int) -> dict[st
     return {"stream_ok": ok, "stream_enc_s": _times(repeat, enc), "stream_dec_s": _times(repeat, dec)}
 
 
-def _times(repeat: int, fn: Callable[[], object]) -> list[float]:
+def _times(repeat: int, fn: Callable[[], object]) -> list[Sample]:
     seconds = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = _clock()
         fn()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(_since(start))
     return seconds
 
 
@@ -352,10 +397,11 @@ def find_v6_python() -> tuple[str | None, str]:
 
 
 def bench_v6(
-    python: str, sizes: list[int], src: Path, work: Path, repeat: int
+    python: str, sizes: list[int], big: int, work: Path, repeat: int
 ) -> dict[str, dict[str, Timing]]:
-    """vantage6 default string mode and stream mode; its 1 GiB stream runs in its own child (RSS)."""
-    memory_sizes = [*sizes, src.stat().st_size]
+    """vantage6 default string mode (all sizes, in memory) and stream mode in memory (its file-to-file
+    stream at the largest size runs interleaved with vfed in bench_stream)."""
+    memory_sizes = [*sizes, big]
     res = _run_child(
         python,
         ["--child", "v6-memory", ",".join(map(str, memory_sizes)), str(work), str(repeat), str(max(sizes))],
@@ -370,9 +416,6 @@ def bench_v6(
             out[str(size)]["v6_stream"] = _timing(
                 size, {"enc_s": one["stream_enc_s"], "dec_s": one["stream_dec_s"], **one}
             )
-    size = src.stat().st_size
-    stream = _run_child(python, ["--child", "stream-v6", str(src), str(work), str(repeat)])
-    out[str(size)]["v6_stream"] = _timing(size, stream)
     return out
 
 
@@ -396,26 +439,35 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _fmt(value: float | None, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:,.1f}{suffix}"
+    """MiB/s and MiB without decimals; ratios (suffix "x") with two."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" if suffix == "x" else f"{value:,.0f}{suffix}"
+
+
+ROW_ORDER = ("vfed", "limit", "vfed_committed", "vfed_bytes", "limit_bytes", "v6_str", "v6_stream")
 
 
 def print_table(results: dict[str, dict[str, Timing]], notes: list[str]) -> None:
     print(
-        f"{'payload':>9} {'method':<12} {'enc MiB/s':>10} {'dec MiB/s':>10} {'enc/limit':>10} "
-        f"{'dec/limit':>10} {'peak RSS':>9}"
+        f"{'payload':>9} {'method':<15}{'wall enc':>9}{'dec':>8}{'x limit':>13}"
+        f"{'CPU enc':>9}{'dec':>8}{'x limit':>13}{'peak RSS':>10}   (MiB/s)"
     )
     for size, rows in results.items():
-        limit = rows.get("limit", {})
-        for name in ("vfed", "limit", "vfed_bytes", "limit_bytes", "v6_str", "v6_stream"):
+        for name in ROW_ORDER:
             row = rows.get(name)
             if row is None:
                 continue
-            base = rows.get("limit_bytes", limit) if name == "vfed_bytes" else limit
-            enc_ratio, dec_ratio = _ratio(row["enc"], base.get("enc")), _ratio(row["dec"], base.get("dec"))
-            print(
-                f"{_label(int(size)):>9} {name:<12} {_fmt(row['enc']):>10} {_fmt(row['dec']):>10} "
-                f"{_fmt(enc_ratio, 'x'):>10} {_fmt(dec_ratio, 'x'):>10} {_fmt(row.get('rss_mib'), ' MiB'):>9}"
-            )
+            base = rows.get("limit_bytes", {}) if name == "vfed_bytes" else rows.get("limit", {})
+            cells = []
+            for suffix in ("", "_cpu"):
+                enc, dec = row.get(f"enc{suffix}"), row.get(f"dec{suffix}")
+                ratios = (_ratio(enc, base.get(f"enc{suffix}")), _ratio(dec, base.get(f"dec{suffix}")))
+                cells.append(
+                    f"{_fmt(enc):>9}{_fmt(dec):>8}{_fmt(ratios[0], 'x'):>7}/{_fmt(ratios[1], 'x'):<5}"
+                )
+            rss = _fmt(row.get("rss_mib"), " MiB")
+            print(f"{_label(int(size)):>9} {name:<15}{cells[0]}{cells[1]}{rss:>10}")
     for note in notes:
         print(f"note: {note}")
 
@@ -432,10 +484,14 @@ def summary(results: dict[str, dict[str, Timing]], mid: int, big: int, notes: li
         for d in ("enc", "dec")
     }
     out["stream_1gib_peak_rss_mib"] = results.get(str(big), {}).get("vfed", {}).get("rss_mib")
-    out["vfed_bytes_enc_mibps"], out["vfed_bytes_dec_mibps"] = (
-        get("vfed_bytes", "enc"),
-        get("vfed_bytes", "dec"),
-    )
+    for method in ("vfed_bytes", "limit_bytes", "vfed_committed"):
+        out[f"{method}_enc_mibps"], out[f"{method}_dec_mibps"] = get(method, "enc"), get(method, "dec")
+    for method in ("vfed", "limit", "v6_str", "vfed_bytes", "limit_bytes", "vfed_committed"):
+        for d in ("enc", "dec"):
+            out[f"{method}_{d}_cpu_mibps"] = get(method, f"{d}_cpu")
+    for d in ("enc", "dec"):
+        out[f"ratio_vfed_limit_{d}_cpu"] = _ratio(out[f"vfed_{d}_cpu_mibps"], out[f"limit_{d}_cpu_mibps"])
+        out[f"ratio_vfed_v6_str_{d}_cpu"] = _ratio(out[f"vfed_{d}_cpu_mibps"], out[f"v6_str_{d}_cpu_mibps"])
     out["ratio_vfed_limit_enc"] = _ratio(out["vfed_enc_mibps"], out["limit_enc_mibps"])
     out["ratio_vfed_limit_dec"] = _ratio(out["vfed_dec_mibps"], out["limit_dec_mibps"])
     out["ratio_vfed_v6_str_enc"] = _ratio(out["vfed_enc_mibps"], out["v6_str_enc_mibps"])
@@ -478,10 +534,13 @@ def main() -> None:
         "vfed/limit = chunk-level APIs, output kept as chunks; vfed_bytes/limit_bytes = one contiguous "
         "bytes result (ratio of vfed_bytes is against limit_bytes)",
     ]
+    notes.append(f"load average at start {_loadavg()} on {os.cpu_count()} CPUs")
     results: dict[str, dict[str, Timing]] = {}
     for size in memory_sizes:
         _progress(args.json, f"in memory {_label(size)}")
         results[str(size)] = bench_memory(size, args.repeat)
+    v6_python, how = (None, "vantage6 skipped (--no-v6)") if args.no_v6 else find_v6_python()
+    notes.append(how)
     tmpdir = args.tmpdir or _default_tmpdir(big)
     notes.append(f"streamed files in {tmpdir or tempfile.gettempdir()}")
     with tempfile.TemporaryDirectory(dir=tmpdir, prefix="vfed-bench-") as tmp:
@@ -489,8 +548,20 @@ def main() -> None:
         src = work / "payload.bin"
         _make_file(src, big)
         _progress(args.json, f"streaming {_label(big)}")
-        results[str(big)] = bench_stream(src, work, args.repeat)
-        _bench_v6_into(results, args, memory_sizes, src, work, notes)
+        stream_methods = [("vfed", sys.executable, "stream-vfed"), ("limit", sys.executable, "stream-limit")]
+        if v6_python:
+            stream_methods.append(("v6_stream", v6_python, "stream-v6"))
+        results[str(big)] = bench_stream(src, work, args.repeat, stream_methods)
+    if v6_python:
+        notes.append(
+            "vantage6 string mode is fed JSON text (it cannot round-trip arbitrary bytes) and holds the "
+            "whole payload in memory, also at the streamed size"
+        )
+        _progress(args.json, "vantage6 in memory")
+        with tempfile.TemporaryDirectory(prefix="vfed-bench-v6-") as tmp:
+            for key, rows in bench_v6(v6_python, memory_sizes, big, Path(tmp), args.repeat).items():
+                results.setdefault(key, {}).update(rows)
+    notes.append(f"load average at end {_loadavg()}")
     if args.json:
         print(json.dumps(summary(results, mid, big, notes)))
     else:
@@ -498,25 +569,8 @@ def main() -> None:
         _print_targets(summary(results, mid, big, notes))
 
 
-def _bench_v6_into(
-    results: dict[str, dict[str, Timing]],
-    args: Any,
-    sizes: list[int],
-    src: Path,
-    work: Path,
-    notes: list[str],
-) -> None:
-    python, how = (None, "vantage6 skipped (--no-v6)") if args.no_v6 else find_v6_python()
-    notes.append(how)
-    if python is None:
-        return
-    notes.append(
-        "vantage6 string mode is fed JSON text (it cannot round-trip arbitrary bytes) and holds "
-        "the whole payload in memory, also at the streamed size"
-    )
-    _progress(args.json, "vantage6")
-    for size, rows in bench_v6(python, sizes, src, work, args.repeat).items():
-        results.setdefault(size, {}).update(rows)
+def _loadavg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _progress(quiet: bool, what: str) -> None:
@@ -525,10 +579,16 @@ def _progress(quiet: bool, what: str) -> None:
 
 
 def _print_targets(s: dict[str, Any]) -> None:
+    def pair(key: str) -> str:
+        return f"{_fmt(s[f'{key}_enc'], 'x')}/{_fmt(s[f'{key}_dec'], 'x')}"
+
+    def pair_cpu(key: str) -> str:
+        return f"{_fmt(s[f'{key}_enc_cpu'], 'x')}/{_fmt(s[f'{key}_dec_cpu'], 'x')}"
+
     print(
-        f"targets at {s['figures_payload_mib']} MiB: vfed/limit enc {_fmt(s['ratio_vfed_limit_enc'], 'x')} "
-        f"dec {_fmt(s['ratio_vfed_limit_dec'], 'x')} (target >= 0.8x); vfed/vantage6-string enc "
-        f"{_fmt(s['ratio_vfed_v6_str_enc'], 'x')} dec {_fmt(s['ratio_vfed_v6_str_dec'], 'x')} (target >= 10x)"
+        f"targets at {s['figures_payload_mib']} MiB (enc/dec, wall | CPU): "
+        f"vfed/limit {pair('ratio_vfed_limit')} | {pair_cpu('ratio_vfed_limit')} (>= 0.80x); "
+        f"vfed/vantage6-string {pair('ratio_vfed_v6_str')} | {pair_cpu('ratio_vfed_v6_str')} (>= 10x)"
     )
     print(
         f"peak RSS of the vfed {s['stream_payload_mib']} MiB stream: "
