@@ -68,6 +68,14 @@ def test_start_without_key_and_stop_when_not_running(dirs: Dirs, node_name: str)
 
 
 @pytest.mark.docker
+def test_start_with_a_missing_image(dirs: Dirs, node_name: str) -> None:
+    new_node(node_name, "1.a")
+    result = vnode("start", node_name, "--image", "vfed-test/no-such-image:1")
+    assert result.exit_code == 1
+    assert "image vfed-test/no-such-image:1 is not present and cannot be pulled" in result.output
+
+
+@pytest.mark.docker
 @pytest.mark.mqtt
 @pytest.mark.slow
 def test_start_fails_with_the_agents_last_lines(

@@ -9,10 +9,12 @@ test even when the image was built from an older tree (and exercises `--develop`
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +101,9 @@ def test_two_nodes_on_one_machine(
     _check_agent_container(docker_client, f"vfed-{first}-user", first, table)
 
     # attach follows the log until Ctrl-C.
-    attach = subprocess.Popen(
-        [VNODE, "attach", first], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    out = _interrupt_when(
+        [VNODE, "attach", first], lambda lines: any("vfed.node.agent" in line for line in lines)
     )
-    time.sleep(3)
-    attach.send_signal(signal.SIGINT)
-    out, err = attach.communicate(timeout=20)
-    assert attach.returncode == 0, err
     assert "started" in out and "vfed.node" in out, out
 
     # The second node stops: offline, and its work waits for it.
@@ -124,8 +122,15 @@ def test_two_nodes_on_one_machine(
         time.sleep(3)  # the stopped node's run must not move, even given time
         assert _runs(researcher, task["id"])[orgs["B"]] == "pending"
 
-        # Started again, the second node picks up its pending run and the task completes.
-        _ok("start", second, "--system", "--develop", str(ROOT))
+        # Started again (and attached), the second node picks up its pending run and the task completes.
+        started = _interrupt_when(
+            [VNODE, "start", second, "--system", "--develop", str(ROOT), "--attach"],
+            lambda lines: (
+                any("is online" in line for line in lines)
+                and any("vfed.node.agent" in line for line in lines)
+            ),
+        )
+        assert f"node {second} (system) is online" in started
         _wait_runs(researcher, task["id"], {orgs["A"]: "completed", orgs["B"]: "completed"})
         results = {r["organization_id"]: r["value"] for r in researcher.results(task)}
     assert results == {orgs["A"]: 5 * orgs["A"], orgs["B"]: 5 * orgs["B"]}
@@ -137,6 +142,26 @@ def test_two_nodes_on_one_machine(
     assert not [
         v for v in docker_client.volumes.list() if (v.name or "").endswith("-tmp") and first in v.name
     ]
+
+
+def _interrupt_when(cmd: list[str], done: Callable[[list[str]], bool], timeout_s: float = 120) -> str:
+    """Run cmd, read its output until done(lines), then Ctrl-C it; it must exit 0. Returns all its output."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()  # raw reads: a buffered readline would hide data from select
+    text = ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None and not done(text.splitlines()):
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            text += os.read(fd, 65536).decode("utf-8", "replace")
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=20)
+    output = text + rest.decode("utf-8", "replace")
+    lines = text.splitlines()
+    assert done(lines), output
+    assert proc.returncode == 0, output
+    return output
 
 
 def _check_agent_container(client: docker.DockerClient, container: str, name: str, table: Path) -> None:
