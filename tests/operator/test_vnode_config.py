@@ -198,3 +198,35 @@ def test_help_has_examples() -> None:
         assert result.exit_code == 0
         assert "Examples:" in result.output, command
         assert "--user / --system" in result.output or command in (["list"], ["keys"])
+
+
+def test_name_is_chosen_from_a_list_on_a_terminal(dirs: Dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CliRunner is not a terminal: `interactive` is told a person is typing the choice on stdin."""
+    import vfed.node.operator.paths as paths_module
+
+    new_node("left", "1.a", "--no-generate-key")
+    new_node("right", "1.b", "--no-generate-key")
+    monkeypatch.setattr(paths_module, "interactive", lambda: True)
+    result = vnode("files", "--format", "json", input="2\n")
+    assert result.exit_code == 0, result.output
+    assert "1) left" in result.output and "2) right" in result.output
+    assert '"config": "' + str(dirs.user_config / "vfed" / "nodes" / "right.yaml") in result.output
+
+
+def test_list_shows_both_scopes_and_broken_configs(dirs: Dirs) -> None:
+    new_node("listed", "1.a", "--no-generate-key", "--dataset", "d=/data/d.csv")
+    new_node("sysnode", "1.b", "--system", "--no-generate-key")
+    (dirs.system_config / "nodes" / "broken.yaml").write_text("api_key: 1.x\n")  # no data_dir
+    rows = {r["name"]: r for r in json.loads(vnode("list", "--format", "json").stdout)}
+    assert set(rows) == {"listed", "sysnode", "broken"}
+    assert rows["listed"]["scope"] == "user" and rows["listed"]["datasets"] == ["d"]
+    assert rows["sysnode"]["scope"] == "system"
+    for name in ("listed", "sysnode"):
+        assert rows[name]["running"] is False and rows[name]["status"] == "offline"
+        assert rows[name]["runtime"] == "docker" and rows[name]["error"] is None
+    assert "invalid config: data_dir: Field required" in rows["broken"]["error"]
+    table = vnode("list")
+    assert table.exit_code == 0
+    head, *lines = table.output.strip().splitlines()
+    assert head.split() == ["NAME", "SCOPE", "RUNNING", "SERVER", "RUNTIME", "DATASETS"]
+    assert any(line.split()[:6] == ["listed", "user", "no", "offline", "docker", "d"] for line in lines)
