@@ -89,7 +89,6 @@ def _read_database(label: str, engine: sa.Engine, env: Mapping[str, str]) -> pd.
 
 def _read(label: str, kind: DatasetType, uri: str, env: Mapping[str, str]) -> pd.DataFrame:
     import pandas as pd
-    import sqlalchemy as sa
 
     if kind is DatasetType.CSV:
         return pd.read_csv(_file_path(uri))
@@ -97,6 +96,8 @@ def _read(label: str, kind: DatasetType, uri: str, env: Mapping[str, str]) -> pd
         return pd.read_parquet(_file_path(uri), engine="pyarrow")
     if kind is DatasetType.SQLITE:
         return _read_database(label, _sqlite_engine(_file_path(uri)), env)
+    import sqlalchemy as sa  # only databases pay for SQLAlchemy's import
+
     return _read_database(label, sa.create_engine(uri), env)
 
 

@@ -63,6 +63,12 @@ def _is_dataframe(value: object) -> bool:
     return isinstance(value, pd.DataFrame | pd.Series)
 
 
+_UNENCODABLE = (
+    "cannot encode a {} as a result: return JSON-like values "
+    "(dict, list, str, int, float, bool, None, numpy values) or a pandas DataFrame"
+)
+
+
 def _plain(value: Any) -> Any:
     """json.dumps fallback: numpy arrays and scalars as plain Python (numpy is never imported here)."""
     if type(value).__module__ == "numpy":
@@ -70,7 +76,7 @@ def _plain(value: Any) -> Any:
             convert = getattr(value, attr, None)
             if callable(convert):
                 return convert()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    raise TypeError(_UNENCODABLE.format(type(value).__name__))
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -85,10 +91,7 @@ def _to_jsonable(value: Any) -> Any:
         return [_to_jsonable(v) for v in value]
     if type(value).__module__ == "numpy":
         return _to_jsonable(_plain(value))
-    raise TypeError(
-        f"cannot encode a {type(value).__name__} as a result: return JSON-like values "
-        "(dict, list, str, int, float, bool, None, numpy values) or a pandas DataFrame"
-    )
+    raise TypeError(_UNENCODABLE.format(type(value).__name__))
 
 
 def _encode_table(value: Any) -> bytes:
@@ -104,8 +107,12 @@ def encode_result(value: Any) -> bytes:
     """A result as bytes: Parquet for a DataFrame (a Series becomes a one-column frame), JSON otherwise."""
     if _is_dataframe(value):
         return _encode_table(value)
-    document = {"vfed": FORMAT_VERSION, "format": "json", "value": _to_jsonable(value)}
-    return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
+    document = {"vfed": FORMAT_VERSION, "format": "json", "value": value}
+    try:  # fast path: the json module walks the value in C
+        return json.dumps(document, allow_nan=False, separators=(",", ":"), default=_plain).encode()
+    except ValueError:  # a NaN or infinity somewhere: rewrite them as null
+        document["value"] = _to_jsonable(value)
+        return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
 
 def encode_error(exc_type: str, message: str, traceback: str = "") -> bytes:
