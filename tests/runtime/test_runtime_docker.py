@@ -82,7 +82,7 @@ async def test_container_is_hardened(
     mounts = {m["Destination"]: (m["Type"], m.get("Name") or m["Source"], m["RW"]) for m in attrs["Mounts"]}
     assert mounts == {
         "/mnt/run": ("bind", spec.run_dir, True),
-        "/mnt/tmp": ("volume", f"vfed-{spec.node_name}-job1-tmp", True),
+        "/mnt/job": ("volume", f"vfed-{spec.node_name}-job1-tmp", True),
         "/run/vfed/proxy.sock": ("bind", str(proxy_socket), False),
         "/mnt/data/d1": ("bind", str(data), False),
     }

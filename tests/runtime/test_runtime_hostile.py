@@ -185,7 +185,18 @@ async def test_hostile_algorithm_cannot_get_out(
         assert not report[name]["ok"], report[name]
 
     # Files: nothing outside its own folders, no other job's volume, the dataset read-only.
-    for folder in ("/", "/etc", "/usr/local/bin", "/opt", "/home", "/var/tmp", "/root"):
+    for folder in (
+        "/",
+        "/etc",
+        "/usr/local/bin",
+        "/opt",
+        "/home",
+        "/var/tmp",
+        "/root",
+        "/mnt",
+        "/mnt/job",
+        "/run",
+    ):
         assert not report[f"write:{folder}"]["ok"], report[f"write:{folder}"]
     assert not report["write:dataset:cohort"]["ok"] and report["read:dataset:cohort"]["ok"]
     for name in (

@@ -104,7 +104,7 @@ def test_algorithm_environment() -> None:
     assert env == {
         "INPUT_FILE": "/mnt/run/input",
         "OUTPUT_FILE": "/mnt/run/output",
-        "TEMPORARY_FOLDER": "/mnt/tmp",
+        "TEMPORARY_FOLDER": "/mnt/job/tmp",
         "RUN_ID": "1",
         "JOB_ID": "2",
         "ORGANIZATION_ID": "3",
@@ -139,7 +139,7 @@ def test_container_definition_is_hardened(tmp_path: Path) -> None:
     mounts = {m["Target"]: (m["Source"], m["ReadOnly"], m["Type"]) for m in kw["mounts"]}
     assert mounts == {
         "/mnt/run": ("/host", False, "bind"),
-        "/mnt/tmp": ("vfed-n1-j1-tmp", False, "volume"),
+        "/mnt/job": ("vfed-n1-j1-tmp", False, "volume"),
         "/run/vfed/proxy.sock": ("/host/p.sock", True, "bind"),
         "/mnt/data/d": ("/srv/d.csv", True, "bind"),
     }

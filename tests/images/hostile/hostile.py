@@ -23,6 +23,18 @@ from collections.abc import Callable
 from typing import Any
 
 REPORT_PREFIX = "HOSTILE-REPORT "
+FORBIDDEN_FOLDERS = (
+    "/",
+    "/etc",
+    "/usr/local/bin",
+    "/opt",
+    "/home",
+    "/var/tmp",
+    "/root",
+    "/mnt",
+    "/mnt/job",
+    "/run",
+)
 Result = dict[str, Any]
 
 
@@ -123,7 +135,7 @@ def filesystem_probes(targets: dict[str, Any]) -> list[Result]:
     results = []
     run_dir = os.path.dirname(os.environ.get("OUTPUT_FILE", "/nonexistent/output"))
     temp = os.environ.get("TEMPORARY_FOLDER", "/nonexistent")
-    for folder in ("/", "/etc", "/usr/local/bin", "/opt", "/home", "/var/tmp", "/root"):
+    for folder in FORBIDDEN_FOLDERS:
         results.append(attempt(f"write:{folder}", lambda d=folder: write_file(d)))
     for label in [x for x in os.environ.get("DATASETS", "").split(",") if x]:
         uri = os.environ.get(f"DATASET_{label.upper().replace('-', '_')}_URI", "")

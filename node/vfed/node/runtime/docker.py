@@ -20,9 +20,9 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
-from docker.types import Mount
 
 from vfed.node.runtime.base import (
+    JOB_VOLUME_MOUNT,
     LABEL_JOB_ID,
     LABEL_NODE,
     LABEL_RUN_DIR,
@@ -111,11 +111,15 @@ def _disarm(container: Container) -> None:
             )
 
 
-def _volume_init_tar(uid: int, gid: int) -> bytes:
-    """A tar holding only the job folder itself, owned by the container user (a fresh volume is root's)."""
+def _job_folder_tar(uid: int, gid: int) -> bytes:
+    """A tar holding only the job folder, owned by the container user (a fresh volume is root's).
+
+    Extracted into the volume of a created container: the archive API may write there despite the read-only
+    root, and unpacking over an existing folder only resets its owner and mode.
+    """
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(TEMPORARY_FOLDER.rsplit("/", 1)[1])
+        info = tarfile.TarInfo(TEMPORARY_FOLDER.removeprefix(JOB_VOLUME_MOUNT).strip("/"))
         info.type = tarfile.DIRTYPE
         info.uid, info.gid, info.mode, info.mtime = uid, gid, 0o700, int(time.time())
         tar.addfile(info)
@@ -232,44 +236,23 @@ class DockerRuntime(Runtime):
         except OSError as exc:
             raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
         volume = job_volume_name(spec.node_name, spec.job_id)
-        if volume not in self._ready_volumes:
-            # The first run of a job on this agent hands the job folder to the container user, once.
+        if volume in self._ready_volumes:
+            container = await self._call(f"create {handle}", self._create, kwargs)
+        else:
+            # The first run of a job on this agent gives the job folder to the container user, once.
             async with self._volume_locks.setdefault(volume, asyncio.Lock()):
                 if volume not in self._ready_volumes:
                     await self.ensure_job_volume(spec.node_name, spec.job_id)
-                    await self._call(f"init {volume}", self._init_volume, spec.image, volume)
+                container = await self._call(f"create {handle}", self._create, kwargs)
+                if volume not in self._ready_volumes:
+                    tar = _job_folder_tar(self.config.uid, self.config.gid)
+                    await self._after_create(
+                        handle, container, lambda: container.put_archive(JOB_VOLUME_MOUNT, tar)
+                    )
                     self._ready_volumes.add(volume)
-        container = await self._call(f"create {handle}", self._create, kwargs)
         await self._after_create(handle, container, container.start)
         log.info("run %s started as %s", spec.run_id, handle)
         return handle
-
-    def _init_volume(self, image: str, volume: str) -> None:
-        """Chown the volume's root through a container that is created, never started.
-
-        The archive API cannot write under a read-only root, so this helper has a writable one; it uses the
-        run's own image because that one is known to be present.
-        """
-        self._image_id(image)  # pulls if needed, or raises PermanentStartError
-        mount = Mount(TEMPORARY_FOLDER, volume, type="volume", no_copy=True)
-        name = f"{volume}-init"
-        with contextlib.suppress(docker.errors.NotFound):  # left by an agent that died right here
-            self.client.containers.get(name).remove(force=True)
-        helper = self.client.containers.create(
-            image,
-            ["true"],
-            name=name,
-            network_mode="none",
-            mounts=[mount],
-            user="0",
-            labels={"vfed.kind": "volume-init"},
-        )
-        try:
-            helper.put_archive(
-                TEMPORARY_FOLDER.rsplit("/", 1)[0], _volume_init_tar(self.config.uid, self.config.gid)
-            )
-        finally:
-            helper.remove(force=True)
 
     async def _after_create(self, handle: str, container: Container, step: Callable[..., object]) -> None:
         """Run a step on a created container; on failure remove it so the run can be started again."""

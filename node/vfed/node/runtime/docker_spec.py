@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vfed.node.runtime.base import (
     CONTAINER_RUN_DIR,
+    JOB_VOLUME_MOUNT,
     LABEL_JOB_ID,
     LABEL_NODE,
     LABEL_RUN_DIR,
     LABEL_RUN_ID,
     PROXY_SOCKET,
-    TEMPORARY_FOLDER,
     PermanentStartError,
     RunSpec,
     container_name,
@@ -117,7 +117,7 @@ def run_mounts(spec: RunSpec, config: DockerRuntimeConfig) -> list[Mount]:
     """The only host paths the container sees."""
     mounts = [
         Mount(CONTAINER_RUN_DIR, config.to_host_path(spec.run_dir), type="bind", read_only=False),
-        Mount(TEMPORARY_FOLDER, job_volume_name(spec.node_name, spec.job_id), type="volume", no_copy=True),
+        Mount(JOB_VOLUME_MOUNT, job_volume_name(spec.node_name, spec.job_id), type="volume", no_copy=True),
     ]
     if spec.proxy_socket is not None:
         mounts.append(
