@@ -236,3 +236,25 @@ async def test_metrics_endpoint_counts_runs(tmp_path: Path) -> None:
         assert "vnode_bytes_up_total" in text
     finally:
         await server.stop()
+
+
+async def test_job_volume_kept_for_its_retention_then_removed(tmp_path: Path, docker_client: Any) -> None:
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5, job_volume_retention_s=2.0)
+
+    def volumes() -> list[str]:
+        found = docker_client.volumes.list(filters={"label": "vfed.node=alpha"})
+        return [v.name for v in found]
+
+    try:
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            task = await site.submit("echo", 1)
+            await wait_run_status(site.researcher, task["id"], {"completed"})
+            job = (await site.researcher.runs(task["id"]))[0]["job_id"]
+            assert volumes() == [f"vfed-alpha-{job}-tmp"]
+            for _ in range(100):
+                if not volumes():
+                    break
+                await asyncio.sleep(0.1)
+            assert volumes() == []
+    finally:
+        await server.stop()

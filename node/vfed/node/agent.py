@@ -162,6 +162,8 @@ class Agent:
         if mqtt_url and s.client.identity is not None:
             self.doorbell = Doorbell(mqtt_url, s.client.identity.node_id, self._on_ring)
             self._background.append(asyncio.create_task(self.doorbell.run(), name="doorbell"))
+        self._background.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        self._background.append(asyncio.create_task(self._janitor(), name="janitor"))
         backoff = self.settings.poll_interval_s
         while not self._stopping.is_set():
             self._wake.clear()
@@ -176,6 +178,33 @@ class Agent:
             timeout = 0.2 if burst else backoff * random.uniform(0.8, 1.2)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _heartbeat(self) -> None:
+        """Keep the node online on the server even when the poll interval is long."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            with contextlib.suppress(ApiError, ServerUnavailable):
+                await self._s.client.heartbeat()
+
+    async def _janitor(self) -> None:
+        """Remove job volumes idle for longer than job_volume_retention_s (also those a crash left)."""
+        idle_since: dict[str, float] = {}
+        every_s = min(max(self.settings.job_volume_retention_s, 1.0), 60.0)
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(Exception):  # a janitor never stops the agent
+                await self._sweep_volumes(idle_since)
+
+    async def _sweep_volumes(self, idle_since: dict[str, float]) -> None:
+        s = self._s
+        busy = {str(e.job_id) for e in s.journal.unfinished()}
+        now = time.monotonic()
+        for job_id in await s.runtime.list_job_volumes(self.settings.name):
+            if job_id in busy:
+                idle_since.pop(job_id, None)
+            elif now - idle_since.setdefault(job_id, now) >= self.settings.job_volume_retention_s:
+                await s.runtime.remove_job_volume(self.settings.name, job_id)
+                idle_since.pop(job_id, None)
 
     async def _mqtt_from_server(self) -> str | None:
         """The broker the server announces at `GET /doorbell`, when the config names none."""
@@ -210,6 +239,8 @@ class Agent:
         self.metrics.doorbells.inc()
         if ring.event == "run-killed" and ring.run_id is not None:
             self._kill(ring.run_id)
+        elif ring.event == "run-created" and ring.run_id is not None and ring.run_id not in self._tasks:
+            self._spawn(ring.run_id)  # claim at once; the claim is atomic, the poll is the safety net
         self._wake.set()
 
     def _kill(self, run_id: int) -> None:

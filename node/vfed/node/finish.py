@@ -212,7 +212,8 @@ class Finisher:
             with contextlib.suppress(NotFound, RuntimeUnavailable):
                 await self.s.runtime.cleanup(handle)
         await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
-        if not any(e.job_id == job_id for e in self.s.journal.unfinished()):
+        retained = self.s.settings.job_volume_retention_s > 0  # then the agent's janitor removes it later
+        if not retained and not any(e.job_id == job_id for e in self.s.journal.unfinished()):
             with contextlib.suppress(RuntimeUnavailable, NotFound):
                 await self.s.runtime.remove_job_volume(self.s.settings.name, str(job_id))
 

@@ -35,7 +35,7 @@ from vfed.node.runtime.base import (
 from vfed.node.server_api import AlreadyClaimed, NodeClient
 from vfed.proxy.app import ProxyContext, RunInfo
 from vfed.proxy.keys import KeyDirectory, KeyUnavailable
-from vfed.proxy.rest import RestClient, Run, Task
+from vfed.proxy.rest import ApiError, RestClient, Run, Task
 from vfed.proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,9 @@ class Runner:
         except AlreadyClaimed:
             log.info("run %s: claimed by another node", run_id)
             return
+        except ApiError as exc:  # e.g. a doorbell for a run this node may not claim
+            log.warning("run %s: cannot claim: %s", run_id, exc)
+            return
         self.s.journal.claimed(run.id, run.task_id, run.job_id)
         log.info("run %s: claimed (task %s, job %s)", run.id, run.task_id, run.job_id)
         try:
@@ -126,12 +129,9 @@ class Runner:
             await self.finisher.end_without_container(run_id, "crashed", f"node agent error: {exc}")
 
     async def _prepare(self, run: Run) -> Prepared:
-        task = await self.s.client.get_task(run.task_id)
-        plaintext = await self._decrypt_input(run, task)
-        try:
-            digest = await self.s.runtime.image_digest(task.image)
-        except PermanentStartError as exc:
-            raise RunRefused("start-failed", f"image {task.image} is not available: {exc}") from None
+        # Independent round trips overlap: they are most of the agent's own share of the start latency.
+        task, blob = await asyncio.gather(self.s.client.get_task(run.task_id), self._download_input(run))
+        plaintext, digest = await asyncio.gather(self._decrypt_input(task, blob), self._image_digest(task))
         decision = check_run(
             self.s.settings,
             image=task.image,
@@ -161,17 +161,25 @@ class Runner:
         await asyncio.to_thread(_write_run_dir, run_dir, plaintext)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, epsilon)
 
-    async def _decrypt_input(self, run: Run, task: Task) -> bytes:
+    async def _download_input(self, run: Run) -> bytes:
         if run.input_blob_id is None:
             raise RunRefused("failed", "the run has no input blob")
-        if task.initiator_organization_id is None:
-            raise RunRefused(
-                "failed", "the task names no initiating organization to verify the input against"
-            )
         blob = await self.s.client.download_blob(run.input_blob_id)
         self.s.metrics.bytes_down.inc(len(blob))
+        return blob
+
+    async def _image_digest(self, task: Task) -> str:
         try:
-            sender = await self.s.keys.sender(task.initiator_organization_id)
+            return await self.s.runtime.image_digest(task.image)
+        except PermanentStartError as exc:
+            raise RunRefused("start-failed", f"image {task.image} is not available: {exc}") from None
+
+    async def _decrypt_input(self, task: Task, blob: bytes) -> bytes:
+        initiator = task.initiator_organization_id
+        if initiator is None:
+            raise RunRefused("failed", "the task names no initiating organization to check the input against")
+        try:
+            sender = await self.s.keys.sender(initiator)
             return await asyncio.to_thread(decrypt_bytes, blob, self.s.keyring, sender)
         except (CryptoError, KeyUnavailable) as exc:
             raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
