@@ -23,7 +23,7 @@ from tests.node.node_harness import PASSWORD, Server, running_agent, write_node_
 
 from vfed.client.client import AsyncClient
 from vfed.client.errors import RunFailed
-from vfed.node.config import load_settings
+from vfed.node.config import NodeSettings, load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 NAMES = ("a", "b", "c")
@@ -31,22 +31,43 @@ NAMES = ("a", "b", "c")
 
 @dataclass
 class Federation:
+    """Server, three agents (restartable), researcher a and the generated partitions."""
+
+    server: Server
+    settings: dict[str, NodeSettings]
     researcher: AsyncClient
     collaboration: int
     org_a: int
     frames: list[pd.DataFrame]
+    agents: contextlib.AsyncExitStack
 
-    async def run(self, example: str, method: str, timeout_s: float = 180, **kwargs: Any) -> dict[str, Any]:
-        """A central task at organization a; returns the task after it finished."""
-        task = await self.researcher.create_task(
+    async def run(
+        self,
+        example: str,
+        method: str,
+        timeout_s: float = 180,
+        researcher: AsyncClient | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """A central task at the researcher's own organization; returns the task after it finished."""
+        who = researcher or self.researcher
+        task = await who.create_task(
             self.collaboration,
             f"vfed-examples/{example}:latest",
             method,
             kwargs=kwargs,
-            organizations=[self.org_a],
+            organizations=[who.organization_id],
         )
-        done: dict[str, Any] = await self.researcher.wait(task, timeout_s=timeout_s, progress=False)
+        done: dict[str, Any] = await who.wait(task, timeout_s=timeout_s, progress=False)
         return done
+
+    async def start_agents(self) -> None:
+        for name in NAMES:
+            await self.agents.enter_async_context(running_agent(self.settings[name]))
+
+    async def restart_agents(self) -> None:
+        await self.agents.aclose()
+        await self.start_agents()
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +78,10 @@ def example_images(docker_client: Any) -> None:
     assert build.returncode == 0, build.stderr + build.stdout
 
 
-@pytest.fixture
-async def federation(tmp_path: Path, example_images: None) -> AsyncIterator[Federation]:
-    frames = partitions(seed=99)
-    frames[2]["rare"] = np.where(np.arange(len(frames[2])) < 5, 1.0, np.nan)  # 5 values at c only
-    for frame in frames[:2]:
-        frame["rare"] = np.arange(len(frame), dtype=float)
+@contextlib.asynccontextmanager
+async def federated(
+    tmp_path: Path, frames: list[pd.DataFrame], epsilon_budget: float | None = None
+) -> AsyncIterator[Federation]:
     server = Server(tmp_path / "server", mqtt_url=None)
     keys = await server.seed(list(NAMES))
     await server.start()
@@ -72,6 +91,9 @@ async def federation(tmp_path: Path, example_images: None) -> AsyncIterator[Fede
         for name, frame in zip(NAMES, frames, strict=True):
             data = tmp_path / f"{name}.csv"
             frame.to_csv(data, index=False)
+            dataset: dict[str, Any] = {"uri": str(data), "type": "csv"}
+            if epsilon_budget is not None:
+                dataset["epsilon_budget"] = epsilon_budget
             config = write_node_config(
                 tmp_path / f"{name}.yaml",
                 name=f"alg-{name}",
@@ -79,15 +101,29 @@ async def federation(tmp_path: Path, example_images: None) -> AsyncIterator[Fede
                 server_url=server.url,
                 mqtt_url=None,
                 poll_interval_s=0.5,
-                datasets={"default": {"uri": str(data), "type": "csv"}},
+                datasets={"default": dataset},
             )
             settings[name] = load_settings(config)
-            await stack.enter_async_context(running_agent(settings[name]))
-        researcher = await stack.enter_async_context(AsyncClient(server.url, key_file=settings["a"].key_path))
+        agents = await stack.enter_async_context(contextlib.AsyncExitStack())
+        researcher = AsyncClient(server.url, key_file=settings["a"].key_path)
+        federation = Federation(server, settings, researcher, 0, 0, frames, agents)
+        await federation.start_agents()
+        await stack.enter_async_context(researcher)
         await researcher.login("res-a", PASSWORD)
-        collaboration = (await researcher.collaborations())[0]["id"]
+        federation.collaboration = (await researcher.collaborations())[0]["id"]
         assert researcher.organization_id is not None
-        yield Federation(researcher, collaboration, researcher.organization_id, frames)
+        federation.org_a = researcher.organization_id
+        yield federation
+
+
+@pytest.fixture
+async def federation(tmp_path: Path, example_images: None) -> AsyncIterator[Federation]:
+    frames = partitions(seed=99)
+    frames[2]["rare"] = np.where(np.arange(len(frames[2])) < 5, 1.0, np.nan)  # 5 values at c only
+    for frame in frames[:2]:
+        frame["rare"] = np.arange(len(frame), dtype=float)
+    async with federated(tmp_path, frames) as federation:
+        yield federation
 
 
 async def test_examples_equal_the_pooled_computation(federation: Federation) -> None:
@@ -160,3 +196,41 @@ async def test_disclosure_control_and_failures_reach_the_researcher(federation: 
     assert (
         "KeyError" in caught.value.log_tail and "no such columns: ['no_such_column']" in caught.value.log_tail
     )
+
+
+async def test_privacy_budget_is_spent_across_jobs_researchers_and_restarts(
+    tmp_path: Path, example_images: None
+) -> None:
+    frames = partitions(seed=5)
+    async with federated(tmp_path, frames, epsilon_budget=1.0) as federation:
+        done = await federation.run("dp_stats", "dp_total", statistic="count", epsilon=0.6)
+        assert done["status"] == "completed", await federation.researcher.runs(done["id"])
+        (count,) = await federation.researcher.results(done)
+        assert abs(count["value"] - sum(len(f) for f in frames)) < 60
+
+        await federation.restart_agents()  # the ledger is a file: spending survives
+        async with AsyncClient(federation.server.url, key_file=federation.settings["b"].key_path) as other:
+            await other.login("res-b", PASSWORD)
+            done = await federation.run(
+                "dp_stats", "dp_total", researcher=other, statistic="count", epsilon=0.6
+            )
+            assert done["status"] == "failed"
+            subtask = (await other.tasks(parent_id=done["id"]))[0]
+            runs = await other.runs(subtask["id"])
+            assert {r["status"] for r in runs} == {"not-allowed"}
+            for run in runs:
+                assert run["reason"] == (
+                    "privacy budget of dataset 'default' exhausted: 0.6 of 1 epsilon spent, "
+                    "this run asks 0.6 (0.4 left)"
+                )
+            with pytest.raises(RunFailed) as caught:
+                await other.results(done)
+            assert "SubtaskFailed" in caught.value.log_tail and "exhausted" in caught.value.log_tail
+
+            # A method that spends no declared epsilon may not read a budgeted dataset at all.
+            done = await federation.run("summary_stats", "summary", researcher=other, columns=["age"])
+            runs = await other.runs((await other.tasks(parent_id=done["id"]))[0]["id"])
+            assert all("does not declare the epsilon it spends" in (r["reason"] or "") for r in runs)
+
+        done = await federation.run("dp_stats", "dp_total", statistic="count", epsilon=0.4)
+        assert done["status"] == "completed", "exactly the rest of the budget still fits"
