@@ -157,7 +157,11 @@ class DockerRuntime(Runtime):
                 client = docker.DockerClient(base_url=self.config.base_url, max_pool_size=pool)
             else:
                 client = docker.from_env(max_pool_size=pool)
-            client.ping()
+            try:
+                client.ping()
+            except BaseException:
+                client.close()
+                raise
             return client
 
     async def close(self) -> None:
