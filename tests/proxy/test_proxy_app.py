@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         org_key=keyrings["a"].current,
         keyring=keyrings["a"],
         max_request_bytes=64 * 1024,
+        spool_dir=tmp_path / "spool",
     )
     socket_path = tmp_path / "sock" / "proxy.sock"
     async with ProxyServer(ctx, socket_path):
@@ -222,3 +224,53 @@ async def test_tasks_outside_the_job_are_forbidden(world: World) -> None:
     assert status == 403, body
     status, body = await call(world, "GET", "/tasks/notanumber")
     assert status == 400, body
+
+
+async def test_large_parquet_result_streams_back_with_its_content_type(world: World) -> None:
+    import pandas as pd
+
+    from vfed.common.payload import decode_result
+
+    b = world.org_ids["b"]
+    _, created = await call(
+        world, "POST", "/tasks", json={"name": "s", "input": {"method": "m"}, "organizations": [b]}
+    )
+    assert isinstance(created, dict)
+    (run_id,) = created["run_ids"]
+    frame = pd.DataFrame({"x": range(300_000), "y": [f"row-{i}" for i in range(300_000)]})
+    plain = encode_result(frame)
+    assert len(plain) > 1024 * 1024
+    await world.nodes["b"].claim(run_id)
+    sealed = encrypt_bytes(plain, world.keyrings["b"].current, [world.keyrings["a"].current.public])
+    blob = await world.nodes["b"].upload_blob(sealed)
+    await world.nodes["b"].patch_run(run_id, status="completed", exit_code=0, result_blob_id=blob.id)
+    async with world.proxy_session.get(f"/runs/{run_id}/result") as response:
+        assert response.status == 200
+        assert response.content_type == "application/vnd.apache.parquet"
+        body = await response.read()
+    assert body == plain
+    pd.testing.assert_frame_equal(decode_result(body), frame)
+    spool = world.ctx.spool_dir
+    assert spool is not None
+    for _ in range(50):  # the handler removes its spool right after the last byte went out
+        if not list(spool.iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert list(spool.iterdir()) == []
+
+
+async def test_tampered_result_is_refused(world: World) -> None:
+    b = world.org_ids["b"]
+    _, created = await call(
+        world, "POST", "/tasks", json={"name": "s", "input": {"method": "m"}, "organizations": [b]}
+    )
+    assert isinstance(created, dict)
+    (run_id,) = created["run_ids"]
+    await world.nodes["b"].claim(run_id)
+    # sealed for a, but signed by a stranger instead of organization b
+    stranger = Keyring.generate()
+    sealed = encrypt_bytes(encode_result(1), stranger.current, [world.keyrings["a"].current.public])
+    blob = await world.nodes["b"].upload_blob(sealed)
+    await world.nodes["b"].patch_run(run_id, status="completed", exit_code=0, result_blob_id=blob.id)
+    status, body = await call(world, "GET", f"/runs/{run_id}/result")
+    assert status == 502 and isinstance(body, dict) and body["error"] == "undecryptable", body

@@ -11,14 +11,15 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from vfed.common.crypto import encrypt_bytes
+from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.node.journal import Entry, Stage
 from vfed.node.runtime.base import (
     OUTPUT_NAME,
@@ -174,9 +175,8 @@ class Finisher:
             raise RuntimeError(f"task {entry.task_id} has no initiating organization")
         recipient = await retry_server(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))
         run_dir = self.run_dir(entry.run_id)
-        plain = await asyncio.to_thread(read_run_output, str(run_dir), self.s.settings.max_output_bytes)
-        sealed = await asyncio.to_thread(encrypt_bytes, plain, self.s.keyring.current, [recipient])
-        await asyncio.to_thread(_write_new, run_dir / SEALED_NAME, sealed)
+        key, limit = self.s.keyring.current, self.s.settings.max_output_bytes
+        await asyncio.to_thread(_seal_file, run_dir, key, recipient, limit)
         self.s.journal.sealed(entry.run_id)
 
     async def _upload(self, entry: Entry) -> None:
@@ -231,12 +231,35 @@ def _judge(exit_status: ExitStatus, bad_output: str | None) -> tuple[str, str | 
     return "completed", None
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Write a file that replaces whatever entry had that name (never writing through a link)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _seal_file(run_dir: Path, sender: OrgKey, recipient: PublicKey, max_bytes: int) -> None:
+    """Stream-encrypt the output into output.sealed; never follows a link, never reads past max_bytes.
+
+    The folder was cleaned after the container stopped; the checks here hold even if it was not.
+    """
+    fd = os.open(run_dir / OUTPUT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as source:
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise BadOutput("the output changed after it was checked")
+        target = run_dir / SEALED_NAME
+        tmp = run_dir / f".{SEALED_NAME}.{os.getpid()}.tmp"
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(out_fd, "wb") as sink:
+            encrypt_fileobj(cast(BinaryIO, _Capped(source, max_bytes)), sink, sender, [recipient])
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, target)
+
+
+class _Capped:
+    """A reader that refuses to deliver more than max_bytes (a file growing under us)."""
+
+    def __init__(self, source: BinaryIO, max_bytes: int) -> None:
+        self.source, self.left = source, max_bytes
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n if n >= 0 else self.left + 1)
+        self.left -= len(data)
+        if self.left < 0:
+            raise BadOutput("the output grew over the limit while it was sealed")
+        return data

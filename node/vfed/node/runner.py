@@ -224,6 +224,7 @@ class Runner:
             org_key=self.s.keyring.current,
             keyring=self.s.keyring,
             max_request_bytes=self.s.settings.proxy_max_request_bytes,
+            spool_dir=self.s.settings.data_dir / "spool",
         )
         proxy = ProxyServer(ctx, self.socket_path(run.id))
         await proxy.start()

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vfed.common.crypto import CryptoError, Keyring, OrgKey, PublicKey, decrypt_bytes, encrypt_bytes
+from vfed.common.crypto import CryptoError, Keyring, OrgKey, PublicKey, decrypt_file, encrypt_bytes
 from vfed.common.payload import TaskInput, result_content_type
 from vfed.proxy.keys import KeyDirectory, KeyUnavailable
 from vfed.proxy.rest import ApiError, RestClient, Run, ServerUnavailable
@@ -25,6 +28,7 @@ from vfed.proxy.rest import ApiError, RestClient, Run, ServerUnavailable
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 300.0
+CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ProxyContext:
     org_key: OrgKey
     keyring: Keyring
     max_request_bytes: int = 64 * 1024 * 1024
+    spool_dir: Path | None = None
     keys: KeyDirectory = field(init=False)
     subtasks: set[int] = field(default_factory=set)
 
@@ -250,7 +255,7 @@ async def wait_task(request: web.Request) -> web.Response:
         delay = min(delay * 2, 1.0)
 
 
-async def get_result(request: web.Request) -> web.Response:
+async def get_result(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     run_id = _int_param(request, "run_id")
     try:
@@ -271,14 +276,51 @@ async def get_result(request: web.Request) -> web.Response:
             },
             status=409,
         )
-    blob = await ctx.rest.download_blob(run.result_blob_id)
     sender = await ctx.keys.sender(run.organization_id)
+    spool = await asyncio.to_thread(_make_spool, ctx.spool_dir)
     try:
-        plain = await asyncio.to_thread(decrypt_bytes, blob, ctx.keyring, sender)
-    except CryptoError as exc:
-        ctx.keys.forget(run.organization_id)
-        raise ProxyError(502, "undecryptable", f"result of run {run_id} does not decrypt: {exc}") from None
-    return web.Response(body=plain, content_type=result_content_type(plain))
+        await ctx.rest.download_blob_to(run.result_blob_id, spool / "sealed")
+        try:
+            await asyncio.to_thread(decrypt_file, spool / "sealed", spool / "plain", ctx.keyring, sender)
+        except CryptoError as exc:
+            ctx.keys.forget(run.organization_id)
+            raise ProxyError(
+                502, "undecryptable", f"result of run {run_id} does not decrypt: {exc}"
+            ) from None
+        return await _send_file(request, spool / "plain")
+    finally:
+        await asyncio.to_thread(shutil.rmtree, spool, True)
+
+
+def _make_spool(parent: Path | None) -> Path:
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="result-", dir=parent))
+
+
+def _peek(path: Path) -> tuple[int, str]:
+    """Size and content type (Parquet files start and end with PAR1) of a result file."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(size - 4, 0))
+        return size, result_content_type(head + handle.read(4))
+
+
+async def _send_file(request: web.Request, path: Path) -> web.StreamResponse:
+    """Stream a verified plaintext file to the algorithm."""
+    size, content_type = await asyncio.to_thread(_peek, path)
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.content_length = size
+    await response.prepare(request)
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
+            await response.write(chunk)
+    finally:
+        handle.close()
+    await response.write_eof()
+    return response
 
 
 async def forbidden(request: web.Request) -> web.Response:

@@ -7,10 +7,12 @@ server's `error` code, connection failures `ServerUnavailable`. The node's subcl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Mapping
+import contextlib
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict
@@ -111,6 +113,47 @@ class RestClient:
         """Called on a 401; True when the subclass obtained a new token and the call should be retried."""
         return False
 
+    @contextlib.asynccontextmanager
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A successful response, still open for streaming; errors raised as ApiError/ServerUnavailable.
+
+        A 401 is retried once after `_on_unauthorized` (a streamed request body cannot be replayed, so
+        uploads of streams do not get that second chance).
+        """
+        for attempt in (0, 1):
+            try:
+                async with self.session.request(
+                    method,
+                    self.base + path,
+                    json=json,
+                    params=_clean(params),
+                    data=data,
+                    headers=self._headers(headers),
+                ) as response:
+                    replayable = data is None or isinstance(data, bytes | bytearray)
+                    if (
+                        response.status == 401
+                        and attempt == 0
+                        and replayable
+                        and await self._on_unauthorized()
+                    ):
+                        continue
+                    if response.status >= 400:
+                        await _raise_for(response)
+                    yield response
+                    return
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                raise ServerUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
+
     async def request(
         self,
         method: str,
@@ -122,29 +165,13 @@ class RestClient:
         headers: Mapping[str, str] | None = None,
         raw: bool = False,
     ) -> Any:
-        """One call; JSON answer (or bytes when raw). Retries once after a refreshed token on 401."""
-        for attempt in (0, 1):
-            try:
-                async with self.session.request(
-                    method,
-                    self.base + path,
-                    json=json,
-                    params=_clean(params),
-                    data=data,
-                    headers=self._headers(headers),
-                ) as response:
-                    if response.status == 401 and attempt == 0 and await self._on_unauthorized():
-                        continue
-                    if response.status >= 400:
-                        await _raise_for(response)
-                    body = await response.read()
-                    self.bytes_down += len(body)
-                    if raw:
-                        return body
-                    return await response.json(content_type=None) if body else None
-            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-                raise ServerUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One call; the JSON answer (or the bytes when raw)."""
+        async with self.open(method, path, json=json, params=params, data=data, headers=headers) as response:
+            body = await response.read()
+            self.bytes_down += len(body)
+            if raw:
+                return body
+            return await response.json(content_type=None) if body else None
 
     async def health(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("GET", "/health")
@@ -192,6 +219,20 @@ class RestClient:
         body: bytes = await self.request("GET", f"/blobs/{blob_id}", raw=True)
         return body
 
+    async def download_blob_to(self, blob_id: str, target: Path, chunk_bytes: int = 1024 * 1024) -> int:
+        """Stream a blob into a new file (mode 0600); returns its size."""
+        size = 0
+        async with self.open("GET", f"/blobs/{blob_id}") as response:
+            handle = await asyncio.to_thread(_create_private, target)
+            try:
+                async for chunk in response.content.iter_chunked(chunk_bytes):
+                    await asyncio.to_thread(handle.write, chunk)
+                    size += len(chunk)
+            finally:
+                handle.close()
+        self.bytes_down += size
+        return size
+
 
 async def file_chunks(path: Path, chunk_bytes: int = 1024 * 1024) -> AsyncIterable[bytes]:
     """A file as chunks for a streamed upload, read off the event loop."""
@@ -201,6 +242,11 @@ async def file_chunks(path: Path, chunk_bytes: int = 1024 * 1024) -> AsyncIterab
             yield chunk
     finally:
         handle.close()
+
+
+def _create_private(path: Path) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _clean(params: Mapping[str, Any] | None) -> dict[str, str] | None:
