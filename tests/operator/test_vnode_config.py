@@ -89,15 +89,13 @@ def test_new_usage_errors_exit_2_and_bad_values_exit_1(dirs: Dirs) -> None:
     assert not (dirs.user_config / "vfed" / "nodes" / "gamma.yaml").exists()
 
 
-def test_new_asks_questions_when_answers_are_typed(dirs: Dirs, tmp_path: Path, monkeypatch: object) -> None:
+def test_new_asks_questions_when_answers_are_typed(
+    dirs: Dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CliRunner is not a terminal: `interactive` is told a person is typing; the answers go through stdin."""
     import vfed.node.operator.new as new_module
-    import vfed.node.operator.paths as paths_module
 
-    # CliRunner is not a terminal; these two say "a person is typing", the answers go through stdin.
-    monkeypatch._x = None
-    mp = monkeypatch  # type: ignore[assignment]
-    mp.setattr(paths_module, "interactive", lambda: True)  # type: ignore[attr-defined]
-    mp.setattr(new_module, "interactive", lambda: True)  # type: ignore[attr-defined]
+    monkeypatch.setattr(new_module, "interactive", lambda: True)
     table = tmp_path / "t.csv"
     table.write_text("a\n1\n")
     answers = "\n".join(["delta", "", "5.abc", f"t={table}", "", "", "", "n"]) + "\n"
