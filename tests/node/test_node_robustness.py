@@ -258,3 +258,44 @@ async def test_job_volume_kept_for_its_retention_then_removed(tmp_path: Path, do
             assert volumes() == []
     finally:
         await server.stop()
+
+
+async def test_crash_between_upload_and_report_reports_the_same_blob(
+    tmp_path: Path, docker_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dying exactly between the result upload and the final PATCH cannot be timed with a real SIGKILL, so the
+    first agent's final report is replaced by a cancellation (what a dying process leaves behind: journal at
+    'uploaded', container still there). A second agent on the same data folder must report that blob."""
+    from vfed.node.finish import Finisher
+
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
+    real_report = Finisher._report
+
+    async def die_before_final_report(self: Finisher, run_id: int, **fields: Any) -> None:
+        if fields.get("status") == "completed":
+            raise asyncio.CancelledError
+        await real_report(self, run_id, **fields)
+
+    try:
+        monkeypatch.setattr(Finisher, "_report", die_before_final_report)
+        async with running_agent(load_settings(config)) as first, researcher_for(server, config) as site:
+            task = await site.submit("echo", 5)
+            for _ in range(300):
+                assert first.services is not None
+                entry = first.services.journal.unfinished()
+                if entry and entry[0].stage == "uploaded":
+                    break
+                await asyncio.sleep(0.1)
+            assert entry and entry[0].result_blob_id is not None
+            uploaded = entry[0].result_blob_id
+        monkeypatch.setattr(Finisher, "_report", real_report)
+        blobs_before = len(blob_files(server))
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            (run,) = await wait_run_status(site.researcher, task["id"], {"completed"})
+            assert run["result_blob_id"] == uploaded
+            (result,) = await site.researcher.results(task)
+            assert result["value"] == 5 * run["organization_id"]
+        assert len(blob_files(server)) == blobs_before  # nothing uploaded again
+        assert node_containers(docker_client) == []
+    finally:
+        await server.stop()
