@@ -76,7 +76,12 @@ def _wait_runs(client: Client, task_id: int, want: dict[int, str], timeout_s: fl
 
 
 def test_two_nodes_on_one_machine(
-    dirs: Dirs, vserver: VServer, names: tuple[str, str], docker_client: docker.DockerClient, tmp_path: Path
+    dirs: Dirs,
+    vserver: VServer,
+    names: tuple[str, str],
+    docker_client: docker.DockerClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ensure_probe_image()
     keys = vserver.import_world(["A", "B"])
@@ -87,7 +92,10 @@ def test_two_nodes_on_one_machine(
     broker = vserver.mqtt_url or ""
     common = ["--server-url", vserver.url, "--mqtt-url", broker]
     _ok("new", first, "--api-key", keys["A"], "--dataset", f"table={table}", *common)
-    _ok("new", second, "--system", "--api-key", keys["B"], *common)
+    _ok("new", second, "--system", "--api-key", keys["B"], "--no-generate-key", *common)
+    # The second organization's key is passphrase-protected: start must hand the passphrase to the agent.
+    monkeypatch.setenv("VFED_TEST_KEY_PASS", "a passphrase for node b")
+    _ok("keys", "generate", second, "--system", "--passphrase-env", "VFED_TEST_KEY_PASS")
 
     # Both start (different names, different scopes) and come online.
     assert f"node {first} (user) is online" in _ok("start", first, "--develop", str(ROOT))
