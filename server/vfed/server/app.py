@@ -17,7 +17,7 @@ from vfed.server.errors import error_middleware
 from vfed.server.metrics import METRICS, Metrics, metrics_middleware
 from vfed.server.openapi import build_docs_html, build_openapi
 from vfed.server.routes import add_routes
-from vfed.server.state import BLOBS, DOORBELL, ENGINE, NODE_SEEN, SESSIONS, SETTINGS
+from vfed.server.state import BLOBS, DOORBELL, ENGINE, NODE_SEEN, PRINCIPALS, SESSIONS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[NODE_SEEN] = {}
+    app[PRINCIPALS] = {}
     app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
     app[OPENAPI] = build_openapi()
     app[DOCS_HTML] = build_docs_html()

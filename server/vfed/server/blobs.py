@@ -37,21 +37,42 @@ class BlobStore:
         return self.root / blob_id[:2] / blob_id
 
     async def write(self, chunks: AsyncIterator[bytes]) -> StoredBlob:
-        """Consume `chunks` into a new blob; raise BlobTooLarge past `max_bytes`."""
+        """Consume `chunks` into a new blob; raise BlobTooLarge past `max_bytes`.
+
+        A body that fits in one chunk is written by a single worker-thread call (small envelopes are the
+        common case); larger ones stream to disk chunk by chunk.
+        """
         blob_id = secrets.token_hex(16)
         final = self.path(blob_id)
-        tmp = final.with_suffix(".part")
-        await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        size = 0
-        fh = await asyncio.to_thread(tmp.open, "wb")
+        it = aiter(chunks)
+        head, size = [], 0
+        async for chunk in it:
+            size += len(chunk)
+            self._check(size)
+            head.append(chunk)
+            if size >= CHUNK_BYTES:
+                break
+        else:
+            await asyncio.to_thread(_write_whole, final, digest, head)
+            return StoredBlob(blob_id, size, digest.hexdigest())
+        size = await self._stream(final, digest, head, size, it)
+        return StoredBlob(blob_id, size, digest.hexdigest())
+
+    def _check(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise BlobTooLarge(f"the blob exceeds the maximum of {self.max_bytes} bytes")
+
+    async def _stream(
+        self, final: Path, digest: hashlib._Hash, head: list[bytes], size: int, rest: AsyncIterator[bytes]
+    ) -> int:
+        tmp = final.with_suffix(".part")
+        fh = await asyncio.to_thread(_open_part, tmp)
         try:
-            buf: list[bytes] = []
-            buffered = 0
-            async for chunk in chunks:
+            buf, buffered = head, size
+            async for chunk in rest:
                 size += len(chunk)
-                if size > self.max_bytes:
-                    raise BlobTooLarge(f"the blob exceeds the maximum of {self.max_bytes} bytes")
+                self._check(size)
                 buf.append(chunk)
                 buffered += len(chunk)
                 if buffered >= CHUNK_BYTES:
@@ -64,7 +85,7 @@ class BlobStore:
             await asyncio.to_thread(fh.close)
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
             raise
-        return StoredBlob(blob_id, size, digest.hexdigest())
+        return size
 
     async def delete(self, blob_id: str) -> None:
         """Remove a blob's file if present."""
@@ -75,3 +96,15 @@ def _write_hash(fh: BinaryIO, digest: hashlib._Hash, parts: list[bytes]) -> None
     for part in parts:
         digest.update(part)
         fh.write(part)
+
+
+def _open_part(tmp: Path) -> BinaryIO:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp.open("wb")
+
+
+def _write_whole(final: Path, digest: hashlib._Hash, parts: list[bytes]) -> None:
+    tmp = final.with_suffix(".part")
+    with _open_part(tmp) as fh:
+        _write_hash(fh, digest, parts)
+    os.replace(tmp, final)

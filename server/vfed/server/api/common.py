@@ -17,11 +17,12 @@ from vfed.server import auth
 from vfed.server.config import format_validation_error
 from vfed.server.errors import ApiError, bad_request, not_found, unauthorized
 from vfed.server.models import TERMINAL, Base, Node, Run, Task, User
-from vfed.server.state import NODE_SEEN, SESSIONS, SETTINGS
+from vfed.server.state import NODE_SEEN, PRINCIPALS, SESSIONS, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 PRINCIPAL = web.RequestKey("principal", auth.Principal)
 SEEN_WRITE_EVERY_S = 5.0
+PRINCIPAL_TTL_S = 5.0
 
 
 def session(request: web.Request) -> AsyncSession:
@@ -105,20 +106,38 @@ async def caller(request: web.Request, s: AsyncSession) -> auth.Principal:
     settings = request.app[SETTINGS]
     claims = auth.decode(settings.jwt_secret, auth.bearer(request.headers.get("Authorization")), "access")
     kind = claims.get("kind")
-    if kind == "user":
-        principal = await _user_principal(s, claims)
-    elif kind == "node":
-        principal = await _node_principal(request, s, int(claims["sub"]))
-    elif kind == "run":
+    if kind == "run":
         principal = await _run_principal(request, s, claims)
+    elif kind in ("user", "node"):
+        principal = await _account_principal(request, s, kind, int(claims["sub"]))
     else:
         raise unauthorized("the token is not valid", "invalid-token")
     request[PRINCIPAL] = principal
     return principal
 
 
-async def _user_principal(s: AsyncSession, claims: dict[str, Any]) -> auth.Principal:
-    user = await s.get(User, int(claims["sub"]))
+async def _account_principal(request: web.Request, s: AsyncSession, kind: str, ident: int) -> auth.Principal:
+    """User or node principal, cached briefly (roles changed through the API drop the cache entry)."""
+    cache = request.app[PRINCIPALS]
+    now = time.monotonic()
+    hit = cache.get((kind, ident))
+    if hit is not None and hit[0] > now:
+        principal = hit[1]
+    else:
+        principal = await (_user_principal(s, ident) if kind == "user" else _node_principal(s, ident))
+        cache[(kind, ident)] = (now + PRINCIPAL_TTL_S, principal)
+    if principal.node_id is not None:
+        await touch_node(request, s, principal.node_id, force=False)
+    return principal
+
+
+def forget_principal(request: web.Request, kind: str, ident: int) -> None:
+    """Drop a cached principal after its account changed."""
+    request.app[PRINCIPALS].pop((kind, ident), None)
+
+
+async def _user_principal(s: AsyncSession, user_id: int) -> auth.Principal:
+    user = await s.get(User, user_id)
     if user is None:
         raise unauthorized("the user no longer exists", "invalid-token")
     return auth.Principal(
@@ -126,11 +145,10 @@ async def _user_principal(s: AsyncSession, claims: dict[str, Any]) -> auth.Princ
     )
 
 
-async def _node_principal(request: web.Request, s: AsyncSession, node_id: int) -> auth.Principal:
+async def _node_principal(s: AsyncSession, node_id: int) -> auth.Principal:
     node = await s.get(Node, node_id)
     if node is None:
         raise unauthorized("the node no longer exists", "invalid-token")
-    await touch_node(request, s, node, force=False)
     return auth.Principal(
         "node",
         node.organization_id,
@@ -146,10 +164,7 @@ async def _run_principal(request: web.Request, s: AsyncSession, claims: dict[str
         raise unauthorized("the run has ended; its token expired with it", "token-expired")
     task = await s.get(Task, run.task_id)
     assert task is not None
-    node = await s.get(Node, run.node_id)
-    if node is None:
-        raise unauthorized("the node no longer exists", "invalid-token")
-    await touch_node(request, s, node, force=False)
+    await touch_node(request, s, run.node_id, force=False)
     return auth.Principal(
         "run",
         run.organization_id,
@@ -162,17 +177,17 @@ async def _run_principal(request: web.Request, s: AsyncSession, claims: dict[str
     )
 
 
-async def touch_node(request: web.Request, s: AsyncSession, node: Node, force: bool) -> None:
+async def touch_node(request: web.Request, s: AsyncSession, node_id: int, force: bool) -> datetime | None:
     """Record that a node was seen; at most one write per node every few seconds unless forced."""
     seen = request.app[NODE_SEEN]
     now = time.monotonic()
-    if not force and now - seen.get(node.id, -1e9) < SEEN_WRITE_EVERY_S:
-        return
-    seen[node.id] = now
+    if not force and now - seen.get(node_id, -1e9) < SEEN_WRITE_EVERY_S:
+        return None
+    seen[node_id] = now
     stamp = datetime.now(UTC)
-    await s.execute(update(Node).where(Node.id == node.id).values(last_seen_at=stamp))
+    await s.execute(update(Node).where(Node.id == node_id).values(last_seen_at=stamp))
     await s.commit()
-    node.last_seen_at = stamp
+    return stamp
 
 
 def node_status(node: Node, window_s: int) -> str:

@@ -74,7 +74,7 @@ async def node_self(request: web.Request) -> web.Response:
         p = await caller(request, s)
         if p.kind not in ("node", "run") or p.node_id is None:
             raise forbidden("only a node token has a self")
-        n = await s.get(Node, p.node_id)
+        n = await s.get(Node, p.node_id, populate_existing=True)
     assert n is not None
     return json_response(out(request, n))
 
@@ -87,7 +87,8 @@ async def heartbeat(request: web.Request) -> web.Response:
             raise forbidden("only a node token sends heartbeats")
         n = await s.get(Node, p.node_id)
         assert n is not None
-        await touch_node(request, s, n, force=True)
+        stamp = await touch_node(request, s, n.id, force=True)
+        n.last_seen_at = stamp or n.last_seen_at
     return json_response(out(request, n))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,7 +22,16 @@ from vfed.server.api.common import (
 )
 from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, forbidden, not_found
-from vfed.server.models import TERMINAL, Collaboration, Node, Run, RunStatus, Task, derive_task_status, utcnow
+from vfed.server.models import (
+    TERMINAL,
+    Node,
+    Run,
+    RunStatus,
+    Task,
+    collaboration_members,
+    derive_task_status,
+    utcnow,
+)
 from vfed.server.schemas import TaskIn, TaskOut, TaskQuery
 from vfed.server.state import DOORBELL
 
@@ -71,22 +82,34 @@ async def refresh_status(s: AsyncSession, task_id: int) -> None:
     await s.execute(update(Task).where(Task.id == task_id).values(status=derive_task_status(statuses)))
 
 
-async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[Collaboration, Task | None]:
+@dataclass(frozen=True)
+class _Collab:
+    id: int
+    members: frozenset[int]
+
+
+async def _collab(s: AsyncSession, collab_id: int) -> _Collab:
+    """The collaboration's member ids in one query (none: it does not exist, or nobody could use it)."""
+    rows = await s.execute(
+        select(collaboration_members.c.organization_id).where(
+            collaboration_members.c.collaboration_id == collab_id
+        )
+    )
+    return _Collab(collab_id, frozenset(rows.scalars()))
+
+
+async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[_Collab, Task | None]:
     """The collaboration and parent a new task belongs to, checked against the caller."""
     if p.kind == "run":
         if body.parent_id not in (None, p.task_id) or body.collaboration_id not in (None, p.collaboration_id):
             raise forbidden("a run token creates subtasks of its own task, in its own collaboration")
-        parent = await s.get(Task, p.task_id)
-        collab = await s.get(Collaboration, p.collaboration_id)
-        assert collab is not None
-        return collab, parent
+        assert p.collaboration_id is not None
+        return await _collab(s, p.collaboration_id), await s.get(Task, p.task_id)
     scope = require(p, "task", "create")
     if body.collaboration_id is None:
         raise ApiError(422, "validation-error", "collaboration_id: required")
-    collab = await s.get(Collaboration, body.collaboration_id)
-    if collab is None or (
-        scope < Scope.GLOBAL and p.organization_id not in {o.id for o in collab.organizations}
-    ):
+    collab = await _collab(s, body.collaboration_id)
+    if not collab.members or (scope < Scope.GLOBAL and p.organization_id not in collab.members):
         raise not_found("collaboration", body.collaboration_id)
     parent = None
     if body.parent_id is not None:
@@ -98,8 +121,8 @@ async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[Collabo
     return collab, parent
 
 
-async def _check_targets(s: AsyncSession, p: Principal, collab: Collaboration, body: TaskIn) -> None:
-    members = {o.id for o in collab.organizations}
+async def _check_targets(s: AsyncSession, p: Principal, collab: _Collab, body: TaskIn) -> None:
+    members = collab.members
     ids = [o.id for o in body.organizations]
     if len(set(ids)) != len(ids):
         raise ApiError(422, "validation-error", "organizations: an organization is listed twice")
@@ -150,6 +173,8 @@ async def create_task(request: web.Request) -> web.Response:
 async def ring(request: web.Request, s: AsyncSession, collab_id: int, runs: list[Run], event: str) -> None:
     """Doorbell every node that may act on these runs (the claimer, or all nodes of the organization)."""
     doorbell = request.app[DOORBELL]
+    if doorbell.address is None:
+        return
     orgs = {r.organization_id for r in runs if r.node_id is None}
     nodes: dict[int, list[int]] = {}
     if orgs:

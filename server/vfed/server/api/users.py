@@ -11,6 +11,7 @@ from vfed.server import auth
 from vfed.server.access import RULES, Scope, require, user_filter
 from vfed.server.api.common import (
     caller,
+    forget_principal,
     json_response,
     page_of,
     paginate,
@@ -113,6 +114,7 @@ async def patch_user(request: web.Request) -> web.Response:
             scope = Scope.OWN
         if body.roles is not None:
             u.roles = await _roles(s, p, scope, body.roles)
+            forget_principal(request, "user", u.id)
         if body.password is not None:
             u.password_hash = await auth.hash_password(body.password)
             u.failed_logins, u.locked_until = 0, None

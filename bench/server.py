@@ -1,0 +1,386 @@
+"""Server benchmark: vfed `vserver` side by side with vantage6-server 4.15.2.
+
+    python bench/server.py [--json] [--tasks 300] [--nodes 1000] [--v6-python /path/to/py3.10/venv/bin/python]
+
+What is measured (each server in its own process, SQLite, on this machine):
+- task creation for 3 organizations with 1 KB encrypted inputs: tasks/s, p50, p99 (one client, sequential).
+  vfed: upload the 1 KB envelope (sealed for all three) + POST /tasks, on a kept-alive connection.
+  vantage6: one POST /api/task with three pre-encrypted base64 inputs, a new connection per request (its own
+  clients do that; on a kept-alive connection its dev server adds ~40 ms delayed-ACK stalls).
+- node authentication with 1,000 nodes registered: p99 of POST /token/node for random nodes (vfed only:
+  vantage6 checks bcrypt against every node in turn, ~0.2 s per node ahead; it is measured with a few
+  nodes and reported per position).
+- a 50 MiB result uploaded by a node and downloaded by the researcher, wall time.
+
+This file also runs under Python 3.10 as the vantage6 worker (`--v6-worker`), so it imports aiohttp and vfed
+only inside the vfed functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+INPUT_BYTES = 1024
+RESULT_BYTES = 50 * MIB
+ORGS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- vfed ------------------------------------------------------------------------------------------------
+def vfed_setup(tmp: Path, nodes: int) -> tuple[Path, dict[str, str]]:
+    """Config + import file with 3 orgs, one collaboration, a researcher and `nodes` nodes."""
+    import yaml
+
+    port = free_port()
+    cfg = tmp / "vserver.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "port": port,
+                "data_dir": str(tmp / "data"),
+                "jwt_secret": "bench-secret-long-enough-for-hs256-signing",
+                "mqtt": {"embedded_port": free_port()},
+            }
+        )
+    )
+    orgs = [f"org{i}" for i in range(ORGS)]
+    spec = {
+        "organizations": [{"name": o} for o in orgs],
+        "collaborations": [{"name": "bench", "organizations": orgs}],
+        "users": [
+            {"username": "res", "password": "bench password", "organization": "org0", "roles": ["researcher"]}
+        ],
+        "nodes": [
+            {"name": f"n{i}", "organization": orgs[i % ORGS], "collaboration": "bench"} for i in range(nodes)
+        ],
+    }
+    imp = tmp / "import.yaml"
+    imp.write_text(yaml.safe_dump(spec))
+    cli = [sys.executable, "-m", "vfed.server.cli", "--log-level", "WARNING"]
+    out = subprocess.run(
+        [*cli, "import", str(imp), "--config", str(cfg)], capture_output=True, text=True, check=True
+    )
+    keys = {}
+    for line in out.stdout.splitlines():
+        if "API key" in line:
+            keys[line.split()[1].rstrip(":")] = line.rsplit(" ", 1)[1]
+    return cfg, keys
+
+
+async def vfed_measure(url: str, keys: dict[str, str], tasks: int, auth_samples: int) -> dict[str, float]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(url) as http:
+        r = await http.post("/api/v1/token/user", json={"username": "res", "password": "bench password"})
+        user = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+        collab = (await (await http.get("/api/v1/collaborations", headers=user)).json())["data"][0]
+        latencies = []
+        started = time.perf_counter()
+        for _ in range(tasks):
+            t0 = time.perf_counter()
+            r = await http.post("/api/v1/blobs", data=os.urandom(INPUT_BYTES), headers=user)
+            blob = (await r.json())["id"]
+            body = {
+                "collaboration_id": collab["id"],
+                "image": "bench/algo:1",
+                "organizations": [{"id": o, "input_blob_id": blob} for o in collab["organization_ids"]],
+            }
+            r = await http.post("/api/v1/tasks", json=body, headers=user)
+            assert r.status == 201, await r.text()
+            task = await r.json()
+            latencies.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+
+        names = sorted(keys)
+        auth_ms = []
+        for name in random.sample(names, min(auth_samples, len(names))):
+            t0 = time.perf_counter()
+            r = await http.post("/api/v1/token/node", json={"api_key": keys[name]})
+            await r.read()
+            auth_ms.append((time.perf_counter() - t0) * 1000)
+            assert r.status == 200
+
+        roundtrip_s = await vfed_result_roundtrip(http, keys["n0"], task["id"], user)
+    return {
+        "tasks_per_s": tasks / elapsed,
+        "task_create_p50_ms": statistics.median(latencies) * 1000,
+        "task_create_p99_ms": pct(latencies, 0.99) * 1000,
+        "node_auth_p50_ms_1000": statistics.median(auth_ms),
+        "node_auth_p99_ms_1000": pct(auth_ms, 0.99),
+        "result_50mib_roundtrip_s": roundtrip_s,
+    }
+
+
+async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dict[str, str]) -> float:
+    """Node: claim, upload 50 MiB, attach; researcher: download. Timed from upload start to last byte."""
+    r = await http.post("/api/v1/token/node", json={"api_key": api_key})
+    node = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+    runs = (await (await http.get(f"/api/v1/runs?task_id={task_id}", headers=node)).json())["data"]
+    run_id = runs[0]["id"]
+    await http.post(f"/api/v1/runs/{run_id}/claim", headers=node)
+    payload = os.urandom(RESULT_BYTES)
+    t0 = time.perf_counter()
+    r = await http.post("/api/v1/blobs", data=payload, headers=node)
+    blob = (await r.json())["id"]
+    r = await http.patch(
+        f"/api/v1/runs/{run_id}", json={"status": "completed", "result_blob_id": blob}, headers=node
+    )
+    assert r.status == 200, await r.text()
+    r = await http.get(f"/api/v1/blobs/{blob}", headers=user)
+    got = await r.read()
+    elapsed = time.perf_counter() - t0
+    assert got == payload
+    return elapsed
+
+
+def run_vfed(tasks: int, nodes: int, auth_samples: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="vfed-bench-") as d:
+        tmp = Path(d)
+        cfg, keys = vfed_setup(tmp, nodes)
+        import yaml
+
+        port = yaml.safe_load(cfg.read_text())["port"]
+        log = (tmp / "server.log").open("wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vfed.server.cli",
+                "--log-level",
+                "WARNING",
+                "start",
+                "--config",
+                str(cfg),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            wait_port(port, proc)
+            return asyncio.run(vfed_measure(f"http://127.0.0.1:{port}", keys, tasks, auth_samples))
+        finally:
+            stop(proc)
+
+
+# --- vantage6 (runs under its Python 3.10 venv) -----------------------------------------------------------
+V6_NODES_FOR_AUTH = 9  # one node per organization per collaboration is all vantage6 allows
+
+
+def v6_config(tmp: Path, port: int) -> Path:
+    cfg = tmp / "v6.yaml"
+    cfg.write_text(
+        "\n".join(
+            [
+                "description: bench",
+                "ip: 127.0.0.1",
+                f"port: {port}",
+                "api_path: /api",
+                f"uri: sqlite:///{tmp / 'v6.sqlite'}",
+                "allow_drop_all: true",
+                "jwt_secret_key: bench-secret-long-enough-for-hs256-signing",
+                "logging:",
+                "  level: WARNING",
+                f"  file: {tmp / 'v6.log'}",
+                "  use_console: false",
+                "  backup_count: 1",
+                "  max_size: 1024",
+                "  format: '%(asctime)s %(name)s %(levelname)s %(message)s'",
+                "  datefmt: '%H:%M:%S'",
+                "",
+            ]
+        )
+    )
+    return cfg
+
+
+def v6_worker(tasks: int) -> dict[str, float]:
+    """Start vantage6-server 4.15.2 in a subprocess and measure it with plain `requests` calls."""
+    with tempfile.TemporaryDirectory(prefix="v6-bench-") as d:
+        tmp = Path(d)
+        port = free_port()
+        cfg = v6_config(tmp, port)
+        code = (
+            "import sys; from vantage6.server import run_server, run_dev_server; "
+            f"app = run_server({str(cfg)!r}, system_folders=False); "
+            f"run_dev_server(app, host='127.0.0.1', port={port})"
+        )
+        log = (tmp / "stdout.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log, cwd=tmp)
+        try:
+            wait_port(port, proc)
+            return v6_measure(f"http://127.0.0.1:{port}/api", tasks)
+        finally:
+            stop(proc)
+
+
+def v6_measure(api: str, tasks: int) -> dict[str, float]:
+    import base64
+
+    import requests
+
+    def call(method: str, path: str, token: str | None = None, **kw: Any) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        r = requests.request(method, api + path, headers=headers, timeout=600, **kw)
+        if r.status_code >= 300:
+            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    for _ in range(100):
+        try:
+            root = call("POST", "/token/user", json={"username": "root", "password": "root"})["access_token"]
+            break
+        except (requests.ConnectionError, RuntimeError):
+            time.sleep(0.5)
+    orgs = [call("POST", "/organization", root, json={"name": f"org{i}"})["id"] for i in range(ORGS)]
+    root_org = call("GET", "/organization", root)["data"][0]["id"]  # the initiator's org must be a member
+    members = [*orgs, root_org]
+    collabs = [
+        call(
+            "POST",
+            "/collaboration",
+            root,
+            json={"name": f"bench{c}", "organization_ids": members, "encrypted": True},
+        )
+        for c in range(V6_NODES_FOR_AUTH // ORGS)
+    ]
+    collab = collabs[0]
+    keys = []
+    for c in collabs:
+        for o in orgs:
+            node_body = {"collaboration_id": c["id"], "organization_id": o, "name": f"n{c['id']}-{o}"}
+            keys.append(call("POST", "/node", root, json=node_body)["api_key"])
+    latencies = []
+    started = time.perf_counter()
+    task: dict[str, Any] = {}
+    for _ in range(tasks):
+        body = {
+            "name": "bench",
+            "image": "bench/algo:1",
+            "collaboration_id": collab["id"],
+            "organizations": [
+                {"id": o, "input": base64.b64encode(os.urandom(INPUT_BYTES)).decode()} for o in orgs
+            ],
+            "databases": [{"label": "default"}],
+        }
+        t0 = time.perf_counter()
+        task = call("POST", "/task", root, json=body)
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - started
+    auth_first = _timed(lambda: call("POST", "/token/node", json={"api_key": keys[0]}))
+    auth_last = _timed(lambda: call("POST", "/token/node", json={"api_key": keys[-1]}))
+    node = call("POST", "/token/node", json={"api_key": keys[0]})["access_token"]
+    runs = call("GET", f"/run?task_id={task['id']}", node)["data"]
+    run_id = next(r["id"] for r in runs if r["organization"]["id"] == orgs[0])
+    payload = base64.b64encode(os.urandom(RESULT_BYTES)).decode()
+    t0 = time.perf_counter()
+    call("PATCH", f"/run/{run_id}", node, json={"result": payload, "status": "completed"})
+    got = call("GET", f"/result/{run_id}", root)
+    roundtrip = time.perf_counter() - t0
+    assert got["result"] == payload
+    return {
+        "v6_tasks_per_s": tasks / elapsed,
+        "v6_task_create_p50_ms": statistics.median(latencies) * 1000,
+        "v6_task_create_p99_ms": pct(latencies, 0.99) * 1000,
+        "v6_node_auth_first_ms": auth_first * 1000,
+        f"v6_node_auth_last_of_{V6_NODES_FOR_AUTH}_ms": auth_last * 1000,
+        "v6_result_50mib_roundtrip_s": roundtrip,
+    }
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_v6(python: str, tasks: int) -> dict[str, float] | None:
+    if not Path(python).exists():
+        print(f"vantage6: {python} not found; skipped", file=sys.stderr)
+        return None
+    out = subprocess.run(
+        [python, __file__, "--v6-worker", "--tasks", str(tasks)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        print(f"vantage6 run failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--v6-tasks", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--auth-samples", type=int, default=1000)
+    parser.add_argument("--v6-python", default=os.environ.get("V6_PYTHON", "/tmp/v6srv/bin/python"))
+    parser.add_argument("--v6-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.v6_worker:
+        print(json.dumps(v6_worker(args.tasks)))
+        return
+    results: dict[str, Any] = run_vfed(args.tasks, args.nodes, args.auth_samples)
+    v6 = run_v6(args.v6_python, args.v6_tasks)
+    results.update(v6 or {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None})
+    if v6:
+        results["ratio_task_create_vs_v6"] = results["tasks_per_s"] / v6["v6_tasks_per_s"]
+        results["ratio_result_roundtrip_vs_v6"] = (
+            v6["v6_result_50mib_roundtrip_s"] / results["result_50mib_roundtrip_s"]
+        )
+    else:
+        results["ratio_task_create_vs_v6"] = None
+    if args.json:
+        print(json.dumps(results))
+        return
+    for key, value in results.items():
+        print(f"{key:40s} {value:10.2f}" if isinstance(value, float) else f"{key:40s} {value}")
+
+
+if __name__ == "__main__":
+    main()
