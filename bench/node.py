@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.node harness
 
@@ -44,19 +44,19 @@ from vfed.node.runtime.docker_spec import DockerRuntimeConfig, container_kwargs
 MIB = 1024 * 1024
 
 
-def bare_docker_runs(work: Path, runs: int) -> list[float]:
+def bare_docker_runs(work: Path, runs: int, tag: str = "") -> list[float]:
     """Seconds per create+start+wait+remove of the probe, with exactly the agent's container definition."""
     client = docker.from_env()
     config = DockerRuntimeConfig(memory_bytes=256 * MIB)
     times = []
     for i in range(runs):
-        run_dir = work / f"bare-{i}"
+        run_dir = work / f"bare-{tag}{i}"
         run_dir.mkdir(mode=0o777)
         run_dir.chmod(0o777)
         (run_dir / "input").write_bytes(TaskInput(method="echo", args=[1]).to_json())
         env = algorithm_env(run_id=str(i), job_id="1", organization_id="1", datasets=[], with_proxy=False)
         spec = RunSpec(
-            run_id=f"bare{i}",
+            run_id=f"bare{tag}{i}",
             job_id="bare",
             node_name="bench",
             organization_id="1",
@@ -76,15 +76,33 @@ def bare_docker_runs(work: Path, runs: int) -> list[float]:
     return times
 
 
+def bare_parallel_runs(work: Path, rounds: int, width: int = 3) -> list[float]:
+    """Seconds for `width` bare runs started together (the 3 nodes of (c) share this machine's cores)."""
+    times = []
+    for r in range(rounds):
+        started = time.perf_counter()
+        threads = [
+            threading.Thread(target=bare_docker_runs, args=(work, 1, f"p{r}x{w}-")) for w in range(width)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        times.append(time.perf_counter() - started)
+    return times
+
+
 class StartWatcher:
-    """Docker `start` events of one node's containers, by run id, timed on arrival."""
+    """Docker `create` and `start` events of one node's run containers, by run id (Docker's own clock)."""
 
     def __init__(self, node: str) -> None:
         self.node = node
         self.starts: dict[str, float] = {}
+        self.creates: dict[str, float] = {}
         self._client = docker.from_env()
         self._events = self._client.events(
-            decode=True, filters={"type": "container", "event": "start", "label": f"vfed.node={node}"}
+            decode=True,
+            filters={"type": "container", "event": ["create", "start"], "label": f"vfed.node={node}"},
         )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -93,7 +111,8 @@ class StartWatcher:
         for event in self._events:
             run_id = event.get("Actor", {}).get("Attributes", {}).get("vfed.run_id")
             if run_id:
-                self.starts[run_id] = event["timeNano"] / 1e9
+                table = self.starts if event.get("Action", event.get("status")) == "start" else self.creates
+                table[run_id] = event["timeNano"] / 1e9
 
     def close(self) -> None:
         self._events.close()
@@ -112,10 +131,13 @@ async def wait_done(researcher: AsyncClient, task_id: int, timeout_s: float = 12
     raise TimeoutError(f"task {task_id} not done after {timeout_s} s")
 
 
-async def dispatch_latencies(researcher: AsyncClient, collab: int, org: int, runs: int) -> list[float]:
-    """Seconds from just before POST /tasks to Docker's start event of the run's container."""
+async def dispatch_latencies(
+    researcher: AsyncClient, collab: int, org: int, runs: int
+) -> tuple[list[float], list[float]]:
+    """Seconds from just before POST /tasks to Docker's start event of the run's container, and the part of
+    that between the container's create and start events (Docker's own start)."""
     watcher = StartWatcher("a")
-    out = []
+    out, docker_own = [], []
     try:
         for _ in range(runs):
             posted = time.time()
@@ -127,9 +149,10 @@ async def dispatch_latencies(researcher: AsyncClient, collab: int, org: int, run
                     break
                 await asyncio.sleep(0.01)
             out.append(watcher.starts[str(run["id"])] - posted)
+            docker_own.append(watcher.starts[str(run["id"])] - watcher.creates[str(run["id"])])
     finally:
         watcher.close()
-    return out
+    return out, docker_own
 
 
 async def end_to_end(researcher: AsyncClient, collab: int, rounds: int) -> list[float]:
@@ -181,13 +204,13 @@ async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, An
                 org = researcher.organization_id
                 assert org is not None
                 await end_to_end(researcher, collab, 1)  # warm-up: keys cached, images hot
-                dispatch = await dispatch_latencies(researcher, collab, org, runs)
+                dispatch, docker_start = await dispatch_latencies(researcher, collab, org, runs)
                 e2e = await end_to_end(researcher, collab, rounds)
         finally:
             for agent in agents:
                 agent.stop()
             await server.stop()
-    return {"dispatch": dispatch, "e2e": e2e, "idle_rss": idle_rss}
+    return {"dispatch": dispatch, "docker_start": docker_start, "e2e": e2e, "idle_rss": idle_rss}
 
 
 def main() -> None:
@@ -200,15 +223,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vfed-bench-node-") as tmp:
         work = Path(tmp)
         bare = bare_docker_runs(work, args.rounds + 1)[1:]
+        bare3 = bare_parallel_runs(work, args.rounds)
         figures = asyncio.run(federation_figures(work, args.runs, args.rounds))
     bare_s = statistics.median(bare)
+    bare3_s = statistics.median(bare3)
     e2e_s = statistics.median(figures["e2e"])
     report = {
         "bare_docker_run_s": round(bare_s, 4),
         "dispatch_p50_ms": round(percentile(figures["dispatch"], 0.5) * 1000, 1),
         "dispatch_p99_ms": round(percentile(figures["dispatch"], 0.99) * 1000, 1),
+        "docker_create_to_start_p50_ms": round(percentile(figures["docker_start"], 0.5) * 1000, 1),
+        "dispatch_beyond_docker_p50_ms": round(
+            percentile(
+                [d - o for d, o in zip(figures["dispatch"], figures["docker_start"], strict=True)], 0.5
+            )
+            * 1000,
+            1,
+        ),
         "end_to_end_s": round(e2e_s, 4),
         "ratio_end_to_end_vs_bare": round(e2e_s / bare_s, 3),
+        "bare_docker_run_x3_parallel_s": round(bare3_s, 4),
+        "ratio_end_to_end_vs_bare_x3": round(e2e_s / bare3_s, 3),
         "idle_agent_rss_mib": round(figures["idle_rss"], 1),
     }
     if args.json:
@@ -219,8 +254,17 @@ def main() -> None:
         f"(b) task POST -> container started, {len(figures['dispatch'])} runs: "
         f"p50 {report['dispatch_p50_ms']} ms, p99 {report['dispatch_p99_ms']} ms"
     )
+    print(
+        f"    of which Docker's own create->start p50 {report['docker_create_to_start_p50_ms']} ms; "
+        f"the rest (server, doorbell, claim, decrypt, checks, job volume, create) p50 "
+        f"{report['dispatch_beyond_docker_p50_ms']} ms"
+    )
     print(f"(c) submit -> decrypted results, 3 nodes, median of {len(figures['e2e'])}: {e2e_s:.3f} s")
     print(f"(c)/(a) = {report['ratio_end_to_end_vs_bare']}")
+    print(
+        f"(a3) three bare runs at once on this machine, median: {bare3_s:.3f} s; "
+        f"(c)/(a3) = {report['ratio_end_to_end_vs_bare_x3']}"
+    )
     print(f"idle agent RSS: {report['idle_agent_rss_mib']} MiB")
 
 

@@ -241,7 +241,7 @@ async def test_privacy_budget_is_charged_before_start_and_refuses_when_spent(tmp
     finally:
         await server.stop()
     for status, _, result in outcomes[:2]:
-        assert status == "completed"
+        assert status == "completed" and result is not None
         assert result["datasets"] == {"patients": "age,weight"}
         assert result["epsilon_granted"] == "0.4"
     assert outcomes[2][0] == "not-allowed" and "exhausted" in outcomes[2][1]

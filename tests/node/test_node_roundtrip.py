@@ -102,6 +102,7 @@ async def test_three_agent_processes_round_trip_and_master_subtasks(
                 decrypt_bytes(blob, key_b, key_b.current.public)
 
             org_a = researcher.organization_id
+            assert org_a is not None
             master = await researcher.create_task(
                 collab, PROBE_IMAGE, "master", args=[1], organizations=[org_a]
             )

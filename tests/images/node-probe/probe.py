@@ -117,6 +117,10 @@ def main():
             handle.write(b"x" * int(args[0]))
     elif method == "symlink_output":
         os.symlink(args[0], os.environ["OUTPUT_FILE"])
+    elif method == "late_proxy":
+        time.sleep(float(args[0]))
+        status, body = proxy("GET", "/run")
+        write_result({"status": status, "run": json.loads(body)})
     elif method == "master":
         write_result(master(args, kwargs))
     elif method == "proxy_probe":
