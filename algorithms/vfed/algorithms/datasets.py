@@ -9,6 +9,7 @@ letters and digits turned into `_`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sqlite3
@@ -64,27 +65,51 @@ def _sqlite_engine(path: str) -> sa.Engine:
     return sa.create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True))
 
 
-def _read_database(label: str, engine: sa.Engine, env: Mapping[str, str]) -> pd.DataFrame:
+def _query(label: str, connection: sa.Connection, env: Mapping[str, str]) -> pd.DataFrame:
     import pandas as pd
     import sqlalchemy as sa
 
     query = env.get(f"{env_key(label)}_QUERY")
     table = env.get(f"{env_key(label)}_TABLE")
+    if query:
+        return pd.read_sql_query(sa.text(query), connection)
+    if not table:
+        tables = sa.inspect(connection).get_table_names()
+        if len(tables) != 1:
+            raise DatasetError(
+                f"database dataset {label!r} holds tables {tables}: set "
+                f"{env_key(label)}_TABLE or {env_key(label)}_QUERY"
+            )
+        table = tables[0]
+    return pd.read_sql_table(table, connection)
+
+
+def _read_database(label: str, engine: sa.Engine, env: Mapping[str, str]) -> pd.DataFrame:
     try:
         with engine.connect() as connection:
-            if query:
-                return pd.read_sql_query(sa.text(query), connection)
-            if not table:
-                tables = sa.inspect(connection).get_table_names()
-                if len(tables) != 1:
-                    raise DatasetError(
-                        f"database dataset {label!r} holds tables {tables}: set "
-                        f"{env_key(label)}_TABLE or {env_key(label)}_QUERY"
-                    )
-                table = tables[0]
-            return pd.read_sql_table(table, connection)
+            return _query(label, connection, env)
     finally:
         engine.dispose()
+
+
+async def _read_async_database(label: str, uri: str, env: Mapping[str, str]) -> pd.DataFrame:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(uri)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(lambda sync: _query(label, sync, env))
+    finally:
+        await engine.dispose()
+
+
+def _read_sql_url(label: str, uri: str, env: Mapping[str, str]) -> pd.DataFrame:
+    """A SQLAlchemy URL; an async driver (postgresql+asyncpg, sqlite+aiosqlite) is run to completion here."""
+    import sqlalchemy as sa  # only databases pay for SQLAlchemy's import
+
+    if getattr(sa.engine.make_url(uri).get_dialect(), "is_async", False):
+        return asyncio.run(_read_async_database(label, uri, env))
+    return _read_database(label, sa.create_engine(uri), env)
 
 
 def _read(label: str, kind: DatasetType, uri: str, env: Mapping[str, str]) -> pd.DataFrame:
@@ -96,9 +121,7 @@ def _read(label: str, kind: DatasetType, uri: str, env: Mapping[str, str]) -> pd
         return pd.read_parquet(_file_path(uri), engine="pyarrow")
     if kind is DatasetType.SQLITE:
         return _read_database(label, _sqlite_engine(_file_path(uri)), env)
-    import sqlalchemy as sa  # only databases pay for SQLAlchemy's import
-
-    return _read_database(label, sa.create_engine(uri), env)
+    return _read_sql_url(label, uri, env)
 
 
 def load_dataset(label: str, environ: Mapping[str, str] | None = None) -> pd.DataFrame:
