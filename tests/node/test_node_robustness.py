@@ -318,7 +318,7 @@ async def test_running_container_reaches_the_proxy_of_a_restarted_agent(tmp_path
             assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
             agent.start()
             (run,) = await wait_run_status(site.researcher, task["id"], FINAL_STATUSES, timeout_s=60)
-            assert run["status"] == "completed", run
+            assert run["status"] == "completed", (run["reason"], run["log"])
             (result,) = await site.researcher.results(task)
             assert result["status"] == 200 and result["run"]["run_id"] == run["id"]
     finally:
