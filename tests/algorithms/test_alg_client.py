@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +36,7 @@ def _client(path: Path, **options: float) -> AlgorithmClient:
     return AlgorithmClient(Transport(socket_path=str(path)), **options)  # type: ignore[arg-type]
 
 
-def delayed(delay_s: float, outcome: dict[int, tuple[str, str | None, bytes | None]] | None = None):  # type: ignore[no-untyped-def]
+def delayed(delay_s: float, outcome: Mapping[int, tuple[str, str | None, bytes | None]] | None = None):  # type: ignore[no-untyped-def]
     async def execute(org: int, task_input: TaskInput) -> tuple[str, str | None, bytes | None]:
         await asyncio.sleep(delay_s)
         if outcome and org in outcome:

@@ -56,7 +56,7 @@ class Federation:
             f"vfed-examples/{example}:latest",
             method,
             kwargs=kwargs,
-            organizations=[who.organization_id],
+            organizations=[who.organization_id or self.org_a],
         )
         done: dict[str, Any] = await who.wait(task, timeout_s=timeout_s, progress=False)
         return done

@@ -158,7 +158,7 @@ def test_glm_applies_disclosure_control_after_dropping_incomplete_records() -> N
 
 
 def test_laplace_noise_has_the_laplace_distribution() -> None:
-    from scipy import stats
+    from scipy import stats  # type: ignore[import-untyped]
 
     rng = np.random.default_rng(2024)
     draws = np.array([dp_stats.laplace_noise(2.0, rng) for _ in range(4000)])
