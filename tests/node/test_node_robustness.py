@@ -303,8 +303,8 @@ async def test_crash_between_upload_and_report_reports_the_same_blob(
 
 
 @pytest.mark.xfail(
-    reason="the Docker runtime bind-mounts the proxy socket FILE; a restarted agent binds a new socket at the "
-    "same path, which a running container cannot see (mounting the socket's folder would fix it)",
+    reason="the Docker runtime bind-mounts the proxy socket FILE; a restarted agent binds a new socket at "
+    "the same path, which a running container cannot see (mounting the socket's folder would fix it)",
     strict=False,
 )
 async def test_running_container_reaches_the_proxy_of_a_restarted_agent(tmp_path: Path) -> None:
@@ -324,3 +324,22 @@ async def test_running_container_reaches_the_proxy_of_a_restarted_agent(tmp_path
     finally:
         agent.stop()
         await server.stop()
+
+
+async def test_at_most_max_concurrent_runs_containers(tmp_path: Path, docker_client: Any) -> None:
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5, max_concurrent_runs=2)
+    most = 0
+    try:
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            tasks = [await site.submit("sleep", 2) for _ in range(4)]
+            for _ in range(300):
+                running = docker_client.containers.list(filters={"label": "vfed.node=alpha"})
+                most = max(most, len(running))
+                runs = [r for t in tasks for r in await site.researcher.runs(t["id"])]
+                if all(r["status"] == "completed" for r in runs):
+                    break
+                await asyncio.sleep(0.1)
+            assert [r["status"] for r in runs] == ["completed"] * 4
+    finally:
+        await server.stop()
+    assert most == 2

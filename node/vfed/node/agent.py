@@ -128,6 +128,7 @@ class Agent:
             runner, self.metrics_port = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
             self._stack.push_async_callback(runner.cleanup)
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        # `vnode start` waits for this exact line (vfed.node.operator.container.ONLINE_RE): keep its shape.
         log.info("node %s (organization %s) started", identity.node_id, identity.organization_id)
 
     async def _login(self, client: NodeClient) -> NodeIdentity:
@@ -162,6 +163,10 @@ class Agent:
         if mqtt_url and s.client.identity is not None:
             self.doorbell = Doorbell(mqtt_url, s.client.identity.node_id, self._on_ring)
             self._background.append(asyncio.create_task(self.doorbell.run(), name="doorbell"))
+            # Subscribe first, then sync, so nothing published in between is missed (a broker that does not
+            # answer in time only delays the doorbell: the poll below starts regardless).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.doorbell.connected.wait(), 2.0)
         self._background.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         self._background.append(asyncio.create_task(self._janitor(), name="janitor"))
         backoff = self.settings.poll_interval_s
