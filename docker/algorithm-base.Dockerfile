@@ -2,7 +2,7 @@
 # as the unprivileged user; the node adds the rest of the hardening at `docker run`.
 FROM vfed/base
 COPY wheels /tmp/wheels
-RUN /opt/vfed/bin/pip install -q --no-index --find-links /tmp/wheels "vfed[algorithms]" \
+RUN /opt/vfed/bin/pip install -q --no-index --find-links /tmp/wheels "vfed[algorithms,postgres]" \
  && rm -rf /tmp/wheels /root/.cache
 USER 10001:10001
 WORKDIR /home/vfed

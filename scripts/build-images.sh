@@ -58,7 +58,7 @@ build_wheelhouse() {
     else
         rm -rf "$WHEELHOUSE"; mkdir -p "$WHEELHOUSE"
         say "wheelhouse: building dependency wheels on the host"
-        run_logged "pip wheel" "$PY" -m pip wheel -q -w "$WHEELHOUSE" ".[algorithms]"
+        run_logged "pip wheel" "$PY" -m pip wheel -q -w "$WHEELHOUSE" ".[algorithms,postgres]"
         rm -f "$WHEELHOUSE"/vfed-*.whl
         touch "$WHEELHOUSE/.deps-$stamp"
     fi
