@@ -52,13 +52,14 @@ resolve_base() {
 
 build_wheelhouse() {
     # The project wheel plus every dependency of the extras the images need, built on the host.
-    local stamp; stamp=$(cat pyproject.toml | sha256sum | cut -c1-16)
+    local extras=".[algorithms,postgres]"
+    local stamp; stamp=$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)
     if [ -f "$WHEELHOUSE/.deps-$stamp" ]; then
         say "wheelhouse: reused dependency wheels"
     else
         rm -rf "$WHEELHOUSE"; mkdir -p "$WHEELHOUSE"
         say "wheelhouse: building dependency wheels on the host"
-        run_logged "pip wheel" "$PY" -m pip wheel -q -w "$WHEELHOUSE" ".[algorithms,postgres]"
+        run_logged "pip wheel" "$PY" -m pip wheel -q -w "$WHEELHOUSE" "$extras"
         rm -f "$WHEELHOUSE"/vfed-*.whl
         touch "$WHEELHOUSE/.deps-$stamp"
     fi
