@@ -36,6 +36,7 @@ MIB = 1024 * 1024
 INPUT_BYTES = 1024
 RESULT_BYTES = 50 * MIB
 ORGS = 3
+CLIENTS = 4
 
 
 def free_port() -> int:
@@ -91,12 +92,22 @@ def vfed_setup(tmp: Path, nodes: int) -> tuple[Path, dict[str, str]]:
     orgs = [f"org{i}" for i in range(ORGS)]
     spec = {
         "organizations": [{"name": o} for o in orgs],
-        "collaborations": [{"name": "bench", "organizations": orgs}],
+        # the task collaboration has one node per organization; the other nodes sit in another collaboration
+        # (1,000 nodes in one collaboration would make every task ring 1,000 doorbells)
+        "collaborations": [
+            {"name": "bench", "organizations": orgs},
+            {"name": "filler", "organizations": orgs},
+        ],
         "users": [
             {"username": "res", "password": "bench password", "organization": "org0", "roles": ["researcher"]}
         ],
         "nodes": [
-            {"name": f"n{i}", "organization": orgs[i % ORGS], "collaboration": "bench"} for i in range(nodes)
+            {
+                "name": f"n{i}",
+                "organization": orgs[i % ORGS],
+                "collaboration": "bench" if i < ORGS else "filler",
+            }
+            for i in range(nodes)
         ],
     }
     imp = tmp / "import.yaml"
@@ -118,23 +129,10 @@ async def vfed_measure(url: str, keys: dict[str, str], tasks: int, auth_samples:
     async with aiohttp.ClientSession(url) as http:
         r = await http.post("/api/v1/token/user", json={"username": "res", "password": "bench password"})
         user = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
-        collab = (await (await http.get("/api/v1/collaborations", headers=user)).json())["data"][0]
-        latencies = []
-        started = time.perf_counter()
-        for _ in range(tasks):
-            t0 = time.perf_counter()
-            r = await http.post("/api/v1/blobs", data=os.urandom(INPUT_BYTES), headers=user)
-            blob = (await r.json())["id"]
-            body = {
-                "collaboration_id": collab["id"],
-                "image": "bench/algo:1",
-                "organizations": [{"id": o, "input_blob_id": blob} for o in collab["organization_ids"]],
-            }
-            r = await http.post("/api/v1/tasks", json=body, headers=user)
-            assert r.status == 201, await r.text()
-            task = await r.json()
-            latencies.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - started
+        collabs = (await (await http.get("/api/v1/collaborations", headers=user)).json())["data"]
+        collab = next(c for c in collabs if c["name"] == "bench")
+        latencies, elapsed, task = await vfed_tasks(http, user, collab, tasks, 1)
+        _, elapsed4, _ = await vfed_tasks(http, user, collab, tasks, CLIENTS)
 
         names = sorted(keys)
         auth_ms = []
@@ -148,12 +146,41 @@ async def vfed_measure(url: str, keys: dict[str, str], tasks: int, auth_samples:
         roundtrip_s = await vfed_result_roundtrip(http, keys["n0"], task["id"], user)
     return {
         "tasks_per_s": tasks / elapsed,
+        f"tasks_per_s_{CLIENTS}_clients": tasks / elapsed4,
         "task_create_p50_ms": statistics.median(latencies) * 1000,
         "task_create_p99_ms": pct(latencies, 0.99) * 1000,
         "node_auth_p50_ms_1000": statistics.median(auth_ms),
         "node_auth_p99_ms_1000": pct(auth_ms, 0.99),
         "result_50mib_roundtrip_s": roundtrip_s,
     }
+
+
+async def vfed_tasks(
+    http: Any, user: dict[str, str], collab: dict[str, Any], tasks: int, clients: int
+) -> tuple[list[float], float, dict[str, Any]]:
+    """Create `tasks` tasks from `clients` concurrent clients: upload the 1 KB envelope, then POST /tasks."""
+    latencies: list[float] = []
+    last: dict[str, Any] = {}
+
+    async def client(n: int) -> None:
+        nonlocal last
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = await http.post("/api/v1/blobs", data=os.urandom(INPUT_BYTES), headers=user)
+            blob = (await r.json())["id"]
+            body = {
+                "collaboration_id": collab["id"],
+                "image": "bench/algo:1",
+                "organizations": [{"id": o, "input_blob_id": blob} for o in collab["organization_ids"]],
+            }
+            r = await http.post("/api/v1/tasks", json=body, headers=user)
+            assert r.status == 201, await r.text()
+            last = await r.json()
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(tasks // clients) for _ in range(clients)))
+    return latencies, time.perf_counter() - started, last
 
 
 async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dict[str, str]) -> float:
@@ -294,10 +321,8 @@ def v6_measure(api: str, tasks: int) -> dict[str, float]:
         for o in orgs:
             node_body = {"collaboration_id": c["id"], "organization_id": o, "name": f"n{c['id']}-{o}"}
             keys.append(call("POST", "/node", root, json=node_body)["api_key"])
-    latencies = []
-    started = time.perf_counter()
-    task: dict[str, Any] = {}
-    for _ in range(tasks):
+
+    def create_task() -> tuple[float, dict[str, Any]]:
         body = {
             "name": "bench",
             "image": "bench/algo:1",
@@ -308,9 +333,19 @@ def v6_measure(api: str, tasks: int) -> dict[str, float]:
             "databases": [{"label": "default"}],
         }
         t0 = time.perf_counter()
-        task = call("POST", "/task", root, json=body)
-        latencies.append(time.perf_counter() - t0)
+        created = call("POST", "/task", root, json=body)
+        return time.perf_counter() - t0, created
+
+    started = time.perf_counter()
+    timed = [create_task() for _ in range(tasks)]
     elapsed = time.perf_counter() - started
+    latencies, task = [t for t, _ in timed], timed[-1][1]
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(lambda _: create_task(), range(tasks)))
+    elapsed4 = time.perf_counter() - started
     auth_first = _timed(lambda: call("POST", "/token/node", json={"api_key": keys[0]}))
     auth_last = _timed(lambda: call("POST", "/token/node", json={"api_key": keys[-1]}))
     node = call("POST", "/token/node", json={"api_key": keys[0]})["access_token"]
@@ -324,6 +359,7 @@ def v6_measure(api: str, tasks: int) -> dict[str, float]:
     assert got["result"] == payload
     return {
         "v6_tasks_per_s": tasks / elapsed,
+        f"v6_tasks_per_s_{CLIENTS}_clients": tasks / elapsed4,
         "v6_task_create_p50_ms": statistics.median(latencies) * 1000,
         "v6_task_create_p99_ms": pct(latencies, 0.99) * 1000,
         "v6_node_auth_first_ms": auth_first * 1000,
@@ -370,6 +406,8 @@ def main() -> None:
     results.update(v6 or {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None})
     if v6:
         results["ratio_task_create_vs_v6"] = results["tasks_per_s"] / v6["v6_tasks_per_s"]
+        key = f"tasks_per_s_{CLIENTS}_clients"
+        results[f"ratio_task_create_{CLIENTS}_clients_vs_v6"] = results[key] / v6["v6_" + key]
         results["ratio_result_roundtrip_vs_v6"] = (
             v6["v6_result_50mib_roundtrip_s"] / results["result_50mib_roundtrip_s"]
         )
