@@ -13,6 +13,7 @@ from crypto_testkit import flip, layout
 
 from vfed.common.crypto import (
     BadSignature,
+    CryptoError,
     Decryptor,
     Keyring,
     TamperedChunk,
@@ -149,3 +150,51 @@ def test_decryptor_buffers_at_most_one_frame(alice: Keyring, bob: Keyring) -> No
     dec.finish()
     assert dec.verified
     assert peak < CS + 1000 + 29
+
+
+class _TrickleReader:
+    """A reader without readinto that returns at most 1000 bytes per read, like a pipe or socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self._data) if size < 0 else min(size, 1000)
+        piece = self._data[self._pos : self._pos + size]
+        self._pos += len(piece)
+        return piece
+
+
+def test_fileobj_paths_handle_short_reads(alice: Keyring, bob: Keyring) -> None:
+    data = os.urandom(6 * CS + 3)
+    sealed = io.BytesIO()
+    encrypt_fileobj(_TrickleReader(data), sealed, alice.current, [bob.current.public], chunk_size=CS)  # type: ignore[arg-type]
+    blob = sealed.getvalue()
+    assert [len(f) for f in layout(blob).frames] == [CS + 29] * 6 + [3 + 29]
+    out = io.BytesIO()
+    decrypt_fileobj(_TrickleReader(blob), out, bob, alice.current.public)  # type: ignore[arg-type]
+    assert out.getvalue() == data
+
+
+@pytest.mark.parametrize("cut", [3, 40, 140, 150, 200, 4300, 4400, -64, -10, -1])
+def test_fileobj_truncation_errors_match_the_bytes_path(alice: Keyring, bob: Keyring, cut: int) -> None:
+    blob = encrypt_bytes(os.urandom(3 * CS), alice.current, [bob.current.public], chunk_size=CS)
+    with pytest.raises(TruncatedPayload) as from_bytes:
+        decrypt_bytes(blob[:cut], bob, alice.current.public)
+    with pytest.raises(TruncatedPayload) as from_file:
+        decrypt_fileobj(io.BytesIO(blob[:cut]), io.BytesIO(), bob, alice.current.public)
+    assert str(from_file.value) == str(from_bytes.value)
+
+
+@pytest.mark.parametrize("offset", [200, 4200, -70, -5])
+def test_fileobj_tamper_errors_match_the_bytes_path(alice: Keyring, bob: Keyring, offset: int) -> None:
+    blob = encrypt_bytes(os.urandom(3 * CS), alice.current, [bob.current.public], chunk_size=CS)
+    damaged = flip(blob, offset % len(blob))
+    with pytest.raises(CryptoError) as from_bytes:
+        decrypt_bytes(damaged, bob, alice.current.public)
+    out = io.BytesIO()
+    with pytest.raises(CryptoError) as from_file:
+        decrypt_fileobj(io.BytesIO(damaged), out, bob, alice.current.public)
+    assert type(from_file.value) is type(from_bytes.value)
+    assert str(from_file.value) == str(from_bytes.value)
+    assert len(out.getvalue()) < 3 * CS  # the final chunk never reaches the output unverified

@@ -10,11 +10,22 @@ import os
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from .aead import OutputBytes, pointer, release
 from .engine import Decryptor, Encryptor, SenderLookup
 from .errors import CryptoError, TrailingData
-from .format import DEFAULT_CHUNK_SIZE, Cipher, Header
+from .format import (
+    DEFAULT_CHUNK_SIZE,
+    FLAG_FINAL,
+    FRAME_HEAD,
+    FRAME_HEAD_BYTES,
+    SIGNATURE_BYTES,
+    TAG_BYTES,
+    Cipher,
+    Header,
+    read_header,
+)
 from .keyring import Keyring
 from .keys import OrgKey, PublicKey
 
@@ -33,15 +44,61 @@ def encrypt_bytes(
 ) -> bytes:
     """Encrypt once, seal the content key per recipient, sign; returns the whole envelope."""
     enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
-    return b"".join(enc.feed(bytes(data)) + enc.finish())
+    return enc.seal_all(data)
 
 
 def decrypt_bytes(blob: bytes, keyring: Keyring, sender: SenderLookup) -> bytes:
     """Decrypt and verify the signature before returning anything."""
+    blob = bytes(blob)
+    frames = _well_formed_frames(blob)
+    if frames is None:  # the streaming path raises the precise error, in stream order
+        dec = Decryptor(keyring, sender)
+        plain = dec.feed(blob)
+        dec.finish()
+        return b"".join(plain)
+    return _decrypt_frames(blob, frames, keyring, sender)
+
+
+def _well_formed_frames(blob: bytes) -> list[tuple[int, int]] | None:
+    """(offset, length) of every frame when the envelope's framing is intact, else None."""
+    try:
+        header = read_header(blob)
+    except CryptoError:
+        return None
+    frames, pos, index = [], header.size, 0
+    while pos + FRAME_HEAD_BYTES <= len(blob):
+        got_index, flags, length = FRAME_HEAD.unpack_from(blob, pos)
+        final = flags == FLAG_FINAL
+        if got_index != index or flags & ~FLAG_FINAL or length > header.chunk_size:
+            return None
+        if not final and length != header.chunk_size:
+            return None
+        frames.append((pos, length))
+        pos += FRAME_HEAD_BYTES + length + TAG_BYTES
+        index += 1
+        if final:
+            return frames if pos + SIGNATURE_BYTES == len(blob) else None
+    return None
+
+
+def _decrypt_frames(
+    blob: bytes, frames: list[tuple[int, int]], keyring: Keyring, sender: SenderLookup
+) -> bytes:
+    """Decrypt straight into one output buffer; returned only after the signature verified."""
     dec = Decryptor(keyring, sender)
-    plain = dec.feed(bytes(blob))
-    dec.finish()
-    return b"".join(plain)
+    dec.start(blob[: frames[0][0]])
+    out = OutputBytes(sum(length for _, length in frames))
+    written = 0
+    try:
+        for offset, length in frames:
+            head = blob[offset : offset + FRAME_HEAD_BYTES]
+            dec.check_frame_head(head)
+            dec.open_into(out.ptr + written, head, blob, offset + FRAME_HEAD_BYTES)
+            written += length
+        dec.verify(blob[-SIGNATURE_BYTES:])
+    finally:
+        plain = out.done()
+    return plain
 
 
 async def _aiter(source: ByteSource) -> AsyncIterator[bytes]:
@@ -94,32 +151,101 @@ def encrypt_fileobj(
     cipher: Cipher | None = None,
     commit: bool | None = None,
 ) -> int:
-    """Stream a binary file object into an envelope; returns envelope bytes written."""
+    """Stream a binary file object into an envelope; returns envelope bytes written.
+
+    Three reusable buffers (two plaintext chunks for the look-ahead that finds the final chunk, one
+    frame) and no per-chunk allocation.
+    """
     enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
-    written = 0
-    while piece := src.read(max(chunk_size, _READ_BYTES)):
-        for out in enc.feed(piece):
-            written += dst.write(out)
-    for out in enc.finish():
-        written += dst.write(out)
+    written = dst.write(enc.header)
+    plain = [bytearray(chunk_size), bytearray(chunk_size)]
+    plain_ptrs = [pointer(b) for b in plain]
+    frame = bytearray(FRAME_HEAD_BYTES + chunk_size + TAG_BYTES)
+    frame_ptr = pointer(frame)
+    try:
+        with memoryview(frame) as frame_view:
+            size = _read_full(src, plain[0])
+            while True:
+                ahead = _read_full(src, plain[1]) if size == chunk_size else 0
+                final = ahead == 0
+                end = enc.seal_into(frame_view, frame_ptr, plain_ptrs[0], size, final)
+                written += dst.write(frame_view[:end])
+                if final:
+                    break
+                plain.reverse()
+                plain_ptrs.reverse()
+                size = ahead
+    finally:
+        for ptr in (*plain_ptrs, frame_ptr):
+            release(ptr)
+    written += dst.write(enc.signature())
     return written
 
 
+def _read_full(src: BinaryIO, buf: bytearray, size: int | None = None) -> int:
+    """Fill buf[:size] unless the source ends first (pipes and sockets return short reads)."""
+    want = len(buf) if size is None else size
+    readinto = getattr(src, "readinto", None)
+    got = 0
+    with memoryview(buf) as view:
+        while got < want:
+            if readinto is not None:
+                count = readinto(view[got:want])
+            else:
+                piece = src.read(want - got)
+                view[got : got + len(piece)] = piece
+                count = len(piece)
+            if not count:
+                break
+            got += count
+    return int(got)
+
+
 def decrypt_fileobj(src: BinaryIO, dst: BinaryIO, keyring: Keyring, sender: SenderLookup) -> Header:
-    """Stream an envelope into `dst`; raises at the end if the signature fails (see decrypt_stream)."""
+    """Stream an envelope into `dst`; raises at the end if the signature fails (see decrypt_stream).
+
+    Frames are read whole into reusable buffers; the final chunk is written only after the signature
+    verified.
+    """
     dec = Decryptor(keyring, sender)
-    while not dec.verified:
+    while dec.header is None:
         piece = src.read(dec.wants)
         if not piece:
-            break
-        for out in dec.feed(piece):
-            dst.write(out)
-    dec.finish()
-    extra = src.read(1)
-    if extra:
+            dec.finish()
+        dec.feed(piece)
+    chunk_size = dec.header.chunk_size
+    body, plain = bytearray(chunk_size + TAG_BYTES), bytearray(chunk_size)
+    plain_ptr = pointer(plain)
+    try:
+        with memoryview(plain) as plain_view:
+            length = _decrypt_frames_from(src, dst, dec, body, plain_view, plain_ptr)
+            signature = src.read(SIGNATURE_BYTES)
+            if len(signature) < SIGNATURE_BYTES:
+                raise dec.truncated("trailer", len(signature))
+            dec.verify(signature)
+            dst.write(plain_view[:length])
+    finally:
+        release(plain_ptr)
+    if src.read(1):
         raise TrailingData("unexpected bytes after the signature trailer")
-    assert dec.header is not None
     return dec.header
+
+
+def _decrypt_frames_from(
+    src: BinaryIO, dst: BinaryIO, dec: Decryptor, body: bytearray, plain: memoryview, plain_ptr: Any
+) -> int:
+    """Decrypt frames up to the final one; returns the final chunk's length, left in `plain`."""
+    while True:
+        head = src.read(FRAME_HEAD_BYTES)
+        if len(head) < FRAME_HEAD_BYTES:
+            raise dec.truncated("frame_head", len(head))
+        final, length = dec.check_frame_head(head)
+        if _read_full(src, body, length + TAG_BYTES) < length + TAG_BYTES:
+            raise dec.truncated("frame_body", 1)
+        dec.open_into(plain_ptr, head, body, 0)
+        if final:
+            return length
+        dst.write(plain[:length])
 
 
 def _atomic_output(dst_path: Path) -> tuple[int, Path]:

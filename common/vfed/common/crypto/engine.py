@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import nacl.bindings as nb
 import nacl.exceptions
 import nacl.utils
 
+from .aead import ChunkCipher, OutputBytes, ffi, pointer, release
 from .errors import (
     BadSignature,
     CorruptHeader,
@@ -86,6 +88,16 @@ class _Buffer:
             self._advance(part, stop)
         return bytes(out)
 
+    def take_ref(self, n: int) -> tuple[bytes, int]:
+        """Like `take`, but as (object, offset) so a chunk inside one piece is not copied."""
+        first = self._parts[0] if self._parts else b""
+        start = self._offset
+        if len(first) - start >= n:
+            self.size -= n
+            self._advance(first, start + n)
+            return first, start
+        return self.take(n), 0
+
     def _advance(self, first: bytes, stop: int) -> None:
         if stop == len(first):
             self._parts.popleft()
@@ -115,6 +127,7 @@ class Encryptor:
             raise CryptoError(f"chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
         self._aead = aead_for(cipher if cipher is not None else default_cipher())
         self._key = nacl.utils.random(32)
+        self._cipher = ChunkCipher(self._aead.cipher, self._key)
         entries = []
         for recipient in unique:
             try:
@@ -133,6 +146,7 @@ class Encryptor:
         self._buffer = _Buffer()
         self._index = 0
         self._header_sent = False
+        self._sealed_final = False
         self._finished = False
 
     def _start(self) -> list[bytes]:
@@ -141,34 +155,88 @@ class Encryptor:
         self._header_sent = True
         return [self.header]
 
-    def _frame(self, chunk: bytes, final: bool) -> list[bytes]:
-        head = FRAME_HEAD.pack(self._index, FLAG_FINAL if final else 0, len(chunk))
-        sealed = self._aead.encrypt(
-            chunk, self._head_hash + head, self._aead.nonce(self._index, final), self._key
-        )
-        self._tags.update(head, sealed)
+    def seal_into(self, out: memoryview, out_ptr: Any, src_ptr: Any, length: int, final: bool) -> int:
+        """Write one frame (head, ciphertext, tag) at the start of `out`/`out_ptr`; returns its size.
+
+        The building block for every output shape: per-frame bytes, one whole envelope, file buffers.
+        """
+        if self._finished or self._sealed_final:
+            raise CryptoError("encryptor already finished")
+        if length > self._chunk_size or (not final and length != self._chunk_size):
+            raise CryptoError(f"chunk of {length} bytes breaks chunk size {self._chunk_size}")
+        head = FRAME_HEAD.pack(self._index, FLAG_FINAL if final else 0, length)
+        end = FRAME_HEAD_BYTES + length + TAG_BYTES
+        out[:FRAME_HEAD_BYTES] = head
+        nonce = self._aead.nonce(self._index, final)
+        self._cipher.seal(out_ptr + FRAME_HEAD_BYTES, src_ptr, length, self._head_hash + head, nonce)
+        with out[FRAME_HEAD_BYTES:end] as sealed:
+            self._tags.update(head, sealed)
         self._index += 1
-        return [head, sealed]
+        self._sealed_final = final
+        return end
+
+    def signature(self) -> bytes:
+        """The trailer; only after the final chunk was sealed."""
+        if not self._sealed_final or self._finished:
+            raise CryptoError("the signature comes once, after the final chunk")
+        self._finished = True
+        return self._sender.sign(signed_message(self._head_hash, self._tags.digest()))
+
+    def _frame(self, src: bytes, offset: int, length: int, final: bool) -> list[bytes]:
+        out = OutputBytes(FRAME_HEAD_BYTES + length + TAG_BYTES)
+        src_ptr = pointer(src)
+        try:
+            self.seal_into(out.view, out.ptr, src_ptr + offset, length, final)
+        finally:
+            release(src_ptr)
+        return [out.done()]
 
     def feed(self, data: bytes) -> list[bytes]:
         """Accept plaintext; return the envelope bytes ready so far (a chunk is held until more arrives)."""
-        if self._finished:
+        if self._finished or self._sealed_final:
             raise CryptoError("encryptor already finished")
         out = self._start()
         self._buffer.push(bytes(data) if not isinstance(data, bytes) else data)
         while self._buffer.size > self._chunk_size:
-            out += self._frame(self._buffer.take(self._chunk_size), final=False)
+            src, offset = self._buffer.take_ref(self._chunk_size)
+            out += self._frame(src, offset, self._chunk_size, final=False)
         return out
 
     def finish(self) -> list[bytes]:
         """Emit the final chunk (possibly empty) and the signature trailer."""
-        if self._finished:
+        if self._finished or self._sealed_final:
             raise CryptoError("encryptor already finished")
         out = self._start()
-        out += self._frame(self._buffer.take(self._buffer.size), final=True)
-        self._finished = True
-        out.append(self._sender.sign(signed_message(self._head_hash, self._tags.digest())))
+        size = self._buffer.size
+        src, offset = self._buffer.take_ref(size) if size else (b"", 0)
+        out += self._frame(src, offset, size, final=True)
+        out.append(self.signature())
         return out
+
+    def seal_all(self, data: bytes) -> bytes:
+        """The whole envelope for `data` as one bytes object, written in place (no joins)."""
+        if self._header_sent or self._index:
+            raise CryptoError("seal_all needs a fresh encryptor")
+        self._header_sent = True
+        size, cs = len(data), self._chunk_size
+        chunks = max(1, -(-size // cs))
+        total = len(self.header) + chunks * (FRAME_HEAD_BYTES + TAG_BYTES) + size + SIGNATURE_BYTES
+        out = OutputBytes(total)
+        out.view[: len(self.header)] = self.header
+        pos = len(self.header)
+        src_ptr = pointer(data) if size else ffi.NULL
+        try:
+            for number in range(chunks):
+                length = min(cs, size - number * cs)
+                with out.view[pos:] as rest:
+                    pos += self.seal_into(
+                        rest, out.ptr + pos, src_ptr + number * cs, length, number == chunks - 1
+                    )
+        finally:
+            if size:
+                release(src_ptr)
+        out.view[pos:] = self.signature()
+        return out.done()
 
 
 def resolve_sender(header: Header, sender: SenderLookup) -> PublicKey:
@@ -248,7 +316,11 @@ class Decryptor:
         self._buffer.push(data)
         out: list[bytes] = []
         while self._state != "done" and self._buffer.size >= self._need:
-            piece = self._step(self._buffer.take(self._need))
+            if self._state == "frame_body":
+                src, offset = self._buffer.take_ref(self._need)
+                piece = self._on_frame_body(src, offset)
+            else:
+                piece = self._step(self._buffer.take(self._need))
             if piece is not None:
                 out.append(piece)
         if self._state == "done" and self._buffer.size:
@@ -266,26 +338,30 @@ class Decryptor:
             self._fixed = data
             self._state, self._need = "recipients", header_size(data) - HEADER_FIXED_BYTES
         elif self._state == "recipients":
-            self._on_header(self._fixed + data)
+            self.start(self._fixed + data)
         elif self._state == "frame_head":
-            self._on_frame_head(data)
-        elif self._state == "frame_body":
-            return self._on_frame_body(data)
+            final, length = self.check_frame_head(data)
+            self._frame = (data, final, length)
+            self._state, self._need = "frame_body", length + TAG_BYTES
         else:
-            return self._on_trailer(data)
+            self.verify(data)
+            final_plain, self._final_plain = self._final_plain, b""
+            return final_plain
         return None
 
-    def _on_header(self, raw: bytes) -> None:
+    def start(self, raw: bytes) -> None:
+        """Take the complete header: resolve the sender and open our sealed content key."""
         header = read_header(raw)
         self._aead = aead_for(header.cipher)
         self.sender = resolve_sender(header, self._sender_lookup)
-        self._key = open_content_key(header, self._keyring)
+        self._cipher = ChunkCipher(header.cipher, open_content_key(header, self._keyring))
         self.header = header
         self._tags = FramesHash(header.committed)
         self._head_hash = header_hash(raw)
         self._state, self._need = "frame_head", FRAME_HEAD_BYTES
 
-    def _on_frame_head(self, head: bytes) -> None:
+    def check_frame_head(self, head: bytes) -> tuple[bool, int]:
+        """Validate the next frame head before its body is read; returns (final, ciphertext length)."""
         assert self.header is not None
         index, flags, length = FRAME_HEAD.unpack(head)
         position, chunk_size = self._index, self.header.chunk_size
@@ -296,21 +372,38 @@ class Decryptor:
         final = bool(flags & FLAG_FINAL)
         if length > chunk_size or (not final and length != chunk_size):
             raise TamperedChunk(f"chunk {position} claims {length} bytes; chunk size is {chunk_size}")
-        self._frame = (head, final, length)
-        self._state, self._need = "frame_body", length + TAG_BYTES
+        return final, length
 
-    def _on_frame_body(self, body: bytes) -> bytes | None:
-        head, final, _ = self._frame
-        position = self._index
+    def open_into(self, out_ptr: Any, head: bytes, src: bytes | bytearray, offset: int) -> None:
+        """Authenticate and decrypt the body that follows `head` (at src[offset:]) into `out_ptr`."""
+        _, flags, length = FRAME_HEAD.unpack(head)
+        position, final = self._index, bool(flags & FLAG_FINAL)
+        end = offset + length + TAG_BYTES
+        if len(src) < end:
+            raise TruncatedPayload(f"envelope ends inside chunk {position}")
         nonce = self._aead.nonce(position, final)
+        src_ptr = pointer(src)
         try:
-            plain = self._aead.decrypt(body, self._head_hash + head, nonce, self._key)
-        except _NACL_ERRORS as exc:
+            ok = self._cipher.open(
+                out_ptr, src_ptr + offset, length + TAG_BYTES, self._head_hash + head, nonce
+            )
+        finally:
+            release(src_ptr)
+        if not ok:
             raise TamperedChunk(
                 f"chunk {position} failed authentication (altered, or spliced from another envelope)"
-            ) from exc
-        self._tags.update(head, body)
+            )
+        with memoryview(src)[offset:end] as body:
+            self._tags.update(head, body)
         self._index += 1
+
+    def _on_frame_body(self, src: bytes, offset: int) -> bytes | None:
+        head, final, length = self._frame
+        out = OutputBytes(length)
+        try:
+            self.open_into(out.ptr, head, src, offset)
+        finally:
+            plain = out.done()
         if final:
             # The end of the payload is released only with a verified signature (docs/crypto.md).
             self._final_plain = plain
@@ -319,7 +412,8 @@ class Decryptor:
         self._state, self._need = "frame_head", FRAME_HEAD_BYTES
         return plain
 
-    def _on_trailer(self, signature: bytes) -> bytes:
+    def verify(self, signature: bytes) -> None:
+        """Check the trailer against everything seen; the envelope is done after this."""
         assert self.sender is not None
         try:
             self.sender.verify(signed_message(self._head_hash, self._tags.digest()), signature)
@@ -328,24 +422,25 @@ class Decryptor:
                 f"signature of sender {self.sender.key_id} over header and chunk tags does not verify"
             ) from exc
         self._state = "done"
-        final, self._final_plain = self._final_plain, b""
-        return final
 
     def finish(self) -> None:
         """Raise TruncatedPayload unless the whole envelope, signature included, was consumed."""
-        if self._state == "done":
-            return
+        if self._state != "done":
+            raise self.truncated(self._state, self._buffer.size)
+
+    def truncated(self, state: str, buffered: int) -> TruncatedPayload:
+        """The error for input ending in `state` with `buffered` bytes of the next part."""
         where = {
             "fixed": "inside its header",
             "recipients": "inside its header",
             "frame_body": f"inside chunk {self._index}",
             "trailer": "before the signature trailer",
-        }.get(self._state)
+        }.get(state)
         if where is None:  # frame_head
-            if self._buffer.size:
+            if buffered:
                 where = f"inside chunk {self._index}"
             elif self._index == 0:
                 where = "after the header, before any chunk"
             else:
                 where = f"after chunk {self._index - 1}, which is not the final chunk"
-        raise TruncatedPayload(f"envelope ends {where}")
+        return TruncatedPayload(f"envelope ends {where}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -44,17 +43,12 @@ class Cipher(IntEnum):
         return {1: "AES-256-GCM", 2: "XChaCha20-Poly1305-IETF"}[self.value]
 
 
-AeadFn = Callable[[bytes, bytes | None, bytes, bytes], bytes]
-
-
 @dataclass(frozen=True)
 class Aead:
-    """One cipher's libsodium calls and nonce size."""
+    """One cipher's nonce layout (the calls themselves live in `aead.ChunkCipher`)."""
 
     cipher: Cipher
     nonce_bytes: int
-    encrypt: AeadFn
-    decrypt: AeadFn
 
     def nonce(self, index: int, final: bool) -> bytes:
         """Nonce = final flag byte, zero padding, chunk index (u64 big endian)."""
@@ -63,15 +57,8 @@ class Aead:
 
 
 _AEADS = {
-    Cipher.AES256GCM: Aead(
-        Cipher.AES256GCM, 12, nb.crypto_aead_aes256gcm_encrypt, nb.crypto_aead_aes256gcm_decrypt
-    ),
-    Cipher.XCHACHA20POLY1305: Aead(
-        Cipher.XCHACHA20POLY1305,
-        24,
-        nb.crypto_aead_xchacha20poly1305_ietf_encrypt,
-        nb.crypto_aead_xchacha20poly1305_ietf_decrypt,
-    ),
+    Cipher.AES256GCM: Aead(Cipher.AES256GCM, 12),
+    Cipher.XCHACHA20POLY1305: Aead(Cipher.XCHACHA20POLY1305, 24),
 }
 
 
@@ -188,7 +175,8 @@ class FramesHash:
         self._sha = hashlib.sha256(b"vfed-env1-frames")
         self._tags = hashlib.blake2b(digest_size=32, person=b"vfed-env1-tags")
 
-    def update(self, head: bytes, sealed: bytes) -> None:
+    def update(self, head: bytes, sealed: bytes | memoryview) -> None:
+        """`sealed` is the frame's ciphertext || tag (a view into the output or input buffer)."""
         if self.committed:
             self._sha.update(head)
             self._sha.update(sealed)
