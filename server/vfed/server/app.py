@@ -16,8 +16,9 @@ from vfed.server.embedded import EmbeddedBroker
 from vfed.server.errors import error_middleware
 from vfed.server.metrics import METRICS, Metrics, metrics_middleware
 from vfed.server.openapi import build_docs_html, build_openapi
+from vfed.server.presence import Presence
 from vfed.server.routes import add_routes
-from vfed.server.state import BLOBS, DOORBELL, ENGINE, NODE_SEEN, PRINCIPALS, SESSIONS, SETTINGS
+from vfed.server.state import BLOBS, DOORBELL, ENGINE, PRESENCE, PRINCIPALS, SESSIONS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=4 * 1024 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[NODE_SEEN] = {}
+    app[PRESENCE] = Presence()
     app[PRINCIPALS] = {}
     app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
     app[OPENAPI] = build_openapi()
@@ -47,7 +48,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         await db.upgrade(engine)
     app[ENGINE] = engine
     app[SESSIONS] = db.make_sessionmaker(engine)
+    await app[PRESENCE].start(app[SESSIONS])
     yield
+    await app[PRESENCE].stop(app[SESSIONS])
     await engine.dispose()
 
 

@@ -10,18 +10,17 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server import auth
 from vfed.server.config import format_validation_error
 from vfed.server.errors import ApiError, bad_request, not_found, unauthorized
 from vfed.server.models import TERMINAL, Base, Node, Run, Task, User
-from vfed.server.state import NODE_SEEN, PRINCIPALS, SESSIONS, SETTINGS
+from vfed.server.state import PRESENCE, PRINCIPALS, SESSIONS, SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 PRINCIPAL = web.RequestKey("principal", auth.Principal)
-SEEN_WRITE_EVERY_S = 5.0
 PRINCIPAL_TTL_S = 5.0
 
 
@@ -127,7 +126,7 @@ async def _account_principal(request: web.Request, s: AsyncSession, kind: str, i
         principal = await (_user_principal(s, ident) if kind == "user" else _node_principal(s, ident))
         cache[(kind, ident)] = (now + PRINCIPAL_TTL_S, principal)
     if principal.node_id is not None:
-        await touch_node(request, s, principal.node_id, force=False)
+        touch_node(request, principal.node_id)
     return principal
 
 
@@ -164,7 +163,7 @@ async def _run_principal(request: web.Request, s: AsyncSession, claims: dict[str
         raise unauthorized("the run has ended; its token expired with it", "token-expired")
     task = await s.get(Task, run.task_id)
     assert task is not None
-    await touch_node(request, s, run.node_id, force=False)
+    touch_node(request, run.node_id)
     return auth.Principal(
         "run",
         run.organization_id,
@@ -177,24 +176,21 @@ async def _run_principal(request: web.Request, s: AsyncSession, claims: dict[str
     )
 
 
-async def touch_node(request: web.Request, s: AsyncSession, node_id: int, force: bool) -> datetime | None:
-    """Record that a node was seen; at most one write per node every few seconds unless forced."""
-    seen = request.app[NODE_SEEN]
-    now = time.monotonic()
-    if not force and now - seen.get(node_id, -1e9) < SEEN_WRITE_EVERY_S:
-        return None
-    seen[node_id] = now
-    stamp = datetime.now(UTC)
-    await s.execute(update(Node).where(Node.id == node_id).values(last_seen_at=stamp))
-    await s.commit()
-    return stamp
+def touch_node(request: web.Request, node_id: int) -> datetime:
+    """Note that a node was seen (written to the database in batches)."""
+    return request.app[PRESENCE].note(node_id)
 
 
-def node_status(node: Node, window_s: int) -> str:
+def node_last_seen(request: web.Request, node: Node) -> datetime | None:
+    """Last contact, including contact not yet written to the database."""
+    return request.app[PRESENCE].last_seen(node.id, node.last_seen_at)
+
+
+def node_status(last_seen: datetime | None, window_s: int) -> str:
     """online when seen within the window."""
-    if node.last_seen_at is None:
+    if last_seen is None:
         return "offline"
-    return "online" if datetime.now(UTC) - node.last_seen_at <= timedelta(seconds=window_s) else "offline"
+    return "online" if datetime.now(UTC) - last_seen <= timedelta(seconds=window_s) else "offline"
 
 
 def api_url(request: web.Request, path: str) -> str:

@@ -10,6 +10,7 @@ from vfed.server.access import Scope, node_filter, require
 from vfed.server.api.common import (
     caller,
     json_response,
+    node_last_seen,
     node_status,
     page_of,
     paginate,
@@ -27,13 +28,14 @@ from vfed.server.state import SETTINGS
 
 def out(request: web.Request, n: Node) -> NodeOut:
     """The node as the API shows it (never its key)."""
+    seen = node_last_seen(request, n)
     return NodeOut(
         id=n.id,
         name=n.name,
         organization_id=n.organization_id,
         collaboration_id=n.collaboration_id,
-        status=node_status(n, request.app[SETTINGS].online_window_s),
-        last_seen_at=n.last_seen_at,
+        status=node_status(seen, request.app[SETTINGS].online_window_s),
+        last_seen_at=seen,
         links={
             "self": f"/api/v1/nodes/{n.id}",
             "organization": f"/api/v1/organizations/{n.organization_id}",
@@ -87,8 +89,7 @@ async def heartbeat(request: web.Request) -> web.Response:
             raise forbidden("only a node token sends heartbeats")
         n = await s.get(Node, p.node_id)
         assert n is not None
-        stamp = await touch_node(request, s, n.id, force=True)
-        n.last_seen_at = stamp or n.last_seen_at
+        touch_node(request, n.id)
     return json_response(out(request, n))
 
 

@@ -99,7 +99,7 @@ async def token_node(request: web.Request) -> web.Response:
         node = (await s.execute(select(Node).where(Node.api_key_id == key_id))).scalar_one_or_none()
         if not auth.check_secret(secret, node.api_key_hash if node else None) or node is None:
             raise unauthorized("unknown or wrong API key", "invalid-api-key")
-        await touch_node(request, s, node.id, force=False)
+        touch_node(request, node.id)
     access, refresh = _pair(settings, {"sub": str(node.id), "kind": "node"})
     return json_response(
         TokenNodeOut(
