@@ -206,13 +206,14 @@ async def test_broker_down_polling_carries_on_and_doorbell_comes_back(
 
 
 async def test_server_restart_agent_reconnects(tmp_path: Path) -> None:
-    server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
+    """The finished run's upload gives up after 1 s of outage; the journal brings it back after restart."""
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5, server_retry_s=1.0)
     try:
         async with running_agent(load_settings(config)), researcher_for(server, config) as site:
             running = await site.submit("sleep", 3)
             await wait_run_status(site.researcher, running["id"], {"active"})
             await server.stop()
-            await asyncio.sleep(4)  # the run ends while the server is down; its result waits
+            await asyncio.sleep(7)  # the run ends while the server is down; its result waits
             await server.start()
             await wait_run_status(site.researcher, running["id"], {"completed"}, timeout_s=60)
             after = await site.submit("echo", 2)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from vfed.node.config import ConfigError, NodeSettings
 from vfed.node.doorbell import Doorbell, Ring
-from vfed.node.journal import Journal
+from vfed.node.journal import Journal, Stage
 from vfed.node.keys import load_or_create, reconcile
 from vfed.node.metrics import NodeMetrics, serve_metrics
 from vfed.node.privacy import PrivacyLedger
@@ -177,7 +177,7 @@ class Agent:
                 backoff = self.settings.poll_interval_s
             except ServerUnavailable as exc:
                 log.warning("server unreachable (%s); polling again later", exc)
-                pending, backoff = -1, min(backoff * 2, 60.0)
+                pending, backoff = -1, min(backoff * 2, max(self.settings.poll_interval_s, 15.0))
             if burst and pending == 0 and not self._tasks:
                 return
             timeout = 0.2 if burst else backoff * random.uniform(0.8, 1.2)
@@ -228,8 +228,24 @@ class Agent:
         fresh = [r.id for r in runs if r.id not in self._tasks]
         for run_id in fresh:
             self._spawn(run_id)
+        self._retry_journal()
         await self._check_server_kills()
         return len(fresh)
+
+    def _retry_journal(self) -> None:
+        """Finish runs whose last step failed because the server was away (the server answers again now)."""
+        fin = self._runner_or_fail().finisher
+        for entry in self._s.journal.unfinished():
+            if entry.run_id in self._tasks or entry.stage == Stage.STARTED:
+                continue
+            log.info("run %s: retrying from journal stage %s", entry.run_id, entry.stage)
+            if entry.stage == Stage.CLAIMED:
+                reason = "the node lost the server before the container started"
+                self._spawn_resumed(entry.run_id, _resume_as(fin.end_without_container, entry.run_id, reason))
+            else:
+                self._spawn_resumed(
+                    entry.run_id, _resume_as(fin.complete, entry.run_id, entry.job_id, entry.handle)
+                )
 
     async def _check_server_kills(self) -> None:
         for run_id in list(self._tasks):
@@ -285,6 +301,8 @@ class Agent:
                 await body(kill)
             except asyncio.CancelledError:
                 raise
+            except ServerUnavailable as exc:  # the journal keeps the run; the next good poll retries it
+                log.warning("run %s: server unreachable (%s); will retry from the journal", run_id, exc)
             except Exception as exc:
                 log.exception("run %s: unexpected error", run_id)
                 await self._runner_or_fail().abandon(run_id, exc)
@@ -294,3 +312,13 @@ class Agent:
                 self._wake.set()
 
         self._tasks[run_id] = self._tg.create_task(guarded(), name=f"run-{run_id}")
+
+
+def _resume_as(step: Callable[..., Awaitable[None]], *args: object) -> Resume:
+    """A resume function (taking the kill event, which a finishing run no longer needs) calling step."""
+
+    async def resume(kill: asyncio.Event) -> None:
+        del kill
+        await step(*args)
+
+    return resume

@@ -87,6 +87,7 @@ class NodeSettings(_Strict):
     poll_interval_s: float = Field(default=10.0, gt=0)
     startup_timeout_s: float = Field(default=30.0, ge=0)
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    server_retry_s: float = Field(default=600.0, ge=0)
     job_volume_retention_s: float = Field(default=0.0, ge=0)
     mqtt_url: str | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

@@ -39,15 +39,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SEALED_NAME = "output.sealed"
-SERVER_RETRY_S = 600.0
 
 
-async def retry_server(call: Callable[[], Awaitable[T]]) -> T:
-    """Call again while the server is unreachable (a restart), for up to SERVER_RETRY_S."""
+async def retry_server(call: Callable[[], Awaitable[T]], within_s: float) -> T:
+    """Call again while the server is unreachable (a restart), for up to within_s; then ServerUnavailable.
+
+    After that the run stays in the journal and the agent's next good poll takes it up again.
+    """
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(ServerUnavailable),
         wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
-        stop=stop_after_delay(SERVER_RETRY_S),
+        stop=stop_after_delay(within_s),
         reraise=True,
     ):
         with attempt:
@@ -63,6 +65,9 @@ class Finisher:
 
     def run_dir(self, run_id: int) -> Path:
         return self.s.settings.data_dir / "runs" / str(run_id)
+
+    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        return await retry_server(call, self.s.settings.server_retry_s)
 
     async def end_without_container(self, run_id: int, status: str, reason: str) -> None:
         """A run refused or failed before its container ran."""
@@ -170,10 +175,10 @@ class Finisher:
         await self._clean_up(run_id, job_id, handle)
 
     async def _seal(self, entry: Entry) -> None:
-        task = await retry_server(lambda: self.s.client.get_task(entry.task_id))
+        task = await self._retry(lambda: self.s.client.get_task(entry.task_id))
         if task.initiator_organization_id is None:
             raise RuntimeError(f"task {entry.task_id} has no initiating organization")
-        recipient = await retry_server(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))
+        recipient = await self._retry(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))
         run_dir = self.run_dir(entry.run_id)
         key, limit = self.s.keyring.current, self.s.settings.max_output_bytes
         await asyncio.to_thread(_seal_file, run_dir, key, recipient, limit)
@@ -182,7 +187,7 @@ class Finisher:
     async def _upload(self, entry: Entry) -> None:
         path = self.run_dir(entry.run_id) / SEALED_NAME
         size = path.stat().st_size
-        info = await retry_server(lambda: self.s.client.upload_blob(file_chunks(path), size=size))
+        info = await self._retry(lambda: self.s.client.upload_blob(file_chunks(path), size=size))
         self.s.metrics.bytes_up.inc(size)
         self.s.journal.uploaded(entry.run_id, info.id)
 
@@ -198,7 +203,7 @@ class Finisher:
     async def _report(self, run_id: int, **fields: object) -> None:
         """PATCH the final state; a run the server already ended (409) still gets its log."""
         try:
-            await retry_server(lambda: self.s.client.patch_run(run_id, **fields))
+            await self._retry(lambda: self.s.client.patch_run(run_id, **fields))
         except ApiError as exc:
             if exc.status != 409:
                 log.error("run %s: the server refused the final status: %s", run_id, exc)
