@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from sqlalchemy import ColumnElement, and_, exists, false, or_, select, true
+from sqlalchemy import ColumnElement, Select, and_, exists, false, or_, select, true
 
 from vfed.server.auth import Principal
 from vfed.server.errors import forbidden
@@ -89,14 +89,14 @@ def require(p: Principal, resource: str, op: str) -> Scope:
     return scope
 
 
-def member_collaborations(org_id: int) -> ColumnElement[bool] | object:
+def member_collaborations(org_id: int) -> Select[int]:
     """Subquery: ids of collaborations `org_id` belongs to."""
     return select(collaboration_members.c.collaboration_id).where(
         collaboration_members.c.organization_id == org_id
     )
 
 
-def _collab_ids(p: Principal) -> object:
+def _collab_ids(p: Principal) -> Select[int]:
     if p.kind in ("node", "run"):
         return select(Collaboration.id).where(Collaboration.id == p.collaboration_id)
     return member_collaborations(p.organization_id)
@@ -108,7 +108,7 @@ def org_filter(p: Principal, scope: Scope) -> ColumnElement[bool]:
         return true()
     if scope >= S.COLLABORATION:
         peers = select(collaboration_members.c.organization_id).where(
-            collaboration_members.c.collaboration_id.in_(_collab_ids(p))  # type: ignore[arg-type]
+            collaboration_members.c.collaboration_id.in_(_collab_ids(p))
         )
         return or_(Organization.id == p.organization_id, Organization.id.in_(peers))
     return Organization.id == p.organization_id
@@ -118,7 +118,7 @@ def collaboration_filter(p: Principal, scope: Scope) -> ColumnElement[bool]:
     """Collaborations the caller's organization (or node) belongs to."""
     if scope == S.GLOBAL:
         return true()
-    return Collaboration.id.in_(_collab_ids(p))  # type: ignore[arg-type]
+    return Collaboration.id.in_(_collab_ids(p))
 
 
 def node_filter(p: Principal, scope: Scope) -> ColumnElement[bool]:
@@ -128,7 +128,7 @@ def node_filter(p: Principal, scope: Scope) -> ColumnElement[bool]:
     if p.kind in ("node", "run"):
         return Node.id == p.node_id
     if scope >= S.COLLABORATION:
-        return Node.collaboration_id.in_(_collab_ids(p))  # type: ignore[arg-type]
+        return Node.collaboration_id.in_(_collab_ids(p))
     return Node.organization_id == p.organization_id
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from vfed.server import db
 from vfed.server.api.meta import DOCS_HTML, OPENAPI
+from vfed.server.api.tokens import DUMMY_HASH
 from vfed.server.blobs import BlobStore
 from vfed.server.config import Settings
 from vfed.server.doorbell import Doorbell
@@ -30,6 +31,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[PRESENCE] = Presence()
     app[PRINCIPALS] = {}
+    app[DUMMY_HASH] = []
     app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
     app[OPENAPI] = build_openapi()
     app[DOCS_HTML] = build_docs_html()

@@ -191,9 +191,3 @@ def node_status(last_seen: datetime | None, window_s: int) -> str:
     if last_seen is None:
         return "offline"
     return "online" if datetime.now(UTC) - last_seen <= timedelta(seconds=window_s) else "offline"
-
-
-def api_url(request: web.Request, path: str) -> str:
-    """A link to another resource, relative to the API base."""
-    del request
-    return f"/api/v1{path}"

@@ -25,10 +25,8 @@ from vfed.server.api.tasks import refresh_status
 from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, conflict, forbidden, not_found
 from vfed.server.models import TERMINAL, Blob, Run, RunStatus, utcnow
-from vfed.server.schemas import RunOut, RunPage, RunPatch, RunQuery, RunTokenOut
+from vfed.server.schemas import RunOut, RunPatch, RunQuery, RunTokenOut
 from vfed.server.state import SETTINGS
-
-_ = RunPage
 
 
 def out(r: Run) -> RunOut:

@@ -23,7 +23,7 @@ from vfed.server.schemas import (
 )
 from vfed.server.state import SETTINGS
 
-_DUMMY_PASSWORD_HASH: list[str] = []
+DUMMY_HASH = web.AppKey("dummy_password_hash", list[str])  # filled on first use
 
 
 def _pair(settings: Settings, claims: dict[str, Any]) -> tuple[str, str]:
@@ -53,11 +53,12 @@ def _check_throttle(user: User, settings: Settings, now: datetime) -> None:
             )
 
 
-async def _burn_time() -> None:
+async def _burn_time(app: web.Application) -> None:
     """An unknown username costs as much as a wrong password, so names cannot be probed by timing."""
-    if not _DUMMY_PASSWORD_HASH:
-        _DUMMY_PASSWORD_HASH.append(await auth.hash_password("not-a-password"))
-    await auth.verify_password(_DUMMY_PASSWORD_HASH[0], "wrong")
+    cache = app[DUMMY_HASH]
+    if not cache:
+        cache.append(await auth.hash_password("not-a-password"))
+    await auth.verify_password(cache[0], "wrong")
 
 
 async def token_user(request: web.Request) -> web.Response:
@@ -67,7 +68,7 @@ async def token_user(request: web.Request) -> web.Response:
     async with session(request) as s:
         user = (await s.execute(select(User).where(User.username == body.username))).scalar_one_or_none()
         if user is None:
-            await _burn_time()
+            await _burn_time(request.app)
             raise unauthorized("wrong username or password", "invalid-credentials")
         now = datetime.now(UTC)
         if user.locked_until is not None and now >= user.locked_until:
