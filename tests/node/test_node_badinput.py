@@ -246,3 +246,36 @@ async def test_privacy_budget_is_charged_before_start_and_refuses_when_spent(tmp
         assert result["epsilon_granted"] == "0.4"
     assert outcomes[2][0] == "not-allowed" and "exhausted" in outcomes[2][1]
     assert outcomes[3][0] == "not-allowed" and "does not declare the epsilon" in outcomes[3][1]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+async def test_memory_and_fork_bombs_end_in_their_limits_and_the_agent_keeps_serving(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server", mqtt_url=None)
+    keys = await server.seed(["alpha"])
+    await server.start()
+    config = write_node_config(
+        tmp_path / "alpha.yaml",
+        name="alpha",
+        api_key=keys["alpha"],
+        server_url=server.url,
+        mqtt_url=None,
+        poll_interval_s=0.5,
+        runtime={"kind": "docker", "memory_bytes": 128 * 1024 * 1024, "pids_limit": 64},
+    )
+    settings = load_settings(config)
+    try:
+        async with running_agent(settings), AsyncClient(server.url, key_file=settings.key_path) as researcher:
+            await researcher.login("res-alpha", PASSWORD)
+            collab = (await researcher.collaborations())[0]["id"]
+            mem = await submit(researcher, collab, PROBE_IMAGE, "membomb")
+            fork = await submit(researcher, collab, PROBE_IMAGE, "forkbomb")
+            mem_run, fork_run = await final_run(researcher, mem), await final_run(researcher, fork)
+            (forks,) = await researcher.results(fork) if fork_run["status"] == "completed" else [None]
+            good = await submit(researcher, collab, PROBE_IMAGE, "echo", 1)
+            assert (await final_run(researcher, good))["status"] == "completed"
+    finally:
+        await server.stop()
+    assert mem_run["status"] == "failed" and "out of memory" in mem_run["reason"], mem_run
+    assert fork_run["status"] == "completed", fork_run
+    assert forks is not None and 0 < forks["forks"] < 64

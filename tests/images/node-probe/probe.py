@@ -83,6 +83,20 @@ def master(args, kwargs):
     return {"subtask": task_id, "by_org": values, "total": sum(values.values())}
 
 
+def forkbomb():
+    forks = 0
+    while forks < 100_000:
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        forks += 1
+    return forks
+
+
 def proxy_probe(args, kwargs):
     outcomes = {}
     for method, path in [
@@ -121,6 +135,12 @@ def main():
         time.sleep(float(args[0]))
         status, body = proxy("GET", "/run")
         write_result({"status": status, "run": json.loads(body)})
+    elif method == "membomb":
+        hoard = []
+        while True:
+            hoard.append(bytearray(16 * 1024 * 1024))
+    elif method == "forkbomb":
+        write_result({"forks": forkbomb()})
     elif method == "master":
         write_result(master(args, kwargs))
     elif method == "proxy_probe":
