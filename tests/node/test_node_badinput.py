@@ -279,3 +279,21 @@ async def test_memory_and_fork_bombs_end_in_their_limits_and_the_agent_keeps_ser
     assert mem_run["status"] == "failed" and "out of memory" in mem_run["reason"], mem_run
     assert fork_run["status"] == "completed", fork_run
     assert forks is not None and 0 < forks["forks"] < 64
+
+
+def test_unwritable_data_dir_fails_with_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    path = write_node_config(
+        tmp_path / "n.yaml",
+        name="n",
+        api_key="k.s",
+        server_url="http://127.0.0.1:9",
+        mqtt_url=None,
+        data_dir=str(blocker / "data"),
+        startup_timeout_s=0,
+    )
+    result = run_vnode("run", "--config", str(path))
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vnode: error: ") and "Not a directory" in last, result.stderr

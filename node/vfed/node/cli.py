@@ -54,6 +54,9 @@ def run(config_path: Path, rotate_key: bool, log_level: str) -> None:
         _fail(str(exc))
     except CryptoError as exc:
         _fail(f"organization key: {exc}")
+    except OSError as exc:  # an unwritable data_dir, a full disk, a port in use
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}")
 
 
 def _fail(message: str) -> None:
