@@ -196,7 +196,8 @@ class Task(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     datasets: Mapped[list[str]] = mapped_column(JSON, default=list)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), index=True)
-    job_id: Mapped[int] = mapped_column(Integer, index=True, default=0)
+    # NULL for a top-level task (its job id is its own id), so creating one needs no second write
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     status: Mapped[str] = mapped_column(String(20), default=TaskStatus.PENDING, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -172,7 +172,7 @@ async def _run_principal(request: web.Request, s: AsyncSession, claims: dict[str
         collaboration_id=task.collaboration_id,
         run_id=run.id,
         task_id=task.id,
-        job_id=task.job_id,
+        job_id=task.job_id if task.job_id is not None else task.id,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server.access import Scope, require, task_filter
@@ -50,7 +50,7 @@ def out(t: Task, org_ids: list[int]) -> TaskOut:
         organization_ids=org_ids,
         datasets=list(t.datasets or []),
         parent_id=t.parent_id,
-        job_id=t.job_id,
+        job_id=job_of(t),
         status=t.status,
         created_at=t.created_at,
         links={
@@ -59,7 +59,7 @@ def out(t: Task, org_ids: list[int]) -> TaskOut:
             "collaboration": f"/api/v1/collaborations/{t.collaboration_id}",
             "parent": f"/api/v1/tasks/{t.parent_id}" if t.parent_id else None,
             "subtasks": f"/api/v1/tasks?parent_id={t.id}",
-            "job": f"/api/v1/tasks?job_id={t.job_id}",
+            "job": f"/api/v1/tasks?job_id={job_of(t)}",
         },
     )
 
@@ -154,23 +154,49 @@ async def create_task(request: web.Request) -> web.Response:
             description=body.description,
             datasets=body.datasets,
             parent_id=parent.id if parent else None,
-            job_id=parent.job_id if parent else 0,
+            job_id=job_of(parent) if parent else None,  # NULL: a top-level task is its own job
         )
         s.add(task)
         await s.flush()
-        if parent is None:
-            task.job_id = task.id
-        runs = [
-            Run(task_id=task.id, job_id=task.job_id, organization_id=o.id, input_blob_id=o.input_blob_id)
+        rows = [
+            {
+                "task_id": task.id,
+                "job_id": job_of(task),
+                "organization_id": o.id,
+                "input_blob_id": o.input_blob_id,
+            }
             for o in body.organizations
         ]
-        s.add_all(runs)
+        inserted = await s.execute(insert(Run).returning(Run.id, Run.organization_id), rows)
+        runs = sorted(
+            (RunRef(run_id, task.id, org_id, None) for run_id, org_id in inserted), key=lambda r: r.id
+        )
         await s.commit()
         await ring(request, s, collab.id, runs, "run-created")
     return json_response(out(task, [r.organization_id for r in runs]), 201)
 
 
-async def ring(request: web.Request, s: AsyncSession, collab_id: int, runs: list[Run], event: str) -> None:
+@dataclass(frozen=True)
+class RunRef:
+    """What the doorbell needs to know of a run."""
+
+    id: int
+    task_id: int
+    organization_id: int
+    node_id: int | None
+
+
+def job_of(task: Task) -> int:
+    """A top-level task is its own job; subtasks carry their job id."""
+    return task.job_id if task.job_id is not None else task.id
+
+
+def in_job(job_id: int) -> ColumnElement[bool]:
+    """Tasks of job `job_id`."""
+    return or_(Task.job_id == job_id, and_(Task.job_id.is_(None), Task.id == job_id))
+
+
+async def ring(request: web.Request, s: AsyncSession, collab_id: int, runs: list[RunRef], event: str) -> None:
     """Doorbell every node that may act on these runs (the claimer, or all nodes of the organization)."""
     doorbell = request.app[DOORBELL]
     if doorbell.address is None:
@@ -199,11 +225,12 @@ async def list_tasks(request: web.Request) -> web.Response:
         for column, value in (
             (Task.collaboration_id, q.collaboration_id),
             (Task.parent_id, q.parent_id),
-            (Task.job_id, q.job_id),
             (Task.status, q.status),
         ):
             if value is not None:
                 where.append(column == value)
+        if q.job_id is not None:
+            where.append(in_job(q.job_id))
         rows, total = await paginate(s, Task, where, q.page, q.per_page)
         orgs = await target_orgs(s, [t.id for t in rows])
     return web.json_response(page_of(request, [out(t, orgs[t.id]) for t in rows], total, q.page, q.per_page))
@@ -237,7 +264,7 @@ async def kill_task(request: web.Request) -> web.Response:
             raise forbidden("you may kill only tasks you created")
         if scope == Scope.ORGANIZATION and task.initiator_organization_id != p.organization_id:
             raise forbidden("you may kill only your organization's tasks")
-        scope_ids = select(Task.id).where(Task.job_id == task.job_id) if task.parent_id is None else [task.id]
+        scope_ids = select(Task.id).where(in_job(task.id)) if task.parent_id is None else [task.id]
         live = [Run.task_id.in_(scope_ids), Run.status.not_in(list(TERMINAL))]
         ids = list((await s.execute(select(Run.id).where(*live))).scalars())
         await s.execute(
@@ -245,8 +272,10 @@ async def kill_task(request: web.Request) -> web.Response:
             .where(Run.id.in_(ids), Run.status.not_in(list(TERMINAL)))
             .values(status=RunStatus.KILLED, finished_at=utcnow())
         )
-        killed = select(Run).where(Run.id.in_(ids), Run.status == RunStatus.KILLED)
-        runs = list((await s.execute(killed.execution_options(populate_existing=True))).scalars())
+        killed = select(Run.id, Run.task_id, Run.organization_id, Run.node_id).where(
+            Run.id.in_(ids), Run.status == RunStatus.KILLED
+        )
+        runs = [RunRef(*row) for row in await s.execute(killed)]
         for task_id in {r.task_id for r in runs} | {task.id}:
             await refresh_status(s, task_id)
         await s.commit()
