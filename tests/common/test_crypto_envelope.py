@@ -358,7 +358,7 @@ def test_co_recipient_forgery_is_caught_only_in_commit_mode(orgs: dict[str, Keyr
     alice, bob, carol = orgs["alice"], orgs["bob"], orgs["carol"]
     data = bytes(range(256)) * 8
     recipients = [bob.current.public, carol.current.public]
-    results = {}
+    results: dict[bool | None, bytes | BadSignature] = {}
     for commit in (False, None):
         blob = encrypt_bytes(data, alice.current, recipients, chunk_size=CS, commit=commit)
         header = read_header(blob)

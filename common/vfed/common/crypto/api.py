@@ -30,7 +30,6 @@ from .keyring import Keyring
 from .keys import OrgKey, PublicKey
 
 ByteSource = AsyncIterable[bytes] | Iterable[bytes]
-_READ_BYTES = 1 << 20
 
 
 def encrypt_bytes(
