@@ -401,6 +401,7 @@ def main() -> None:
     if args.v6_worker:
         print(json.dumps(v6_worker(args.tasks)))
         return
+    load_start = os.getloadavg()[0]
     results: dict[str, Any] = run_vfed(args.tasks, args.nodes, args.auth_samples)
     v6 = run_v6(args.v6_python, args.v6_tasks)
     results.update(v6 or {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None})
@@ -413,6 +414,8 @@ def main() -> None:
         )
     else:
         results["ratio_task_create_vs_v6"] = None
+    # other work on this machine moves these figures; the load average says how busy it was
+    results["loadavg_1min_start"], results["loadavg_1min_end"] = load_start, os.getloadavg()[0]
     if args.json:
         print(json.dumps(results))
         return
