@@ -17,12 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from vfed.server.models import Node
 
 log = logging.getLogger(__name__)
+FLUSH_BATCH = 32
 
 
 class Presence:
     """Last contact per node: `note` is O(1); `flush` writes what changed since the last flush."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 5.0) -> None:
         self.interval_s = interval_s
         self._latest: dict[int, datetime] = {}
         self._dirty: set[int] = set()
@@ -52,7 +53,9 @@ class Presence:
         stmt = update(table).where(table.c.id == bindparam("node_id")).values(last_seen_at=bindparam("seen"))
         async with sessions() as s:
             conn = await s.connection()
-            await conn.execute(stmt, rows)
+            # small batches: a long executemany in the driver thread holds the GIL and stalls requests
+            for start in range(0, len(rows), FLUSH_BATCH):
+                await conn.execute(stmt, rows[start : start + FLUSH_BATCH])
             await s.commit()
 
     async def start(self, sessions: async_sessionmaker[AsyncSession]) -> None:
