@@ -194,7 +194,9 @@ class Agent:
     async def _janitor(self) -> None:
         """Remove job volumes idle for longer than job_volume_retention_s (also those a crash left)."""
         idle_since: dict[str, float] = {}
-        every_s = min(max(self.settings.job_volume_retention_s, 1.0), 60.0)
+        retention = self.settings.job_volume_retention_s
+        # Without retention volumes go with their job's last run; the sweep only collects leftovers.
+        every_s = 60.0 if retention == 0 else min(max(retention, 1.0), 60.0)
         while True:
             await asyncio.sleep(every_s)
             with contextlib.suppress(Exception):  # a janitor never stops the agent

@@ -205,7 +205,8 @@ class Runner:
             job_id=str(run.job_id),
             node_name=settings.name,
             organization_id=str(run.organization_id),
-            image=prepared.task.image,
+            # The image the policy checked, by its ID: a tag moved meanwhile cannot swap in another image.
+            image=prepared.digest,
             env=env,
             run_dir=str(prepared.run_dir),
             datasets=datasets,
