@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
     await server.start()
     config = write_node_config(
         tmp_path / "alpha.yaml",
-        name="alpha",
+        name=f"nb{secrets.token_hex(3)}",
         api_key=keys["alpha"],
         server_url=server.url,
         mqtt_url=None,
@@ -171,7 +172,7 @@ async def test_key_mismatch_refuses_unless_rotating(tmp_path: Path) -> None:
         first = load_settings(
             write_node_config(
                 tmp_path / "one.yaml",
-                name="one",
+                name=f"no{secrets.token_hex(3)}",
                 api_key=keys["alpha"],
                 server_url=server.url,
                 mqtt_url=None,
@@ -218,7 +219,7 @@ async def test_privacy_budget_is_charged_before_start_and_refuses_when_spent(tmp
     await server.start()
     config = write_node_config(
         tmp_path / "alpha.yaml",
-        name="alpha",
+        name=f"nb{secrets.token_hex(3)}",
         api_key=keys["alpha"],
         server_url=server.url,
         mqtt_url=None,
@@ -256,7 +257,7 @@ async def test_memory_and_fork_bombs_end_in_their_limits_and_the_agent_keeps_ser
     await server.start()
     config = write_node_config(
         tmp_path / "alpha.yaml",
-        name="alpha",
+        name=f"nb{secrets.token_hex(3)}",
         api_key=keys["alpha"],
         server_url=server.url,
         mqtt_url=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from vfed.client.client import AsyncClient
 from vfed.node.config import NodeSettings, load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# Container and volume names carry the node name: unique per session, so other suites running at the same
+# time on this Docker engine (which clean up by node name) never touch these.
+NODE = f"nt{secrets.token_hex(3)}"
 FINAL_STATUSES = {"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"}
 
 
@@ -60,7 +64,7 @@ async def make_site(tmp_path: Path, mqtt_url: str | None, **node: Any) -> tuple[
     await server.start()
     config = write_node_config(
         tmp_path / "alpha.yaml",
-        name="alpha",
+        name=NODE,
         api_key=keys["alpha"],
         server_url=server.url,
         mqtt_url=mqtt_url,
@@ -83,7 +87,7 @@ async def researcher_for(server: Server, config: Path) -> AsyncIterator[Site]:
         yield Site(server, config, researcher, collab)
 
 
-def node_containers(docker_client: Any, node: str = "alpha") -> list[Any]:
+def node_containers(docker_client: Any, node: str = NODE) -> list[Any]:
     return list(docker_client.containers.list(all=True, filters={"label": f"vfed.node={node}"}))
 
 
@@ -244,7 +248,7 @@ async def test_job_volume_kept_for_its_retention_then_removed(tmp_path: Path, do
     server, config = await make_site(tmp_path, None, poll_interval_s=0.5, job_volume_retention_s=2.0)
 
     def volumes() -> list[str]:
-        found = docker_client.volumes.list(filters={"label": "vfed.node=alpha"})
+        found = docker_client.volumes.list(filters={"label": f"vfed.node={NODE}"})
         return [v.name for v in found]
 
     try:
@@ -252,7 +256,7 @@ async def test_job_volume_kept_for_its_retention_then_removed(tmp_path: Path, do
             task = await site.submit("echo", 1)
             await wait_run_status(site.researcher, task["id"], {"completed"})
             job = (await site.researcher.runs(task["id"]))[0]["job_id"]
-            assert volumes() == [f"vfed-alpha-{job}-tmp"]
+            assert volumes() == [f"vfed-{NODE}-{job}-tmp"]
             for _ in range(100):
                 if not volumes():
                     break
@@ -334,7 +338,7 @@ async def test_at_most_max_concurrent_runs_containers(tmp_path: Path, docker_cli
         async with running_agent(load_settings(config)), researcher_for(server, config) as site:
             tasks = [await site.submit("sleep", 2) for _ in range(4)]
             for _ in range(300):
-                running = docker_client.containers.list(filters={"label": "vfed.node=alpha"})
+                running = docker_client.containers.list(filters={"label": f"vfed.node={NODE}"})
                 most = max(most, len(running))
                 runs = [r for t in tasks for r in await site.researcher.runs(t["id"])]
                 if all(r["status"] == "completed" for r in runs):

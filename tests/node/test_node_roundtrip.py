@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,11 @@ async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: obj
     await server.start()
     try:
         config = write_node_config(
-            tmp_path / "alpha.yaml", name="alpha", api_key=keys["alpha"], server_url=server.url, mqtt_url=None
+            tmp_path / "alpha.yaml",
+            name=f"nr{secrets.token_hex(3)}",
+            api_key=keys["alpha"],
+            server_url=server.url,
+            mqtt_url=None,
         )
         settings = load_settings(config)
         async with Agent(settings) as agent:
@@ -72,7 +77,7 @@ async def test_three_agent_processes_round_trip_and_master_subtasks(
         for name, key in api_keys.items():
             config = write_node_config(
                 tmp_path / f"{name}.yaml",
-                name=name,
+                name=f"{name}{secrets.token_hex(3)}",
                 api_key=key,
                 server_url=server.url,
                 mqtt_url=None,
