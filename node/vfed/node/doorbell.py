@@ -6,9 +6,10 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
@@ -43,31 +44,62 @@ def parse(payload: bytes | bytearray | str | object) -> Ring | None:
         return None
 
 
-def broker_address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 1883
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens: `mqtt://[user:password@]host[:port]`, or `mqtts://` for TLS."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        tls = parts.scheme == "mqtts"
+        return cls(
+            parts.hostname or "127.0.0.1",
+            parts.port or (8883 if tls else 1883),
+            tls,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
 
 
 class Doorbell:
     """Subscribes to our topic and calls `on_ring` per message; reconnects with jittered backoff forever."""
 
     def __init__(self, url: str, node_id: int, on_ring: Callable[[Ring], None]) -> None:
-        self.host, self.port = broker_address(url)
+        self.address = BrokerAddress.parse(url)
         self.topic = topic_for(node_id)
         self.on_ring = on_ring
         self.connected = asyncio.Event()
         self.max_backoff_s = 30.0
+
+    def _client(self) -> aiomqtt.Client:
+        a = self.address
+        return aiomqtt.Client(
+            a.host,
+            a.port,
+            username=a.username,
+            password=a.password,
+            tls_context=ssl.create_default_context() if a.tls else None,
+            keepalive=30,
+            timeout=10,
+        )
 
     async def run(self) -> None:
         """Runs until cancelled."""
         delay = 0.5
         while True:
             try:
-                async with aiomqtt.Client(self.host, self.port, keepalive=30, timeout=10) as client:
+                async with self._client() as client:
                     await client.subscribe(self.topic, qos=1)
                     self.connected.set()
                     delay = 0.5
-                    log.info("doorbell subscribed to %s on %s:%s", self.topic, self.host, self.port)
+                    where = f"{self.address.host}:{self.address.port}"
+                    log.info("doorbell subscribed to %s on %s", self.topic, where)
                     # A reconnect may have missed messages: ring once so the agent re-reads the API.
                     self.on_ring(Ring("reconnected", None, None))
                     async for message in client.messages:
