@@ -348,3 +348,30 @@ async def test_at_most_max_concurrent_runs_containers(tmp_path: Path, docker_cli
     finally:
         await server.stop()
     assert most == 2
+
+
+async def test_run_claimed_but_never_started_is_marked_crashed_after_restart(tmp_path: Path) -> None:
+    """The agent died between its claim and the container start: the journal says so, the run ends crashed."""
+    from vfed.node.journal import Journal
+    from vfed.node.server_api import NodeClient
+
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
+    settings = load_settings(config)
+    try:
+        async with running_agent(settings), researcher_for(server, config) as site:
+            pass  # first start: the key is published
+        async with researcher_for(server, config) as site:
+            task = await site.submit("echo", 1)
+            async with aiohttp.ClientSession() as session:
+                node = NodeClient(session, server.url, settings.api_key.get_secret_value())
+                await node.login()
+                (pending,) = await node.list_runs(task_id=task["id"])
+                run = await node.claim(pending.id)
+            journal = Journal(settings.data_dir / "journal.sqlite3")
+            journal.claimed(run.id, run.task_id, run.job_id)
+            journal.close()
+            async with running_agent(settings):
+                (after,) = await wait_run_status(site.researcher, task["id"], {"crashed"})
+            assert after["reason"] == "the agent stopped before the container started"
+    finally:
+        await server.stop()
