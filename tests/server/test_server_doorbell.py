@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,17 @@ async def test_no_broker_configured_is_fine(aiohttp_client: Any, tmp_path: Path)
     assert task["status"] == "pending"
     r = await w.client.get("/api/v1/doorbell")
     assert (await r.json())["url"] is None
+
+
+@pytest.mark.mqtt
+async def test_embedded_broker_port_taken_still_serves(aiohttp_client: Any, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mqtt = MqttSettings(embedded_broker=True, embedded_port=port)
+        w = await _world(aiohttp_client, _settings(tmp_path, mqtt))
+        r = await w.client.get("/api/v1/doorbell")
+        assert (await r.json())["url"] is None
+        task = await w.task("a_res", "ab", ["A"])
+        assert task["status"] == "pending"

@@ -62,8 +62,18 @@ async def _doorbell(app: web.Application) -> AsyncIterator[None]:
     url = settings.mqtt.url
     if url is None and settings.mqtt.embedded_broker:
         broker = EmbeddedBroker("127.0.0.1", settings.mqtt.embedded_port)
-        await broker.start()
-        url = broker.url
+        try:
+            await broker.start()
+            url = broker.url
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            log.error(
+                "embedded MQTT broker could not start on 127.0.0.1:%s (%s; port in use?): no doorbell, "
+                "nodes will poll. Set mqtt.embedded_port or mqtt.url.",
+                settings.mqtt.embedded_port,
+                exc,
+            )
+            await broker.stop()
+            broker = None
     doorbell = Doorbell(settings.mqtt, url, app[METRICS])
     app[DOORBELL] = doorbell
     await doorbell.start()

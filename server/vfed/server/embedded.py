@@ -27,20 +27,17 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     async def start(self, timeout_s: float = 30) -> None:
-        """Start the child and wait until it accepts connections."""
+        """Start the child and wait until it says it listens (it prints `ready` after binding)."""
         code = f"from vfed.server.embedded import serve; serve({self.host!r}, {self.port})"
-        self._proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+        )
+        assert self._proc.stdout is not None
         async with asyncio.timeout(timeout_s):
-            while True:
-                if self._proc.returncode is not None:
-                    raise RuntimeError(f"embedded MQTT broker exited with {self._proc.returncode}")
-                try:
-                    _, writer = await asyncio.open_connection(self.host, self.port)
-                except OSError:
-                    await asyncio.sleep(0.05)
-                    continue
-                writer.close()
-                break
+            line = await self._proc.stdout.readline()
+        if line.strip() != b"ready":
+            await self.stop()
+            raise RuntimeError("the embedded MQTT broker did not start (see its log above)")
         log.info("embedded MQTT broker on %s (pid %s)", self.url, self._proc.pid)
 
     async def stop(self) -> None:
@@ -64,6 +61,7 @@ async def _serve(host: str, port: int) -> None:
     }
     broker = Broker(config)
     await broker.start()
+    print("ready", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -77,4 +75,8 @@ def serve(host: str, port: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
-        asyncio.run(_serve(host, port))
+        try:
+            asyncio.run(_serve(host, port))
+        except Exception as exc:  # one clear line for the operator, not a traceback
+            print(f"embedded MQTT broker: {exc}", file=sys.stderr, flush=True)
+            sys.exit(1)
