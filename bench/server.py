@@ -73,7 +73,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 # --- vfed ------------------------------------------------------------------------------------------------
-def vfed_setup(tmp: Path, nodes: int) -> tuple[Path, dict[str, str]]:
+def vfed_setup(tmp: Path, nodes: int, database_url: str | None) -> tuple[Path, dict[str, str]]:
     """Config + import file with 3 orgs, one collaboration, a researcher and `nodes` nodes."""
     import yaml
 
@@ -86,6 +86,7 @@ def vfed_setup(tmp: Path, nodes: int) -> tuple[Path, dict[str, str]]:
                 "data_dir": str(tmp / "data"),
                 "jwt_secret": "bench-secret-long-enough-for-hs256-signing",
                 "mqtt": {"embedded_port": free_port()},
+                **({"database_url": database_url} if database_url else {}),
             }
         )
     )
@@ -205,10 +206,10 @@ async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dic
     return elapsed
 
 
-def run_vfed(tasks: int, nodes: int, auth_samples: int) -> dict[str, float]:
+def run_vfed(tasks: int, nodes: int, auth_samples: int, database_url: str | None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="vfed-bench-") as d:
         tmp = Path(d)
-        cfg, keys = vfed_setup(tmp, nodes)
+        cfg, keys = vfed_setup(tmp, nodes, database_url)
         import yaml
 
         port = yaml.safe_load(cfg.read_text())["port"]
@@ -396,14 +397,16 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--auth-samples", type=int, default=1000)
     parser.add_argument("--v6-python", default=os.environ.get("V6_PYTHON", "/tmp/v6srv/bin/python"))
+    parser.add_argument("--database-url", help="vfed on this database (an empty one) instead of SQLite")
+    parser.add_argument("--skip-v6", action="store_true")
     parser.add_argument("--v6-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.v6_worker:
         print(json.dumps(v6_worker(args.tasks)))
         return
     load_start = os.getloadavg()[0]
-    results: dict[str, Any] = run_vfed(args.tasks, args.nodes, args.auth_samples)
-    v6 = run_v6(args.v6_python, args.v6_tasks)
+    results: dict[str, Any] = run_vfed(args.tasks, args.nodes, args.auth_samples, args.database_url)
+    v6 = None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks)
     results.update(v6 or {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None})
     if v6:
         results["ratio_task_create_vs_v6"] = results["tasks_per_s"] / v6["v6_tasks_per_s"]
