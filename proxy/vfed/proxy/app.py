@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 300.0
 CHUNK_BYTES = 1024 * 1024
+WAIT_POLL_MAX_S = 0.25  # how stale a long poll may answer; the server sees one light GET per interval
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ async def wait_task(request: web.Request) -> web.Response:
         if view["done"] or time.monotonic() >= deadline:
             return web.json_response(view)
         await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
-        delay = min(delay * 2, 1.0)
+        delay = min(delay * 2, WAIT_POLL_MAX_S)
 
 
 async def get_result(request: web.Request) -> web.StreamResponse:
