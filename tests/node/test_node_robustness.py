@@ -91,6 +91,15 @@ def node_containers(docker_client: Any, node: str = NODE) -> list[Any]:
     return list(docker_client.containers.list(all=True, filters={"label": f"vfed.node={node}"}))
 
 
+async def containers_gone(docker_client: Any, timeout_s: float = 15.0) -> list[Any]:
+    """The node's containers once the agent removed them (it does so right after the final report)."""
+    for _ in range(int(timeout_s * 10)):
+        if not (left := node_containers(docker_client)):
+            return []
+        await asyncio.sleep(0.1)
+    return left
+
+
 async def kill_and_wait(site: Site, docker_client: Any) -> dict[str, Any]:
     """Kill a sleeping run; answer the run once the container is gone and the log had time to arrive."""
     task = await site.submit("sleep", 120)
@@ -182,7 +191,7 @@ async def test_sigkilled_agent_collects_the_result_exactly_once(tmp_path: Path, 
             assert len(blob_files(server)) == blobs_before + 3
             await agent.wait_for_log("exited while the agent was down")
             await agent.wait_for_log("still running after the restart")
-            assert node_containers(docker_client) == []
+            assert await containers_gone(docker_client) == []
     finally:
         assert agent.stop() == 0, agent.log()[-3000:]
         await server.stop()
@@ -302,7 +311,7 @@ async def test_crash_between_upload_and_report_reports_the_same_blob(
             (result,) = await site.researcher.results(task)
             assert result["value"] == 5 * run["organization_id"]
         assert len(blob_files(server)) == blobs_before  # nothing uploaded again
-        assert node_containers(docker_client) == []
+        assert await containers_gone(docker_client) == []
     finally:
         await server.stop()
 
