@@ -50,6 +50,19 @@ def wait_for_port(port: int, timeout_s: float, alive: Callable[[], bool]) -> Non
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
+def mqtt_answers(port: int, timeout_s: float = 3.0) -> bool:
+    """True when an MQTT broker (not just any listener) answers a CONNECT with a CONNACK."""
+    client_id = b"vfed-probe"
+    variable = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    packet = bytes([0x10, len(variable)]) + variable
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.sendall(packet)
+            return s.recv(1)[:1] == b"\x20"
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Broker:
     host: str
@@ -93,6 +106,8 @@ class Mosquitto:
             self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log, stderr=log)
             try:
                 wait_for_port(self.port, 10, lambda: self.proc is not None and self.proc.poll() is None)
+                if not mqtt_answers(self.port):  # something else holds the port
+                    raise RuntimeError(f"port {self.port} does not answer MQTT")
                 return Broker("127.0.0.1", self.port)
             except (RuntimeError, TimeoutError):
                 self.stop()
