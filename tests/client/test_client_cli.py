@@ -24,41 +24,22 @@ def _vfed(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_usage_error_exits_2_with_one_line(tmp_path: Path) -> None:
-    res = _vfed(
-        tmp_path,
-        "task",
-        "create",
-        "--collaboration",
-        "1",
-        "--image",
-        "x",
-        "--method",
-        "m",
-        "--args",
-        "{not json",
-    )
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--args", "{not json", "not JSON"),
+        ("--args", '{"a": 1}', "must be a JSON list"),
+        ("--kwargs", "[1]", "must be a JSON object"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_clear_message(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    create = ["task", "create", "--collaboration", "1", "--image", "x", "--method", "m"]
+    res = _vfed(tmp_path, *create, flag, value)
     assert res.returncode == 2
-    assert "--args" in res.stderr and "not JSON" in res.stderr
+    assert flag in res.stderr and message in res.stderr
     assert "Traceback" not in res.stderr
-
-
-def test_args_must_be_a_list(tmp_path: Path) -> None:
-    res = _vfed(
-        tmp_path,
-        "task",
-        "create",
-        "--collaboration",
-        "1",
-        "--image",
-        "x",
-        "--method",
-        "m",
-        "--args",
-        '{"a": 1}',
-    )
-    assert res.returncode == 2
-    assert "must be a JSON list" in res.stderr
 
 
 def test_not_logged_in_is_one_line(tmp_path: Path) -> None:
