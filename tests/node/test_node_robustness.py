@@ -130,12 +130,8 @@ async def test_kill_on_doorbell_stops_the_container(
         await server.stop()
 
 
-@pytest.mark.xfail(
-    reason="the server answers 409 to a log-only PATCH of a killed run; docs/api.md refuses only status "
-    "changes, so the issue's 'upload the log so far' needs the server to accept the log",
-    strict=False,
-)
 async def test_killed_run_keeps_its_log(tmp_path: Path, docker_client: Any) -> None:
+    """On kill the agent stops the container, the run ends killed, and the log so far reaches the server."""
     server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
     try:
         async with running_agent(load_settings(config)), researcher_for(server, config) as site:

@@ -199,6 +199,42 @@ async def test_kill_marks_runs_and_blocks_updates(world: World) -> None:
     assert {r["status"] for r in all_runs["data"]} == {"killed"}
 
 
+async def test_killed_run_takes_only_its_log(world: World) -> None:
+    """The node stops a killed run's container and uploads the log so far; its status stays final."""
+    task = await world.task("a_res", "ab", ["A", "B"])
+    status, runs = await world.call("a_node", "GET", f"/runs?task_id={task['id']}")
+    run_id = runs["data"][0]["id"]
+    await world.call("a_node", "POST", f"/runs/{run_id}/claim")
+    await world.call("a_node", "PATCH", f"/runs/{run_id}", json={"status": "active"})
+    status, _ = await world.call("a_res", "POST", f"/tasks/{task['id']}/kill")
+    assert status == 200
+    for refused in ({"status": "killed", "log": "a"}, {"exit_code": 1, "log": "b"}, {"status": "failed"}):
+        status, body = await world.call("a_node", "PATCH", f"/runs/{run_id}", json=refused)
+        assert status == 409 and body["error"] == "run-killed", refused
+    status, body = await world.call("a_node2", "PATCH", f"/runs/{run_id}", json={"log": "not mine"})
+    assert status == 403
+    status, run = await world.call("a_node", "PATCH", f"/runs/{run_id}", json={"log": "x" * 5000 + "END"})
+    assert status == 200 and run["status"] == "killed" and run["exit_code"] is None
+    assert run["log"].endswith("END") and len(run["log"]) == 1000  # bounded like any log
+    status, seen = await world.call("a_res", "GET", f"/runs/{run_id}")
+    assert seen["status"] == "killed" and seen["log"] == run["log"]
+
+
+async def test_finished_run_refuses_a_late_log(world: World) -> None:
+    """Only a killed run takes a log after its end: a run its node finished reported its log then."""
+    task = await world.task("a_res", "ab", ["A", "B"])
+    status, runs = await world.call("a_node", "GET", f"/runs?task_id={task['id']}")
+    run_id = runs["data"][0]["id"]
+    await world.call("a_node", "POST", f"/runs/{run_id}/claim")
+    patch = {"status": "failed", "exit_code": 3, "log": "first"}
+    status, _ = await world.call("a_node", "PATCH", f"/runs/{run_id}", json=patch)
+    assert status == 200
+    status, body = await world.call("a_node", "PATCH", f"/runs/{run_id}", json={"log": "second"})
+    assert status == 409 and body["error"] == "run-final"
+    status, seen = await world.call("a_res", "GET", f"/runs/{run_id}")
+    assert seen["status"] == "failed" and seen["log"] == "first"
+
+
 async def test_run_token_scope_and_expiry(world: World) -> None:
     task = await world.task("a_res", "ab", ["A", "B"])
     status, runs = await world.call("a_node", "GET", f"/runs?task_id={task['id']}")

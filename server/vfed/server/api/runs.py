@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server import auth
@@ -146,7 +146,8 @@ async def _changes(s: AsyncSession, p: Principal, run: Run, body: RunPatch, log_
 
 
 async def patch_run(request: web.Request) -> web.Response:
-    """The claiming node reports progress; terminal statuses are final, a killed run answers 409."""
+    """The claiming node reports progress; terminal statuses are final (409), but a killed run's node may
+    still PATCH only its `log`: it stops the container after the kill and uploads the log so far."""
     body = await read_json(request, RunPatch)
     async with session(request) as s:
         p = await caller(request, s)
@@ -158,9 +159,10 @@ async def patch_run(request: web.Request) -> web.Response:
             raise forbidden("only the node that claimed this run may update it")
         values = await _changes(s, p, run, body, request.app[SETTINGS].run_log_max_bytes)
         if values:
-            result = await s.execute(
-                update(Run).where(Run.id == run.id, Run.status.not_in(list(TERMINAL))).values(**values)
-            )
+            open_run: ColumnElement[bool] = Run.status.not_in(list(TERMINAL))
+            if set(values) == {"log"}:  # a killed run still takes the log its node saved while stopping it
+                open_run = or_(open_run, Run.status == RunStatus.KILLED)
+            result = await s.execute(update(Run).where(Run.id == run.id, open_run).values(**values))
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 await s.rollback()
                 run = await visible_run(s, p, path_id(request))
