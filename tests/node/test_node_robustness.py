@@ -193,6 +193,28 @@ async def test_sigkilled_agent_collects_the_result_exactly_once(tmp_path: Path, 
         await server.stop()
 
 
+async def test_an_agent_leaves_alone_the_runs_of_another_agent_with_its_name(tmp_path: Path) -> None:
+    """Two agents given one node name on one engine (two test suites at once, a copied config): the second
+    one's start-up recovery once removed the first one's container, unknown to its journal, and the first
+    agent's run ended 'the container was lost while the agent was down'. Now it stays and completes."""
+    from vfed.node.agent import Agent
+
+    server, config = await make_site(tmp_path / "first", None, poll_interval_s=0.5)
+    other_server, other_config = await make_site(tmp_path / "second", None, poll_interval_s=0.5)
+    try:
+        async with running_agent(load_settings(config)), researcher_for(server, config) as site:
+            task = await site.submit("sleep", 3)
+            await wait_run_status(site.researcher, task["id"], {"active"})
+            async with Agent(load_settings(other_config)) as other:
+                await other.run(burst=True)  # recovery first, then idle: returns
+            (run,) = await wait_run_status(site.researcher, task["id"], FINAL_STATUSES)
+            assert run["status"] == "completed", run["reason"]
+            assert await site.researcher.results(task) == [{"slept": 3}]
+    finally:
+        await other_server.stop()
+        await server.stop()
+
+
 @pytest.mark.mqtt
 async def test_broker_down_polling_carries_on_and_doorbell_comes_back(
     tmp_path: Path, mosquitto_server: infra.Mosquitto, mqtt_broker: infra.Broker

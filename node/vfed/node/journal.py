@@ -7,6 +7,7 @@ claimed -> started (container handle) -> exited (exit code) -> sealed (encrypted
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at REAL NOT NULL
 )
 """
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
 class Stage(StrEnum):
@@ -63,6 +65,14 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._db.execute(_META)
+        # Made once per journal: the containers this agent starts carry it, so recovery adopts (or removes)
+        # only those, never the runs of another agent that has the same node name on the same engine.
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('agent_id', ?)", (secrets.token_hex(8),)
+        )
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'agent_id'").fetchone()
+        self.agent_id: str = row[0]
 
     def close(self) -> None:
         self._db.close()

@@ -24,9 +24,20 @@ Spawn = Callable[[int, Resume], None]
 
 
 async def recover(s: Services, runner: Runner, spawn: Spawn) -> None:
-    """Settle every journaled run; containers of runs the journal does not know are removed."""
+    """Settle every journaled run; containers of runs the journal does not know are removed.
+
+    Only this agent's containers count (its journal's label, or none on containers older than the label):
+    another agent given the same node name on this engine keeps its runs, instead of losing them here.
+    """
     entries = s.journal.unfinished()
-    containers = {c.run_id: c for c in await s.runtime.list_runs(s.settings.name)}
+    containers = {}
+    for c in await s.runtime.list_runs(s.settings.name):
+        if c.agent_id in (None, s.journal.agent_id):
+            containers[c.run_id] = c
+        else:
+            log.warning(
+                "leaving container %s alone: another agent named %s started it", c.handle, s.settings.name
+            )
     if entries:
         log.info("recovering %d run(s) from the journal", len(entries))
     for entry in entries:

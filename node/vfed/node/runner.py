@@ -25,6 +25,7 @@ from vfed.node.policy import check_run
 from vfed.node.privacy import BudgetRefused, PrivacyLedger
 from vfed.node.runtime.base import (
     INPUT_NAME,
+    LABEL_AGENT,
     DatasetMount,
     PermanentStartError,
     RunSpec,
@@ -211,6 +212,7 @@ class Runner:
             run_dir=str(prepared.run_dir),
             datasets=datasets,
             proxy_socket=str(self.socket_path(run.id)),
+            labels={LABEL_AGENT: self.s.journal.agent_id},
         )
 
     async def start_proxy(self, run: Run, task: Task) -> ProxyServer:

@@ -40,6 +40,8 @@ LABEL_NODE = "vfed.node"
 LABEL_RUN_ID = "vfed.run_id"
 LABEL_JOB_ID = "vfed.job_id"
 LABEL_RUN_DIR = "vfed.run_dir"
+LABEL_AGENT = "vfed.agent"
+"""The agent instance (its journal) that started a run: another agent with the same node name leaves it be."""
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -166,6 +168,7 @@ class RunHandleInfo(BaseModel):
     state: RunState
     exit_code: int | None = None
     oom_killed: bool = False
+    agent_id: str | None = Field(default=None, description="The LABEL_AGENT label; None on older containers.")
 
 
 class Runtime(abc.ABC):

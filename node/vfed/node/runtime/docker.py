@@ -23,6 +23,7 @@ from docker.models.containers import Container
 
 from vfed.node.runtime.base import (
     JOB_VOLUME_MOUNT,
+    LABEL_AGENT,
     LABEL_JOB_ID,
     LABEL_NODE,
     LABEL_RUN_DIR,
@@ -366,6 +367,7 @@ class DockerRuntime(Runtime):
                     state=run_state,
                     exit_code=int(state["ExitCode"]) if run_state is RunState.EXITED else None,
                     oom_killed=bool(state.get("OOMKilled")),
+                    agent_id=c.labels.get(LABEL_AGENT),
                 )
             )
         return sorted(runs, key=lambda r: r.run_id)
