@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 FINISHED = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 LOG_TAIL_LINES = 20
+# Polling for a task's end: quick at first (most tasks are short, and each step of the schedule is latency
+# the researcher waits), slower once the task has run a while, so a long wait costs the server little.
+POLL_FIRST_S, POLL_FAST_CAP_S, POLL_FAST_FOR_S, POLL_SLOW_CAP_S = 0.05, 0.25, 10.0, 2.0
 
 
 async def create(
@@ -64,8 +67,9 @@ async def create(
 
 
 async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progress: bool) -> dict[str, Any]:
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    delay_s = 0.1
+    started = time.monotonic()
+    deadline = None if timeout_s is None else started + timeout_s
+    delay_s = POLL_FIRST_S
     with Progress(
         TextColumn(f"task {task_id}"),
         BarColumn(),
@@ -85,7 +89,8 @@ async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progr
             if deadline is not None and time.monotonic() >= deadline:
                 raise TaskTimeout(f"task {task_id}: {done} of {len(runs)} runs finished after {timeout_s} s")
             await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 1.5, 2.0)
+            cap_s = POLL_FAST_CAP_S if time.monotonic() - started < POLL_FAST_FOR_S else POLL_SLOW_CAP_S
+            delay_s = min(delay_s * 1.5, cap_s)
 
 
 async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> list[Any]:

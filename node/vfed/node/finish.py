@@ -30,7 +30,7 @@ from vfed.node.runtime.base import (
     read_run_output,
     sanitize_run_dir,
 )
-from vfed.proxy.rest import ApiError, ServerUnavailable, file_chunks
+from vfed.proxy.rest import ApiError, ServerUnavailable, Task, file_chunks
 
 if TYPE_CHECKING:
     from vfed.node.runner import Services
@@ -62,6 +62,10 @@ class Finisher:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        self._tasks: dict[int, Task] = {}  # live runs' tasks, so sealing needs no second fetch
+
+    def remember_task(self, run_id: int, task: Task) -> None:
+        self._tasks[run_id] = task
 
     def run_dir(self, run_id: int) -> Path:
         return self.s.settings.data_dir / "runs" / str(run_id)
@@ -78,14 +82,25 @@ class Finisher:
         await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
 
     async def follow(
-        self, run_id: int, job_id: int, handle: str, deadline: float, kill: asyncio.Event
+        self,
+        run_id: int,
+        job_id: int,
+        handle: str,
+        deadline: float,
+        kill: asyncio.Event,
+        before_report: Awaitable[None] | None = None,
     ) -> None:
-        """Wait for the container, the deadline or a kill, whichever is first; then complete the run."""
+        """Wait for the container, the deadline or a kill, whichever is first; then complete the run.
+
+        `before_report` (the `active` PATCH, sent while the container runs) ends before any later report.
+        """
         self.s.metrics.active.inc()
         try:
             status, reason, exit_status = await self._wait_or_kill(run_id, handle, deadline, kill)
         finally:
             self.s.metrics.active.dec()
+        if before_report is not None:
+            await before_report
         await self.exited(run_id, exit_status, status, reason)
         await self.complete(run_id, job_id, handle)
 
@@ -153,13 +168,18 @@ class Finisher:
         entry = self.s.journal.get(run_id)
         if entry is None:
             return
-        if entry.stage == Stage.EXITED and (self.run_dir(run_id) / OUTPUT_NAME).is_file():
-            await self._seal(entry)
-            entry = self.s.journal.get(run_id) or entry
-        if entry.stage == Stage.SEALED:
-            await self._upload(entry)
-            entry = self.s.journal.get(run_id) or entry
-        log_text = await self._logs(handle)
+        logs = asyncio.ensure_future(self._logs(handle))  # independent of the result: read meanwhile
+        try:
+            if entry.stage == Stage.EXITED and (self.run_dir(run_id) / OUTPUT_NAME).is_file():
+                await self._seal(entry)
+                entry = self.s.journal.get(run_id) or entry
+            if entry.stage == Stage.SEALED:
+                await self._upload(entry)
+                entry = self.s.journal.get(run_id) or entry
+        except BaseException:
+            logs.cancel()
+            raise
+        log_text = await logs
         status = entry.final_status or "crashed"
         await self._report(
             run_id,
@@ -170,12 +190,15 @@ class Finisher:
             result_blob_id=entry.result_blob_id,
         )
         self.s.journal.done(run_id)
+        self._tasks.pop(run_id, None)
         self.s.metrics.runs.labels(status).inc()
         log.info("run %s: %s", run_id, status)
         await self._clean_up(run_id, job_id, handle)
 
     async def _seal(self, entry: Entry) -> None:
-        task = await self._retry(lambda: self.s.client.get_task(entry.task_id))
+        task = self._tasks.get(entry.run_id)
+        if task is None:  # resumed after a restart
+            task = await self._retry(lambda: self.s.client.get_task(entry.task_id))
         if task.initiator_organization_id is None:
             raise RuntimeError(f"task {entry.task_id} has no initiating organization")
         recipient = await self._retry(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,12 +112,18 @@ class Runner:
             return
         self.s.journal.claimed(run.id, run.task_id, run.job_id)
         log.info("run %s: claimed (task %s, job %s)", run.id, run.task_id, run.job_id)
+        # The proxy's token does not depend on the checks: fetch it meanwhile, drop it on a refusal.
+        token = asyncio.ensure_future(self.s.client.run_token(run.id))
         try:
             prepared = await self._prepare(run)
         except RunRefused as refused:
+            token.cancel()
             await self.finisher.end_without_container(run.id, refused.status, refused.reason)
             return
-        await self._start_and_follow(prepared, kill, claimed_at)
+        except BaseException:
+            token.cancel()
+            raise
+        await self._start_and_follow(prepared, kill, claimed_at, token)
 
     async def abandon(self, run_id: int, exc: BaseException) -> None:
         """After an unexpected error: remove the container if any and mark the run crashed, best effort."""
@@ -215,9 +222,9 @@ class Runner:
             labels={LABEL_AGENT: self.s.journal.agent_id},
         )
 
-    async def start_proxy(self, run: Run, task: Task) -> ProxyServer:
+    async def start_proxy(self, run: Run, task: Task, pending: Awaitable[str] | None = None) -> ProxyServer:
         """The run's own proxy on its own socket, speaking to the server with the run's token."""
-        token = await self.s.client.run_token(run.id)
+        token = await (pending if pending is not None else self.s.client.run_token(run.id))
         info = RunInfo(
             run.id, run.task_id, run.job_id, run.organization_id, task.collaboration_id, task.image
         )
@@ -233,9 +240,11 @@ class Runner:
         await proxy.start()
         return proxy
 
-    async def _start_and_follow(self, prepared: Prepared, kill: asyncio.Event, claimed_at: float) -> None:
+    async def _start_and_follow(
+        self, prepared: Prepared, kill: asyncio.Event, claimed_at: float, token: Awaitable[str]
+    ) -> None:
         run = prepared.run
-        proxy = await self.start_proxy(run, prepared.task)
+        proxy = await self.start_proxy(run, prepared.task, token)
         try:
             handle = await self._start_container(prepared)
         except RunRefused as refused:
@@ -246,14 +255,20 @@ class Runner:
         deadline = time.time() + prepared.max_run_time_s
         self.s.journal.started(run.id, handle, deadline)
         log.info("run %s: container started (%s)", run.id, handle)
+        self.finisher.remember_task(run.id, prepared.task)
+        # Marked active while the container already runs: a short run must not wait for this round trip.
+        active = asyncio.ensure_future(self._mark_active(run.id, prepared.digest))
         try:
-            await self.s.client.patch_run(run.id, status="active", image_digest=prepared.digest)
-        except Exception as exc:  # the server may have killed it meanwhile; follow() finds out
-            log.warning("run %s: could not mark active: %s", run.id, exc)
-        try:
-            await self.finisher.follow(run.id, run.job_id, handle, deadline, kill)
+            await self.finisher.follow(run.id, run.job_id, handle, deadline, kill, before_report=active)
         finally:
+            active.cancel()
             await proxy.stop()
+
+    async def _mark_active(self, run_id: int, digest: str) -> None:
+        try:
+            await self.s.client.patch_run(run_id, status="active", image_digest=digest)
+        except Exception as exc:  # the server may have killed it meanwhile; follow() finds out
+            log.warning("run %s: could not mark active: %s", run_id, exc)
 
     async def _start_container(self, prepared: Prepared) -> str:
         spec = self._spec(prepared)
