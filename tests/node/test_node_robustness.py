@@ -334,12 +334,8 @@ async def test_crash_between_upload_and_report_reports_the_same_blob(
         await server.stop()
 
 
-@pytest.mark.xfail(
-    reason="the Docker runtime bind-mounts the proxy socket FILE; a restarted agent binds a new socket at "
-    "the same path, which a running container cannot see (mounting the socket's folder would fix it)",
-    strict=False,
-)
 async def test_running_container_reaches_the_proxy_of_a_restarted_agent(tmp_path: Path) -> None:
+    """The run's socket folder is mounted, not the socket file: the new agent's socket shows up in it."""
     server, config = await make_site(tmp_path, None, poll_interval_s=0.5)
     agent = AgentProcess(config, tmp_path / "agent.log")
     agent.start()

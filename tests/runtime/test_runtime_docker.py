@@ -44,7 +44,8 @@ async def runtime() -> AsyncIterator[DockerRuntime]:
 @pytest.fixture
 def proxy_socket(tmp_path: Path) -> Iterator[Path]:
     """A real listening Unix socket (nothing answers on it; these tests only look at the mount)."""
-    path = tmp_path / "proxy.sock"
+    path = tmp_path / "proxy" / "proxy.sock"
+    path.parent.mkdir()
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
         sock.listen()
@@ -83,7 +84,7 @@ async def test_container_is_hardened(
     assert mounts == {
         "/mnt/run": ("bind", spec.run_dir, True),
         "/mnt/job": ("volume", f"vfed-{spec.node_name}-job1-tmp", True),
-        "/run/vfed/proxy.sock": ("bind", str(proxy_socket), False),
+        "/run/vfed": ("bind", str(proxy_socket.parent), False),
         "/mnt/data/d1": ("bind", str(data), False),
     }
     assert attrs["Config"]["Env"].count("PROXY_SOCKET=/run/vfed/proxy.sock") == 1

@@ -154,7 +154,8 @@ async def test_hostile_algorithm_cannot_get_out(
     data = tmp_path / "cohort.csv"
     data.write_text("age\n41\n")
     data.chmod(0o666)
-    sock = tmp_path / "proxy.sock"
+    sock = tmp_path / "proxy" / "proxy.sock"
+    sock.parent.mkdir()
     spec = make_spec(
         ["probes"],
         image=hostile_image,
@@ -216,7 +217,10 @@ async def test_hostile_algorithm_cannot_get_out(
         assert not report[name]["ok"], report[name]
     assert report["identity"]["detail"] == {"uid": 10001, "gid": 10001, "no_new_privs": "1"}
 
-    # The one way out that is meant to work: its proxy, over the Unix socket.
+    # The one way out that is meant to work: its proxy, over the Unix socket, alone in a read-only folder.
+    assert report["list:proxy-folder"]["detail"] == ["proxy.sock"], report["list:proxy-folder"]
+    for name in ("write:proxy-folder", "remove:proxy-socket"):
+        assert not report[name]["ok"] and "EROFS" in report[name]["detail"], report[name]
     assert report["proxy:GET /run"]["ok"], report["proxy:GET /run"]
     assert f'"run_id": "{spec.run_id}"' in report["proxy:GET /run"]["detail"]
     assert served == ["/run"]

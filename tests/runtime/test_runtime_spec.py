@@ -123,7 +123,7 @@ def test_container_definition_is_hardened(tmp_path: Path) -> None:
     config = DockerRuntimeConfig(host_path_map={str(tmp_path): "/host"}, pids_limit=99)
     s = spec(
         tmp_path,
-        proxy_socket=str(tmp_path / "p.sock"),
+        proxy_socket=str(tmp_path / "sock" / "proxy.sock"),
         datasets=[DatasetMount(label="d", host_path="/srv/d.csv", type="csv")],
         env={"HOME": "/mnt/tmp", "A": "b"},
         labels={"vfed.node": "spoofed", "team": "x"},
@@ -140,7 +140,7 @@ def test_container_definition_is_hardened(tmp_path: Path) -> None:
     assert mounts == {
         "/mnt/run": ("/host", False, "bind"),
         "/mnt/job": ("vfed-n1-j1-tmp", False, "volume"),
-        "/run/vfed/proxy.sock": ("/host/p.sock", True, "bind"),
+        "/run/vfed": ("/host/sock", True, "bind"),  # the socket's folder, so a new socket shows up
         "/mnt/data/d": ("/srv/d.csv", True, "bind"),
     }
 
@@ -150,17 +150,28 @@ def test_local_paths_are_checked(tmp_path: Path) -> None:
         check_local_paths(spec(tmp_path, run_dir=str(tmp_path / "missing")))
     with pytest.raises(PermanentStartError, match="proxy socket"):
         check_local_paths(spec(tmp_path, proxy_socket=str(tmp_path / "missing.sock")))
-    sock_path = tmp_path / "ok.sock"
+    (tmp_path / "sock").mkdir()
+    sock_path = tmp_path / "sock" / "proxy.sock"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(sock_path))
         check_local_paths(spec(tmp_path, proxy_socket=str(sock_path)))
+        # The container gets the whole folder: anything else in it would be shown to the run.
+        (tmp_path / "sock" / "journal.sqlite3").write_text("")
+        with pytest.raises(PermanentStartError, match="must hold only the socket; it also holds journal"):
+            check_local_paths(spec(tmp_path, proxy_socket=str(sock_path)))
+    other_name = tmp_path / "ok.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(other_name))
+        with pytest.raises(PermanentStartError, match=r"must be named proxy\.sock"):
+            check_local_paths(spec(tmp_path, proxy_socket=str(other_name)))
 
 
 def test_container_user_gets_the_run_folder_and_socket(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
     (run_dir / "input").write_text("x")
-    sock_path = tmp_path / "p.sock"
+    (tmp_path / "sock").mkdir(mode=0o700)
+    sock_path = tmp_path / "sock" / "proxy.sock"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(sock_path))
         sock_path.chmod(0o600)
@@ -168,6 +179,7 @@ def test_container_user_gets_the_run_folder_and_socket(tmp_path: Path) -> None:
             spec(tmp_path, run_dir=str(run_dir), proxy_socket=str(sock_path)), DockerRuntimeConfig()
         )
         assert sock_path.stat().st_mode & 0o777 == 0o666
+        assert sock_path.parent.stat().st_mode & 0o777 == 0o755  # the mounted folder can be entered
     if os.geteuid() == 0:
         assert (run_dir.stat().st_uid, (run_dir / "input").stat().st_uid) == (10001, 10001)
     else:

@@ -184,7 +184,13 @@ def proxy_probe() -> list[Result]:
     path = os.environ.get("PROXY_SOCKET")
     if not path:
         return []
-    return [attempt("proxy:GET /run", lambda: unix_http_get(path, "/run"))]
+    folder = os.path.dirname(path)
+    return [
+        attempt("list:proxy-folder", lambda: sorted(os.listdir(folder))),
+        attempt("write:proxy-folder", lambda: write_file(folder)),
+        attempt("remove:proxy-socket", lambda: os.unlink(path)),  # to bind a socket of its own there
+        attempt("proxy:GET /run", lambda: unix_http_get(path, "/run")),
+    ]
 
 
 def report(mode: str, results: list[Result], **extra: Any) -> None:

@@ -30,7 +30,9 @@ TEMPORARY_FOLDER = f"{JOB_VOLUME_MOUNT}/tmp"
 """The job's folder in that volume, owned by the container user, shared only by runs of the same job."""
 DATASETS_ROOT = "/mnt/data"
 """Each dataset is mounted read-only at DATASETS_ROOT/<label> (a file or a folder, as on the host)."""
-PROXY_SOCKET = "/run/vfed/proxy.sock"
+PROXY_SOCKET_DIR = "/run/vfed"
+"""The run's own socket folder, mounted read-only: a restarted agent's new socket shows up in it."""
+PROXY_SOCKET = f"{PROXY_SOCKET_DIR}/proxy.sock"
 """The run's own Unix socket to the proxy; the container has no network at all."""
 
 INPUT_NAME = "input"
@@ -119,7 +121,11 @@ class RunSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="The algorithm's environment, as given.")
     run_dir: str = Field(description="Host folder with the `input` file; mounted read-write at /mnt/run.")
     datasets: list[DatasetMount] = Field(default_factory=list)
-    proxy_socket: str | None = Field(default=None, description="Host path of this run's proxy Unix socket.")
+    proxy_socket: str | None = Field(
+        default=None,
+        description="Host path of this run's proxy Unix socket, named proxy.sock, alone in its own folder "
+        "(the folder is what the container gets: a socket bound there again after a restart is reachable).",
+    )
     limits: RunLimits = Field(default_factory=RunLimits)
     labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")
     command: list[str] | None = Field(default=None, description="Overrides the image's CMD (tests, tools).")

@@ -22,6 +22,7 @@ from vfed.node.runtime.base import (
     LABEL_RUN_DIR,
     LABEL_RUN_ID,
     PROXY_SOCKET,
+    PROXY_SOCKET_DIR,
     PermanentStartError,
     RunSpec,
     container_name,
@@ -85,6 +86,21 @@ def check_local_paths(spec: RunSpec) -> None:
             raise PermanentStartError(f"proxy socket {spec.proxy_socket}: {exc.strerror}") from exc
         if not stat.S_ISSOCK(mode):
             raise PermanentStartError(f"proxy socket {spec.proxy_socket} is not a Unix socket")
+        _check_socket_folder(spec.proxy_socket)
+
+
+def _check_socket_folder(socket_path: str) -> None:
+    """The container gets the socket's whole folder (read-only): it must hold the socket and nothing else."""
+    folder, name = os.path.split(socket_path)
+    expected = PurePosixPath(PROXY_SOCKET).name
+    if name != expected:
+        raise PermanentStartError(f"proxy socket {socket_path} must be named {expected}")
+    others = sorted(set(os.listdir(folder)) - {name})
+    if others:
+        raise PermanentStartError(
+            f"proxy socket folder {folder} is mounted into the run and must hold only the socket; "
+            f"it also holds {', '.join(others[:5])}"
+        )
 
 
 def grant_container_user(spec: RunSpec, config: DockerRuntimeConfig) -> None:
@@ -106,6 +122,7 @@ def grant_container_user(spec: RunSpec, config: DockerRuntimeConfig) -> None:
                 os.chmod(path, 0o644)
     if spec.proxy_socket is not None:
         os.chmod(spec.proxy_socket, 0o666)
+        os.chmod(os.path.dirname(spec.proxy_socket), 0o755)  # mounted as is: the container user must enter
 
 
 def run_labels(spec: RunSpec) -> dict[str, str]:
@@ -120,9 +137,10 @@ def run_mounts(spec: RunSpec, config: DockerRuntimeConfig) -> list[Mount]:
         Mount(JOB_VOLUME_MOUNT, job_volume_name(spec.node_name, spec.job_id), type="volume", no_copy=True),
     ]
     if spec.proxy_socket is not None:
-        mounts.append(
-            Mount(PROXY_SOCKET, config.to_host_path(spec.proxy_socket), type="bind", read_only=True)
-        )
+        # The folder, not the socket file: a bind mount of a file keeps the old inode, so a socket bound
+        # again at the same path by a restarted agent would never reach a run that is still going.
+        folder = os.path.dirname(spec.proxy_socket)
+        mounts.append(Mount(PROXY_SOCKET_DIR, config.to_host_path(folder), type="bind", read_only=True))
     mounts.extend(
         Mount(dataset_path(d.label), config.to_host_path(d.host_path), type="bind", read_only=True)
         for d in spec.datasets
