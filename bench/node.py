@@ -104,12 +104,13 @@ class StartWatcher:
         self.starts: dict[str, float] = {}
         self.creates: dict[str, float] = {}
         self.extracts: dict[str, float] = {}
+        self.destroys: dict[str, float] = {}
         self._client = docker.from_env()
         self._events = self._client.events(
             decode=True,
             filters={
                 "type": "container",
-                "event": ["create", "start", "extract-to-dir"],
+                "event": ["create", "start", "extract-to-dir", "destroy"],
                 "label": f"vfed.node={node}",
             },
         )
@@ -119,7 +120,12 @@ class StartWatcher:
     def _read(self) -> None:
         for event in self._events:
             run_id = event.get("Actor", {}).get("Attributes", {}).get("vfed.run_id")
-            tables = {"start": self.starts, "create": self.creates, "extract-to-dir": self.extracts}
+            tables = {
+                "start": self.starts,
+                "create": self.creates,
+                "extract-to-dir": self.extracts,
+                "destroy": self.destroys,
+            }
             table = tables.get(str(event.get("Action", event.get("status"))))
             if run_id and table is not None:
                 table[run_id] = event["timeNano"] / 1e9
@@ -127,6 +133,16 @@ class StartWatcher:
     def docker_own_start(self, run_id: str) -> float:
         """Seconds Docker spent starting the container once the agent had it ready."""
         return self.starts[run_id] - max(self.creates[run_id], self.extracts.get(run_id, 0.0))
+
+    def job_folder_s(self, run_id: str) -> float:
+        """Seconds from create to the job folder's put_archive done (0 when the job's folder was ready)."""
+        return max(0.0, self.extracts.get(run_id, self.creates[run_id]) - self.creates[run_id])
+
+    async def seen(self, table: dict[str, float], run_id: str, timeout_s: float = 10.0) -> None:
+        for _ in range(int(timeout_s * 100)):
+            if run_id in table:
+                return
+            await asyncio.sleep(0.01)
 
     def close(self) -> None:
         self._events.close()
@@ -147,26 +163,28 @@ async def wait_done(researcher: AsyncClient, task_id: int, timeout_s: float = 12
 
 async def dispatch_latencies(
     researcher: AsyncClient, collab: int, org: int, runs: int
-) -> tuple[list[float], list[float]]:
-    """Seconds from just before POST /tasks to Docker's start event of the run's container, and the part of
-    that between the container being ready (created, job folder set up) and started (Docker's own start)."""
+) -> dict[str, list[float]]:
+    """Seconds from just before POST /tasks to Docker's start event of the run's container, the part of
+    that between the container being ready (created, job folder set up) and started (Docker's own start),
+    and the new job's folder set-up. Like (a), each run starts once the previous container is removed, so
+    the previous run's clean-up does not compete with this one's start."""
     watcher = StartWatcher("a")
-    out, docker_own = [], []
+    out: dict[str, list[float]] = {"dispatch": [], "docker_start": [], "job_folder": []}
     try:
         for _ in range(runs):
             posted = time.time()
             task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[1], organizations=[org])
             await wait_done(researcher, int(task["id"]))
             (run,) = await researcher.runs(int(task["id"]))
-            for _ in range(100):
-                if str(run["id"]) in watcher.starts:
-                    break
-                await asyncio.sleep(0.01)
-            out.append(watcher.starts[str(run["id"])] - posted)
-            docker_own.append(watcher.docker_own_start(str(run["id"])))
+            run_id = str(run["id"])
+            await watcher.seen(watcher.starts, run_id)
+            out["dispatch"].append(watcher.starts[run_id] - posted)
+            out["docker_start"].append(watcher.docker_own_start(run_id))
+            out["job_folder"].append(watcher.job_folder_s(run_id))
+            await watcher.seen(watcher.destroys, run_id)
     finally:
         watcher.close()
-    return out, docker_own
+    return out
 
 
 async def end_to_end(researcher: AsyncClient, collab: int, rounds: int) -> list[float]:
@@ -219,13 +237,13 @@ async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, An
                 org = researcher.organization_id
                 assert org is not None
                 await end_to_end(researcher, collab, 1)  # warm-up: keys cached, images hot
-                dispatch, docker_start = await dispatch_latencies(researcher, collab, org, runs)
+                dispatch = await dispatch_latencies(researcher, collab, org, runs)
                 e2e = await end_to_end(researcher, collab, rounds)
         finally:
             for agent in agents:
                 agent.stop()
             await server.stop()
-    return {"dispatch": dispatch, "docker_start": docker_start, "e2e": e2e, "idle_rss": idle_rss}
+    return {**dispatch, "e2e": e2e, "idle_rss": idle_rss}
 
 
 def main() -> None:
@@ -255,6 +273,7 @@ def main() -> None:
             * 1000,
             1,
         ),
+        "job_folder_p50_ms": round(percentile(figures["job_folder"], 0.5) * 1000, 1),
         "end_to_end_s": round(e2e_s, 4),
         "ratio_end_to_end_vs_bare": round(e2e_s / bare_s, 3),
         "bare_docker_run_x3_parallel_s": round(bare3_s, 4),
@@ -272,7 +291,8 @@ def main() -> None:
     print(
         f"    of which Docker's own start (ready->start) p50 {report['docker_create_to_start_p50_ms']} ms; "
         f"the rest (server, doorbell, claim, decrypt, checks, job volume, create, job folder) p50 "
-        f"{report['dispatch_beyond_docker_p50_ms']} ms"
+        f"{report['dispatch_beyond_docker_p50_ms']} ms, of which the new job's folder (put_archive) p50 "
+        f"{report['job_folder_p50_ms']} ms"
     )
     print(f"(c) submit -> decrypted results, 3 nodes, median of {len(figures['e2e'])}: {e2e_s:.3f} s")
     print(f"(c)/(a) = {report['ratio_end_to_end_vs_bare']}")
