@@ -43,6 +43,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")
+    wal = (cur.fetchone() or [""])[0] == "wal"
+    driver = getattr(dbapi_conn, "_connection", None)
+    if isinstance(driver, sqlite_fast.FastConnection):
+        driver.reads_in_loop = wal  # WAL readers never wait for a lock
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
