@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 CHUNK_BYTES = 1 << 20
+INLINE_BYTES = 64 << 10  # up to this size a blob is written on the event loop: page-cache writes of a few
+# KiB take tens of microseconds, a hand-off to a worker thread ~1 ms on a busy machine
 
 
 class BlobTooLarge(Exception):
@@ -39,8 +41,8 @@ class BlobStore:
     async def write(self, chunks: AsyncIterator[bytes]) -> StoredBlob:
         """Consume `chunks` into a new blob; raise BlobTooLarge past `max_bytes`.
 
-        A body that fits in one chunk is written by a single worker-thread call (small envelopes are the
-        common case); larger ones stream to disk chunk by chunk.
+        A body that fits in one chunk is written by a single call (small envelopes are the common case: on the
+        loop up to INLINE_BYTES, else in a worker thread); larger ones stream to disk chunk by chunk.
         """
         blob_id = secrets.token_hex(16)
         final = self.path(blob_id)
@@ -54,7 +56,10 @@ class BlobStore:
             if size >= CHUNK_BYTES:
                 break
         else:
-            await asyncio.to_thread(_write_whole, final, digest, head)
+            if size <= INLINE_BYTES:
+                _write_whole(final, digest, head)
+            else:
+                await asyncio.to_thread(_write_whole, final, digest, head)
             return StoredBlob(blob_id, size, digest.hexdigest())
         size = await self._stream(final, digest, head, size, it)
         return StoredBlob(blob_id, size, digest.hexdigest())
