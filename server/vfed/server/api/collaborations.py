@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server.access import Scope, collaboration_filter, require
 from vfed.server.api.common import (
     caller,
+    commit_unique,
     json_response,
     page_of,
     paginate,
@@ -18,7 +18,7 @@ from vfed.server.api.common import (
     read_query,
     session,
 )
-from vfed.server.errors import ApiError, conflict, forbidden, not_found
+from vfed.server.errors import ApiError, forbidden, not_found
 from vfed.server.models import Collaboration, Organization, collaboration_members
 from vfed.server.schemas import CollaborationIn, CollaborationOut, CollaborationPatch, CollaborationQuery
 
@@ -87,10 +87,7 @@ async def create_collaboration(request: web.Request) -> web.Response:
             name=body.name, encrypted=body.encrypted, organizations=await _orgs(s, body.organization_ids)
         )
         s.add(c)
-        try:
-            await s.commit()
-        except IntegrityError as exc:
-            raise conflict("exists", f"a collaboration named {body.name!r} exists") from exc
+        await commit_unique(s, f"a collaboration named {body.name!r} exists")
     return json_response(out(c), 201)
 
 
@@ -105,14 +102,11 @@ async def patch_collaboration(request: web.Request) -> web.Response:
         c = await s.get(Collaboration, cid)
         if c is None:
             raise not_found("collaboration", cid)
-        try:
-            if body.organization_ids is not None:
-                c.organizations = await _orgs(s, body.organization_ids)
-            if body.name is not None:
-                c.name = body.name
-            if body.encrypted is not None:
-                c.encrypted = body.encrypted
-            await s.commit()
-        except IntegrityError as exc:
-            raise conflict("exists", f"a collaboration named {body.name!r} exists") from exc
+        if body.organization_ids is not None:
+            c.organizations = await _orgs(s, body.organization_ids)
+        if body.name is not None:
+            c.name = body.name
+        if body.encrypted is not None:
+            c.encrypted = body.encrypted
+        await commit_unique(s, f"a collaboration named {body.name!r} exists")
     return json_response(out(c))

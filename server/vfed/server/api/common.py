@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server import auth
+from vfed.server.access import Scope
 from vfed.server.config import format_validation_error
-from vfed.server.errors import ApiError, bad_request, not_found, unauthorized
+from vfed.server.errors import ApiError, bad_request, conflict, forbidden, not_found, unauthorized
 from vfed.server.models import TERMINAL, Base, Node, Run, Task, User
 from vfed.server.state import PRESENCE, PRINCIPALS, SESSIONS, SETTINGS
 
@@ -95,6 +97,22 @@ async def paginate(
     query = select(model).where(*where).order_by(model.id).offset((page - 1) * per_page).limit(per_page)  # type: ignore[attr-defined]
     rows = (await s.execute(query)).scalars().all()
     return list(rows), int(total)
+
+
+async def commit_unique(s: AsyncSession, detail: str) -> None:
+    """Commit; a clash with an existing unique name answers 409 `exists` with `detail`."""
+    try:
+        await s.commit()
+    except IntegrityError as exc:
+        raise conflict("exists", detail) from exc
+
+
+def own_org(p: auth.Principal, scope: Scope, requested: int | None, detail: str) -> int:
+    """The organization a new account belongs to: the caller's own, unless a global scope names another."""
+    org_id = requested or p.organization_id
+    if scope < Scope.GLOBAL and org_id != p.organization_id:
+        raise forbidden(detail)
+    return org_id
 
 
 async def caller(request: web.Request, s: AsyncSession) -> auth.Principal:

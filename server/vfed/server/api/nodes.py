@@ -12,6 +12,7 @@ from vfed.server.api.common import (
     json_response,
     node_last_seen,
     node_status,
+    own_org,
     page_of,
     paginate,
     path_id,
@@ -99,9 +100,9 @@ async def create_node(request: web.Request) -> web.Response:
     async with session(request) as s:
         p = await caller(request, s)
         scope = require(p, "node", "create")
-        org_id = body.organization_id or p.organization_id
-        if scope < Scope.GLOBAL and org_id != p.organization_id:
-            raise forbidden("you may create nodes for your own organization only")
+        org_id = own_org(
+            p, scope, body.organization_id, "you may create nodes for your own organization only"
+        )
         collab = await s.get(Collaboration, body.collaboration_id)
         if collab is None or (
             scope < Scope.GLOBAL and p.organization_id not in {o.id for o in collab.organizations}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from vfed.common.crypto.errors import CryptoError
 from vfed.common.crypto.keys import PublicKey
 from vfed.server.access import Scope, org_filter, require
 from vfed.server.api.common import (
     caller,
+    commit_unique,
     json_response,
     page_of,
     paginate,
@@ -19,7 +19,7 @@ from vfed.server.api.common import (
     read_query,
     session,
 )
-from vfed.server.errors import ApiError, conflict, forbidden, not_found
+from vfed.server.errors import ApiError, forbidden, not_found
 from vfed.server.models import Organization, OrganizationKey, collaboration_members
 from vfed.server.schemas import (
     OrganizationIn,
@@ -103,10 +103,7 @@ async def create_organization(request: web.Request) -> web.Response:
             raise forbidden("only root creates organizations")
         org = Organization(name=body.name, public_key=body.public_key, key_id=key_id)
         s.add(org)
-        try:
-            await s.commit()
-        except IntegrityError as exc:
-            raise conflict("exists", f"an organization named {body.name!r} exists") from exc
+        await commit_unique(s, f"an organization named {body.name!r} exists")
     return json_response(out(org), 201)
 
 

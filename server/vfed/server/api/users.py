@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server import auth
 from vfed.server.access import RULES, Scope, require, user_filter
 from vfed.server.api.common import (
     caller,
+    commit_unique,
     forget_principal,
     json_response,
+    own_org,
     page_of,
     paginate,
     path_id,
@@ -21,7 +22,7 @@ from vfed.server.api.common import (
     session,
 )
 from vfed.server.auth import Principal
-from vfed.server.errors import conflict, forbidden, not_found
+from vfed.server.errors import forbidden, not_found
 from vfed.server.models import Organization, Role, RoleName, User
 from vfed.server.schemas import PageQuery, RoleOut, RuleOut, UserIn, UserOut, UserPatch, UserQuery
 
@@ -80,9 +81,7 @@ async def create_user(request: web.Request) -> web.Response:
     async with session(request) as s:
         p = await caller(request, s)
         scope = require(p, "user", "create")
-        org_id = body.organization_id or p.organization_id
-        if scope < Scope.GLOBAL and org_id != p.organization_id:
-            raise forbidden("you may create users in your own organization only")
+        org_id = own_org(p, scope, body.organization_id, "you may create users in your own organization only")
         if await s.get(Organization, org_id) is None:
             raise not_found("organization", org_id)
         roles = await _roles(s, p, scope, body.roles)
@@ -93,10 +92,7 @@ async def create_user(request: web.Request) -> web.Response:
             roles=roles,
         )
         s.add(u)
-        try:
-            await s.commit()
-        except IntegrityError as exc:
-            raise conflict("exists", f"the username {body.username!r} is taken") from exc
+        await commit_unique(s, f"the username {body.username!r} is taken")
     return json_response(out(u), 201)
 
 
