@@ -19,7 +19,7 @@ FINISHED = frozenset({"completed", "failed", "start-failed", "not-allowed", "kil
 LOG_TAIL_LINES = 20
 # Polling for a task's end: quick at first (most tasks are short, and each step of the schedule is latency
 # the researcher waits), slower once the task has run a while, so a long wait costs the server little.
-POLL_FIRST_S, POLL_FAST_CAP_S, POLL_FAST_FOR_S, POLL_SLOW_CAP_S = 0.05, 0.25, 10.0, 2.0
+POLL_FIRST_S, POLL_FAST_CAP_S, POLL_FAST_FOR_S, POLL_SLOW_CAP_S = 0.05, 0.1, 5.0, 2.0
 
 
 async def create(
