@@ -88,7 +88,7 @@ async def researcher_for(server: Server, config: Path) -> AsyncIterator[Site]:
 
 
 def node_containers(docker_client: Any, node: str = NODE) -> list[Any]:
-    return list(docker_client.containers.list(all=True, filters={"label": f"vfed.node={node}"}))
+    return list(docker_client.containers.list(all=True, sparse=True, filters={"label": f"vfed.node={node}"}))
 
 
 async def containers_gone(docker_client: Any, timeout_s: float = 15.0) -> list[Any]:
