@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,23 @@ async def test_an_agent_leaves_alone_the_runs_of_another_agent_with_its_name(tmp
             assert await site.researcher.results(task) == [{"slept": 3}]
     finally:
         await other_server.stop()
+        await server.stop()
+
+
+async def test_sigterm_stops_the_agent_while_the_server_does_not_answer(tmp_path: Path) -> None:
+    """The server freezes (this test's event loop, which serves it, is blocked on purpose), so the agent's
+    poll hangs; SIGTERM must still end the agent at once. It used to wait for the answer (read timeout 300 s),
+    which made the sigkilled test's last SIGTERM fail at times: its server is frozen while stop() waits."""
+    server, config = await make_site(tmp_path, None, poll_interval_s=0.2)
+    agent = AgentProcess(config, tmp_path / "agent.log")
+    agent.start()
+    try:
+        await agent.wait_for_log("started")
+        time.sleep(1.0)  # noqa: ASYNC251 - freezes the server: the agent's next poll gets no answer
+        assert agent.stop(signal.SIGTERM, timeout_s=10) == 0, agent.log()[-3000:]
+        assert "polling" not in agent.log()  # it did not give up on the server: it was stopped mid-request
+    finally:
+        agent.stop(signal.SIGKILL)
         await server.stop()
 
 

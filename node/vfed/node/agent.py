@@ -156,7 +156,25 @@ class Agent:
         return self.services
 
     async def run(self, *, burst: bool = False) -> None:
-        """Recover what a previous process left, then serve until stop() (or, in burst mode, until idle)."""
+        """Recover what a previous process left, then serve until stop() (or, in burst mode, until idle).
+
+        stop() also cuts short what the loop is waiting for (a poll, recovery's reports): a server that does
+        not answer must not hold up SIGTERM. Every step is journaled, so the next start picks it up.
+        """
+        serving = asyncio.ensure_future(self._serve(burst))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not serving.done():
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+        if not serving.cancelled():
+            serving.result()  # the loop's own error, if any
+
+    async def _serve(self, burst: bool) -> None:
         s = self._s
         await recover(s, self._runner_or_fail(), self._spawn_resumed)
         mqtt_url = self.settings.mqtt_url or await self._mqtt_from_server()
