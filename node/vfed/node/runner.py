@@ -117,11 +117,11 @@ class Runner:
         try:
             prepared = await self._prepare(run)
         except RunRefused as refused:
-            token.cancel()
+            _drop(token)
             await self.finisher.end_without_container(run.id, refused.status, refused.reason)
             return
         except BaseException:
-            token.cancel()
+            _drop(token)
             raise
         await self._start_and_follow(prepared, kill, claimed_at, token)
 
@@ -281,6 +281,13 @@ class Runner:
                 log.warning("run %s: runtime unavailable (%s), attempt %d", prepared.run.id, exc, attempt + 1)
                 await asyncio.sleep(0.5 * 2**attempt)
         raise RunRefused("start-failed", "the container runtime stayed unavailable")
+
+
+def _drop(future: asyncio.Future[str]) -> None:
+    """Cancel a request no longer needed; a failure it already had is not worth a warning."""
+    future.cancel()
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 def _extra_env(settings: NodeSettings, epsilon: float | None) -> dict[str, str]:
