@@ -103,11 +103,7 @@ main() {
     build vfed/server "$ctx/server.Dockerfile" "$ctx" "$h"
     build vfed/algorithm-base "$ctx/algorithm-base.Dockerfile" "$ctx" "$h"
     if [ -d tests/images ]; then
-        local t; t=$(inputs_hash tests/images)
-        for d in tests/images/*/; do
-            local n; n=$(basename "$d")
-            build "vfed-test/$n" "$d/Dockerfile" "$d" "$h-$t"
-        done
+        "$PY" -m tests.imagebuild || die "building the test images failed"
     fi
     rm -rf "$ctx"
 }

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-from tests import infra
+from tests import imagebuild, infra
 
 from vfed.node.agent import Agent
 from vfed.node.config import NodeSettings
@@ -39,11 +39,8 @@ DP_MANIFEST = '{"version": 1, "functions": {"echo": {"kind": "federated", "epsil
 def ensure_probe_image() -> None:
     """Build the probe image (quick when cached) so the tests do not depend on build-images.sh order;
     a second tag carries a manifest label declaring `echo` as spending `epsilon`."""
-    folder = str(ROOT / "tests" / "images" / "node-probe")
-    for tag, extra in ((PROBE_IMAGE, []), (PROBE_DP_IMAGE, ["--label", f"vfed.manifest={DP_MANIFEST}"])):
-        subprocess.run(
-            ["docker", "build", "-q", "-t", tag, *extra, folder], check=True, capture_output=True, timeout=600
-        )
+    imagebuild.ensure("node-probe", PROBE_IMAGE)
+    imagebuild.ensure("node-probe", PROBE_DP_IMAGE, {"vfed.manifest": DP_MANIFEST})
 
 
 @dataclass

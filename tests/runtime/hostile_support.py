@@ -21,6 +21,7 @@ import docker
 import psutil  # type: ignore[import-untyped]
 from aiohttp import web
 from docker.types import Mount
+from tests import imagebuild
 
 HOSTILE_IMAGE = "vfed-test/hostile"
 HOSTILE_DIR = Path(__file__).resolve().parents[1] / "images" / "hostile"
@@ -29,8 +30,8 @@ COMMON_PORTS = (22, 80, 443, 1883, 5432, 6443, 7600)
 
 
 def build_hostile_image(client: docker.DockerClient) -> str:
-    """Build the image from tests/images/hostile (cached layers make a rebuild about a second)."""
-    client.images.build(path=str(HOSTILE_DIR), tag=HOSTILE_IMAGE, rm=True)
+    """Build the image from tests/images/hostile unless its inputs are unchanged."""
+    imagebuild.ensure("hostile", HOSTILE_IMAGE)
     return HOSTILE_IMAGE
 
 
