@@ -89,6 +89,11 @@ def page_of(
     }
 
 
+def equal_filters(*pairs: tuple[Any, Any]) -> list[ColumnElement[bool]]:
+    """`column == value` for each pair whose value the query gave (None means: not filtered)."""
+    return [column == value for column, value in pairs if value is not None]
+
+
 async def paginate(
     s: AsyncSession, model: type[Base], where: list[ColumnElement[bool]], page: int, per_page: int
 ) -> tuple[list[Any], int]:

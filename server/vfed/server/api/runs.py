@@ -13,6 +13,7 @@ from vfed.server import auth
 from vfed.server.access import require, run_filter
 from vfed.server.api.common import (
     caller,
+    equal_filters,
     json_response,
     page_of,
     paginate,
@@ -71,20 +72,29 @@ async def visible_run(s: AsyncSession, p: Principal, run_id: int) -> Run:
     return run
 
 
+async def node_run(request: web.Request, s: AsyncSession, action: str, refusal: str) -> tuple[Principal, Run]:
+    """The calling node and the run in the path, for the actions only nodes take (403 for anyone else)."""
+    p = await caller(request, s)
+    if p.kind != "node":
+        raise forbidden(refusal)
+    require(p, "run", action)
+    return p, await visible_run(s, p, path_id(request))
+
+
 async def list_runs(request: web.Request) -> web.Response:
     """Runs the caller may see, filtered."""
     q = read_query(request, RunQuery)
     async with session(request) as s:
         p = await caller(request, s)
-        where = [run_filter(p, require(p, "run", "read"))]
-        for column, value in (
-            (Run.task_id, q.task_id),
-            (Run.organization_id, q.organization_id),
-            (Run.node_id, q.node_id),
-            (Run.status, q.status),
-        ):
-            if value is not None:
-                where.append(column == value)
+        where = [
+            run_filter(p, require(p, "run", "read")),
+            *equal_filters(
+                (Run.task_id, q.task_id),
+                (Run.organization_id, q.organization_id),
+                (Run.node_id, q.node_id),
+                (Run.status, q.status),
+            ),
+        ]
         rows, total = await paginate(s, Run, where, q.page, q.per_page)
     return web.json_response(page_of(request, [out(r) for r in rows], total, q.page, q.per_page))
 
@@ -100,11 +110,7 @@ async def get_run(request: web.Request) -> web.Response:
 async def claim_run(request: web.Request) -> web.Response:
     """pending -> initializing for exactly one node: a conditional UPDATE, so racing claims never both win."""
     async with session(request) as s:
-        p = await caller(request, s)
-        if p.kind != "node":
-            raise forbidden("only a node claims runs")
-        require(p, "run", "claim")
-        run = await visible_run(s, p, path_id(request))
+        p, run = await node_run(request, s, "claim", "only a node claims runs")
         result = await s.execute(
             update(Run)
             .where(Run.id == run.id, Run.status == RunStatus.PENDING, Run.node_id.is_(None))
@@ -177,11 +183,7 @@ async def patch_run(request: web.Request) -> web.Response:
 async def run_token(request: web.Request) -> web.Response:
     """A token for the run's proxy: scoped to the run and its subtasks, dead once the run ends."""
     async with session(request) as s:
-        p = await caller(request, s)
-        if p.kind != "node":
-            raise forbidden("only a node asks for run tokens")
-        require(p, "run", "token")
-        run = await visible_run(s, p, path_id(request))
+        p, run = await node_run(request, s, "token", "only a node asks for run tokens")
         if run.node_id != p.node_id:
             raise forbidden("only the node that claimed this run gets its token")
         if run.status in TERMINAL:

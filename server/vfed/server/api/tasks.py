@@ -12,6 +12,7 @@ from vfed.server.access import Scope, require, task_filter
 from vfed.server.api.blobs import readable_blob
 from vfed.server.api.common import (
     caller,
+    equal_filters,
     json_response,
     page_of,
     paginate,
@@ -243,14 +244,14 @@ async def list_tasks(request: web.Request) -> web.Response:
     q = read_query(request, TaskQuery)
     async with session(request) as s:
         p = await caller(request, s)
-        where = [task_filter(p, require(p, "task", "read"))]
-        for column, value in (
-            (Task.collaboration_id, q.collaboration_id),
-            (Task.parent_id, q.parent_id),
-            (Task.status, q.status),
-        ):
-            if value is not None:
-                where.append(column == value)
+        where = [
+            task_filter(p, require(p, "task", "read")),
+            *equal_filters(
+                (Task.collaboration_id, q.collaboration_id),
+                (Task.parent_id, q.parent_id),
+                (Task.status, q.status),
+            ),
+        ]
         if q.job_id is not None:
             where.append(in_job(q.job_id))
         rows, total = await paginate(s, Task, where, q.page, q.per_page)
