@@ -164,6 +164,11 @@ async def test_task_lifecycle(world: World) -> None:
     assert (
         status == 200 and claimed["status"] == "initializing" and claimed["node_id"] == world.nodes["a_node"]
     )
+    # The claim brings the task and the run's proxy token, so the node starts the run without asking again.
+    assert claimed["task"]["id"] == task["id"] and claimed["task"]["datasets"] == ["default"]
+    world._tokens["claimed-run"] = claimed["run_token"]["token"]
+    status, own = await world.call("claimed-run", "GET", f"/tasks/{task['id']}")
+    assert status == 200 and own["image"] == task["image"]
     status, again = await world.call("a_node2", "POST", f"/runs/{run['id']}/claim")
     assert status == 409 and again["error"] == "already-claimed"
     status, _ = await world.call("a_node2", "PATCH", f"/runs/{run['id']}", json={"status": "active"})

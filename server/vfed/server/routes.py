@@ -235,7 +235,9 @@ OPS: list[Op] = [
         sc.RunPatch,
         sc.RunOut,
     ),
-    Op("POST", "/runs/{id}/claim", runs.claim_run, "Claim a pending run (node)", "runs", response=sc.RunOut),
+    Op(
+        "POST", "/runs/{id}/claim", runs.claim_run, "Claim a pending run (node)", "runs", response=sc.ClaimOut
+    ),
     Op(
         "POST",
         "/runs/{id}/token",

@@ -262,6 +262,13 @@ class RunPage(PageOut):
     data: list[RunOut]
 
 
+class ClaimOut(RunOut):
+    """A claimed run with what its node needs next, so starting it takes no further round trips."""
+
+    task: TaskOut
+    run_token: RunTokenOut
+
+
 class RunPatch(In):
     status: RunStatus | None = None
     exit_code: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | None = None

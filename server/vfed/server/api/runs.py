@@ -22,11 +22,12 @@ from vfed.server.api.common import (
     read_query,
     session,
 )
-from vfed.server.api.tasks import refresh_status
+from vfed.server.api.tasks import out as task_out
+from vfed.server.api.tasks import refresh_status, target_orgs, visible_task
 from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, conflict, forbidden, not_found
 from vfed.server.models import TERMINAL, Blob, Run, RunStatus, utcnow
-from vfed.server.schemas import RunOut, RunPatch, RunQuery, RunTokenOut
+from vfed.server.schemas import ClaimOut, RunOut, RunPatch, RunQuery, RunTokenOut
 from vfed.server.state import SETTINGS
 
 
@@ -122,7 +123,11 @@ async def claim_run(request: web.Request) -> web.Response:
         await refresh_status(s, run.task_id)
         await s.commit()
         run = await visible_run(s, p, path_id(request))
-    return json_response(out(run))
+        task = await visible_task(s, p, run.task_id)
+        orgs = await target_orgs(s, [task.id])
+    # The task and the run's proxy token come along: the node needs both before it can start the container.
+    token = _issue_run_token(request, p, run.id)
+    return json_response(ClaimOut(**dict(out(run)), task=task_out(task, orgs[task.id]), run_token=token))
 
 
 def _tail(text: str, max_bytes: int) -> str:
@@ -188,7 +193,11 @@ async def run_token(request: web.Request) -> web.Response:
             raise forbidden("only the node that claimed this run gets its token")
         if run.status in TERMINAL:
             raise conflict("run-final", f"run {run.id} is {run.status}")
+    return json_response(_issue_run_token(request, p, run.id))
+
+
+def _issue_run_token(request: web.Request, p: Principal, run_id: int) -> RunTokenOut:
     settings = request.app[SETTINGS]
-    claims = {"sub": str(p.node_id), "kind": "run", "typ": "access", "run_id": run.id}
+    claims = {"sub": str(p.node_id), "kind": "run", "typ": "access", "run_id": run_id}
     token, expires_at = auth.issue(settings.jwt_secret, claims, settings.run_token_max_s)
-    return json_response(RunTokenOut(token=token, expires_at=expires_at))
+    return RunTokenOut(token=token, expires_at=expires_at)
