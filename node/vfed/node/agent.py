@@ -45,8 +45,10 @@ def build_runtime(settings: NodeSettings) -> Runtime:
     from vfed.node.runtime.docker import DockerRuntime
     from vfed.node.runtime.docker_spec import DockerRuntimeConfig
 
+    options = settings.runtime.options()
+    options.setdefault("jobs_dir", str(settings.data_dir / "jobs"))  # job folders live with the agent's data
     try:
-        return DockerRuntime(DockerRuntimeConfig.model_validate(settings.runtime.options()))
+        return DockerRuntime(DockerRuntimeConfig.model_validate(options))
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +18,15 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
+from docker.models.volumes import Volume
 
+from vfed.node.runtime import job_folder
 from vfed.node.runtime.base import (
-    JOB_VOLUME_MOUNT,
     LABEL_AGENT,
     LABEL_JOB_ID,
     LABEL_NODE,
     LABEL_RUN_DIR,
     LABEL_RUN_ID,
-    TEMPORARY_FOLDER,
     ExitStatus,
     NotFound,
     PermanentStartError,
@@ -110,21 +108,6 @@ def _disarm(container: Container) -> None:
             log.warning(
                 "run container %s left non-files in its run folder, removed: %s", container.name, removed
             )
-
-
-def _job_folder_tar(uid: int, gid: int) -> bytes:
-    """A tar holding only the job folder, owned by the container user (a fresh volume is root's).
-
-    Extracted into the volume of a created container: the archive API may write there despite the read-only
-    root, and unpacking over an existing folder only resets its owner and mode.
-    """
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(TEMPORARY_FOLDER.removeprefix(JOB_VOLUME_MOUNT).strip("/"))
-        info.type = tarfile.DIRTYPE
-        info.uid, info.gid, info.mode, info.mtime = uid, gid, 0o700, int(time.time())
-        tar.addfile(info)
-    return buf.getvalue()
 
 
 class DockerRuntime(Runtime):
@@ -209,26 +192,57 @@ class DockerRuntime(Runtime):
                 f"image {image} is not present and cannot be pulled: {exc.explanation}"
             ) from exc
 
+    @property
+    def jobs_dir(self) -> str:
+        return self.config.jobs_dir or job_folder.default_jobs_dir()
+
     async def ensure_job_volume(self, node_name: str, job_id: str) -> str:
+        """The job's folder for the container user and a local volume bound to it, once per job and agent."""
+        name = job_volume_name(node_name, job_id)
+        if name in self._ready_volumes:
+            return name
+        async with self._volume_locks.setdefault(name, asyncio.Lock()):
+            if name not in self._ready_volumes:
+                await self._call(f"volume {name}", self._make_job_volume, node_name, job_id)
+                self._ready_volumes.add(name)
+        return name
+
+    def _make_job_volume(self, node_name: str, job_id: str) -> None:
+        folder = job_folder.job_folder(self.jobs_dir, node_name, job_id)
+        try:
+            job_folder.prepare(folder, self.config.uid, self.config.gid)
+        except OSError as exc:
+            raise PermanentStartError(f"preparing job folder {folder}: {exc}") from exc
         name = job_volume_name(node_name, job_id)
         labels = {LABEL_NODE: node_name, LABEL_JOB_ID: job_id, "vfed.kind": "job-tmp"}
-        await self._call(f"volume {name}", lambda: self.client.volumes.create(name, labels=labels))
-        return name
+        options = {"type": "none", "o": "bind", "device": self.config.to_host_path(str(folder))}
+        volume: Volume = self.client.volumes.create(name, driver="local", driver_opts=options, labels=labels)
+        if volume.attrs.get("Options") != options:
+            # Docker answers a create of an existing name with that volume, whatever it is bound to (e.g. a
+            # plain volume an older agent made): replace it; in use, the engine refuses and the run fails.
+            log.warning("volume %s is not bound to %s; replacing it", name, folder)
+            volume.remove()
+            volume = self.client.volumes.create(name, driver="local", driver_opts=options, labels=labels)
 
     async def remove_job_volume(self, node_name: str, job_id: str) -> None:
         name = job_volume_name(node_name, job_id)
-        self._ready_volumes.discard(name)
-        try:
-            await self._call(f"volume {name}", lambda: self.client.volumes.get(name).remove())
-        except NotFound:
-            return
-        except PermanentStartError as exc:  # 409: a container still uses it
-            raise RuntimeUnavailable(f"volume {name} is still in use: {exc}") from exc
+        # Under the job's lock: a run of the job starting meanwhile gets a fresh folder, not a removed one.
+        async with self._volume_locks.setdefault(name, asyncio.Lock()):
+            self._ready_volumes.discard(name)
+            try:
+                await self._call(f"volume {name}", lambda: self.client.volumes.get(name).remove())
+            except NotFound:
+                pass
+            except PermanentStartError as exc:  # 409: a container still uses it
+                raise RuntimeUnavailable(f"volume {name} is still in use: {exc}") from exc
+            folder = job_folder.job_folder(self.jobs_dir, node_name, job_id)
+            await asyncio.to_thread(job_folder.remove, folder)
 
     async def list_job_volumes(self, node_name: str) -> list[str]:
         filters = {"label": [f"{LABEL_NODE}={node_name}", LABEL_JOB_ID]}
         volumes = await self._call("list volumes", lambda: self.client.volumes.list(filters=filters))
-        return sorted(v.attrs["Labels"][LABEL_JOB_ID] for v in volumes)
+        folders = await asyncio.to_thread(job_folder.listed, self.jobs_dir, node_name)
+        return sorted({v.attrs["Labels"][LABEL_JOB_ID] for v in volumes} | set(folders))
 
     # -- runs
 
@@ -240,32 +254,20 @@ class DockerRuntime(Runtime):
             grant_container_user(spec, self.config)
         except OSError as exc:
             raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
-        volume = job_volume_name(spec.node_name, spec.job_id)
-        if volume in self._ready_volumes:
-            container = await self._call(f"create {handle}", self._create, kwargs)
-        else:
-            # The first run of a job on this agent gives the job folder to the container user, once.
-            async with self._volume_locks.setdefault(volume, asyncio.Lock()):
-                if volume not in self._ready_volumes:
-                    await self.ensure_job_volume(spec.node_name, spec.job_id)
-                container = await self._call(f"create {handle}", self._create, kwargs)
-                if volume not in self._ready_volumes:
-                    tar = _job_folder_tar(self.config.uid, self.config.gid)
-                    await self._after_create(
-                        handle, container, lambda: container.put_archive(JOB_VOLUME_MOUNT, tar)
-                    )
-                    self._ready_volumes.add(volume)
-        await self._after_create(handle, container, container.start)
+        # Before create: a volume the mount names but that does not exist would be made as a plain one.
+        await self.ensure_job_volume(spec.node_name, spec.job_id)
+        await self._call(f"start {handle}", self._create_and_start, kwargs)
         log.info("run %s started as %s", spec.run_id, handle)
         return handle
 
-    async def _after_create(self, handle: str, container: Container, step: Callable[..., object]) -> None:
-        """Run a step on a created container; on failure remove it so the run can be started again."""
+    def _create_and_start(self, kwargs: dict[str, Any]) -> None:
+        """Both in one thread hop; a container that fails to start is removed so the run can start again."""
+        container = self._create(kwargs)
         try:
-            await self._call(f"start {handle}", step)
-        except (PermanentStartError, RuntimeUnavailable, NotFound):
-            with contextlib.suppress(NotFound, RuntimeUnavailable, PermanentStartError):
-                await self._call(f"remove {handle}", lambda: container.remove(force=True))
+            container.start()
+        except BaseException:
+            with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
+                container.remove(force=True)
             raise
 
     def _create(self, kwargs: dict[str, Any]) -> Container:

@@ -48,6 +48,11 @@ class DockerRuntimeConfig(BaseModel):
     log_max_bytes: int = Field(default=10 * MIB, gt=0, description="json-file log cap per container.")
     pull_missing: bool = Field(default=True, description="Pull an image that is not present locally.")
     max_waiters: int = Field(default=64, gt=0, description="Threads kept for concurrent wait() calls.")
+    jobs_dir: str | None = Field(
+        default=None,
+        description="Agent-owned folder for the jobs' temporary folders (the agent sets <data_dir>/jobs); "
+        "None: a private folder under the system's temporary folder.",
+    )
     host_path_map: dict[str, str] = Field(
         default_factory=dict,
         description="Path prefix as the agent sees it -> the same path on the Docker host. Needed when the "
