@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import struct
 from dataclasses import dataclass
 
-from vfed.common.crypto import read_header
+from vfed.common.crypto import Encryptor, read_header
+from vfed.common.crypto.format import FramesHash
 
 FRAME_HEAD = struct.Struct(">QBI")
 TAG = 16
@@ -42,3 +44,18 @@ def layout(blob: bytes) -> Layout:
 
 def flip(blob: bytes, offset: int) -> bytes:
     return blob[:offset] + bytes([blob[offset] ^ 0x01]) + blob[offset + 1 :]
+
+
+def twin(enc: Encryptor) -> Encryptor:
+    """A second fresh encryptor with the same content key and header as `enc` (a test hook).
+
+    Sealing the same plaintext with both must give identical bytes, whatever path or thread count
+    each one takes. Never do this outside tests: two different plaintexts would reuse the nonces.
+    """
+    if enc._index or enc._header_sent:
+        raise ValueError("twin needs a fresh encryptor")
+    other = copy.copy(enc)
+    # the mutable state must not be shared; everything else (key, cipher, header) must be
+    other._tags = FramesHash(enc._tags.committed)
+    other._buffer = type(enc._buffer)()
+    return other

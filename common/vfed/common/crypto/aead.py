@@ -3,7 +3,8 @@
 pynacl's public bindings take and return `bytes`, which costs an input slice, a zeroed output buffer
 and a copy per chunk; on this hardware that is more than the cipher itself. Calling the same libsodium
 functions with pointers into caller buffers removes all three. Output that becomes a `bytes` object is
-written in place into an `io.BytesIO` buffer, whose `getvalue()` hands that buffer over without a copy.
+written in place: small ones into an `io.BytesIO` buffer, whose `getvalue()` hands that buffer over
+without a copy; large ones into a new, not yet faulted-in `bytes` (see FreshBytes).
 """
 
 from __future__ import annotations
@@ -38,18 +39,20 @@ def release(ptr: Any) -> None:
 
 
 class ChunkCipher:
-    """One content key, one cipher; seals and opens chunks between raw pointers."""
+    """One content key, one cipher; seals and opens chunks between raw pointers.
+
+    Stateless between calls (the length out-pointers are NULL), so threads may share one instance.
+    """
 
     def __init__(self, cipher: Cipher, key: bytes) -> None:
         enc_name, dec_name = _FUNCTIONS[cipher]
         self._encrypt = getattr(lib, enc_name)
         self._decrypt = getattr(lib, dec_name)
         self._key = key
-        self._len = ffi.new("unsigned long long *")
 
     def seal(self, out: Any, src: Any, length: int, aad: bytes, nonce: bytes) -> None:
         """Write ciphertext || tag (length + 16 bytes) at `out`."""
-        rc = self._encrypt(out, self._len, src, length, aad, len(aad), ffi.NULL, nonce, self._key)
+        rc = self._encrypt(out, ffi.NULL, src, length, aad, len(aad), ffi.NULL, nonce, self._key)
         if rc != 0:  # libsodium only fails here on absurd lengths
             raise OverflowError("chunk encryption failed")
 
@@ -57,8 +60,39 @@ class ChunkCipher:
         """Write the plaintext (sealed_length - 16 bytes) at `out`; False if authentication fails."""
         if sealed_length < TAG_BYTES:
             return False
-        rc = self._decrypt(out, self._len, ffi.NULL, src, sealed_length, aad, len(aad), nonce, self._key)
+        rc = self._decrypt(out, ffi.NULL, ffi.NULL, src, sealed_length, aad, len(aad), nonce, self._key)
         return bool(rc == 0)
+
+
+# Below this a `bytes(n)` might come from CPython's caches; above it, it is always a new object.
+FRESH_BYTES_MIN = 64 << 10
+
+
+def new_output(size: int) -> OutputBytes | FreshBytes:
+    """The output buffer for `size` bytes: large ones are left untouched until the writers fault them in."""
+    return FreshBytes(size) if size >= FRESH_BYTES_MIN else OutputBytes(size)
+
+
+class FreshBytes:
+    """A new large `bytes` filled in place through a pointer before anyone else can see it.
+
+    `bytes(n)` is calloc'd, so its pages are faulted in by whichever (worker) thread writes them first
+    rather than zero-filled up front on the calling thread; `done()` hands it out, after which it is
+    never written again. Only for sizes of at least FRESH_BYTES_MIN (never a shared small object).
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < FRESH_BYTES_MIN:
+            raise ValueError(f"FreshBytes is for {FRESH_BYTES_MIN} bytes or more, not {size}")
+        self._obj: bytes | None = bytes(size)
+        self.ptr = pointer(self._obj)
+
+    def done(self) -> bytes:
+        obj, self._obj = self._obj, None
+        if obj is None:
+            raise ValueError("output already handed out")
+        release(self.ptr)
+        return obj
 
 
 class OutputBytes:

@@ -10,7 +10,7 @@ import nacl.bindings as nb
 import nacl.exceptions
 import nacl.utils
 
-from .aead import ChunkCipher, OutputBytes, ffi, pointer, release
+from .aead import ChunkCipher, OutputBytes, ffi, new_output, pointer, release
 from .errors import (
     BadSignature,
     CorruptHeader,
@@ -47,6 +47,7 @@ from .format import (
 )
 from .keyring import Keyring
 from .keys import OrgKey, PublicKey
+from .parallel import plan_threads, run_chunks
 
 SenderLookup = PublicKey | Callable[[str], PublicKey | None]
 _NACL_ERRORS = (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, nacl.exceptions.TypeError)
@@ -162,18 +163,27 @@ class Encryptor:
         """
         if self._finished or self._sealed_final:
             raise CryptoError("encryptor already finished")
-        if length > self._chunk_size or (not final and length != self._chunk_size):
-            raise CryptoError(f"chunk of {length} bytes breaks chunk size {self._chunk_size}")
-        head = FRAME_HEAD.pack(self._index, FLAG_FINAL if final else 0, length)
+        self._check_length(length, final)
+        head = self.seal_frame(out_ptr, src_ptr, self._index, length, final)
         end = FRAME_HEAD_BYTES + length + TAG_BYTES
-        out[:FRAME_HEAD_BYTES] = head
-        nonce = self._aead.nonce(self._index, final)
-        self._cipher.seal(out_ptr + FRAME_HEAD_BYTES, src_ptr, length, self._head_hash + head, nonce)
         with out[FRAME_HEAD_BYTES:end] as sealed:
             self._tags.update(head, sealed)
         self._index += 1
         self._sealed_final = final
         return end
+
+    def _check_length(self, length: int, final: bool) -> None:
+        if length > self._chunk_size or (not final and length != self._chunk_size):
+            raise CryptoError(f"chunk of {length} bytes breaks chunk size {self._chunk_size}")
+
+    def seal_frame(self, out_ptr: Any, src_ptr: Any, index: int, length: int, final: bool) -> bytes:
+        """Write frame `index` at `out_ptr` and return its head; touches no encryptor state, so
+        threads may seal different frames at once (the caller hashes them in order afterwards)."""
+        head = FRAME_HEAD.pack(index, FLAG_FINAL if final else 0, length)
+        ffi.memmove(out_ptr, head, FRAME_HEAD_BYTES)
+        nonce = self._aead.nonce(index, final)
+        self._cipher.seal(out_ptr + FRAME_HEAD_BYTES, src_ptr, length, self._head_hash + head, nonce)
+        return head
 
     def signature(self) -> bytes:
         """The trailer; only after the final chunk was sealed."""
@@ -213,30 +223,51 @@ class Encryptor:
         out.append(self.signature())
         return out
 
-    def seal_all(self, data: bytes) -> bytes:
-        """The whole envelope for `data` as one bytes object, written in place (no joins)."""
+    def seal_all(self, data: bytes, *, threads: int | None = None) -> bytes:
+        """The whole envelope for `data` as one bytes object, written in place (no joins).
+
+        Frames are sealed on `threads` threads (see parallel.plan_threads); the output is the same
+        bytes for any thread count.
+        """
         if self._header_sent or self._index:
             raise CryptoError("seal_all needs a fresh encryptor")
         self._header_sent = True
         size, cs = len(data), self._chunk_size
         chunks = max(1, -(-size // cs))
-        total = len(self.header) + chunks * (FRAME_HEAD_BYTES + TAG_BYTES) + size + SIGNATURE_BYTES
-        out = OutputBytes(total)
-        out.view[: len(self.header)] = self.header
-        pos = len(self.header)
+        start, frame = len(self.header), FRAME_HEAD_BYTES + cs + TAG_BYTES
+        total = start + chunks * (FRAME_HEAD_BYTES + TAG_BYTES) + size + SIGNATURE_BYTES
+        workers = plan_threads(threads, chunks, cs)
+        out = new_output(total)
         src_ptr = pointer(data) if size else ffi.NULL
         try:
-            for number in range(chunks):
+            ffi.memmove(out.ptr, self.header, start)
+
+            def work(number: int) -> bool:
                 length = min(cs, size - number * cs)
-                with out.view[pos:] as rest:
-                    pos += self.seal_into(
-                        rest, out.ptr + pos, src_ptr + number * cs, length, number == chunks - 1
-                    )
+                offset = start + number * frame
+                self.seal_frame(out.ptr + offset, src_ptr + number * cs, number, length, number == chunks - 1)
+                return True
+
+            run_chunks(chunks, work, workers)
+            self._hash_frames(ffi.buffer(out.ptr, total), start, chunks, size)
+            ffi.memmove(out.ptr + total - SIGNATURE_BYTES, self.signature(), SIGNATURE_BYTES)
         finally:
             if size:
                 release(src_ptr)
-        out.view[pos:] = self.signature()
-        return out.done()
+            envelope = out.done()
+        return envelope
+
+    def _hash_frames(self, envelope: Any, start: int, chunks: int, size: int) -> None:
+        """Feed the sealed frames to the signature's hash in frame order; the envelope is then final."""
+        cs, pos = self._chunk_size, start
+        with memoryview(envelope) as view:
+            for number in range(chunks):
+                length = min(cs, size - number * cs)
+                body = pos + FRAME_HEAD_BYTES
+                with view[body : body + length + TAG_BYTES] as sealed:
+                    self._tags.update(bytes(view[pos:body]), sealed)
+                pos = body + length + TAG_BYTES
+        self._index, self._sealed_final = chunks, True
 
 
 def resolve_sender(header: Header, sender: SenderLookup) -> PublicKey:
@@ -376,25 +407,38 @@ class Decryptor:
 
     def open_into(self, out_ptr: Any, head: bytes, src: bytes | bytearray, offset: int) -> None:
         """Authenticate and decrypt the body that follows `head` (at src[offset:]) into `out_ptr`."""
-        _, flags, length = FRAME_HEAD.unpack(head)
-        position, final = self._index, bool(flags & FLAG_FINAL)
+        _, _, length = FRAME_HEAD.unpack(head)
+        position = self._index
         end = offset + length + TAG_BYTES
         if len(src) < end:
             raise TruncatedPayload(f"envelope ends inside chunk {position}")
-        nonce = self._aead.nonce(position, final)
         src_ptr = pointer(src)
         try:
-            ok = self._cipher.open(
-                out_ptr, src_ptr + offset, length + TAG_BYTES, self._head_hash + head, nonce
-            )
+            ok = self.open_frame(out_ptr, src_ptr + offset, position, head)
         finally:
             release(src_ptr)
         if not ok:
-            raise TamperedChunk(
-                f"chunk {position} failed authentication (altered, or spliced from another envelope)"
-            )
+            raise self.tampered(position)
         with memoryview(src)[offset:end] as body:
             self._tags.update(head, body)
+        self._index += 1
+
+    def open_frame(self, out_ptr: Any, body_ptr: Any, index: int, head: bytes) -> bool:
+        """Open frame `index` (its checked `head`, its body at `body_ptr`) into `out_ptr`; False if it
+        fails authentication. Touches no decryptor state, so threads may open frames at once."""
+        _, flags, length = FRAME_HEAD.unpack(head)
+        nonce = self._aead.nonce(index, bool(flags & FLAG_FINAL))
+        return self._cipher.open(out_ptr, body_ptr, length + TAG_BYTES, self._head_hash + head, nonce)
+
+    @staticmethod
+    def tampered(index: int) -> TamperedChunk:
+        return TamperedChunk(
+            f"chunk {index} failed authentication (altered, or spliced from another envelope)"
+        )
+
+    def hash_frame(self, head: bytes, sealed: memoryview) -> None:
+        """Feed one opened frame (in frame order) to the hash the signature covers."""
+        self._tags.update(head, sealed)
         self._index += 1
 
     def _on_frame_body(self, src: bytes, offset: int) -> bytes | None:
