@@ -94,7 +94,6 @@ class _RawGcm:
         from nacl._sodium import ffi, lib  # type: ignore[import-not-found]
 
         self.ffi, self.lib, self.key = ffi, lib, os.urandom(32)
-        self._len = ffi.new("unsigned long long *")
 
     def ptr(self, buf: Any) -> Any:
         return self.ffi.from_buffer("unsigned char[]", buf)
@@ -102,13 +101,13 @@ class _RawGcm:
     def seal(self, out: Any, src: Any, length: int, n: int) -> None:
         nonce = n.to_bytes(12, "big")
         self.lib.crypto_aead_aes256gcm_encrypt(
-            out, self._len, src, length, self.ffi.NULL, 0, self.ffi.NULL, nonce, self.key
+            out, self.ffi.NULL, src, length, self.ffi.NULL, 0, self.ffi.NULL, nonce, self.key
         )
 
     def open(self, out: Any, src: Any, sealed: int, n: int) -> None:
         nonce = n.to_bytes(12, "big")
         rc = self.lib.crypto_aead_aes256gcm_decrypt(
-            out, self._len, self.ffi.NULL, src, sealed, self.ffi.NULL, 0, nonce, self.key
+            out, self.ffi.NULL, self.ffi.NULL, src, sealed, self.ffi.NULL, 0, nonce, self.key
         )
         if rc != 0:
             raise SystemExit("limit: authentication failed")
@@ -148,11 +147,69 @@ def _limit_pairs() -> dict[str, tuple[Callable[[bytes], Any], Callable[[bytes], 
             reuse[-len(blob)] = bytearray(len(blob) - 16 * -(-len(blob) // (CHUNK + 16)))
         return dec(blob, reuse[-len(blob)])
 
-    return {"limit": (enc, dec), "limit_reuse": (enc_reuse, dec_reuse)}
+    return {
+        "limit": (enc, dec),
+        "limit_reuse": (enc_reuse, dec_reuse),
+        "limit_threads": _threaded_limit(raw, _bench_threads()),
+    }
+
+
+def _bench_threads() -> int:
+    """The thread count vfed picks by default for 1 MiB chunks (VFED_CRYPTO_THREADS, else min(4, CPUs))."""
+    from vfed.common.crypto.parallel import default_threads
+
+    return default_threads()
+
+
+def _threaded_limit(raw: _RawGcm, threads: int) -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
+    """The limit on `threads` threads: chunks handed out in order to a plain ThreadPoolExecutor, written
+    into a new calloc'd `bytes` so its pages are faulted in by the threads (as vfed does)."""
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=threads)
+
+    def spread(chunks: int, one: Callable[[int], None]) -> None:
+        claims = itertools.count()
+
+        def worker() -> None:
+            for n in claims:
+                if n >= chunks:
+                    return
+                one(n)
+
+        for future in [pool.submit(worker) for _ in range(threads)]:
+            future.result()
+
+    def enc(data: bytes) -> bytes:
+        chunks = -(-len(data) // CHUNK)
+        out = bytes(len(data) + 16 * chunks)
+        src, dst = raw.ptr(data), raw.ptr(out)
+
+        def one(n: int) -> None:
+            raw.seal(dst + n * (CHUNK + 16), src + n * CHUNK, min(CHUNK, len(data) - n * CHUNK), n)
+
+        spread(chunks, one)
+        return out
+
+    def dec(blob: bytes) -> bytes:
+        chunks = -(-len(blob) // (CHUNK + 16))
+        out = bytes(len(blob) - 16 * chunks)
+        src, dst = raw.ptr(blob), raw.ptr(out)
+        sealed = len(blob) - (chunks - 1) * (CHUNK + 16)
+
+        def one(n: int) -> None:
+            raw.open(dst + n * CHUNK, src + n * (CHUNK + 16), CHUNK + 16 if n < chunks - 1 else sealed, n)
+
+        spread(chunks, one)
+        return out
+
+    return enc, dec
 
 
 def _vfed_pairs() -> dict[str, tuple[Callable[[bytes], Any], Callable[[bytes], Any]]]:
-    """`vfed` is the bytes-in/bytes-out API; `vfed_chunks` the Encryptor/Decryptor piece API;
+    """`vfed` is the bytes-in/bytes-out API (default thread count); `vfed_1thread` the same on one thread;
+    `vfed_chunks` the Encryptor/Decryptor piece API;
     `vfed_committed` the bytes API signing all frame bytes (the default for several recipients)."""
     from vfed.common.crypto import Decryptor, Encryptor, Keyring, decrypt_bytes, encrypt_bytes
 
@@ -174,6 +231,10 @@ def _vfed_pairs() -> dict[str, tuple[Callable[[bytes], Any], Callable[[bytes], A
 
     return {
         "vfed": (lambda data: encrypt_bytes(data, sender.current, to, chunk_size=CHUNK), dec_bytes),
+        "vfed_1thread": (
+            lambda data: encrypt_bytes(data, sender.current, to, chunk_size=CHUNK, threads=1),
+            lambda blob: decrypt_bytes(blob, receiver, sender.current.public, threads=1),
+        ),
         "vfed_chunks": (enc_chunks, dec_chunks),
         "vfed_committed": (
             lambda data: encrypt_bytes(data, sender.current, to, chunk_size=CHUNK, commit=True),
@@ -488,7 +549,17 @@ def _fmt(value: float | None, suffix: str = "") -> str:
     return f"{value:.2f}x" if suffix == "x" else f"{value:,.0f}{suffix}"
 
 
-ROW_ORDER = ("vfed", "limit", "limit_reuse", "vfed_chunks", "vfed_committed", "v6_str", "v6_stream")
+ROW_ORDER = (
+    "vfed",
+    "vfed_1thread",
+    "limit",
+    "limit_threads",
+    "limit_reuse",
+    "vfed_chunks",
+    "vfed_committed",
+    "v6_str",
+    "v6_stream",
+)
 
 
 def print_table(results: dict[str, dict[str, Timing]], notes: list[str]) -> None:
@@ -527,9 +598,10 @@ def summary(results: dict[str, dict[str, Timing]], mid: int, big: int, notes: li
         for d in ("enc", "dec")
     }
     out["stream_1gib_peak_rss_mib"] = results.get(str(big), {}).get("vfed", {}).get("rss_mib")
-    for method in ("limit_reuse", "vfed_chunks", "vfed_committed"):
+    extra = ("limit_reuse", "limit_threads", "vfed_1thread", "vfed_chunks", "vfed_committed")
+    for method in extra:
         out[f"{method}_enc_mibps"], out[f"{method}_dec_mibps"] = get(method, "enc"), get(method, "dec")
-    for method in ("vfed", "limit", "v6_str", "limit_reuse", "vfed_chunks", "vfed_committed"):
+    for method in ("vfed", "limit", "v6_str", *extra):
         for d in ("enc", "dec"):
             out[f"{method}_{d}_cpu_mibps"] = get(method, f"{d}_cpu")
     for d in ("enc", "dec"):
@@ -542,6 +614,7 @@ def summary(results: dict[str, dict[str, Timing]], mid: int, big: int, notes: li
     for d in ("enc", "dec"):
         out[f"ratio_vfed_limit_reuse_{d}"] = _ratio(out[f"vfed_{d}_mibps"], out[f"limit_reuse_{d}_mibps"])
     out["figures_payload_mib"], out["stream_payload_mib"] = mid // MIB, big // MIB
+    out["threads"] = _bench_threads()
     out["results"], out["notes"] = results, notes
     return out
 
@@ -570,9 +643,13 @@ def main() -> None:
     mid = memory_sizes[1] if len(memory_sizes) > 1 else memory_sizes[0]
     notes: list[str] = [
         f"chunk size {CHUNK // MIB} MiB everywhere; {_label(big)} streamed file to file",
-        "in memory: vfed = encrypt_bytes/decrypt_bytes; limit = raw libsodium AES-256-GCM into a new "
-        "buffer per run; limit_reuse = the same into one reused buffer (cipher only, no page faults); "
-        "ratios are against limit",
+        "in memory: vfed = encrypt_bytes/decrypt_bytes on its default thread count, vfed_1thread the "
+        "same with threads=1; limit = raw libsodium AES-256-GCM on one thread into a new zero-filled "
+        "buffer per run; limit_threads = the same chunks on N threads into a new calloc'd bytes; "
+        "limit_reuse = one thread into one reused buffer (cipher only, no page faults); ratios are "
+        "against limit",
+        f"threads: vfed and limit_threads use {_bench_threads()} (VFED_CRYPTO_THREADS, else "
+        f"min(4, CPUs); CPUs here: {os.cpu_count()}); the CPU columns add up all threads' time",
     ]
     notes.append(f"load average at start {_loadavg()} on {os.cpu_count()} CPUs")
     results: dict[str, dict[str, Timing]] = {}
