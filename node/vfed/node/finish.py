@@ -73,13 +73,17 @@ class Finisher:
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
         return await retry_server(call, self.s.settings.server_retry_s)
 
-    async def end_without_container(self, run_id: int, status: str, reason: str) -> None:
-        """A run refused or failed before its container ran."""
+    async def end_without_container(
+        self, run_id: int, status: str, reason: str, job_id: int | None = None
+    ) -> None:
+        """A run refused or failed before its container ran (with job_id: its job folder may be set up)."""
         log.info("run %s: %s: %s", run_id, status, reason)
         await self._report(run_id, status=status, reason=reason)
         self.s.journal.done(run_id)
         self.s.metrics.runs.labels(status).inc()
         await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
+        if job_id is not None:
+            await self.release_job_volume(job_id)
 
     async def follow(
         self,
@@ -240,7 +244,11 @@ class Finisher:
             with contextlib.suppress(NotFound, RuntimeUnavailable):
                 await self.s.runtime.cleanup(handle)
         await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
-        retained = self.s.settings.job_volume_retention_s > 0  # then the agent's janitor removes it later
+        await self.release_job_volume(job_id)
+
+    async def release_job_volume(self, job_id: int) -> None:
+        """Remove the job's folder once its last run here ended, unless retained (the janitor's, then)."""
+        retained = self.s.settings.job_volume_retention_s > 0
         if not retained and not any(e.job_id == job_id for e in self.s.journal.unfinished()):
             with contextlib.suppress(RuntimeUnavailable, NotFound):
                 await self.s.runtime.remove_job_volume(self.s.settings.name, str(job_id))

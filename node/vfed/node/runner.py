@@ -11,13 +11,14 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Awaitable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 
-from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
+from vfed.common.crypto import CryptoError, Keyring, PublicKey, decrypt_bytes
 from vfed.node import budget
 from vfed.node.config import NodeSettings
 from vfed.node.journal import Journal
@@ -41,6 +42,7 @@ from vfed.proxy.rest import ApiError, RestClient, Run, Task
 from vfed.proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIN_ROWS_ENV = "VFED_MIN_ROWS"
 EPSILON_GRANTED_ENV = "VFED_EPSILON_GRANTED"
@@ -103,27 +105,36 @@ class Runner:
         """Claim the run and carry it through; returns quietly when another node claimed it first."""
         claimed_at = time.monotonic()
         try:
-            run = await self.s.client.claim(run_id)
+            claim = await self.s.client.claim(run_id)
         except AlreadyClaimed:
             log.info("run %s: claimed by another node", run_id)
             return
         except ApiError as exc:  # e.g. a doorbell for a run this node may not claim
             log.warning("run %s: cannot claim: %s", run_id, exc)
             return
-        self.s.journal.claimed(run.id, run.task_id, run.job_id)
-        log.info("run %s: claimed (task %s, job %s)", run.id, run.task_id, run.job_id)
-        # The proxy's token does not depend on the checks: fetch it meanwhile, drop it on a refusal.
-        token = asyncio.ensure_future(self.s.client.run_token(run.id))
+        self.s.journal.claimed(claim.id, claim.task_id, claim.job_id)
+        log.info("run %s: claimed (task %s, job %s)", claim.id, claim.task_id, claim.job_id)
+        task = claim.task or await self.s.client.get_task(claim.task_id)  # an older server sends no task
+        token = claim.run_token.token if claim.run_token is not None else None
+        # The proxy and the job's folder do not depend on the checks: set them up while the input downloads
+        # (most of the agent's share of the start latency is waiting), and take them down on a refusal.
+        setup = _Setup(
+            proxy=asyncio.ensure_future(self.start_proxy(claim, task, token)),
+            volume=asyncio.ensure_future(
+                self.s.runtime.ensure_job_volume(self.s.settings.name, str(claim.job_id))
+            ),
+        )
         try:
-            prepared = await self._prepare(run)
+            prepared = await self._prepare(claim, task)
+            proxy = await setup.ready()
         except RunRefused as refused:
-            _drop(token)
-            await self.finisher.end_without_container(run.id, refused.status, refused.reason)
+            await setup.undo()
+            await self.finisher.end_without_container(claim.id, refused.status, refused.reason, claim.job_id)
             return
         except BaseException:
-            _drop(token)
+            await setup.undo()
             raise
-        await self._start_and_follow(prepared, kill, claimed_at, token)
+        await self._start_and_follow(prepared, proxy, kill, claimed_at)
 
     async def abandon(self, run_id: int, exc: BaseException) -> None:
         """After an unexpected error: remove the container if any and mark the run crashed, best effort."""
@@ -134,12 +145,14 @@ class Runner:
             with contextlib.suppress(Exception):
                 await self.s.runtime.cleanup(entry.handle)
         with contextlib.suppress(Exception):
-            await self.finisher.end_without_container(run_id, "crashed", f"node agent error: {exc}")
+            reason = f"node agent error: {exc}"
+            await self.finisher.end_without_container(run_id, "crashed", reason, entry.job_id)
 
-    async def _prepare(self, run: Run) -> Prepared:
-        # Independent round trips overlap: they are most of the agent's own share of the start latency.
-        task, blob = await asyncio.gather(self.s.client.get_task(run.task_id), self._download_input(run))
-        plaintext, digest = await asyncio.gather(self._decrypt_input(task, blob), self._image_digest(task))
+    async def _prepare(self, run: Run, task: Task) -> Prepared:
+        blob, digest, sender = await asyncio.gather(
+            self._download_input(run), self._image_digest(task), self._sender(task)
+        )
+        plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, sender)
         decision = check_run(
             self.s.settings,
             image=task.image,
@@ -166,7 +179,7 @@ class Runner:
         except BudgetRefused as exc:
             raise RunRefused("not-allowed", str(exc)) from None
         run_dir = self.run_dir(run.id)
-        await asyncio.to_thread(_write_run_dir, run_dir, plaintext)
+        await _off_loop_if_big(len(plaintext), _write_run_dir, run_dir, plaintext)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, epsilon)
 
     async def _download_input(self, run: Run) -> bytes:
@@ -182,14 +195,20 @@ class Runner:
         except PermanentStartError as exc:
             raise RunRefused("start-failed", f"image {task.image} is not available: {exc}") from None
 
-    async def _decrypt_input(self, task: Task, blob: bytes) -> bytes:
+    async def _sender(self, task: Task) -> Callable[[str], PublicKey | None]:
+        """The initiator's signing keys, to check the input against (cached after a task of theirs)."""
         initiator = task.initiator_organization_id
         if initiator is None:
             raise RunRefused("failed", "the task names no initiating organization to check the input against")
         try:
-            sender = await self.s.keys.sender(initiator)
-            return await asyncio.to_thread(decrypt_bytes, blob, self.s.keyring, sender)
-        except (CryptoError, KeyUnavailable) as exc:
+            return await self.s.keys.sender(initiator)
+        except KeyUnavailable as exc:
+            raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
+
+    def _decrypt(self, blob: bytes, sender: Callable[[str], PublicKey | None]) -> bytes:
+        try:
+            return decrypt_bytes(blob, self.s.keyring, sender)
+        except CryptoError as exc:
             raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
 
     def _spec(self, prepared: Prepared) -> RunSpec:
@@ -222,9 +241,10 @@ class Runner:
             labels={LABEL_AGENT: self.s.journal.agent_id},
         )
 
-    async def start_proxy(self, run: Run, task: Task, pending: Awaitable[str] | None = None) -> ProxyServer:
+    async def start_proxy(self, run: Run, task: Task, token: str | None = None) -> ProxyServer:
         """The run's own proxy on its own socket, speaking to the server with the run's token."""
-        token = await (pending if pending is not None else self.s.client.run_token(run.id))
+        if token is None:
+            token = await self.s.client.run_token(run.id)
         info = RunInfo(
             run.id, run.task_id, run.job_id, run.organization_id, task.collaboration_id, task.image
         )
@@ -241,15 +261,14 @@ class Runner:
         return proxy
 
     async def _start_and_follow(
-        self, prepared: Prepared, kill: asyncio.Event, claimed_at: float, token: Awaitable[str]
+        self, prepared: Prepared, proxy: ProxyServer, kill: asyncio.Event, claimed_at: float
     ) -> None:
         run = prepared.run
-        proxy = await self.start_proxy(run, prepared.task, token)
         try:
             handle = await self._start_container(prepared)
         except RunRefused as refused:
             await proxy.stop()
-            await self.finisher.end_without_container(run.id, refused.status, refused.reason)
+            await self.finisher.end_without_container(run.id, refused.status, refused.reason, run.job_id)
             return
         self.s.metrics.start_latency.observe(time.monotonic() - claimed_at)
         deadline = time.time() + prepared.max_run_time_s
@@ -283,11 +302,34 @@ class Runner:
         raise RunRefused("start-failed", "the container runtime stayed unavailable")
 
 
-def _drop(future: asyncio.Future[str]) -> None:
-    """Cancel a request no longer needed; a failure it already had is not worth a warning."""
-    future.cancel()
-    if future.done() and not future.cancelled():
-        future.exception()
+@dataclass
+class _Setup:
+    """What a run sets up beside its checks: its proxy (started) and its job folder (ready)."""
+
+    proxy: asyncio.Future[ProxyServer]
+    volume: asyncio.Future[str]
+
+    async def ready(self) -> ProxyServer:
+        # A job folder that failed here is tried again, with the start's own retries, when the run starts.
+        with contextlib.suppress(Exception):
+            await self.volume
+        return await self.proxy
+
+    async def undo(self) -> None:
+        """After a refusal: stop the proxy; the job folder goes with the job's last run (the finisher)."""
+        proxy, _ = await asyncio.gather(self.proxy, self.volume, return_exceptions=True)
+        if isinstance(proxy, ProxyServer):
+            await proxy.stop()
+
+
+_INLINE_MAX_BYTES = 64 * 1024
+
+
+async def _off_loop_if_big(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """Small inputs are decrypted and written on the loop: a thread hop costs more than the work."""
+    if size <= _INLINE_MAX_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def _extra_env(settings: NodeSettings, epsilon: float | None) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict
 
-from vfed.proxy.rest import ApiError, Organization, RestClient, Run
+from vfed.proxy.rest import ApiError, Organization, RestClient, Run, Task
 
 
 class NodeIdentity(BaseModel):
@@ -19,6 +19,20 @@ class NodeIdentity(BaseModel):
     node_id: int
     organization_id: int
     collaboration_id: int
+
+
+class RunToken(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    token: str
+
+
+class Claim(Run):
+    """A claimed run, with the task and the run's proxy token the server sends along (None from an older
+    server: the node then asks for them)."""
+
+    task: Task | None = None
+    run_token: RunToken | None = None
 
 
 class AlreadyClaimed(Exception):
@@ -51,10 +65,10 @@ class NodeClient(RestClient):
             await self.login()
         return True
 
-    async def claim(self, run_id: int) -> Run:
+    async def claim(self, run_id: int) -> Claim:
         """Claim a pending run for this node; AlreadyClaimed when another node was first."""
         try:
-            return Run.model_validate(await self.request("POST", f"/runs/{run_id}/claim"))
+            return Claim.model_validate(await self.request("POST", f"/runs/{run_id}/claim"))
         except ApiError as exc:
             if exc.status == 409:
                 raise AlreadyClaimed(f"run {run_id}: {exc.detail or exc.error}") from None
