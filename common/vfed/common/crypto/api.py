@@ -30,6 +30,7 @@ from .format import (
 from .keyring import Keyring
 from .keys import OrgKey, PublicKey
 from .parallel import plan_threads, run_chunks
+from .pipeline import decrypt_pipelined, encrypt_pipelined, read_exact, read_full
 
 ByteSource = AsyncIterable[bytes] | Iterable[bytes]
 
@@ -179,13 +180,18 @@ def encrypt_fileobj(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cipher: Cipher | None = None,
     commit: bool | None = None,
+    threads: int | None = None,
 ) -> int:
     """Stream a binary file object into an envelope; returns envelope bytes written.
 
-    Three reusable buffers (two plaintext chunks for the look-ahead that finds the final chunk, one
-    frame) and no per-chunk allocation.
+    With more than one thread (see encrypt_bytes) a few chunks are sealed on the pool while this
+    thread reads and writes (pipeline.py); with one, three reusable buffers (two plaintext chunks for
+    the look-ahead that finds the final chunk, one frame) and no per-chunk allocation.
     """
     enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
+    workers = plan_threads(threads, _UNKNOWN_CHUNKS, chunk_size)
+    if workers > 1:
+        return encrypt_pipelined(src, dst, enc, chunk_size, workers)
     written = dst.write(enc.header)
     plain = [bytearray(chunk_size), bytearray(chunk_size)]
     plain_ptrs = [pointer(b) for b in plain]
@@ -193,9 +199,9 @@ def encrypt_fileobj(
     frame_ptr = pointer(frame)
     try:
         with memoryview(frame) as frame_view:
-            size = _read_full(src, plain[0])
+            size = read_full(src, plain[0])
             while True:
-                ahead = _read_full(src, plain[1]) if size == chunk_size else 0
+                ahead = read_full(src, plain[1]) if size == chunk_size else 0
                 final = ahead == 0
                 end = enc.seal_into(frame_view, frame_ptr, plain_ptrs[0], size, final)
                 written += dst.write(frame_view[:end])
@@ -211,30 +217,21 @@ def encrypt_fileobj(
     return written
 
 
-def _read_full(src: BinaryIO, buf: bytearray, size: int | None = None) -> int:
-    """Fill buf[:size] unless the source ends first (pipes and sockets return short reads)."""
-    want = len(buf) if size is None else size
-    readinto = getattr(src, "readinto", None)
-    got = 0
-    with memoryview(buf) as view:
-        while got < want:
-            if readinto is not None:
-                count = readinto(view[got:want])
-            else:
-                piece = src.read(want - got)
-                view[got : got + len(piece)] = piece
-                count = len(piece)
-            if not count:
-                break
-            got += count
-    return int(got)
+_UNKNOWN_CHUNKS = 1 << 62  # a stream's length is not known up front
 
 
-def decrypt_fileobj(src: BinaryIO, dst: BinaryIO, keyring: Keyring, sender: SenderLookup) -> Header:
+def decrypt_fileobj(
+    src: BinaryIO,
+    dst: BinaryIO,
+    keyring: Keyring,
+    sender: SenderLookup,
+    *,
+    threads: int | None = None,
+) -> Header:
     """Stream an envelope into `dst`; raises at the end if the signature fails (see decrypt_stream).
 
-    Frames are read whole into reusable buffers; the final chunk is written only after the signature
-    verified.
+    Frames are read whole into reusable buffers (with several threads, a few are opened on the pool
+    while this thread reads and writes); the final chunk is written only after the signature verified.
     """
     dec = Decryptor(keyring, sender)
     while dec.header is None:
@@ -243,21 +240,35 @@ def decrypt_fileobj(src: BinaryIO, dst: BinaryIO, keyring: Keyring, sender: Send
             dec.finish()
         dec.feed(piece)
     chunk_size = dec.header.chunk_size
+    workers = plan_threads(threads, _UNKNOWN_CHUNKS, chunk_size)
+    if workers > 1:
+        last = decrypt_pipelined(src, dst, dec, workers)
+        _verify_trailer(src, dec)
+        dst.write(last)
+    else:
+        _decrypt_serially(src, dst, dec, chunk_size)
+    if src.read(1):
+        raise TrailingData("unexpected bytes after the signature trailer")
+    return dec.header
+
+
+def _verify_trailer(src: BinaryIO, dec: Decryptor) -> None:
+    signature = read_exact(src, SIGNATURE_BYTES)
+    if len(signature) < SIGNATURE_BYTES:
+        raise dec.truncated("trailer", len(signature))
+    dec.verify(signature)
+
+
+def _decrypt_serially(src: BinaryIO, dst: BinaryIO, dec: Decryptor, chunk_size: int) -> None:
     body, plain = bytearray(chunk_size + TAG_BYTES), bytearray(chunk_size)
     plain_ptr = pointer(plain)
     try:
         with memoryview(plain) as plain_view:
             length = _decrypt_frames_from(src, dst, dec, body, plain_view, plain_ptr)
-            signature = src.read(SIGNATURE_BYTES)
-            if len(signature) < SIGNATURE_BYTES:
-                raise dec.truncated("trailer", len(signature))
-            dec.verify(signature)
+            _verify_trailer(src, dec)
             dst.write(plain_view[:length])
     finally:
         release(plain_ptr)
-    if src.read(1):
-        raise TrailingData("unexpected bytes after the signature trailer")
-    return dec.header
 
 
 def _decrypt_frames_from(
@@ -265,11 +276,11 @@ def _decrypt_frames_from(
 ) -> int:
     """Decrypt frames up to the final one; returns the final chunk's length, left in `plain`."""
     while True:
-        head = src.read(FRAME_HEAD_BYTES)
+        head = read_exact(src, FRAME_HEAD_BYTES)
         if len(head) < FRAME_HEAD_BYTES:
             raise dec.truncated("frame_head", len(head))
         final, length = dec.check_frame_head(head)
-        if _read_full(src, body, length + TAG_BYTES) < length + TAG_BYTES:
+        if read_full(src, body, length + TAG_BYTES) < length + TAG_BYTES:
             raise dec.truncated("frame_body", 1)
         dec.open_into(plain_ptr, head, body, 0)
         if final:
@@ -291,6 +302,7 @@ def encrypt_file(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cipher: Cipher | None = None,
     commit: bool | None = None,
+    threads: int | None = None,
 ) -> int:
     """Encrypt a file into a new file (written beside it, renamed into place when complete)."""
     dst = Path(dst_path)
@@ -298,7 +310,14 @@ def encrypt_file(
     try:
         with open(src_path, "rb") as src, os.fdopen(fd, "wb") as out:
             written = encrypt_fileobj(
-                src, out, sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit
+                src,
+                out,
+                sender,
+                recipients,
+                chunk_size=chunk_size,
+                cipher=cipher,
+                commit=commit,
+                threads=threads,
             )
         os.replace(tmp, dst)
     except BaseException:
@@ -312,6 +331,8 @@ def decrypt_file(
     dst_path: str | os.PathLike[str],
     keyring: Keyring,
     sender: SenderLookup,
+    *,
+    threads: int | None = None,
 ) -> Header:
     """Decrypt into `dst_path` only after the signature verified; on any error `dst_path` is untouched.
 
@@ -321,7 +342,7 @@ def decrypt_file(
     fd, tmp = _atomic_output(dst)
     try:
         with open(src_path, "rb") as src, os.fdopen(fd, "wb") as out:
-            header = decrypt_fileobj(src, out, keyring, sender)
+            header = decrypt_fileobj(src, out, keyring, sender, threads=threads)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -265,9 +265,14 @@ class Encryptor:
                 length = min(cs, size - number * cs)
                 body = pos + FRAME_HEAD_BYTES
                 with view[body : body + length + TAG_BYTES] as sealed:
-                    self._tags.update(bytes(view[pos:body]), sealed)
+                    self.add_frame(bytes(view[pos:body]), sealed, number == chunks - 1)
                 pos = body + length + TAG_BYTES
-        self._index, self._sealed_final = chunks, True
+
+    def add_frame(self, head: bytes, sealed: memoryview, final: bool) -> None:
+        """Account for a frame made by `seal_frame` (ciphertext || tag in `sealed`), in frame order."""
+        self._tags.update(head, sealed)
+        self._index += 1
+        self._sealed_final = final
 
 
 def resolve_sender(header: Header, sender: SenderLookup) -> PublicKey:
@@ -391,11 +396,15 @@ class Decryptor:
         self._head_hash = header_hash(raw)
         self._state, self._need = "frame_head", FRAME_HEAD_BYTES
 
-    def check_frame_head(self, head: bytes) -> tuple[bool, int]:
-        """Validate the next frame head before its body is read; returns (final, ciphertext length)."""
+    def check_frame_head(self, head: bytes, position: int | None = None) -> tuple[bool, int]:
+        """Validate the next frame head before its body is read; returns (final, ciphertext length).
+
+        `position` defaults to the next frame to open; a reader ahead of the opening passes its own.
+        """
         assert self.header is not None
         index, flags, length = FRAME_HEAD.unpack(head)
-        position, chunk_size = self._index, self.header.chunk_size
+        position = self._index if position is None else position
+        chunk_size = self.header.chunk_size
         if index != position:
             raise ReorderedChunk(f"chunk {index} arrived at position {position}")
         if flags & ~FLAG_FINAL:
@@ -472,19 +481,21 @@ class Decryptor:
         if self._state != "done":
             raise self.truncated(self._state, self._buffer.size)
 
-    def truncated(self, state: str, buffered: int) -> TruncatedPayload:
-        """The error for input ending in `state` with `buffered` bytes of the next part."""
+    def truncated(self, state: str, buffered: int, position: int | None = None) -> TruncatedPayload:
+        """The error for input ending in `state` with `buffered` bytes of the next part, reading frame
+        `position` (default: the next one to open)."""
+        index = self._index if position is None else position
         where = {
             "fixed": "inside its header",
             "recipients": "inside its header",
-            "frame_body": f"inside chunk {self._index}",
+            "frame_body": f"inside chunk {index}",
             "trailer": "before the signature trailer",
         }.get(state)
         if where is None:  # frame_head
             if buffered:
-                where = f"inside chunk {self._index}"
-            elif self._index == 0:
+                where = f"inside chunk {index}"
+            elif index == 0:
                 where = "after the header, before any chunk"
             else:
-                where = f"after chunk {self._index - 1}, which is not the final chunk"
+                where = f"after chunk {index - 1}, which is not the final chunk"
         return TruncatedPayload(f"envelope ends {where}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -125,3 +126,41 @@ def _join(helpers: list[Future[None]], *, reraise: bool) -> None:
             errors.append(exc)
     if errors and reraise:
         raise errors[0]
+
+
+class Window:
+    """Jobs on the pool, at most `depth` in flight, taken back oldest first (the streams' frame order).
+
+    `close()` waits for every job still running: they write into the caller's buffers, which must
+    outlive them even when the caller gives up on an error.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self._pending: deque[tuple[int, Future[bool]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= self.depth
+
+    def submit(self, tag: int, fn: Callable[[], bool]) -> None:
+        try:
+            future = _POOL.get().submit(fn)
+        except RuntimeError:  # interpreter shutdown: run it here
+            future = Future()
+            future.set_result(fn())
+        self._pending.append((tag, future))
+
+    def pop(self) -> tuple[int, bool]:
+        """The oldest job's tag and result (re-raising its error)."""
+        tag, future = self._pending.popleft()
+        return tag, future.result()
+
+    def close(self) -> None:
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.cancel():
+                future.exception()
