@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +48,7 @@ from .format import (
 )
 from .keyring import Keyring
 from .keys import OrgKey, PublicKey
-from .parallel import plan_threads, run_chunks
+from .parallel import Window, plan_threads, run_chunks
 
 SenderLookup = PublicKey | Callable[[str], PublicKey | None]
 _NACL_ERRORS = (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, nacl.exceptions.TypeError)
@@ -232,24 +233,22 @@ class Encryptor:
         if self._header_sent or self._index:
             raise CryptoError("seal_all needs a fresh encryptor")
         self._header_sent = True
-        size, cs = len(data), self._chunk_size
-        chunks = max(1, -(-size // cs))
-        start, frame = len(self.header), FRAME_HEAD_BYTES + cs + TAG_BYTES
+        size, start = len(data), len(self.header)
+        chunks = max(1, -(-size // self._chunk_size))
         total = start + chunks * (FRAME_HEAD_BYTES + TAG_BYTES) + size + SIGNATURE_BYTES
-        workers = plan_threads(threads, chunks, cs)
+        workers = plan_threads(threads, chunks, self._chunk_size)
         out = new_output(total)
         src_ptr = pointer(data) if size else ffi.NULL
         try:
             ffi.memmove(out.ptr, self.header, start)
-
-            def work(number: int) -> bool:
-                length = min(cs, size - number * cs)
-                offset = start + number * frame
-                self.seal_frame(out.ptr + offset, src_ptr + number * cs, number, length, number == chunks - 1)
-                return True
-
-            run_chunks(chunks, work, workers)
-            self._hash_frames(ffi.buffer(out.ptr, total), start, chunks, size)
+            with memoryview(ffi.buffer(out.ptr, total)) as view:
+                frames = _Frames(self, view, out.ptr, src_ptr, start, size)
+                if workers > 1 and self._tags.committed:
+                    frames.seal_hashing_alongside(workers)
+                else:
+                    run_chunks(chunks, frames.seal, workers)
+                    for number in range(chunks):
+                        frames.hash(number)
             ffi.memmove(out.ptr + total - SIGNATURE_BYTES, self.signature(), SIGNATURE_BYTES)
         finally:
             if size:
@@ -257,22 +256,58 @@ class Encryptor:
             envelope = out.done()
         return envelope
 
-    def _hash_frames(self, envelope: Any, start: int, chunks: int, size: int) -> None:
-        """Feed the sealed frames to the signature's hash in frame order; the envelope is then final."""
-        cs, pos = self._chunk_size, start
-        with memoryview(envelope) as view:
-            for number in range(chunks):
-                length = min(cs, size - number * cs)
-                body = pos + FRAME_HEAD_BYTES
-                with view[body : body + length + TAG_BYTES] as sealed:
-                    self.add_frame(bytes(view[pos:body]), sealed, number == chunks - 1)
-                pos = body + length + TAG_BYTES
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
 
     def add_frame(self, head: bytes, sealed: memoryview, final: bool) -> None:
         """Account for a frame made by `seal_frame` (ciphertext || tag in `sealed`), in frame order."""
         self._tags.update(head, sealed)
         self._index += 1
         self._sealed_final = final
+
+
+class _Frames:
+    """One envelope's frames in a flat buffer: frame n sits at a fixed offset, so any thread can seal
+    any frame, while the signature's hash takes them in order."""
+
+    def __init__(
+        self, enc: Encryptor, view: memoryview, out_ptr: Any, src_ptr: Any, start: int, size: int
+    ) -> None:
+        self.enc, self.view, self.out_ptr, self.src_ptr = enc, view, out_ptr, src_ptr
+        self.start, self.size, self.cs = start, size, enc.chunk_size
+        self.count = max(1, -(-size // self.cs))
+
+    def _span(self, number: int) -> tuple[int, int]:
+        """(offset of frame `number` in the envelope, its plaintext length)."""
+        offset = self.start + number * (FRAME_HEAD_BYTES + self.cs + TAG_BYTES)
+        return offset, min(self.cs, self.size - number * self.cs)
+
+    def seal(self, number: int) -> bool:
+        offset, length = self._span(number)
+        final = number == self.count - 1
+        self.enc.seal_frame(self.out_ptr + offset, self.src_ptr + number * self.cs, number, length, final)
+        return True
+
+    def hash(self, number: int) -> None:
+        offset, length = self._span(number)
+        body = offset + FRAME_HEAD_BYTES
+        with self.view[body : body + length + TAG_BYTES] as sealed:
+            self.enc.add_frame(bytes(self.view[offset:body]), sealed, number == self.count - 1)
+
+    def seal_hashing_alongside(self, workers: int) -> None:
+        """Pool threads seal up to `workers` frames ahead while this thread hashes them in order:
+        for a committed envelope the SHA-256 costs about as much as the cipher."""
+        window = Window(workers)
+        try:
+            for number in range(self.count):
+                if window.full:
+                    self.hash(window.pop()[0])
+                window.submit(number, functools.partial(self.seal, number))
+            while len(window):
+                self.hash(window.pop()[0])
+        finally:
+            window.close()
 
 
 def resolve_sender(header: Header, sender: SenderLookup) -> PublicKey:
