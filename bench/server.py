@@ -37,6 +37,7 @@ INPUT_BYTES = 1024
 RESULT_BYTES = 50 * MIB
 ORGS = 3
 CLIENTS = 4
+FORM = "one-request"  # how the researcher client creates a task (multipart: task fields + input)
 
 
 def free_port() -> int:
@@ -124,7 +125,9 @@ def vfed_setup(tmp: Path, nodes: int, database_url: str | None) -> tuple[Path, d
     return cfg, keys
 
 
-async def vfed_measure(url: str, keys: dict[str, str], tasks: int, auth_samples: int) -> dict[str, float]:
+async def vfed_measure(
+    url: str, keys: dict[str, str], args: argparse.Namespace, pid: int
+) -> dict[str, float]:
     import aiohttp
 
     async with aiohttp.ClientSession(url) as http:
@@ -132,12 +135,21 @@ async def vfed_measure(url: str, keys: dict[str, str], tasks: int, auth_samples:
         user = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
         collabs = (await (await http.get("/api/v1/collaborations", headers=user)).json())["data"]
         collab = next(c for c in collabs if c["name"] == "bench")
-        latencies, elapsed, task = await vfed_tasks(http, user, collab, tasks, 1)
-        _, elapsed4, _ = await vfed_tasks(http, user, collab, tasks, CLIENTS)
+        results: dict[str, float] = {}
+        if args.cpu_tasks:
+            for form in args.forms:
+                results.update(await vfed_cpu_per_task(http, user, collab, pid, args.cpu_tasks, form))
+        form = args.forms[0]
+        await vfed_tasks(http, user, collab, 20, 1, form)  # warm-up
+        latencies, elapsed, task = await vfed_tasks(http, user, collab, args.tasks, 1, form)
+        _, elapsed4, _ = await vfed_tasks(http, user, collab, args.tasks, CLIENTS, form)
+        if "two-step" in args.forms[1:]:
+            _, elapsed2, _ = await vfed_tasks(http, user, collab, args.tasks, 1, "two-step")
+            results["tasks_per_s_two_step"] = args.tasks / elapsed2
 
         names = sorted(keys)
         auth_ms = []
-        for name in random.sample(names, min(auth_samples, len(names))):
+        for name in random.sample(names, min(args.auth_samples, len(names))):
             t0 = time.perf_counter()
             r = await http.post("/api/v1/token/node", json={"api_key": keys[name]})
             await r.read()
@@ -146,20 +158,49 @@ async def vfed_measure(url: str, keys: dict[str, str], tasks: int, auth_samples:
 
         roundtrip_s = await vfed_result_roundtrip(http, keys["n0"], task["id"], user)
     return {
-        "tasks_per_s": tasks / elapsed,
-        f"tasks_per_s_{CLIENTS}_clients": tasks / elapsed4,
+        "tasks_per_s": args.tasks / elapsed,
+        f"tasks_per_s_{CLIENTS}_clients": args.tasks / elapsed4,
         "task_create_p50_ms": statistics.median(latencies) * 1000,
         "task_create_p99_ms": pct(latencies, 0.99) * 1000,
         "node_auth_p50_ms_1000": statistics.median(auth_ms),
         "node_auth_p99_ms_1000": pct(auth_ms, 0.99),
         "result_50mib_roundtrip_s": roundtrip_s,
+        **results,
     }
 
 
+def task_body(collab: dict[str, Any], blob: str | None) -> dict[str, Any]:
+    """The task fields; `blob` names an uploaded input (two-step form), None: the input comes along."""
+    orgs = collab["organization_ids"]
+    return {
+        "collaboration_id": collab["id"],
+        "image": "bench/algo:1",
+        "organizations": [{"id": o, **({"input_blob_id": blob} if blob else {})} for o in orgs],
+    }
+
+
+async def create_one(http: Any, user: dict[str, str], collab: dict[str, Any], form: str) -> dict[str, Any]:
+    """One task as a researcher's client creates it: `one-request` (multipart) or `two-step` (blob, task)."""
+    import aiohttp
+
+    envelope = os.urandom(INPUT_BYTES)
+    if form == "one-request":
+        data = aiohttp.FormData()
+        data.add_field("task", json.dumps(task_body(collab, None)), content_type="application/json")
+        data.add_field("input", envelope, content_type="application/octet-stream")
+        r = await http.post("/api/v1/tasks", data=data, headers=user)
+    else:
+        r = await http.post("/api/v1/blobs", data=envelope, headers=user)
+        blob = (await r.json())["id"]
+        r = await http.post("/api/v1/tasks", json=task_body(collab, blob), headers=user)
+    assert r.status == 201, await r.text()
+    return dict(await r.json())
+
+
 async def vfed_tasks(
-    http: Any, user: dict[str, str], collab: dict[str, Any], tasks: int, clients: int
+    http: Any, user: dict[str, str], collab: dict[str, Any], tasks: int, clients: int, form: str = FORM
 ) -> tuple[list[float], float, dict[str, Any]]:
-    """Create `tasks` tasks from `clients` concurrent clients: upload the 1 KB envelope, then POST /tasks."""
+    """Create `tasks` tasks from `clients` concurrent clients, each the way `form` says."""
     latencies: list[float] = []
     last: dict[str, Any] = {}
 
@@ -167,21 +208,38 @@ async def vfed_tasks(
         nonlocal last
         for _ in range(n):
             t0 = time.perf_counter()
-            r = await http.post("/api/v1/blobs", data=os.urandom(INPUT_BYTES), headers=user)
-            blob = (await r.json())["id"]
-            body = {
-                "collaboration_id": collab["id"],
-                "image": "bench/algo:1",
-                "organizations": [{"id": o, "input_blob_id": blob} for o in collab["organization_ids"]],
-            }
-            r = await http.post("/api/v1/tasks", json=body, headers=user)
-            assert r.status == 201, await r.text()
-            last = await r.json()
+            last = await create_one(http, user, collab, form)
             latencies.append(time.perf_counter() - t0)
 
     started = time.perf_counter()
     await asyncio.gather(*(client(tasks // clients) for _ in range(clients)))
     return latencies, time.perf_counter() - started, last
+
+
+async def vfed_cpu_per_task(
+    http: Any, user: dict[str, str], collab: dict[str, Any], pid: int, tasks: int, form: str
+) -> dict[str, float]:
+    """Server CPU (user, sys) per task over `tasks` tasks, in ms; the embedded broker child on its own."""
+    import psutil  # type: ignore[import-untyped]
+
+    proc = psutil.Process(pid)
+
+    def cpu() -> tuple[float, float, float]:
+        own = proc.cpu_times()
+        broker = sum(sum(c.cpu_times()[:2]) for c in proc.children(recursive=True))
+        return own.user, own.system, broker
+
+    await vfed_tasks(http, user, collab, 50, 1, form)  # warm caches and pools
+    u0, s0, b0 = cpu()
+    await vfed_tasks(http, user, collab, tasks, 1, form)
+    u1, s1, b1 = cpu()
+    key = form.replace("-", "_")
+    return {
+        f"cpu_ms_per_task_{key}": (u1 - u0 + s1 - s0) * 1000 / tasks,
+        f"cpu_user_ms_per_task_{key}": (u1 - u0) * 1000 / tasks,
+        f"cpu_sys_ms_per_task_{key}": (s1 - s0) * 1000 / tasks,
+        f"cpu_broker_ms_per_task_{key}": (b1 - b0) * 1000 / tasks,
+    }
 
 
 async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dict[str, str]) -> float:
@@ -206,10 +264,10 @@ async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dic
     return elapsed
 
 
-def run_vfed(tasks: int, nodes: int, auth_samples: int, database_url: str | None) -> dict[str, float]:
+def run_vfed(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="vfed-bench-") as d:
         tmp = Path(d)
-        cfg, keys = vfed_setup(tmp, nodes, database_url)
+        cfg, keys = vfed_setup(tmp, args.nodes, args.database_url)
         import yaml
 
         port = yaml.safe_load(cfg.read_text())["port"]
@@ -230,7 +288,7 @@ def run_vfed(tasks: int, nodes: int, auth_samples: int, database_url: str | None
         )
         try:
             wait_port(port, proc)
-            return asyncio.run(vfed_measure(f"http://127.0.0.1:{port}", keys, tasks, auth_samples))
+            return asyncio.run(vfed_measure(f"http://127.0.0.1:{port}", keys, args, proc.pid))
         finally:
             stop(proc)
 
@@ -399,13 +457,23 @@ def main() -> None:
     parser.add_argument("--v6-python", default=os.environ.get("V6_PYTHON", "/tmp/v6srv/bin/python"))
     parser.add_argument("--database-url", help="vfed on this database (an empty one) instead of SQLite")
     parser.add_argument("--skip-v6", action="store_true")
+    parser.add_argument(
+        "--cpu-tasks", type=int, default=0, help="also measure server CPU per task over N tasks"
+    )
+    parser.add_argument(
+        "--forms",
+        nargs="+",
+        choices=["one-request", "two-step"],
+        default=["one-request", "two-step"],
+        help="task-creation forms: the first gives the headline figures; CPU is measured for each",
+    )
     parser.add_argument("--v6-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.v6_worker:
         print(json.dumps(v6_worker(args.tasks)))
         return
     load_start = os.getloadavg()[0]
-    results: dict[str, Any] = run_vfed(args.tasks, args.nodes, args.auth_samples, args.database_url)
+    results: dict[str, Any] = run_vfed(args)
     v6 = None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks)
     results.update(v6 or {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None})
     if v6:

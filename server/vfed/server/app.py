@@ -19,7 +19,18 @@ from vfed.server.metrics import METRICS, Metrics, metrics_middleware
 from vfed.server.openapi import build_docs_html, build_openapi
 from vfed.server.presence import Presence
 from vfed.server.routes import add_routes
-from vfed.server.state import BLOBS, DOORBELL, ENGINE, PRESENCE, PRINCIPALS, SESSIONS, SETTINGS
+from vfed.server.state import (
+    BLOBS,
+    DOORBELL,
+    ENGINE,
+    PRESENCE,
+    PRINCIPALS,
+    SESSIONS,
+    SETTINGS,
+    TASK_EVENTS,
+    TOKENS,
+)
+from vfed.server.task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +42,8 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[PRESENCE] = Presence()
     app[PRINCIPALS] = {}
+    app[TOKENS] = {}
+    app[TASK_EVENTS] = TaskEvents()
     app[DUMMY_HASH] = []
     app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
     app[OPENAPI] = build_openapi()
@@ -49,7 +62,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     if settings.auto_migrate:
         await db.upgrade(engine)
     app[ENGINE] = engine
-    app[SESSIONS] = db.make_sessionmaker(engine)
+    app[SESSIONS] = db.make_sessionmaker(engine, app[TASK_EVENTS])
     await app[PRESENCE].start(app[SESSIONS])
     yield
     await app[PRESENCE].stop(app[SESSIONS])

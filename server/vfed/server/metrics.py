@@ -22,6 +22,16 @@ class Metrics:
         self.doorbell = Counter(
             "vserver_doorbell_messages", "doorbell messages", ["outcome"], registry=self.registry
         )
+        self.task_waiters = Gauge("vserver_task_waiters", "open task long polls", registry=self.registry)
+        self._request_counters: dict[tuple[str, str, int], Counter] = {}
+
+    def count_request(self, method: str, route: str, status: int) -> None:
+        """One answered request; the labelled child is looked up once per label set, not per request."""
+        key = (method, route, status)
+        child = self._request_counters.get(key)
+        if child is None:
+            child = self._request_counters[key] = self.requests.labels(method, route, str(status))
+        child.inc()
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -33,5 +43,5 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].requests.labels(request.method, route, str(response.status)).inc()
+    request.app[METRICS].count_request(request.method, route, response.status)
     return response

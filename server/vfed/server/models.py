@@ -6,7 +6,19 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, ForeignKey, Integer, String, Table, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -171,7 +183,8 @@ class User(Base):
 
 
 class Blob(Base):
-    """An opaque byte stream on disk (ciphertext envelopes), with size and digest recorded."""
+    """An opaque byte stream (ciphertext envelopes), with size and digest recorded: small ones in the row
+    (`data`; creating a file costs more CPU than the rest of a task), larger ones on disk (`data` NULL)."""
 
     __tablename__ = "blobs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -181,6 +194,7 @@ class Blob(Base):
     owner_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     owner_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
 
 
 class Task(Base):

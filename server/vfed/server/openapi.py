@@ -61,6 +61,24 @@ def _inline(prop: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
     return prop
 
 
+def _multipart(body: type[BaseModel]) -> dict[str, Any]:
+    """A `task` part holding the JSON body and an `input` part with the bytes (streamed, never base64)."""
+    return {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "task": {"$ref": REF.format(model=body.__name__)},
+                "input": {"type": "string", "format": "binary"},
+            },
+            "required": ["task", "input"],
+        },
+        "encoding": {
+            "task": {"contentType": "application/json"},
+            "input": {"contentType": "application/octet-stream"},
+        },
+    }
+
+
 def _operation(op: Op) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     if op.binary_out:
@@ -83,7 +101,7 @@ def _operation(op: Op) -> dict[str, Any]:
     if op.auth:
         responses["401"] = _error("no or bad credentials")
         responses["403"] = _error("not allowed")
-    if op.binary_in:
+    if op.binary_in or op.multipart_in:
         responses["413"] = _error("too large")
     doc: dict[str, Any] = {
         "summary": op.summary,
@@ -97,6 +115,8 @@ def _operation(op: Op) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": {"$ref": REF.format(model=op.body.__name__)}}},
         }
+    if op.multipart_in and op.body is not None:
+        doc["requestBody"]["content"]["multipart/form-data"] = _multipart(op.body)
     if op.binary_in:
         doc["requestBody"] = {
             "required": True,

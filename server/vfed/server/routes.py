@@ -9,7 +9,19 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from vfed.server import schemas as sc
-from vfed.server.api import blobs, collaborations, meta, nodes, organizations, runs, tasks, tokens, users
+from vfed.server.api import (
+    blobs,
+    collaborations,
+    meta,
+    nodes,
+    organizations,
+    runs,
+    task_create,
+    task_wait,
+    tasks,
+    tokens,
+    users,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 API = "/api/v1"
@@ -31,6 +43,7 @@ class Op:
     auth: bool = True
     binary_in: bool = False
     binary_out: bool = False
+    multipart_in: bool = False  # also takes the `body` model as a `task` part plus an octet-stream `input`
 
 
 OPS: list[Op] = [
@@ -208,14 +221,24 @@ OPS: list[Op] = [
     Op(
         "POST",
         "/tasks",
-        tasks.create_task,
-        "Create a task with one run per organization",
+        task_create.create_task,
+        "Create a task with one run per organization (JSON, or multipart with the input envelope)",
         "tasks",
         sc.TaskIn,
         sc.TaskOut,
         status=201,
+        multipart_in=True,
     ),
     Op("GET", "/tasks/{id}", tasks.get_task, "Get a task", "tasks", response=sc.TaskOut),
+    Op(
+        "GET",
+        "/tasks/{id}/wait",
+        task_wait.wait_task,
+        "Wait until every run finished (or, with `since`, any changed); answers at the timeout regardless",
+        "tasks",
+        response=sc.TaskWaitOut,
+        query=sc.TaskWaitQuery,
+    ),
     Op(
         "POST",
         "/tasks/{id}/kill",

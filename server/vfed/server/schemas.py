@@ -238,6 +238,29 @@ class TaskPage(PageOut):
     data: list[TaskOut]
 
 
+class TaskWaitQuery(In):
+    timeout_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        30.0, description="answer after this long at the latest (the server caps it, 60 s by default)"
+    )
+    since: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="a `version` from an earlier answer: answer as soon as any run changed since"
+    )
+
+
+class RunStateOut(BaseModel):
+    id: int
+    organization_id: int
+    node_id: int | None
+    status: RunStatus
+
+
+class TaskWaitOut(BaseModel):
+    done: bool = Field(description="every run has finished")
+    version: str = Field(description="changes when any run's status or node changes; pass it as `since`")
+    task: TaskOut
+    runs: list[RunStateOut]
+
+
 class RunOut(BaseModel):
     id: int
     task_id: int

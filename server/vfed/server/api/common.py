@@ -19,11 +19,12 @@ from vfed.server.access import Scope
 from vfed.server.config import format_validation_error
 from vfed.server.errors import ApiError, bad_request, conflict, forbidden, not_found, unauthorized
 from vfed.server.models import TERMINAL, Base, Node, Run, Task, User
-from vfed.server.state import PRESENCE, PRINCIPALS, SESSIONS, SETTINGS
+from vfed.server.state import PRESENCE, PRINCIPALS, SESSIONS, SETTINGS, TOKENS
 
 M = TypeVar("M", bound=BaseModel)
 PRINCIPAL = web.RequestKey("principal", auth.Principal)
 PRINCIPAL_TTL_S = 5.0
+TOKENS_MAX = 10_000
 
 
 def session(request: web.Request) -> AsyncSession:
@@ -125,8 +126,7 @@ async def caller(request: web.Request, s: AsyncSession) -> auth.Principal:
     cached = request.get(PRINCIPAL)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
-    settings = request.app[SETTINGS]
-    claims = auth.decode(settings.jwt_secret, auth.bearer(request.headers.get("Authorization")), "access")
+    claims = _claims(request, auth.bearer(request.headers.get("Authorization")))
     kind = claims.get("kind")
     if kind == "run":
         principal = await _run_principal(request, s, claims)
@@ -136,6 +136,20 @@ async def caller(request: web.Request, s: AsyncSession) -> auth.Principal:
         raise unauthorized("the token is not valid", "invalid-token")
     request[PRINCIPAL] = principal
     return principal
+
+
+def _claims(request: web.Request, token: str) -> dict[str, Any]:
+    """The token's claims: verified once (a JWT decode costs more than the rest of a cached login), then
+    taken from the cache until the token expires."""
+    cache = request.app[TOKENS]
+    claims = cache.get(token)
+    if claims is not None and time.time() < claims.get("exp", 0):
+        return claims
+    claims = auth.decode(request.app[SETTINGS].jwt_secret, token, "access")
+    if len(cache) >= TOKENS_MAX:
+        cache.clear()
+    cache[token] = claims
+    return claims
 
 
 async def _account_principal(request: web.Request, s: AsyncSession, kind: str, ident: int) -> auth.Principal:

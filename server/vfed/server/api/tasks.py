@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from aiohttp import web
-from sqlalchemy import ColumnElement, Table, and_, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server.access import Scope, require, task_filter
-from vfed.server.api.blobs import readable_blob
 from vfed.server.api.common import (
     caller,
     equal_filters,
@@ -17,12 +17,11 @@ from vfed.server.api.common import (
     page_of,
     paginate,
     path_id,
-    read_json,
     read_query,
     session,
 )
 from vfed.server.auth import Principal
-from vfed.server.errors import ApiError, forbidden, not_found
+from vfed.server.errors import forbidden, not_found
 from vfed.server.models import (
     TERMINAL,
     Node,
@@ -30,20 +29,36 @@ from vfed.server.models import (
     RunStatus,
     Task,
     TaskStatus,
-    collaboration_members,
     derive_task_status,
     utcnow,
 )
-from vfed.server.schemas import TaskIn, TaskOut, TaskQuery
+from vfed.server.schemas import TaskOut, TaskQuery
 from vfed.server.state import DOORBELL
-
-TASKS: Table = Task.__table__  # type: ignore[assignment]
-RUNS: Table = Run.__table__  # type: ignore[assignment]
+from vfed.server.task_events import mark_changed
 
 
-def out(t: Task, org_ids: list[int]) -> TaskOut:
-    """The task as the API shows it."""
-    return TaskOut(
+@dataclass(frozen=True)
+class NewTask:
+    """A task row just inserted (no ORM object: building one costs more than the INSERT)."""
+
+    id: int
+    collaboration_id: int
+    initiator_organization_id: int
+    initiator_user_id: int | None
+    image: str
+    image_digest: str | None
+    name: str
+    description: str
+    datasets: list[str]
+    parent_id: int | None
+    job_id: int | None
+    status: TaskStatus
+    created_at: datetime
+
+
+def out(t: Task | NewTask, org_ids: list[int]) -> TaskOut:
+    """The task as the API shows it (rows from our own database: no validation needed)."""
+    return TaskOut.model_construct(
         id=t.id,
         collaboration_id=t.collaboration_id,
         initiator_organization_id=t.initiator_organization_id,
@@ -56,7 +71,7 @@ def out(t: Task, org_ids: list[int]) -> TaskOut:
         datasets=list(t.datasets or []),
         parent_id=t.parent_id,
         job_id=job_of(t),
-        status=t.status,
+        status=TaskStatus(t.status),
         created_at=t.created_at,
         links={
             "self": f"/api/v1/tasks/{t.id}",
@@ -82,106 +97,11 @@ async def target_orgs(s: AsyncSession, task_ids: list[int]) -> dict[int, list[in
 
 
 async def refresh_status(s: AsyncSession, task_id: int) -> None:
-    """Re-derive a task's status from its runs (kept on the row so lists can filter on it)."""
+    """Re-derive a task's status from its runs (kept on the row so lists can filter on it); the session's
+    commit then wakes whoever waits on the task."""
     statuses = list((await s.execute(select(Run.status).where(Run.task_id == task_id))).scalars())
     await s.execute(update(Task).where(Task.id == task_id).values(status=derive_task_status(statuses)))
-
-
-@dataclass(frozen=True)
-class _Collab:
-    id: int
-    members: frozenset[int]
-
-
-async def _collab(s: AsyncSession, collab_id: int) -> _Collab:
-    """The collaboration's member ids in one query (none: it does not exist, or nobody could use it)."""
-    rows = await s.execute(
-        select(collaboration_members.c.organization_id).where(
-            collaboration_members.c.collaboration_id == collab_id
-        )
-    )
-    return _Collab(collab_id, frozenset(rows.scalars()))
-
-
-async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[_Collab, Task | None]:
-    """The collaboration and parent a new task belongs to, checked against the caller."""
-    if p.kind == "run":
-        if body.parent_id not in (None, p.task_id) or body.collaboration_id not in (None, p.collaboration_id):
-            raise forbidden("a run token creates subtasks of its own task, in its own collaboration")
-        assert p.collaboration_id is not None
-        return await _collab(s, p.collaboration_id), await s.get(Task, p.task_id)
-    scope = require(p, "task", "create")
-    if body.collaboration_id is None:
-        raise ApiError(422, "validation-error", "collaboration_id: required")
-    collab = await _collab(s, body.collaboration_id)
-    if not collab.members or (scope < Scope.GLOBAL and p.organization_id not in collab.members):
-        raise not_found("collaboration", body.collaboration_id)
-    parent = None
-    if body.parent_id is not None:
-        parent = (
-            await s.execute(select(Task).where(Task.id == body.parent_id, task_filter(p, Scope.ORGANIZATION)))
-        ).scalar_one_or_none()
-        if parent is None or parent.collaboration_id != collab.id:
-            raise not_found("task", body.parent_id)
-    return collab, parent
-
-
-async def _check_targets(s: AsyncSession, p: Principal, collab: _Collab, body: TaskIn) -> None:
-    members = collab.members
-    ids = [o.id for o in body.organizations]
-    if len(set(ids)) != len(ids):
-        raise ApiError(422, "validation-error", "organizations: an organization is listed twice")
-    if not set(ids) <= members:
-        raise ApiError(
-            422, "validation-error", f"organizations: {sorted(set(ids) - members)} not in the collaboration"
-        )
-    for blob_id in {o.input_blob_id for o in body.organizations if o.input_blob_id}:
-        if await readable_blob(s, p, blob_id) is None:
-            raise ApiError(422, "validation-error", f"input_blob_id: unknown blob {blob_id}")
-
-
-async def create_task(request: web.Request) -> web.Response:
-    """A task, one pending run per target organization, and a doorbell for each target node."""
-    body = await read_json(request, TaskIn)
-    async with session(request) as s:
-        p = await caller(request, s)
-        collab, parent = await _context(s, p, body)
-        await _check_targets(s, p, collab, body)
-        digest = body.image_digest or (body.image.split("@", 1)[1] if "@" in body.image else None)
-        task = Task(  # not added to the session: two Core INSERTs cost less than the ORM's unit of work
-            collaboration_id=collab.id,
-            initiator_organization_id=p.organization_id,
-            initiator_user_id=p.user_id,
-            initiator_run_id=p.run_id,
-            image=body.image,
-            image_digest=digest,
-            name=body.name,
-            description=body.description,
-            datasets=body.datasets,
-            parent_id=parent.id if parent else None,
-            job_id=job_of(parent) if parent else None,  # NULL: a top-level task is its own job
-            status=TaskStatus.PENDING,
-            created_at=utcnow(),
-        )
-        values = {c.key: getattr(task, c.key) for c in TASKS.columns if c.key != "id"}
-        task.id = (await s.execute(insert(TASKS).values(values).returning(TASKS.c.id))).scalar_one()
-        rows = [
-            {
-                "task_id": task.id,
-                "job_id": job_of(task),
-                "organization_id": o.id,
-                "input_blob_id": o.input_blob_id,
-            }
-            for o in body.organizations
-        ]
-        inserted = await s.execute(insert(RUNS).returning(RUNS.c.id, RUNS.c.organization_id), rows)
-        runs = sorted(
-            (RunRef(run_id, task.id, org_id, None) for run_id, org_id in inserted), key=lambda r: r.id
-        )
-        targets = await ring_targets(request, s, collab.id, runs)  # same connection, before it is released
-        await s.commit()
-        publish(request, targets, "run-created")
-    return json_response(out(task, [r.organization_id for r in runs]), 201)
+    mark_changed(s, task_id)
 
 
 @dataclass(frozen=True)
@@ -194,7 +114,7 @@ class RunRef:
     node_id: int | None
 
 
-def job_of(task: Task) -> int:
+def job_of(task: Task | NewTask) -> int:
     """A top-level task is its own job; subtasks carry their job id."""
     return task.job_id if task.job_id is not None else task.id
 
@@ -216,6 +136,11 @@ def publish(request: web.Request, targets: list[tuple[int, RunRef]], event: str)
         doorbell.ring(node_id, event, r.id, r.task_id)
 
 
+_NODES_OF_ORGS = select(Node.organization_id, Node.id).where(
+    Node.collaboration_id == bindparam("collab"), Node.organization_id.in_(bindparam("orgs", expanding=True))
+)
+
+
 async def ring_targets(
     request: web.Request, s: AsyncSession, collab_id: int, runs: list[RunRef]
 ) -> list[tuple[int, RunRef]]:
@@ -225,11 +150,8 @@ async def ring_targets(
     orgs = {r.organization_id for r in runs if r.node_id is None}
     nodes: dict[int, list[int]] = {}
     if orgs:
-        rows = await s.execute(
-            select(Node.organization_id, Node.id).where(
-                Node.collaboration_id == collab_id, Node.organization_id.in_(orgs)
-            )
-        )
+        conn = await s.connection()
+        rows = await conn.execute(_NODES_OF_ORGS, {"collab": collab_id, "orgs": list(orgs)})
         for org_id, node_id in rows:
             nodes.setdefault(org_id, []).append(node_id)
     return [

@@ -1,0 +1,243 @@
+"""Task creation: JSON that names uploaded input blobs, or one multipart request that brings the input along.
+
+The multipart form (`task`: the JSON fields, `input`: the sealed envelope) is what the researcher client
+uses: one request, one authentication, one transaction for blob, task and runs. Statements are built once
+and run on the session's connection: the ORM's unit of work and per-call statement building cost more CPU
+than the INSERTs themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+from sqlalchemy import Table, bindparam, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from vfed.server.access import Scope, require, task_filter
+from vfed.server.api.blobs import BLOBS_TABLE, readable_blob
+from vfed.server.api.common import caller, json_response, read_json, session, validate
+from vfed.server.api.tasks import NewTask, RunRef, job_of, out, publish, ring_targets
+from vfed.server.auth import Principal
+from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobStore, BlobTooLarge, StoredBlob
+from vfed.server.errors import ApiError, bad_request, forbidden, not_found
+from vfed.server.metrics import METRICS
+from vfed.server.models import Run, Task, TaskStatus, collaboration_members, utcnow
+from vfed.server.schemas import TaskIn
+from vfed.server.state import BLOBS
+
+TASKS: Table = Task.__table__  # type: ignore[assignment]
+RUNS: Table = Run.__table__  # type: ignore[assignment]
+TASK_PART_MAX_BYTES = 1 << 20  # the JSON fields of a task; the input envelope has the blob limit
+_MEMBERS = select(collaboration_members.c.organization_id).where(
+    collaboration_members.c.collaboration_id == bindparam("collab")
+)
+_INSERT_TASK = insert(TASKS).returning(TASKS.c.id)
+_INSERT_RUNS = insert(RUNS).returning(RUNS.c.id, RUNS.c.organization_id)
+_INSERT_BLOB = insert(BLOBS_TABLE)
+
+
+@dataclass(frozen=True)
+class _Collab:
+    id: int
+    members: frozenset[int]
+
+
+async def _collab(conn: AsyncConnection, collab_id: int) -> _Collab:
+    """The collaboration's member ids in one query (none: it does not exist, or nobody could use it)."""
+    rows = await conn.execute(_MEMBERS, {"collab": collab_id})
+    return _Collab(collab_id, frozenset(rows.scalars()))
+
+
+async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[_Collab, Task | None]:
+    """The collaboration and parent a new task belongs to, checked against the caller."""
+    conn = await s.connection()
+    if p.kind == "run":
+        if body.parent_id not in (None, p.task_id) or body.collaboration_id not in (None, p.collaboration_id):
+            raise forbidden("a run token creates subtasks of its own task, in its own collaboration")
+        assert p.collaboration_id is not None
+        return await _collab(conn, p.collaboration_id), await s.get(Task, p.task_id)
+    scope = require(p, "task", "create")
+    if body.collaboration_id is None:
+        raise ApiError(422, "validation-error", "collaboration_id: required")
+    collab = await _collab(conn, body.collaboration_id)
+    if not collab.members or (scope < Scope.GLOBAL and p.organization_id not in collab.members):
+        raise not_found("collaboration", body.collaboration_id)
+    parent = None
+    if body.parent_id is not None:
+        parent = (
+            await s.execute(select(Task).where(Task.id == body.parent_id, task_filter(p, Scope.ORGANIZATION)))
+        ).scalar_one_or_none()
+        if parent is None or parent.collaboration_id != collab.id:
+            raise not_found("task", body.parent_id)
+    return collab, parent
+
+
+async def _check_targets(s: AsyncSession, p: Principal, collab: _Collab, body: TaskIn) -> None:
+    members = collab.members
+    ids = [o.id for o in body.organizations]
+    if len(set(ids)) != len(ids):
+        raise ApiError(422, "validation-error", "organizations: an organization is listed twice")
+    if not set(ids) <= members:
+        raise ApiError(
+            422, "validation-error", f"organizations: {sorted(set(ids) - members)} not in the collaboration"
+        )
+    for blob_id in {o.input_blob_id for o in body.organizations if o.input_blob_id}:
+        if await readable_blob(s, p, blob_id) is None:
+            raise ApiError(422, "validation-error", f"input_blob_id: unknown blob {blob_id}")
+
+
+def _new_task(p: Principal, body: TaskIn, collab: _Collab, parent: Task | None) -> dict[str, Any]:
+    """The task row's values."""
+    return {
+        "collaboration_id": collab.id,
+        "initiator_organization_id": p.organization_id,
+        "initiator_user_id": p.user_id,
+        "initiator_run_id": p.run_id,
+        "image": body.image,
+        "image_digest": body.image_digest or (body.image.split("@", 1)[1] if "@" in body.image else None),
+        "name": body.name,
+        "description": body.description,
+        "datasets": body.datasets,
+        "parent_id": parent.id if parent else None,
+        "job_id": job_of(parent) if parent else None,  # NULL: a top-level task is its own job
+        "status": TaskStatus.PENDING,
+        "created_at": utcnow(),
+    }
+
+
+async def _insert(
+    request: web.Request, s: AsyncSession, p: Principal, body: TaskIn, stored: StoredBlob | None
+) -> web.Response:
+    """Blob row (multipart), task and runs in one transaction; doorbells once committed."""
+    collab, parent = await _context(s, p, body)
+    await _check_targets(s, p, collab, body)
+    conn = await s.connection()
+    if stored is not None:
+        await conn.execute(_INSERT_BLOB, _blob_row(p, stored))
+    values = _new_task(p, body, collab, parent)
+    task = NewTask(id=(await conn.execute(_INSERT_TASK, values)).scalar_one(), **_shown(values))
+    input_of = {o.id: stored.id if stored else o.input_blob_id for o in body.organizations}
+    rows = [
+        {"task_id": task.id, "job_id": job_of(task), "organization_id": org, "input_blob_id": blob}
+        for org, blob in input_of.items()
+    ]
+    inserted = await conn.execute(_INSERT_RUNS, rows)
+    runs = sorted((RunRef(run_id, task.id, org, None) for run_id, org in inserted), key=lambda r: r.id)
+    targets = await ring_targets(request, s, collab.id, runs)  # same connection, before it is released
+    await s.commit()
+    publish(request, targets, "run-created")
+    if stored is not None:
+        request.app[METRICS].blob_bytes_in.inc(stored.size)
+    return json_response(out(task, [r.organization_id for r in runs]), 201)
+
+
+def _shown(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != "initiator_run_id"}
+
+
+def _blob_row(p: Principal, stored: StoredBlob) -> dict[str, Any]:
+    return {
+        "id": stored.id,
+        "size": stored.size,
+        "sha256": stored.sha256,
+        "owner_organization_id": p.organization_id,
+        "owner_user_id": p.user_id,
+        "owner_node_id": p.node_id,
+        "data": stored.data,
+    }
+
+
+async def create_task(request: web.Request) -> web.Response:
+    """A task, one pending run per target organization, and a doorbell for each target node."""
+    if request.content_type == "multipart/form-data":
+        return await _create_multipart(request)
+    body = await read_json(request, TaskIn)
+    async with session(request) as s:
+        p = await caller(request, s)
+        return await _insert(request, s, p, body, None)
+
+
+async def _create_multipart(request: web.Request) -> web.Response:
+    """Authenticate and authorize first (nothing is stored for a caller who may not create tasks), then
+    stream the parts; the envelope's file is removed again if the task is not created."""
+    store = request.app[BLOBS]
+    if request.content_length is not None and request.content_length > store.max_bytes + TASK_PART_MAX_BYTES:
+        raise _too_large(store.max_bytes)
+    async with session(request) as s:
+        p = await caller(request, s)
+        require(p, "task", "create")
+        require(p, "blob", "create")
+    body, stored = await _read_parts(request, store)
+    try:
+        async with session(request) as s:
+            return await _insert(request, s, p, body, stored)
+    except BaseException:
+        await store.delete(stored.id)
+        raise
+
+
+async def _read_parts(request: web.Request, store: BlobStore) -> tuple[TaskIn, StoredBlob]:
+    """The `task` part (JSON) and the `input` part (streamed into blob storage), in either order."""
+    body: TaskIn | None = None
+    stored: StoredBlob | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise _malformed("nested multipart parts are not accepted")
+            name = part.name  # parsed from the header on each access: once is enough
+            if name == "task" and body is None:
+                body = validate(TaskIn, _json(await _read_capped(part, TASK_PART_MAX_BYTES)))
+            elif name == "input" and stored is None:
+                stored = await store.write(_chunks(part), ROW_BYTES)
+            else:
+                raise _malformed(f"unexpected part {name!r}")
+        if body is None or stored is None:
+            raise _malformed("a `task` part and an `input` part are both required")
+        if any(o.input_blob_id for o in body.organizations):
+            raise ApiError(422, "validation-error", "input_blob_id: the input part is every run's input")
+    except BaseException as exc:
+        if stored is not None:
+            await store.delete(stored.id)
+        if isinstance(exc, BlobTooLarge):
+            raise _too_large(store.max_bytes) from exc
+        if isinstance(exc, (ValueError, AssertionError, KeyError, LookupError)):
+            raise _malformed(str(exc) or type(exc).__name__) from exc
+        raise
+    return body, stored
+
+
+async def _read_capped(part: BodyPartReader, max_bytes: int) -> bytes:
+    data = bytearray()
+    while chunk := await part.read_chunk(64 * 1024):
+        data.extend(chunk)
+        if len(data) > max_bytes:
+            raise ApiError(413, "too-large", f"the task part may be at most {max_bytes} bytes")
+    return bytes(data)
+
+
+async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(CHUNK_BYTES):
+        yield chunk
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the task part is not valid JSON: {exc}", "malformed-json") from exc
+
+
+def _malformed(detail: str) -> ApiError:
+    return bad_request(
+        f"malformed multipart body ({detail}): send a `task` part (JSON) and an `input` part (bytes)",
+        "malformed-multipart",
+    )
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "too-large", f"the input may be at most {limit} bytes")

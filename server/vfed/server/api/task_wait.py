@@ -1,0 +1,99 @@
+"""Long poll on a task: answer as soon as every run has finished (or, with `since`, when any run changed).
+
+A waiter holds no database connection while it waits. It is woken by the commit of a change to the task's
+runs in this process (task_events), and re-reads the database every RECHECK_S regardless, so a change made
+by another server process or a lost wake-up only delays the answer. A client that hangs up is noticed at the
+next wake-up or re-check, and its waiter is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from sqlalchemy import bindparam, select
+
+from vfed.server.api.common import caller, json_response, path_id, read_query, session
+from vfed.server.api.tasks import out as task_out
+from vfed.server.api.tasks import target_orgs, visible_task
+from vfed.server.metrics import METRICS
+from vfed.server.models import TERMINAL, Run
+from vfed.server.schemas import RunStateOut, TaskOut, TaskWaitOut, TaskWaitQuery
+from vfed.server.state import SETTINGS, TASK_EVENTS
+
+RECHECK_S = 1.0
+_RUN_STATES = (
+    select(Run.id, Run.organization_id, Run.node_id, Run.status)
+    .where(Run.task_id == bindparam("task"))
+    .order_by(Run.id)
+)
+
+
+@dataclass(frozen=True)
+class _State:
+    task: TaskOut
+    runs: list[RunStateOut]
+
+    @property
+    def done(self) -> bool:
+        return bool(self.runs) and all(r.status in TERMINAL for r in self.runs)
+
+    @property
+    def version(self) -> str:
+        """Changes whenever any run's status or node changes (the same in every server process)."""
+        text = ";".join(f"{r.id}:{r.status}:{r.node_id}" for r in self.runs)
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+async def _state(request: web.Request, task_id: int) -> _State:
+    """The task (with the caller's access checked, as GET /tasks/{id} does) and its runs' states."""
+    async with session(request) as s:
+        p = await caller(request, s)
+        task = await visible_task(s, p, task_id)
+        orgs = await target_orgs(s, [task.id])
+        conn = await s.connection()
+        rows = await conn.execute(_RUN_STATES, {"task": task.id})
+        runs = [RunStateOut(id=i, organization_id=o, node_id=n, status=st) for i, o, n, st in rows]
+    return _State(task_out(task, orgs[task.id]), runs)
+
+
+def _answer(state: _State) -> web.Response:
+    body = TaskWaitOut(done=state.done, version=state.version, task=state.task, runs=state.runs)
+    return json_response(body)
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def wait_task(request: web.Request) -> web.Response:
+    """Hold the request until the task is done, its runs changed since `since`, or `timeout_s` passed."""
+    q = read_query(request, TaskWaitQuery)
+    task_id = path_id(request)
+    timeout_s = min(q.timeout_s, request.app[SETTINGS].task_wait_max_s)
+    deadline = time.monotonic() + timeout_s
+    events = request.app[TASK_EVENTS]
+    waiters = request.app[METRICS].task_waiters
+    woken = events.subscribe(task_id)  # before the first read: a change right after it is not missed
+    waiters.inc()
+    try:
+        state = await _state(request, task_id)
+        while not (state.done or (q.since is not None and state.version != q.since)):
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), min(left_s, RECHECK_S))
+            if _gone(request):
+                break  # nobody to answer; the finally drops the waiter
+            woken.clear()
+            state = await _state(request, task_id)
+        return _answer(state)
+    finally:
+        events.unsubscribe(task_id, woken)
+        waiters.dec()
