@@ -1,7 +1,8 @@
 """Node agent benchmark, all in one run on this machine (issue 5).
 
-(a) a bare container run of the probe image with the agent's own hardened spec and limits (Docker SDK:
-    create, start, wait, remove) — the floor every run pays;
+(a) a bare `docker run --rm` (the CLI) of the probe image with the agent's own hardened definition and limits,
+    the figure the issue names; next to it the Docker SDK's create+start+wait+remove of the same definition
+    (no CLI process, no attach), and the SDK's create+start alone: Docker's own start, the floor of (b);
 (b) task POST -> container started (Docker's own `start` event), p50/p99 over N runs, doorbell on MQTT;
 (c) submit -> decrypted result at the researcher, a trivial task on 3 nodes (3 agent processes).
 Also the RSS of an idle agent process. Run: `.venv/bin/python bench/node.py [--json] [--runs 50]`.
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,37 +45,81 @@ from vfed.node.runtime.base import RunSpec, algorithm_env
 from vfed.node.runtime.docker_spec import DockerRuntimeConfig, container_kwargs
 
 MIB = 1024 * 1024
+_RUN_NUMBERS = itertools.count(1)
+CONFIG = DockerRuntimeConfig(memory_bytes=256 * MIB)  # the agents' memory limit here (write_node_config)
 
 
-def bare_docker_runs(work: Path, runs: int, tag: str = "") -> list[float]:
-    """Seconds per create+start+wait+remove of the probe, with exactly the agent's container definition."""
+def bare_spec(work: Path, tag: str) -> RunSpec:
+    """The agent's run definition for the probe, with a run folder holding its input."""
+    run_dir = work / f"bare-{tag}"
+    run_dir.mkdir(mode=0o777)
+    run_dir.chmod(0o777)
+    (run_dir / "input").write_bytes(TaskInput(method="echo", args=[1]).to_json())
+    number = str(next(_RUN_NUMBERS))  # the probe wants a numeric RUN_ID
+    env = algorithm_env(run_id=number, job_id="1", organization_id="1", datasets=[], with_proxy=False)
+    return RunSpec(
+        run_id=f"bare{tag}",
+        job_id="bare",
+        node_name="bench",
+        organization_id="1",
+        image=PROBE_IMAGE,
+        env=env,
+        run_dir=str(run_dir),
+    )
+
+
+def bare_docker_runs(work: Path, runs: int, tag: str = "") -> dict[str, list[float]]:
+    """Seconds per create+start+wait+remove of the probe (SDK), with exactly the agent's container definition,
+    and of its create+start alone (what Docker itself takes to start a container the agent has ready)."""
     client = docker.from_env()
-    config = DockerRuntimeConfig(memory_bytes=256 * MIB)
-    times = []
+    times: dict[str, list[float]] = {"run": [], "create_start": []}
     for i in range(runs):
-        run_dir = work / f"bare-{tag}{i}"
-        run_dir.mkdir(mode=0o777)
-        run_dir.chmod(0o777)
-        (run_dir / "input").write_bytes(TaskInput(method="echo", args=[1]).to_json())
-        env = algorithm_env(run_id=str(i), job_id="1", organization_id="1", datasets=[], with_proxy=False)
-        spec = RunSpec(
-            run_id=f"bare{tag}{i}",
-            job_id="bare",
-            node_name="bench",
-            organization_id="1",
-            image=PROBE_IMAGE,
-            env=env,
-            run_dir=str(run_dir),
-        )
-        kwargs = container_kwargs(spec, config)
+        spec = bare_spec(work, f"{tag}{i}")
+        kwargs = container_kwargs(spec, CONFIG)
         started = time.perf_counter()
         container = client.containers.create(**kwargs)
         container.start()
+        times["create_start"].append(time.perf_counter() - started)
         container.wait()
         container.remove(force=True)
-        times.append(time.perf_counter() - started)
-        assert (run_dir / "output").exists(), "the bare run wrote no output"
+        times["run"].append(time.perf_counter() - started)
+        assert (Path(spec.run_dir) / "output").exists(), "the bare run wrote no output"
     client.close()
+    return times
+
+
+def cli_args(kwargs: dict[str, Any]) -> list[str]:
+    """`docker run --rm` flags for the SDK keyword arguments of container_kwargs: the same container."""
+    args = ["--rm", "--hostname", kwargs["hostname"], "--user", kwargs["user"]]
+    args += ["--network", kwargs["network_mode"], "--ipc", kwargs["ipc_mode"], "--init"]
+    args += ["--read-only"] if kwargs["read_only"] else []
+    args += [a for path, opts in kwargs["tmpfs"].items() for a in ("--tmpfs", f"{path}:{opts}")]
+    args += [a for cap in kwargs["cap_drop"] for a in ("--cap-drop", cap)]
+    args += [a for opt in kwargs["security_opt"] for a in ("--security-opt", opt)]
+    args += ["--pids-limit", str(kwargs["pids_limit"]), "--memory", str(kwargs["mem_limit"])]
+    args += ["--memory-swap", str(kwargs["memswap_limit"]), "--cpus", str(kwargs["nano_cpus"] / 1e9)]
+    log_config = kwargs["log_config"]
+    args += ["--log-driver", log_config["Type"]]
+    args += [a for k, v in log_config["Config"].items() for a in ("--log-opt", f"{k}={v}")]
+    args += [a for k, v in kwargs["environment"].items() for a in ("-e", f"{k}={v}")]
+    for m in kwargs["mounts"]:
+        mount = f"type={m['Type']},src={m['Source']},dst={m['Target']}"
+        mount += ",readonly" if m.get("ReadOnly") else ""
+        mount += ",volume-nocopy" if (m.get("VolumeOptions") or {}).get("NoCopy") else ""
+        args += ["--mount", mount]
+    return [*args, kwargs["image"]]
+
+
+def bare_cli_runs(work: Path, runs: int) -> list[float]:
+    """Seconds per `docker run --rm` of the probe with the same definition and limits (issue 5's (a))."""
+    times = []
+    for i in range(runs):
+        spec = bare_spec(work, f"cli{i}")
+        command = ["docker", "run", *cli_args(container_kwargs(spec, CONFIG))]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+        assert (Path(spec.run_dir) / "output").exists(), "the bare CLI run wrote no output"
     return times
 
 
@@ -93,24 +140,19 @@ def bare_parallel_runs(work: Path, rounds: int, width: int = 3) -> list[float]:
 
 
 class StartWatcher:
-    """Docker `create` and `start` events of one node's run containers, by run id (Docker's own clock).
-
-    `extract-to-dir` is the agent giving a new job's folder to the container user (put_archive, between
-    create and start): the agent's work, so it counts in the agent's share, not in Docker's own start.
-    """
+    """Docker `create` and `start` events of one node's run containers, by run id (Docker's own clock)."""
 
     def __init__(self, node: str) -> None:
         self.node = node
         self.starts: dict[str, float] = {}
         self.creates: dict[str, float] = {}
-        self.extracts: dict[str, float] = {}
         self.destroys: dict[str, float] = {}
         self._client = docker.from_env()
         self._events = self._client.events(
             decode=True,
             filters={
                 "type": "container",
-                "event": ["create", "start", "extract-to-dir", "destroy"],
+                "event": ["create", "start", "destroy"],
                 "label": f"vfed.node={node}",
             },
         )
@@ -118,31 +160,31 @@ class StartWatcher:
         self._thread.start()
 
     def _read(self) -> None:
+        tables = {"start": self.starts, "create": self.creates, "destroy": self.destroys}
         for event in self._events:
             run_id = event.get("Actor", {}).get("Attributes", {}).get("vfed.run_id")
-            tables = {
-                "start": self.starts,
-                "create": self.creates,
-                "extract-to-dir": self.extracts,
-                "destroy": self.destroys,
-            }
             table = tables.get(str(event.get("Action", event.get("status"))))
             if run_id and table is not None:
                 table[run_id] = event["timeNano"] / 1e9
 
     def docker_own_start(self, run_id: str) -> float:
-        """Seconds Docker spent starting the container once the agent had it ready."""
-        return self.starts[run_id] - max(self.creates[run_id], self.extracts.get(run_id, 0.0))
-
-    def job_folder_s(self, run_id: str) -> float:
-        """Seconds from create to the job folder's put_archive done (0 when the job's folder was ready)."""
-        return max(0.0, self.extracts.get(run_id, self.creates[run_id]) - self.creates[run_id])
+        """Seconds between Docker's `create` and `start` events of the run's container."""
+        return self.starts[run_id] - self.creates[run_id]
 
     async def seen(self, table: dict[str, float], run_id: str, timeout_s: float = 10.0) -> None:
-        for _ in range(int(timeout_s * 100)):
+        for _ in range(int(timeout_s * 200)):
             if run_id in table:
                 return
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
+
+    async def next_start(self, known: set[str], timeout_s: float = 30.0) -> str:
+        """The run id of the first container started that is not in `known` (runs go one at a time)."""
+        for _ in range(int(timeout_s * 200)):
+            new = set(self.starts) - known
+            if new:
+                return new.pop()
+            await asyncio.sleep(0.005)
+        raise TimeoutError(f"no new run container started in {timeout_s} s")
 
     def close(self) -> None:
         self._events.close()
@@ -164,24 +206,25 @@ async def wait_done(researcher: AsyncClient, task_id: int, timeout_s: float = 12
 async def dispatch_latencies(
     researcher: AsyncClient, collab: int, org: int, runs: int
 ) -> dict[str, list[float]]:
-    """Seconds from just before POST /tasks to Docker's start event of the run's container, the part of
-    that between the container being ready (created, job folder set up) and started (Docker's own start),
-    and the new job's folder set-up. Like (a), each run starts once the previous container is removed, so
-    the previous run's clean-up does not compete with this one's start."""
+    """Seconds from just before POST /tasks (the researcher's client: encrypt, upload, create) to Docker's
+    start event of the run's container, and the part of that between Docker's create and start events. Like
+    (a), each run starts once the previous container is removed, so its clean-up does not compete."""
     watcher = StartWatcher("a")
-    out: dict[str, list[float]] = {"dispatch": [], "docker_start": [], "job_folder": []}
+    out: dict[str, list[float]] = {"dispatch": [], "docker_start": []}
     try:
         for _ in range(runs):
+            known = set(watcher.starts)
             posted = time.time()
             task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[1], organizations=[org])
+            # Docker's events say when the run started and ended (its container is removed after the final
+            # report), so the researcher does not poll the server while the run it measures is dispatched.
+            run_id = await watcher.next_start(known)
+            await watcher.seen(watcher.destroys, run_id)
             await wait_done(researcher, int(task["id"]))
             (run,) = await researcher.runs(int(task["id"]))
-            run_id = str(run["id"])
-            await watcher.seen(watcher.starts, run_id)
+            assert str(run["id"]) == run_id, (run, run_id)
             out["dispatch"].append(watcher.starts[run_id] - posted)
             out["docker_start"].append(watcher.docker_own_start(run_id))
-            out["job_folder"].append(watcher.job_folder_s(run_id))
-            await watcher.seen(watcher.destroys, run_id)
     finally:
         watcher.close()
     return out
@@ -255,52 +298,82 @@ def main() -> None:
     ensure_probe_image()
     with tempfile.TemporaryDirectory(prefix="vfed-bench-node-") as tmp:
         work = Path(tmp)
-        bare = bare_docker_runs(work, args.rounds + 1)[1:]
+        cli = bare_cli_runs(work, args.rounds + 1)[1:]
+        sdk = bare_docker_runs(work, max(args.rounds, args.runs // 2) + 1)
         bare3 = bare_parallel_runs(work, args.rounds)
         figures = asyncio.run(federation_figures(work, args.runs, args.rounds))
-    bare_s = statistics.median(bare)
-    bare3_s = statistics.median(bare3)
-    e2e_s = statistics.median(figures["e2e"])
-    report = {
+    print_report(build_report(cli, sdk, bare3, figures), len(figures["dispatch"]), args.json)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def build_report(
+    cli: list[float], sdk: dict[str, list[float]], bare3: list[float], figures: dict[str, Any]
+) -> dict[str, float]:
+    bare_s, e2e_s, bare3_s = (
+        statistics.median(cli),
+        statistics.median(figures["e2e"]),
+        statistics.median(bare3),
+    )
+    create_start = sdk["create_start"][1:]
+    dispatch, events = figures["dispatch"], figures["docker_start"]
+    return {
         "bare_docker_run_s": round(bare_s, 4),
-        "dispatch_p50_ms": round(percentile(figures["dispatch"], 0.5) * 1000, 1),
-        "dispatch_p99_ms": round(percentile(figures["dispatch"], 0.99) * 1000, 1),
-        "docker_create_to_start_p50_ms": round(percentile(figures["docker_start"], 0.5) * 1000, 1),
-        "dispatch_beyond_docker_p50_ms": round(
-            percentile(
-                [d - o for d, o in zip(figures["dispatch"], figures["docker_start"], strict=True)], 0.5
-            )
-            * 1000,
-            1,
+        "bare_docker_run_sdk_s": round(statistics.median(sdk["run"][1:]), 4),
+        "dispatch_p50_ms": ms(percentile(dispatch, 0.5)),
+        "dispatch_p99_ms": ms(percentile(dispatch, 0.99)),
+        "bare_create_start_p50_ms": ms(percentile(create_start, 0.5)),
+        "bare_create_start_p99_ms": ms(percentile(create_start, 0.99)),
+        "dispatch_beyond_bare_create_start_p50_ms": ms(
+            percentile(dispatch, 0.5) - percentile(create_start, 0.5)
         ),
-        "job_folder_p50_ms": round(percentile(figures["job_folder"], 0.5) * 1000, 1),
+        "dispatch_beyond_bare_create_start_p99_ms": ms(
+            percentile(dispatch, 0.99) - percentile(create_start, 0.99)
+        ),
+        "docker_create_to_start_event_p50_ms": ms(percentile(events, 0.5)),
+        "dispatch_beyond_docker_p50_ms": ms(
+            percentile([d - o for d, o in zip(dispatch, events, strict=True)], 0.5)
+        ),
         "end_to_end_s": round(e2e_s, 4),
         "ratio_end_to_end_vs_bare": round(e2e_s / bare_s, 3),
         "bare_docker_run_x3_parallel_s": round(bare3_s, 4),
         "ratio_end_to_end_vs_bare_x3": round(e2e_s / bare3_s, 3),
         "idle_agent_rss_mib": round(figures["idle_rss"], 1),
     }
-    if args.json:
-        print(json.dumps(report))
+
+
+def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r))
         return
-    print(f"(a) bare container run (create+start+wait+remove), median of {len(bare)}: {bare_s:.3f} s")
+    print(f"(a) bare `docker run --rm` (CLI), same definition and limits: {r['bare_docker_run_s']:.3f} s")
     print(
-        f"(b) task POST -> container started, {len(figures['dispatch'])} runs: "
-        f"p50 {report['dispatch_p50_ms']} ms, p99 {report['dispatch_p99_ms']} ms"
+        f"    the same through the SDK (create+start+wait+remove), median: {r['bare_docker_run_sdk_s']:.3f} s"
     )
     print(
-        f"    of which Docker's own start (ready->start) p50 {report['docker_create_to_start_p50_ms']} ms; "
-        f"the rest (server, doorbell, claim, decrypt, checks, job volume, create, job folder) p50 "
-        f"{report['dispatch_beyond_docker_p50_ms']} ms, of which the new job's folder (put_archive) p50 "
-        f"{report['job_folder_p50_ms']} ms"
+        f"(b) task POST -> container started (Docker's start event), {runs} runs: "
+        f"p50 {r['dispatch_p50_ms']} ms, p99 {r['dispatch_p99_ms']} ms"
     )
-    print(f"(c) submit -> decrypted results, 3 nodes, median of {len(figures['e2e'])}: {e2e_s:.3f} s")
-    print(f"(c)/(a) = {report['ratio_end_to_end_vs_bare']}")
     print(
-        f"(a3) three bare runs at once on this machine, median: {bare3_s:.3f} s; "
-        f"(c)/(a3) = {report['ratio_end_to_end_vs_bare_x3']}"
+        f"    Docker's own start = bare SDK create+start of the same definition, this run: "
+        f"p50 {r['bare_create_start_p50_ms']} ms, p99 {r['bare_create_start_p99_ms']} ms; "
+        f"dispatch beyond it: p50 {r['dispatch_beyond_bare_create_start_p50_ms']} ms, "
+        f"p99 {r['dispatch_beyond_bare_create_start_p99_ms']} ms"
     )
-    print(f"idle agent RSS: {report['idle_agent_rss_mib']} MiB")
+    print(
+        f"    event split: Docker create->start events p50 {r['docker_create_to_start_event_p50_ms']} ms; "
+        f"POST -> create event (server, doorbell, claim, input, checks, job folder, proxy) p50 "
+        f"{r['dispatch_beyond_docker_p50_ms']} ms"
+    )
+    print(f"(c) submit -> decrypted results, 3 nodes, median: {r['end_to_end_s']:.3f} s")
+    print(f"(c)/(a) = {r['ratio_end_to_end_vs_bare']}")
+    print(
+        f"(a3) three bare SDK runs at once on this machine (the 3 nodes of (c) share its 2 cores), median: "
+        f"{r['bare_docker_run_x3_parallel_s']:.3f} s; (c)/(a3) = {r['ratio_end_to_end_vs_bare_x3']}"
+    )
+    print(f"idle agent RSS: {r['idle_agent_rss_mib']} MiB")
 
 
 if __name__ == "__main__":

@@ -279,12 +279,19 @@ class Agent:
                     self._kill(run_id)
 
     def _on_ring(self, ring: Ring) -> None:
+        """Act on what the ring names; only a ring we cannot act on wakes the poll.
+
+        A poll per ring would put a list and a status read of every live run on the server exactly while the
+        claim that the ring started is on its way; the regular poll still catches anything a ring missed.
+        """
         self.metrics.doorbells.inc()
         if ring.event == "run-killed" and ring.run_id is not None:
             self._kill(ring.run_id)
-        elif ring.event == "run-created" and ring.run_id is not None and ring.run_id not in self._tasks:
-            self._spawn(ring.run_id)  # claim at once; the claim is atomic, the poll is the safety net
-        self._wake.set()
+        elif ring.event == "run-created" and ring.run_id is not None:
+            if ring.run_id not in self._tasks:
+                self._spawn(ring.run_id)  # claim at once; the claim is atomic, the poll is the safety net
+        else:
+            self._wake.set()
 
     def _kill(self, run_id: int) -> None:
         event = self._kills.get(run_id)

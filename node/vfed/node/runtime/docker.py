@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.models.containers
 import requests.exceptions
 from docker.models.containers import Container
 from docker.models.volumes import Volume
@@ -47,6 +48,8 @@ from vfed.node.runtime.docker_spec import (
 )
 
 log = logging.getLogger(__name__)
+# docker-py's own translation of `containers.create` keyword arguments into the API's (not in its stubs).
+_CREATE_ARGS: Callable[[dict[str, Any]], dict[str, Any]] = docker.models.containers._create_container_args  # type: ignore[attr-defined]
 
 T = TypeVar("T")
 HANDLE_PREFIX = "docker:"
@@ -262,22 +265,25 @@ class DockerRuntime(Runtime):
 
     def _create_and_start(self, kwargs: dict[str, Any]) -> None:
         """Both in one thread hop; a container that fails to start is removed so the run can start again."""
-        container = self._create(kwargs)
+        container_id = self._create(kwargs)
         try:
-            container.start()
+            self.client.api.start(container_id)
         except BaseException:
             with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
-                container.remove(force=True)
+                self.client.api.remove_container(container_id, force=True)
             raise
 
-    def _create(self, kwargs: dict[str, Any]) -> Container:
+    def _create(self, kwargs: dict[str, Any]) -> str:
+        """The new container's id, through the low-level API: the SDK's `containers.create` inspects the new
+        container once more (a round trip on the start path whose answer we do not use)."""
+        create_args = _CREATE_ARGS({**kwargs, "version": self.client.api.api_version})
         try:
-            return self.client.containers.create(**kwargs)
+            return str(self.client.api.create_container(**create_args)["Id"])
         except docker.errors.ImageNotFound:
             if not self.config.pull_missing:
                 raise
         self._image_id(kwargs["image"])  # pulls, or raises PermanentStartError
-        return self.client.containers.create(**kwargs)
+        return str(self.client.api.create_container(**create_args)["Id"])
 
     def _get(self, handle: str) -> Container:
         return self.client.containers.get(parse_handle(handle))
