@@ -187,7 +187,7 @@ async def create_one(http: Any, user: dict[str, str], collab: dict[str, Any], fo
     if form == "one-request":
         data = aiohttp.FormData()
         data.add_field("task", json.dumps(task_body(collab, None)), content_type="application/json")
-        data.add_field("input", envelope, content_type="application/octet-stream")
+        data.add_field("input", envelope, content_type="application/octet-stream", filename="input")
         r = await http.post("/api/v1/tasks", data=data, headers=user)
     else:
         r = await http.post("/api/v1/blobs", data=envelope, headers=user)

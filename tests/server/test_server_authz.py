@@ -7,9 +7,11 @@ nothing of C and nothing of B's private objects; every attacker from C nothing o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 from vserver_testkit import World, client, db_url, settings, world
 
@@ -83,6 +85,8 @@ def _reads(v: Objects, w: World) -> list[str]:
         f"/users/{v.user}",
         f"/tasks/{v.task}",
         f"/tasks/{v.live_task}",
+        f"/tasks/{v.task}/wait?timeout_s=0",
+        f"/tasks/{v.live_task}/wait?timeout_s=0",
         f"/runs/{v.run}",
         f"/runs/{v.live_run}",
         f"/blobs/{v.input_blob}",
@@ -106,6 +110,15 @@ def _writes(v: Objects) -> list[tuple[str, str, Any]]:
         ("POST", "/organizations", {"name": "rogue"}),
         ("POST", "/collaborations", {"name": "rogue", "organization_ids": [v.org]}),
     ]
+
+
+def _multipart_task(v: Objects) -> aiohttp.FormData:
+    """The one-request form of task creation, aimed at the victim's collaboration and organization."""
+    form = aiohttp.FormData()
+    fields = {"collaboration_id": v.collab, "image": "x", "organizations": [{"id": v.org}]}
+    form.add_field("task", json.dumps(fields), content_type="application/json")
+    form.add_field("input", b"sealed", content_type="application/octet-stream", filename="input")
+    return form
 
 
 def _victims(attacker: str, scene: dict[str, Objects]) -> list[Objects]:
@@ -132,6 +145,8 @@ async def test_no_cross_organization_reads_or_writes(world: World, attacker: str
         for method, path, payload in _writes(v):
             status, body = await world.call(attacker, method, path, json=payload)
             assert status in (401, 403, 404, 409, 422), (attacker, method, path, status, body)
+        status, body = await world.call(attacker, "POST", "/tasks", data=_multipart_task(v))
+        assert status in (401, 403, 404, 422), (attacker, "multipart POST /tasks", status, body)
     # nothing changed for the victims
     for v in _victims(attacker, scene):
         _, org = await world.call("root", "GET", f"/organizations/{v.org}")
@@ -142,6 +157,8 @@ async def test_no_cross_organization_reads_or_writes(world: World, attacker: str
         assert "intruder" not in {u["username"] for u in users["data"]}
         _, collab = await world.call("root", "GET", f"/collaborations/{v.collab}")
         assert collab["name"] != "renamed"
+    _, tasks = await world.call("root", "GET", "/tasks")
+    assert tasks["total"] == 6  # the scene's two tasks per organization: no intruder's, in either form
     _, orgs = await world.call("root", "GET", "/organizations?name=rogue")
     assert orgs["total"] == 0
 
@@ -172,10 +189,10 @@ async def test_lists_never_leak(world: World, attacker: str) -> None:
 
 
 OWN_READS = {
-    "a_admin": ["org", "collab", "node", "user", "task", "run", "input", "result"],
-    "a_res": ["org", "collab", "node", "task", "run", "input", "result"],
-    "a_view": ["org", "collab", "node", "task", "run", "input", "result"],
-    "a_node": ["org", "collab", "task", "run", "input", "result"],
+    "a_admin": ["org", "collab", "node", "user", "task", "wait", "run", "input", "result"],
+    "a_res": ["org", "collab", "node", "task", "wait", "run", "input", "result"],
+    "a_view": ["org", "collab", "node", "task", "wait", "run", "input", "result"],
+    "a_node": ["org", "collab", "task", "wait", "run", "input", "result"],
 }
 
 
@@ -189,6 +206,7 @@ async def test_own_organization_is_visible(world: World, who: str) -> None:
         "node": f"/nodes/{mine.node}",
         "user": f"/users/{mine.user}",
         "task": f"/tasks/{mine.task}",
+        "wait": f"/tasks/{mine.task}/wait?timeout_s=0",
         "run": f"/runs/{mine.run}",
         "input": f"/blobs/{mine.input_blob}",
         "result": f"/blobs/{mine.result_blob}",

@@ -37,7 +37,7 @@ async def _token(url: str, who: str, api_key: str) -> str:
 def test_fuzzing_finds_no_server_errors(tmp_path: Path, who: str) -> None:
     spec = tmp_path / "import.yaml"
     spec.write_text(IMPORT)
-    with server_process(tmp_path, access_token_s=3600) as srv:
+    with server_process(tmp_path, access_token_s=3600, task_wait_max_s=1) as srv:  # waits stay short
         out = vserver("import", str(spec), "--config", str(srv.config)).stdout
         api_key = next(line.rsplit(" ", 1)[1] for line in out.splitlines() if "API key" in line)
         token = asyncio.run(_token(srv.url, who, api_key))

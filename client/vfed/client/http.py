@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +42,11 @@ class ApiSession:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
+    def _auth_headers(self) -> dict[str, str]:
+        if not self.token:
+            raise NotLoggedIn("not logged in: call login() or set VFED_TOKEN")
+        return self._headers()
+
     async def login(self, username: str, password: str) -> dict[str, Any]:
         body = await self.request(
             "POST", "/token/user", json={"username": username, "password": password}, auth=False
@@ -65,9 +71,7 @@ class ApiSession:
         self, method: str, path: str, *, auth: bool = True, retry: bool = True, **kwargs: Any
     ) -> Any:
         """A JSON request; an error answer raises ApiError with the server's code and detail."""
-        if auth and not self.token:
-            raise NotLoggedIn("not logged in: call login() or set VFED_TOKEN")
-        headers = self._headers() if auth else {}
+        headers = self._auth_headers() if auth else {}
         async with self.session.request(method, self.base + path, headers=headers, **kwargs) as resp:
             if resp.status == 401 and auth and retry and await self._refresh():
                 return await self.request(method, path, auth=auth, retry=False, **kwargs)
@@ -83,6 +87,20 @@ class ApiSession:
             if len(items) >= body["total"] or not body["data"]:
                 return items
             page += 1
+
+    async def post_with_input(self, path: str, fields: dict[str, Any], data: bytes) -> Any:
+        """One multipart POST: `fields` as the JSON `task` part, `data` as the octet-stream `input` part
+        (the server streams it into blob storage; no base64, no second request)."""
+        for retry in (True, False):
+            form = aiohttp.FormData()
+            form.add_field("task", json.dumps(fields), content_type="application/json")
+            form.add_field("input", data, content_type="application/octet-stream", filename="input")
+            headers = self._auth_headers()
+            async with self.session.post(self.base + path, data=form, headers=headers) as resp:
+                if resp.status == 401 and retry and await self._refresh():
+                    continue
+                return await _json_or_raise(resp)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def upload_blob(self, data: bytes | AsyncIterator[bytes]) -> str:
         """Streams a body to `POST /blobs`; returns the blob id."""

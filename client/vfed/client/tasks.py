@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +16,7 @@ if TYPE_CHECKING:
 
 FINISHED = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 LOG_TAIL_LINES = 20
-# Polling for a task's end: quick at first (most tasks are short, and each step of the schedule is latency
-# the researcher waits), slower once the task has run a while, so a long wait costs the server little.
-POLL_FIRST_S, POLL_FAST_CAP_S, POLL_FAST_FOR_S, POLL_SLOW_CAP_S = 0.05, 0.1, 5.0, 2.0
+WAIT_CHUNK_S = 30.0  # one long poll at most this long (the server caps it too); then ask again
 
 
 async def create(
@@ -50,26 +47,25 @@ async def create(
     plaintext = TaskInput(method=method, args=args, kwargs=kwargs).to_json()
     # One payload encryption; only the content key is sealed per organization.
     envelope = encrypt_bytes(plaintext, client.keyring.current, recipients)
-    blob_id = await client.api.upload_blob(envelope)
-    body: dict[str, Any] = await client.api.request(
-        "POST",
-        "/tasks",
-        json={
-            "collaboration_id": collaboration,
-            "name": name,
-            "description": description,
-            "image": image,
-            "datasets": datasets,
-            "organizations": [{"id": o, "input_blob_id": blob_id} for o in organizations],
-        },
-    )
+    fields = {
+        "collaboration_id": collaboration,
+        "name": name,
+        "description": description,
+        "image": image,
+        "datasets": datasets,
+        "organizations": [{"id": o} for o in organizations],
+    }
+    # One request: the server stores the envelope as every run's input, in the task's transaction.
+    body: dict[str, Any] = await client.api.post_with_input("/tasks", fields, envelope)
     return body
 
 
 async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progress: bool) -> dict[str, Any]:
-    started = time.monotonic()
-    deadline = None if timeout_s is None else started + timeout_s
-    delay_s = POLL_FIRST_S
+    """Long polls the server, which answers as soon as every run ended or, with a progress bar to draw, as
+    soon as any run changed (`since`: the state last seen; the first call only reads the state)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    version: str | None = None
+    first = progress
     with Progress(
         TextColumn(f"task {task_id}"),
         BarColumn(),
@@ -81,16 +77,27 @@ async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progr
     ) as bar:
         tracker = bar.add_task("runs", total=None)
         while True:
-            runs = await client.runs(task_id)
+            left_s = WAIT_CHUNK_S if deadline is None else max(0.0, deadline - time.monotonic())
+            state = await _wait_once(client, task_id, 0.0 if first else min(left_s, WAIT_CHUNK_S), version)
+            first = False
+            runs = state["runs"]
+            version = state["version"] if progress else None
             done = sum(1 for r in runs if r["status"] in FINISHED)
             bar.update(tracker, total=len(runs), completed=done)
-            if runs and done == len(runs):
-                return await client.task(task_id)
+            if state["done"]:
+                return dict(state["task"])
             if deadline is not None and time.monotonic() >= deadline:
                 raise TaskTimeout(f"task {task_id}: {done} of {len(runs)} runs finished after {timeout_s} s")
-            await asyncio.sleep(delay_s)
-            cap_s = POLL_FAST_CAP_S if time.monotonic() - started < POLL_FAST_FOR_S else POLL_SLOW_CAP_S
-            delay_s = min(delay_s * 1.5, cap_s)
+
+
+async def _wait_once(
+    client: AsyncClient, task_id: int, timeout_s: float, since: str | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"timeout_s": round(timeout_s, 3)}
+    if since is not None:
+        params["since"] = since
+    state: dict[str, Any] = await client.api.request("GET", f"/tasks/{task_id}/wait", params=params)
+    return state
 
 
 async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> list[Any]:

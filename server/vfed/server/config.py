@@ -59,7 +59,7 @@ class Settings(BaseModel):
     run_token_max_s: int = Field(7 * 24 * 3600, ge=1)
     online_window_s: int = Field(60, ge=1)
     run_log_max_bytes: int = Field(64 * 1024, ge=0)
-    task_wait_max_s: float = Field(60.0, ge=0, le=3600, description="longest a task wait is held open")
+    task_wait_max_s: float = Field(60.0, ge=1, le=3600, description="longest a task wait is held open")
     auto_migrate: bool = True
     login: LoginSettings = Field(default_factory=LoginSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)

@@ -1,0 +1,133 @@
+"""One-request task creation (multipart: `task` JSON + streamed `input`) and blobs kept in their row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import aiohttp
+from sqlalchemy import func, select
+from vserver_testkit import World, client, db_url, settings, world
+
+from vfed.server.models import Blob, Task
+from vfed.server.state import SESSIONS, SETTINGS
+
+__all__ = ["client", "db_url", "settings", "world"]
+
+
+def form(fields: Any, data: bytes | None, *, task_type: str = "application/json") -> aiohttp.FormData:
+    """The multipart body a researcher's client sends."""
+    f = aiohttp.FormData()
+    if fields is not None:
+        f.add_field("task", fields if isinstance(fields, str) else json.dumps(fields), content_type=task_type)
+    if data is not None:
+        f.add_field("input", data, content_type="application/octet-stream", filename="input")
+    return f
+
+
+def fields(w: World, orgs: list[str], collab: str = "ab", **extra: Any) -> dict[str, Any]:
+    return {
+        "collaboration_id": w.collabs[collab],
+        "image": "alpine:3",
+        "organizations": [{"id": w.orgs[o]} for o in orgs],
+        **extra,
+    }
+
+
+async def counts(client: Any) -> tuple[int, int]:
+    """(blob rows, task rows): what a refused request must leave unchanged."""
+    async with client.app[SESSIONS]() as s:
+        blobs = (await s.execute(select(func.count()).select_from(Blob))).scalar_one()
+        tasks = (await s.execute(select(func.count()).select_from(Task))).scalar_one()
+    return int(blobs), int(tasks)
+
+
+def blob_files(client: Any) -> list[str]:
+    """Blob files on disk (small blobs have none: they live in their row)."""
+    return [p.name for p in client.app[SETTINGS].blob_path().rglob("*") if p.is_file()]
+
+
+async def test_one_request_creates_blob_task_and_runs(client: Any, world: World) -> None:
+    envelope = bytes(range(256)) * 4
+    status, task = await world.call("a_res", "POST", "/tasks", data=form(fields(world, ["A", "B"]), envelope))
+    assert status == 201, task
+    assert task["organization_ids"] == [world.orgs["A"], world.orgs["B"]]
+    _, runs = await world.call("a_res", "GET", f"/runs?task_id={task['id']}")
+    blob_ids = {r["input_blob_id"] for r in runs["data"]}
+    assert len(runs["data"]) == 2 and len(blob_ids) == 1 and None not in blob_ids
+    blob_id = blob_ids.pop()
+    for reader in (
+        "a_node",
+        "b_node",
+        "a_res",
+    ):  # each target node reads the sealed input, as does its author
+        r = await client.get(f"/api/v1/blobs/{blob_id}", headers=await world.h(reader))
+        assert r.status == 200 and await r.read() == envelope
+        assert r.headers["X-Sha256"] == hashlib.sha256(envelope).hexdigest()
+    status, _ = await world.call("c_node", "GET", f"/blobs/{blob_id}")
+    assert status == 404
+
+
+async def test_parts_in_either_order(world: World) -> None:
+    f = aiohttp.FormData()
+    f.add_field("input", b"sealed", content_type="application/octet-stream", filename="input")
+    f.add_field("task", json.dumps(fields(world, ["A"])), content_type="application/json")
+    status, body = await world.call("a_res", "POST", "/tasks", data=f)
+    assert status == 201, body
+
+
+async def test_refusals_store_nothing(client: Any, world: World) -> None:
+    before = await counts(client)
+    cases: list[tuple[str, Any, int, str]] = [
+        ("a_view", form(fields(world, ["A"]), b"x"), 403, "forbidden"),
+        ("a_res", form(fields(world, ["A"]), None), 400, "malformed-multipart"),
+        ("a_res", form(None, b"x"), 400, "malformed-multipart"),
+        ("a_res", form("{not json", b"x"), 400, "malformed-json"),
+        ("a_res", form({"image": "x"}, b"x"), 422, "validation-error"),
+        ("a_res", form(fields(world, ["C"]), b"x"), 422, "validation-error"),
+        ("a_res", form(fields(world, ["C"], collab="cx"), b"x"), 404, "not-found"),
+        ("c_res", form(fields(world, ["A"]), b"x"), 404, "not-found"),
+        ("a_res", form(fields(world, ["A"]), b"x" * (1024 * 1024 + 1)), 413, "too-large"),
+    ]
+    with_blob = fields(world, ["A"])
+    with_blob["organizations"][0]["input_blob_id"] = "ab" * 16
+    cases.append(("a_res", form(with_blob, b"x"), 422, "validation-error"))
+    for who, body, status, error in cases:
+        got, answer = await world.call(who, "POST", "/tasks", data=body)
+        assert (got, answer["error"]) == (status, error), (who, answer)
+        assert answer["detail"]
+    assert await counts(client) == before
+    assert blob_files(client) == []
+
+
+async def test_malformed_multipart_is_a_clear_400(client: Any, world: World) -> None:
+    headers = {**await world.h("a_res"), "Content-Type": "multipart/form-data; boundary=xyz"}
+    for raw in (b"garbage without any boundary", b"--xyz\r\nContent-Disposition: form-data\r\n\r\nno end"):
+        r = await client.post("/api/v1/tasks", data=raw, headers=headers)
+        body = await r.json()
+        assert r.status == 400 and body["error"] == "malformed-multipart", body
+    headers["Content-Type"] = "multipart/form-data"  # no boundary at all
+    r = await client.post("/api/v1/tasks", data=b"x", headers=headers)
+    assert r.status == 400 and (await r.json())["error"] == "malformed-multipart"
+
+
+async def test_two_step_form_still_works(world: World) -> None:
+    task = await world.task("a_res", "ab", ["A", "B"])
+    assert task["organization_ids"] == [world.orgs["A"], world.orgs["B"]]
+
+
+async def test_small_blob_in_row_serves_ranges(client: Any, world: World) -> None:
+    data = bytes(range(256)) * 8
+    blob = await world.upload("a_res", data)
+    assert blob_files(client) == []
+    h = await world.h("a_res")
+    r = await client.get(f"/api/v1/blobs/{blob}", headers=h)
+    assert r.status == 200 and await r.read() == data
+    r = await client.get(f"/api/v1/blobs/{blob}", headers={**h, "Range": "bytes=1000-"})
+    assert r.status == 206 and await r.read() == data[1000:]
+    assert r.headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+    r = await client.get(f"/api/v1/blobs/{blob}", headers={**h, "Range": "bytes=10-19"})
+    assert r.status == 206 and await r.read() == data[10:20]
+    r = await client.get(f"/api/v1/blobs/{blob}", headers={**h, "Range": f"bytes={len(data)}-"})
+    assert r.status == 416 and (await r.json())["error"] == "range-not-satisfiable"
