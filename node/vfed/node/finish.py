@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SEALED_NAME = "output.sealed"
+INLINE_SEAL_BYTES = 64 * 1024
 
 
 async def retry_server(call: Callable[[], Awaitable[T]], within_s: float) -> T:
@@ -154,13 +155,10 @@ class Finisher:
         code = exit_status.exit_code if exit_status is not None else None
         bad: str | None = None
         if status is None and exit_status is not None:
-            removed = await asyncio.to_thread(sanitize_run_dir, str(run_dir))
+            limit = self.s.settings.max_output_bytes
+            removed, bad = await asyncio.to_thread(_settle_output, str(run_dir), limit)
             if removed:
                 log.warning("run %s: removed non-regular files from the run folder: %s", run_id, removed)
-            try:
-                await asyncio.to_thread(read_run_output, str(run_dir), self.s.settings.max_output_bytes)
-            except BadOutput as exc:
-                bad = str(exc)
             status, reason = _judge(exit_status, bad)
         if status in ("killed", "crashed") or bad is not None:
             (run_dir / OUTPUT_NAME).unlink(missing_ok=True)
@@ -208,7 +206,10 @@ class Finisher:
         recipient = await self._retry(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))
         run_dir = self.run_dir(entry.run_id)
         key, limit = self.s.keyring.current, self.s.settings.max_output_bytes
-        await asyncio.to_thread(_seal_file, run_dir, key, recipient, limit)
+        if _output_size(run_dir) <= INLINE_SEAL_BYTES:  # a thread hop costs more than sealing a few KiB
+            _seal_file(run_dir, key, recipient, limit)
+        else:
+            await asyncio.to_thread(_seal_file, run_dir, key, recipient, limit)
         self.s.journal.sealed(entry.run_id)
 
     async def _upload(self, entry: Entry) -> None:
@@ -265,6 +266,24 @@ def _judge(exit_status: ExitStatus, bad_output: str | None) -> tuple[str, str | 
     if bad_output is not None:
         return "failed", bad_output
     return "completed", None
+
+
+def _settle_output(run_dir: str, max_bytes: int) -> tuple[list[str], str | None]:
+    """Clean the stopped run's folder of traps, then check its output: (what was removed, why it is bad)."""
+    removed = sanitize_run_dir(run_dir)
+    try:
+        read_run_output(run_dir, max_bytes)
+    except BadOutput as exc:
+        return removed, str(exc)
+    return removed, None
+
+
+def _output_size(run_dir: Path) -> int:
+    """The output's size without following a link (a link is sealed in a thread and refused there)."""
+    try:
+        return os.lstat(run_dir / OUTPUT_NAME).st_size
+    except OSError:
+        return 0
 
 
 def _seal_file(run_dir: Path, sender: OrgKey, recipient: PublicKey, max_bytes: int) -> None:
