@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from sqlalchemy import func, select
 from tests import imagebuild, infra
 
 from vfed.node.agent import Agent
@@ -25,6 +26,7 @@ from vfed.server import db
 from vfed.server.app import create_app
 from vfed.server.config import MqttSettings, Settings
 from vfed.server.importer import ImportFile, run_import
+from vfed.server.models import Blob
 
 PROBE_IMAGE = "vfed-test/node-probe"
 PASSWORD = "correct-horse-battery"
@@ -196,7 +198,11 @@ async def wait_run_status(
     raise AssertionError(f"runs of task {task_id} not in {statuses} after {timeout_s} s: {runs}")
 
 
-def blob_files(server: Server) -> list[Path]:
-    """The blobs the server stores (finished uploads only)."""
-    root = server.data_dir / "blobs"
-    return [p for p in root.glob("*/*") if p.suffix != ".part"]
+async def stored_blobs(server: Server) -> int:
+    """How many blobs the server holds (a row each; small ones keep their bytes in it, large ones on disk)."""
+    engine = db.make_engine(server.settings().db_url())
+    try:
+        async with engine.connect() as connection:
+            return int((await connection.execute(select(func.count()).select_from(Blob))).scalar_one())
+    finally:
+        await engine.dispose()

@@ -20,9 +20,9 @@ from tests.node.node_harness import (
     PROBE_IMAGE,
     AgentProcess,
     Server,
-    blob_files,
     ensure_probe_image,
     running_agent,
+    stored_blobs,
     wait_run_status,
     write_node_config,
 )
@@ -173,7 +173,7 @@ async def test_sigkilled_agent_collects_the_result_exactly_once(tmp_path: Path, 
             finished_while_down = await site.submit("sleep", 3)
             await wait_run_status(site.researcher, finished_while_down["id"], {"active"})
             assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
-            blobs_before = len(blob_files(server))
+            blobs_before = await stored_blobs(server)
             await asyncio.sleep(5)  # the container exits meanwhile
             still_running = await site.submit("sleep", 4)
             agent.start()
@@ -185,7 +185,7 @@ async def test_sigkilled_agent_collects_the_result_exactly_once(tmp_path: Path, 
             assert await site.researcher.results(finished_while_down) == [{"slept": 3}]
             assert await site.researcher.results(still_running) == [{"slept": 4}]
             # one result blob each, plus the second task's input: nothing uploaded twice
-            assert len(blob_files(server)) == blobs_before + 3
+            assert await stored_blobs(server) == blobs_before + 3
             await agent.wait_for_log("exited while the agent was down")
             await agent.wait_for_log("still running after the restart")
             assert await containers_gone(docker_client) == []
@@ -340,13 +340,13 @@ async def test_crash_between_upload_and_report_reports_the_same_blob(
             assert entry and entry[0].result_blob_id is not None
             uploaded = entry[0].result_blob_id
         monkeypatch.setattr(Finisher, "_report", real_report)
-        blobs_before = len(blob_files(server))
+        blobs_before = await stored_blobs(server)
         async with running_agent(load_settings(config)), researcher_for(server, config) as site:
             (run,) = await wait_run_status(site.researcher, task["id"], {"completed"})
             assert run["result_blob_id"] == uploaded
             (result,) = await site.researcher.results(task)
             assert result["value"] == 5 * run["organization_id"]
-        assert len(blob_files(server)) == blobs_before  # nothing uploaded again
+        assert await stored_blobs(server) == blobs_before  # nothing uploaded again
         assert await containers_gone(docker_client) == []
     finally:
         await server.stop()
