@@ -14,26 +14,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, web
-from sqlalchemy import Table, bindparam, insert, select
+from sqlalchemy import Table, and_, bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from vfed.server.access import Scope, require, task_filter
 from vfed.server.api.blobs import BLOBS_TABLE, readable_blob
 from vfed.server.api.common import caller, json_response, read_json, session, validate
-from vfed.server.api.tasks import NewTask, RunRef, job_of, out, publish, ring_targets
+from vfed.server.api.tasks import NewTask, RunRef, job_of, out, pair_targets, publish
 from vfed.server.auth import Principal
 from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobStore, BlobTooLarge, StoredBlob
 from vfed.server.errors import ApiError, bad_request, forbidden, not_found
 from vfed.server.metrics import METRICS
-from vfed.server.models import Run, Task, TaskStatus, collaboration_members, utcnow
+from vfed.server.models import Node, Run, Task, TaskStatus, collaboration_members, utcnow
 from vfed.server.schemas import TaskIn
-from vfed.server.state import BLOBS
+from vfed.server.state import BLOBS, DOORBELL
 
 TASKS: Table = Task.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
 TASK_PART_MAX_BYTES = 1 << 20  # the JSON fields of a task; the input envelope has the blob limit
-_MEMBERS = select(collaboration_members.c.organization_id).where(
-    collaboration_members.c.collaboration_id == bindparam("collab")
+_CM = collaboration_members.c
+# members and their nodes in the collaboration, in one statement: the check and the doorbell's targets
+_MEMBERS = (
+    select(_CM.organization_id, Node.id)
+    .select_from(collaboration_members)
+    .outerjoin(
+        Node,
+        and_(Node.collaboration_id == _CM.collaboration_id, Node.organization_id == _CM.organization_id),
+    )
+    .where(_CM.collaboration_id == bindparam("collab"))
 )
 _INSERT_TASK = insert(TASKS).returning(TASKS.c.id)
 _INSERT_RUNS = insert(RUNS).returning(RUNS.c.id, RUNS.c.organization_id)
@@ -44,12 +52,18 @@ _INSERT_BLOB = insert(BLOBS_TABLE)
 class _Collab:
     id: int
     members: frozenset[int]
+    nodes: dict[int, list[int]]  # node ids by member organization
 
 
 async def _collab(conn: AsyncConnection, collab_id: int) -> _Collab:
-    """The collaboration's member ids in one query (none: it does not exist, or nobody could use it)."""
-    rows = await conn.execute(_MEMBERS, {"collab": collab_id})
-    return _Collab(collab_id, frozenset(rows.scalars()))
+    """The collaboration's members and their nodes (no members: it does not exist, or nobody could use it)."""
+    members: set[int] = set()
+    nodes: dict[int, list[int]] = {}
+    for org_id, node_id in await conn.execute(_MEMBERS, {"collab": collab_id}):
+        members.add(org_id)
+        if node_id is not None:
+            nodes.setdefault(org_id, []).append(node_id)
+    return _Collab(collab_id, frozenset(members), nodes)
 
 
 async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[_Collab, Task | None]:
@@ -127,8 +141,8 @@ async def _insert(
     ]
     inserted = await conn.execute(_INSERT_RUNS, rows)
     runs = sorted((RunRef(run_id, task.id, org, None) for run_id, org in inserted), key=lambda r: r.id)
-    targets = await ring_targets(request, s, collab.id, runs)  # same connection, before it is released
     await s.commit()
+    targets = pair_targets(collab.nodes, runs) if request.app[DOORBELL].address is not None else []
     publish(request, targets, "run-created")
     if stored is not None:
         request.app[METRICS].blob_bytes_in.inc(stored.size)

@@ -154,6 +154,11 @@ async def ring_targets(
         rows = await conn.execute(_NODES_OF_ORGS, {"collab": collab_id, "orgs": list(orgs)})
         for org_id, node_id in rows:
             nodes.setdefault(org_id, []).append(node_id)
+    return pair_targets(nodes, runs)
+
+
+def pair_targets(nodes: dict[int, list[int]], runs: list[RunRef]) -> list[tuple[int, RunRef]]:
+    """(node, run) pairs: a claimed run's node, else every node of the run's organization (`nodes` by org)."""
     return [
         (node_id, r)
         for r in runs
