@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from typing import Any
 
@@ -166,6 +167,7 @@ async def test_task_lifecycle(world: World) -> None:
     )
     # The claim brings the task and the run's proxy token, so the node starts the run without asking again.
     assert claimed["task"]["id"] == task["id"] and claimed["task"]["datasets"] == ["default"]
+    assert base64.b64decode(claimed["input"]) == b"sealed-A"  # a small input comes along (from its row)
     world._tokens["claimed-run"] = claimed["run_token"]["token"]
     status, own = await world.call("claimed-run", "GET", f"/tasks/{task['id']}")
     assert status == 200 and own["image"] == task["image"]

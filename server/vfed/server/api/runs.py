@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Any
 
@@ -125,9 +126,13 @@ async def claim_run(request: web.Request) -> web.Response:
         run = await visible_run(s, p, path_id(request))
         task = await visible_task(s, p, run.task_id)
         orgs = await target_orgs(s, [task.id])
-    # The task and the run's proxy token come along: the node needs both before it can start the container.
+        blob = await s.get(Blob, run.input_blob_id) if run.input_blob_id else None
+    # What the node needs before it can start the container comes along: the task, the run's proxy token and
+    # a small input (one that lives in its blob row; a larger one the node downloads as before).
     token = _issue_run_token(request, p, run.id)
-    return json_response(ClaimOut(**dict(out(run)), task=task_out(task, orgs[task.id]), run_token=token))
+    small = base64.b64encode(blob.data).decode() if blob is not None and blob.data is not None else None
+    task_view = task_out(task, orgs[task.id])
+    return json_response(ClaimOut(**dict(out(run)), task=task_view, run_token=token, input=small))
 
 
 def _tail(text: str, max_bytes: int) -> str:
