@@ -206,3 +206,13 @@ async def stored_blobs(server: Server) -> int:
             return int((await connection.execute(select(func.count()).select_from(Blob))).scalar_one())
     finally:
         await engine.dispose()
+
+
+async def blob_size(server: Server, blob_id: str) -> int:
+    """The size the server recorded for a blob."""
+    engine = db.make_engine(server.settings().db_url())
+    try:
+        async with engine.connect() as connection:
+            return int((await connection.execute(select(Blob.size).where(Blob.id == blob_id))).scalar_one())
+    finally:
+        await engine.dispose()

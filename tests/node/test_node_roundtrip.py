@@ -12,6 +12,7 @@ from tests.node.node_harness import (
     PROBE_IMAGE,
     AgentProcess,
     Server,
+    blob_size,
     ensure_probe_image,
     write_node_config,
 )
@@ -49,11 +50,17 @@ async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: obj
                 await researcher.login("res-alpha", PASSWORD)
                 collab = (await researcher.collaborations())[0]["id"]
                 task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[2, 3])
+                # Over 64 KiB: not sent along with the claim (it does not live in its blob row), downloaded.
+                big = await researcher.create_task(collab, PROBE_IMAGE, "echo", kwargs={"pad": "x" * 100_000})
+                (big_run,) = await researcher.runs(big["id"])
                 await agent.run(burst=True)
                 done = await researcher.wait(task, timeout_s=30, progress=False)
                 assert done["status"] == "completed"
                 (result,) = await researcher.results(task)
                 runs = await researcher.runs(task["id"])
+                (big_result,) = await researcher.results(big)
+        assert big_result["kwargs"] == {"pad": "x" * 100_000}
+        assert await blob_size(server, big_run["input_blob_id"]) > 64 * 1024
         org_id = runs[0]["organization_id"]
         assert result["organization_id"] == org_id
         assert result["value"] == 5 * org_id

@@ -35,7 +35,7 @@ from vfed.node.runtime.base import (
     RuntimeUnavailable,
     algorithm_env,
 )
-from vfed.node.server_api import AlreadyClaimed, NodeClient
+from vfed.node.server_api import AlreadyClaimed, Claim, NodeClient
 from vfed.proxy.app import ProxyContext, RunInfo
 from vfed.proxy.keys import KeyDirectory, KeyUnavailable
 from vfed.proxy.rest import ApiError, RestClient, Run, Task
@@ -185,7 +185,11 @@ class Runner:
     async def _download_input(self, run: Run) -> bytes:
         if run.input_blob_id is None:
             raise RunRefused("failed", "the run has no input blob")
-        blob = await self.s.client.download_blob(run.input_blob_id)
+        try:
+            sent = run.input_bytes() if isinstance(run, Claim) else None
+        except ValueError:  # binascii.Error: not base64
+            raise RunRefused("failed", "the server sent an input that is not base64") from None
+        blob = sent if sent is not None else await self.s.client.download_blob(run.input_blob_id)
         self.s.metrics.bytes_down.inc(len(blob))
         return blob
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import aiohttp
@@ -28,11 +29,15 @@ class RunToken(BaseModel):
 
 
 class Claim(Run):
-    """A claimed run, with the task and the run's proxy token the server sends along (None from an older
-    server: the node then asks for them)."""
+    """A claimed run, with the task, the run's proxy token and a small input the server sends along (None
+    from an older server, or for a large input: the node then asks for them)."""
 
     task: Task | None = None
     run_token: RunToken | None = None
+    input: str | None = None  # base64 of a small input blob; None: download it
+
+    def input_bytes(self) -> bytes | None:
+        return base64.b64decode(self.input, validate=True) if self.input is not None else None
 
 
 class AlreadyClaimed(Exception):
