@@ -8,15 +8,17 @@ than the INSERTs themselves.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 from sqlalchemy import Table, and_, bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from vfed.server import formdata
 from vfed.server.access import Scope, require, task_filter
 from vfed.server.api.blobs import BLOBS_TABLE, readable_blob
 from vfed.server.api.common import caller, json_response, read_json, session, validate
@@ -167,7 +169,7 @@ def _blob_row(p: Principal, stored: StoredBlob) -> dict[str, Any]:
 
 async def create_task(request: web.Request) -> web.Response:
     """A task, one pending run per target organization, and a doorbell for each target node."""
-    if request.content_type == "multipart/form-data":
+    if formdata.is_form_data(request.headers.get(hdrs.CONTENT_TYPE, "")):
         return await _create_multipart(request)
     body = await read_json(request, TaskIn)
     async with session(request) as s:
@@ -195,21 +197,18 @@ async def _create_multipart(request: web.Request) -> web.Response:
 
 
 async def _read_parts(request: web.Request, store: BlobStore) -> tuple[TaskIn, StoredBlob]:
-    """The `task` part (JSON) and the `input` part (streamed into blob storage), in either order."""
+    """The `task` part (JSON) and the `input` part (into blob storage), in either order."""
     body: TaskIn | None = None
     stored: StoredBlob | None = None
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise _malformed("nested multipart parts are not accepted")
-            name = part.name  # parsed from the header on each access: once is enough
-            if name == "task" and body is None:
-                body = validate(TaskIn, _json(await _read_capped(part, TASK_PART_MAX_BYTES)))
-            elif name == "input" and stored is None:
-                stored = await store.write(_chunks(part), ROW_BYTES)
-            else:
-                raise _malformed(f"unexpected part {name!r}")
+        async with contextlib.aclosing(_parts(request)) as parts:
+            async for name, chunks in parts:
+                if name == "task" and body is None:
+                    body = validate(TaskIn, _json(await _collect(chunks, TASK_PART_MAX_BYTES)))
+                elif name == "input" and stored is None:
+                    stored = await store.write(chunks, ROW_BYTES)
+                else:
+                    raise _malformed(f"unexpected part {name!r}")
         if body is None or stored is None:
             raise _malformed("a `task` part and an `input` part are both required")
         if any(o.input_blob_id for o in body.organizations):
@@ -219,15 +218,35 @@ async def _read_parts(request: web.Request, store: BlobStore) -> tuple[TaskIn, S
             await store.delete(stored.id)
         if isinstance(exc, BlobTooLarge):
             raise _too_large(store.max_bytes) from exc
-        if isinstance(exc, (ValueError, AssertionError, KeyError, LookupError)):
+        if isinstance(exc, (ValueError, AssertionError, LookupError)):
             raise _malformed(str(exc) or type(exc).__name__) from exc
         raise
     return body, stored
 
 
-async def _read_capped(part: BodyPartReader, max_bytes: int) -> bytes:
+async def _parts(request: web.Request) -> AsyncGenerator[tuple[str | None, AsyncIterator[bytes]]]:
+    """(name, its bytes) per part: a small body is read whole and split in memory (formdata), a larger
+    or chunked one streams through aiohttp's reader."""
+    length = request.content_length
+    if length is not None and length <= formdata.SMALL_BYTES:
+        ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
+        for name, data in formdata.split_form(ctype, await request.read()):
+            yield name, _once(data)
+        return
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise _malformed("nested multipart parts are not accepted")
+        yield part.name, _chunks(part)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _collect(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
     data = bytearray()
-    while chunk := await part.read_chunk(64 * 1024):
+    async for chunk in chunks:
         data.extend(chunk)
         if len(data) > max_bytes:
             raise ApiError(413, "too-large", f"the task part may be at most {max_bytes} bytes")
