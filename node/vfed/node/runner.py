@@ -116,16 +116,16 @@ class Runner:
         log.info("run %s: claimed (task %s, job %s)", claim.id, claim.task_id, claim.job_id)
         task = claim.task or await self.s.client.get_task(claim.task_id)  # an older server sends no task
         token = claim.run_token.token if claim.run_token is not None else None
-        # The proxy and the job's folder do not depend on the checks: set them up while the input downloads
-        # (most of the agent's share of the start latency is waiting), and take them down on a refusal.
+        # What does not depend on the checks starts now and is taken down on a refusal: the image lookup and
+        # the job's folder (engine calls, in threads), then the proxy once the input is decrypted (_prepare).
         setup = _Setup(
-            proxy=asyncio.ensure_future(self.start_proxy(claim, task, token)),
+            digest=asyncio.ensure_future(self._image_digest(task)),
             volume=asyncio.ensure_future(
                 self.s.runtime.ensure_job_volume(self.s.settings.name, str(claim.job_id))
             ),
         )
         try:
-            prepared = await self._prepare(claim, task)
+            prepared = await self._prepare(claim, task, setup, token)
             proxy = await setup.ready()
         except RunRefused as refused:
             await setup.undo()
@@ -148,11 +148,13 @@ class Runner:
             reason = f"node agent error: {exc}"
             await self.finisher.end_without_container(run_id, "crashed", reason, entry.job_id)
 
-    async def _prepare(self, run: Run, task: Task) -> Prepared:
-        blob, digest, sender = await asyncio.gather(
-            self._download_input(run), self._image_digest(task), self._sender(task)
-        )
+    async def _prepare(self, run: Run, task: Task, setup: _Setup, token: str | None) -> Prepared:
+        """Input and checks. The loop decrypts while the engine looks the image up, then starts the run's
+        proxy while it waits for that answer: the loop's own work stays off the critical path."""
+        blob, sender = await asyncio.gather(self._download_input(run), self._sender(task))
         plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, sender)
+        setup.proxy = asyncio.ensure_future(self.start_proxy(run, task, token))
+        digest = await setup.digest
         decision = check_run(
             self.s.settings,
             image=task.image,
@@ -308,22 +310,26 @@ class Runner:
 
 @dataclass
 class _Setup:
-    """What a run sets up beside its checks: its proxy (started) and its job folder (ready)."""
+    """What a run sets up beside its checks: the image lookup, its job folder and its proxy."""
 
-    proxy: asyncio.Future[ProxyServer]
+    digest: asyncio.Future[str]
     volume: asyncio.Future[str]
+    proxy: asyncio.Future[ProxyServer] | None = None
 
     async def ready(self) -> ProxyServer:
         # A job folder that failed here is tried again, with the start's own retries, when the run starts.
         with contextlib.suppress(Exception):
             await self.volume
+        assert self.proxy is not None, "the proxy starts once the input is decrypted"
         return await self.proxy
 
     async def undo(self) -> None:
         """After a refusal: stop the proxy; the job folder goes with the job's last run (the finisher)."""
-        proxy, _ = await asyncio.gather(self.proxy, self.volume, return_exceptions=True)
-        if isinstance(proxy, ProxyServer):
-            await proxy.stop()
+        await asyncio.gather(self.digest, self.volume, return_exceptions=True)
+        if self.proxy is not None:
+            (proxy,) = await asyncio.gather(self.proxy, return_exceptions=True)
+            if isinstance(proxy, ProxyServer):
+                await proxy.stop()
 
 
 _INLINE_MAX_BYTES = 64 * 1024
