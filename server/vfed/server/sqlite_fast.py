@@ -6,9 +6,11 @@ goes back to the pool. Here a cursor runs execute + fetch + close in one worker 
 rollback with no transaction open costs nothing. On a WAL database a SELECT never waits for a lock, and
 neither does a statement of a transaction that already wrote (it holds the write lock: the driver opens a
 transaction only in front of its first write), so those run right on the event loop (tens of microseconds)
-with no hand-off. What may wait for the write lock (a transaction's first write, DDL and PRAGMA outside a
-transaction) or for the disk (commit, which may checkpoint) still runs in the worker thread, so a busy
-database never blocks the loop. Statements and their results are unchanged.
+with no hand-off. A transaction's first write (or DDL, or a PRAGMA outside a transaction) may wait for the
+write lock: it is tried on the loop with a zero busy timeout, and only if the lock is taken right now is the
+transaction rolled back (it holds nothing yet) and the statement run in the worker thread, where it waits.
+Commit, which may checkpoint and so wait for the disk, always runs in the worker thread. A busy database
+never blocks the loop; statements and their results are unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import aiosqlite
 
 _Result = tuple[Any, int, int | None, list[Any]]
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
 def _run(conn: sqlite3.Connection, many: bool, sql: str, params: Any) -> _Result:
@@ -30,6 +33,21 @@ def _run(conn: sqlite3.Connection, many: bool, sql: str, params: Any) -> _Result
         return cur.description, cur.rowcount, cur.lastrowid, rows
     finally:
         cur.close()
+
+
+def _try_without_waiting(conn: sqlite3.Connection, sql: str, params: Any, timeout_ms: int) -> _Result | None:
+    """A transaction's first write, on the loop, if the write lock is free right now; None when it is not
+    (the transaction is rolled back, holding nothing yet, and the caller retries in the worker thread)."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        return _run(conn, False, sql, params)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY:
+            raise
+        conn.rollback()
+        return None
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={timeout_ms}")
 
 
 class FastCursor:
@@ -51,11 +69,14 @@ class FastCursor:
         await self.close()
 
     async def _call(self, many: bool, sql: str, params: Any) -> FastCursor:
-        result: _Result
-        if not many and self._conn.in_loop(sql):
-            result = _run(self._conn._conn, False, sql, params)
-        else:
-            result = await self._conn._execute(_run, self._conn._conn, many, sql, params)  # type: ignore[no-untyped-call]
+        result: _Result | None = None
+        conn = self._conn
+        if not many and conn.in_loop(sql):
+            result = _run(conn._conn, False, sql, params)
+        elif not many and conn.reads_in_loop:
+            result = _try_without_waiting(conn._conn, sql, params, conn.busy_timeout_ms)
+        if result is None:
+            result = await conn._execute(_run, conn._conn, many, sql, params)  # type: ignore[no-untyped-call]
         self.description, self.rowcount, self.lastrowid, self._rows = result
         return self
 
@@ -85,6 +106,7 @@ class FastConnection(aiosqlite.Connection):
     """aiosqlite connection whose cursors and idle commits/rollbacks skip needless worker round trips."""
 
     reads_in_loop = False  # set once the connection is known to be in WAL mode (see db._sqlite_pragmas)
+    busy_timeout_ms = 30_000  # how long a write waits for the lock (in the worker thread); set by connect
 
     def in_loop(self, sql: str) -> bool:
         """True when `sql` cannot wait for a lock: a read, or any statement once this transaction wrote."""
@@ -113,5 +135,6 @@ def connect(database: str, **kwargs: Any) -> FastConnection:
         return raw
 
     conn = FastConnection(connector, 64)
+    conn.busy_timeout_ms = int(float(kwargs.get("timeout", 5.0)) * 1000)
     conn._thread.daemon = True  # as SQLAlchemy does for aiosqlite: a forgotten connection must not hang exit
     return conn
