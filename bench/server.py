@@ -1,10 +1,12 @@
 """Server benchmark: vfed `vserver` side by side with vantage6-server 4.15.2.
 
-    python bench/server.py [--json] [--tasks 300] [--nodes 1000] [--v6-python /path/to/py3.10/venv/bin/python]
+    python bench/server.py [--json] [--tasks 300] [--nodes 1000] [--cpu-tasks 1000] [--v6-python PATH]
 
 What is measured (each server in its own process, SQLite, on this machine):
 - task creation for 3 organizations with 1 KB encrypted inputs: tasks/s, p50, p99 (one client, sequential).
-  vfed: upload the 1 KB envelope (sealed for all three) + POST /tasks, on a kept-alive connection.
+  vfed: what the researcher client sends, one multipart POST /tasks with the task fields and the 1 KB envelope
+  (sealed for all three), on a kept-alive connection; `tasks_per_s_two_step` is the older blob + task form.
+  `--cpu-tasks N` adds the server's CPU per task (psutil, user + sys; the embedded broker apart), per form.
   vantage6: one POST /api/task with three pre-encrypted base64 inputs, a new connection per request (its own
   clients do that; on a kept-alive connection its dev server adds ~40 ms delayed-ACK stalls).
 - node authentication with 1,000 nodes registered: p99 of POST /token/node for random nodes (vfed only:
