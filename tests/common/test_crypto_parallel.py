@@ -115,8 +115,10 @@ def test_tampered_chunk_is_named_on_every_thread_count(chunk: int, where: str) -
         assert str(serial).startswith(f"chunk {chunk} failed authentication")
 
 
-def test_several_tampered_chunks_name_the_lowest() -> None:
-    blob = _seal(os.urandom(40 * CS), 1)
+@pytest.mark.parametrize("commit", [False, True])
+def test_several_tampered_chunks_name_the_lowest(commit: bool) -> None:
+    to = [BOB.current.public, CAROL.current.public]
+    blob = encrypt_bytes(os.urandom(40 * CS), ALICE.current, to, chunk_size=CS, commit=commit, threads=1)
     parts = layout(blob)
     damaged = blob
     for chunk in (31, 9, 25):
@@ -124,6 +126,8 @@ def test_several_tampered_chunks_name_the_lowest() -> None:
     for threads in (1, 2, 4, 8):
         with pytest.raises(TamperedChunk, match=r"^chunk 9 failed authentication"):
             _open(damaged, threads)
+    with pytest.raises(BadSignature):
+        _open(flip(blob, len(blob) - 1), 3)
 
 
 def test_truncated_reordered_and_badly_signed_envelopes_fail_alike() -> None:
