@@ -210,12 +210,13 @@ async def dispatch_latencies(
     start event of the run's container, and the part of that between Docker's create and start events. Like
     (a), each run starts once the previous container is removed, so its clean-up does not compete."""
     watcher = StartWatcher("a")
-    out: dict[str, list[float]] = {"dispatch": [], "docker_start": []}
+    out: dict[str, list[float]] = {"dispatch": [], "docker_start": [], "post": [], "post_to_create": []}
     try:
         for _ in range(runs):
             known = set(watcher.starts)
             posted = time.time()
             task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[1], organizations=[org])
+            returned = time.time()
             # Docker's events say when the run started and ended (its container is removed after the final
             # report), so the researcher does not poll the server while the run it measures is dispatched.
             run_id = await watcher.next_start(known)
@@ -225,6 +226,8 @@ async def dispatch_latencies(
             assert str(run["id"]) == run_id, (run, run_id)
             out["dispatch"].append(watcher.starts[run_id] - posted)
             out["docker_start"].append(watcher.docker_own_start(run_id))
+            out["post"].append(returned - posted)
+            out["post_to_create"].append(watcher.creates[run_id] - returned)
     finally:
         watcher.close()
     return out
@@ -336,6 +339,8 @@ def build_report(
         "dispatch_beyond_docker_p50_ms": ms(
             percentile([d - o for d, o in zip(dispatch, events, strict=True)], 0.5)
         ),
+        "task_post_p50_ms": ms(percentile(figures["post"], 0.5)),
+        "post_returned_to_create_event_p50_ms": ms(percentile(figures["post_to_create"], 0.5)),
         "end_to_end_s": round(e2e_s, 4),
         "ratio_end_to_end_vs_bare": round(e2e_s / bare_s, 3),
         "bare_docker_run_x3_parallel_s": round(bare3_s, 4),
@@ -350,7 +355,7 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
         return
     print(f"(a) bare `docker run --rm` (CLI), same definition and limits: {r['bare_docker_run_s']:.3f} s")
     print(
-        f"    the same through the SDK (create+start+wait+remove), median: {r['bare_docker_run_sdk_s']:.3f} s"
+        f"    the same through the SDK (create+start+wait+remove): {r['bare_docker_run_sdk_s']:.3f} s"
     )
     print(
         f"(b) task POST -> container started (Docker's start event), {runs} runs: "
@@ -366,6 +371,11 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
         f"    event split: Docker create->start events p50 {r['docker_create_to_start_event_p50_ms']} ms; "
         f"POST -> create event (server, doorbell, claim, input, checks, job folder, proxy) p50 "
         f"{r['dispatch_beyond_docker_p50_ms']} ms"
+    )
+    print(
+        f"    of that: the researcher's create_task (encrypt, one POST) p50 {r['task_post_p50_ms']} ms; "
+        f"from its answer to Docker's create event (doorbell, claim, checks, job folder, proxy, Docker's create) p50 "
+        f"{r['post_returned_to_create_event_p50_ms']} ms"
     )
     print(f"(c) submit -> decrypted results, 3 nodes, median: {r['end_to_end_s']:.3f} s")
     print(f"(c)/(a) = {r['ratio_end_to_end_vs_bare']}")
