@@ -354,9 +354,7 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
         print(json.dumps(r))
         return
     print(f"(a) bare `docker run --rm` (CLI), same definition and limits: {r['bare_docker_run_s']:.3f} s")
-    print(
-        f"    the same through the SDK (create+start+wait+remove): {r['bare_docker_run_sdk_s']:.3f} s"
-    )
+    print(f"    the same through the SDK (create+start+wait+remove): {r['bare_docker_run_sdk_s']:.3f} s")
     print(
         f"(b) task POST -> container started (Docker's start event), {runs} runs: "
         f"p50 {r['dispatch_p50_ms']} ms, p99 {r['dispatch_p99_ms']} ms"
@@ -374,8 +372,8 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
     )
     print(
         f"    of that: the researcher's create_task (encrypt, one POST) p50 {r['task_post_p50_ms']} ms; "
-        f"from its answer to Docker's create event (doorbell, claim, checks, job folder, proxy, Docker's create) p50 "
-        f"{r['post_returned_to_create_event_p50_ms']} ms"
+        f"from its answer to Docker's create event (doorbell, claim, checks, job folder, proxy, "
+        f"Docker's create) p50 {r['post_returned_to_create_event_p50_ms']} ms"
     )
     print(f"(c) submit -> decrypted results, 3 nodes, median: {r['end_to_end_s']:.3f} s")
     print(f"(c)/(a) = {r['ratio_end_to_end_vs_bare']}")
