@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,63 +48,10 @@ from .format import (
 from .keyring import Keyring
 from .keys import OrgKey, PublicKey
 from .parallel import Window, plan_threads, run_chunks
+from .pieces import Pieces
 
 SenderLookup = PublicKey | Callable[[str], PublicKey | None]
 _NACL_ERRORS = (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, nacl.exceptions.TypeError)
-
-
-class _Buffer:
-    """A queue of byte pieces; `take(n)` returns exactly n bytes, copying at most once.
-
-    A read offset into the first piece avoids re-slicing a large input (which would be quadratic).
-    """
-
-    def __init__(self) -> None:
-        self._parts: deque[bytes] = deque()
-        self._offset = 0
-        self.size = 0
-
-    def push(self, data: bytes) -> None:
-        if data:
-            self._parts.append(data)
-            self.size += len(data)
-
-    def take(self, n: int) -> bytes:
-        if n == 0:
-            return b""
-        self.size -= n
-        first = self._parts[0]
-        start = self._offset
-        if start == 0 and len(first) == n:
-            self._parts.popleft()
-            return first
-        if len(first) - start >= n:
-            self._advance(first, start + n)
-            return first[start : start + n]
-        out = bytearray()
-        while len(out) < n:
-            part, start = self._parts[0], self._offset
-            stop = min(len(part), start + n - len(out))
-            out += memoryview(part)[start:stop]
-            self._advance(part, stop)
-        return bytes(out)
-
-    def take_ref(self, n: int) -> tuple[bytes, int]:
-        """Like `take`, but as (object, offset) so a chunk inside one piece is not copied."""
-        first = self._parts[0] if self._parts else b""
-        start = self._offset
-        if len(first) - start >= n:
-            self.size -= n
-            self._advance(first, start + n)
-            return first, start
-        return self.take(n), 0
-
-    def _advance(self, first: bytes, stop: int) -> None:
-        if stop == len(first):
-            self._parts.popleft()
-            self._offset = 0
-        else:
-            self._offset = stop
 
 
 class Encryptor:
@@ -145,7 +91,7 @@ class Encryptor:
         self._chunk_size = chunk_size
         self._head_hash = header_hash(self.header)
         self._tags = FramesHash(committed)
-        self._buffer = _Buffer()
+        self._buffer = Pieces()
         self._index = 0
         self._header_sent = False
         self._sealed_final = False
@@ -355,7 +301,7 @@ class Decryptor:
     def __init__(self, keyring: Keyring, sender: SenderLookup) -> None:
         self._keyring = keyring
         self._sender_lookup = sender
-        self._buffer = _Buffer()
+        self._buffer = Pieces()
         self._state = "fixed"
         self._need = HEADER_FIXED_BYTES
         self._fixed = b""
