@@ -13,6 +13,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -146,6 +147,9 @@ class Collaboration(Base):
 
 class Node(Base):
     __tablename__ = "nodes"
+    # the nodes of one organization in one collaboration (the doorbell's targets); without it the planner
+    # may walk every node of the organization across all its collaborations
+    __table_args__ = (Index("ix_nodes_collaboration_organization", "collaboration_id", "organization_id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     organization_id: Mapped[int] = mapped_column(
