@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
+import json
 from typing import Any
 
 from vserver_testkit import World, client, db_url, settings, world
 
+from vfed.common import multipart
 from vfed.common.crypto.keys import OrgKey
 
 __all__ = ["client", "db_url", "settings", "world"]
@@ -154,6 +155,17 @@ async def test_blob_roundtrip_range_and_limit(client: Any, world: World) -> None
     assert status == 403
 
 
+async def test_claim_answers_json_without_multipart_accept(world: World) -> None:
+    """A node that does not ask for multipart/mixed gets plain JSON (no input inside) and downloads it."""
+    task = await world.task("a_res", "ab", ["A"], name="plain")
+    _, runs = await world.call("a_node", "GET", f"/runs?task_id={task['id']}")
+    run = runs["data"][0]
+    status, claimed = await world.call("a_node", "POST", f"/runs/{run['id']}/claim")
+    assert status == 200 and claimed["task"]["id"] == task["id"] and "input" not in claimed
+    r = await world.client.get(f"/api/v1/blobs/{claimed['input_blob_id']}", headers=await world.h("a_node"))
+    assert r.status == 200 and await r.read() == b"sealed-A"
+
+
 async def test_task_lifecycle(world: World) -> None:
     task = await world.task("a_res", "ab", ["A", "B"], name="mean", datasets=["default"])
     assert task["status"] == "pending" and task["job_id"] == task["id"]
@@ -161,13 +173,19 @@ async def test_task_lifecycle(world: World) -> None:
     status, runs = await world.call("a_node", "GET", f"/runs?task_id={task['id']}")
     assert runs["total"] == 1  # a node sees its own organization's run only
     run = runs["data"][0]
-    status, claimed = await world.call("a_node", "POST", f"/runs/{run['id']}/claim")
-    assert (
-        status == 200 and claimed["status"] == "initializing" and claimed["node_id"] == world.nodes["a_node"]
-    )
+    # A node that accepts multipart/mixed gets the claim as JSON and a small input (from its blob row) as a
+    # binary part, never base64 inside the JSON.
+    headers = {**await world.h("a_node"), "Accept": "multipart/mixed, application/json"}
+    r = await world.client.post(f"/api/v1/runs/{run['id']}/claim", headers=headers)
+    assert r.status == 200 and r.content_type == "multipart/mixed"
+    parts = multipart.split(r.headers["Content-Type"], await r.read(), "mixed")
+    assert [p.content_type for p in parts] == ["application/json", "application/octet-stream"]
+    assert parts[1].name == "input" and parts[1].data == b"sealed-A"
+    claimed = json.loads(parts[0].data)
+    assert claimed["status"] == "initializing" and claimed["node_id"] == world.nodes["a_node"]
+    assert "input" not in claimed
     # The claim brings the task and the run's proxy token, so the node starts the run without asking again.
     assert claimed["task"]["id"] == task["id"] and claimed["task"]["datasets"] == ["default"]
-    assert base64.b64decode(claimed["input"]) == b"sealed-A"  # a small input comes along (from its row)
     world._tokens["claimed-run"] = claimed["run_token"]["token"]
     status, own = await world.call("claimed-run", "GET", f"/tasks/{task['id']}")
     assert status == 200 and own["image"] == task["image"]

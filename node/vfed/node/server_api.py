@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from vfed.common import multipart
 from vfed.proxy.rest import ApiError, Organization, RestClient, Run, Task
+
+CLAIM_ACCEPT = "multipart/mixed"  # the claim answer may carry a small input as a binary part
 
 
 class NodeIdentity(BaseModel):
@@ -29,15 +31,34 @@ class RunToken(BaseModel):
 
 
 class Claim(Run):
-    """A claimed run, with the task, the run's proxy token and a small input the server sends along (None
-    from an older server, or for a large input: the node then asks for them)."""
+    """A claimed run, with the task, the run's proxy token and a small input the server sends along as a
+    binary part (None from an older server, or for a large input: the node then asks for them)."""
 
     task: Task | None = None
     run_token: RunToken | None = None
-    input: str | None = None  # base64 of a small input blob; None: download it
+    _input: bytes | None = PrivateAttr(default=None)
 
     def input_bytes(self) -> bytes | None:
-        return base64.b64decode(self.input, validate=True) if self.input is not None else None
+        return self._input
+
+
+def parse_claim(content_type: str, body: bytes) -> Claim:
+    """The claim answer: JSON alone, or multipart/mixed with the JSON and then the sealed input."""
+    try:
+        if not content_type.lower().startswith(CLAIM_ACCEPT):
+            return Claim.model_validate_json(body)
+        parts = multipart.split(content_type, body, "mixed")
+        if len(parts) != 2:
+            raise multipart.MultipartError(f"{len(parts)} parts, expected the claim and its input")
+        claim, sent = Claim.model_validate_json(parts[0].data), parts[1]
+        if sent.name != "input" or sent.content_type != "application/octet-stream":
+            raise multipart.MultipartError(
+                "the second part is not the run's input (application/octet-stream)"
+            )
+        claim._input = sent.data
+    except (multipart.MultipartError, ValidationError) as exc:
+        raise ApiError(502, "bad-claim-answer", f"the server's claim answer is malformed: {exc}") from None
+    return claim
 
 
 class AlreadyClaimed(Exception):
@@ -73,7 +94,12 @@ class NodeClient(RestClient):
     async def claim(self, run_id: int) -> Claim:
         """Claim a pending run for this node; AlreadyClaimed when another node was first."""
         try:
-            return Claim.model_validate(await self.request("POST", f"/runs/{run_id}/claim"))
+            async with self.open(
+                "POST", f"/runs/{run_id}/claim", headers={"Accept": f"{CLAIM_ACCEPT}, application/json"}
+            ) as response:
+                body = await response.read()
+                self.bytes_down += len(body)
+                return parse_claim(response.headers.get("Content-Type", ""), body)
         except ApiError as exc:
             if exc.status == 409:
                 raise AlreadyClaimed(f"run {run_id}: {exc.detail or exc.error}") from None

@@ -290,9 +290,6 @@ class ClaimOut(RunOut):
 
     task: TaskOut
     run_token: RunTokenOut
-    input: str | None = Field(
-        default=None, description="The input blob, base64, when small enough to live in its row; else null."
-    )
 
 
 class RunPatch(In):

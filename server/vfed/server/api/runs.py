@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import MultipartWriter, hdrs, web
 from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +29,8 @@ from vfed.server.errors import ApiError, conflict, forbidden, not_found
 from vfed.server.models import TERMINAL, Blob, Run, RunStatus, utcnow
 from vfed.server.schemas import ClaimOut, RunOut, RunPatch, RunQuery, RunTokenOut
 from vfed.server.state import SETTINGS
+
+CLAIM_MIXED = "multipart/mixed"  # a node that sends this in Accept gets a small input in the claim answer
 
 
 def out(r: Run) -> RunOut:
@@ -127,12 +128,23 @@ async def claim_run(request: web.Request) -> web.Response:
         task = await visible_task(s, p, run.task_id)
         orgs = await target_orgs(s, [task.id])
         blob = await s.get(Blob, run.input_blob_id) if run.input_blob_id else None
-    # What the node needs before it can start the container comes along: the task, the run's proxy token and
-    # a small input (one that lives in its blob row; a larger one the node downloads as before).
+    # What the node needs before it can start the container comes along: the task, the run's proxy token and,
+    # for a node that accepts multipart/mixed, a small input (one that lives in its blob row) as binary part.
     token = _issue_run_token(request, p, run.id)
-    small = base64.b64encode(blob.data).decode() if blob is not None and blob.data is not None else None
-    task_view = task_out(task, orgs[task.id])
-    return json_response(ClaimOut(**dict(out(run)), task=task_view, run_token=token, input=small))
+    claim = ClaimOut(**dict(out(run)), task=task_out(task, orgs[task.id]), run_token=token)
+    small = blob.data if blob is not None else None
+    if small is not None and CLAIM_MIXED in request.headers.get(hdrs.ACCEPT, ""):
+        return _claim_with_input(claim, small)
+    return json_response(claim)
+
+
+def _claim_with_input(claim: ClaimOut, data: bytes) -> web.Response:
+    """multipart/mixed: the claim as JSON, then the sealed input as octet-stream (never base64)."""
+    body = MultipartWriter("mixed")
+    body.append(claim.model_dump_json(), {hdrs.CONTENT_TYPE: "application/json"})
+    part = body.append(data, {hdrs.CONTENT_TYPE: "application/octet-stream"})
+    part.set_content_disposition("attachment", name="input")
+    return web.Response(body=body)
 
 
 def _tail(text: str, max_bytes: int) -> str:
