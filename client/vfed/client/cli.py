@@ -213,5 +213,7 @@ def task_list(fmt: str) -> None:
         return
     for t in tasks:
         click.echo(f"{t['id']:>6}  {t['status']:<10} {t['image']:<40} {t['name']}")
+
+
 if __name__ == "__main__":
     main()
