@@ -346,78 +346,110 @@ def v6_worker(tasks: int) -> dict[str, float]:
             stop(proc)
 
 
-def v6_measure(api: str, tasks: int) -> dict[str, float]:
-    import base64
+class _V6:
+    """vantage6-server's REST API as its own clients call it: a new connection per request."""
 
-    import requests
+    def __init__(self, api: str) -> None:
+        import requests
 
-    def call(method: str, path: str, token: str | None = None, **kw: Any) -> Any:
+        self.api, self.requests = api, requests
+        self.root = ""
+
+    def call(self, method: str, path: str, token: str | None = None, **kw: Any) -> Any:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        r = requests.request(method, api + path, headers=headers, timeout=600, **kw)
+        r = self.requests.request(method, self.api + path, headers=headers, timeout=600, **kw)
         if r.status_code >= 300:
             raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
         return r.json()
 
-    for _ in range(100):
-        try:
-            root = call("POST", "/token/user", json={"username": "root", "password": "root"})["access_token"]
-            break
-        except (requests.ConnectionError, RuntimeError):
-            time.sleep(0.5)
-    orgs = [call("POST", "/organization", root, json={"name": f"org{i}"})["id"] for i in range(ORGS)]
-    root_org = call("GET", "/organization", root)["data"][0]["id"]  # the initiator's org must be a member
-    members = [*orgs, root_org]
-    collabs = [
-        call(
-            "POST",
-            "/collaboration",
-            root,
-            json={"name": f"bench{c}", "organization_ids": members, "encrypted": True},
-        )
-        for c in range(V6_NODES_FOR_AUTH // ORGS)
-    ]
-    collab = collabs[0]
-    keys = []
-    for c in collabs:
-        for o in orgs:
-            node_body = {"collaboration_id": c["id"], "organization_id": o, "name": f"n{c['id']}-{o}"}
-            keys.append(call("POST", "/node", root, json=node_body)["api_key"])
+    def login_root(self) -> None:
+        for _ in range(100):
+            try:
+                body = {"username": "root", "password": "root"}
+                self.root = self.call("POST", "/token/user", json=body)["access_token"]
+                return
+            except (self.requests.ConnectionError, RuntimeError):
+                time.sleep(0.5)
+        raise RuntimeError("vantage6: root login failed for 50 s")
 
-    def create_task() -> tuple[float, dict[str, Any]]:
+    def seed(self) -> tuple[int, list[int], list[str]]:
+        """Organizations, collaborations, nodes: (first collaboration id, organization ids, node API keys)."""
+        orgs = [
+            self.call("POST", "/organization", self.root, json={"name": f"org{i}"})["id"] for i in range(ORGS)
+        ]
+        root_org = self.call("GET", "/organization", self.root)["data"][0][
+            "id"
+        ]  # initiator's org is a member
+        collabs = [
+            self.call(
+                "POST",
+                "/collaboration",
+                self.root,
+                json={"name": f"bench{c}", "organization_ids": [*orgs, root_org], "encrypted": True},
+            )["id"]
+            for c in range(V6_NODES_FOR_AUTH // ORGS)
+        ]
+        keys = [
+            self.call(
+                "POST",
+                "/node",
+                self.root,
+                json={"collaboration_id": c, "organization_id": o, "name": f"n{c}-{o}"},
+            )["api_key"]
+            for c in collabs
+            for o in orgs
+        ]
+        return collabs[0], orgs, keys
+
+    def create_task(self, collab: int, orgs: list[int]) -> tuple[float, dict[str, Any]]:
+        """Seconds for one POST /task with three pre-encrypted base64 inputs, and the task."""
+        import base64
+
         body = {
             "name": "bench",
             "image": "bench/algo:1",
-            "collaboration_id": collab["id"],
+            "collaboration_id": collab,
             "organizations": [
                 {"id": o, "input": base64.b64encode(os.urandom(INPUT_BYTES)).decode()} for o in orgs
             ],
             "databases": [{"label": "default"}],
         }
         t0 = time.perf_counter()
-        created = call("POST", "/task", root, json=body)
+        created = self.call("POST", "/task", self.root, json=body)
         return time.perf_counter() - t0, created
 
-    started = time.perf_counter()
-    timed = [create_task() for _ in range(tasks)]
-    elapsed = time.perf_counter() - started
-    latencies, task = [t for t, _ in timed], timed[-1][1]
+    def result_roundtrip(self, task: dict[str, Any], org: int, key: str) -> float:
+        """Seconds for a node to upload a 50 MiB result and the researcher to read it back."""
+        import base64
+
+        node = self.call("POST", "/token/node", json={"api_key": key})["access_token"]
+        runs = self.call("GET", f"/run?task_id={task['id']}", node)["data"]
+        run_id = next(r["id"] for r in runs if r["organization"]["id"] == org)
+        payload = base64.b64encode(os.urandom(RESULT_BYTES)).decode()
+        t0 = time.perf_counter()
+        self.call("PATCH", f"/run/{run_id}", node, json={"result": payload, "status": "completed"})
+        got = self.call("GET", f"/result/{run_id}", self.root)
+        roundtrip = time.perf_counter() - t0
+        assert got["result"] == payload
+        return roundtrip
+
+
+def v6_measure(api: str, tasks: int) -> dict[str, float]:
     from concurrent.futures import ThreadPoolExecutor
 
+    v6 = _V6(api)
+    v6.login_root()
+    collab, orgs, keys = v6.seed()
+    started = time.perf_counter()
+    timed = [v6.create_task(collab, orgs) for _ in range(tasks)]
+    elapsed = time.perf_counter() - started
+    latencies, task = [t for t, _ in timed], timed[-1][1]
     started = time.perf_counter()
     with ThreadPoolExecutor(CLIENTS) as pool:
-        list(pool.map(lambda _: create_task(), range(tasks)))
+        list(pool.map(lambda _: v6.create_task(collab, orgs), range(tasks)))
     elapsed4 = time.perf_counter() - started
-    auth_first = _timed(lambda: call("POST", "/token/node", json={"api_key": keys[0]}))
-    auth_last = _timed(lambda: call("POST", "/token/node", json={"api_key": keys[-1]}))
-    node = call("POST", "/token/node", json={"api_key": keys[0]})["access_token"]
-    runs = call("GET", f"/run?task_id={task['id']}", node)["data"]
-    run_id = next(r["id"] for r in runs if r["organization"]["id"] == orgs[0])
-    payload = base64.b64encode(os.urandom(RESULT_BYTES)).decode()
-    t0 = time.perf_counter()
-    call("PATCH", f"/run/{run_id}", node, json={"result": payload, "status": "completed"})
-    got = call("GET", f"/result/{run_id}", root)
-    roundtrip = time.perf_counter() - t0
-    assert got["result"] == payload
+    auth_first = _timed(lambda: v6.call("POST", "/token/node", json={"api_key": keys[0]}))
+    auth_last = _timed(lambda: v6.call("POST", "/token/node", json={"api_key": keys[-1]}))
     return {
         "v6_tasks_per_s": tasks / elapsed,
         f"v6_tasks_per_s_{CLIENTS}_clients": tasks / elapsed4,
@@ -425,7 +457,7 @@ def v6_measure(api: str, tasks: int) -> dict[str, float]:
         "v6_task_create_p99_ms": pct(latencies, 0.99) * 1000,
         "v6_node_auth_first_ms": auth_first * 1000,
         f"v6_node_auth_last_of_{V6_NODES_FOR_AUTH}_ms": auth_last * 1000,
-        "v6_result_50mib_roundtrip_s": roundtrip,
+        "v6_result_50mib_roundtrip_s": v6.result_roundtrip(task, orgs[0], keys[0]),
     }
 
 
@@ -477,7 +509,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     results: dict[str, Any] = run_vfed(args)
     v6 = None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks)
-    results.update(v6 or {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None})
+    skipped: dict[str, Any] = {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None}
+    results.update(v6 or skipped)
     if v6:
         results["ratio_task_create_vs_v6"] = results["tasks_per_s"] / v6["v6_tasks_per_s"]
         key = f"tasks_per_s_{CLIENTS}_clients"
