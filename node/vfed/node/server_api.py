@@ -94,16 +94,13 @@ class NodeClient(RestClient):
     async def claim(self, run_id: int) -> Claim:
         """Claim a pending run for this node; AlreadyClaimed when another node was first."""
         try:
-            async with self.open(
-                "POST", f"/runs/{run_id}/claim", headers={"Accept": f"{CLAIM_ACCEPT}, application/json"}
-            ) as response:
-                body = await response.read()
-                self.bytes_down += len(body)
-                return parse_claim(response.headers.get("Content-Type", ""), body)
+            accept = {"Accept": f"{CLAIM_ACCEPT}, application/json"}
+            content_type, body = await self.fetch("POST", f"/runs/{run_id}/claim", headers=accept)
         except ApiError as exc:
             if exc.status == 409:
                 raise AlreadyClaimed(f"run {run_id}: {exc.detail or exc.error}") from None
             raise
+        return parse_claim(content_type, body)
 
     async def patch_run(self, run_id: int, **fields: Any) -> Run:
         """Update status, exit code, reason, log, digest or result blob of a run we claimed."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json as _json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from datetime import datetime
@@ -166,12 +167,17 @@ class RestClient:
         raw: bool = False,
     ) -> Any:
         """One call; the JSON answer (or the bytes when raw)."""
-        async with self.open(method, path, json=json, params=params, data=data, headers=headers) as response:
+        _, body = await self.fetch(method, path, json=json, params=params, data=data, headers=headers)
+        if raw:
+            return body
+        return _json.loads(body) if body else None
+
+    async def fetch(self, method: str, path: str, **kwargs: Any) -> tuple[str, bytes]:
+        """One call; the answer's Content-Type and its whole body (counted in bytes_down)."""
+        async with self.open(method, path, **kwargs) as response:
             body = await response.read()
             self.bytes_down += len(body)
-            if raw:
-                return body
-            return await response.json(content_type=None) if body else None
+            return response.headers.get("Content-Type", ""), body
 
     async def health(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.request("GET", "/health")
