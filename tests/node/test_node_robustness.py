@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +35,15 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 # Container and volume names carry the node name: unique per session, so other suites running at the same
 # time on this Docker engine (which clean up by node name) never touch these.
 NODE = f"nt{secrets.token_hex(3)}"
+
+
+@pytest.fixture(autouse=True)
+def _own_node_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node name per test: job ids restart with every test's server, so a shared name would let a container
+    an earlier test left running hold a job volume of the same name (`vfed-<node>-<job>-tmp`)."""
+    monkeypatch.setattr(sys.modules[__name__], "NODE", f"nt{secrets.token_hex(3)}")
+
+
 FINAL_STATUSES = {"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"}
 
 
@@ -88,8 +98,9 @@ async def researcher_for(server: Server, config: Path) -> AsyncIterator[Site]:
         yield Site(server, config, researcher, collab)
 
 
-def node_containers(docker_client: Any, node: str = NODE) -> list[Any]:
-    return list(docker_client.containers.list(all=True, sparse=True, filters={"label": f"vfed.node={node}"}))
+def node_containers(docker_client: Any, node: str | None = None) -> list[Any]:
+    label = f"vfed.node={node or NODE}"
+    return list(docker_client.containers.list(all=True, sparse=True, filters={"label": label}))
 
 
 async def containers_gone(docker_client: Any, timeout_s: float = 15.0) -> list[Any]:
