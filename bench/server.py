@@ -13,6 +13,8 @@ What is measured (each server in its own process, SQLite, on this machine):
   vantage6 checks bcrypt against every node in turn, ~0.2 s per node ahead; it is measured with a few
   nodes and reported per position).
 - a 50 MiB result uploaded by a node and downloaded by the researcher, wall time.
+- `--paths N`: per-request latency of every step of N task cycles, and the researcher client's own share
+  (bench/server_paths.py says what each `path_*` key is).
 
 This file also runs under Python 3.10 as the vantage6 worker (`--v6-worker`), so it imports aiohttp and vfed
 only inside the vfed functions.
@@ -266,7 +268,8 @@ async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dic
     return elapsed
 
 
-def run_vfed(args: argparse.Namespace) -> dict[str, float]:
+def run_vfed(args: argparse.Namespace, measure: Any = None) -> dict[str, float]:
+    """Start a vserver on a fresh data folder and run `measure` (default: vfed_measure) against it."""
     with tempfile.TemporaryDirectory(prefix="vfed-bench-") as d:
         tmp = Path(d)
         cfg, keys = vfed_setup(tmp, args.nodes, args.database_url)
@@ -290,7 +293,8 @@ def run_vfed(args: argparse.Namespace) -> dict[str, float]:
         )
         try:
             wait_port(port, proc)
-            return asyncio.run(vfed_measure(f"http://127.0.0.1:{port}", keys, args, proc.pid))
+            measure = measure or vfed_measure
+            return dict(asyncio.run(measure(f"http://127.0.0.1:{port}", keys, args, proc.pid)))
         finally:
             stop(proc)
 
@@ -501,6 +505,9 @@ def main() -> None:
         default=["one-request", "two-step"],
         help="task-creation forms: the first gives the headline figures; CPU is measured for each",
     )
+    parser.add_argument(
+        "--paths", type=int, default=0, help="also time each request of N task cycles (bench/server_paths.py)"
+    )
     parser.add_argument("--v6-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.v6_worker:
@@ -508,6 +515,11 @@ def main() -> None:
         return
     load_start = os.getloadavg()[0]
     results: dict[str, Any] = run_vfed(args)
+    if args.paths:
+        import server_paths
+
+        # a fresh server, so these figures do not depend on the tasks created above
+        results.update(run_vfed(args, server_paths.measure))
     v6 = None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks)
     skipped: dict[str, Any] = {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None}
     results.update(v6 or skipped)
