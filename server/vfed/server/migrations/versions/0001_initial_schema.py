@@ -17,6 +17,17 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    _directory()
+    _nodes_and_keys()
+    _users()
+    _blobs()
+    _tasks()
+    _runs()
+    _seed_roles()
+
+
+def _directory() -> None:
+    """Collaborations, organizations, roles and who is a member of what."""
     op.create_table(
         "collaborations",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -52,6 +63,10 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["organization_id"], ["organizations.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("collaboration_id", "organization_id"),
     )
+
+
+def _nodes_and_keys() -> None:
+    """Node agents (with their API key hashes) and the organizations' retired public keys."""
     op.create_table(
         "nodes",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -87,6 +102,9 @@ def upgrade() -> None:
             batch_op.f("ix_organization_keys_organization_id"), ["organization_id"], unique=False
         )
 
+
+def _users() -> None:
+    """Users, their roles, and the login throttling state."""
     op.create_table(
         "users",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -103,7 +121,18 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_users_organization_id"), ["organization_id"], unique=False)
+    op.create_table(
+        "user_roles",
+        sa.Column("user_id", sa.Integer(), nullable=False),
+        sa.Column("role_id", sa.Integer(), nullable=False),
+        sa.ForeignKeyConstraint(["role_id"], ["roles.id"], ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("user_id", "role_id"),
+    )
 
+
+def _blobs() -> None:
+    """Stored payloads; who owns one decides who may read it."""
     op.create_table(
         "blobs",
         sa.Column("id", sa.String(length=64), nullable=False),
@@ -118,6 +147,10 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["owner_user_id"], ["users.id"], ondelete="SET NULL"),
         sa.PrimaryKeyConstraint("id"),
     )
+
+
+def _tasks() -> None:
+    """Tasks, their job and parent links, and the image they run."""
     op.create_table(
         "tasks",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -158,14 +191,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_tasks_parent_id"), ["parent_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_tasks_status"), ["status"], unique=False)
 
-    op.create_table(
-        "user_roles",
-        sa.Column("user_id", sa.Integer(), nullable=False),
-        sa.Column("role_id", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(["role_id"], ["roles.id"], ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("user_id", "role_id"),
-    )
+
+def _runs() -> None:
+    """One run per organization of a task: status, input, result and the node that claims it."""
     op.create_table(
         "runs",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -207,6 +235,9 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_runs_status"), ["status"], unique=False)
         batch_op.create_index(batch_op.f("ix_runs_task_id"), ["task_id"], unique=False)
 
+
+def _seed_roles() -> None:
+    """The fixed roles every deployment starts with."""
     roles = sa.table("roles", sa.column("name", sa.String), sa.column("description", sa.Text))
     op.bulk_insert(
         roles,
