@@ -120,6 +120,7 @@ def _decrypt_frames(
             offset = frames[number][0]
             head = blob[offset : offset + FRAME_HEAD_BYTES]
             body_ptr = src_ptr + offset + FRAME_HEAD_BYTES
+            out.prefault(plain_at[number], frames[number][1])
             return dec.open_frame(out.ptr + plain_at[number], body_ptr, number, head)
 
         if workers > 1 and dec.header.committed:

@@ -10,7 +10,7 @@ import nacl.bindings as nb
 import nacl.exceptions
 import nacl.utils
 
-from .aead import ChunkCipher, OutputBytes, ffi, new_output, pointer, release
+from .aead import ChunkCipher, FreshBytes, OutputBytes, ffi, new_output, pointer, release
 from .errors import (
     BadSignature,
     CorruptHeader,
@@ -188,7 +188,7 @@ class Encryptor:
         try:
             ffi.memmove(out.ptr, self.header, start)
             with memoryview(ffi.buffer(out.ptr, total)) as view:
-                frames = _Frames(self, view, out.ptr, src_ptr, start, size)
+                frames = _Frames(self, view, out, src_ptr, start, size)
                 if workers > 1 and self._tags.committed:
                     frames.seal_hashing_alongside(workers)
                 else:
@@ -218,9 +218,15 @@ class _Frames:
     any frame, while the signature's hash takes them in order."""
 
     def __init__(
-        self, enc: Encryptor, view: memoryview, out_ptr: Any, src_ptr: Any, start: int, size: int
+        self,
+        enc: Encryptor,
+        view: memoryview,
+        out: OutputBytes | FreshBytes,
+        src_ptr: Any,
+        start: int,
+        size: int,
     ) -> None:
-        self.enc, self.view, self.out_ptr, self.src_ptr = enc, view, out_ptr, src_ptr
+        self.enc, self.view, self.out, self.src_ptr = enc, view, out, src_ptr
         self.start, self.size, self.cs = start, size, enc.chunk_size
         self.count = max(1, -(-size // self.cs))
 
@@ -232,7 +238,8 @@ class _Frames:
     def seal(self, number: int) -> bool:
         offset, length = self._span(number)
         final = number == self.count - 1
-        self.enc.seal_frame(self.out_ptr + offset, self.src_ptr + number * self.cs, number, length, final)
+        self.out.prefault(offset, FRAME_HEAD_BYTES + length + TAG_BYTES)
+        self.enc.seal_frame(self.out.ptr + offset, self.src_ptr + number * self.cs, number, length, final)
         return True
 
     def hash(self, number: int) -> None:
