@@ -6,8 +6,9 @@ Invisible objects answer 404 (never 403), so a caller cannot learn that another 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, exists, false, or_, select, true
+from sqlalchemy import ColumnElement, Select, and_, bindparam, exists, false, or_, select, true
 
 from vfed.server.auth import Principal
 from vfed.server.errors import forbidden
@@ -167,7 +168,16 @@ def run_filter(p: Principal, scope: Scope) -> ColumnElement[bool]:
         subtasks = select(Task.id).where(Task.parent_id == p.task_id)
         return or_(Run.id == p.run_id, Run.task_id.in_(subtasks))
     if p.kind == "node":
-        in_collab = select(Task.id).where(Task.collaboration_id == p.collaboration_id)
-        return and_(Run.organization_id == p.organization_id, Run.task_id.in_(in_collab))
+        return _node_runs(p.organization_id, p.collaboration_id)
     initiated = select(Task.id).where(Task.initiator_organization_id == p.organization_id)
     return or_(Run.organization_id == p.organization_id, Run.task_id.in_(initiated))
+
+
+def _node_runs(org: Any, collab: Any) -> ColumnElement[bool]:
+    """A node's runs: its organization's, of tasks in its collaboration (values or bound parameters)."""
+    in_collab = select(Task.id).where(Task.collaboration_id == collab)
+    return and_(Run.organization_id == org, Run.task_id.in_(in_collab))
+
+
+# run_filter of a node with `node_org` and `node_collab` bound at execution, for statements built once
+NODE_RUNS = _node_runs(bindparam("node_org"), bindparam("node_collab"))

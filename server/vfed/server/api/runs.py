@@ -6,11 +6,12 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import MultipartWriter, hdrs, web
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server import auth
 from vfed.server.access import require, run_filter
+from vfed.server.api import run_rows
 from vfed.server.api.common import (
     caller,
     equal_filters,
@@ -23,26 +24,25 @@ from vfed.server.api.common import (
     session,
 )
 from vfed.server.api.tasks import out as task_out
-from vfed.server.api.tasks import refresh_status, target_orgs, visible_task
 from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, conflict, forbidden, not_found
-from vfed.server.models import TERMINAL, Blob, Run, RunStatus, utcnow
+from vfed.server.models import TERMINAL, Run, RunStatus, utcnow
 from vfed.server.schemas import ClaimOut, RunOut, RunPatch, RunQuery, RunTokenOut
 from vfed.server.state import SETTINGS
 
 CLAIM_MIXED = "multipart/mixed"  # a node that sends this in Accept gets a small input in the claim answer
 
 
-def out(r: Run) -> RunOut:
-    """The run as the API shows it."""
+def out(r: Run | Row[Any]) -> RunOut:
+    """The run as the API shows it (a row of our own database, or RETURNING: no validation needed)."""
     blob = "/api/v1/blobs/"
-    return RunOut(
+    return RunOut.model_construct(
         id=r.id,
         task_id=r.task_id,
         job_id=r.job_id,
         organization_id=r.organization_id,
         node_id=r.node_id,
-        status=r.status,
+        status=RunStatus(r.status),
         input_blob_id=r.input_blob_id,
         result_blob_id=r.result_blob_id,
         image_digest=r.image_digest,
@@ -111,28 +111,27 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 async def claim_run(request: web.Request) -> web.Response:
-    """pending -> initializing for exactly one node: a conditional UPDATE, so racing claims never both win."""
+    """pending -> initializing for exactly one node: a conditional UPDATE ... RETURNING, so racing claims
+    never both win; the task (its status re-derived) and a small input follow in two statements."""
     async with session(request) as s:
-        p, run = await node_run(request, s, "claim", "only a node claims runs")
-        result = await s.execute(
-            update(Run)
-            .where(Run.id == run.id, Run.status == RunStatus.PENDING, Run.node_id.is_(None))
-            .values(status=RunStatus.INITIALIZING, node_id=p.node_id, claimed_at=utcnow())
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
+        p = await caller(request, s)
+        if p.kind != "node":
+            raise forbidden("only a node claims runs")
+        require(p, "run", "claim")
+        run_id = path_id(request)
+        conn = await s.connection()
+        run = await run_rows.claim(conn, p, run_id, utcnow())
+        if run is None:
             await s.rollback()
-            raise conflict("already-claimed", f"run {path_id(request)} is no longer pending")
-        await refresh_status(s, run.task_id)
+            await visible_run(s, p, run_id)  # 404 for a run the node may not see
+            raise conflict("already-claimed", f"run {run_id} is no longer pending")
+        # the node may read the task: the run it just claimed is its organization's, in its collaboration
+        task, orgs, small = await run_rows.settle(s, conn, run.task_id, run.input_blob_id)
         await s.commit()
-        run = await visible_run(s, p, path_id(request))
-        task = await visible_task(s, p, run.task_id)
-        orgs = await target_orgs(s, [task.id])
-        blob = await s.get(Blob, run.input_blob_id) if run.input_blob_id else None
     # What the node needs before it can start the container comes along: the task, the run's proxy token and,
     # for a node that accepts multipart/mixed, a small input (one that lives in its blob row) as binary part.
     token = _issue_run_token(request, p, run.id)
-    claim = ClaimOut(**dict(out(run)), task=task_out(task, orgs[task.id]), run_token=token)
-    small = blob.data if blob is not None else None
+    claim = ClaimOut.model_construct(**dict(out(run)), task=task_out(task, orgs), run_token=token)
     if small is not None and CLAIM_MIXED in request.headers.get(hdrs.ACCEPT, ""):
         return _claim_with_input(claim, small)
     return json_response(claim)
@@ -155,51 +154,69 @@ def _tail(text: str, max_bytes: int) -> str:
     return data[len(data) - max_bytes :].decode(errors="ignore")
 
 
-async def _changes(s: AsyncSession, p: Principal, run: Run, body: RunPatch, log_max: int) -> dict[str, Any]:
+def _changes(body: RunPatch, log_max: int) -> dict[str, Any]:
+    """The columns a PATCH sets (`started_at` keeps its first value: see run_rows.update_own_run)."""
     values: dict[str, Any] = body.model_dump(exclude_unset=True, exclude_none=True)
-    if body.status == RunStatus.PENDING:
-        raise ApiError(422, "validation-error", "status: a run cannot go back to pending")
-    if body.result_blob_id is not None:
-        blob = await s.get(Blob, body.result_blob_id)
-        if blob is None or blob.owner_node_id != p.node_id:
-            raise ApiError(422, "validation-error", f"result_blob_id: unknown blob {body.result_blob_id}")
     if body.log is not None:
         values["log"] = _tail(body.log, log_max)
     now: datetime = utcnow()
-    if body.status == RunStatus.ACTIVE and run.started_at is None:
+    if body.status == RunStatus.ACTIVE:
         values["started_at"] = now
     if body.status in TERMINAL:
         values["finished_at"] = now
     return values
 
 
+async def _checked_run(s: AsyncSession, p: Principal, run_id: int, body: RunPatch) -> Run:
+    """The run, after every check a PATCH passes, in the order they answer: 404, 403, then 422."""
+    run = await visible_run(s, p, run_id)
+    if run.node_id != p.node_id:
+        raise forbidden("only the node that claimed this run may update it")
+    if body.status == RunStatus.PENDING:
+        raise ApiError(422, "validation-error", "status: a run cannot go back to pending")
+    if body.result_blob_id is not None and not await run_rows.blob_owner_is(
+        await s.connection(), body.result_blob_id, p.node_id
+    ):
+        raise _unknown_blob(body.result_blob_id)
+    return run
+
+
+def _unknown_blob(blob_id: str) -> ApiError:
+    return ApiError(422, "validation-error", f"result_blob_id: unknown blob {blob_id}")
+
+
 async def patch_run(request: web.Request) -> web.Response:
     """The claiming node reports progress; terminal statuses are final (409), but a killed run's node may
-    still PATCH only its `log`: it stops the container after the kill and uploads the log so far."""
+    still PATCH only its `log`: it stops the container after the kill and uploads the log so far.
+    One conditional UPDATE ... RETURNING does the checks that pass on the way (the run is this node's and
+    open); only a refusal reads the run again, to answer with the code the first failing check gives."""
     body = await read_json(request, RunPatch)
     async with session(request) as s:
         p = await caller(request, s)
         if p.kind != "node":
             raise forbidden("only the claiming node updates a run")
         require(p, "run", "edit")
-        run = await visible_run(s, p, path_id(request))
-        if run.node_id != p.node_id:
-            raise forbidden("only the node that claimed this run may update it")
-        values = await _changes(s, p, run, body, request.app[SETTINGS].run_log_max_bytes)
-        if values:
-            open_run: ColumnElement[bool] = Run.status.not_in(list(TERMINAL))
-            if set(values) == {"log"}:  # a killed run still takes the log its node saved while stopping it
-                open_run = or_(open_run, Run.status == RunStatus.KILLED)
-            result = await s.execute(update(Run).where(Run.id == run.id, open_run).values(**values))
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                await s.rollback()
-                run = await visible_run(s, p, path_id(request))
-                code = "run-killed" if run.status == RunStatus.KILLED else "run-final"
-                raise conflict(code, f"run {run.id} is {run.status}; its status is final")
-            await refresh_status(s, run.task_id)
-            await s.commit()
-        run = await visible_run(s, p, path_id(request))
-    return json_response(out(run))
+        run_id = path_id(request)
+        values = _changes(body, request.app[SETTINGS].run_log_max_bytes)
+        conn = await s.connection()
+        blob_ok = body.result_blob_id is None or await run_rows.blob_owner_is(
+            conn, body.result_blob_id, p.node_id
+        )
+        if not values or body.status == RunStatus.PENDING or not blob_ok:
+            run = await _checked_run(s, p, run_id, body)
+            if not blob_ok:
+                raise _unknown_blob(str(body.result_blob_id))
+            return json_response(out(run))  # nothing to change
+        row = await run_rows.update_run(conn, p, run_id, values)
+        if row is None:
+            await s.rollback()
+            run = await _checked_run(s, p, run_id, body)
+            code = "run-killed" if run.status == RunStatus.KILLED else "run-final"
+            raise conflict(code, f"run {run.id} is {run.status}; its status is final")
+        if "status" in values:
+            await run_rows.settle(s, conn, row.task_id)
+        await s.commit()
+    return json_response(out(row))
 
 
 async def run_token(request: web.Request) -> web.Response:

@@ -98,7 +98,9 @@ async def target_orgs(s: AsyncSession, task_ids: list[int]) -> dict[int, list[in
 
 async def refresh_status(s: AsyncSession, task_id: int) -> None:
     """Re-derive a task's status from its runs (kept on the row so lists can filter on it); the session's
-    commit then wakes whoever waits on the task."""
+    commit then wakes whoever waits on the task. The task row is locked first (PostgreSQL) so concurrent
+    changes to its runs derive the status one after the other, each from the runs the other committed."""
+    await s.execute(select(Task.id).where(Task.id == task_id).with_for_update())
     statuses = list((await s.execute(select(Run.status).where(Run.task_id == task_id))).scalars())
     await s.execute(update(Task).where(Task.id == task_id).values(status=derive_task_status(statuses)))
     mark_changed(s, task_id)
