@@ -12,16 +12,16 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass
 
 from aiohttp import web
 from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server.api.common import caller, json_response, path_id, read_query, session
 from vfed.server.api.tasks import out as task_out
-from vfed.server.api.tasks import target_orgs, visible_task
+from vfed.server.api.tasks import visible_task_row
 from vfed.server.metrics import METRICS
-from vfed.server.models import TERMINAL, Run
+from vfed.server.models import TERMINAL, Run, RunStatus
 from vfed.server.schemas import RunStateOut, TaskOut, TaskWaitOut, TaskWaitQuery
 from vfed.server.state import SETTINGS, TASK_EVENTS
 
@@ -33,36 +33,42 @@ _RUN_STATES = (
 )
 
 
-@dataclass(frozen=True)
-class _State:
-    task: TaskOut
-    runs: list[RunStateOut]
-
-    @property
-    def done(self) -> bool:
-        return bool(self.runs) and all(r.status in TERMINAL for r in self.runs)
-
-    @property
-    def version(self) -> str:
-        """Changes whenever any run's status or node changes (the same in every server process)."""
-        text = ";".join(f"{r.id}:{r.status}:{r.node_id}" for r in self.runs)
-        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+def _done(runs: list[RunStateOut]) -> bool:
+    return bool(runs) and all(r.status in TERMINAL for r in runs)
 
 
-async def _state(request: web.Request, task_id: int) -> _State:
+def _version(runs: list[RunStateOut]) -> str:
+    """Changes whenever any run's status or node changes (the same in every server process)."""
+    text = ";".join(f"{r.id}:{r.status}:{r.node_id}" for r in runs)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+async def _run_states(s: AsyncSession, task_id: int) -> list[RunStateOut]:
+    conn = await s.connection()
+    rows = await conn.execute(_RUN_STATES, {"task": task_id})
+    return [
+        RunStateOut.model_construct(id=i, organization_id=o, node_id=n, status=RunStatus(st))
+        for i, o, n, st in rows
+    ]
+
+
+async def _state(request: web.Request, task_id: int) -> tuple[TaskOut, list[RunStateOut]]:
     """The task (with the caller's access checked, as GET /tasks/{id} does) and its runs' states."""
     async with session(request) as s:
         p = await caller(request, s)
-        task = await visible_task(s, p, task_id)
-        orgs = await target_orgs(s, [task.id])
-        conn = await s.connection()
-        rows = await conn.execute(_RUN_STATES, {"task": task.id})
-        runs = [RunStateOut(id=i, organization_id=o, node_id=n, status=st) for i, o, n, st in rows]
-    return _State(task_out(task, orgs[task.id]), runs)
+        task = await visible_task_row(s, p, task_id)
+        runs = await _run_states(s, task_id)
+    return task_out(task, [r.organization_id for r in runs]), runs
 
 
-def _answer(state: _State) -> web.Response:
-    body = TaskWaitOut(done=state.done, version=state.version, task=state.task, runs=state.runs)
+async def _changed_runs(request: web.Request, task_id: int) -> list[RunStateOut]:
+    """Only the runs' states: what a wake-up needs to decide whether to answer (one statement)."""
+    async with session(request) as s:
+        return await _run_states(s, task_id)
+
+
+def _answer(task: TaskOut, runs: list[RunStateOut]) -> web.Response:
+    body = TaskWaitOut.model_construct(done=_done(runs), version=_version(runs), task=task, runs=runs)
     return json_response(body)
 
 
@@ -72,7 +78,9 @@ def _gone(request: web.Request) -> bool:
 
 
 async def wait_task(request: web.Request) -> web.Response:
-    """Hold the request until the task is done, its runs changed since `since`, or `timeout_s` passed."""
+    """Hold the request until the task is done, its runs changed since `since`, or `timeout_s` passed.
+    The task and the caller's access are read at the start and again for the answer; a wake-up in between
+    reads only the runs' states."""
     q = read_query(request, TaskWaitQuery)
     task_id = path_id(request)
     timeout_s = min(q.timeout_s, request.app[SETTINGS].task_wait_max_s)
@@ -82,8 +90,9 @@ async def wait_task(request: web.Request) -> web.Response:
     woken = events.subscribe(task_id)  # before the first read: a change right after it is not missed
     waiters.inc()
     try:
-        state = await _state(request, task_id)
-        while not (state.done or (q.since is not None and state.version != q.since)):
+        task, first = await _state(request, task_id)
+        runs = first
+        while not (_done(runs) or (q.since is not None and _version(runs) != q.since)):
             left_s = deadline - time.monotonic()
             if left_s <= 0:
                 break
@@ -92,8 +101,10 @@ async def wait_task(request: web.Request) -> web.Response:
             if _gone(request):
                 break  # nobody to answer; the finally drops the waiter
             woken.clear()
-            state = await _state(request, task_id)
-        return _answer(state)
+            runs = await _changed_runs(request, task_id)
+        if runs != first:
+            task, runs = await _state(request, task_id)
+        return _answer(task, runs)
     finally:
         events.unsubscribe(task_id, woken)
         waiters.dec()
