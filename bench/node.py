@@ -40,6 +40,7 @@ from tests.node.node_harness import (
 
 from vfed.client.client import AsyncClient
 from vfed.common.payload import TaskInput
+from vfed.node import timeline
 from vfed.node.config import load_settings
 from vfed.node.runtime.base import RunSpec, algorithm_env
 from vfed.node.runtime.docker_spec import DockerRuntimeConfig, container_kwargs
@@ -147,6 +148,8 @@ class StartWatcher:
         self.starts: dict[str, float] = {}
         self.creates: dict[str, float] = {}
         self.destroys: dict[str, float] = {}
+        self.jobs: dict[str, str] = {}
+        self.volume_destroys: dict[str, float] = {}
         self._client = docker.from_env()
         self._events = self._client.events(
             decode=True,
@@ -156,16 +159,34 @@ class StartWatcher:
                 "label": f"vfed.node={node}",
             },
         )
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        self._volume_events = self._client.events(
+            decode=True, filters={"type": "volume", "event": ["destroy"]}
+        )
+        self._threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_volumes, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _read(self) -> None:
         tables = {"start": self.starts, "create": self.creates, "destroy": self.destroys}
         for event in self._events:
-            run_id = event.get("Actor", {}).get("Attributes", {}).get("vfed.run_id")
+            attributes = event.get("Actor", {}).get("Attributes", {})
+            run_id = attributes.get("vfed.run_id")
             table = tables.get(str(event.get("Action", event.get("status"))))
             if run_id and table is not None:
                 table[run_id] = event["timeNano"] / 1e9
+                self.jobs[run_id] = attributes.get("vfed.job_id", "")
+
+    def _read_volumes(self) -> None:
+        for event in self._volume_events:
+            self.volume_destroys[str(event.get("Actor", {}).get("ID"))] = event["timeNano"] / 1e9
+
+    async def cleaned_up(self, run_id: str) -> None:
+        """The run's container and its job volume are gone (the agent removes both after the final report)."""
+        await self.seen(self.destroys, run_id)
+        await self.seen(self.volume_destroys, f"vfed-{self.node}-{self.jobs[run_id]}-tmp")
 
     def docker_own_start(self, run_id: str) -> float:
         """Seconds between Docker's `create` and `start` events of the run's container."""
@@ -188,6 +209,7 @@ class StartWatcher:
 
     def close(self) -> None:
         self._events.close()
+        self._volume_events.close()
         self._client.close()
 
 
@@ -203,14 +225,13 @@ async def wait_done(researcher: AsyncClient, task_id: int, timeout_s: float = 12
     raise TimeoutError(f"task {task_id} not done after {timeout_s} s")
 
 
-async def dispatch_latencies(
-    researcher: AsyncClient, collab: int, org: int, runs: int
-) -> dict[str, list[float]]:
+async def dispatch_latencies(researcher: AsyncClient, collab: int, org: int, runs: int) -> dict[str, Any]:
     """Seconds from just before POST /tasks (the researcher's client: encrypt, upload, create) to Docker's
     start event of the run's container, and the part of that between Docker's create and start events. Like
-    (a), each run starts once the previous container is removed, so its clean-up does not compete."""
+    (a), each run starts once the previous container and its job volume are removed, so the clean-up does not
+    compete."""
     watcher = StartWatcher("a")
-    out: dict[str, list[float]] = {"dispatch": [], "docker_start": [], "post": [], "post_to_create": []}
+    out: dict[str, Any] = {"dispatch": [], "docker_start": [], "post": [], "post_to_create": [], "runs": {}}
     try:
         for _ in range(runs):
             known = set(watcher.starts)
@@ -220,7 +241,7 @@ async def dispatch_latencies(
             # Docker's events say when the run started and ended (its container is removed after the final
             # report), so the researcher does not poll the server while the run it measures is dispatched.
             run_id = await watcher.next_start(known)
-            await watcher.seen(watcher.destroys, run_id)
+            await watcher.cleaned_up(run_id)
             await wait_done(researcher, int(task["id"]))
             (run,) = await researcher.runs(int(task["id"]))
             assert str(run["id"]) == run_id, (run, run_id)
@@ -228,6 +249,8 @@ async def dispatch_latencies(
             out["docker_start"].append(watcher.docker_own_start(run_id))
             out["post"].append(returned - posted)
             out["post_to_create"].append(watcher.creates[run_id] - returned)
+            events = {"docker_create": watcher.creates[run_id], "docker_start": watcher.starts[run_id]}
+            out["runs"][int(run_id)] = {"posted": posted, "post_answered": returned, **events}
     finally:
         watcher.close()
     return out
@@ -245,6 +268,20 @@ async def end_to_end(researcher: AsyncClient, collab: int, rounds: int) -> list[
         times.append(time.perf_counter() - started)
         assert len(results) == 3
     return times
+
+
+def start_steps(agent_log: str, runs: dict[int, dict[str, float]]) -> dict[str, float]:
+    """p50 ms of each start mark (vfed.node.timeline) and Docker event after the POST answer, in order."""
+    after: dict[str, list[float]] = {}
+    for line in agent_log.splitlines():
+        parsed = timeline.parse(line)
+        if parsed is None or parsed[0] not in runs:
+            continue
+        run = runs[parsed[0]]
+        for step, at in {**parsed[1], **run}.items():
+            after.setdefault(step, []).append(at - run["post_answered"])
+    steps = {step: ms(percentile(values, 0.5)) for step, values in after.items()}
+    return dict(sorted(steps.items(), key=lambda item: item[1]))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -269,7 +306,7 @@ async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, An
                     poll_interval_s=30.0,
                 )
                 agent = AgentProcess(config, work / f"{name}.log")
-                agent.start()
+                agent.start("--log-level", "INFO,vfed.node.timeline=DEBUG")  # marks of each run's start
                 agents.append(agent)
             for agent in agents:
                 await agent.wait_for_log("doorbell subscribed")
@@ -284,6 +321,7 @@ async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, An
                 assert org is not None
                 await end_to_end(researcher, collab, 1)  # warm-up: keys cached, images hot
                 dispatch = await dispatch_latencies(researcher, collab, org, runs)
+                dispatch["steps"] = start_steps(agents[0].log(), dispatch.pop("runs"))
                 e2e = await end_to_end(researcher, collab, rounds)
         finally:
             for agent in agents:
@@ -346,6 +384,7 @@ def build_report(
         "bare_docker_run_x3_parallel_s": round(bare3_s, 4),
         "ratio_end_to_end_vs_bare_x3": round(e2e_s / bare3_s, 3),
         "idle_agent_rss_mib": round(figures["idle_rss"], 1),
+        **{f"step_p50_ms.{step}": value for step, value in figures["steps"].items()},
     }
 
 
@@ -375,6 +414,9 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
         f"from its answer to Docker's create event (doorbell, claim, checks, job folder, proxy, "
         f"Docker's create) p50 {r['post_returned_to_create_event_p50_ms']} ms"
     )
+    steps = [(k.removeprefix("step_p50_ms."), v) for k, v in r.items() if k.startswith("step_p50_ms.")]
+    print("    p50 ms after the POST's answer, agent marks and Docker events:")
+    print("      " + ", ".join(f"{step} {value}" for step, value in steps))
     print(f"(c) submit -> decrypted results, 3 nodes, median: {r['end_to_end_s']:.3f} s")
     print(f"(c)/(a) = {r['ratio_end_to_end_vs_bare']}")
     print(

@@ -23,6 +23,7 @@ from vfed.node.doorbell import Doorbell, Ring
 from vfed.node.journal import Journal, Stage
 from vfed.node.keys import load_or_create, reconcile
 from vfed.node.metrics import NodeMetrics, serve_metrics
+from vfed.node.orphans import adopt_server, server_identity
 from vfed.node.privacy import PrivacyLedger
 from vfed.node.recovery import Resume, recover
 from vfed.node.runner import Runner, Services
@@ -124,6 +125,7 @@ class Agent:
             organization_id=identity.organization_id,
             collaboration_id=identity.collaboration_id,
             ledger=PrivacyLedger(s.data_dir / "privacy.sqlite3"),
+            server_identity=server_identity(identity, s.api_key.get_secret_value()),
         )
         self.runner = Runner(self.services)
         if s.metrics_port is not None:
@@ -178,6 +180,7 @@ class Agent:
 
     async def _serve(self, burst: bool) -> None:
         s = self._s
+        await adopt_server(s, s.server_identity)  # a reset server's ids restart: clear its old runs first
         await recover(s, self._runner_or_fail(), self._spawn_resumed)
         mqtt_url = self.settings.mqtt_url or await self._mqtt_from_server()
         if mqtt_url and s.client.identity is not None:
@@ -289,7 +292,8 @@ class Agent:
             self._kill(ring.run_id)
         elif ring.event == "run-created" and ring.run_id is not None:
             if ring.run_id not in self._tasks:
-                self._spawn(ring.run_id)  # claim at once; the claim is atomic, the poll is the safety net
+                # Claim at once; the claim is atomic, the poll is the safety net.
+                self._spawn(ring.run_id, rung_at=time.time())
         else:
             self._wake.set()
 
@@ -303,11 +307,11 @@ class Agent:
         assert self.runner is not None
         return self.runner
 
-    def _spawn(self, run_id: int) -> None:
+    def _spawn(self, run_id: int, rung_at: float | None = None) -> None:
         async def body(kill: asyncio.Event) -> None:
             async with self._semaphore:
                 if not kill.is_set():
-                    await self._runner_or_fail().execute(run_id, kill)
+                    await self._runner_or_fail().execute(run_id, kill, rung_at)
 
         self._track(run_id, body)
 

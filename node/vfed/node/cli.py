@@ -39,12 +39,23 @@ async def _serve(settings: NodeSettings, rotate_key: bool) -> None:
     "--config", "config_path", required=True, type=click.Path(path_type=Path), help="Node YAML file."
 )
 @click.option("--rotate-key", is_flag=True, help="Make a new organization key and publish it.")
-@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    help="DEBUG, INFO, WARNING or ERROR, optionally followed by LOGGER=LEVEL items, comma-separated "
+    "(e.g. INFO,vfed.node.timeline=DEBUG).",
+)
 def run(config_path: Path, rotate_key: bool, log_level: str) -> None:
     """Run the node agent in the foreground until SIGTERM or Ctrl-C."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    try:
+        root, per_logger = parse_log_levels(log_level)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--log-level") from None
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=root, format=log_format, stream=sys.stderr)
+    for name, level in per_logger.items():
+        logging.getLogger(name).setLevel(level)
     try:
         settings = load_settings(config_path)
         asyncio.run(_serve(settings, rotate_key))
@@ -57,6 +68,22 @@ def run(config_path: Path, rotate_key: bool, log_level: str) -> None:
     except OSError as exc:  # an unwritable data_dir, a full disk, a port in use
         where = f"{exc.filename}: " if exc.filename else ""
         _fail(f"{where}{exc.strerror or exc}")
+
+
+def parse_log_levels(spec: str) -> tuple[str, dict[str, str]]:
+    """`LEVEL[,logger=LEVEL...]` -> (root level, {logger: level}); ValueError names what is wrong."""
+    known = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+    root, *items = [part.strip() for part in spec.split(",")]
+    per_logger = {}
+    for item in items:
+        name, sep, level = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{item!r} is not LOGGER=LEVEL")
+        per_logger[name.strip()] = level.strip().upper()
+    for level in [root.upper(), *per_logger.values()]:
+        if level not in known:
+            raise ValueError(f"unknown level {level!r} (one of {', '.join(sorted(known))})")
+    return root.upper(), per_logger
 
 
 def _fail(message: str) -> None:

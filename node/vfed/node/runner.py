@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from vfed.common.crypto import CryptoError, Keyring, PublicKey, decrypt_bytes
-from vfed.node import budget
+from vfed.node import budget, timeline
 from vfed.node.config import NodeSettings
 from vfed.node.journal import Journal
 from vfed.node.metrics import NodeMetrics
@@ -36,6 +36,7 @@ from vfed.node.runtime.base import (
     algorithm_env,
 )
 from vfed.node.server_api import AlreadyClaimed, Claim, NodeClient
+from vfed.node.timeline import StartTimeline
 from vfed.proxy.app import ProxyContext, RunInfo
 from vfed.proxy.keys import KeyDirectory, KeyUnavailable
 from vfed.proxy.rest import ApiError, RestClient, Run, Task
@@ -84,6 +85,8 @@ class Services:
     organization_id: int
     collaboration_id: int
     ledger: PrivacyLedger
+    server_identity: str = ""
+    """The server's fingerprint (orphans.server_identity): run ids are only unique under it."""
 
 
 class Runner:
@@ -101,9 +104,12 @@ class Runner:
     def socket_path(self, run_id: int) -> Path:
         return self.s.settings.data_dir / "sockets" / str(run_id) / "proxy.sock"
 
-    async def execute(self, run_id: int, kill: asyncio.Event) -> None:
+    async def execute(self, run_id: int, kill: asyncio.Event, rung_at: float | None = None) -> None:
         """Claim the run and carry it through; returns quietly when another node claimed it first."""
         claimed_at = time.monotonic()
+        trace = StartTimeline(run_id, rung_at)
+        trace.activate()  # this task's context: the setup tasks and runtime threads below mark it too
+        trace.mark("claim_sent")
         try:
             claim = await self.s.client.claim(run_id)
         except AlreadyClaimed:
@@ -112,7 +118,9 @@ class Runner:
         except ApiError as exc:  # e.g. a doorbell for a run this node may not claim
             log.warning("run %s: cannot claim: %s", run_id, exc)
             return
+        trace.mark("claimed")
         self.s.journal.claimed(claim.id, claim.task_id, claim.job_id)
+        trace.mark("journaled")
         log.info("run %s: claimed (task %s, job %s)", claim.id, claim.task_id, claim.job_id)
         task = claim.task or await self.s.client.get_task(claim.task_id)  # an older server sends no task
         token = claim.run_token.token if claim.run_token is not None else None
@@ -124,6 +132,8 @@ class Runner:
                 self.s.runtime.ensure_job_volume(self.s.settings.name, str(claim.job_id))
             ),
         )
+        setup.digest.add_done_callback(lambda _: trace.mark("image"))
+        setup.volume.add_done_callback(lambda _: trace.mark("job_folder"))
         try:
             prepared = await self._prepare(claim, task, setup, token)
             proxy = await setup.ready()
@@ -134,7 +144,8 @@ class Runner:
         except BaseException:
             await setup.undo()
             raise
-        await self._start_and_follow(prepared, proxy, kill, claimed_at)
+        trace.mark("prepared")
+        await self._start_and_follow(prepared, proxy, kill, claimed_at, trace)
 
     async def abandon(self, run_id: int, exc: BaseException) -> None:
         """After an unexpected error: remove the container if any and mark the run crashed, best effort."""
@@ -153,7 +164,9 @@ class Runner:
         proxy while it waits for that answer: the loop's own work stays off the critical path."""
         blob, sender = await asyncio.gather(self._download_input(run), self._sender(task))
         plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, sender)
+        timeline.mark("decrypted")
         setup.proxy = asyncio.ensure_future(self.start_proxy(run, task, token))
+        setup.proxy.add_done_callback(lambda _: timeline.mark("proxy"))
         digest = await setup.digest
         decision = check_run(
             self.s.settings,
@@ -172,8 +185,9 @@ class Runner:
                 self.s.settings,
                 self.s.ledger,
                 self.s.runtime,
-                run_id=run.id,
-                image=task.image,
+                # The ledger outlives servers: a reset server's run 5 is not the run 5 charged before.
+                run_key=f"{self.s.server_identity}:{run.id}" if self.s.server_identity else str(run.id),
+                image=digest,  # the manifest of exactly the image the policy checked
                 plaintext=plaintext,
                 datasets=task.datasets,
                 initiator=str(task.initiator_organization_id),
@@ -267,7 +281,12 @@ class Runner:
         return proxy
 
     async def _start_and_follow(
-        self, prepared: Prepared, proxy: ProxyServer, kill: asyncio.Event, claimed_at: float
+        self,
+        prepared: Prepared,
+        proxy: ProxyServer,
+        kill: asyncio.Event,
+        claimed_at: float,
+        trace: StartTimeline,
     ) -> None:
         run = prepared.run
         try:
@@ -276,9 +295,11 @@ class Runner:
             await proxy.stop()
             await self.finisher.end_without_container(run.id, refused.status, refused.reason, run.job_id)
             return
+        trace.mark("started")
         self.s.metrics.start_latency.observe(time.monotonic() - claimed_at)
         deadline = time.time() + prepared.max_run_time_s
         self.s.journal.started(run.id, handle, deadline)
+        trace.emit()
         log.info("run %s: container started (%s)", run.id, handle)
         self.finisher.remember_task(run.id, prepared.task)
         # Marked active while the container already runs: a short run must not wait for this round trip.

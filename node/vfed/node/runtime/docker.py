@@ -20,7 +20,9 @@ import docker.models.containers
 import requests.exceptions
 from docker.models.containers import Container
 from docker.models.volumes import Volume
+from docker.types import CancellableStream
 
+from vfed.node import timeline
 from vfed.node.runtime import job_folder
 from vfed.node.runtime.base import (
     LABEL_AGENT,
@@ -36,6 +38,7 @@ from vfed.node.runtime.base import (
     RunState,
     Runtime,
     RuntimeUnavailable,
+    VfedRuntimeError,
     container_name,
     job_volume_name,
     sanitize_run_dir,
@@ -46,6 +49,7 @@ from vfed.node.runtime.docker_spec import (
     container_kwargs,
     grant_container_user,
 )
+from vfed.node.runtime.image_ids import ImageIds
 
 log = logging.getLogger(__name__)
 # docker-py's own translation of `containers.create` keyword arguments into the API's (not in its stubs).
@@ -126,6 +130,9 @@ class DockerRuntime(Runtime):
         self._ready_volumes: set[str] = set()
         self._volume_locks: dict[str, asyncio.Lock] = {}
         self._open_lock = asyncio.Lock()
+        self.image_ids = ImageIds()
+        self._image_watch: asyncio.Task[None] | None = None
+        self._image_events: CancellableStream[dict[str, Any]] | None = None
 
     # -- lifecycle
 
@@ -136,6 +143,8 @@ class DockerRuntime(Runtime):
             async with self._open_lock:  # concurrent first calls share one client
                 if self._client is None:
                     self._client = await asyncio.to_thread(self._connect)
+        if self._image_watch is None:
+            self._image_watch = asyncio.create_task(self._watch_images(), name="docker-image-events")
 
     def _connect(self) -> docker.DockerClient:
         pool = self.config.max_waiters + 16
@@ -152,6 +161,11 @@ class DockerRuntime(Runtime):
             return client
 
     async def close(self) -> None:
+        if self._image_watch is not None:
+            self._image_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._image_watch
+            self._image_watch = None
         if self._waiters is not None:
             self._waiters.shutdown(wait=False, cancel_futures=True)
             self._waiters = None
@@ -178,8 +192,48 @@ class DockerRuntime(Runtime):
     # -- images and volumes
 
     async def image_digest(self, image: str) -> str:
-        """The local image ID (sha256 of the image config): content-addressed, known for local builds too."""
-        return await self._call(f"image {image}", self._image_id, image)
+        """The local image ID (sha256 of the image config): content-addressed, known for local builds too.
+
+        Answered from the cache while the image event stream is up (no engine call on the start path)."""
+        cached, generation = self.image_ids.get(image)
+        if cached is not None:
+            return cached
+        image_id = await self._call(f"image {image}", self._image_id, image)
+        self.image_ids.store(image, image_id, generation)
+        return image_id
+
+    async def _watch_images(self) -> None:
+        """Keep the image-ID cache right from the engine's image events; reconnect with backoff when the
+        stream drops (meanwhile every lookup asks the engine). Runs while the runtime is open."""
+        delay_s = 0.5
+        while True:
+            try:
+                stream = await self._call("image events", self._subscribe_images)
+            except VfedRuntimeError as exc:
+                log.warning("docker image events unavailable (%s); image lookups ask the engine", exc)
+            else:
+                self._image_events = stream
+                self.image_ids.set_live(True)
+                delay_s = 0.5
+                try:
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(self._waiters, self._drain_image_events, stream)
+                finally:
+                    self.image_ids.set_live(False)
+                    with contextlib.suppress(Exception):
+                        stream.close()  # also ends a reader still blocked in its thread
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 30.0)
+
+    def _subscribe_images(self) -> CancellableStream[dict[str, Any]]:
+        # The engine has subscribed us once this returns: any later event reaches the stream.
+        return self.client.api.events(decode=True, filters={"type": "image"})
+
+    def _drain_image_events(self, stream: CancellableStream[dict[str, Any]]) -> None:
+        """Blocks in a thread of the wait pool; each image event empties the cache. Returns when it ends."""
+        with contextlib.suppress(Exception):  # a closed or broken stream: the watcher reconnects
+            for _event in stream:
+                self.image_ids.invalidate()
 
     def _image_id(self, image: str) -> str:
         try:
@@ -250,6 +304,7 @@ class DockerRuntime(Runtime):
     # -- runs
 
     async def start(self, spec: RunSpec) -> str:
+        timeline.mark("runtime_start")
         kwargs = container_kwargs(spec, self.config)
         handle = HANDLE_PREFIX + container_name(spec.node_name, spec.run_id)
         try:
@@ -259,13 +314,16 @@ class DockerRuntime(Runtime):
             raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
         # Before create: a volume the mount names but that does not exist would be made as a plain one.
         await self.ensure_job_volume(spec.node_name, spec.job_id)
+        timeline.mark("runtime_ready")
         await self._call(f"start {handle}", self._create_and_start, kwargs)
         log.info("run %s started as %s", spec.run_id, handle)
         return handle
 
     def _create_and_start(self, kwargs: dict[str, Any]) -> None:
         """Both in one thread hop; a container that fails to start is removed so the run can start again."""
+        timeline.mark("create_sent")
         container_id = self._create(kwargs)
+        timeline.mark("create_answered")
         try:
             self.client.api.start(container_id)
         except BaseException:
