@@ -32,7 +32,7 @@ async def charge(
     ledger: PrivacyLedger,
     runtime: Runtime,
     *,
-    run_id: int,
+    run_key: str,
     image: str,
     plaintext: bytes,
     datasets: list[str],
@@ -50,7 +50,7 @@ async def charge(
     return await asyncio.to_thread(
         authorize,
         ledger,
-        run_id=str(run_id),
+        run_id=run_key,
         task_input=task_input,
         manifest=manifest,
         datasets=datasets,

@@ -77,6 +77,19 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def forget_all(self) -> list[Entry]:
+        """Drop every unfinished run (they belong to a server that no longer knows them); answer them."""
+        entries = self.unfinished()
+        self._db.execute("DELETE FROM runs")
+        return entries
+
     def claimed(self, run_id: int, task_id: int, job_id: int) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO runs (run_id, task_id, job_id, stage, updated_at) VALUES (?, ?, ?, ?, ?)",
