@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
-from sqlalchemy import Table, insert, or_, select
+from sqlalchemy import ColumnElement, Row, Table, exists, false, insert, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server.access import Scope, require, run_filter, scope_of
@@ -52,23 +54,27 @@ async def upload_blob(request: web.Request) -> web.Response:
     return json_response(BlobOut(id=stored.id, size=stored.size, sha256=stored.sha256), 201)
 
 
-async def readable_blob(s: AsyncSession, p: Principal, blob_id: str) -> Blob | None:
-    """The blob if the caller uploaded it or may read a run that references it."""
-    blob = await s.get(Blob, blob_id)
+BlobRow = Row[*tuple[Any, ...]]  # id, size, sha256, owner_user_id, owner_node_id, data, seen
+_SHOWN = [BLOBS_TABLE.c[n] for n in ("id", "size", "sha256", "owner_user_id", "owner_node_id", "data")]
+
+
+async def readable_blob(s: AsyncSession, p: Principal, blob_id: str) -> BlobRow | None:
+    """The blob (id, size, sha256, owners, data) if the caller uploaded it or may read a run that
+    references it: one statement, the run check an EXISTS beside the row (runs are indexed by blob)."""
+    run_scope = scope_of(p, "run", "read")
+    seen: ColumnElement[bool] = true() if run_scope == Scope.GLOBAL else false()
+    if Scope.NONE < run_scope < Scope.GLOBAL:
+        uses = or_(Run.input_blob_id == blob_id, Run.result_blob_id == blob_id)
+        seen = exists().where(uses, run_filter(p, run_scope))
+    query = select(*_SHOWN, seen.label("seen")).where(BLOBS_TABLE.c.id == blob_id)
+    blob = (await s.execute(query)).first()
     if blob is None:
         return None
-    run_scope = scope_of(p, "run", "read")
-    if run_scope == Scope.GLOBAL:
-        return blob
     if p.kind == "user" and blob.owner_user_id == p.user_id:
         return blob
     if p.kind in ("node", "run") and blob.owner_node_id == p.node_id and blob.owner_user_id is None:
         return blob
-    if run_scope == Scope.NONE:
-        return None
-    uses = or_(Run.input_blob_id == blob_id, Run.result_blob_id == blob_id)
-    found = (await s.execute(select(Run.id).where(uses, run_filter(p, run_scope)).limit(1))).first()
-    return blob if found else None
+    return blob if blob.seen else None
 
 
 async def download_blob(request: web.Request) -> web.StreamResponse:
@@ -99,7 +105,7 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _from_row(request: web.Request, blob: Blob, data: bytes) -> web.Response:
+def _from_row(request: web.Request, blob: BlobRow, data: bytes) -> web.Response:
     """A blob kept in its row, with the same Range answers a file gets (206, or 416 past the end)."""
     headers = {"X-Sha256": blob.sha256, "Accept-Ranges": "bytes"}
     try:
