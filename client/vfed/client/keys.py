@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +19,11 @@ class KeyDirectory:
 
     async def keys_of(self, org_id: int, refresh: bool = False) -> dict[str, PublicKey]:
         if refresh or org_id not in self._by_org:
-            org = await self.api.request("GET", f"/organizations/{org_id}")
+            org, history = await asyncio.gather(  # two independent reads: one round trip's wait, not two
+                self.api.request("GET", f"/organizations/{org_id}"),
+                self.api.request("GET", f"/organizations/{org_id}/keys"),
+            )
             keys: dict[str, PublicKey] = {}
-            history = await self.api.request("GET", f"/organizations/{org_id}/keys")
             for entry in _entries(history):
                 text = entry.get("public_key")
                 if text:
@@ -38,10 +41,22 @@ class KeyDirectory:
         text = org.get("public_key")
         return PublicKey.from_text(text) if text else None
 
+    async def current_in(self, collaboration_id: int) -> dict[int, PublicKey | None]:
+        """The current key of every member of a collaboration the caller can see, in one request (always
+        fresh: a node may have rotated its key since the last task)."""
+        orgs = await self.api.get_all("/organizations", {"collaboration_id": collaboration_id})
+        return {
+            int(o["id"]): PublicKey.from_text(o["public_key"]) if o.get("public_key") else None for o in orgs
+        }
+
     async def lookup_for(self, org_id: int) -> Callable[[str], PublicKey | None]:
         """A sender lookup that accepts only keys of this one organization."""
         keys = await self.keys_of(org_id)
         return keys.get
+
+
+def _key(text: str | None) -> PublicKey | None:
+    return PublicKey.from_text(text) if text else None
 
 
 def _entries(body: Any) -> list[dict[str, Any]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vfed.client.errors import ClientError, RunFailed, TaskTimeout
-from vfed.common.crypto import decrypt_bytes, encrypt_bytes
+from vfed.common.crypto import PublicKey, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, decode_result
 
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 FINISHED = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 LOG_TAIL_LINES = 20
+INLINE_DECRYPT_BYTES = 256 << 10  # smaller results decrypt on the loop: a thread hop costs more
 WAIT_CHUNK_S = 30.0  # one long poll at most this long (the server caps it too); then ask again
 
 
@@ -31,33 +33,44 @@ async def create(
     name: str,
     description: str,
 ) -> dict[str, Any]:
-    if organizations is None:
-        collab = await client.api.request("GET", f"/collaborations/{collaboration}")
-        organizations = [int(o) for o in collab["organization_ids"]]
-    if not organizations:
-        raise ClientError("a task needs at least one target organization")
-    recipients = []
-    for org_id in organizations:
-        key = await client.keys.current(org_id)
-        if key is None:
-            raise ClientError(
-                f"organization {org_id} has published no public key yet (has its node started?)"
-            )
-        recipients.append(key)
+    targets = await _recipients(client, collaboration, organizations)
     plaintext = TaskInput(method=method, args=args, kwargs=kwargs).to_json()
     # One payload encryption; only the content key is sealed per organization.
-    envelope = encrypt_bytes(plaintext, client.keyring.current, recipients)
+    envelope = encrypt_bytes(plaintext, client.keyring.current, [key for _, key in targets])
     fields = {
         "collaboration_id": collaboration,
         "name": name,
         "description": description,
         "image": image,
         "datasets": datasets,
-        "organizations": [{"id": o} for o in organizations],
+        "organizations": [{"id": o} for o, _ in targets],
     }
     # One request: the server stores the envelope as every run's input, in the task's transaction.
     body: dict[str, Any] = await client.api.post_with_input("/tasks", fields, envelope)
     return body
+
+
+async def _recipients(
+    client: AsyncClient, collaboration: int, organizations: list[int] | None
+) -> list[tuple[int, PublicKey]]:
+    """The current public key of each target organization (default: every member), in order, from one
+    listing of the collaboration's members instead of one request per organization."""
+    keys = await client.keys.current_in(collaboration)
+    if organizations is None:
+        if not keys:  # an unknown collaboration: let the server say so
+            await client.api.request("GET", f"/collaborations/{collaboration}")
+        organizations = sorted(keys)
+    if not organizations:
+        raise ClientError("a task needs at least one target organization")
+    recipients: list[tuple[int, PublicKey]] = []  # a repeated organization stays: the server refuses it
+    for org_id in organizations:
+        key = keys[org_id] if org_id in keys else await client.keys.current(org_id)  # 404 if invisible
+        if key is None:
+            raise ClientError(
+                f"organization {org_id} has published no public key yet (has its node started?)"
+            )
+        recipients.append((org_id, key))
+    return recipients
 
 
 async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progress: bool) -> dict[str, Any]:
@@ -101,23 +114,27 @@ async def _wait_once(
 
 
 async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> list[Any]:
-    out: list[Any] = []
-    for run in sorted(await client.runs(task_id), key=lambda r: (r["organization_id"], r["id"])):
-        if run["status"] != "completed" or not run.get("result_blob_id"):
-            failure = _failure(run)
-            if raise_on_failure:
-                raise failure
-            out.append(failure)
-            continue
-        out.append(await _decrypt_result(client, run))
-    return out
+    """Every completed run's result is downloaded and decrypted at once (one connection each): a task's
+    results arrive in the time of the slowest, not the sum; a failed run raises before any download."""
+    runs = sorted(await client.runs(task_id), key=lambda r: (r["organization_id"], r["id"]))
+    done = [run["status"] == "completed" and bool(run.get("result_blob_id")) for run in runs]
+    failures = {i: _failure(run) for i, run in enumerate(runs) if not done[i]}
+    if failures and raise_on_failure:
+        raise failures[min(failures)]
+    values = await asyncio.gather(*(_decrypt_result(client, run) for i, run in enumerate(runs) if done[i]))
+    it = iter(values)
+    return [failures[i] if i in failures else next(it) for i in range(len(runs))]
 
 
 async def _decrypt_result(client: AsyncClient, run: dict[str, Any]) -> Any:
-    blob = await client.api.download_blob(str(run["result_blob_id"]))
-    sender = await client.keys.lookup_for(int(run["organization_id"]))
-    plaintext = decrypt_bytes(blob, client.keyring, sender)
-    return decode_result(plaintext)
+    blob, sender = await asyncio.gather(
+        client.api.download_blob(str(run["result_blob_id"])),
+        client.keys.lookup_for(int(run["organization_id"])),
+    )
+    if len(blob) <= INLINE_DECRYPT_BYTES:
+        return decode_result(decrypt_bytes(blob, client.keyring, sender))
+    plaintext = await asyncio.to_thread(decrypt_bytes, blob, client.keyring, sender)  # the others go on
+    return await asyncio.to_thread(decode_result, plaintext)
 
 
 def _failure(run: dict[str, Any]) -> RunFailed:
