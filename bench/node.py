@@ -225,15 +225,19 @@ async def wait_done(researcher: AsyncClient, task_id: int, timeout_s: float = 12
     raise TimeoutError(f"task {task_id} not done after {timeout_s} s")
 
 
-async def dispatch_latencies(researcher: AsyncClient, collab: int, org: int, runs: int) -> dict[str, Any]:
+async def dispatch_latencies(
+    researcher: AsyncClient, collab: int, org: int, runs: int, work: Path
+) -> dict[str, Any]:
     """Seconds from just before POST /tasks (the researcher's client: encrypt, upload, create) to Docker's
     start event of the run's container, and the part of that between Docker's create and start events. Like
     (a), each run starts once the previous container and its job volume are removed, so the clean-up does not
-    compete."""
+    compete. Between runs, one bare SDK create+start: Docker's own start while the federation's processes run.
+    """
     watcher = StartWatcher("a")
     out: dict[str, Any] = {"dispatch": [], "docker_start": [], "post": [], "post_to_create": [], "runs": {}}
+    out["bare_between"] = []
     try:
-        for _ in range(runs):
+        for number in range(runs):
             known = set(watcher.starts)
             posted = time.time()
             task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[1], organizations=[org])
@@ -251,6 +255,8 @@ async def dispatch_latencies(researcher: AsyncClient, collab: int, org: int, run
             out["post_to_create"].append(watcher.creates[run_id] - returned)
             events = {"docker_create": watcher.creates[run_id], "docker_start": watcher.starts[run_id]}
             out["runs"][int(run_id)] = {"posted": posted, "post_answered": returned, **events}
+            between = await asyncio.to_thread(bare_docker_runs, work, 1, f"between{number}-")
+            out["bare_between"].append(between["create_start"][0])
     finally:
         watcher.close()
     return out
@@ -320,7 +326,7 @@ async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, An
                 org = researcher.organization_id
                 assert org is not None
                 await end_to_end(researcher, collab, 1)  # warm-up: keys cached, images hot
-                dispatch = await dispatch_latencies(researcher, collab, org, runs)
+                dispatch = await dispatch_latencies(researcher, collab, org, runs, work)
                 dispatch["steps"] = start_steps(agents[0].log(), dispatch.pop("runs"))
                 e2e = await end_to_end(researcher, collab, rounds)
         finally:
@@ -373,6 +379,10 @@ def build_report(
         "dispatch_beyond_bare_create_start_p99_ms": ms(
             percentile(dispatch, 0.99) - percentile(create_start, 0.99)
         ),
+        "bare_create_start_between_p50_ms": ms(percentile(figures["bare_between"], 0.5)),
+        "dispatch_beyond_bare_between_p50_ms": ms(
+            percentile(dispatch, 0.5) - percentile(figures["bare_between"], 0.5)
+        ),
         "docker_create_to_start_event_p50_ms": ms(percentile(events, 0.5)),
         "dispatch_beyond_docker_p50_ms": ms(
             percentile([d - o for d, o in zip(dispatch, events, strict=True)], 0.5)
@@ -403,6 +413,11 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
         f"p50 {r['bare_create_start_p50_ms']} ms, p99 {r['bare_create_start_p99_ms']} ms; "
         f"dispatch beyond it: p50 {r['dispatch_beyond_bare_create_start_p50_ms']} ms, "
         f"p99 {r['dispatch_beyond_bare_create_start_p99_ms']} ms"
+    )
+    print(
+        f"    the same bare create+start between (b)'s runs (the federation's processes up): "
+        f"p50 {r['bare_create_start_between_p50_ms']} ms; dispatch beyond it: "
+        f"p50 {r['dispatch_beyond_bare_between_p50_ms']} ms"
     )
     print(
         f"    event split: Docker create->start events p50 {r['docker_create_to_start_event_p50_ms']} ms; "
