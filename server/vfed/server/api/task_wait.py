@@ -52,19 +52,22 @@ async def _run_states(s: AsyncSession, task_id: int) -> list[RunStateOut]:
     ]
 
 
-async def _state(request: web.Request, task_id: int) -> tuple[TaskOut, list[RunStateOut]]:
-    """The task (with the caller's access checked, as GET /tasks/{id} does) and its runs' states."""
+def _answerable(runs: list[RunStateOut], since: str | None) -> bool:
+    return _done(runs) or (since is not None and _version(runs) != since)
+
+
+async def _state(
+    request: web.Request, task_id: int, since: str | None, full: bool
+) -> tuple[TaskOut | None, list[RunStateOut]]:
+    """The runs' states and, when `full` or when they call for an answer, the task (with the caller's access
+    checked, as GET /tasks/{id} does); a wake-up that changes nothing costs one statement."""
     async with session(request) as s:
+        runs = await _run_states(s, task_id)
+        if not full and not _answerable(runs, since):
+            return None, runs
         p = await caller(request, s)
         task = await visible_task_row(s, p, task_id)
-        runs = await _run_states(s, task_id)
     return task_out(task, [r.organization_id for r in runs]), runs
-
-
-async def _changed_runs(request: web.Request, task_id: int) -> list[RunStateOut]:
-    """Only the runs' states: what a wake-up needs to decide whether to answer (one statement)."""
-    async with session(request) as s:
-        return await _run_states(s, task_id)
 
 
 def _answer(task: TaskOut, runs: list[RunStateOut]) -> web.Response:
@@ -79,8 +82,8 @@ def _gone(request: web.Request) -> bool:
 
 async def wait_task(request: web.Request) -> web.Response:
     """Hold the request until the task is done, its runs changed since `since`, or `timeout_s` passed.
-    The task and the caller's access are read at the start and again for the answer; a wake-up in between
-    reads only the runs' states."""
+    The task and the caller's access are read at the start and again, in the same statement's session as
+    the runs, for the answer; a wake-up in between reads only the runs' states."""
     q = read_query(request, TaskWaitQuery)
     task_id = path_id(request)
     timeout_s = min(q.timeout_s, request.app[SETTINGS].task_wait_max_s)
@@ -90,9 +93,9 @@ async def wait_task(request: web.Request) -> web.Response:
     woken = events.subscribe(task_id)  # before the first read: a change right after it is not missed
     waiters.inc()
     try:
-        task, first = await _state(request, task_id)
-        runs = first
-        while not (_done(runs) or (q.since is not None and _version(runs) != q.since)):
+        task, runs = await _state(request, task_id, q.since, full=True)
+        seen = runs  # the runs `task` was read with
+        while not _answerable(runs, q.since):
             left_s = deadline - time.monotonic()
             if left_s <= 0:
                 break
@@ -101,9 +104,11 @@ async def wait_task(request: web.Request) -> web.Response:
             if _gone(request):
                 break  # nobody to answer; the finally drops the waiter
             woken.clear()
-            runs = await _changed_runs(request, task_id)
-        if runs != first:
-            task, runs = await _state(request, task_id)
+            fresh, runs = await _state(request, task_id, q.since, full=False)
+            task, seen = (fresh, runs) if fresh is not None else (task, seen)
+        if runs != seen:  # a timeout after changes that did not call for an answer: the task moved too
+            task, runs = await _state(request, task_id, q.since, full=True)
+        assert task is not None  # a full read always brings the task
         return _answer(task, runs)
     finally:
         events.unsubscribe(task_id, woken)
