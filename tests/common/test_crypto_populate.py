@@ -4,6 +4,7 @@ missing madvise falls back to plain faults with the same result."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -15,7 +16,10 @@ from vfed.common.crypto.populate import MIN_SPAN_BYTES, PAGE_BYTES, POPULATE_ENV
 
 MIB = 1 << 20
 ALICE, BOB, CAROL = Keyring.generate(), Keyring.generate(), Keyring.generate()
-PAYLOAD = os.urandom(5 * MIB + (200 << 10) + 7)  # six 1 MiB chunks, each spanning many whole pages
+# Above glibc's largest dynamic mmap threshold (32 MiB), so every output is a new mapping whose pages
+# are not there yet (smaller ones may reuse heap memory that calloc has just zero-filled: not populated).
+PAYLOAD = os.urandom(40 * MIB + (200 << 10) + 7)
+CHUNKS = 41  # 1 MiB each, the last one 200 KiB: every one spans many whole pages
 REAL_MADVISE = populate._madvise
 needs_kernel = pytest.mark.skipif(
     not populate.supported(), reason="this kernel has no MADV_POPULATE_WRITE (Linux >= 5.14)"
@@ -77,22 +81,50 @@ def test_envelope_bytes_are_the_same_with_and_without_populate(
     recorder.calls.clear()
     plain_faults, populated = _sealed_pair(PAYLOAD, threads, commit)
     assert populated == plain_faults
-    assert len(recorder.calls) == 6  # one per frame, none while populate was off
+    assert len(recorder.calls) == CHUNKS  # one per frame, none while populate was off
     assert all(rc == 0 for _, _, _, rc, _ in recorder.calls)
     assert decrypt_bytes(populated, CAROL, ALICE.current.public) == PAYLOAD
 
 
 @needs_kernel
-@pytest.mark.parametrize("size", [MIB, 3 * MIB - 1, 3 * MIB, len(PAYLOAD)])
-def test_decrypt_populates_and_round_trips_on_every_thread_count(recorder: Recorder, size: int) -> None:
-    data = PAYLOAD[:size]
-    blob = encrypt_bytes(data, ALICE.current, [BOB.current.public], threads=1)
+def test_decrypt_populates_and_round_trips_on_every_thread_count(recorder: Recorder) -> None:
+    blob = encrypt_bytes(PAYLOAD, ALICE.current, [BOB.current.public], threads=1)
     assert populate.supported()
     for threads in (1, 2, 3, 4, None):
         recorder.calls.clear()
-        assert decrypt_bytes(blob, BOB, ALICE.current.public, threads=threads) == data
-        assert len(recorder.calls) == -(-size // MIB)
+        assert decrypt_bytes(blob, BOB, ALICE.current.public, threads=threads) == PAYLOAD
+        assert len(recorder.calls) == CHUNKS
         assert all(rc == 0 for _, _, _, rc, _ in recorder.calls)
+
+
+@pytest.mark.parametrize("size", [64 << 10, MIB, 3 * MIB - 1, 3 * MIB, 17 * MIB])
+def test_outputs_that_may_reuse_memory_round_trip(recorder: Recorder, size: int) -> None:
+    """Populated or not (whichever `fresh` finds), the bytes are right on every path."""
+    data = PAYLOAD[:size]
+    to = [BOB.current.public]
+    first = Encryptor(ALICE.current, to, chunk_size=MIB)
+    serial = twin(first).seal_all(data, threads=1)
+    for threads in (2, 3, 4):
+        assert twin(first).seal_all(data, threads=threads) == serial
+        assert decrypt_bytes(serial, BOB, ALICE.current.public, threads=threads) == data
+    assert all(rc == 0 for _, _, _, rc, _ in recorder.calls)
+
+
+def test_fresh_tells_new_pages_from_pages_already_there() -> None:
+    """Real memory: a new anonymous mapping is fresh until written; zero-filled memory never is."""
+    size = 64 * PAGE_BYTES
+    with mmap.mmap(-1, size) as mapping:
+        view = (ctypes.c_char * size).from_buffer(mapping)
+        address = ctypes.addressof(view)
+        try:
+            assert populate.fresh(address, size) == (populate._mincore is not None)
+            mapping[size - 1 : size] = b"\x01"  # the last page is mapped in now
+            assert not populate.fresh(address, size)
+            assert not populate.fresh(address, PAGE_BYTES - 1)  # no whole page to ask about
+        finally:
+            del view
+    zeroed = bytearray(size)
+    assert not populate.fresh(ctypes.addressof((ctypes.c_char * size).from_buffer(zeroed)), size)
 
 
 def test_populated_ranges_are_whole_pages_inside_the_chunk(recorder: Recorder) -> None:
@@ -132,7 +164,7 @@ def test_madvise_failing_on_every_chunk_still_gives_the_same_envelope(
     monkeypatch.setattr(populate, "MADV_POPULATE_WRITE", 0x7FFF)
     plain_faults, failed_populate = _sealed_pair(PAYLOAD, threads, commit=False)
     assert failed_populate == plain_faults
-    assert len(recorder.calls) == 6
+    assert len(recorder.calls) == CHUNKS
     assert all(rc == -1 for _, _, _, rc, _ in recorder.calls)
     for dec_threads in (1, 2):
         assert decrypt_bytes(failed_populate, BOB, ALICE.current.public, threads=dec_threads) == PAYLOAD

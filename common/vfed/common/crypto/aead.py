@@ -89,7 +89,8 @@ class FreshBytes:
             raise ValueError(f"FreshBytes is for {FRESH_BYTES_MIN} bytes or more, not {size}")
         self._obj: bytes | None = bytes(size)
         self.ptr = pointer(self._obj)
-        self._address = int(ffi.cast("uintptr_t", self.ptr)) if populate.active() else None
+        address = int(ffi.cast("uintptr_t", self.ptr))
+        self._address = address if populate.active() and populate.fresh(address, size) else None
 
     def prefault(self, offset: int, length: int) -> None:
         """Called by the thread about to write bytes [offset, offset + length): map their pages now."""
