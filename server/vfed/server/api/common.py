@@ -98,11 +98,14 @@ def equal_filters(*pairs: tuple[Any, Any]) -> list[ColumnElement[bool]]:
 async def paginate(
     s: AsyncSession, model: type[Base], where: list[ColumnElement[bool]], page: int, per_page: int
 ) -> tuple[list[Any], int]:
-    """One page of `model` rows matching `where`, ordered by id, and the total count."""
-    total = (await s.execute(select(func.count()).select_from(model).where(*where))).scalar_one()
+    """One page of `model` rows matching `where`, ordered by id, and the total count (counted only when the
+    page does not tell it: a page that is neither empty nor full is the last one)."""
     query = select(model).where(*where).order_by(model.id).offset((page - 1) * per_page).limit(per_page)  # type: ignore[attr-defined]
-    rows = (await s.execute(query)).scalars().all()
-    return list(rows), int(total)
+    rows = list((await s.execute(query)).scalars().all())
+    if 0 < len(rows) < per_page or (page == 1 and not rows):
+        return rows, (page - 1) * per_page + len(rows)
+    total = (await s.execute(select(func.count()).select_from(model).where(*where))).scalar_one()
+    return rows, int(total)
 
 
 async def commit_unique(s: AsyncSession, detail: str) -> None:
