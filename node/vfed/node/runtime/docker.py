@@ -49,6 +49,7 @@ from vfed.node.runtime.docker_spec import (
     container_kwargs,
     grant_container_user,
 )
+from vfed.node.runtime.engine_http import EngineHttp, unix_socket
 from vfed.node.runtime.image_ids import ImageIds
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class DockerRuntime(Runtime):
         self.image_ids = ImageIds()
         self._image_watch: asyncio.Task[None] | None = None
         self._image_events: CancellableStream[dict[str, Any]] | None = None
+        self._engine_http: EngineHttp | None = None
 
     # -- lifecycle
 
@@ -145,6 +147,9 @@ class DockerRuntime(Runtime):
                     self._client = await asyncio.to_thread(self._connect)
         if self._image_watch is None:
             self._image_watch = asyncio.create_task(self._watch_images(), name="docker-image-events")
+        socket_path = unix_socket(self.config.base_url) if self._own_client else None
+        if self._engine_http is None and socket_path is not None:
+            self._engine_http = EngineHttp(socket_path, self.client.api.api_version)
 
     def _connect(self) -> docker.DockerClient:
         pool = self.config.max_waiters + 16
@@ -166,6 +171,9 @@ class DockerRuntime(Runtime):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._image_watch
             self._image_watch = None
+        if self._engine_http is not None:
+            await self._engine_http.close()
+            self._engine_http = None
         if self._waiters is not None:
             self._waiters.shutdown(wait=False, cancel_futures=True)
             self._waiters = None
@@ -260,11 +268,13 @@ class DockerRuntime(Runtime):
             return name
         async with self._volume_locks.setdefault(name, asyncio.Lock()):
             if name not in self._ready_volumes:
-                await self._call(f"volume {name}", self._make_job_volume, node_name, job_id)
+                await self._make_job_volume(node_name, job_id)
                 self._ready_volumes.add(name)
         return name
 
-    def _make_job_volume(self, node_name: str, job_id: str) -> None:
+    async def _make_job_volume(self, node_name: str, job_id: str) -> None:
+        """The folder (a few syscalls, on the loop), then the volume: a request on the loop when the engine
+        listens on a Unix socket (engine_http), else the SDK in a thread."""
         folder = job_folder.job_folder(self.jobs_dir, node_name, job_id)
         try:
             job_folder.prepare(folder, self.config.uid, self.config.gid)
@@ -273,13 +283,20 @@ class DockerRuntime(Runtime):
         name = job_volume_name(node_name, job_id)
         labels = {LABEL_NODE: node_name, LABEL_JOB_ID: job_id, "vfed.kind": "job-tmp"}
         options = {"type": "none", "o": "bind", "device": self.config.to_host_path(str(folder))}
+        if self._engine_http is not None:
+            answer = await self._engine_http.create_volume(name, options, labels)
+            if answer.get("Options") == options:
+                return
+        await self._call(f"volume {name}", self._create_volume, name, options, labels)
+
+    def _create_volume(self, name: str, options: dict[str, str], labels: dict[str, str]) -> None:
         volume: Volume = self.client.volumes.create(name, driver="local", driver_opts=options, labels=labels)
         if volume.attrs.get("Options") != options:
             # Docker answers a create of an existing name with that volume, whatever it is bound to (e.g. a
             # plain volume an older agent made): replace it; in use, the engine refuses and the run fails.
-            log.warning("volume %s is not bound to %s; replacing it", name, folder)
+            log.warning("volume %s is not bound to %s; replacing it", name, options["device"])
             volume.remove()
-            volume = self.client.volumes.create(name, driver="local", driver_opts=options, labels=labels)
+            self.client.volumes.create(name, driver="local", driver_opts=options, labels=labels)
 
     async def remove_job_volume(self, node_name: str, job_id: str) -> None:
         name = job_volume_name(node_name, job_id)
