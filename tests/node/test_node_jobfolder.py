@@ -18,9 +18,10 @@ import docker
 import pytest
 
 from vfed.node.runtime import RunSpec, algorithm_env
-from vfed.node.runtime.base import job_volume_name
+from vfed.node.runtime.base import RuntimeUnavailable, job_volume_name
 from vfed.node.runtime.docker import DockerRuntime
 from vfed.node.runtime.docker_spec import DockerRuntimeConfig
+from vfed.node.runtime.engine_http import EngineHttp, unix_socket
 
 pytestmark = pytest.mark.docker
 
@@ -126,3 +127,21 @@ async def test_a_plain_volume_of_the_same_name_is_replaced(
         assert options["device"] == str(tmp_path / "jobs" / node / "old")
     finally:
         await runtime.remove_job_volume(node, "old")
+
+
+def test_the_loop_path_is_for_unix_sockets_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    assert unix_socket(None) == "/var/run/docker.sock"
+    assert unix_socket("unix:///run/user/1000/docker.sock") == "/run/user/1000/docker.sock"
+    assert unix_socket("tcp://10.0.0.2:2376") is None
+    monkeypatch.setenv("DOCKER_HOST", "ssh://admin@host")
+    assert unix_socket(None) is None
+
+
+async def test_an_engine_that_does_not_answer_is_unavailable(tmp_path: Path) -> None:
+    engine = EngineHttp(str(tmp_path / "no.sock"), "1.41")
+    try:
+        with pytest.raises(RuntimeUnavailable, match="unreachable"):
+            await engine.create_volume("vfed-x-1-tmp", {"type": "none"}, {})
+    finally:
+        await engine.close()
