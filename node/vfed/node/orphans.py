@@ -2,10 +2,10 @@
 
 Why: a server whose database was reset (or that registered this node anew) numbers jobs and runs from 1 again.
 A container of an old run that still runs holds the names a new run needs (`vfed-<node>-run-<run_id>`,
-`vfed-<node>-<job_id>-tmp`), so the new run ended `start-failed`; journal entries of old runs would be
-reported to the new server under ids that now mean other runs. The server sends no identity of its own, so
-the node derives one from what login answers plus its API key's id: the server draws a fresh random key id
-whenever it registers a node, and a reset database cannot hand the old one back.
+`vfed-<node>-<job_id>-tmp`), so the new run ended `start-failed`; a journal entry of an old run was taken for
+the new run of the same id (its container followed and reported to the new server as that run). The server
+sends no identity of its own, so the node derives one from what login answers plus its API key's id: the
+server draws a fresh random key id whenever it registers a node, and a reset database cannot hand it back.
 """
 
 from __future__ import annotations
