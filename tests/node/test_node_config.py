@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from vfed.node.cli import main, parse_log_levels
 from vfed.node.config import ConfigError, load_settings
 from vfed.node.policy import check_run
 
@@ -104,3 +106,16 @@ def test_policy_rules(tmp_path: Path) -> None:
         settings, image="vfed-test/echo", digest=None, initiator_organization_id=3, initiator_user_id=None
     )
     assert not org_no.allowed and "organization 3" in org_no.reason
+
+
+def test_log_levels_per_logger() -> None:
+    assert parse_log_levels("info,vfed.node.timeline=debug") == ("INFO", {"vfed.node.timeline": "DEBUG"})
+    assert parse_log_levels("WARNING") == ("WARNING", {})
+    for bad in ("LOUD", "INFO,vfed.node=LOUD", "INFO,justaname", "INFO,=DEBUG"):
+        with pytest.raises(ValueError):
+            parse_log_levels(bad)
+
+
+def test_a_bad_log_level_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "x.yaml"), "--log-level", "LOUD"])
+    assert result.exit_code == 2 and "unknown level 'LOUD'" in result.output
