@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import ColumnElement, Row, Table, exists, false, insert, or_, select, true
+from sqlalchemy import Row, Table, bindparam, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server.access import Scope, require, run_filter, scope_of
@@ -54,27 +54,29 @@ async def upload_blob(request: web.Request) -> web.Response:
     return json_response(BlobOut(id=stored.id, size=stored.size, sha256=stored.sha256), 201)
 
 
-BlobRow = Row[*tuple[Any, ...]]  # id, size, sha256, owner_user_id, owner_node_id, data, seen
+BlobRow = Row[*tuple[Any, ...]]  # id, size, sha256, owner_user_id, owner_node_id, data
 _SHOWN = [BLOBS_TABLE.c[n] for n in ("id", "size", "sha256", "owner_user_id", "owner_node_id", "data")]
+_BLOB_ROW = select(*_SHOWN).where(BLOBS_TABLE.c.id == bindparam("blob"))
 
 
 async def readable_blob(s: AsyncSession, p: Principal, blob_id: str) -> BlobRow | None:
     """The blob (id, size, sha256, owners, data) if the caller uploaded it or may read a run that
-    references it: one statement, the run check an EXISTS beside the row (runs are indexed by blob)."""
-    run_scope = scope_of(p, "run", "read")
-    seen: ColumnElement[bool] = true() if run_scope == Scope.GLOBAL else false()
-    if Scope.NONE < run_scope < Scope.GLOBAL:
-        uses = or_(Run.input_blob_id == blob_id, Run.result_blob_id == blob_id)
-        seen = exists().where(uses, run_filter(p, run_scope))
-    query = select(*_SHOWN, seen.label("seen")).where(BLOBS_TABLE.c.id == blob_id)
-    blob = (await s.execute(query)).first()
+    references it (runs are indexed by input and result blob, so that check does not walk every run)."""
+    blob = (await (await s.connection()).execute(_BLOB_ROW, {"blob": blob_id})).first()
     if blob is None:
         return None
+    run_scope = scope_of(p, "run", "read")
+    if run_scope == Scope.GLOBAL:
+        return blob
     if p.kind == "user" and blob.owner_user_id == p.user_id:
         return blob
     if p.kind in ("node", "run") and blob.owner_node_id == p.node_id and blob.owner_user_id is None:
         return blob
-    return blob if blob.seen else None
+    if run_scope == Scope.NONE:
+        return None
+    uses = or_(Run.input_blob_id == blob_id, Run.result_blob_id == blob_id)
+    found = (await s.execute(select(Run.id).where(uses, run_filter(p, run_scope)).limit(1))).first()
+    return blob if found else None
 
 
 async def download_blob(request: web.Request) -> web.StreamResponse:
