@@ -57,12 +57,13 @@ async def _ring_and_check(w: World, host: str, port: int) -> None:
         }
         assert {(t, m["run_id"]) for t, m in created} == expected
         assert all(
-            m == {"event": "run-created", "run_id": m["run_id"], "task_id": task["id"]} for _, m in created
+            m == {"event": "run-created", "run_id": m["run_id"], "task_id": task["id"], "job_id": task["id"]}
+            for _, m in created
         )
         await w.call("a_node", "POST", f"/runs/{run_of[w.orgs['A']]}/claim")
         await w.call("a_res", "POST", f"/tasks/{task['id']}/kill")
         killed = await _expect(sub, 2)
-        assert {m["event"] for _, m in killed} == {"run-killed"}
+        assert {(m["event"], m["job_id"]) for _, m in killed} == {("run-killed", task["id"])}
         # the claimed run rings only its claimer; the pending one rings every node of its organization
         assert sorted(t for t, _ in killed) == sorted(
             [f"vfed/nodes/{w.nodes['a_node']}", f"vfed/nodes/{w.nodes['b_node']}"]

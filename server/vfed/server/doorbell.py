@@ -54,11 +54,14 @@ class Doorbell:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def ring(self, node_id: int, event: str, run_id: int, task_id: int) -> None:
-        """Queue one message for one node; drops the oldest when the queue is full."""
+    def ring(self, node_id: int, event: str, run_id: int, task_id: int, job_id: int) -> None:
+        """Queue one message for one node; drops the oldest when the queue is full. The message holds ids
+        only (no names, no data): what a node needs to claim the run and to prepare for it meanwhile."""
         if self.address is None:
             return
-        payload = json.dumps({"event": event, "run_id": run_id, "task_id": task_id}).encode()
+        payload = json.dumps(
+            {"event": event, "run_id": run_id, "task_id": task_id, "job_id": job_id}
+        ).encode()
         if len(self._queue) >= self.settings.queue_max:
             self._queue.popleft()
             self._count("dropped")

@@ -143,7 +143,8 @@ async def _insert(
         for org, blob in input_of.items()
     ]
     inserted = await conn.execute(_INSERT_RUNS, rows)
-    runs = sorted((RunRef(run_id, task.id, org, None) for run_id, org in inserted), key=lambda r: r.id)
+    job = job_of(task)
+    runs = sorted((RunRef(run_id, task.id, org, None, job) for run_id, org in inserted), key=lambda r: r.id)
     await s.commit()
     targets = pair_targets(collab.nodes, runs) if request.app[DOORBELL].address is not None else []
     publish(request, targets, "run-created")

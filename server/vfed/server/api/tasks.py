@@ -114,6 +114,7 @@ class RunRef:
     task_id: int
     organization_id: int
     node_id: int | None
+    job_id: int  # in the doorbell, so a node can prepare the job's volume while its claim is in flight
 
 
 def job_of(task: Task | NewTask) -> int:
@@ -135,7 +136,7 @@ def publish(request: web.Request, targets: list[tuple[int, RunRef]], event: str)
     """Queue one doorbell per (node, run); call only once the runs are committed."""
     doorbell = request.app[DOORBELL]
     for node_id, r in targets:
-        doorbell.ring(node_id, event, r.id, r.task_id)
+        doorbell.ring(node_id, event, r.id, r.task_id, r.job_id)
 
 
 _NODES_OF_ORGS = select(Node.organization_id, Node.id).where(
@@ -236,7 +237,7 @@ async def kill_task(request: web.Request) -> web.Response:
             .where(Run.id.in_(ids), Run.status.not_in(list(TERMINAL)))
             .values(status=RunStatus.KILLED, finished_at=utcnow())
         )
-        killed = select(Run.id, Run.task_id, Run.organization_id, Run.node_id).where(
+        killed = select(Run.id, Run.task_id, Run.organization_id, Run.node_id, Run.job_id).where(
             Run.id.in_(ids), Run.status == RunStatus.KILLED
         )
         runs = [RunRef(*row) for row in await s.execute(killed)]
