@@ -485,7 +485,7 @@ def run_v6(python: str, tasks: int) -> dict[str, float] | None:
 
 
 # --- main ---------------------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--tasks", type=int, default=300)
@@ -509,7 +509,26 @@ def main() -> None:
         "--paths", type=int, default=0, help="also time each request of N task cycles (bench/server_paths.py)"
     )
     parser.add_argument("--v6-worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def add_v6(results: dict[str, Any], v6: dict[str, Any] | None) -> None:
+    """vantage6's figures (None when skipped or failed) and vfed's ratios to them, into `results`."""
+    skipped: dict[str, Any] = {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None}
+    results.update(v6 or skipped)
+    if not v6:
+        results["ratio_task_create_vs_v6"] = None
+        return
+    results["ratio_task_create_vs_v6"] = results["tasks_per_s"] / v6["v6_tasks_per_s"]
+    key = f"tasks_per_s_{CLIENTS}_clients"
+    results[f"ratio_task_create_{CLIENTS}_clients_vs_v6"] = results[key] / v6["v6_" + key]
+    results["ratio_result_roundtrip_vs_v6"] = (
+        v6["v6_result_50mib_roundtrip_s"] / results["result_50mib_roundtrip_s"]
+    )
+
+
+def main() -> None:
+    args = parse_args()
     if args.v6_worker:
         print(json.dumps(v6_worker(args.tasks)))
         return
@@ -520,18 +539,7 @@ def main() -> None:
 
         # a fresh server, so these figures do not depend on the tasks created above
         results.update(run_vfed(args, server_paths.measure))
-    v6 = None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks)
-    skipped: dict[str, Any] = {"v6_tasks_per_s": None, "v6_result_50mib_roundtrip_s": None}
-    results.update(v6 or skipped)
-    if v6:
-        results["ratio_task_create_vs_v6"] = results["tasks_per_s"] / v6["v6_tasks_per_s"]
-        key = f"tasks_per_s_{CLIENTS}_clients"
-        results[f"ratio_task_create_{CLIENTS}_clients_vs_v6"] = results[key] / v6["v6_" + key]
-        results["ratio_result_roundtrip_vs_v6"] = (
-            v6["v6_result_50mib_roundtrip_s"] / results["result_50mib_roundtrip_s"]
-        )
-    else:
-        results["ratio_task_create_vs_v6"] = None
+    add_v6(results, None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks))
     # other work on this machine moves these figures; the load average says how busy it was
     results["loadavg_1min_start"], results["loadavg_1min_end"] = load_start, os.getloadavg()[0]
     if args.json:
