@@ -12,6 +12,10 @@ from vfed.node.doorbell import BrokerAddress, Ring, parse, topic_for
     [
         (b'{"event": "run-created", "run_id": 4, "task_id": 2}', Ring("run-created", 4, 2)),
         ('{"event": "run-killed", "run_id": "7"}', Ring("run-killed", 7, None)),
+        (b'{"event": "run-created", "run_id": 4, "task_id": 2, "job_id": 2}', Ring("run-created", 4, 2, 2)),
+        (b'{"event": "run-created", "run_id": 4, "job_id": "2/../x"}', Ring("run-created", 4, None)),
+        (b'{"event": "run-created", "run_id": 4, "job_id": -3}', Ring("run-created", 4, None)),
+        (b'{"event": "run-created", "run_id": 4, "job_id": true}', Ring("run-created", 4, None)),
         (b"not json", None),
         (b'{"run_id": 1}', None),
         (b'["a list"]', None),

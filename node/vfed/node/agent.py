@@ -293,7 +293,7 @@ class Agent:
         elif ring.event == "run-created" and ring.run_id is not None:
             if ring.run_id not in self._tasks:
                 # Claim at once; the claim is atomic, the poll is the safety net.
-                self._spawn(ring.run_id, rung_at=time.time())
+                self._spawn(ring.run_id, rung_at=time.time(), job_hint=ring.job_id)
         else:
             self._wake.set()
 
@@ -307,11 +307,11 @@ class Agent:
         assert self.runner is not None
         return self.runner
 
-    def _spawn(self, run_id: int, rung_at: float | None = None) -> None:
+    def _spawn(self, run_id: int, rung_at: float | None = None, job_hint: int | None = None) -> None:
         async def body(kill: asyncio.Event) -> None:
             async with self._semaphore:
                 if not kill.is_set():
-                    await self._runner_or_fail().execute(run_id, kill, rung_at)
+                    await self._runner_or_fail().execute(run_id, kill, rung_at, job_hint)
 
         self._track(run_id, body)
 

@@ -23,6 +23,9 @@ class Ring:
     event: str
     run_id: int | None
     task_id: int | None
+    job_id: int | None = None
+    """The run's job (servers since the doorbell named it): lets the agent set up the job's folder while its
+    claim is on the way. Only a hint: the claim's answer is what counts."""
 
 
 def topic_for(node_id: int) -> str:
@@ -39,9 +42,15 @@ def parse(payload: bytes | bytearray | str | object) -> Ring | None:
             str(doc["event"]),
             int(run_id) if run_id is not None else None,
             int(task_id) if task_id is not None else None,
+            _hint(doc.get("job_id")),
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def _hint(value: object) -> int | None:
+    """A job id that is not a positive integer is no hint; the ring still counts."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ import contextlib
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ import aiohttp
 from vfed.common.crypto import CryptoError, Keyring, PublicKey, decrypt_bytes
 from vfed.node import budget, timeline
 from vfed.node.config import NodeSettings
+from vfed.node.early_job import EarlyJobFolder
 from vfed.node.journal import Journal
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run
@@ -87,6 +89,8 @@ class Services:
     ledger: PrivacyLedger
     server_identity: str = ""
     """The server's fingerprint (orphans.server_identity): run ids are only unique under it."""
+    jobs_in_setup: Counter[int] = field(default_factory=Counter)
+    """Jobs whose folder a run set up before its claim (early_job): busy, like the journal's."""
 
 
 class Runner:
@@ -104,19 +108,20 @@ class Runner:
     def socket_path(self, run_id: int) -> Path:
         return self.s.settings.data_dir / "sockets" / str(run_id) / "proxy.sock"
 
-    async def execute(self, run_id: int, kill: asyncio.Event, rung_at: float | None = None) -> None:
-        """Claim the run and carry it through; returns quietly when another node claimed it first."""
+    async def execute(
+        self, run_id: int, kill: asyncio.Event, rung_at: float | None = None, job_hint: int | None = None
+    ) -> None:
+        """Claim the run and carry it through; returns quietly when another node claimed it first.
+
+        `job_hint` (the doorbell's job id) starts the job's folder while the claim is on its way.
+        """
         claimed_at = time.monotonic()
         trace = StartTimeline(run_id, rung_at)
         trace.activate()  # this task's context: the setup tasks and runtime threads below mark it too
+        early = self._early_job(job_hint)
         trace.mark("claim_sent")
-        try:
-            claim = await self.s.client.claim(run_id)
-        except AlreadyClaimed:
-            log.info("run %s: claimed by another node", run_id)
-            return
-        except ApiError as exc:  # e.g. a doorbell for a run this node may not claim
-            log.warning("run %s: cannot claim: %s", run_id, exc)
+        claim = await self._claim(run_id, early)
+        if claim is None:
             return
         trace.mark("claimed")
         self.s.journal.claimed(claim.id, claim.task_id, claim.job_id)
@@ -125,15 +130,15 @@ class Runner:
         task = claim.task or await self.s.client.get_task(claim.task_id)  # an older server sends no task
         token = claim.run_token.token if claim.run_token is not None else None
         # What does not depend on the checks starts now and is taken down on a refusal: the image lookup and
-        # the job's folder (engine calls, in threads), then the proxy once the input is decrypted (_prepare).
-        setup = _Setup(
-            digest=asyncio.ensure_future(self._image_digest(task)),
-            volume=asyncio.ensure_future(
+        # the job's folder (engine calls), then the proxy once the input is decrypted (_prepare).
+        volume = await early.take(claim.job_id) if early is not None else None
+        if volume is None:
+            volume = asyncio.ensure_future(
                 self.s.runtime.ensure_job_volume(self.s.settings.name, str(claim.job_id))
-            ),
-        )
+            )
+            volume.add_done_callback(lambda _: trace.mark("job_folder"))
+        setup = _Setup(digest=asyncio.ensure_future(self._image_digest(task)), volume=volume)
         setup.digest.add_done_callback(lambda _: trace.mark("image"))
-        setup.volume.add_done_callback(lambda _: trace.mark("job_folder"))
         try:
             prepared = await self._prepare(claim, task, setup, token)
             proxy = await setup.ready()
@@ -146,6 +151,31 @@ class Runner:
             raise
         trace.mark("prepared")
         await self._start_and_follow(prepared, proxy, kill, claimed_at, trace)
+
+    def _early_job(self, job_hint: int | None) -> EarlyJobFolder | None:
+        if job_hint is None or job_hint <= 0:
+            return None
+        early = EarlyJobFolder(self.s, self.finisher, job_hint)
+        early.start()
+        assert early.volume is not None
+        early.volume.add_done_callback(lambda _: timeline.mark("job_folder"))
+        return early
+
+    async def _claim(self, run_id: int, early: EarlyJobFolder | None) -> Claim | None:
+        """The claim's answer; None when the run is not ours to run (what the hint set up is taken down)."""
+        try:
+            return await self.s.client.claim(run_id)
+        except AlreadyClaimed:
+            log.info("run %s: claimed by another node", run_id)
+        except ApiError as exc:  # e.g. a doorbell for a run this node may not claim
+            log.warning("run %s: cannot claim: %s", run_id, exc)
+        except BaseException:  # e.g. the server went away: nothing is journaled, the poll tries again
+            if early is not None:
+                await early.drop()
+            raise
+        if early is not None:
+            await early.drop()
+        return None
 
     async def abandon(self, run_id: int, exc: BaseException) -> None:
         """After an unexpected error: remove the container if any and mark the run crashed, best effort."""

@@ -1,0 +1,66 @@
+"""The job's folder and volume set up from a doorbell's job id while the claim is on its way.
+
+Why: the claim round trip (about 5 ms) and the job folder (a few syscalls and one engine request) were in a
+row on every start of a new job. The doorbell names the run's job, so both can go at once. The job id in a
+ring is only a hint: the claim's answer decides, and what a hint set up for nothing is taken down again.
+
+While a hint is held, the job counts as busy (`Services.jobs_in_setup`): a run of the same job ending
+meanwhile must not remove the folder this run is about to mount; the journal covers the run once claimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vfed.node.finish import Finisher
+    from vfed.node.runner import Services
+
+log = logging.getLogger(__name__)
+
+
+class EarlyJobFolder:
+    """One run's early job folder: `start()` before the claim, then `take()` or `drop()` exactly once."""
+
+    def __init__(self, services: Services, finisher: Finisher, job_id: int) -> None:
+        self.s = services
+        self.finisher = finisher
+        self.job_id = job_id
+        self.volume: asyncio.Future[str] | None = None
+
+    def start(self) -> None:
+        self.s.jobs_in_setup[self.job_id] += 1
+        self.volume = asyncio.ensure_future(
+            self.s.runtime.ensure_job_volume(self.s.settings.name, str(self.job_id))
+        )
+
+    async def take(self, claimed_job_id: int) -> asyncio.Future[str] | None:
+        """The volume's future when the claim names the hinted job (call after journaling the claim);
+        None when it names another one, whose folder the caller sets up (this one is then dropped)."""
+        self._unhold()
+        if claimed_job_id == self.job_id:
+            return self.volume
+        log.warning("doorbell named job %s, the claim job %s", self.job_id, claimed_job_id)
+        await self._release()
+        return None
+
+    async def drop(self) -> None:
+        """The claim failed: remove what the hint set up unless another run of the job needs it."""
+        self._unhold()
+        await self._release()
+
+    def _unhold(self) -> None:
+        left = self.s.jobs_in_setup[self.job_id] - 1
+        if left > 0:
+            self.s.jobs_in_setup[self.job_id] = left
+        else:
+            self.s.jobs_in_setup.pop(self.job_id, None)
+
+    async def _release(self) -> None:
+        if self.volume is not None:
+            with contextlib.suppress(Exception):  # a folder that failed is nothing to remove
+                await self.volume
+        await self.finisher.release_job_volume(self.job_id)
