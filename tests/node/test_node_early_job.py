@@ -10,6 +10,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from vfed.client.client import AsyncClient
 from vfed.node.agent import Agent
 from vfed.node.config import load_settings
 from vfed.node.early_job import EarlyJobFolder
+from vfed.node.journal import Journal
 from vfed.node.runner import Runner, Services
 from vfed.node.runtime.base import job_volume_name
 from vfed.node.runtime.job_folder import job_folder
@@ -72,7 +74,9 @@ class Node:
     def volume_events(self, job_id: int, since: float) -> list[str]:
         """What the engine did to the job's volume since then, in order (create, destroy, ...)."""
         name = job_volume_name(self.s.settings.name, str(job_id))
-        events = self.docker.events(since=since, until=time.time(), filters={"type": "volume"}, decode=True)
+        # The engine takes fractional seconds (the SDK's stubs say int): sub-second windows stay exact.
+        window: dict[str, Any] = {"since": since, "until": time.time()}
+        events = self.docker.events(**window, filters={"type": "volume"}, decode=True)
         return [e["Action"] for e in events if e.get("Actor", {}).get("ID") == name]
 
 
@@ -111,11 +115,14 @@ def record(order: list[Any], name: str, call: Callable[..., Awaitable[T]]) -> Ca
     return wrapped
 
 
-async def test_the_hinted_folder_is_asked_for_before_the_claim_and_the_run_uses_it(node: Node) -> None:
+async def test_the_hinted_folder_is_asked_for_before_the_claim_and_the_run_uses_it(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_id, job_id = await node.new_run()
     order: list[Any] = []
-    node.s.runtime.ensure_job_volume = record(order, "volume", node.s.runtime.ensure_job_volume)  # type: ignore[method-assign]
-    node.s.client.claim = record(order, "claim", node.s.client.claim)  # type: ignore[method-assign]
+    runtime, client = node.s.runtime, node.s.client
+    monkeypatch.setattr(runtime, "ensure_job_volume", record(order, "volume", runtime.ensure_job_volume))
+    monkeypatch.setattr(client, "claim", record(order, "claim", client.claim))
 
     await node.runner.execute(run_id, asyncio.Event(), job_hint=job_id)
 
@@ -172,3 +179,42 @@ async def test_a_run_of_the_job_ending_while_a_hint_is_held_keeps_the_folder(nod
 async def task_of(node: Node, run_id: int) -> int:
     run = await node.s.client.get_run(run_id)
     return run.task_id
+
+
+async def test_the_container_waits_for_the_claims_journal_entry(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry is written in a thread while the loop sets the run up; a slow disk (a sleep before the
+    real write) must still land it before the runtime is asked to start the container."""
+    run_id, _ = await node.new_run()
+    order: list[str] = []
+    journal, runtime = node.s.journal, node.s.runtime
+    real_claimed, real_start = journal.claimed, runtime.start
+
+    def slow_claimed(*args: int) -> None:
+        time.sleep(0.3)
+        real_claimed(*args)
+        order.append("journaled")
+
+    def start(*args: Any) -> Awaitable[str]:
+        order.append("start")
+        assert journal.get(run_id) is not None, "a container asked for before its journal entry"
+        return real_start(*args)
+
+    monkeypatch.setattr(journal, "claimed", slow_claimed)
+    monkeypatch.setattr(runtime, "start", start)
+    await node.runner.execute(run_id, asyncio.Event())
+
+    assert order == ["journaled", "start"]
+    (run,) = await wait_run_status(node.researcher, await task_of(node, run_id), {"completed"})
+    assert run["status"] == "completed" and node.s.journal.get(run_id) is None
+
+
+def test_the_journal_takes_writes_from_threads_at_once(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: journal.claimed(i, i, i % 3 + 1), range(1, 201)))
+        assert [e.run_id for e in journal.unfinished()] == list(range(1, 201))
+    finally:
+        journal.close()

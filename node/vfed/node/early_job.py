@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -20,6 +21,27 @@ if TYPE_CHECKING:
     from vfed.node.runner import Services
 
 log = logging.getLogger(__name__)
+
+
+class BusyJobs:
+    """Jobs a run being set up needs (a hint held, a claim not yet journaled), counted per job."""
+
+    def __init__(self) -> None:
+        self._count: Counter[int] = Counter()
+
+    def hold(self, job_id: int) -> None:
+        self._count[job_id] += 1
+
+    def release(self, job_id: int) -> None:
+        self._count[job_id] -= 1
+        if self._count[job_id] <= 0:
+            del self._count[job_id]
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._count
+
+    def __len__(self) -> int:
+        return len(self._count)
 
 
 class EarlyJobFolder:
@@ -32,7 +54,7 @@ class EarlyJobFolder:
         self.volume: asyncio.Future[str] | None = None
 
     def start(self) -> None:
-        self.s.jobs_in_setup[self.job_id] += 1
+        self.s.jobs_in_setup.hold(self.job_id)
         self.volume = asyncio.ensure_future(
             self.s.runtime.ensure_job_volume(self.s.settings.name, str(self.job_id))
         )
@@ -40,7 +62,7 @@ class EarlyJobFolder:
     async def take(self, claimed_job_id: int) -> asyncio.Future[str] | None:
         """The volume's future when the claim names the hinted job (call after journaling the claim);
         None when it names another one, whose folder the caller sets up (this one is then dropped)."""
-        self._unhold()
+        self.s.jobs_in_setup.release(self.job_id)
         if claimed_job_id == self.job_id:
             return self.volume
         log.warning("doorbell named job %s, the claim job %s", self.job_id, claimed_job_id)
@@ -49,15 +71,8 @@ class EarlyJobFolder:
 
     async def drop(self) -> None:
         """The claim failed: remove what the hint set up unless another run of the job needs it."""
-        self._unhold()
+        self.s.jobs_in_setup.release(self.job_id)
         await self._release()
-
-    def _unhold(self) -> None:
-        left = self.s.jobs_in_setup[self.job_id] - 1
-        if left > 0:
-            self.s.jobs_in_setup[self.job_id] = left
-        else:
-            self.s.jobs_in_setup.pop(self.job_id, None)
 
     async def _release(self) -> None:
         if self.volume is not None:

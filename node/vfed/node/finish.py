@@ -250,7 +250,7 @@ class Finisher:
     async def release_job_volume(self, job_id: int) -> None:
         """Remove the job's folder once its last run here ended, unless retained (the janitor's, then)."""
         retained = self.s.settings.job_volume_retention_s > 0
-        if retained or self.s.jobs_in_setup[job_id] > 0:  # a run claiming into this job needs it
+        if retained or job_id in self.s.jobs_in_setup:  # a run claiming into this job needs it
             return
         if not any(e.job_id == job_id for e in self.s.journal.unfinished()):
             with contextlib.suppress(RuntimeUnavailable, NotFound):

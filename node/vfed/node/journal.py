@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -57,10 +59,15 @@ class Entry:
 
 
 class Journal:
-    """Small synchronous SQLite store; each call is one short transaction on a local file."""
+    """Small synchronous SQLite store; each call is one short transaction on a local file.
+
+    Calls are safe from any thread (one lock around the connection): the claim's write goes to a thread, so
+    the loop sets the run up during its fsync (the runner waits for it before the container is created).
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -75,23 +82,29 @@ class Journal:
         self.agent_id: str = row[0]
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement, its rows fetched under the lock."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     def meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        rows = self._exec("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self._exec("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def forget_all(self) -> list[Entry]:
         """Drop every unfinished run (they belong to a server that no longer knows them); answer them."""
         entries = self.unfinished()
-        self._db.execute("DELETE FROM runs")
+        self._exec("DELETE FROM runs")
         return entries
 
     def claimed(self, run_id: int, task_id: int, job_id: int) -> None:
-        self._db.execute(
+        self._exec(
             "INSERT OR REPLACE INTO runs (run_id, task_id, job_id, stage, updated_at) VALUES (?, ?, ?, ?, ?)",
             (run_id, task_id, job_id, Stage.CLAIMED, time.time()),
         )
@@ -111,7 +124,7 @@ class Journal:
         self._update(run_id, stage=Stage.UPLOADED, result_blob_id=result_blob_id)
 
     def done(self, run_id: int) -> None:
-        self._db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        self._exec("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
     def get(self, run_id: int) -> Entry | None:
         rows = self._select("WHERE run_id = ?", (run_id,))
@@ -122,18 +135,15 @@ class Journal:
 
     def _update(self, run_id: int, **fields: object) -> None:
         names = ", ".join(f"{k} = ?" for k in fields)
-        self._db.execute(
+        self._exec(
             f"UPDATE runs SET {names}, updated_at = ? WHERE run_id = ?",
             (*fields.values(), time.time(), run_id),
         )
 
     def _select(self, where: str, args: tuple[object, ...]) -> list[Entry]:
-        cursor = self._db.execute(
+        rows = self._exec(
             "SELECT run_id, task_id, job_id, stage, handle, exit_code, reason, final_status, result_blob_id,"
             f" deadline FROM runs {where}",
             args,
         )
-        return [
-            Entry(r[0], r[1], r[2], Stage(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
-            for r in cursor.fetchall()
-        ]
+        return [Entry(r[0], r[1], r[2], Stage(r[3]), r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows]

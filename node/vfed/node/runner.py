@@ -11,7 +11,6 @@ import contextlib
 import logging
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import aiohttp
 from vfed.common.crypto import CryptoError, Keyring, PublicKey, decrypt_bytes
 from vfed.node import budget, timeline
 from vfed.node.config import NodeSettings
-from vfed.node.early_job import EarlyJobFolder
+from vfed.node.early_job import BusyJobs, EarlyJobFolder
 from vfed.node.journal import Journal
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run
@@ -89,7 +88,7 @@ class Services:
     ledger: PrivacyLedger
     server_identity: str = ""
     """The server's fingerprint (orphans.server_identity): run ids are only unique under it."""
-    jobs_in_setup: Counter[int] = field(default_factory=Counter)
+    jobs_in_setup: BusyJobs = field(default_factory=BusyJobs)
     """Jobs whose folder a run set up before its claim (early_job): busy, like the journal's."""
 
 
@@ -124,8 +123,8 @@ class Runner:
         if claim is None:
             return
         trace.mark("claimed")
-        self.s.journal.claimed(claim.id, claim.task_id, claim.job_id)
-        trace.mark("journaled")
+        journaled = self._journal_claim(claim)
+        journaled.add_done_callback(lambda _: trace.mark("journaled"))
         log.info("run %s: claimed (task %s, job %s)", claim.id, claim.task_id, claim.job_id)
         task = claim.task or await self.s.client.get_task(claim.task_id)  # an older server sends no task
         token = claim.run_token.token if claim.run_token is not None else None
@@ -137,7 +136,7 @@ class Runner:
                 self.s.runtime.ensure_job_volume(self.s.settings.name, str(claim.job_id))
             )
             volume.add_done_callback(lambda _: trace.mark("job_folder"))
-        setup = _Setup(digest=asyncio.ensure_future(self._image_digest(task)), volume=volume)
+        setup = _Setup(journaled, asyncio.ensure_future(self._image_digest(task)), volume)
         setup.digest.add_done_callback(lambda _: trace.mark("image"))
         try:
             prepared = await self._prepare(claim, task, setup, token)
@@ -151,6 +150,17 @@ class Runner:
             raise
         trace.mark("prepared")
         await self._start_and_follow(prepared, proxy, kill, claimed_at, trace)
+
+    def _journal_claim(self, claim: Claim) -> asyncio.Future[None]:
+        """The claim's journal entry, written (with its fsync) in a thread while the loop sets the run up;
+        the container is created only after it landed. Until then the job counts as busy, so a finishing run
+        of the same job does not take the job folder away."""
+        self.s.jobs_in_setup.hold(claim.job_id)
+        written = asyncio.ensure_future(
+            asyncio.to_thread(self.s.journal.claimed, claim.id, claim.task_id, claim.job_id)
+        )
+        written.add_done_callback(lambda _: self.s.jobs_in_setup.release(claim.job_id))
+        return written
 
     def _early_job(self, job_hint: int | None) -> EarlyJobFolder | None:
         if job_hint is None or job_hint <= 0:
@@ -361,13 +371,15 @@ class Runner:
 
 @dataclass
 class _Setup:
-    """What a run sets up beside its checks: the image lookup, its job folder and its proxy."""
+    """What a run sets up beside its checks: its journal entry, the image lookup, its job folder and proxy."""
 
+    journaled: asyncio.Future[None]
     digest: asyncio.Future[str]
     volume: asyncio.Future[str]
     proxy: asyncio.Future[ProxyServer] | None = None
 
     async def ready(self) -> ProxyServer:
+        await self.journaled  # no container before its run is in the journal
         # A job folder that failed here is tried again, with the start's own retries, when the run starts.
         with contextlib.suppress(Exception):
             await self.volume
@@ -376,7 +388,7 @@ class _Setup:
 
     async def undo(self) -> None:
         """After a refusal: stop the proxy; the job folder goes with the job's last run (the finisher)."""
-        await asyncio.gather(self.digest, self.volume, return_exceptions=True)
+        await asyncio.gather(self.journaled, self.digest, self.volume, return_exceptions=True)
         if self.proxy is not None:
             (proxy,) = await asyncio.gather(self.proxy, return_exceptions=True)
             if isinstance(proxy, ProxyServer):
