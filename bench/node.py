@@ -111,17 +111,26 @@ def cli_args(kwargs: dict[str, Any]) -> list[str]:
     return [*args, kwargs["image"]]
 
 
-def bare_cli_runs(work: Path, runs: int) -> list[float]:
-    """Seconds per `docker run --rm` of the probe with the same definition and limits (issue 5's (a))."""
-    times = []
+def bare_cli_runs(work: Path, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds per `docker run --rm` of the probe with the same definition and limits (issue 5's (a)), and
+    the CPU seconds the whole machine spent meanwhile (every core: the CLI, dockerd, containerd, the shim,
+    runc, the kernel and the probe). Run alone, that is what one bare run costs in CPU."""
+    times, cpu = [], []
     for i in range(runs):
         spec = bare_spec(work, f"cli{i}")
         command = ["docker", "run", *cli_args(container_kwargs(spec, CONFIG))]
-        started = time.perf_counter()
+        busy, started = cpu_busy_s(), time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         times.append(time.perf_counter() - started)
+        cpu.append(cpu_busy_s() - busy)
         assert (Path(spec.run_dir) / "output").exists(), "the bare CLI run wrote no output"
-    return times
+    return times, cpu
+
+
+def cpu_busy_s() -> float:
+    """CPU seconds this machine has been busy since boot, all cores (idle and I/O wait left out)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 def bare_parallel_runs(work: Path, rounds: int, width: int = 3) -> list[float]:
@@ -345,11 +354,26 @@ def main() -> None:
     ensure_probe_image()
     with tempfile.TemporaryDirectory(prefix="vfed-bench-node-") as tmp:
         work = Path(tmp)
-        cli = bare_cli_runs(work, args.rounds + 1)[1:]
+        cli, cli_cpu = (values[1:] for values in bare_cli_runs(work, args.rounds + 1))
         sdk = bare_docker_runs(work, max(args.rounds, args.runs // 2) + 1)
         bare3 = bare_parallel_runs(work, args.rounds)
         figures = asyncio.run(federation_figures(work, args.runs, args.rounds))
-    print_report(build_report(cli, sdk, bare3, figures), len(figures["dispatch"]), args.json)
+    report = build_report(cli, sdk, bare3, figures)
+    report.update(c_floor(report["bare_docker_run_s"], statistics.median(cli_cpu)))
+    print_report(report, len(figures["dispatch"]), args.json)
+
+
+def c_floor(bare_s: float, bare_cpu_s: float, nodes: int = 3) -> dict[str, float]:
+    """The least (c) can take on this machine: its nodes' bare runs alone need `nodes` times one bare run's
+    CPU, and the machine has only so many cores (a bound, not a measurement of (c))."""
+    cores = psutil.cpu_count() or 1
+    floor_s = max(bare_s, nodes * bare_cpu_s / cores)
+    return {
+        "bare_docker_run_cpu_s": round(bare_cpu_s, 4),
+        "cores": cores,
+        "end_to_end_floor_s": round(floor_s, 4),
+        "ratio_floor_vs_bare": round(floor_s / bare_s, 3),
+    }
 
 
 def ms(seconds: float) -> float:
@@ -437,6 +461,11 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
     print(
         f"(a3) three bare SDK runs at once on this machine (the 3 nodes of (c) share its 2 cores), median: "
         f"{r['bare_docker_run_x3_parallel_s']:.3f} s; (c)/(a3) = {r['ratio_end_to_end_vs_bare_x3']}"
+    )
+    print(
+        f"    one bare CLI run keeps this machine's cores busy for {r['bare_docker_run_cpu_s']:.3f} CPU s; "
+        f"three need at least {r['end_to_end_floor_s']:.3f} s on {r['cores']} cores, i.e. (c)/(a) >= "
+        f"{r['ratio_floor_vs_bare']} before any vfed work"
     )
     print(f"idle agent RSS: {r['idle_agent_rss_mib']} MiB")
 
