@@ -27,13 +27,18 @@ from tests.node.node_harness import (
 )
 
 from vfed.client.client import AsyncClient
+from vfed.node import ahead, budget
 from vfed.node.agent import Agent
-from vfed.node.config import load_settings
+from vfed.node.config import ImagePolicy, NodeSettings, Policies, load_settings
 from vfed.node.early_job import EarlyJobFolder
 from vfed.node.journal import Journal
+from vfed.node.privacy import BudgetRefused
 from vfed.node.runner import Runner, Services
-from vfed.node.runtime.base import job_volume_name
+from vfed.node.runtime.base import RunSpec, algorithm_env, container_name, job_volume_name
+from vfed.node.runtime.docker import DockerRuntime
+from vfed.node.runtime.docker_spec import DockerRuntimeConfig
 from vfed.node.runtime.job_folder import job_folder
+from vfed.proxy.rest import Task
 
 pytestmark = pytest.mark.docker
 T = TypeVar("T")
@@ -185,27 +190,31 @@ async def test_the_container_waits_for_the_claims_journal_entry(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The entry is written in a thread while the loop sets the run up; a slow disk (a sleep before the
-    real write) must still land it before the runtime is asked to start the container."""
+    real write) must still land it before the runtime is asked for the container (made ahead or not)."""
     run_id, _ = await node.new_run()
     order: list[str] = []
     journal, runtime = node.s.journal, node.s.runtime
-    real_claimed, real_start = journal.claimed, runtime.start
+    real_claimed = journal.claimed
 
     def slow_claimed(*args: int) -> None:
         time.sleep(0.3)
         real_claimed(*args)
         order.append("journaled")
 
-    def start(*args: Any) -> Awaitable[str]:
-        order.append("start")
-        assert journal.get(run_id) is not None, "a container asked for before its journal entry"
-        return real_start(*args)
+    def checked(name: str, call: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        def wrapped(*args: Any) -> Awaitable[T]:
+            order.append(name)
+            assert journal.get(run_id) is not None, f"{name} asked for before the run's journal entry"
+            return call(*args)
+
+        return wrapped
 
     monkeypatch.setattr(journal, "claimed", slow_claimed)
-    monkeypatch.setattr(runtime, "start", start)
+    for name in ("create", "start_created", "start"):
+        monkeypatch.setattr(runtime, name, checked(name, getattr(runtime, name)))
     await node.runner.execute(run_id, asyncio.Event())
 
-    assert order == ["journaled", "start"]
+    assert order == ["journaled", "create", "start_created"]  # made ahead, then started
     (run,) = await wait_run_status(node.researcher, await task_of(node, run_id), {"completed"})
     assert run["status"] == "completed" and node.s.journal.get(run_id) is None
 
@@ -218,3 +227,103 @@ def test_the_journal_takes_writes_from_threads_at_once(tmp_path: Path) -> None:
         assert [e.run_id for e in journal.unfinished()] == list(range(1, 201))
     finally:
         journal.close()
+
+
+def container_events(node: Node, run_id: int, since: float) -> list[str]:
+    """What the engine did to the run's container since then, in order."""
+    name = container_name(node.s.settings.name, str(run_id))
+    window: dict[str, Any] = {"since": since, "until": time.time()}
+    events = node.docker.events(**window, filters={"type": "container"}, decode=True)
+    actions = [e["Action"] for e in events if e.get("Actor", {}).get("Attributes", {}).get("name") == name]
+    return [a for a in actions if a in ("create", "start", "destroy")]
+
+
+async def test_a_run_refused_after_its_container_was_made_ahead_leaves_none(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The privacy step refuses (after the container was made ahead): the container never starts."""
+    run_id, _ = await node.new_run()
+    since = time.time() - 1
+
+    async def refuse(*args: Any, **kwargs: Any) -> float | None:
+        await asyncio.sleep(0.5)  # the container made ahead exists by now
+        raise BudgetRefused("refused by the test")
+
+    monkeypatch.setattr(budget, "charge", refuse)
+    await node.runner.execute(run_id, asyncio.Event())
+
+    assert container_events(node, run_id, since) == ["create", "destroy"]
+    (run,) = await wait_run_status(node.researcher, await task_of(node, run_id), {"not-allowed"})
+    assert run["reason"] == "refused by the test" and node.s.journal.get(run_id) is None
+
+
+async def test_a_run_the_policy_refuses_gets_no_container_at_all(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policies = Policies(allowed_images=[ImagePolicy(image="vfed-test/someone-else*")])
+    monkeypatch.setattr(node.s, "settings", node.s.settings.model_copy(update={"policies": policies}))
+    run_id, _ = await node.new_run()
+    since = time.time() - 1
+
+    await node.runner.execute(run_id, asyncio.Event())
+
+    (run,) = await wait_run_status(node.researcher, await task_of(node, run_id), {"not-allowed"})
+    assert "allowed_images" in str(run["reason"])
+    assert container_events(node, run_id, since) == []
+
+
+async def test_a_container_made_for_another_spec_is_replaced(node: Node, tmp_path: Path) -> None:
+    """ahead.start compares the specs: a difference removes the early container and answers None."""
+    runtime = node.s.runtime
+    run_dir = tmp_path / "run-x"
+    run_dir.mkdir()
+    env = algorithm_env(run_id="77", job_id="9", organization_id="1", datasets=[], with_proxy=False)
+    spec = RunSpec(
+        run_id="77",
+        job_id="9",
+        node_name=node.s.settings.name,
+        organization_id="1",
+        image=PROBE_IMAGE,
+        env=env,
+        run_dir=str(run_dir),
+    )
+    early = await ahead.create(runtime, spec)
+    assert early is not None
+    changed = spec.model_copy(update={"env": {**env, "EXTRA": "1"}})
+
+    assert await ahead.start(runtime, early, changed) is None
+    assert not node.docker.containers.list(all=True, filters={"name": container_name(spec.node_name, "77")})
+    await runtime.remove_job_volume(spec.node_name, "9")
+
+
+def settings_with(**fields: Any) -> NodeSettings:
+    return NodeSettings.model_validate({"api_key": "abc.def", "data_dir": "/nonexistent", **fields})
+
+
+def task_with(datasets: list[str], image: str = "vfed/x") -> Task:
+    return Task(
+        id=1,
+        collaboration_id=1,
+        initiator_organization_id=1,
+        image=image,
+        datasets=datasets,
+        job_id=1,
+        status="active",
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "task", "expected"),
+    [
+        ({}, task_with([]), True),
+        ({"datasets": {"d": {"uri": "/data/d.csv"}}}, task_with(["d"]), True),
+        ({"datasets": {"d": {"uri": "/data/d.csv", "epsilon_budget": 1.0}}}, task_with(["d"]), False),
+        ({"datasets": {"d": {"uri": "/data/d.csv"}}}, task_with(["e"]), False),
+        ({"policies": {"allowed_images": ["vfed/y"]}}, task_with([]), False),
+        ({"policies": {"allowed_organizations": [2]}}, task_with([]), False),
+    ],
+)
+def test_what_may_be_made_ahead(fields: dict[str, Any], task: Task, expected: bool) -> None:
+    """Settings and the policy only: the Docker runtime is not asked anything."""
+    runtime = DockerRuntime(DockerRuntimeConfig())
+    assert ahead.may_create_ahead(settings_with(**fields), runtime, task, "sha256:" + "0" * 64) is expected

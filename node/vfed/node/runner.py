@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from vfed.common.crypto import CryptoError, Keyring, PublicKey, decrypt_bytes
-from vfed.node import budget, timeline
+from vfed.node import ahead, budget, timeline
 from vfed.node.config import NodeSettings
 from vfed.node.early_job import BusyJobs, EarlyJobFolder
 from vfed.node.journal import Journal
@@ -136,9 +136,11 @@ class Runner:
                 self.s.runtime.ensure_job_volume(self.s.settings.name, str(claim.job_id))
             )
             volume.add_done_callback(lambda _: trace.mark("job_folder"))
-        setup = _Setup(journaled, asyncio.ensure_future(self._image_digest(task)), volume)
+        setup = _Setup(journaled, asyncio.ensure_future(self._image_digest(task)), volume, self.s.runtime)
         setup.digest.add_done_callback(lambda _: trace.mark("image"))
         try:
+            _fresh_run_dir(self.run_dir(claim.id))  # a few syscalls: a thread hop would cost more
+            setup.creating = asyncio.ensure_future(self._create_ahead(claim, task, setup))
             prepared = await self._prepare(claim, task, setup, token)
             proxy = await setup.ready()
         except RunRefused as refused:
@@ -149,7 +151,7 @@ class Runner:
             await setup.undo()
             raise
         trace.mark("prepared")
-        await self._start_and_follow(prepared, proxy, kill, claimed_at, trace)
+        await self._start_and_follow(prepared, proxy, setup.created, kill, claimed_at, trace)
 
     def _journal_claim(self, claim: Claim) -> asyncio.Future[None]:
         """The claim's journal entry, written (with its fsync) in a thread while the loop sets the run up;
@@ -235,8 +237,22 @@ class Runner:
         except BudgetRefused as exc:
             raise RunRefused("not-allowed", str(exc)) from None
         run_dir = self.run_dir(run.id)
-        await _off_loop_if_big(len(plaintext), _write_run_dir, run_dir, plaintext)
+        await _off_loop_if_big(len(plaintext), _write_input, run_dir, plaintext)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, epsilon)
+
+    async def _create_ahead(self, run: Run, task: Task, setup: _Setup) -> ahead.Ahead | None:
+        """The run's container, made while the input is decrypted (module `ahead`); None when it may not
+        be, or when a step before it failed (the checks then report that)."""
+        try:
+            digest = await setup.digest
+            await asyncio.gather(setup.journaled, setup.volume)
+        except Exception:
+            return None
+        if not ahead.may_create_ahead(self.s.settings, self.s.runtime, task, digest):
+            return None
+        spec = self.spec_for(run, task, digest, None, self.run_dir(run.id))
+        _make_folder(self.socket_path(run.id).parent)  # the proxy's socket comes later, into this folder
+        return await ahead.create(self.s.runtime, spec)
 
     async def _download_input(self, run: Run) -> bytes:
         if run.input_blob_id is None:
@@ -271,13 +287,13 @@ class Runner:
         except CryptoError as exc:
             raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
 
-    def _spec(self, prepared: Prepared) -> RunSpec:
-        run, settings = prepared.run, self.s.settings
+    def spec_for(self, run: Run, task: Task, digest: str, epsilon: float | None, run_dir: Path) -> RunSpec:
+        settings = self.s.settings
         datasets = [
             DatasetMount(
                 label=label, host_path=settings.datasets[label].uri, type=settings.datasets[label].type
             )
-            for label in prepared.task.datasets
+            for label in task.datasets
         ]
         env = algorithm_env(
             run_id=str(run.id),
@@ -285,7 +301,7 @@ class Runner:
             organization_id=str(run.organization_id),
             datasets=datasets,
             with_proxy=True,
-            extra=_extra_env(settings, prepared.epsilon),
+            extra=_extra_env(settings, epsilon),
         )
         return RunSpec(
             run_id=str(run.id),
@@ -293,9 +309,9 @@ class Runner:
             node_name=settings.name,
             organization_id=str(run.organization_id),
             # The image the policy checked, by its ID: a tag moved meanwhile cannot swap in another image.
-            image=prepared.digest,
+            image=digest,
             env=env,
-            run_dir=str(prepared.run_dir),
+            run_dir=str(run_dir),
             datasets=datasets,
             proxy_socket=str(self.socket_path(run.id)),
             labels={LABEL_AGENT: self.s.journal.agent_id},
@@ -324,13 +340,14 @@ class Runner:
         self,
         prepared: Prepared,
         proxy: ProxyServer,
+        early: ahead.Ahead | None,
         kill: asyncio.Event,
         claimed_at: float,
         trace: StartTimeline,
     ) -> None:
         run = prepared.run
         try:
-            handle = await self._start_container(prepared)
+            handle = await self._start_container(prepared, early)
         except RunRefused as refused:
             await proxy.stop()
             await self.finisher.end_without_container(run.id, refused.status, refused.reason, run.job_id)
@@ -356,8 +373,17 @@ class Runner:
         except Exception as exc:  # the server may have killed it meanwhile; follow() finds out
             log.warning("run %s: could not mark active: %s", run_id, exc)
 
-    async def _start_container(self, prepared: Prepared) -> str:
-        spec = self._spec(prepared)
+    async def _start_container(self, prepared: Prepared, early: ahead.Ahead | None) -> str:
+        p = prepared
+        spec = self.spec_for(p.run, p.task, p.digest, p.epsilon, p.run_dir)
+        if early is not None:
+            try:
+                handle = await ahead.start(self.s.runtime, early, spec)
+            except PermanentStartError as exc:
+                await ahead.discard(self.s.runtime, early)
+                raise RunRefused("start-failed", f"the container did not start: {exc}") from None
+            if handle is not None:
+                return handle
         for attempt in range(5):
             try:
                 return await self.s.runtime.start(spec)
@@ -376,19 +402,29 @@ class _Setup:
     journaled: asyncio.Future[None]
     digest: asyncio.Future[str]
     volume: asyncio.Future[str]
+    runtime: Runtime
     proxy: asyncio.Future[ProxyServer] | None = None
+    creating: asyncio.Future[ahead.Ahead | None] | None = None
+    created: ahead.Ahead | None = None
 
     async def ready(self) -> ProxyServer:
         await self.journaled  # no container before its run is in the journal
         # A job folder that failed here is tried again, with the start's own retries, when the run starts.
         with contextlib.suppress(Exception):
             await self.volume
+        if self.creating is not None:
+            self.created = await self.creating
         assert self.proxy is not None, "the proxy starts once the input is decrypted"
         return await self.proxy
 
     async def undo(self) -> None:
-        """After a refusal: stop the proxy; the job folder goes with the job's last run (the finisher)."""
+        """After a refusal: remove the container made ahead and stop the proxy; the job folder goes with the
+        job's last run (the finisher)."""
         await asyncio.gather(self.journaled, self.digest, self.volume, return_exceptions=True)
+        if self.creating is not None:
+            (early,) = await asyncio.gather(self.creating, return_exceptions=True)
+            if isinstance(early, ahead.Ahead):
+                await ahead.discard(self.runtime, early)
         if self.proxy is not None:
             (proxy,) = await asyncio.gather(self.proxy, return_exceptions=True)
             if isinstance(proxy, ProxyServer):
@@ -412,12 +448,19 @@ def _extra_env(settings: NodeSettings, epsilon: float | None) -> dict[str, str]:
     return env
 
 
-def _write_run_dir(run_dir: Path, plaintext: bytes) -> None:
-    """A fresh run folder the container user can write its output into, holding the input."""
+def _fresh_run_dir(run_dir: Path) -> None:
+    """A fresh run folder the container user can write its output into (made before the container)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     run_dir.chmod(0o777)
+
+
+def _make_folder(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _write_input(run_dir: Path, plaintext: bytes) -> None:
     path = run_dir / INPUT_NAME
     path.write_bytes(plaintext)
     path.chmod(0o644)

@@ -208,6 +208,24 @@ class Runtime(abc.ABC):
         Starting a run whose container already exists raises PermanentStartError (see list_runs).
         """
 
+    creates_ahead: bool = False
+    """Whether `create` and `start_created` work: a container can be made while the run's checks go on."""
+
+    async def create(self, spec: RunSpec) -> str:
+        """Create the run's container (and its job volume if needed) without starting it; its handle.
+
+        Nothing runs until `start_created`; `cleanup` removes it. The run folder and the proxy socket's
+        folder must exist (the socket itself may come later). Only when `creates_ahead`.
+        """
+        raise NotImplementedError(f"the {self.name} runtime cannot create a container ahead of its start")
+
+    async def start_created(self, handle: str, spec: RunSpec) -> None:
+        """Start a container `create` made for this spec, after the same local checks as `start`.
+
+        A container that fails to start is removed. Raises PermanentStartError or RuntimeUnavailable.
+        """
+        raise NotImplementedError(f"the {self.name} runtime cannot create a container ahead of its start")
+
     @abc.abstractmethod
     async def wait(self, handle: str, timeout_s: float | None = None) -> ExitStatus:
         """Wait for the run to end. After timeout_s, return timed_out=True without killing anything."""

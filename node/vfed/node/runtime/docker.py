@@ -122,6 +122,7 @@ class DockerRuntime(Runtime):
     """Runs each run as a hardened sibling container on the local Docker engine."""
 
     name = "docker"
+    creates_ahead = True
 
     def __init__(self, config: DockerRuntimeConfig | None = None, client: docker.DockerClient | None = None):
         self.config = config or DockerRuntimeConfig()
@@ -335,6 +336,34 @@ class DockerRuntime(Runtime):
         await self._call(f"start {handle}", self._create_and_start, kwargs)
         log.info("run %s started as %s", spec.run_id, handle)
         return handle
+
+    async def create(self, spec: RunSpec) -> str:
+        kwargs = container_kwargs(spec, self.config)
+        handle = HANDLE_PREFIX + container_name(spec.node_name, spec.run_id)
+        await self.ensure_job_volume(spec.node_name, spec.job_id)  # else Docker would make a plain one
+        timeline.mark("create_sent")
+        await self._call(f"create {handle}", self._create, kwargs)
+        timeline.mark("create_answered")
+        return handle
+
+    async def start_created(self, handle: str, spec: RunSpec) -> None:
+        timeline.mark("runtime_start")
+        try:
+            check_local_paths(spec)
+            grant_container_user(spec, self.config)
+        except OSError as exc:
+            raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
+        await self._call(f"start {handle}", self._start_existing, parse_handle(handle))
+        log.info("run %s started as %s", spec.run_id, handle)
+
+    def _start_existing(self, container: str) -> None:
+        timeline.mark("start_sent")
+        try:
+            self.client.api.start(container)
+        except BaseException:
+            with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
+                self.client.api.remove_container(container, force=True)
+            raise
 
     def _create_and_start(self, kwargs: dict[str, Any]) -> None:
         """Both in one thread hop; a container that fails to start is removed so the run can start again."""
