@@ -243,9 +243,11 @@ class Runner:
     async def _create_ahead(self, run: Run, task: Task, setup: _Setup) -> ahead.Ahead | None:
         """The run's container, made while the input is decrypted (module `ahead`); None when it may not
         be, or when a step before it failed (the checks then report that)."""
+        # Not after the journal entry: a container made but not started needs none (recovery removes one it
+        # does not know); the start waits for the entry (_Setup.ready).
         try:
             digest = await setup.digest
-            await asyncio.gather(setup.journaled, setup.volume)
+            await setup.volume
         except Exception:
             return None
         if not ahead.may_create_ahead(self.s.settings, self.s.runtime, task, digest):
