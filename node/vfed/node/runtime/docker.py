@@ -357,6 +357,7 @@ class DockerRuntime(Runtime):
         log.info("run %s started as %s", spec.run_id, handle)
 
     def _start_existing(self, container: str) -> None:
+        """Start a created container; one that fails to start is removed so the run can start again."""
         timeline.mark("start_sent")
         try:
             self.client.api.start(container)
@@ -370,12 +371,7 @@ class DockerRuntime(Runtime):
         timeline.mark("create_sent")
         container_id = self._create(kwargs)
         timeline.mark("create_answered")
-        try:
-            self.client.api.start(container_id)
-        except BaseException:
-            with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
-                self.client.api.remove_container(container_id, force=True)
-            raise
+        self._start_existing(container_id)
 
     def _create(self, kwargs: dict[str, Any]) -> str:
         """The new container's id, through the low-level API: the SDK's `containers.create` inspects the new
