@@ -3,8 +3,10 @@
 (a) a bare `docker run --rm` (the CLI) of the probe image with the agent's own hardened definition and limits,
     the figure the issue names; next to it the Docker SDK's create+start+wait+remove of the same definition
     (no CLI process, no attach), and the SDK's create+start alone: Docker's own start, the floor of (b);
-(b) task POST -> container started (Docker's own `start` event), p50/p99 over N runs, doorbell on MQTT;
+(b) task POST -> container started (Docker's own `start` event), p50/p99 over N runs, doorbell on MQTT,
+    counted from the researcher's create_task call and from its POST request leaving the client;
 (c) submit -> decrypted result at the researcher, a trivial task on 3 nodes (3 agent processes).
+The server runs as its own `vserver start` process, the agents as `vnode run` processes, as deployed.
 Also the RSS of an idle agent process. Run: `.venv/bin/python bench/node.py [--json] [--runs 50]`.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import statistics
@@ -20,12 +23,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import docker
 import psutil  # type: ignore[import-untyped]
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.node harness
 
@@ -246,7 +251,7 @@ async def dispatch_latencies(
     watcher = StartWatcher("a")
     out: dict[str, Any] = {"dispatch": [], "docker_start": [], "post": [], "post_to_create": [], "runs": {}}
     out["bare_between"], out["dispatch_from_post_sent"] = [], []
-    sent = trace_post_sent(researcher)
+    sent = await trace_post_sent(researcher)
     try:
         for number in range(runs):
             known = set(watcher.starts)
@@ -276,7 +281,7 @@ async def dispatch_latencies(
     return out
 
 
-def trace_post_sent(researcher: AsyncClient) -> list[float]:
+async def trace_post_sent(researcher: AsyncClient) -> list[float]:
     """When each POST /tasks request leaves the client (epoch s): the issue's "task POST", after the key
     look-up and the encryption that come before it in create_task."""
     sent: list[float] = []
@@ -287,7 +292,9 @@ def trace_post_sent(researcher: AsyncClient) -> list[float]:
 
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(on_start)
-    researcher.api._session = aiohttp.ClientSession(trace_configs=[trace])  # the client makes one lazily
+    if researcher.api._session is not None:  # the one login opened; the client makes one lazily
+        await researcher.api._session.close()
+    researcher.api._session = aiohttp.ClientSession(trace_configs=[trace])
     return sent
 
 
@@ -324,44 +331,83 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+@contextlib.contextmanager
+def vserver_process(server: Server) -> Iterator[None]:
+    """The seeded server as its own `vserver start` process, as deployed (in this process it would share
+    the GIL with the researcher's client and the Docker event watcher)."""
+    config = server.settings().model_dump(mode="json", include={"host", "port", "data_dir", "jwt_secret"})
+    config["mqtt"] = {"url": server.mqtt_url}
+    path = server.data_dir / "vserver.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with (server.data_dir / "vserver.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vfed.server.cli",
+                "--log-level",
+                "WARNING",
+                "start",
+                "--config",
+                str(path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        infra.wait_for_port(server.port, 30, lambda: proc.poll() is None)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, Any]:
     with infra.mosquitto() as broker:
         server = Server(work / "server", mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
         keys = await server.seed(["a", "b", "c"])
-        await server.start()
-        agents = []
-        try:
-            for name, key in keys.items():
-                config = write_node_config(
-                    work / f"{name}.yaml",
-                    name=name,
-                    api_key=key,
-                    server_url=server.url,
-                    mqtt_url=None,
-                    poll_interval_s=30.0,
-                )
-                agent = AgentProcess(config, work / f"{name}.log")
-                agent.start("--log-level", "INFO,vfed.node.timeline=DEBUG")  # marks of each run's start
-                agents.append(agent)
-            for agent in agents:
-                await agent.wait_for_log("doorbell subscribed")
-            await asyncio.sleep(3)
-            assert agents[0].proc is not None
-            idle_rss = psutil.Process(agents[0].proc.pid).memory_info().rss / MIB
-            key_file = load_settings(agents[0].config).key_path
-            async with AsyncClient(server.url, key_file=key_file) as researcher:
-                await researcher.login("res-a", PASSWORD)
-                collab = (await researcher.collaborations())[0]["id"]
-                org = researcher.organization_id
-                assert org is not None
-                await end_to_end(researcher, collab, 1)  # warm-up: keys cached, images hot
-                dispatch = await dispatch_latencies(researcher, collab, org, runs, work)
-                dispatch["steps"] = start_steps(agents[0].log(), dispatch.pop("runs"))
-                e2e = await end_to_end(researcher, collab, rounds)
-        finally:
-            for agent in agents:
-                agent.stop()
-            await server.stop()
+        with vserver_process(server):
+            return await _federation_figures(work, server, keys, runs, rounds)
+
+
+async def _federation_figures(
+    work: Path, server: Server, keys: dict[str, str], runs: int, rounds: int
+) -> dict[str, Any]:
+    agents = []
+    try:
+        for name, key in keys.items():
+            config = write_node_config(
+                work / f"{name}.yaml",
+                name=name,
+                api_key=key,
+                server_url=server.url,
+                mqtt_url=None,
+                poll_interval_s=30.0,
+            )
+            agent = AgentProcess(config, work / f"{name}.log")
+            agent.start("--log-level", "INFO,vfed.node.timeline=DEBUG")  # marks of each run's start
+            agents.append(agent)
+        for agent in agents:
+            await agent.wait_for_log("doorbell subscribed")
+        await asyncio.sleep(3)
+        assert agents[0].proc is not None
+        idle_rss = psutil.Process(agents[0].proc.pid).memory_info().rss / MIB
+        key_file = load_settings(agents[0].config).key_path
+        async with AsyncClient(server.url, key_file=key_file) as researcher:
+            await researcher.login("res-a", PASSWORD)
+            collab = (await researcher.collaborations())[0]["id"]
+            org = researcher.organization_id
+            assert org is not None
+            await end_to_end(researcher, collab, 1)  # warm-up: keys cached, images hot
+            dispatch = await dispatch_latencies(researcher, collab, org, runs, work)
+            dispatch["steps"] = start_steps(agents[0].log(), dispatch.pop("runs"))
+            e2e = await end_to_end(researcher, collab, rounds)
+    finally:
+        for agent in agents:
+            agent.stop()
     return {**dispatch, "e2e": e2e, "idle_rss": idle_rss}
 
 
