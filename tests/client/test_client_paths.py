@@ -11,7 +11,7 @@ from tests.server.vserver_testkit import World, client, db_url, settings, world
 
 from vfed.client.client import AsyncClient
 from vfed.client.errors import ApiError, ClientError, RunFailed
-from vfed.common.crypto import Keyring, decrypt_bytes, encrypt_bytes
+from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, encode_result
 
 __all__ = ["client", "db_url", "settings", "world"]
@@ -99,3 +99,39 @@ async def test_create_task_refusals(world: World) -> None:
         with pytest.raises(ApiError) as repeated:
             await researcher.create_task(world.collabs["ab"], "alpine:3", "m", organizations=twice)
         assert repeated.value.status == 422 and "twice" in repeated.value.detail
+
+
+async def test_members_keys_are_kept_and_a_rotated_key_is_never_used(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second task lists no members; after B rotates its key, the next task's first POST is refused
+    (409 stale-key, nothing stored), the client lists again, seals to B's new key and the retry lands."""
+    ring_a, old_b = await _publish(world, "a_node", "A"), await _publish(world, "b_node", "B")
+    async with await _researcher(world) as researcher:
+        researcher.use_keyring(ring_a)
+        listings: list[str] = []
+        real_get_all = researcher.api.get_all
+
+        def counted(path: str, *args: Any) -> Any:
+            listings.append(path)
+            return real_get_all(path, *args)
+
+        monkeypatch.setattr(researcher.api, "get_all", counted)
+        collab = world.collabs["ab"]
+        await researcher.create_task(collab, "alpine:3", "m", args=[1])
+        await researcher.create_task(collab, "alpine:3", "m", args=[2])
+        assert listings == ["/organizations"]
+
+        new_b = await _publish(world, "b_node", "B")
+        _, before = await world.call("a_res", "GET", f"/tasks?collaboration_id={collab}")
+        task = await researcher.create_task(collab, "alpine:3", "m", args=[3])
+        assert listings == ["/organizations", "/organizations"]
+        _, after = await world.call("a_res", "GET", f"/tasks?collaboration_id={collab}")
+        assert len(after["data"]) == len(before["data"]) + 1  # the refused attempt left no task
+
+        _, runs = await world.call("b_node", "GET", f"/runs?task_id={task['id']}")
+        _, sealed = await world.call("b_node", "GET", f"/blobs/{runs['data'][0]['input_blob_id']}")
+        opened = decrypt_bytes(sealed, new_b, lambda _k: ring_a.current.public)
+        assert TaskInput.from_json(opened).args == [3]
+        with pytest.raises(CryptoError):
+            decrypt_bytes(sealed, old_b, lambda _k: ring_a.current.public)

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from vserver_testkit import World, client, db_url, settings, world
 
 from vfed.common import multipart
+from vfed.common.crypto import Keyring
 from vfed.server.api.task_create import SMALL_FORM_BYTES
 from vfed.server.models import Blob, Task
 from vfed.server.state import SESSIONS, SETTINGS
@@ -166,3 +167,40 @@ def test_form_splitter_takes_what_clients_send_and_refuses_the_rest() -> None:
     ):
         with pytest.raises(ValueError):
             multipart.split(bad_type, bad_body, "form-data")
+
+
+async def test_a_stale_key_id_is_refused_and_nothing_is_stored(client: Any, world: World) -> None:
+    """An input sealed to a key the organization no longer has: 409 stale-key, in both forms, before any
+    row or file is kept; the current key id (or none at all, as older clients send) is accepted."""
+    ring = Keyring.generate()
+    path = f"/organizations/{world.orgs['A']}/public_key"
+    status, _ = await world.call("a_node", "PUT", path, json={"public_key": ring.current.public.to_text()})
+    assert status == 200
+    current = ring.current.public.key_id
+    stale = {"id": world.orgs["A"], "key_id": "0" * 32}
+    before, files = await counts(client), blob_files(client)
+    big = b"x" * (SMALL_FORM_BYTES + 1000)  # streamed to a file while the task part waits
+    status, body = await world.call(
+        "a_res", "POST", "/tasks", data=form(fields(world, ["A"], organizations=[stale]), big)
+    )
+    assert status == 409 and body["error"] == "stale-key", body
+    assert f"{world.orgs['A']} (sealed to {'0' * 32}, current {current})" in body["detail"]
+    assert await counts(client) == before and blob_files(client) == files
+
+    blob_id = await world.upload("a_res", b"sealed elsewhere")
+    uploaded = await counts(client)
+    status, body = await world.call(
+        "a_res",
+        "POST",
+        "/tasks",
+        json=fields(world, ["A"], organizations=[{**stale, "input_blob_id": blob_id}]),
+    )
+    assert status == 409 and body["error"] == "stale-key"
+    assert await counts(client) == uploaded
+
+    fresh = [{"id": world.orgs["A"], "key_id": current}]
+    status, task = await world.call(
+        "a_res", "POST", "/tasks", data=form(fields(world, ["A"], organizations=fresh), big)
+    )
+    assert status == 201, task
+    assert await counts(client) == (uploaded[0] + 1, uploaded[1] + 1)

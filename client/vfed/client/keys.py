@@ -16,6 +16,7 @@ class KeyDirectory:
     def __init__(self, api: ApiSession) -> None:
         self.api = api
         self._by_org: dict[int, dict[str, PublicKey]] = {}
+        self._members: dict[int, dict[int, PublicKey | None]] = {}
 
     async def keys_of(self, org_id: int, refresh: bool = False) -> dict[str, PublicKey]:
         if refresh or org_id not in self._by_org:
@@ -41,13 +42,19 @@ class KeyDirectory:
         text = org.get("public_key")
         return PublicKey.from_text(text) if text else None
 
-    async def current_in(self, collaboration_id: int) -> dict[int, PublicKey | None]:
-        """The current key of every member of a collaboration the caller can see, in one request (always
-        fresh: a node may have rotated its key since the last task)."""
-        orgs = await self.api.get_all("/organizations", {"collaboration_id": collaboration_id})
-        return {
-            int(o["id"]): PublicKey.from_text(o["public_key"]) if o.get("public_key") else None for o in orgs
-        }
+    async def current_in(self, collaboration_id: int, refresh: bool = False) -> dict[int, PublicKey | None]:
+        """The current key of every member of a collaboration the caller can see, in one request, then kept.
+
+        A kept key may have rotated since: inputs name the key they are sealed to, and the server refuses a
+        stale one (409 stale-key) before storing anything; the caller then asks again with refresh=True. A
+        member without a key yet is asked about again each time.
+        """
+        kept = self._members.get(collaboration_id)
+        if not kept or refresh or any(key is None for key in kept.values()):
+            orgs = await self.api.get_all("/organizations", {"collaboration_id": collaboration_id})
+            kept = {int(o["id"]): _key(o.get("public_key")) for o in orgs}
+            self._members[collaboration_id] = kept
+        return dict(kept)
 
     async def lookup_for(self, org_id: int) -> Callable[[str], PublicKey | None]:
         """A sender lookup that accepts only keys of this one organization."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vfed.client.errors import ClientError, RunFailed, TaskTimeout
+from vfed.client.errors import ApiError, ClientError, RunFailed, TaskTimeout
 from vfed.common.crypto import PublicKey, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, decode_result
 
@@ -33,29 +33,35 @@ async def create(
     name: str,
     description: str,
 ) -> dict[str, Any]:
-    targets = await _recipients(client, collaboration, organizations)
     plaintext = TaskInput(method=method, args=args, kwargs=kwargs).to_json()
-    # One payload encryption; only the content key is sealed per organization.
-    envelope = encrypt_bytes(plaintext, client.keyring.current, [key for _, key in targets])
     fields = {
         "collaboration_id": collaboration,
         "name": name,
         "description": description,
         "image": image,
         "datasets": datasets,
-        "organizations": [{"id": o} for o, _ in targets],
     }
-    # One request: the server stores the envelope as every run's input, in the task's transaction.
-    body: dict[str, Any] = await client.api.post_with_input("/tasks", fields, envelope)
-    return body
+    for fresh in (False, True):
+        targets = await _recipients(client, collaboration, organizations, fresh)
+        # One payload encryption; only the content key is sealed per organization.
+        envelope = encrypt_bytes(plaintext, client.keyring.current, [key for _, key in targets])
+        fields["organizations"] = [{"id": o, "key_id": key.key_id} for o, key in targets]
+        try:
+            # One request: the server stores the envelope as every run's input, in the task's transaction.
+            body: dict[str, Any] = await client.api.post_with_input("/tasks", fields, envelope)
+            return body
+        except ApiError as exc:  # a kept key rotated meanwhile: nothing was stored; read the keys again
+            if exc.status != 409 or exc.error != "stale-key" or fresh:
+                raise
+    raise AssertionError("unreachable: the second attempt returns or raises")
 
 
 async def _recipients(
-    client: AsyncClient, collaboration: int, organizations: list[int] | None
+    client: AsyncClient, collaboration: int, organizations: list[int] | None, fresh: bool
 ) -> list[tuple[int, PublicKey]]:
-    """The current public key of each target organization (default: every member), in order, from one
-    listing of the collaboration's members instead of one request per organization."""
-    keys = await client.keys.current_in(collaboration)
+    """The current public key of each target organization (default: every member), in order, from the
+    collaboration's members as last listed (fresh: listed again now), not one request per organization."""
+    keys = await client.keys.current_in(collaboration, refresh=fresh)
     if organizations is None:
         if not keys:  # an unknown collaboration: let the server say so
             await client.api.request("GET", f"/collaborations/{collaboration}")

@@ -201,6 +201,11 @@ class BlobOut(BaseModel):
 class TaskOrganizationIn(In):
     id: Id
     input_blob_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    key_id: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        None,
+        description="The key the input was sealed to; when it is not the organization's current key, the "
+        "task is refused (409 stale-key) and nothing is stored, so a client may cache members' keys",
+    )
 
 
 class TaskIn(In):

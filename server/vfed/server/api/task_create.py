@@ -25,9 +25,9 @@ from vfed.server.api.common import caller, json_response, read_json, session, va
 from vfed.server.api.tasks import NewTask, RunRef, job_of, out, pair_targets, publish
 from vfed.server.auth import Principal
 from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobStore, BlobTooLarge, StoredBlob
-from vfed.server.errors import ApiError, bad_request, forbidden, not_found
+from vfed.server.errors import ApiError, bad_request, conflict, forbidden, not_found
 from vfed.server.metrics import METRICS
-from vfed.server.models import Node, Run, Task, TaskStatus, collaboration_members, utcnow
+from vfed.server.models import Node, Organization, Run, Task, TaskStatus, collaboration_members, utcnow
 from vfed.server.schemas import TaskIn
 from vfed.server.state import BLOBS, DOORBELL
 
@@ -36,10 +36,12 @@ RUNS: Table = Run.__table__  # type: ignore[assignment]
 TASK_PART_MAX_BYTES = 1 << 20  # the JSON fields of a task; the input envelope has the blob limit
 SMALL_FORM_BYTES = 256 << 10  # task requests up to this size are read whole and split in memory
 _CM = collaboration_members.c
-# members and their nodes in the collaboration, in one statement: the check and the doorbell's targets
+# members, their current key ids and their nodes in the collaboration, in one statement: the checks and the
+# doorbell's targets
 _MEMBERS = (
-    select(_CM.organization_id, Node.id)
+    select(_CM.organization_id, Organization.key_id, Node.id)
     .select_from(collaboration_members)
+    .join(Organization, Organization.id == _CM.organization_id)
     .outerjoin(
         Node,
         and_(Node.collaboration_id == _CM.collaboration_id, Node.organization_id == _CM.organization_id),
@@ -54,19 +56,23 @@ _INSERT_BLOB = insert(BLOBS_TABLE)
 @dataclass(frozen=True)
 class _Collab:
     id: int
-    members: frozenset[int]
+    key_ids: dict[int, str | None]  # each member organization's current key id
     nodes: dict[int, list[int]]  # node ids by member organization
+
+    @property
+    def members(self) -> frozenset[int]:
+        return frozenset(self.key_ids)
 
 
 async def _collab(conn: AsyncConnection, collab_id: int) -> _Collab:
     """The collaboration's members and their nodes (no members: it does not exist, or nobody could use it)."""
-    members: set[int] = set()
+    key_ids: dict[int, str | None] = {}
     nodes: dict[int, list[int]] = {}
-    for org_id, node_id in await conn.execute(_MEMBERS, {"collab": collab_id}):
-        members.add(org_id)
+    for org_id, key_id, node_id in await conn.execute(_MEMBERS, {"collab": collab_id}):
+        key_ids[org_id] = key_id
         if node_id is not None:
             nodes.setdefault(org_id, []).append(node_id)
-    return _Collab(collab_id, frozenset(members), nodes)
+    return _Collab(collab_id, key_ids, nodes)
 
 
 async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[_Collab, Task | None]:
@@ -102,6 +108,10 @@ async def _check_targets(s: AsyncSession, p: Principal, collab: _Collab, body: T
         raise ApiError(
             422, "validation-error", f"organizations: {sorted(set(ids) - members)} not in the collaboration"
         )
+    stale = [o for o in body.organizations if o.key_id is not None and o.key_id != collab.key_ids[o.id]]
+    if stale:
+        named = ", ".join(f"{o.id} (sealed to {o.key_id}, current {collab.key_ids[o.id]})" for o in stale)
+        raise conflict("stale-key", f"organizations: the input is not sealed to the current key of {named}")
     for blob_id in {o.input_blob_id for o in body.organizations if o.input_blob_id}:
         if await readable_blob(s, p, blob_id) is None:
             raise ApiError(422, "validation-error", f"input_blob_id: unknown blob {blob_id}")
