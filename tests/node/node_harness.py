@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from sqlalchemy import func, select
 from tests import imagebuild, infra
 
 from vfed.node.agent import Agent
-from vfed.node.config import NodeSettings
+from vfed.node.config import NodeSettings, load_settings
 from vfed.server import db
 from vfed.server.app import create_app
 from vfed.server.config import MqttSettings, Settings
@@ -124,6 +125,27 @@ def write_node_config(
     config.update(extra)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@contextlib.asynccontextmanager
+async def one_node(tmp_path: Path, prefix: str, **config: Any) -> AsyncIterator[tuple[Server, NodeSettings]]:
+    """A started server with one seeded organization, `alpha`, and its node's settings (from `alpha.yaml`,
+    named `<prefix><6 hex>` so runs of parallel tests never share container names), no broker."""
+    server = Server(tmp_path / "server", mqtt_url=None)
+    keys = await server.seed(["alpha"])
+    await server.start()
+    try:
+        path = write_node_config(
+            tmp_path / "alpha.yaml",
+            name=f"{prefix}{secrets.token_hex(3)}",
+            api_key=keys["alpha"],
+            server_url=server.url,
+            mqtt_url=None,
+            **config,
+        )
+        yield server, load_settings(path)
+    finally:
+        await server.stop()
 
 
 @dataclass

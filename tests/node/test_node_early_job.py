@@ -7,7 +7,7 @@ which run is claimed when). The engine's volume events show what was created and
 from __future__ import annotations
 
 import asyncio
-import secrets
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,19 +17,12 @@ from typing import Any, TypeVar
 
 import docker
 import pytest
-from tests.node.node_harness import (
-    PASSWORD,
-    PROBE_IMAGE,
-    Server,
-    ensure_probe_image,
-    wait_run_status,
-    write_node_config,
-)
+from tests.node.node_harness import PASSWORD, PROBE_IMAGE, ensure_probe_image, one_node, wait_run_status
 
 from vfed.client.client import AsyncClient
 from vfed.node import ahead, budget
 from vfed.node.agent import Agent
-from vfed.node.config import ImagePolicy, NodeSettings, Policies, load_settings
+from vfed.node.config import ImagePolicy, NodeSettings, Policies
 from vfed.node.early_job import EarlyJobFolder
 from vfed.node.journal import Journal
 from vfed.node.privacy import BudgetRefused
@@ -88,26 +81,13 @@ class Node:
 @pytest.fixture
 async def node(tmp_path: Path, docker_client: docker.DockerClient) -> AsyncIterator[Node]:
     ensure_probe_image()
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha"])
-    config = write_node_config(
-        tmp_path / "alpha.yaml",
-        name=f"ej{secrets.token_hex(3)}",
-        api_key=keys["alpha"],
-        server_url=server.url,
-        mqtt_url=None,
-    )
-    await server.start()
-    settings = load_settings(config)
-    researcher = AsyncClient(server.url, key_file=settings.key_path)
-    try:
-        async with Agent(settings) as agent:
-            await researcher.login("res-alpha", PASSWORD)
-            collaboration = int((await researcher.collaborations())[0]["id"])
-            yield Node(agent, researcher, collaboration, docker_client)
-    finally:
-        await researcher.close()
-        await server.stop()
+    async with contextlib.AsyncExitStack() as stack:
+        server, settings = await stack.enter_async_context(one_node(tmp_path, "ej"))
+        agent = await stack.enter_async_context(Agent(settings))  # publishes the organization's key
+        researcher = await stack.enter_async_context(AsyncClient(server.url, key_file=settings.key_path))
+        await researcher.login("res-alpha", PASSWORD)
+        collaboration = int((await researcher.collaborations())[0]["id"])
+        yield Node(agent, researcher, collaboration, docker_client)
 
 
 def record(order: list[Any], name: str, call: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
