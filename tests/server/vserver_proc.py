@@ -34,15 +34,17 @@ def vserver(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def server_process(tmp_path: Path, **config: Any) -> Iterator[ServerProcess]:
-    """Start `vserver start --config` on a free port with an embedded broker; stop it afterwards."""
-    port, mqtt_port = infra.free_port(), infra.free_port()
+    """Start `vserver start --config` on a free port with an embedded broker (`config` overrides any of
+    these, e.g. the port and data folder of a database seeded beforehand); stop it afterwards."""
+    mqtt_port = infra.free_port()
     cfg = {
-        "port": port,
+        "port": infra.free_port(),
         "data_dir": str(tmp_path / "data"),
         "jwt_secret": "subprocess-secret-long-enough-for-hs256",
         "mqtt": {"embedded_port": mqtt_port},
         **config,
     }
+    port = int(cfg["port"])
     path = tmp_path / "vserver.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = (tmp_path / "vserver.log").open("wb")
