@@ -17,6 +17,7 @@ from tests.node.node_harness import (
     VNODE,
     Server,
     ensure_probe_image,
+    one_node,
     running_agent,
     wait_run_status,
     write_node_config,
@@ -50,60 +51,53 @@ async def final_run(researcher: AsyncClient, task_id: int) -> dict[str, Any]:
 @pytest.mark.docker
 @pytest.mark.slow
 async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) -> None:
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha"])
-    await server.start()
-    config = write_node_config(
-        tmp_path / "alpha.yaml",
-        name=f"nb{secrets.token_hex(3)}",
-        api_key=keys["alpha"],
-        server_url=server.url,
-        mqtt_url=None,
-        poll_interval_s=0.5,
-        max_output_bytes=1000,
-        policies={"allowed_images": [PROBE_IMAGE, "vfed-test/no-such-image*"]},
-    )
-    settings = load_settings(config)
-    try:
-        async with running_agent(settings), AsyncClient(server.url, key_file=settings.key_path) as researcher:
-            await researcher.login("res-alpha", PASSWORD)
-            collab = (await researcher.collaborations())[0]["id"]
-            org = researcher.organization_id
-            # input sealed for a key that is not this organization's
-            stranger = Keyring.generate().current.public
-            blob = encrypt_bytes(TaskInput(method="echo").to_json(), researcher.keyring.current, [stranger])
-            blob_id = await researcher.api.upload_blob(blob)
-            undecryptable = await researcher.api.request(
-                "POST",
-                "/tasks",
-                json={
-                    "collaboration_id": collab,
-                    "name": "x",
-                    "description": "",
-                    "image": PROBE_IMAGE,
-                    "datasets": [],
-                    "organizations": [{"id": org, "input_blob_id": blob_id}],
-                },
-            )
-            cases = {
-                "undecryptable": int(undecryptable["id"]),
-                "unknown image": await submit(researcher, collab, "vfed-test/no-such-image:never", "echo"),
-                "not allowed": await submit(researcher, collab, "vfed/base", "echo"),
-                "no output": await submit(researcher, collab, PROBE_IMAGE, "no_output"),
-                "too big": await submit(researcher, collab, PROBE_IMAGE, "big_output", 5000),
-                "exit 3": await submit(researcher, collab, PROBE_IMAGE, "fail", 3),
-                "symlink": await submit(
-                    researcher, collab, PROBE_IMAGE, "symlink_output", str(settings.key_path)
-                ),
-                "unknown dataset": int(
-                    (await researcher.create_task(collab, PROBE_IMAGE, "echo", datasets=["nothere"]))["id"]
-                ),
-            }
-            runs = {name: await final_run(researcher, task_id) for name, task_id in cases.items()}
-            good = await submit(researcher, collab, PROBE_IMAGE, "echo", 4)
-            assert (await final_run(researcher, good))["status"] == "completed"
-    finally:
-        await server.stop()
+    async with (
+        one_node(
+            tmp_path,
+            "nb",
+            poll_interval_s=0.5,
+            max_output_bytes=1000,
+            policies={"allowed_images": [PROBE_IMAGE, "vfed-test/no-such-image*"]},
+        ) as (server, settings),
+        running_agent(settings),
+        AsyncClient(server.url, key_file=settings.key_path) as researcher,
+    ):
+        await researcher.login("res-alpha", PASSWORD)
+        collab = (await researcher.collaborations())[0]["id"]
+        org = researcher.organization_id
+        # input sealed for a key that is not this organization's
+        stranger = Keyring.generate().current.public
+        blob = encrypt_bytes(TaskInput(method="echo").to_json(), researcher.keyring.current, [stranger])
+        blob_id = await researcher.api.upload_blob(blob)
+        undecryptable = await researcher.api.request(
+            "POST",
+            "/tasks",
+            json={
+                "collaboration_id": collab,
+                "name": "x",
+                "description": "",
+                "image": PROBE_IMAGE,
+                "datasets": [],
+                "organizations": [{"id": org, "input_blob_id": blob_id}],
+            },
+        )
+        cases = {
+            "undecryptable": int(undecryptable["id"]),
+            "unknown image": await submit(researcher, collab, "vfed-test/no-such-image:never", "echo"),
+            "not allowed": await submit(researcher, collab, "vfed/base", "echo"),
+            "no output": await submit(researcher, collab, PROBE_IMAGE, "no_output"),
+            "too big": await submit(researcher, collab, PROBE_IMAGE, "big_output", 5000),
+            "exit 3": await submit(researcher, collab, PROBE_IMAGE, "fail", 3),
+            "symlink": await submit(
+                researcher, collab, PROBE_IMAGE, "symlink_output", str(settings.key_path)
+            ),
+            "unknown dataset": int(
+                (await researcher.create_task(collab, PROBE_IMAGE, "echo", datasets=["nothere"]))["id"]
+            ),
+        }
+        runs = {name: await final_run(researcher, task_id) for name, task_id in cases.items()}
+        good = await submit(researcher, collab, PROBE_IMAGE, "echo", 4)
+        assert (await final_run(researcher, good))["status"] == "completed"
     expected = {
         "undecryptable": ("failed", "does not decrypt"),
         "unknown image": ("start-failed", "is not available"),
@@ -214,33 +208,26 @@ async def test_privacy_budget_is_charged_before_start_and_refuses_when_spent(tmp
     """The dataset is mounted read-only, the granted epsilon is passed on, the third run finds it spent."""
     data = tmp_path / "patients.csv"
     data.write_text("age,weight\n40,70\n")
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha"])
-    await server.start()
-    config = write_node_config(
-        tmp_path / "alpha.yaml",
-        name=f"nb{secrets.token_hex(3)}",
-        api_key=keys["alpha"],
-        server_url=server.url,
-        mqtt_url=None,
-        poll_interval_s=0.5,
-        datasets={"patients": {"uri": str(data), "type": "csv", "epsilon_budget": 1.0}},
-    )
-    settings = load_settings(config)
-    try:
-        async with running_agent(settings), AsyncClient(server.url, key_file=settings.key_path) as researcher:
-            await researcher.login("res-alpha", PASSWORD)
-            collab = (await researcher.collaborations())[0]["id"]
-            outcomes = []
-            for image in (PROBE_DP_IMAGE, PROBE_DP_IMAGE, PROBE_DP_IMAGE, PROBE_IMAGE):
-                task = await researcher.create_task(
-                    collab, image, "echo", kwargs={"epsilon": 0.4}, datasets=["patients"]
-                )
-                run = await final_run(researcher, int(task["id"]))
-                result = (await researcher.results(task))[0] if run["status"] == "completed" else None
-                outcomes.append((run["status"], run["reason"] or "", result))
-    finally:
-        await server.stop()
+    async with (
+        one_node(
+            tmp_path,
+            "nb",
+            poll_interval_s=0.5,
+            datasets={"patients": {"uri": str(data), "type": "csv", "epsilon_budget": 1.0}},
+        ) as (server, settings),
+        running_agent(settings),
+        AsyncClient(server.url, key_file=settings.key_path) as researcher,
+    ):
+        await researcher.login("res-alpha", PASSWORD)
+        collab = (await researcher.collaborations())[0]["id"]
+        outcomes = []
+        for image in (PROBE_DP_IMAGE, PROBE_DP_IMAGE, PROBE_DP_IMAGE, PROBE_IMAGE):
+            task = await researcher.create_task(
+                collab, image, "echo", kwargs={"epsilon": 0.4}, datasets=["patients"]
+            )
+            run = await final_run(researcher, int(task["id"]))
+            result = (await researcher.results(task))[0] if run["status"] == "completed" else None
+            outcomes.append((run["status"], run["reason"] or "", result))
     for status, _, result in outcomes[:2]:
         assert status == "completed" and result is not None
         assert result["datasets"] == {"patients": "age,weight"}
@@ -252,31 +239,24 @@ async def test_privacy_budget_is_charged_before_start_and_refuses_when_spent(tmp
 @pytest.mark.docker
 @pytest.mark.slow
 async def test_memory_and_fork_bombs_end_in_their_limits_and_the_agent_keeps_serving(tmp_path: Path) -> None:
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha"])
-    await server.start()
-    config = write_node_config(
-        tmp_path / "alpha.yaml",
-        name=f"nb{secrets.token_hex(3)}",
-        api_key=keys["alpha"],
-        server_url=server.url,
-        mqtt_url=None,
-        poll_interval_s=0.5,
-        runtime={"kind": "docker", "memory_bytes": 128 * 1024 * 1024, "pids_limit": 64},
-    )
-    settings = load_settings(config)
-    try:
-        async with running_agent(settings), AsyncClient(server.url, key_file=settings.key_path) as researcher:
-            await researcher.login("res-alpha", PASSWORD)
-            collab = (await researcher.collaborations())[0]["id"]
-            mem = await submit(researcher, collab, PROBE_IMAGE, "membomb")
-            fork = await submit(researcher, collab, PROBE_IMAGE, "forkbomb")
-            mem_run, fork_run = await final_run(researcher, mem), await final_run(researcher, fork)
-            (forks,) = await researcher.results(fork) if fork_run["status"] == "completed" else [None]
-            good = await submit(researcher, collab, PROBE_IMAGE, "echo", 1)
-            assert (await final_run(researcher, good))["status"] == "completed"
-    finally:
-        await server.stop()
+    async with (
+        one_node(
+            tmp_path,
+            "nb",
+            poll_interval_s=0.5,
+            runtime={"kind": "docker", "memory_bytes": 128 * 1024 * 1024, "pids_limit": 64},
+        ) as (server, settings),
+        running_agent(settings),
+        AsyncClient(server.url, key_file=settings.key_path) as researcher,
+    ):
+        await researcher.login("res-alpha", PASSWORD)
+        collab = (await researcher.collaborations())[0]["id"]
+        mem = await submit(researcher, collab, PROBE_IMAGE, "membomb")
+        fork = await submit(researcher, collab, PROBE_IMAGE, "forkbomb")
+        mem_run, fork_run = await final_run(researcher, mem), await final_run(researcher, fork)
+        (forks,) = await researcher.results(fork) if fork_run["status"] == "completed" else [None]
+        good = await submit(researcher, collab, PROBE_IMAGE, "echo", 1)
+        assert (await final_run(researcher, good))["status"] == "completed"
     assert mem_run["status"] == "failed" and "out of memory" in mem_run["reason"], mem_run
     assert fork_run["status"] == "completed", fork_run
     assert forks is not None and 0 < forks["forks"] < 64

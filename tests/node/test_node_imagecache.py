@@ -18,15 +18,13 @@ from tests.node.node_harness import (
     PASSWORD,
     PROBE_DP_IMAGE,
     PROBE_IMAGE,
-    Server,
     ensure_probe_image,
+    one_node,
     running_agent,
     wait_run_status,
-    write_node_config,
 )
 
 from vfed.client.client import AsyncClient
-from vfed.node.config import load_settings
 from vfed.node.runtime.docker import DockerRuntime
 from vfed.node.runtime.image_ids import ImageIds
 
@@ -140,38 +138,26 @@ async def test_a_retag_under_an_allowed_name_is_checked_and_recorded(
     what the next run checks and records, also when the new image is not allowed."""
     first = tag(docker_client, PROBE_IMAGE, retag_name)
     second = str(docker_client.images.get(PROBE_DP_IMAGE).id)
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha"])
-    await server.start()
-    config = write_node_config(
-        tmp_path / "alpha.yaml",
-        name=f"ni{secrets.token_hex(3)}",
-        api_key=keys["alpha"],
-        server_url=server.url,
-        mqtt_url=None,
-        poll_interval_s=0.2,
-        policies={"allowed_images": [first, second]},
-    )
-    settings = load_settings(config)
-    try:
-        async with (
-            running_agent(settings) as agent,
-            AsyncClient(server.url, key_file=settings.key_path) as researcher,
-        ):
-            await researcher.login("res-alpha", PASSWORD)
-            collab = (await researcher.collaborations())[0]["id"]
-            runtime = agent.services.runtime if agent.services else None
-            assert isinstance(runtime, DockerRuntime)
-            await live(runtime)
-            image = f"{retag_name}:latest"
-            runs = [await run_task(researcher, collab, image) for _ in range(2)]
-            assert [(r["status"], r["image_digest"]) for r in runs] == [("completed", first)] * 2
-            assert runtime.image_ids.hits >= 1  # the second run's lookup came from the cache
-            tag(docker_client, PROBE_DP_IMAGE, retag_name)
-            run = await run_task(researcher, collab, image)
-            assert (run["status"], run["image_digest"]) == ("completed", second)
-            other = tag(docker_client, OTHER_IMAGE, retag_name)
-            run = await run_task(researcher, collab, image)
-            assert run["status"] == "not-allowed" and other in run["reason"]
-    finally:
-        await server.stop()
+    async with (
+        one_node(tmp_path, "ni", poll_interval_s=0.2, policies={"allowed_images": [first, second]}) as (
+            server,
+            settings,
+        ),
+        running_agent(settings) as agent,
+        AsyncClient(server.url, key_file=settings.key_path) as researcher,
+    ):
+        await researcher.login("res-alpha", PASSWORD)
+        collab = (await researcher.collaborations())[0]["id"]
+        runtime = agent.services.runtime if agent.services else None
+        assert isinstance(runtime, DockerRuntime)
+        await live(runtime)
+        image = f"{retag_name}:latest"
+        runs = [await run_task(researcher, collab, image) for _ in range(2)]
+        assert [(r["status"], r["image_digest"]) for r in runs] == [("completed", first)] * 2
+        assert runtime.image_ids.hits >= 1  # the second run's lookup came from the cache
+        tag(docker_client, PROBE_DP_IMAGE, retag_name)
+        run = await run_task(researcher, collab, image)
+        assert (run["status"], run["image_digest"]) == ("completed", second)
+        other = tag(docker_client, OTHER_IMAGE, retag_name)
+        run = await run_task(researcher, collab, image)
+        assert run["status"] == "not-allowed" and other in run["reason"]

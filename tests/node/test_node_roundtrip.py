@@ -14,6 +14,7 @@ from tests.node.node_harness import (
     Server,
     blob_size,
     ensure_probe_image,
+    one_node,
     write_node_config,
 )
 
@@ -32,18 +33,7 @@ def probe_image() -> None:
 
 async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: object) -> None:
     """The agent in this process (burst mode): claim, decrypt, run the container, seal, upload, complete."""
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha"])
-    await server.start()
-    try:
-        config = write_node_config(
-            tmp_path / "alpha.yaml",
-            name=f"nr{secrets.token_hex(3)}",
-            api_key=keys["alpha"],
-            server_url=server.url,
-            mqtt_url=None,
-        )
-        settings = load_settings(config)
+    async with one_node(tmp_path, "nr") as (server, settings):
         async with Agent(settings) as agent:
             await agent.run(burst=True)  # publishes the key; nothing pending yet
             async with AsyncClient(server.url, key_file=settings.key_path) as researcher:
@@ -66,8 +56,6 @@ async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: obj
         assert result["value"] == 5 * org_id
         assert runs[0]["exit_code"] == 0 and "probe: done" in runs[0]["log"]
         assert runs[0]["image_digest"].startswith("sha256:")
-    finally:
-        await server.stop()
 
 
 @pytest.mark.mqtt
