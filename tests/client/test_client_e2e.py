@@ -21,11 +21,10 @@ from tests.node.node_harness import (
     Server,
     ensure_probe_image,
     running_agent,
-    write_node_config,
 )
+from tests.node.node_harness import one_node as harness_one_node  # the fixture below is `one_node`
 
 from vfed.client.client import Client
-from vfed.node.config import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -51,27 +50,15 @@ class OneNode:
 @pytest.fixture
 async def one_node(tmp_path: Path, docker_client: object) -> AsyncIterator[OneNode]:
     await asyncio.to_thread(ensure_probe_image)
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["a"])
-    await server.start()
-    try:
-        config = write_node_config(
-            tmp_path / "a.yaml",
-            name="cli-a",
-            api_key=keys["a"],
-            server_url=server.url,
-            mqtt_url=None,
-            poll_interval_s=0.3,
-        )
-        settings = load_settings(config)
-        async with running_agent(settings):
-            for _ in range(100):  # until the agent generated and published its key
-                if settings.key_path.exists():
-                    break
-                await asyncio.sleep(0.1)
-            yield OneNode(server, settings.key_path, tmp_path / "cfg")
-    finally:
-        await server.stop()
+    async with (
+        harness_one_node(tmp_path, "cli", org="a", poll_interval_s=0.3) as (server, settings),
+        running_agent(settings),
+    ):
+        for _ in range(100):  # until the agent generated and published its key
+            if settings.key_path.exists():
+                break
+            await asyncio.sleep(0.1)
+        yield OneNode(server, settings.key_path, tmp_path / "cfg")
 
 
 async def test_cli_login_create_wait_results_kill(one_node: OneNode) -> None:

@@ -128,17 +128,19 @@ def write_node_config(
 
 
 @contextlib.asynccontextmanager
-async def one_node(tmp_path: Path, prefix: str, **config: Any) -> AsyncIterator[tuple[Server, NodeSettings]]:
-    """A started server with one seeded organization, `alpha`, and its node's settings (from `alpha.yaml`,
-    named `<prefix><6 hex>` so runs of parallel tests never share container names), no broker."""
+async def one_node(
+    tmp_path: Path, prefix: str, org: str = "alpha", **config: Any
+) -> AsyncIterator[tuple[Server, NodeSettings]]:
+    """A started server with one seeded organization (researcher `res-<org>`) and its node's settings
+    (from `<org>.yaml`, named `<prefix><6 hex>` so parallel tests never share container names), no broker."""
     server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha"])
+    keys = await server.seed([org])
     await server.start()
     try:
         path = write_node_config(
-            tmp_path / "alpha.yaml",
+            tmp_path / f"{org}.yaml",
             name=f"{prefix}{secrets.token_hex(3)}",
-            api_key=keys["alpha"],
+            api_key=keys[org],
             server_url=server.url,
             mqtt_url=None,
             **config,
