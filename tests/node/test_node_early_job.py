@@ -117,6 +117,7 @@ async def test_the_hinted_folder_is_asked_for_before_the_claim_and_the_run_uses_
     (run,) = await wait_run_status(node.researcher, await task_of(node, run_id), {"completed"})
     assert run["status"] == "completed"
     assert not node.volume_exists(job_id) and not node.folder(job_id).exists()  # the job's last run ended
+    assert not node.runner.socket_path(run_id).parent.exists() and not node.runner.run_dir(run_id).exists()
 
 
 async def test_a_hint_for_a_run_claimed_elsewhere_leaves_nothing(node: Node) -> None:
@@ -236,6 +237,7 @@ async def test_a_run_refused_after_its_container_was_made_ahead_leaves_none(
     assert container_events(node, run_id, since) == ["create", "destroy"]
     (run,) = await wait_run_status(node.researcher, await task_of(node, run_id), {"not-allowed"})
     assert run["reason"] == "refused by the test" and node.s.journal.get(run_id) is None
+    assert not node.runner.socket_path(run_id).parent.exists()  # made for the container ahead, removed
 
 
 async def test_a_run_the_policy_refuses_gets_no_container_at_all(

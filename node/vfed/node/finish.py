@@ -71,6 +71,16 @@ class Finisher:
     def run_dir(self, run_id: int) -> Path:
         return self.s.settings.data_dir / "runs" / str(run_id)
 
+    def socket_dir(self, run_id: int) -> Path:
+        """The run's proxy socket's folder, mounted into its container."""
+        return self.s.settings.data_dir / "sockets" / str(run_id)
+
+    async def remove_run_folders(self, run_id: int) -> None:
+        """The run's folder and its proxy socket's folder, once the run is over (the socket folder stays while
+        the run may still go on: a restarted agent binds the socket again in the folder the container has)."""
+        for folder in (self.run_dir(run_id), self.socket_dir(run_id)):
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
         return await retry_server(call, self.s.settings.server_retry_s)
 
@@ -82,7 +92,7 @@ class Finisher:
         await self._report(run_id, status=status, reason=reason)
         self.s.journal.done(run_id)
         self.s.metrics.runs.labels(status).inc()
-        await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
+        await self.remove_run_folders(run_id)
         if job_id is not None:
             await self.release_job_volume(job_id)
 
@@ -244,7 +254,7 @@ class Finisher:
         if handle is not None:
             with contextlib.suppress(NotFound, RuntimeUnavailable):
                 await self.s.runtime.cleanup(handle)
-        await asyncio.to_thread(shutil.rmtree, self.run_dir(run_id), True)
+        await self.remove_run_folders(run_id)
         await self.release_job_volume(job_id)
 
     async def release_job_volume(self, job_id: int) -> None:

@@ -105,7 +105,7 @@ class Runner:
         return self.s.settings.data_dir / "runs" / str(run_id)
 
     def socket_path(self, run_id: int) -> Path:
-        return self.s.settings.data_dir / "sockets" / str(run_id) / "proxy.sock"
+        return self.finisher.socket_dir(run_id) / "proxy.sock"
 
     async def execute(
         self, run_id: int, kill: asyncio.Event, rung_at: float | None = None, job_hint: int | None = None
