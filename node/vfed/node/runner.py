@@ -102,7 +102,7 @@ class Runner:
         self.finisher = Finisher(services)
 
     def run_dir(self, run_id: int) -> Path:
-        return self.s.settings.data_dir / "runs" / str(run_id)
+        return self.finisher.run_dir(run_id)
 
     def socket_path(self, run_id: int) -> Path:
         return self.finisher.socket_dir(run_id) / "proxy.sock"
@@ -175,19 +175,17 @@ class Runner:
 
     async def _claim(self, run_id: int, early: EarlyJobFolder | None) -> Claim | None:
         """The claim's answer; None when the run is not ours to run (what the hint set up is taken down)."""
+        claim = None
         try:
-            return await self.s.client.claim(run_id)
+            claim = await self.s.client.claim(run_id)
         except AlreadyClaimed:
             log.info("run %s: claimed by another node", run_id)
         except ApiError as exc:  # e.g. a doorbell for a run this node may not claim
             log.warning("run %s: cannot claim: %s", run_id, exc)
-        except BaseException:  # e.g. the server went away: nothing is journaled, the poll tries again
-            if early is not None:
+        finally:  # also when the server went away: nothing is journaled, the poll tries again
+            if claim is None and early is not None:
                 await early.drop()
-            raise
-        if early is not None:
-            await early.drop()
-        return None
+        return claim
 
     async def abandon(self, run_id: int, exc: BaseException) -> None:
         """After an unexpected error: remove the container if any and mark the run crashed, best effort."""

@@ -325,11 +325,7 @@ class DockerRuntime(Runtime):
         timeline.mark("runtime_start")
         kwargs = container_kwargs(spec, self.config)
         handle = HANDLE_PREFIX + container_name(spec.node_name, spec.run_id)
-        try:
-            check_local_paths(spec)
-            grant_container_user(spec, self.config)
-        except OSError as exc:
-            raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
+        self._prepare_local(spec)
         # Before create: a volume the mount names but that does not exist would be made as a plain one.
         await self.ensure_job_volume(spec.node_name, spec.job_id)
         timeline.mark("runtime_ready")
@@ -348,13 +344,17 @@ class DockerRuntime(Runtime):
 
     async def start_created(self, handle: str, spec: RunSpec) -> None:
         timeline.mark("runtime_start")
+        self._prepare_local(spec)
+        await self._call(f"start {handle}", self._start_existing, parse_handle(handle))
+        log.info("run %s started as %s", spec.run_id, handle)
+
+    def _prepare_local(self, spec: RunSpec) -> None:
+        """Right before a start: the run folder and proxy socket checked and handed to the container user."""
         try:
             check_local_paths(spec)
             grant_container_user(spec, self.config)
         except OSError as exc:
             raise PermanentStartError(f"preparing {spec.run_dir}: {exc}") from exc
-        await self._call(f"start {handle}", self._start_existing, parse_handle(handle))
-        log.info("run %s started as %s", spec.run_id, handle)
 
     def _start_existing(self, container: str) -> None:
         """Start a created container; one that fails to start is removed so the run can start again."""
