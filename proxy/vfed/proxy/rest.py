@@ -60,6 +60,7 @@ class Task(_Model):
     parent_id: int | None = None
     job_id: int
     status: str
+    descriptor: str | None = None  # the signed task descriptor document (JSON text), stored verbatim
 
 
 class Run(_Model):
