@@ -16,6 +16,7 @@ from .api import (
 from .engine import Decryptor, Encryptor, SenderLookup
 from .errors import (
     BadSignature,
+    ContextMismatch,
     CorruptHeader,
     CorruptKey,
     CryptoError,
@@ -37,6 +38,7 @@ from .format import (
     Cipher,
     Header,
     aes_gcm_available,
+    context_digest,
     default_cipher,
     header_size,
     read_header,
@@ -49,6 +51,7 @@ __all__ = [
     "MAX_CHUNK_SIZE",
     "BadSignature",
     "Cipher",
+    "ContextMismatch",
     "CorruptHeader",
     "CorruptKey",
     "CryptoError",
@@ -71,6 +74,7 @@ __all__ = [
     "UnsupportedCipher",
     "WrongPassphrase",
     "aes_gcm_available",
+    "context_digest",
     "decrypt_bytes",
     "decrypt_file",
     "decrypt_fileobj",

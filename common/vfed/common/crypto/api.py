@@ -44,32 +44,40 @@ def encrypt_bytes(
     cipher: Cipher | None = None,
     commit: bool | None = None,
     threads: int | None = None,
+    context: bytes | None = None,
 ) -> bytes:
     """Encrypt once, seal the content key per recipient, sign; returns the whole envelope.
 
     Chunks are sealed on `threads` threads (default: VFED_CRYPTO_THREADS, else min(4, CPUs), for
-    chunks of 64 KiB or more); the envelope is the same for any thread count.
+    chunks of 64 KiB or more); the envelope is the same for any thread count. `context` (e.g. a run
+    or task id) binds the envelope to it: decryption must name the same context.
     """
-    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
+    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit, context=context)
     return enc.seal_all(data, threads=threads)
 
 
 def decrypt_bytes(
-    blob: bytes, keyring: Keyring, sender: SenderLookup, *, threads: int | None = None
+    blob: bytes,
+    keyring: Keyring,
+    sender: SenderLookup,
+    *,
+    threads: int | None = None,
+    context: bytes | None = None,
 ) -> bytes:
     """Decrypt and verify the signature before returning anything.
 
     Chunks are opened on `threads` threads (default: VFED_CRYPTO_THREADS, else min(4, CPUs), for
-    chunks of 64 KiB or more); errors name the lowest failing chunk, as with one thread.
+    chunks of 64 KiB or more); errors name the lowest failing chunk, as with one thread. `context`
+    must name the context the envelope is bound to, None if it is unbound (else ContextMismatch).
     """
     blob = bytes(blob)
     frames = _well_formed_frames(blob)
+    dec = Decryptor(keyring, sender, context=context)
     if frames is None:  # the streaming path raises the precise error, in stream order
-        dec = Decryptor(keyring, sender)
         plain = dec.feed(blob)
         dec.finish()
         return b"".join(plain)
-    return _decrypt_frames(blob, frames, keyring, sender, threads)
+    return _decrypt_frames(blob, frames, dec, threads)
 
 
 def _well_formed_frames(blob: bytes) -> list[tuple[int, int]] | None:
@@ -94,19 +102,12 @@ def _well_formed_frames(blob: bytes) -> list[tuple[int, int]] | None:
     return None
 
 
-def _decrypt_frames(
-    blob: bytes,
-    frames: list[tuple[int, int]],
-    keyring: Keyring,
-    sender: SenderLookup,
-    threads: int | None,
-) -> bytes:
+def _decrypt_frames(blob: bytes, frames: list[tuple[int, int]], dec: Decryptor, threads: int | None) -> bytes:
     """Decrypt straight into one output buffer; returned only after the signature verified.
 
     The hash the signature covers reads only the ciphertext: for a committed envelope (SHA-256 over
     every frame byte, as costly as the cipher) it runs on the pool beside the chunks.
     """
-    dec = Decryptor(keyring, sender)
     dec.start(blob[: frames[0][0]])
     assert dec.header is not None
     workers = plan_threads(threads, len(frames), dec.header.chunk_size)
@@ -163,9 +164,10 @@ async def encrypt_stream(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     cipher: Cipher | None = None,
     commit: bool | None = None,
+    context: bytes | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield envelope pieces as plaintext pieces of any size arrive (header first, trailer last)."""
-    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
+    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit, context=context)
     async for piece in _aiter(source):
         for out in enc.feed(piece):
             yield out
@@ -173,13 +175,16 @@ async def encrypt_stream(
         yield out
 
 
-async def decrypt_stream(source: ByteSource, keyring: Keyring, sender: SenderLookup) -> AsyncIterator[bytes]:
+async def decrypt_stream(
+    source: ByteSource, keyring: Keyring, sender: SenderLookup, *, context: bytes | None = None
+) -> AsyncIterator[bytes]:
     """Yield plaintext of each AEAD-authenticated chunk; the signature is checked at the end.
 
     Plaintext yielded before the end is authentic to whoever holds the content key (the sender or a
     co-recipient) but not yet to the sender's signature: when this raises, discard what was yielded.
+    A context mismatch (see decrypt_bytes) raises before any plaintext is yielded.
     """
-    dec = Decryptor(keyring, sender)
+    dec = Decryptor(keyring, sender, context=context)
     async for piece in _aiter(source):
         for out in dec.feed(piece):
             yield out
@@ -196,6 +201,7 @@ def encrypt_fileobj(
     cipher: Cipher | None = None,
     commit: bool | None = None,
     threads: int | None = None,
+    context: bytes | None = None,
 ) -> int:
     """Stream a binary file object into an envelope; returns envelope bytes written.
 
@@ -203,7 +209,7 @@ def encrypt_fileobj(
     thread reads and writes (pipeline.py); with one, three reusable buffers (two plaintext chunks for
     the look-ahead that finds the final chunk, one frame) and no per-chunk allocation.
     """
-    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit)
+    enc = Encryptor(sender, recipients, chunk_size=chunk_size, cipher=cipher, commit=commit, context=context)
     workers = plan_threads(threads, _UNKNOWN_CHUNKS, chunk_size)
     if workers > 1:
         return encrypt_pipelined(src, dst, enc, chunk_size, workers)
@@ -242,13 +248,15 @@ def decrypt_fileobj(
     sender: SenderLookup,
     *,
     threads: int | None = None,
+    context: bytes | None = None,
 ) -> Header:
     """Stream an envelope into `dst`; raises at the end if the signature fails (see decrypt_stream).
 
     Frames are read whole into reusable buffers (with several threads, a few are opened on the pool
     while this thread reads and writes); the final chunk is written only after the signature verified.
+    A context mismatch (see decrypt_bytes) raises before anything is written.
     """
-    dec = Decryptor(keyring, sender)
+    dec = Decryptor(keyring, sender, context=context)
     while dec.header is None:
         piece = src.read(dec.wants)
         if not piece:
@@ -318,6 +326,7 @@ def encrypt_file(
     cipher: Cipher | None = None,
     commit: bool | None = None,
     threads: int | None = None,
+    context: bytes | None = None,
 ) -> int:
     """Encrypt a file into a new file (written beside it, renamed into place when complete)."""
     dst = Path(dst_path)
@@ -333,6 +342,7 @@ def encrypt_file(
                 cipher=cipher,
                 commit=commit,
                 threads=threads,
+                context=context,
             )
         os.replace(tmp, dst)
     except BaseException:
@@ -348,6 +358,7 @@ def decrypt_file(
     sender: SenderLookup,
     *,
     threads: int | None = None,
+    context: bytes | None = None,
 ) -> Header:
     """Decrypt into `dst_path` only after the signature verified; on any error `dst_path` is untouched.
 
@@ -357,7 +368,7 @@ def decrypt_file(
     fd, tmp = _atomic_output(dst)
     try:
         with open(src_path, "rb") as src, os.fdopen(fd, "wb") as out:
-            header = decrypt_fileobj(src, out, keyring, sender, threads=threads)
+            header = decrypt_fileobj(src, out, keyring, sender, threads=threads, context=context)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

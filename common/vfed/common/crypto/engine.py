@@ -38,6 +38,8 @@ from .format import (
     FramesHash,
     Header,
     aead_for,
+    check_context,
+    context_digest,
     default_cipher,
     header_hash,
     header_size,
@@ -55,7 +57,11 @@ _NACL_ERRORS = (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, nacl.ex
 
 
 class Encryptor:
-    """Encrypt once for many recipients; `feed` and `finish` return envelope pieces in order."""
+    """Encrypt once for many recipients; `feed` and `finish` return envelope pieces in order.
+
+    `context` (e.g. a run or task id) binds the envelope to it: the header carries its digest, which
+    the header hash, every chunk's AAD and the signature cover; decryption must name the same context.
+    """
 
     def __init__(
         self,
@@ -65,7 +71,9 @@ class Encryptor:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         cipher: Cipher | None = None,
         commit: bool | None = None,
+        context: bytes | None = None,
     ) -> None:
+        digest = context_digest(context) if context is not None else None
         unique = list({r.key_id: r for r in recipients}.values())
         if not unique:
             raise CryptoError("an envelope needs at least one recipient")
@@ -85,7 +93,7 @@ class Encryptor:
             entries.append((recipient.key_id_bytes, sealed))
         committed = len(unique) > 1 if commit is None else commit
         self.header = pack_header(
-            self._aead.cipher, committed, chunk_size, sender.public.key_id_bytes, entries
+            self._aead.cipher, committed, chunk_size, sender.public.key_id_bytes, entries, digest
         )
         self._sender = sender
         self._chunk_size = chunk_size
@@ -303,9 +311,13 @@ class Decryptor:
     chunk comes out only after the sender's signature (the trailer) verifies, and `finish` raises
     unless it did. Callers that must not act on unsigned plaintext buffer it (decrypt_bytes and
     decrypt_file do).
+
+    `context` names the context the envelope must be bound to (None: it must be unbound); a mismatch
+    raises ContextMismatch as soon as the header is parsed, before any key work.
     """
 
-    def __init__(self, keyring: Keyring, sender: SenderLookup) -> None:
+    def __init__(self, keyring: Keyring, sender: SenderLookup, *, context: bytes | None = None) -> None:
+        self._context_digest = context_digest(context) if context is not None else None
         self._keyring = keyring
         self._sender_lookup = sender
         self._buffer = Pieces()
@@ -374,9 +386,10 @@ class Decryptor:
         return None
 
     def start(self, raw: bytes) -> None:
-        """Take the complete header: resolve the sender and open our sealed content key."""
+        """Take the complete header: check its context, resolve the sender, open our content key."""
         header = read_header(raw)
         self._aead = aead_for(header.cipher)
+        check_context(header, self._context_digest)
         self.sender = resolve_sender(header, self._sender_lookup)
         self._cipher = ChunkCipher(header.cipher, open_content_key(header, self._keyring))
         self.header = header

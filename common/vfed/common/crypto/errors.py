@@ -43,6 +43,10 @@ class CorruptHeader(CryptoError):
     """The envelope header is malformed (magic, cipher, lengths or sealed keys)."""
 
 
+class ContextMismatch(CryptoError):
+    """The envelope is bound to another context than the caller expects, or only one side names one."""
+
+
 class UnsupportedCipher(CryptoError):
     """The envelope's cipher cannot run here (AES-256-GCM needs AES-NI in libsodium)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib
 import struct
 from dataclasses import dataclass, field
@@ -10,7 +11,14 @@ from enum import IntEnum
 
 import nacl.bindings as nb
 
-from .errors import CorruptHeader, TruncatedPayload, UnknownVersion, UnsupportedCipher
+from .errors import (
+    ContextMismatch,
+    CorruptHeader,
+    CryptoError,
+    TruncatedPayload,
+    UnknownVersion,
+    UnsupportedCipher,
+)
 
 MAGIC = b"VFED"
 VERSION = 1
@@ -26,6 +34,9 @@ TAG_BYTES = 16
 SIGNATURE_BYTES = 64
 FLAG_FINAL = 0x01
 HEADER_FLAG_COMMITTED = 0x01  # the signature covers a SHA-256 of all frame bytes, not just the tags
+HEADER_FLAG_BOUND = 0x02  # a context digest follows the fixed header part
+HEADER_FLAGS_KNOWN = HEADER_FLAG_COMMITTED | HEADER_FLAG_BOUND
+CONTEXT_DIGEST_BYTES = 32
 DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 16 << 20
 MAX_RECIPIENTS = 0xFFFF
@@ -95,24 +106,46 @@ class Header:
     size: int  # header bytes on the wire, sealed keys included
     committed: bool = False  # signature covers all frame bytes (multi-recipient default)
     sealed_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    context_digest: bytes | None = None  # set when the envelope is bound to a context
 
     @property
     def raw_sender_id(self) -> bytes:
         return bytes.fromhex(self.sender_key_id)
 
 
+def context_digest(context: bytes) -> bytes:
+    """What a bound header carries for `context` (e.g. a run or task id): a 32-byte BLAKE2b digest."""
+    if not isinstance(context, bytes | bytearray | memoryview):
+        raise CryptoError(f"an envelope context must be bytes, not {type(context).__name__}")
+    return hashlib.blake2b(context, digest_size=CONTEXT_DIGEST_BYTES, person=b"vfed-env1-ctx").digest()
+
+
 def pack_header(
-    cipher: Cipher, committed: bool, chunk_size: int, sender_id: bytes, entries: list[tuple[bytes, bytes]]
+    cipher: Cipher,
+    committed: bool,
+    chunk_size: int,
+    sender_id: bytes,
+    entries: list[tuple[bytes, bytes]],
+    digest: bytes | None = None,
 ) -> bytes:
+    """The header bytes; `digest` (a context_digest) binds the envelope to a context."""
+    if digest is not None and len(digest) != CONTEXT_DIGEST_BYTES:
+        raise CryptoError(f"a context digest is {CONTEXT_DIGEST_BYTES} bytes, not {len(digest)}")
     flags = HEADER_FLAG_COMMITTED if committed else 0
+    if digest is not None:
+        flags |= HEADER_FLAG_BOUND
     fixed = _FIXED.pack(MAGIC, VERSION, int(cipher), flags, chunk_size, sender_id, len(entries))
-    return fixed + b"".join(key_id + sealed for key_id, sealed in entries)
+    return fixed + (digest or b"") + b"".join(key_id + sealed for key_id, sealed in entries)
+
+
+def _entries_offset(flags: int) -> int:
+    return HEADER_FIXED_BYTES + (CONTEXT_DIGEST_BYTES if flags & HEADER_FLAG_BOUND else 0)
 
 
 def header_size(prefix: bytes) -> int:
     """Total header length once the fixed part (HEADER_FIXED_BYTES) is known."""
     fixed = _parse_fixed(prefix)
-    return HEADER_FIXED_BYTES + fixed[-1] * RECIPIENT_ENTRY_BYTES
+    return _entries_offset(fixed[3]) + fixed[-1] * RECIPIENT_ENTRY_BYTES
 
 
 def _parse_fixed(prefix: bytes) -> tuple[bytes, int, int, int, int, bytes, int]:
@@ -129,7 +162,7 @@ def _parse_fixed(prefix: bytes) -> tuple[bytes, int, int, int, int, bytes, int]:
         raise UnknownVersion(f"envelope format version {version} is not supported (this code reads 1)")
     if cipher not in Cipher._value2member_map_:
         raise CorruptHeader(f"envelope names unknown cipher id {cipher}")
-    if flags & ~HEADER_FLAG_COMMITTED:
+    if flags & ~HEADER_FLAGS_KNOWN:
         raise CorruptHeader(f"envelope header has unknown flag bits {flags:#04x}")
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise CorruptHeader(f"envelope chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
@@ -142,12 +175,14 @@ def read_header(prefix: bytes) -> Header:
     """Parse the header from the first bytes of an envelope (at least `Header.size` of them)."""
     prefix = bytes(prefix)
     _, version, cipher, flags, chunk_size, sender, count = _parse_fixed(prefix)
-    size = HEADER_FIXED_BYTES + count * RECIPIENT_ENTRY_BYTES
+    start = _entries_offset(flags)
+    size = start + count * RECIPIENT_ENTRY_BYTES
     if len(prefix) < size:
         raise TruncatedPayload(f"envelope header needs {size} bytes, only {len(prefix)} present")
+    digest = prefix[HEADER_FIXED_BYTES:start] if flags & HEADER_FLAG_BOUND else None
     ids: list[str] = []
     sealed: list[bytes] = []
-    for offset in range(HEADER_FIXED_BYTES, size, RECIPIENT_ENTRY_BYTES):
+    for offset in range(start, size, RECIPIENT_ENTRY_BYTES):
         key_id = prefix[offset : offset + KEY_ID_BYTES].hex()
         if key_id in ids:
             raise CorruptHeader(f"envelope lists recipient {key_id} twice")
@@ -155,8 +190,35 @@ def read_header(prefix: bytes) -> Header:
         sealed.append(prefix[offset + KEY_ID_BYTES : offset + RECIPIENT_ENTRY_BYTES])
     committed = bool(flags & HEADER_FLAG_COMMITTED)
     return Header(
-        version, Cipher(cipher), chunk_size, sender.hex(), tuple(ids), size, committed, tuple(sealed)
+        version,
+        Cipher(cipher),
+        chunk_size,
+        sender.hex(),
+        tuple(ids),
+        size,
+        committed,
+        tuple(sealed),
+        context_digest=digest,
     )
+
+
+def check_context(header: Header, expected: bytes | None) -> None:
+    """Raise ContextMismatch unless the envelope is bound to `expected` (a context_digest), or both
+    are unbound. Runs before any key work, so a misplaced envelope releases nothing."""
+    got = header.context_digest
+    if expected is None:
+        if got is not None:
+            raise ContextMismatch("envelope is bound to a context; the caller must name the one it expects")
+        return
+    if got is None:
+        raise ContextMismatch(
+            f"envelope is not bound to a context; expected context digest {expected.hex()[:16]}..."
+        )
+    if not hmac.compare_digest(got, expected):
+        raise ContextMismatch(
+            f"envelope belongs to another context (digest {got.hex()[:16]}..., "
+            f"expected {expected.hex()[:16]}...)"
+        )
 
 
 def header_hash(header_bytes: bytes) -> bytes:
