@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -134,6 +135,42 @@ class OrganizationKey(Base):
     retired_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class KeyRecord(Base):
+    """A signed record of an organization's key chain (`key.genesis`, `key.rotation`), kept verbatim in the
+    order it was appended; nodes and clients verify the chain themselves, against the fingerprints they
+    pinned."""
+
+    __tablename__ = "key_records"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "digest", name="uq_key_records_organization_digest"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))  # SHA-256 of what is signed (`SignedEntry.digest`)
+    key_id: Mapped[str] = mapped_column(String(64))  # the key this record introduces
+    prev_key_id: Mapped[str | None] = mapped_column(String(64))  # a rotation's previous key
+    entry: Mapped[str] = mapped_column(Text)  # canonical JSON (`SignedEntry.to_json()`)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UserCertificate(Base):
+    """An organization's signed statement that a user's own key is theirs, and its revocation once revoked."""
+
+    __tablename__ = "user_certificates"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[int] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[str] = mapped_column(String(64))  # the researcher key's id
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    entry: Mapped[str] = mapped_column(Text)
+    revocation: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Collaboration(Base):
     __tablename__ = "collaborations"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -218,6 +255,8 @@ class Task(Base):
     job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     status: Mapped[str] = mapped_column(String(20), default=TaskStatus.PENDING, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # the signed descriptor document (JSON text) as the initiator sent it; nodes verify it, the server cannot
+    descriptor: Mapped[str | None] = mapped_column(Text)
 
 
 class Run(Base):

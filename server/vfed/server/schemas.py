@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +13,13 @@ Links = dict[str, str | None]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Text = Annotated[str, Field(max_length=100_000)]
 Id = Annotated[int, Field(ge=1, le=2**31 - 1)]
+KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+Entry = Annotated[
+    dict[str, Any],
+    Field(description='a signed entry: {"v": 1, "kind", "body": {...}, "sigs": [{"key_id", "sig"}]}'),
+]
+DESCRIPTOR_MAX_BYTES = 2 << 20
+MAX_KEY_RECORDS = 1000
 
 
 class In(BaseModel):
@@ -99,6 +106,44 @@ class OrganizationKeysOut(BaseModel):
 
 class OrganizationPage(PageOut):
     data: list[OrganizationOut]
+
+
+# --- key chains, researcher certificates (signed entries, stored verbatim) ------------------------------
+class KeyRecordsIn(In):
+    records: list[Entry] = Field(min_length=1, max_length=MAX_KEY_RECORDS)
+
+
+class KeyRecordsOut(BaseModel):
+    data: list[Entry] = Field(description="every record of the organization's chain, in append order")
+    head_key_id: str | None = Field(description="the chain's newest key (null: no record yet)")
+
+
+class CertificateIn(In):
+    certificate: Entry
+
+
+class RevocationIn(In):
+    revocation: Entry
+
+
+class CertificateOut(BaseModel):
+    id: int
+    organization_id: int
+    user_id: int
+    key_id: str
+    digest: str
+    certificate: Entry
+    revocation: Entry | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class CertificatesOut(BaseModel):
+    data: list[CertificateOut]
+
+
+class RevocationsOut(BaseModel):
+    data: list[Entry]
 
 
 class CollaborationIn(In):
@@ -219,6 +264,11 @@ class TaskIn(In):
     )
     organizations: list[TaskOrganizationIn] = Field(min_length=1, max_length=1000)
     parent_id: Id | None = None
+    descriptor: Annotated[str, Field(max_length=DESCRIPTOR_MAX_BYTES)] | None = Field(
+        None,
+        description="the signed task descriptor document (JSON text, at most 2 MiB), stored verbatim; its "
+        "image, collaboration and target organizations must be this request's (422 descriptor-mismatch)",
+    )
 
 
 class TaskOut(BaseModel):
@@ -236,6 +286,7 @@ class TaskOut(BaseModel):
     job_id: int
     status: TaskStatus
     created_at: datetime
+    descriptor: str | None = Field(description="the signed task descriptor document, verbatim")
     links: Links
 
 
@@ -338,6 +389,11 @@ class NodeQuery(PageQuery):
 
 class UserQuery(PageQuery):
     organization_id: Id | None = None
+
+
+class CertificateQuery(In):
+    user_id: Id | None = None
+    key_id: KeyId | None = None
 
 
 class TaskQuery(PageQuery):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.common.crypto.errors import CryptoError
 from vfed.common.crypto.keys import PublicKey
@@ -19,6 +20,7 @@ from vfed.server.api.common import (
     read_query,
     session,
 )
+from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, forbidden, not_found
 from vfed.server.models import Organization, OrganizationKey, collaboration_members
 from vfed.server.schemas import (
@@ -42,6 +44,8 @@ def out(org: Organization) -> OrganizationOut:
         links={
             "self": base,
             "keys": f"{base}/keys",
+            "key_records": f"{base}/key-records",
+            "certificates": f"{base}/certificates",
             "collaborations": f"/api/v1/collaborations?organization_id={org.id}",
             "nodes": f"/api/v1/nodes?organization_id={org.id}",
             "users": f"/api/v1/users?organization_id={org.id}",
@@ -74,18 +78,53 @@ async def list_organizations(request: web.Request) -> web.Response:
     return web.json_response(page_of(request, [out(o) for o in rows], total, q.page, q.per_page))
 
 
-async def visible_org(request: web.Request, op: str = "read") -> Organization:
-    """The organization in the path, or 404 when invisible to the caller."""
-    org_id = path_id(request)
-    async with session(request) as s:
-        p = await caller(request, s)
-        query = select(Organization).where(
-            Organization.id == org_id, org_filter(p, require(p, "organization", "read"))
-        )
-        org = (await s.execute(query)).scalar_one_or_none()
+async def readable_org(s: AsyncSession, p: Principal, org_id: int) -> Organization:
+    """The organization, or 404 when invisible to the caller."""
+    query = select(Organization).where(
+        Organization.id == org_id, org_filter(p, require(p, "organization", "read"))
+    )
+    org = (await s.execute(query)).scalar_one_or_none()
     if org is None:
         raise not_found("organization", org_id)
     return org
+
+
+async def visible_org(request: web.Request, op: str = "read") -> Organization:
+    """The organization in the path, or 404 when invisible to the caller."""
+    async with session(request) as s:
+        return await readable_org(s, await caller(request, s), path_id(request))
+
+
+async def editable_org(s: AsyncSession, p: Principal, org_id: int) -> Organization:
+    """The organization, when the caller may change its keys: root, its admin or its node (404 when
+    invisible, 403 for anyone else)."""
+    org = (
+        await s.execute(
+            select(Organization)
+            .where(Organization.id == org_id, org_filter(p, Scope.COLLABORATION))
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if org is None:
+        raise not_found("organization", org_id)
+    scope = require(p, "organization", "edit")
+    if scope < Scope.GLOBAL and org.id != p.organization_id:
+        raise forbidden("only this organization's admin or node may change its keys")
+    return org
+
+
+def replace_key(s: AsyncSession, org: Organization, public_key: str, key_id: str) -> None:
+    """Make `public_key` the organization's current key; a different previous one goes to the history."""
+    if org.public_key and org.key_id != key_id:
+        s.add(
+            OrganizationKey(
+                organization_id=org.id,
+                public_key=org.public_key,
+                key_id=org.key_id,
+                created_at=org.created_at,
+            )
+        )
+    org.public_key, org.key_id = public_key, key_id
 
 
 async def get_organization(request: web.Request) -> web.Response:
@@ -113,27 +152,8 @@ async def put_public_key(request: web.Request) -> web.Response:
     body = await read_json(request, PublicKeyIn)
     key_id = key_id_of(body.public_key)
     async with session(request) as s:
-        p = await caller(request, s)
-        org = (
-            await s.execute(
-                select(Organization).where(Organization.id == org_id, org_filter(p, Scope.COLLABORATION))
-            )
-        ).scalar_one_or_none()
-        if org is None:
-            raise not_found("organization", org_id)
-        scope = require(p, "organization", "edit")
-        if scope < Scope.GLOBAL and org.id != p.organization_id:
-            raise forbidden("only this organization's admin or node may change its key")
-        if org.public_key and org.key_id != key_id:
-            s.add(
-                OrganizationKey(
-                    organization_id=org.id,
-                    public_key=org.public_key,
-                    key_id=org.key_id,
-                    created_at=org.created_at,
-                )
-            )
-        org.public_key, org.key_id = body.public_key.strip(), key_id
+        org = await editable_org(s, await caller(request, s), org_id)
+        replace_key(s, org, body.public_key.strip(), key_id)
         await s.commit()
     return json_response(out(org))
 

@@ -19,6 +19,7 @@ from sqlalchemy import Table, and_, bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from vfed.common import multipart
+from vfed.common.trust import KIND_DESCRIPTOR, DescriptorBody, DescriptorDocument, TrustError
 from vfed.server.access import Scope, require, task_filter
 from vfed.server.api.blobs import BLOBS_TABLE, readable_blob
 from vfed.server.api.common import caller, json_response, read_json, session, validate
@@ -28,12 +29,13 @@ from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobStore, BlobTooLarge, S
 from vfed.server.errors import ApiError, bad_request, conflict, forbidden, not_found
 from vfed.server.metrics import METRICS
 from vfed.server.models import Node, Organization, Run, Task, TaskStatus, collaboration_members, utcnow
-from vfed.server.schemas import TaskIn
+from vfed.server.schemas import DESCRIPTOR_MAX_BYTES, TaskIn
 from vfed.server.state import BLOBS, DOORBELL
 
 TASKS: Table = Task.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
-TASK_PART_MAX_BYTES = 1 << 20  # the JSON fields of a task; the input envelope has the blob limit
+# the JSON fields of a task, a descriptor of up to 2 MiB among them; the input envelope has the blob limit
+TASK_PART_MAX_BYTES = 3 << 20
 SMALL_FORM_BYTES = 256 << 10  # task requests up to this size are read whole and split in memory
 _CM = collaboration_members.c
 # members, their current key ids and their nodes in the collaboration, in one statement: the checks and the
@@ -117,6 +119,36 @@ async def _check_targets(s: AsyncSession, p: Principal, collab: _Collab, body: T
             raise ApiError(422, "validation-error", f"input_blob_id: unknown blob {blob_id}")
 
 
+def _descriptor(body: TaskIn) -> DescriptorBody | None:
+    """The signed descriptor's body, parsed once (None without one), when it describes this very request.
+    Its signature is not checked here: the server pins no keys, nodes verify it."""
+    if body.descriptor is None:
+        return None
+    try:
+        raw = body.descriptor.encode()
+    except UnicodeEncodeError:
+        raise ApiError(422, "invalid-descriptor", "the task descriptor is not valid text") from None
+    if len(raw) > DESCRIPTOR_MAX_BYTES:
+        raise ApiError(422, "invalid-descriptor", f"the task descriptor is over {DESCRIPTOR_MAX_BYTES} bytes")
+    try:
+        document = DescriptorDocument.parse(raw)
+        signed = document.body()
+    except TrustError as exc:
+        raise ApiError(422, "invalid-descriptor", exc.message) from None
+    targets = [t.org for t in signed.targets]
+    if document.descriptor.kind != KIND_DESCRIPTOR or len(set(targets)) != len(targets):
+        raise ApiError(422, "invalid-descriptor", "not a task descriptor (wrong kind, or a target twice)")
+    if signed.image != body.image:
+        raise _mismatch(f"the descriptor names image {signed.image!r}, the request {body.image!r}")
+    if set(targets) != {o.id for o in body.organizations}:
+        raise _mismatch(f"the descriptor targets organizations {sorted(targets)}, the request others")
+    return signed
+
+
+def _mismatch(detail: str) -> ApiError:
+    return ApiError(422, "descriptor-mismatch", detail)
+
+
 def _new_task(p: Principal, body: TaskIn, collab: _Collab, parent: Task | None) -> dict[str, Any]:
     """The task row's values."""
     return {
@@ -133,6 +165,7 @@ def _new_task(p: Principal, body: TaskIn, collab: _Collab, parent: Task | None) 
         "job_id": job_of(parent) if parent else None,  # NULL: a top-level task is its own job
         "status": TaskStatus.PENDING,
         "created_at": utcnow(),
+        "descriptor": body.descriptor,
     }
 
 
@@ -140,7 +173,10 @@ async def _insert(
     request: web.Request, s: AsyncSession, p: Principal, body: TaskIn, stored: StoredBlob | None
 ) -> web.Response:
     """Blob row (multipart), task and runs in one transaction; doorbells once committed."""
+    signed = _descriptor(body)
     collab, parent = await _context(s, p, body)
+    if signed is not None and signed.collaboration != collab.id:
+        raise _mismatch(f"the descriptor names collaboration {signed.collaboration}, not {collab.id}")
     await _check_targets(s, p, collab, body)
     conn = await s.connection()
     if stored is not None:

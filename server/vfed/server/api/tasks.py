@@ -54,6 +54,7 @@ class NewTask:
     job_id: int | None
     status: TaskStatus
     created_at: datetime
+    descriptor: str | None = None
 
 
 def out(t: Task | NewTask, org_ids: list[int]) -> TaskOut:
@@ -73,6 +74,7 @@ def out(t: Task | NewTask, org_ids: list[int]) -> TaskOut:
         job_id=job_of(t),
         status=TaskStatus(t.status),
         created_at=t.created_at,
+        descriptor=t.descriptor,
         links={
             "self": f"/api/v1/tasks/{t.id}",
             "runs": f"/api/v1/runs?task_id={t.id}",
