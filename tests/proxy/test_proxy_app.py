@@ -4,85 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import aiohttp
 import pytest
-from tests.node.node_harness import PASSWORD, Server
+from tests.proxy.proxy_kit import World, call, world
 
-from vfed.client.client import AsyncClient
 from vfed.common.crypto import Keyring, NotARecipient, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, encode_result
-from vfed.node.server_api import NodeClient
-from vfed.proxy.app import ProxyContext, RunInfo
-from vfed.proxy.rest import RestClient
-from vfed.proxy.server import ProxyServer
 
-
-@dataclass
-class World:
-    server: Server
-    session: aiohttp.ClientSession
-    nodes: dict[str, NodeClient]
-    keyrings: dict[str, Keyring]
-    org_ids: dict[str, int]
-    parent_run: int
-    parent_task: int
-    proxy_session: aiohttp.ClientSession
-    ctx: ProxyContext
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    server = Server(tmp_path / "server", mqtt_url=None)
-    api_keys = await server.seed(["a", "b"])
-    await server.start()
-    session = aiohttp.ClientSession()
-    nodes, keyrings, org_ids = {}, {}, {}
-    for name, api_key in api_keys.items():
-        node = NodeClient(session, server.url, api_key)
-        identity = await node.login()
-        keyrings[name] = Keyring.generate()
-        await node.put_public_key(identity.organization_id, keyrings[name].current.public.to_text())
-        nodes[name], org_ids[name] = node, identity.organization_id
-    key_file = tmp_path / "a-key.json"
-    keyrings["a"].save(key_file)
-    async with AsyncClient(server.url, key_file=key_file) as researcher:
-        await researcher.login("res-a", PASSWORD)
-        collab = (await researcher.collaborations())[0]["id"]
-        task = await researcher.create_task(
-            collab, "vfed-test/node-probe", "master", organizations=[org_ids["a"]]
-        )
-    (run,) = await nodes["a"].list_runs(task_id=task["id"])
-    run = await nodes["a"].claim(run.id)
-    token = await nodes["a"].run_token(run.id)
-    info = RunInfo(run.id, run.task_id, run.job_id, run.organization_id, collab, "vfed-test/node-probe")
-    ctx = ProxyContext(
-        run=info,
-        rest=RestClient(session, server.url, token),
-        org_key=keyrings["a"].current,
-        keyring=keyrings["a"],
-        max_request_bytes=64 * 1024,
-        spool_dir=tmp_path / "spool",
-    )
-    socket_path = tmp_path / "sock" / "proxy.sock"
-    async with ProxyServer(ctx, socket_path):
-        connector = aiohttp.UnixConnector(path=str(socket_path))
-        async with aiohttp.ClientSession(connector=connector, base_url="http://proxy") as proxy_session:
-            yield World(server, session, nodes, keyrings, org_ids, run.id, task["id"], proxy_session, ctx)
-    await session.close()
-    await server.stop()
-
-
-async def call(world: World, method: str, path: str, **kwargs: object) -> tuple[int, object]:
-    async with world.proxy_session.request(method, path, **kwargs) as response:  # type: ignore[arg-type]
-        body = await response.read()
-        try:
-            return response.status, json.loads(body)
-        except ValueError:
-            return response.status, body
+__all__ = ["world"]
 
 
 async def test_run_and_organizations(world: World) -> None:

@@ -7,65 +7,14 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Callable, Coroutine
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from vfed.client import credentials
+from vfed.client.cli_common import handled, run
+from vfed.client.cli_trust import keys, organizations, trust, untrust
 from vfed.client.client import AsyncClient
-from vfed.client.errors import ClientError
-from vfed.common.crypto import CryptoError
-from vfed.common.payload import AlgorithmError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str) -> None:
-    click.echo(f"vfed: error: {message}", err=True)
-    sys.exit(1)
-
-
-def handled(fn: F) -> F:
-    """Turns every expected failure into one line on stderr and exit code 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise  # usage errors: click prints them and exits 2
-        except (ClientError, CryptoError, AlgorithmError, OSError) as exc:
-            _fail(str(exc).splitlines()[0] if not isinstance(exc, ClientError) else str(exc))
-        except ValidationError as exc:
-            _fail(f"invalid input: {exc.errors()[0]['msg']}")
-        except Exception as exc:  # aiohttp connection errors and the like: still one clear line
-            _fail(f"{exc.__class__.__name__}: {exc}")
-        return None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _client() -> AsyncClient:
-    saved = credentials.load()
-    client = AsyncClient(saved.get("url"), key_file=saved.get("key_file"), token=saved.get("access_token"))
-    client.api.refresh_token = saved.get("refresh_token")
-    return client
-
-
-def _run(make: Callable[[AsyncClient], Coroutine[Any, Any, Any]]) -> Any:
-    async def go() -> Any:
-        async with _client() as client:
-            result = await make(client)
-            saved = credentials.load()
-            if saved and client.api.token and client.api.token != saved.get("access_token"):
-                saved.update(access_token=client.api.token, refresh_token=client.api.refresh_token)
-                credentials.save(saved)
-            return result
-
-    return asyncio.run(go())
 
 
 @click.group(epilog="Example: vfed login --url http://127.0.0.1:7600 --username alice")
@@ -77,7 +26,11 @@ def main() -> None:
 @click.option("--url", default="http://127.0.0.1:7600", show_default=True, help="server URL")
 @click.option("--username", prompt=True)
 @click.option("--password", prompt=True, hide_input=True)
-@click.option("--key-file", type=click.Path(dir_okay=False), help="your organization's private key file")
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False),
+    help="your own key file (`vfed keys generate`, certified by your admin) or your organization's keyring",
+)
 @handled
 def login(url: str, username: str, password: str, key_file: str | None) -> None:
     """Log in and remember the tokens (0600 file in your config folder)."""
@@ -94,6 +47,8 @@ def login(url: str, username: str, password: str, key_file: str | None) -> None:
             "key_file": key_file,
             "access_token": body["access_token"],
             "refresh_token": body["refresh_token"],
+            "user_id": body.get("user_id"),
+            "organization_id": body.get("organization_id"),
         }
     )
     click.echo(f"logged in as {username} (organization {body['organization_id']}); saved to {path}")
@@ -132,7 +87,7 @@ def task_create(
     """
     args = _json_arg("--args", args_json, list)
     kwargs = _json_arg("--kwargs", kwargs_json, dict)
-    body = _run(
+    body = run(
         lambda c: c.create_task(
             collaboration,
             image,
@@ -163,7 +118,7 @@ def _json_arg(flag: str, text: str, kind: type) -> Any:
 @handled
 def task_wait(task_id: int, timeout_s: float | None) -> None:
     """Wait until every run of TASK_ID finished."""
-    body = _run(lambda c: c.wait(task_id, timeout_s, progress=sys.stderr.isatty()))
+    body = run(lambda c: c.wait(task_id, timeout_s, progress=sys.stderr.isatty()))
     click.echo(f"task {task_id} {body['status']}")
     if body["status"] != "completed":
         sys.exit(1)
@@ -175,7 +130,7 @@ def task_wait(task_id: int, timeout_s: float | None) -> None:
 @handled
 def task_results(task_id: int, fmt: str) -> None:
     """Print the decrypted results of TASK_ID (one per organization)."""
-    results = _run(lambda c: c.results(task_id))
+    results = run(lambda c: c.results(task_id))
     click.echo(_render(results, fmt), nl=False)
 
 
@@ -198,7 +153,7 @@ def _render(results: list[Any], fmt: str) -> str:
 @handled
 def task_kill(task_id: int) -> None:
     """Kill every unfinished run of TASK_ID."""
-    body = _run(lambda c: c.kill(task_id))
+    body = run(lambda c: c.kill(task_id))
     click.echo(f"task {task_id} {body.get('status', 'killed')}")
 
 
@@ -207,13 +162,18 @@ def task_kill(task_id: int) -> None:
 @handled
 def task_list(fmt: str) -> None:
     """List tasks you can see."""
-    tasks = _run(lambda c: c.tasks())
+    tasks = run(lambda c: c.tasks())
     if fmt == "json":
         click.echo(json.dumps(tasks, default=str))
         return
     for t in tasks:
         click.echo(f"{t['id']:>6}  {t['status']:<10} {t['image']:<40} {t['name']}")
 
+
+main.add_command(keys)
+main.add_command(trust)
+main.add_command(untrust)
+main.add_command(organizations)
 
 if __name__ == "__main__":
     main()

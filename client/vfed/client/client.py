@@ -14,18 +14,29 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vfed.client import tasks
+from vfed.client import identity, tasks
+from vfed.client.credentials import default_key_file, default_trust_file
 from vfed.client.errors import KeyMissing
 from vfed.client.http import ApiSession
+from vfed.client.identity import Identity
 from vfed.client.keys import KeyDirectory
+from vfed.client.trust import ClientTrust, trust_mode
 from vfed.common.crypto import Keyring
+from vfed.common.trust import Pin
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:7600"
 
 
 class AsyncClient:
-    """Async researcher client. Key: `key_file` or VFED_KEY_FILE (passphrase: VFED_KEY_PASSPHRASE)."""
+    """Async researcher client.
+
+    Key: `key_file`, else VFED_KEY_FILE, else the key `vfed keys generate` made (passphrase:
+    VFED_KEY_PASSPHRASE); it is the researcher's own certified key or the organization's keyring.
+    Trust: pins in `trust_file` (VFED_TRUST_FILE, else `trusted_orgs` in the config folder); `trust` is
+    `tofu` (default, VFED_TRUST: pin an organization at first sight, like ssh) or `pinned` (refuse any
+    organization not pinned with `trust()` / `vfed trust` beforehand).
+    """
 
     def __init__(
         self,
@@ -34,14 +45,20 @@ class AsyncClient:
         key_file: str | Path | None = None,
         passphrase: str | None = None,
         token: str | None = None,
+        trust_file: str | Path | None = None,
+        trust: str | None = None,
     ) -> None:
         self.url = url or os.environ.get("VFED_SERVER_URL", DEFAULT_URL)
         self.api = ApiSession(self.url, token=token or os.environ.get("VFED_TOKEN"))
-        self.keys = KeyDirectory(self.api)
+        self.keys = KeyDirectory(self.api)  # collaboration members, as the server lists them
+        self.chains = ClientTrust(self.api, Path(trust_file or default_trust_file()), trust_mode(trust))
         self._key_file = key_file or os.environ.get("VFED_KEY_FILE")
         self._passphrase = passphrase if passphrase is not None else os.environ.get("VFED_KEY_PASSPHRASE")
         self._keyring: Keyring | None = None
+        self._identity: Identity | None = None
         self.organization_id: int | None = None
+        self.user_id: int | None = None
+        self.descriptor_digests: dict[int, str] = {}  # task id -> digest of the descriptor we signed
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -55,17 +72,45 @@ class AsyncClient:
     @property
     def keyring(self) -> Keyring:
         if self._keyring is None:
-            if not self._key_file:
-                raise KeyMissing("no organization key: pass key_file= or set VFED_KEY_FILE")
-            self._keyring = Keyring.load(Path(self._key_file), self._passphrase)
+            path = Path(self._key_file) if self._key_file else default_key_file()
+            if not self._key_file and not path.exists():
+                raise KeyMissing(
+                    "no key: run `vfed keys generate` (then have it certified), pass key_file= or set "
+                    "VFED_KEY_FILE"
+                )
+            self._keyring = Keyring.load(path, self._passphrase)
         return self._keyring
 
     def use_keyring(self, keyring: Keyring) -> None:
         self._keyring = keyring
+        self._identity = None
 
     async def login(self, username: str, password: str) -> None:
         body = await self.api.login(username, password)
         self.organization_id = int(body["organization_id"])
+        self.user_id = int(body["user_id"]) if body.get("user_id") is not None else None
+        self._identity = None
+
+    async def identity(self) -> Identity:
+        """Who signs this client's descriptors: its certified researcher key, or its organization."""
+        if self._identity is None:
+            self._identity = await identity.resolve(self)
+        return self._identity
+
+    def trust(self, organization_id: int, fingerprint: str, head: str | None = None) -> Pin:
+        """Pin an organization by the fingerprint of its first key (compared with its admin out of band)."""
+        return self.chains.pin(organization_id, fingerprint, head, note="pinned by the researcher")
+
+    def untrust(self, organization_id: int) -> bool:
+        return self.chains.unpin(organization_id)
+
+    def trusted(self) -> list[Pin]:
+        return self.chains.pins()
+
+    async def organizations_with_trust(self) -> list[dict[str, Any]]:
+        """Every visible organization with the fingerprint of its first key and `pinned`: yes, no or
+        MISMATCH (pins nothing, whatever the trust mode)."""
+        return await self.chains.status(await self.organizations())
 
     async def organizations(self) -> list[dict[str, Any]]:
         return await self.api.get_all("/organizations")
@@ -160,6 +205,18 @@ class Client:
 
     def use_keyring(self, keyring: Keyring) -> None:
         self._async.use_keyring(keyring)
+
+    def trust(self, organization_id: int, fingerprint: str, head: str | None = None) -> Pin:
+        return self._async.trust(organization_id, fingerprint, head)
+
+    def untrust(self, organization_id: int) -> bool:
+        return self._async.untrust(organization_id)
+
+    def trusted(self) -> list[Pin]:
+        return self._async.trusted()
+
+    def organizations_with_trust(self) -> list[dict[str, Any]]:
+        return self._call(self._async.organizations_with_trust())
 
     def login(self, username: str, password: str) -> None:
         self._call(self._async.login(username, password))

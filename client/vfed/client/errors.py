@@ -42,3 +42,26 @@ class RunFailed(ClientError):
         self.status = status
         self.reason = reason
         self.log_tail = log_tail
+
+
+class TrustRefused(ClientError):
+    """An organization's key chain, or a researcher certificate, does not verify against your pins."""
+
+    def __init__(self, message: str, reason: str, organization_id: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.organization_id = organization_id
+
+
+class NotCertified(ClientError):
+    """The key file is neither the organization's keyring nor a researcher key certified by it."""
+
+
+class ResultMismatch(ClientError):
+    """A result blob is not the one its run produced: bound to another run or task, or signed by another
+    organization (the server moved it)."""
+
+    def __init__(self, run_id: int, organization_id: int, why: str) -> None:
+        super().__init__(f"the result of run {run_id} (organization {organization_id}) {why}")
+        self.run_id = run_id
+        self.organization_id = organization_id

@@ -3,21 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vfed.client.errors import ApiError, ClientError, RunFailed, TaskTimeout
-from vfed.common.crypto import PublicKey, decrypt_bytes, encrypt_bytes
+from vfed.client.errors import ApiError, ClientError, ResultMismatch, RunFailed, TaskTimeout
+from vfed.client.identity import Identity
+from vfed.common.crypto import (
+    ContextMismatch,
+    Keyring,
+    PublicKey,
+    SenderLookup,
+    UnknownSender,
+    decrypt_bytes,
+    encrypt_bytes,
+)
 from vfed.common.payload import TaskInput, decode_result
+from vfed.common.trust import (
+    DescriptorDocument,
+    Target,
+    TrustError,
+    input_context,
+    new_body,
+    result_context,
+    sign_document,
+)
 
 if TYPE_CHECKING:
     from vfed.client.client import AsyncClient
 
+T = TypeVar("T")
 FINISHED = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 LOG_TAIL_LINES = 20
-INLINE_DECRYPT_BYTES = 256 << 10  # smaller results decrypt on the loop: a thread hop costs more
+INLINE_DECRYPT_BYTES = 256 << 10  # smaller inputs and results are sealed and opened on the loop
 WAIT_CHUNK_S = 30.0  # one long poll at most this long (the server caps it too); then ask again
 
 
@@ -34,7 +57,8 @@ async def create(
     description: str,
 ) -> dict[str, Any]:
     plaintext = TaskInput(method=method, args=args, kwargs=kwargs).to_json()
-    fields = {
+    signer = await client.identity()
+    fields: dict[str, Any] = {
         "collaboration_id": collaboration,
         "name": name,
         "description": description,
@@ -43,40 +67,78 @@ async def create(
     }
     for fresh in (False, True):
         targets = await _recipients(client, collaboration, organizations, fresh)
-        # One payload encryption; only the content key is sealed per organization.
-        envelope = encrypt_bytes(plaintext, client.keyring.current, [key for _, key in targets])
+        envelope, document = await _off_loop_if_big(
+            len(plaintext),
+            functools.partial(
+                seal,
+                signer,
+                plaintext,
+                targets,
+                collaboration=collaboration,
+                image=image,
+                method=method,
+                datasets=datasets,
+            ),
+        )
         fields["organizations"] = [{"id": o, "key_id": key.key_id} for o, key in targets]
+        fields["descriptor"] = document.to_json()
         try:
             # One request: the server stores the envelope as every run's input, in the task's transaction.
             body: dict[str, Any] = await client.api.post_with_input("/tasks", fields, envelope)
-            return body
-        except ApiError as exc:  # a kept key rotated meanwhile: nothing was stored; read the keys again
+        except ApiError as exc:  # a chain's head rotated meanwhile: nothing was stored; read the chains again
             if exc.status != 409 or exc.error != "stale-key" or fresh:
                 raise
+            continue
+        client.descriptor_digests[int(body["id"])] = document.digest
+        body["descriptor_digest"] = document.digest
+        return body
     raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def seal(
+    signer: Identity,
+    plaintext: bytes,
+    targets: list[tuple[int, PublicKey]],
+    *,
+    collaboration: int,
+    image: str,
+    method: str,
+    datasets: list[str],
+) -> tuple[bytes, DescriptorDocument]:
+    """The input envelope (encrypted once, bound to the descriptor's nonce) and the signed descriptor that
+    names its SHA-256 for every target: one hash and one signature, whatever the number of targets."""
+    nonce = secrets.token_hex(16)
+    envelope = encrypt_bytes(plaintext, signer.key, [key for _, key in targets], context=input_context(nonce))
+    digest = hashlib.sha256(envelope).hexdigest()
+    body = new_body(
+        collaboration=collaboration,
+        initiator_org=signer.organization_id,
+        initiator_user=signer.user_id,
+        signer=signer.key.public,
+        signer_role=signer.role,
+        image=image,
+        method=method,
+        targets=[Target(org=o, datasets=datasets, input=digest, key_id=key.key_id) for o, key in targets],
+        nonce=nonce,
+    )
+    return envelope, sign_document(body, signer.key, signer.certificate)
 
 
 async def _recipients(
     client: AsyncClient, collaboration: int, organizations: list[int] | None, fresh: bool
 ) -> list[tuple[int, PublicKey]]:
-    """The current public key of each target organization (default: every member), in order, from the
-    collaboration's members as last listed (fresh: listed again now), not one request per organization."""
-    keys = await client.keys.current_in(collaboration, refresh=fresh)
+    """The head of each target organization's verified key chain (default targets: every member, from the
+    collaboration's members as last listed; fresh: listed and verified again now)."""
     if organizations is None:
-        if not keys:  # an unknown collaboration: let the server say so
+        members = await client.keys.current_in(collaboration, refresh=fresh)
+        if not members:  # an unknown collaboration: let the server say so
             await client.api.request("GET", f"/collaborations/{collaboration}")
-        organizations = sorted(keys)
+        organizations = sorted(members)
     if not organizations:
         raise ClientError("a task needs at least one target organization")
-    recipients: list[tuple[int, PublicKey]] = []  # a repeated organization stays: the server refuses it
-    for org_id in organizations:
-        key = keys[org_id] if org_id in keys else await client.keys.current(org_id)  # 404 if invisible
-        if key is None:
-            raise ClientError(
-                f"organization {org_id} has published no public key yet (has its node started?)"
-            )
-        recipients.append((org_id, key))
-    return recipients
+    # A repeated organization stays: the server refuses it.
+    chains = await client.chains.chains(organizations, refresh=fresh)
+    return [(org_id, chain.head) for org_id, chain in zip(organizations, chains, strict=True)]
 
 
 async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progress: bool) -> dict[str, Any]:
@@ -122,25 +184,79 @@ async def _wait_once(
 async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> list[Any]:
     """Every completed run's result is downloaded and decrypted at once (one connection each): a task's
     results arrive in the time of the slowest, not the sum; a failed run raises before any download."""
-    runs = sorted(await client.runs(task_id), key=lambda r: (r["organization_id"], r["id"]))
+    listed, digest = await asyncio.gather(client.runs(task_id), descriptor_digest(client, task_id))
+    runs = sorted(listed, key=lambda r: (r["organization_id"], r["id"]))
     done = [run["status"] == "completed" and bool(run.get("result_blob_id")) for run in runs]
     failures = {i: _failure(run) for i, run in enumerate(runs) if not done[i]}
     if failures and raise_on_failure:
         raise failures[min(failures)]
-    values = await asyncio.gather(*(_decrypt_result(client, run) for i, run in enumerate(runs) if done[i]))
+    values = await asyncio.gather(
+        *(_decrypt_result(client, run, digest) for i, run in enumerate(runs) if done[i])
+    )
     it = iter(values)
     return [failures[i] if i in failures else next(it) for i in range(len(runs))]
 
 
-async def _decrypt_result(client: AsyncClient, run: dict[str, Any]) -> Any:
-    blob, sender = await asyncio.gather(
-        client.api.download_blob(str(run["result_blob_id"])),
-        client.keys.lookup_for(int(run["organization_id"])),
+async def descriptor_digest(client: AsyncClient, task_id: int) -> str | None:
+    """The digest of the task's descriptor results are bound to: remembered when this client created the
+    task, else the server's copy once it shows it is ours (None: a task made before descriptors)."""
+    known = client.descriptor_digests.get(task_id)
+    if known is not None:
+        return known
+    task = await client.task(task_id)
+    text = task.get("descriptor")
+    if not text:
+        return None
+    try:
+        document = DescriptorDocument.parse(str(text))
+        body = document.body()
+    except TrustError as exc:
+        raise ClientError(f"task {task_id}: {exc.message}") from None
+    keyring = client.keyring
+    ours = [keyring.get(key_id) for key_id in document.descriptor.signers()]
+    if not any(key is not None and document.descriptor.signed_by(key.public) for key in ours):
+        raise ClientError(
+            f"task {task_id}: its descriptor is not signed by a key of yours (another researcher's task, "
+            "or the server swapped it); its results are not yours to read"
+        )
+    if body.image != task.get("image") or body.collaboration != task.get("collaboration_id"):
+        raise ClientError(f"task {task_id}: the server shows another image or collaboration than you signed")
+    client.descriptor_digests[task_id] = document.digest
+    return document.digest
+
+
+async def _decrypt_result(client: AsyncClient, run: dict[str, Any], digest: str | None) -> Any:
+    """Decrypt a run's result, checked against the executing organization's verified chain and bound to
+    this run (descriptor digest, organization, run id) unless the task has no descriptor."""
+    run_id, org_id = int(run["id"]), int(run["organization_id"])
+    context = None if digest is None else result_context(digest, org_id, run_id)
+    blob, chain = await asyncio.gather(
+        client.api.download_blob(str(run["result_blob_id"])), client.chains.chain(org_id)
     )
-    if len(blob) <= INLINE_DECRYPT_BYTES:
-        return decode_result(decrypt_bytes(blob, client.keyring, sender))
-    plaintext = await asyncio.to_thread(decrypt_bytes, blob, client.keyring, sender)  # the others go on
-    return await asyncio.to_thread(decode_result, plaintext)
+    try:
+        try:
+            plaintext = await _decrypt(blob, client.keyring, chain.lookup(), context)
+        except UnknownSender:  # signed by a key newer than the chain we keep: read it again, once
+            chain = await client.chains.chain(org_id, refresh=True)
+            plaintext = await _decrypt(blob, client.keyring, chain.lookup(), context)
+    except ContextMismatch:
+        raise ResultMismatch(
+            run_id, org_id, "belongs to another run or task (not bound to this run)"
+        ) from None
+    except UnknownSender:
+        raise ResultMismatch(run_id, org_id, "is not signed by a key of that organization") from None
+    return await _off_loop_if_big(len(plaintext), functools.partial(decode_result, plaintext))
+
+
+async def _off_loop_if_big(size: int, fn: Callable[[], T]) -> T:
+    """Small work runs on the loop (a thread hop costs more); big work in a thread, so the loop goes on."""
+    return fn() if size <= INLINE_DECRYPT_BYTES else await asyncio.to_thread(fn)
+
+
+async def _decrypt(blob: bytes, keyring: Keyring, sender: SenderLookup, context: bytes | None) -> bytes:
+    return await _off_loop_if_big(
+        len(blob), functools.partial(decrypt_bytes, blob, keyring, sender, context=context)
+    )
 
 
 def _failure(run: dict[str, Any]) -> RunFailed:

@@ -1,8 +1,9 @@
 """The proxy: one aiohttp app per run, the only thing an algorithm container can reach (docs/proxy-api.md).
 
 The app is bound to one run, so the socket it listens on identifies the caller; nothing inside the container
-is a credential. It speaks to the server with the run's own token, encrypts subtask inputs for each target
-organization (signed with our key) and decrypts subtask results with our keyring.
+is a credential. It speaks to the server with the run's own token, signs each subtask's descriptor and
+encrypts its inputs for each target organization (subtasks.py), and decrypts subtask results with our keyring,
+checked against the executing organization's verified key chain and bound to their run.
 """
 
 from __future__ import annotations
@@ -13,17 +14,29 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from vfed.common.crypto import CryptoError, Keyring, OrgKey, PublicKey, decrypt_file, encrypt_bytes
-from vfed.common.payload import TaskInput, result_content_type
-from vfed.proxy.keys import KeyDirectory, KeyUnavailable
-from vfed.proxy.rest import ApiError, RestClient, Run, ServerUnavailable
+from vfed.common.crypto import (
+    ContextMismatch,
+    CryptoError,
+    SenderLookup,
+    UnknownSender,
+    decrypt_file,
+    encrypt_bytes,
+)
+from vfed.common.payload import result_content_type
+from vfed.common.trust import TrustError
+from vfed.proxy import subtasks
+from vfed.proxy.context import ProxyContext, ProxyError, RunInfo
+from vfed.proxy.keys import KeyUnavailable
+from vfed.proxy.rest import ApiError, Run, ServerUnavailable, Task
+from vfed.proxy.subtasks import NewTask
+
+__all__ = ["CONTEXT", "ProxyContext", "ProxyError", "RunInfo", "create_proxy_app"]
 
 log = logging.getLogger(__name__)
 
@@ -32,60 +45,7 @@ CHUNK_BYTES = 1024 * 1024
 WAIT_POLL_MAX_S = 0.25  # how stale a long poll may answer; the server sees one light GET per interval
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """The calling run, as `GET /run` shows it."""
-
-    run_id: int
-    task_id: int
-    job_id: int
-    organization_id: int
-    collaboration_id: int
-    image: str
-
-
-@dataclass
-class ProxyContext:
-    """Everything one run's proxy needs; built by the agent after the run was claimed."""
-
-    run: RunInfo
-    rest: RestClient
-    org_key: OrgKey
-    keyring: Keyring
-    max_request_bytes: int = 64 * 1024 * 1024
-    spool_dir: Path | None = None
-    keys: KeyDirectory = field(init=False)
-    subtasks: set[int] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.keys = KeyDirectory(self.rest)
-
-
 CONTEXT = web.AppKey("context", ProxyContext)
-
-
-class ProxyError(Exception):
-    """A refusal with an HTTP status and a short code, turned into JSON by the middleware."""
-
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-
-
-class NewTask(BaseModel):
-    """The body of `POST /tasks` from an algorithm."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=10_000)
-    image: str | None = None
-    datasets: list[str] = Field(default_factory=list)
-    input: TaskInput | None = None
-    inputs: dict[int, TaskInput] | None = None
-    organizations: list[int] = Field(min_length=1)
 
 
 def _problem(status: int, error: str, detail: str) -> web.Response:
@@ -118,6 +78,8 @@ async def errors_middleware(  # noqa: PLR0911 - one answer per error kind
         return _problem(503, "server-unavailable", str(exc))
     except KeyUnavailable as exc:
         return _problem(409, "no-public-key", str(exc))
+    except TrustError as exc:
+        return _problem(403, exc.reason, exc.message)
 
 
 async def get_run(request: web.Request) -> web.Response:
@@ -152,7 +114,10 @@ async def _read_new_task(request: web.Request) -> NewTask:
 
 async def _seal(ctx: ProxyContext, data: bytes, org_ids: list[int]) -> str:
     """Encrypt data for these organizations, signed with our key; upload it; return the blob id."""
-    recipients: list[PublicKey] = [await ctx.keys.public_key(org_id) for org_id in org_ids]
+    if ctx.chains is not None:
+        recipients = await subtasks.heads(ctx, org_ids)
+    else:
+        recipients = [await ctx.keys.public_key(org_id) for org_id in org_ids]
     sealed = await asyncio.to_thread(encrypt_bytes, data, ctx.org_key, recipients)
     return (await ctx.rest.upload_blob(sealed)).id
 
@@ -165,6 +130,31 @@ async def post_task(request: web.Request) -> web.Response:
     orgs = list(dict.fromkeys(new.organizations))
     if new.inputs is not None and set(new.inputs) != set(orgs):
         raise ProxyError(400, "bad-request", "'inputs' must have exactly one entry per organization")
+    subtasks.reserve(ctx)
+    try:
+        task = await _create_subtask(ctx, new, orgs)
+    except BaseException:
+        subtasks.release(ctx)
+        raise
+    ctx.subtasks.add(task.id)
+    runs = await ctx.rest.list_runs(task_id=task.id)
+    log.info("run %s created subtask %s for organizations %s", ctx.run.run_id, task.id, orgs)
+    return web.json_response({"task_id": task.id, "run_ids": [r.id for r in runs]}, status=201)
+
+
+async def _create_subtask(ctx: ProxyContext, new: NewTask, orgs: list[int]) -> Task:
+    fields: dict[str, Any] = {
+        "collaboration_id": ctx.run.collaboration_id,
+        "name": new.name,
+        "description": new.description or "",
+        "image": new.image or ctx.run.image,
+        "datasets": new.datasets,
+        "parent_id": ctx.run.task_id,
+    }
+    if ctx.descriptor is not None:
+        await subtasks.check_members(ctx, orgs)
+        return await subtasks.create_signed(ctx, new, orgs, fields)
+    # Without the run's descriptor (the proxy on its own, in tests): the server's keys, unbound inputs.
     blob_by_org: dict[int, str] = {}
     if new.input is not None:
         blob = await _seal(ctx, new.input.to_json(), orgs)
@@ -173,21 +163,8 @@ async def post_task(request: web.Request) -> web.Response:
         assert new.inputs is not None
         for org_id in orgs:
             blob_by_org[org_id] = await _seal(ctx, new.inputs[org_id].to_json(), [org_id])
-    task = await ctx.rest.create_task(
-        {
-            "collaboration_id": ctx.run.collaboration_id,
-            "name": new.name,
-            "description": new.description or "",
-            "image": new.image or ctx.run.image,
-            "datasets": new.datasets,
-            "organizations": [{"id": o, "input_blob_id": blob_by_org[o]} for o in orgs],
-            "parent_id": ctx.run.task_id,
-        }
-    )
-    ctx.subtasks.add(task.id)
-    runs = await ctx.rest.list_runs(task_id=task.id)
-    log.info("run %s created subtask %s for organizations %s", ctx.run.run_id, task.id, orgs)
-    return web.json_response({"task_id": task.id, "run_ids": [r.id for r in runs]}, status=201)
+    fields["organizations"] = [{"id": o, "input_blob_id": blob_by_org[o]} for o in orgs]
+    return await ctx.rest.create_task(fields)
 
 
 def _int_param(request: web.Request, name: str) -> int:
@@ -277,20 +254,51 @@ async def get_result(request: web.Request) -> web.StreamResponse:
             },
             status=409,
         )
-    sender = await ctx.keys.sender(run.organization_id)
+    context, sender = await _binding(ctx, run)
     spool = await asyncio.to_thread(_make_spool, ctx.spool_dir)
     try:
         await ctx.rest.download_blob_to(run.result_blob_id, spool / "sealed")
-        try:
-            await asyncio.to_thread(decrypt_file, spool / "sealed", spool / "plain", ctx.keyring, sender)
-        except CryptoError as exc:
-            ctx.keys.forget(run.organization_id)
-            raise ProxyError(
-                502, "undecryptable", f"result of run {run_id} does not decrypt: {exc}"
-            ) from None
+        await _decrypt_result(ctx, run, spool, context, sender)
         return await _send_file(request, spool / "plain")
     finally:
         await asyncio.to_thread(shutil.rmtree, spool, True)
+
+
+async def _binding(ctx: ProxyContext, run: Run) -> tuple[bytes | None, SenderLookup]:
+    """The context the result must be bound to, and the executing organization's keys (its verified chain;
+    the server's keys only without chains)."""
+    if ctx.chains is None:
+        return None, await ctx.keys.sender(run.organization_id)
+    context = await subtasks.result_context_of(ctx, run)
+    try:
+        chain = await ctx.chains.chain(run.organization_id)
+    except TrustError as exc:
+        raise ProxyError(502, "undecryptable", f"result of run {run.id}: {exc.message}") from None
+    return context, chain.lookup()
+
+
+async def _decrypt_result(
+    ctx: ProxyContext, run: Run, spool: Path, context: bytes | None, sender: SenderLookup
+) -> None:
+    sealed, plain = spool / "sealed", spool / "plain"
+    try:
+        try:
+            await asyncio.to_thread(decrypt_file, sealed, plain, ctx.keyring, sender, context=context)
+        except UnknownSender:
+            if ctx.chains is None:
+                raise
+            # signed by a key newer than the chain we keep: read the chain again, once
+            chain = await ctx.chains.chain(run.organization_id, refresh=True)
+            await asyncio.to_thread(decrypt_file, sealed, plain, ctx.keyring, chain.lookup(), context=context)
+    except ContextMismatch:
+        raise ProxyError(
+            502,
+            "undecryptable",
+            f"result of run {run.id} belongs to another run or task (its envelope is not bound to this run)",
+        ) from None
+    except (CryptoError, TrustError) as exc:
+        ctx.keys.forget(run.organization_id)
+        raise ProxyError(502, "undecryptable", f"result of run {run.id} does not decrypt: {exc}") from None
 
 
 def _make_spool(parent: Path | None) -> Path:

@@ -1,0 +1,74 @@
+"""What every `vfed` command shares: one-line errors with exit code 1, a client built from `vfed login`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from vfed.client import credentials
+from vfed.client.client import AsyncClient
+from vfed.client.errors import ClientError
+from vfed.common.crypto import CryptoError
+from vfed.common.payload import AlgorithmError
+from vfed.common.trust import TrustError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> None:
+    click.echo(f"vfed: error: {message}", err=True)
+    sys.exit(1)
+
+
+def handled(fn: F) -> F:
+    """Turns every expected failure into one line on stderr and exit code 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
+        except ClientError as exc:
+            fail(str(exc))
+        except TrustError as exc:
+            fail(exc.message)
+        except (CryptoError, AlgorithmError, OSError) as exc:
+            fail(str(exc).splitlines()[0])
+        except ValidationError as exc:
+            fail(f"invalid input: {exc.errors()[0]['msg']}")
+        except Exception as exc:  # aiohttp connection errors and the like: still one clear line
+            fail(f"{exc.__class__.__name__}: {exc}")
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_client() -> AsyncClient:
+    saved = credentials.load()
+    client = AsyncClient(saved.get("url"), key_file=saved.get("key_file"), token=saved.get("access_token"))
+    client.api.refresh_token = saved.get("refresh_token")
+    if saved.get("user_id") is not None and saved.get("organization_id") is not None:
+        client.user_id, client.organization_id = int(saved["user_id"]), int(saved["organization_id"])
+    return client
+
+
+def run(make: Callable[[AsyncClient], Coroutine[Any, Any, Any]]) -> Any:
+    """Run one client call; keep a refreshed token for the next command."""
+
+    async def go() -> Any:
+        async with make_client() as client:
+            result = await make(client)
+            saved = credentials.load()
+            if saved and client.api.token and client.api.token != saved.get("access_token"):
+                saved.update(access_token=client.api.token, refresh_token=client.api.refresh_token)
+                credentials.save(saved)
+            return result
+
+    return asyncio.run(go())
