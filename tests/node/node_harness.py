@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -18,9 +19,12 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from tests import imagebuild, infra
 
+from vfed.common.crypto import OrgKey, PublicKey, encrypt_bytes
+from vfed.common.payload import TaskInput
+from vfed.common.trust import Target, input_context, new_body, sign_document
 from vfed.node.agent import Agent
 from vfed.node.config import NodeSettings, load_settings
 from vfed.server import db
@@ -240,3 +244,61 @@ async def blob_size(server: Server, blob_id: str) -> int:
             return int((await connection.execute(select(Blob.size).where(Blob.id == blob_id))).scalar_one())
     finally:
         await engine.dispose()
+
+
+async def server_sql(server: Server, statement: str, **params: Any) -> list[Any]:
+    """Run SQL on the server's database as an attacker with the server's disk would (rows of a SELECT)."""
+    engine = db.make_engine(server.settings().db_url())
+    try:
+        async with engine.begin() as connection:
+            result = await connection.execute(text(statement), params)
+            return list(result.fetchall()) if result.returns_rows else []
+    finally:
+        await engine.dispose()
+
+
+async def post_signed_task(
+    researcher: Any,
+    signer: OrgKey,
+    *,
+    collaboration: int,
+    targets: dict[int, PublicKey],
+    image: str,
+    method: str = "echo",
+    args: list[Any] | None = None,
+    datasets: list[str] | None = None,
+    signed: bool = True,
+) -> dict[str, Any]:
+    """A task made by hand the way the client makes one (input sealed to `targets` and bound to the
+    descriptor's nonce, descriptor signed by `signer` as the researcher's organization), or unsigned."""
+    nonce = secrets.token_hex(16)
+    plaintext = TaskInput(method=method, args=args or []).to_json()
+    envelope = encrypt_bytes(plaintext, signer, list(targets.values()), context=input_context(nonce))
+    blob_id = await researcher.api.upload_blob(envelope)
+    digest = hashlib.sha256(envelope).hexdigest()
+    body = new_body(
+        collaboration=collaboration,
+        initiator_org=researcher.organization_id,
+        initiator_user=researcher.user_id,
+        signer=signer.public,
+        signer_role="organization",
+        image=image,
+        method=method,
+        targets=[
+            Target(org=org, datasets=datasets or [], input=digest, key_id=key.key_id)
+            for org, key in targets.items()
+        ],
+        nonce=nonce,
+    )
+    fields: dict[str, Any] = {
+        "collaboration_id": collaboration,
+        "name": "by hand",
+        "description": "",
+        "image": image,
+        "datasets": datasets or [],
+        "organizations": [{"id": org, "input_blob_id": blob_id} for org in targets],
+    }
+    if signed:
+        fields["descriptor"] = sign_document(body, signer).to_json()
+    task: dict[str, Any] = await researcher.api.request("POST", "/tasks", json=fields)
+    return task

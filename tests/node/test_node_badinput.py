@@ -18,14 +18,15 @@ from tests.node.node_harness import (
     Server,
     ensure_probe_image,
     one_node,
+    post_signed_task,
     running_agent,
     wait_run_status,
     write_node_config,
 )
 
 from vfed.client.client import AsyncClient
-from vfed.common.crypto import Keyring, encrypt_bytes
-from vfed.common.payload import TaskInput
+from vfed.common.crypto import Keyring
+from vfed.common.trust import fingerprint
 from vfed.node.agent import Agent
 from vfed.node.config import load_settings
 from vfed.node.keys import KeyMismatch
@@ -65,24 +66,23 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
         await researcher.login("res-alpha", PASSWORD)
         collab = (await researcher.collaborations())[0]["id"]
         org = researcher.organization_id
-        # input sealed for a key that is not this organization's
+        # input sealed for a key that is not this organization's (under a valid signed descriptor)
         stranger = Keyring.generate().current.public
-        blob = encrypt_bytes(TaskInput(method="echo").to_json(), researcher.keyring.current, [stranger])
-        blob_id = await researcher.api.upload_blob(blob)
-        undecryptable = await researcher.api.request(
-            "POST",
-            "/tasks",
-            json={
-                "collaboration_id": collab,
-                "name": "x",
-                "description": "",
-                "image": PROBE_IMAGE,
-                "datasets": [],
-                "organizations": [{"id": org, "input_blob_id": blob_id}],
-            },
+        signer = Keyring.load(settings.key_path).current
+        undecryptable = await post_signed_task(
+            researcher, signer, collaboration=collab, targets={org: stranger}, image=PROBE_IMAGE
+        )
+        unsigned = await post_signed_task(
+            researcher,
+            signer,
+            collaboration=collab,
+            targets={org: signer.public},
+            image=PROBE_IMAGE,
+            signed=False,
         )
         cases = {
             "undecryptable": int(undecryptable["id"]),
+            "unsigned": int(unsigned["id"]),
             "unknown image": await submit(researcher, collab, "vfed-test/no-such-image:never", "echo"),
             "not allowed": await submit(researcher, collab, "vfed/base", "echo"),
             "no output": await submit(researcher, collab, PROBE_IMAGE, "no_output"),
@@ -100,6 +100,7 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
         assert (await final_run(researcher, good))["status"] == "completed"
     expected = {
         "undecryptable": ("failed", "does not decrypt"),
+        "unsigned": ("not-allowed", "unsigned-task: "),
         "unknown image": ("start-failed", "is not available"),
         "not allowed": ("not-allowed", "allowed_images"),
         "no output": ("failed", "wrote no output"),
@@ -158,7 +159,7 @@ def test_unreachable_server_and_wrong_api_key_fail_clearly(tmp_path: Path) -> No
 
 
 @pytest.mark.docker
-async def test_key_mismatch_refuses_unless_rotating(tmp_path: Path) -> None:
+async def test_a_key_file_that_does_not_match_the_servers_chain_is_refused(tmp_path: Path) -> None:
     server = Server(tmp_path / "server", mqtt_url=None)
     keys = await server.seed(["alpha"])
     await server.start()
@@ -175,15 +176,32 @@ async def test_key_mismatch_refuses_unless_rotating(tmp_path: Path) -> None:
         )
         async with Agent(first):
             pass
+        first_root = fingerprint(Keyring.load(first.key_path).keys[0].public)
+        # Another key file (a new data folder): the server's chain does not start at its first key.
         other = first.model_copy(update={"data_dir": tmp_path / "other-data"})
-        with pytest.raises(KeyMismatch, match="--rotate-key"):
+        with pytest.raises(KeyMismatch, match=first_root) as refused:
             async with Agent(other):
                 pass
-        async with Agent(other, rotate_key=True) as agent:
+        assert fingerprint(Keyring.load(other.key_path).keys[0].public) in str(refused.value)
+        with pytest.raises(KeyMismatch, match=first_root):  # a rotation cannot join a foreign chain
+            async with Agent(other, rotate_key=True):
+                pass
+        assert len(Keyring.load(other.key_path).keys) == 1  # refused before the key file changed
+        # The organization's own key file rotates: the rotation record joins the chain, the old key stays.
+        async with Agent(first, rotate_key=True) as agent:
             assert agent.services is not None
             org = await agent.services.client.get_organization(agent.services.organization_id)
             assert org.key_id == agent.services.keyring.current.key_id
-        assert len(Keyring.load(other.key_path).keys) == 2  # the old key stays for decrypting
+            records = await agent.services.client.key_records(agent.services.organization_id)
+            assert [r["kind"] for r in records] == ["key.genesis", "key.rotation"]
+        assert len(Keyring.load(first.key_path).keys) == 2  # the old key stays for decrypting
+        # A copy of the key file from before the rotation: the server's chain ends at a key it lacks.
+        stale = first.model_copy(update={"data_dir": tmp_path / "stale-data"})
+        stale.key_path.parent.mkdir(parents=True)
+        Keyring(Keyring.load(first.key_path).keys[:1]).save(stale.key_path)
+        with pytest.raises(KeyMismatch, match="does not hold"):
+            async with Agent(stale):
+                pass
         bad = write_node_config(
             tmp_path / "bad.yaml",
             name="bad",

@@ -78,34 +78,45 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_policy_rules(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, GOOD))
-    ok = check_run(
-        settings, image="vfed-test/echo", digest=None, initiator_organization_id=1, initiator_user_id=7
-    )
+    ok = check_run(settings, image="vfed-test/echo", digest=None, initiators=[(1, 7)])
     assert ok.allowed and ok.max_run_time_s == settings.max_run_time_s
-    slow = check_run(
-        settings, image="slow/x", digest=None, initiator_organization_id=2, initiator_user_id=None
-    )
+    slow = check_run(settings, image="slow/x", digest=None, initiators=[(2, None)])
     assert slow.allowed and slow.max_run_time_s == 5
-    by_digest = check_run(
-        settings,
-        image="other",
-        digest="sha256:" + "a" * 64,
-        initiator_organization_id=1,
-        initiator_user_id=None,
-    )
+    by_digest = check_run(settings, image="other", digest="sha256:" + "a" * 64, initiators=[(1, None)])
     assert by_digest.allowed
-    image_no = check_run(
-        settings,
-        image="evil/x",
-        digest="sha256:" + "b" * 64,
-        initiator_organization_id=1,
-        initiator_user_id=None,
-    )
+    image_no = check_run(settings, image="evil/x", digest="sha256:" + "b" * 64, initiators=[(1, None)])
     assert not image_no.allowed and "allowed_images" in image_no.reason
-    org_no = check_run(
-        settings, image="vfed-test/echo", digest=None, initiator_organization_id=3, initiator_user_id=None
-    )
+    org_no = check_run(settings, image="vfed-test/echo", digest=None, initiators=[(3, None)])
     assert not org_no.allowed and "organization 3" in org_no.reason
+
+
+def test_policies_hold_for_every_initiator_of_a_subtask(tmp_path: Path) -> None:
+    """A subtask's chain of initiators (its own first, the root researcher's last): each must be allowed."""
+    orgs = "allowed_organizations: [1, 2]"
+    text = GOOD.replace(orgs, orgs + "\n  allowed_users: [7]")
+    settings = load_settings(write(tmp_path, text))
+    assert check_run(settings, image="vfed-test/x", digest=None, initiators=[(2, None), (1, 7)]).allowed
+    root_org = check_run(settings, image="vfed-test/x", digest=None, initiators=[(2, None), (3, 7)])
+    assert not root_org.allowed and "organization 3" in root_org.reason
+    proxy_org = check_run(settings, image="vfed-test/x", digest=None, initiators=[(3, None), (1, 7)])
+    assert not proxy_org.allowed and "organization 3" in proxy_org.reason
+    root_user = check_run(settings, image="vfed-test/x", digest=None, initiators=[(2, None), (1, 8)])
+    assert not root_user.allowed and "user 8" in root_user.reason
+    no_user = check_run(settings, image="vfed-test/x", digest=None, initiators=[(1, None)])
+    assert not no_user.allowed and "user None" in no_user.reason
+    proxy_user = check_run(settings, image="vfed-test/x", digest=None, initiators=[(2, 9), (1, 7)])
+    assert not proxy_user.allowed and "user 9" in proxy_user.reason
+
+
+def test_trust_settings_default_to_pinned_and_resolve_the_store(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD))
+    assert settings.trust == "pinned" and settings.require_researcher_keys is False
+    assert settings.trust_store_path == tmp_path / "data" / "trusted_orgs"
+    assert (settings.max_subtasks_per_run, settings.max_subtask_depth) == (100, 2)
+    tofu = load_settings(write(tmp_path, GOOD + "trust: tofu\ntrust_store: pins/orgs\n"))
+    assert tofu.trust == "tofu" and tofu.trust_store_path == tmp_path / "pins" / "orgs"
+    with pytest.raises(ConfigError, match="trust"):
+        load_settings(write(tmp_path, GOOD + "trust: everyone\n"))
 
 
 def test_log_levels_per_logger() -> None:

@@ -94,6 +94,11 @@ async def researcher_for(server: Server, config: Path) -> AsyncIterator[Site]:
         await asyncio.sleep(0.1)
     async with AsyncClient(server.url, key_file=settings.key_path) as researcher:
         await researcher.login("res-alpha", PASSWORD)
+        for _ in range(100):  # the file is written before the agent publishes its key record
+            org = await researcher.api.request("GET", f"/organizations/{researcher.organization_id}")
+            if org.get("key_id"):
+                break
+            await asyncio.sleep(0.1)
         collab = (await researcher.collaborations())[0]["id"]
         yield Site(server, config, researcher, collab)
 

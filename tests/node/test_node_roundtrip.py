@@ -20,6 +20,7 @@ from tests.node.node_harness import (
 
 from vfed.client.client import AsyncClient
 from vfed.common.crypto import Keyring, NotARecipient, decrypt_bytes
+from vfed.common.trust import result_context
 from vfed.node.agent import Agent
 from vfed.node.config import load_settings
 
@@ -77,6 +78,7 @@ async def test_three_agent_processes_round_trip_and_master_subtasks(
                 server_url=server.url,
                 mqtt_url=None,
                 poll_interval_s=60.0,
+                trust="tofu",  # each node pins the others' first keys at first sight
             )
             agents[name] = AgentProcess(config, tmp_path / f"{name}.log")
             agents[name].start()
@@ -98,8 +100,9 @@ async def test_three_agent_processes_round_trip_and_master_subtasks(
             key_b = Keyring.load(load_settings(agents["b"].config).key_path)
             run_b = next(r for r in runs if r["organization_id"] != researcher.organization_id)
             blob = await researcher.api.download_blob(run_b["result_blob_id"])
+            bound_to = result_context(task["descriptor_digest"], run_b["organization_id"], run_b["id"])
             with pytest.raises(NotARecipient):
-                decrypt_bytes(blob, key_b, key_b.current.public)
+                decrypt_bytes(blob, key_b, key_b.current.public, context=bound_to)
 
             org_a = researcher.organization_id
             assert org_a is not None

@@ -15,6 +15,7 @@ import yaml
 from vnode_testlib import Dirs, dirs, new_node, unique, vnode
 
 from vfed.common.crypto import Keyring
+from vfed.common.trust import TrustStore, fingerprint, show_fingerprint
 from vfed.node.config import load_settings
 
 __all__ = ["dirs"]
@@ -44,6 +45,7 @@ def test_new_from_flags_writes_a_config_the_agent_accepts(dirs: Dirs, tmp_path: 
     assert settings.api_key.get_secret_value() == "7.s3cr3t"
     assert settings.mqtt_url == "mqtt://10.0.0.5:1883"
     assert settings.runtime.kind == "docker"
+    assert yaml.safe_load(path.read_text())["trust"] == "pinned"  # written out, not only the default
     assert {k: (v.uri, v.type) for k, v in settings.datasets.items()} == {
         "patients": (str(table), "csv"),
         "scans": (str(scans), "folder"),
@@ -149,6 +151,7 @@ def test_files_shows_where_everything_is(dirs: Dirs) -> None:
     lines = dict(line.split(None, 1) for line in result.output.strip().splitlines())
     assert lines["config"] == str(dirs.user_config / "vfed" / "nodes" / "filer.yaml")
     assert lines["key"] == str(dirs.user_data / "vfed" / "nodes" / "filer" / "org-key.json")
+    assert lines["trust_store"] == str(dirs.user_data / "vfed" / "nodes" / "filer" / "trusted_orgs")
     assert lines["volume"] == "vfed-filer-vol"
     assert "journal.sqlite3" in lines["journal"]
     assert "vfed-filer-user" in lines["logs"]
@@ -167,17 +170,22 @@ def test_keys_generate_show_rotate_with_passphrase(dirs: Dirs, monkeypatch: pyte
     shown = vnode("keys", "show", name, "--format", "json")
     assert shown.exit_code == 0, shown.output
     doc = json.loads(shown.output)
-    assert doc == {"key_id": first.key_id, "public_key": first.public.to_text(), "older_key_ids": []}
+    assert doc == {
+        "fingerprint": fingerprint(first.public),
+        "key_id": first.key_id,
+        "public_key": first.public.to_text(),
+        "older_key_ids": [],
+    }
     refused = vnode("keys", "generate", name)
     assert refused.exit_code == 1 and "exists; add --force" in refused.output
     rotated = vnode("keys", "rotate", name, "--no-upload")
     assert rotated.exit_code == 0, rotated.output
     ring = Keyring.load(settings.key_path, "a long enough passphrase")
     assert ring.keys[0].key_id == first.key_id and len(ring.keys) == 2  # the old key stays
-    text = vnode("keys", "show", name)
-    assert (
-        f"key_id:     {ring.current.key_id}" in text.output and f"older keys: {first.key_id}" in text.output
-    )
+    text = vnode("keys", "show", name).output
+    assert f"key_id:      {ring.current.key_id}" in text and f"older keys:  {first.key_id}" in text
+    assert f"fingerprint: {fingerprint(first.public)}" in text  # the first key's, after any rotation
+    assert "vnode trust ORG --fingerprint" in text
     monkeypatch.setenv("TEST_VFED_PASS", "the wrong one")
     wrong = vnode("keys", "show", name)
     assert wrong.exit_code == 1 and "cannot open key file" in wrong.output
@@ -191,11 +199,12 @@ def test_keys_show_without_a_key_says_how_to_make_one(dirs: Dirs) -> None:
 
 
 def test_help_has_examples() -> None:
-    for command in (["new"], ["keys"], ["start"], ["stop"], ["list"], ["attach"], ["files"], ["clean"]):
+    commands = (["new"], ["keys"], ["trust"], ["users"], ["start"], ["stop"], ["list"], ["attach"], ["files"])
+    for command in (*commands, ["clean"]):
         result = vnode(*command, "--help")
         assert result.exit_code == 0
         assert "Examples:" in result.output, command
-        assert "--user / --system" in result.output or command in (["list"], ["keys"])
+        assert "--user / --system" in result.output or command in (["list"], ["keys"], ["users"])
 
 
 def test_name_is_chosen_from_a_list_on_a_terminal(dirs: Dirs, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,3 +237,36 @@ def test_list_shows_both_scopes_and_broken_configs(dirs: Dirs) -> None:
     head, *lines = table.output.strip().splitlines()
     assert head.split() == ["NAME", "SCOPE", "RUNNING", "SERVER", "RUNTIME", "DATASETS"]
     assert any(line.split()[:6] == ["listed", "user", "no", "offline", "docker", "d"] for line in lines)
+
+
+def test_trust_untrust_and_list_edit_the_nodes_trust_store(dirs: Dirs) -> None:
+    name = unique("t")
+    new_node(name, "1.a", "--no-generate-key")
+    settings = load_settings(dirs.user_config / "vfed" / "nodes" / f"{name}.yaml")
+    other = Keyring.generate().current.public
+    empty = vnode("trust", "list", name)
+    assert empty.exit_code == 0 and "no organization pinned" in empty.output and "pinned" in empty.output
+    typed = " ".join(other.key_id[i : i + 8].upper() for i in range(0, 32, 8))  # as read out loud
+    pinned = vnode("trust", "3", name, "--fingerprint", typed, "--note", "hospital b")
+    assert pinned.exit_code == 0, pinned.output
+    assert f"pinned organization 3 to {fingerprint(other)}" in pinned.output
+    store = TrustStore(settings.trust_store_path)
+    pin = store.get(3)
+    assert pin is not None and pin.root == other.key_id and pin.note == "hospital b"
+    head = Keyring.generate().current.key_id
+    repinned = vnode("trust", "3", name, "--fingerprint", other.key_id, "--head", head)
+    assert repinned.exit_code == 0, repinned.output
+    listed = vnode("trust", "list", name, "--format", "json")
+    assert json.loads(listed.output) == [
+        {"organization_id": 3, "fingerprint": show_fingerprint(other.key_id), "head": head, "note": ""}
+    ]
+    assert f"3  {fingerprint(other)}  head={head}" in vnode("trust", "list", name).output
+    bad = vnode("trust", "4", name, "--fingerprint", "not-a-fingerprint")
+    assert bad.exit_code == 2 and "is not a key fingerprint" in bad.output
+    missing = vnode("trust", "4", name)
+    assert missing.exit_code == 2 and "--fingerprint is required" in missing.output
+    removed = vnode("untrust", "3", name)
+    assert removed.exit_code == 0 and "removed the pin of organization 3" in removed.output
+    assert TrustStore(settings.trust_store_path).get(3) is None
+    again = vnode("untrust", "3", name)
+    assert again.exit_code == 1 and "is not pinned" in again.output

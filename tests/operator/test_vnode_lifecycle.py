@@ -1,17 +1,39 @@
-"""`vnode start|stop|attach|clean` failure paths and leftovers, `vnode keys upload|rotate`, on a real Docker
-engine and a real `vserver` process. The full two-node scenario is in test_vnode_two_nodes.py."""
+"""`vnode start|stop|attach|clean` failure paths and leftovers, `vnode keys upload|rotate` and `vnode users
+certify|revoke`, on a real Docker engine and a real `vserver` process. The full two-node scenario is in
+test_vnode_two_nodes.py."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 import requests
-from vnode_testlib import ROOT, Dirs, VServer, dirs, new_node, remove_node_objects, unique, vnode, vserver
+from vnode_testlib import (
+    PASSWORD,
+    ROOT,
+    Dirs,
+    VServer,
+    dirs,
+    new_node,
+    remove_node_objects,
+    unique,
+    vnode,
+    vserver,
+)
 
 from vfed.common.crypto import Keyring
+from vfed.common.trust import (
+    CertificateRevoked,
+    SignedEntry,
+    parse_records,
+    revoked_digests,
+    verify_certificate,
+    verify_chain,
+)
 from vfed.node.config import load_settings
 from vfed.node.operator.container import is_loopback
 
@@ -160,19 +182,86 @@ def test_keys_upload_and_rotate_publish_on_the_server(dirs: Dirs, vserver: VServ
     first = Keyring.load(settings.key_path).current
     uploaded = vnode("keys", "upload", "keyed")
     assert uploaded.exit_code == 0, uploaded.output
-    assert f"uploaded key {first.key_id}" in uploaded.output
+    assert f"published 1 key record(s); current key {first.key_id}" in uploaded.output
     assert _server_key_id(vserver, keys["K"]) == first.key_id
+    again = vnode("keys", "upload", "keyed")
+    assert again.exit_code == 0 and "nothing new" in again.output, again.output
     rotated = vnode("keys", "rotate", "keyed")
     assert rotated.exit_code == 0, rotated.output
+    assert "no restart" in rotated.output and "restart" not in rotated.output.replace("no restart", "")
     ring = Keyring.load(settings.key_path)
     assert [k.key_id for k in ring.keys] == [first.key_id, ring.current.key_id]
     assert _server_key_id(vserver, keys["K"]) == ring.current.key_id
+    chain = verify_chain(
+        _org_id(vserver, keys["K"]), parse_records(_get(vserver, keys["K"], "key-records")), first.key_id
+    )
+    assert [k.key.key_id for k in chain.keys] == [first.key_id, ring.current.key_id]
     bad = vnode(
         "new", "keyed", "--server-url", vserver.url, "--api-key", "1.wrong", "--force", "--no-generate-key"
     )
     assert bad.exit_code == 0
     refused = vnode("keys", "upload", "keyed")
     assert refused.exit_code == 1 and "server answered 401" in refused.output
+
+
+@pytest.mark.mqtt
+def test_users_certify_and_revoke_through_the_server(dirs: Dirs, vserver: VServer) -> None:
+    """The org admin certifies a researcher's own key; the certificate verifies under the organization's
+    chain (not the server's word); a revocation makes it fail."""
+    keys = vserver.import_world(["U"])
+    vserver.start()
+    made = vnode("new", "certs", "--server-url", vserver.url, "--api-key", keys["U"])
+    assert made.exit_code == 0, made.output
+    assert vnode("keys", "upload", "certs").exit_code == 0
+    settings = load_settings(dirs.user_config / "vfed" / "nodes" / "certs.yaml")
+    org_id = _org_id(vserver, keys["U"])
+    login = requests.post(
+        vserver.url + "/api/v1/token/user", json={"username": "res-U", "password": PASSWORD}, timeout=5
+    ).json()
+    user_id = int(login["user_id"])
+    researcher = Keyring.generate().current.public
+    made = vnode(
+        "users", "certify", str(user_id), "certs",
+        "--key", researcher.to_text(), "--days", "30", "--username", "alice",
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert f"certified key {researcher.key_id} of user {user_id}" in made.output
+    (row,) = _get(vserver, keys["U"], f"certificates?user_id={user_id}")
+    entry = SignedEntry.parse(row["certificate"])
+    assert f"certificate {entry.digest}" in made.output
+    root = Keyring.load(settings.key_path).keys[0].key_id
+    chain = verify_chain(org_id, parse_records(_get(vserver, keys["U"], "key-records")), root)
+    cert = verify_certificate(entry, chain, set(), now=time.time())
+    assert (cert.user_id, cert.key.key_id, cert.roles) == (user_id, researcher.key_id, ("researcher",))
+    assert cert.username == "alice"
+    assert 29 * 86400 < cert.expires_at - time.time() <= 30 * 86400
+
+    revoked = vnode("users", "revoke", "certs", "--user", str(user_id), "--reason", "left")
+    assert revoked.exit_code == 0, revoked.output
+    assert f"revoked certificate {entry.digest} of user {user_id}" in revoked.output
+    revocations = [SignedEntry.parse(r) for r in _get(vserver, keys["U"], "revocations")]
+    assert revoked_digests(revocations, chain) == {entry.digest}
+    with pytest.raises(CertificateRevoked):
+        verify_certificate(entry, chain, revoked_digests(revocations, chain), now=time.time())
+    nothing = vnode("users", "revoke", "certs", "--user", str(user_id))
+    assert nothing.exit_code == 1 and "no unrevoked certificate" in nothing.output
+    usage = vnode("users", "revoke", "certs")
+    assert usage.exit_code == 2
+
+
+def _org_id(server: VServer, api_key: str) -> int:
+    token = requests.post(server.url + "/api/v1/token/node", json={"api_key": api_key}, timeout=5).json()
+    return int(token["organization_id"])
+
+
+def _get(server: VServer, api_key: str, what: str) -> list[Any]:
+    """`GET /organizations/{ours}/{what}` with the node's API key: the answer's data."""
+    base = server.url + "/api/v1"
+    token = requests.post(base + "/token/node", json={"api_key": api_key}, timeout=5).json()
+    headers = {"Authorization": f"Bearer {token['access_token']}"}
+    url = f"{base}/organizations/{token['organization_id']}/{what}"
+    data: list[Any] = requests.get(url, headers=headers, timeout=5).json()["data"]
+    return data
 
 
 def _server_key_id(server: VServer, api_key: str) -> str:

@@ -125,6 +125,11 @@ def test_two_nodes_on_one_machine(
         researcher.login("res-A", PASSWORD)
         orgs = {o["name"]: o["id"] for o in researcher.organizations()}
         collaboration = researcher.collaborations()[0]["id"]
+        # B runs A's tasks once its admin pinned A's fingerprint, as A's admin read it out (B is stopped
+        # now: the agent reads its pins when it starts, and again whenever the file changes).
+        shown = json.loads(_ok("keys", "show", first, "--format", "json"))
+        pinned = _ok("trust", str(orgs["A"]), second, "--system", "--fingerprint", shown["fingerprint"])
+        assert f"pinned organization {orgs['A']} to {shown['fingerprint']}" in pinned
         task = researcher.create_task(collaboration, PROBE_IMAGE, "echo", args=[2, 3])
         _wait_runs(researcher, task["id"], {orgs["A"]: "completed"})
         time.sleep(3)  # the stopped node's run must not move, even given time
@@ -180,7 +185,8 @@ def _check_agent_container(client: docker.DockerClient, container: str, name: st
     mounts = {m["Destination"]: m for m in attrs["Mounts"]}
     assert mounts["/var/run/docker.sock"]["Type"] == "bind"
     assert mounts["/etc/vfed/node.yaml"]["RW"] is False
-    assert mounts["/etc/vfed/org-key.json"]["RW"] is False
+    assert mounts["/etc/vfed/keys"]["RW"] is False  # the key file's folder: a rotation reaches the agent
+    assert mounts["/etc/vfed/trust"]["Type"] == "bind"  # the pins `vnode trust` writes
     assert mounts[str(table)]["RW"] is False and mounts[str(table)]["Source"] == str(table)
     assert (
         mounts["/var/lib/vfed"]["Type"] == "volume" and mounts["/var/lib/vfed"]["Name"] == f"vfed-{name}-vol"

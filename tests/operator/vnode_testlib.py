@@ -1,6 +1,7 @@
 """Shared pieces of the vnode operator tests: isolated config folders, the CLI, a real `vserver` subprocess.
 
-Imported by the test modules (no conftest here): they re-export the fixtures with `from vnode_testlib import`.
+Imported by the test modules: they re-export the fixtures with `from vnode_testlib import` (conftest.py here
+only moves the researcher client's files into each test's folder).
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ from types import TracebackType
 import aiohttp
 from pydantic import ValidationError
 
+from vfed.common.crypto import CryptoError
 from vfed.node.config import ConfigError, NodeSettings
 from vfed.node.doorbell import Doorbell, Ring
 from vfed.node.journal import Journal, Stage
-from vfed.node.keys import load_or_create, reconcile
+from vfed.node.keys import KeyHolder, KeyMismatch, load_or_create, passphrase, publish_chain, reconcile
 from vfed.node.metrics import NodeMetrics, serve_metrics
 from vfed.node.orphans import adopt_server, server_identity
 from vfed.node.privacy import PrivacyLedger
@@ -29,10 +30,13 @@ from vfed.node.recovery import Resume, recover
 from vfed.node.runner import Runner, Services
 from vfed.node.runtime.base import Runtime
 from vfed.node.server_api import NodeClient, NodeIdentity
-from vfed.proxy.keys import KeyDirectory
+from vfed.node.trust import NodeTrustStore, RunChecks, node_resolver
 from vfed.proxy.rest import ApiError, ServerUnavailable
 
 log = logging.getLogger(__name__)
+
+KEY_FILE_POLL_S = 2.0
+"""How often the agent looks at its key file's modification time (a rotation is picked up without restart)."""
 
 
 class AgentStartError(Exception):
@@ -72,6 +76,8 @@ class Agent:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._background: list[asyncio.Task[None]] = []
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_runs)
+        self._key_check = asyncio.Event()
+        self._chain_behind = False  # the last reload's records did not reach the server yet
         self._tg: asyncio.TaskGroup | None = None
         self.services: Services | None = None
         self.runner: Runner | None = None
@@ -110,22 +116,29 @@ class Agent:
             log.info("generated a new organization key at %s", s.key_path)
         identity = await self._login(client)
         await reconcile(s, client, keyring, identity.organization_id, rotate=self.rotate_key)
+        holder = KeyHolder(s.key_path, passphrase(s), keyring)  # after a rotation at start, if any
         await self._stack.enter_async_context(runtime)
         journal = Journal(s.data_dir / "journal.sqlite3")
         self._stack.callback(journal.close)
+        store = NodeTrustStore(s, identity.organization_id, holder.root)
+        chains = node_resolver(client, store)
+        server_id = server_identity(identity, s.api_key.get_secret_value())
         self.services = Services(
             settings=s,
             client=client,
             session=session,
-            keyring=keyring,
+            key_holder=holder,
             runtime=runtime,
             journal=journal,
             metrics=self.metrics,
-            keys=KeyDirectory(client),
             organization_id=identity.organization_id,
             collaboration_id=identity.collaboration_id,
             ledger=PrivacyLedger(s.data_dir / "privacy.sqlite3"),
-            server_identity=server_identity(identity, s.api_key.get_secret_value()),
+            chains=chains,
+            checks=RunChecks(
+                s, chains, journal, holder, identity.organization_id, identity.collaboration_id, server_id
+            ),
+            server_identity=server_id,
         )
         self.runner = Runner(self.services)
         if s.metrics_port is not None:
@@ -192,6 +205,7 @@ class Agent:
                 await asyncio.wait_for(self.doorbell.connected.wait(), 2.0)
         self._background.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         self._background.append(asyncio.create_task(self._janitor(), name="janitor"))
+        self._background.append(asyncio.create_task(self._watch_key_file(), name="key-file"))
         backoff = self.settings.poll_interval_s
         while not self._stopping.is_set():
             self._wake.clear()
@@ -213,6 +227,50 @@ class Agent:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             with contextlib.suppress(ApiError, ServerUnavailable):
                 await self._s.client.heartbeat()
+
+    def reload_keys(self) -> None:
+        """Read the key file again now (SIGHUP), whether or not its modification time changed."""
+        self._key_check.set()
+
+    async def _watch_key_file(self) -> None:
+        """Pick up a rotated key file: from then on the new key is current; the old ones still decrypt."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._key_check.wait(), KEY_FILE_POLL_S)
+            forced = self._key_check.is_set()
+            self._key_check.clear()
+            try:
+                await self.check_key_file(force=forced)
+            except Exception:  # the watcher never stops the agent
+                log.exception("checking the key file failed")
+
+    async def check_key_file(self, *, force: bool = False) -> bool:
+        """Reload the keyring when the key file changed, publish its new chain records; True if reloaded."""
+        s = self._s
+        holder = s.key_holder
+        reloaded = None
+        if force or holder.changed():
+            try:
+                reloaded = await asyncio.to_thread(holder.reload)
+            except (KeyMismatch, CryptoError, OSError) as exc:
+                log.error("the key file %s changed but is not used: %s", holder.path, exc)
+                return False
+        if reloaded is not None:
+            self.metrics.key_reloads.inc()
+            s.chains.forget(s.organization_id)
+            self._chain_behind = True
+            log.info(
+                "organization key file reloaded: current key %s (%d older kept)",
+                reloaded.current.key_id,
+                len(reloaded.keys) - 1,
+            )
+        if self._chain_behind:
+            try:
+                await publish_chain(s.client, holder.keyring, s.organization_id, key_path=holder.path)
+                self._chain_behind = False
+            except (ApiError, ServerUnavailable, KeyMismatch) as exc:
+                log.warning("could not publish the new key records yet (%s); retrying", exc)
+        return reloaded is not None
 
     async def _janitor(self) -> None:
         """Remove job volumes idle for longer than job_volume_retention_s (also those a crash left)."""

@@ -10,6 +10,8 @@ that come later cannot change is created ahead:
   is offered here: a run these would refuse gets no container at all;
 - a run reading a dataset with a privacy budget is not created ahead: its granted epsilon is part of the
   container's environment and is known only once the input is read.
+The signed task descriptor (module `trust`) is checked before the start like everything else: a run it
+refuses has its created container removed without it ever starting.
 At start, the spec built from the checked run must equal the one created; any difference (or a failed
 start) removes the early container, and the run starts the usual way. A refused run's early container is
 removed with the rest of its setup; one a crash left behind carries the run's labels, so recovery removes it.
@@ -51,8 +53,7 @@ def may_create_ahead(settings: NodeSettings, runtime: Runtime, task: Task, diges
         settings,
         image=task.image,
         digest=digest,
-        initiator_organization_id=task.initiator_organization_id,
-        initiator_user_id=task.initiator_user_id,
+        initiators=[(task.initiator_organization_id, task.initiator_user_id)],  # re-checked once verified
     )
     return decision.allowed
 

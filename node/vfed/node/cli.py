@@ -31,6 +31,8 @@ async def _serve(settings: NodeSettings, rotate_key: bool) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, agent.stop)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, agent.reload_keys)  # a rotated key file, now
         await agent.run()
 
 
@@ -91,6 +93,6 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
-# The operator's commands (new, keys, start, stop, list, attach, files, clean) live in vfed.node.operator.
+# The operator's commands (new, keys, trust, users, start, stop, ...) live in vfed.node.operator.
 for _command in OPERATOR_COMMANDS:
     main.add_command(_command)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -97,6 +97,15 @@ class NodeSettings(_Strict):
     max_log_bytes: int = Field(default=64 * 1024, gt=0)
     proxy_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    trust: Literal["pinned", "tofu"] = "pinned"
+    """`pinned`: run only for organizations pinned in the trust store; `tofu`: pin at first sight."""
+    trust_store: Path | None = None
+    descriptor_skew_s: float = Field(default=300.0, ge=0)
+    key_grace_s: float = Field(default=7 * 86400.0, ge=0)
+    max_subtasks_per_run: int = Field(default=100, ge=0)
+    max_subtask_depth: int = Field(default=2, ge=0, le=16)
+    require_researcher_keys: bool = False
+    """Refuse tasks signed with an organization key instead of a certified researcher key."""
 
     @field_validator("server_url")
     @classmethod
@@ -132,6 +141,11 @@ class NodeSettings(_Strict):
         """Where the organization key lives: the configured path, else one inside data_dir."""
         return self.private_key if self.private_key is not None else self.data_dir / "org-key.json"
 
+    @property
+    def trust_store_path(self) -> Path:
+        """The pins of other organizations (`vnode trust`): the configured file, else one inside data_dir."""
+        return self.trust_store if self.trust_store is not None else self.data_dir / "trusted_orgs"
+
 
 def _describe(error: ValidationError) -> str:
     parts = []
@@ -155,6 +169,8 @@ def parse_settings(data: Any, *, base_dir: Path | None = None) -> NodeSettings:
             updates["data_dir"] = base_dir / settings.data_dir
         if settings.private_key is not None and not settings.private_key.is_absolute():
             updates["private_key"] = base_dir / settings.private_key
+        if settings.trust_store is not None and not settings.trust_store.is_absolute():
+            updates["trust_store"] = base_dir / settings.trust_store
         settings = settings.model_copy(update=updates)
     return settings
 

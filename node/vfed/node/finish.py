@@ -1,5 +1,8 @@
 """The end of a run: wait or kill, read the output, seal it for the initiator, upload, report, clean up.
 
+The output is sealed to the reply keys of the run's verified descriptor (never to a key the server names) and
+bound to the descriptor, this organization and the run.
+
 Each step reads the journal and writes it before the next, so `complete` can be called again after a crash
 and picks up where the last attempt stopped: the output is sealed once, uploaded once, reported once.
 """
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
+from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
 from vfed.node.journal import Entry, Stage
 from vfed.node.runtime.base import (
     OUTPUT_NAME,
@@ -30,7 +34,7 @@ from vfed.node.runtime.base import (
     read_run_output,
     sanitize_run_dir,
 )
-from vfed.proxy.rest import ApiError, ServerUnavailable, Task, file_chunks
+from vfed.proxy.rest import ApiError, ServerUnavailable, file_chunks
 
 if TYPE_CHECKING:
     from vfed.node.runner import Services
@@ -63,10 +67,20 @@ class Finisher:
 
     def __init__(self, services: Services) -> None:
         self.s = services
-        self._tasks: dict[int, Task] = {}  # live runs' tasks, so sealing needs no second fetch
+        self._verified: dict[int, VerifiedDescriptor] = {}  # live runs', so sealing needs no second fetch
 
-    def remember_task(self, run_id: int, task: Task) -> None:
-        self._tasks[run_id] = task
+    def remember(self, run_id: int, verified: VerifiedDescriptor) -> None:
+        self._verified[run_id] = verified
+
+    async def verified(self, run_id: int, task_id: int) -> VerifiedDescriptor:
+        """The run's verified descriptor; after a restart the task is read again and its descriptor checked
+        as when the run was accepted (TrustError when it no longer is that one)."""
+        found = self._verified.get(run_id)
+        if found is None:
+            task = await self._retry(lambda: self.s.client.get_task(task_id))
+            found = await self.s.checks.reverify(run_id, task)
+            self._verified[run_id] = found
+        return found
 
     def run_dir(self, run_id: int) -> Path:
         return self.s.settings.data_dir / "runs" / str(run_id)
@@ -183,8 +197,7 @@ class Finisher:
         logs = asyncio.ensure_future(self._logs(handle))  # independent of the result: read meanwhile
         try:
             if entry.stage == Stage.EXITED and (self.run_dir(run_id) / OUTPUT_NAME).is_file():
-                await self._seal(entry)
-                entry = self.s.journal.get(run_id) or entry
+                entry = await self._seal_or_withhold(entry)
             if entry.stage == Stage.SEALED:
                 await self._upload(entry)
                 entry = self.s.journal.get(run_id) or entry
@@ -202,24 +215,32 @@ class Finisher:
             result_blob_id=entry.result_blob_id,
         )
         self.s.journal.done(run_id)
-        self._tasks.pop(run_id, None)
+        self._verified.pop(run_id, None)
         self.s.metrics.runs.labels(status).inc()
         log.info("run %s: %s", run_id, status)
         await self._clean_up(run_id, job_id, handle)
 
+    async def _seal_or_withhold(self, entry: Entry) -> Entry:
+        """Seal the output; a run whose descriptor no longer verifies fails and its output is not released."""
+        try:
+            await self._seal(entry)
+        except TrustError as exc:
+            reason = f"result withheld: {exc.reason}: {exc.message}"
+            log.error("run %s: %s", entry.run_id, reason)
+            (self.run_dir(entry.run_id) / OUTPUT_NAME).unlink(missing_ok=True)
+            self.s.journal.exited(entry.run_id, entry.exit_code, "failed", reason)
+        return self.s.journal.get(entry.run_id) or entry
+
     async def _seal(self, entry: Entry) -> None:
-        task = self._tasks.get(entry.run_id)
-        if task is None:  # resumed after a restart
-            task = await self._retry(lambda: self.s.client.get_task(entry.task_id))
-        if task.initiator_organization_id is None:
-            raise RuntimeError(f"task {entry.task_id} has no initiating organization")
-        recipient = await self._retry(lambda: self.s.keys.public_key(task.initiator_organization_id or 0))
+        verified = await self.verified(entry.run_id, entry.task_id)
+        context = result_context(verified.digest, self.s.organization_id, entry.run_id)
+        recipients = list(verified.reply_keys)
         run_dir = self.run_dir(entry.run_id)
         key, limit = self.s.keyring.current, self.s.settings.max_output_bytes
         if _output_size(run_dir) <= INLINE_SEAL_BYTES:  # a thread hop costs more than sealing a few KiB
-            _seal_file(run_dir, key, recipient, limit)
+            _seal_file(run_dir, key, recipients, limit, context)
         else:
-            await asyncio.to_thread(_seal_file, run_dir, key, recipient, limit)
+            await asyncio.to_thread(_seal_file, run_dir, key, recipients, limit, context)
         self.s.journal.sealed(entry.run_id)
 
     async def _upload(self, entry: Entry) -> None:
@@ -298,7 +319,9 @@ def _output_size(run_dir: Path) -> int:
         return 0
 
 
-def _seal_file(run_dir: Path, sender: OrgKey, recipient: PublicKey, max_bytes: int) -> None:
+def _seal_file(
+    run_dir: Path, sender: OrgKey, recipients: list[PublicKey], max_bytes: int, context: bytes
+) -> None:
     """Stream-encrypt the output into output.sealed; never follows a link, never reads past max_bytes.
 
     The folder was cleaned after the container stopped; the checks here hold even if it was not.
@@ -312,7 +335,8 @@ def _seal_file(run_dir: Path, sender: OrgKey, recipient: PublicKey, max_bytes: i
         tmp = run_dir / f".{SEALED_NAME}.{os.getpid()}.tmp"
         out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(out_fd, "wb") as sink:
-            encrypt_fileobj(cast(BinaryIO, _Capped(source, max_bytes)), sink, sender, [recipient])
+            reader = cast(BinaryIO, _Capped(source, max_bytes))
+            encrypt_fileobj(reader, sink, sender, recipients, context=context)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(tmp, target)

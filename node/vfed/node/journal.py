@@ -32,6 +32,16 @@ CREATE TABLE IF NOT EXISTS runs (
 )
 """
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+_DESCRIPTORS = """
+CREATE TABLE IF NOT EXISTS descriptors (
+    digest TEXT NOT NULL,
+    run_key TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (digest, run_key)
+)
+"""
+_DESCRIPTORS_BY_RUN = "CREATE INDEX IF NOT EXISTS descriptors_by_run ON descriptors (run_key)"
 
 
 class Stage(StrEnum):
@@ -73,6 +83,8 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
         self._db.execute(_META)
+        self._db.execute(_DESCRIPTORS)
+        self._db.execute(_DESCRIPTORS_BY_RUN)
         # Made once per journal: the containers this agent starts carry it, so recovery adopts (or removes)
         # only those, never the runs of another agent that has the same node name on the same engine.
         self._db.execute(
@@ -132,6 +144,37 @@ class Journal:
 
     def unfinished(self) -> list[Entry]:
         return self._select("ORDER BY run_id", ())
+
+    def accept_descriptor(self, digest: str, run_key: str, expires_at: float, now: float) -> str | None:
+        """Remember that this run executes this descriptor, until it expires; answer the other run that
+        already did (a replay), else None. The same run again (a resumed run) is not a replay."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM descriptors WHERE expires_at < ?", (now,))
+                row = self._db.execute(
+                    "SELECT run_key FROM descriptors WHERE digest = ? AND run_key != ? LIMIT 1",
+                    (digest, run_key),
+                ).fetchone()
+                if row is None:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO descriptors (digest, run_key, accepted_at, expires_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (digest, run_key, now, expires_at),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return str(row[0]) if row is not None else None
+
+    def accepted_descriptor(self, run_key: str) -> tuple[str, float] | None:
+        """(digest, accepted_at) of the descriptor this run was accepted with, if it was."""
+        rows = self._exec(
+            "SELECT digest, accepted_at FROM descriptors WHERE run_key = ? ORDER BY accepted_at DESC LIMIT 1",
+            (run_key,),
+        )
+        return (str(rows[0][0]), float(rows[0][1])) if rows else None
 
     def _update(self, run_id: int, **fields: object) -> None:
         names = ", ".join(f"{k} = ?" for k in fields)

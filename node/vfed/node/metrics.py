@@ -25,6 +25,15 @@ class NodeMetrics:
         self.bytes_down = Counter("vnode_bytes_down", "Blob bytes downloaded", registry=self.registry)
         self.bytes_up = Counter("vnode_bytes_up", "Blob bytes uploaded", registry=self.registry)
         self.doorbells = Counter("vnode_doorbells", "Doorbell messages received", registry=self.registry)
+        self.trust_refusals = Counter(
+            "vfed_node_trust_refusals",
+            "Runs refused because what the server handed over did not verify, by reason code",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.key_reloads = Counter(
+            "vnode_key_reloads", "Organization key file changes picked up", registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

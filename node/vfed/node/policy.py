@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vfed.node.config import NodeSettings
@@ -21,10 +22,14 @@ def check_run(
     *,
     image: str,
     digest: str | None,
-    initiator_organization_id: int | None,
-    initiator_user_id: int | None,
+    initiators: Sequence[tuple[int | None, int | None]],
 ) -> Decision:
-    """Apply the image, organization and user rules in that order."""
+    """Apply the image, organization and user rules in that order.
+
+    `initiators` are (organization, user) pairs, the task's own first and its root's last (a subtask's chain
+    up to the researcher): every organization must be allowed; the root must name an allowed user, and an
+    organization that proxied it is held to the same list when it names a user.
+    """
     policies = settings.policies
     limit = settings.max_run_time_s
     if policies.allowed_images is not None:
@@ -35,9 +40,12 @@ def check_run(
         if rule.max_run_time_s is not None:
             limit = rule.max_run_time_s
     orgs = policies.allowed_organizations
-    if orgs is not None and initiator_organization_id not in orgs:
-        return Decision(False, f"initiating organization {initiator_organization_id} is not allowed")
+    for org, _ in initiators:
+        if orgs is not None and org not in orgs:
+            return Decision(False, f"initiating organization {org} is not allowed")
     users = policies.allowed_users
-    if users is not None and initiator_user_id not in users:
-        return Decision(False, f"initiating user {initiator_user_id} is not allowed")
+    for number, (_, user) in enumerate(initiators, 1):
+        root = number == len(initiators)
+        if users is not None and (root or user is not None) and user not in users:
+            return Decision(False, f"initiating user {user} is not allowed")
     return Decision(True, "", limit)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from vfed.common.trust import DescriptorDocument, TrustError
 from vfed.node.journal import Entry, Stage
 from vfed.node.runner import Runner, Services
 from vfed.node.runtime.base import ExitStatus, NotFound, RunHandleInfo, RunState, RuntimeUnavailable
@@ -91,7 +92,12 @@ def _follow_again(s: Services, runner: Runner, entry: Entry, handle: str) -> Res
         log.info("run %s: still running after the restart; following it again", entry.run_id)
         run = await s.client.get_run(entry.run_id)
         task = await s.client.get_task(entry.task_id)
-        proxy = await runner.start_proxy(run, task)
+        try:
+            document: DescriptorDocument | None = (await runner.finisher.verified(run.id, task.id)).document
+        except TrustError as exc:  # the proxy then makes no subtasks; sealing withholds the result
+            log.error("run %s: its descriptor does not verify any more: %s", entry.run_id, exc.message)
+            document = None
+        proxy = await runner.start_proxy(run, task, descriptor=document)
         try:
             deadline = (
                 entry.deadline if entry.deadline is not None else time.time() + s.settings.max_run_time_s

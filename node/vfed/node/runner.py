@@ -18,11 +18,14 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from vfed.common.crypto import CryptoError, Keyring, PublicKey, decrypt_bytes
+from vfed.common.crypto import ContextMismatch as BoundElsewhere
+from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
+from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument, TrustError, input_context
 from vfed.node import ahead, budget, timeline
 from vfed.node.config import NodeSettings
 from vfed.node.early_job import BusyJobs, EarlyJobFolder
 from vfed.node.journal import Journal
+from vfed.node.keys import KeyHolder
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run
 from vfed.node.privacy import BudgetRefused, PrivacyLedger
@@ -38,8 +41,8 @@ from vfed.node.runtime.base import (
 )
 from vfed.node.server_api import AlreadyClaimed, Claim, NodeClient
 from vfed.node.timeline import StartTimeline
+from vfed.node.trust import Accepted, RunChecks, refusal_reason
 from vfed.proxy.app import ProxyContext, RunInfo
-from vfed.proxy.keys import KeyDirectory, KeyUnavailable
 from vfed.proxy.rest import ApiError, RestClient, Run, Task
 from vfed.proxy.server import ProxyServer
 
@@ -68,6 +71,7 @@ class Prepared:
     digest: str
     max_run_time_s: float
     run_dir: Path
+    accepted: Accepted
     epsilon: float | None = None
 
 
@@ -78,18 +82,25 @@ class Services:
     settings: NodeSettings
     client: NodeClient
     session: aiohttp.ClientSession
-    keyring: Keyring
+    key_holder: KeyHolder
     runtime: Runtime
     journal: Journal
     metrics: NodeMetrics
-    keys: KeyDirectory
     organization_id: int
     collaboration_id: int
     ledger: PrivacyLedger
+    chains: ChainResolver
+    """Other organizations' key chains, verified against the node's trust store (shared with the proxies)."""
+    checks: RunChecks
     server_identity: str = ""
     """The server's fingerprint (orphans.server_identity): run ids are only unique under it."""
     jobs_in_setup: BusyJobs = field(default_factory=BusyJobs)
     """Jobs whose folder a run set up before its claim (early_job): busy, like the journal's."""
+
+    @property
+    def keyring(self) -> Keyring:
+        """The organization's keyring as last loaded (a rotated key file is picked up while running)."""
+        return self.key_holder.keyring
 
 
 class Runner:
@@ -200,20 +211,19 @@ class Runner:
             await self.finisher.end_without_container(run_id, "crashed", reason, entry.job_id)
 
     async def _prepare(self, run: Run, task: Task, setup: _Setup, token: str | None) -> Prepared:
-        """Input and checks. The loop decrypts while the engine looks the image up, then starts the run's
-        proxy while it waits for that answer: the loop's own work stays off the critical path."""
-        blob, sender = await asyncio.gather(self._download_input(run), self._sender(task))
-        plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, sender)
+        """Input and checks. The loop verifies and decrypts while the engine looks the image up, then starts
+        the run's proxy while it waits for that answer: the loop's own work stays off the critical path."""
+        accepted, plaintext = await self._trusted_input(run, task)
         timeline.mark("decrypted")
-        setup.proxy = asyncio.ensure_future(self.start_proxy(run, task, token))
+        document = accepted.verified.document
+        setup.proxy = asyncio.ensure_future(self.start_proxy(run, task, token, document))
         setup.proxy.add_done_callback(lambda _: timeline.mark("proxy"))
         digest = await setup.digest
         decision = check_run(
             self.s.settings,
             image=task.image,
             digest=digest,
-            initiator_organization_id=task.initiator_organization_id,
-            initiator_user_id=task.initiator_user_id,
+            initiators=[(i.org, i.user) for i in accepted.verified.initiators()],
         )
         if not decision.allowed:
             raise RunRefused("not-allowed", decision.reason)
@@ -226,17 +236,30 @@ class Runner:
                 self.s.ledger,
                 self.s.runtime,
                 # The ledger outlives servers: a reset server's run 5 is not the run 5 charged before.
-                run_key=f"{self.s.server_identity}:{run.id}" if self.s.server_identity else str(run.id),
+                run_key=self.s.checks.run_key(run.id),
                 image=digest,  # the manifest of exactly the image the policy checked
                 plaintext=plaintext,
                 datasets=task.datasets,
-                initiator=str(task.initiator_organization_id),
+                initiator=str(accepted.verified.body.initiator.org),
             )
         except BudgetRefused as exc:
             raise RunRefused("not-allowed", str(exc)) from None
         run_dir = self.run_dir(run.id)
         await _off_loop_if_big(len(plaintext), _write_input, run_dir, plaintext)
-        return Prepared(run, task, digest, decision.max_run_time_s, run_dir, epsilon)
+        return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, epsilon)
+
+    async def _trusted_input(self, run: Run, task: Task) -> tuple[Accepted, bytes]:
+        """The task's descriptor verified, the run checked against it, remembered against replays, and the
+        input it names decrypted; any failure refuses the run (RunRefused)."""
+        checks = self.s.checks
+        try:
+            blob, verified = await asyncio.gather(self._download_input(run), checks.verify(task))
+            accepted = await _off_loop_if_big(len(blob), checks.assign, verified, run, task, blob)
+            checks.accept(verified, run.id)
+            plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, accepted)
+        except TrustError as exc:
+            raise RunRefused("not-allowed", refusal_reason(exc, run.id, self.s.metrics)) from None
+        return accepted, plaintext
 
     async def _create_ahead(self, run: Run, task: Task, setup: _Setup) -> ahead.Ahead | None:
         """The run's container, made while the input is decrypted (module `ahead`); None when it may not
@@ -271,19 +294,13 @@ class Runner:
         except PermanentStartError as exc:
             raise RunRefused("start-failed", f"image {task.image} is not available: {exc}") from None
 
-    async def _sender(self, task: Task) -> Callable[[str], PublicKey | None]:
-        """The initiator's signing keys, to check the input against (cached after a task of theirs)."""
-        initiator = task.initiator_organization_id
-        if initiator is None:
-            raise RunRefused("failed", "the task names no initiating organization to check the input against")
+    def _decrypt(self, blob: bytes, accepted: Accepted) -> bytes:
+        """The input, signed by the descriptor's signer and bound to the descriptor's nonce."""
+        context = input_context(accepted.verified.body.nonce)
         try:
-            return await self.s.keys.sender(initiator)
-        except KeyUnavailable as exc:
-            raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
-
-    def _decrypt(self, blob: bytes, sender: Callable[[str], PublicKey | None]) -> bytes:
-        try:
-            return decrypt_bytes(blob, self.s.keyring, sender)
+            return decrypt_bytes(blob, self.s.keyring, accepted.sender(), context=context)
+        except BoundElsewhere as exc:
+            raise ContextMismatch(f"the input belongs to another task than the signed one: {exc}") from None
         except CryptoError as exc:
             raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
 
@@ -317,20 +334,28 @@ class Runner:
             labels={LABEL_AGENT: self.s.journal.agent_id},
         )
 
-    async def start_proxy(self, run: Run, task: Task, token: str | None = None) -> ProxyServer:
-        """The run's own proxy on its own socket, speaking to the server with the run's token."""
+    async def start_proxy(
+        self, run: Run, task: Task, token: str | None = None, descriptor: DescriptorDocument | None = None
+    ) -> ProxyServer:
+        """The run's own proxy on its own socket, speaking to the server with the run's token; it signs the
+        run's subtasks with the organization's current key, under the run's verified descriptor."""
         if token is None:
             token = await self.s.client.run_token(run.id)
         info = RunInfo(
             run.id, run.task_id, run.job_id, run.organization_id, task.collaboration_id, task.image
         )
+        settings, keyring = self.s.settings, self.s.keyring
         ctx = ProxyContext(
             run=info,
-            rest=RestClient(self.s.session, self.s.settings.server_url, token),
-            org_key=self.s.keyring.current,
-            keyring=self.s.keyring,
-            max_request_bytes=self.s.settings.proxy_max_request_bytes,
-            spool_dir=self.s.settings.data_dir / "spool",
+            rest=RestClient(self.s.session, settings.server_url, token),
+            org_key=keyring.current,
+            keyring=keyring,
+            max_request_bytes=settings.proxy_max_request_bytes,
+            spool_dir=settings.data_dir / "spool",
+            descriptor=descriptor,
+            chains=self.s.chains,
+            max_subtasks_per_run=settings.max_subtasks_per_run,
+            max_subtask_depth=settings.max_subtask_depth,
         )
         proxy = ProxyServer(ctx, self.socket_path(run.id))
         await proxy.start()
@@ -358,7 +383,7 @@ class Runner:
         self.s.journal.started(run.id, handle, deadline)
         trace.emit()
         log.info("run %s: container started (%s)", run.id, handle)
-        self.finisher.remember_task(run.id, prepared.task)
+        self.finisher.remember(run.id, prepared.accepted.verified)
         # Marked active while the container already runs: a short run must not wait for this round trip.
         active = asyncio.ensure_future(self._mark_active(run.id, prepared.digest))
         try:

@@ -9,6 +9,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from vfed.common import multipart
+from vfed.common.trust import SignedEntry
 from vfed.proxy.rest import ApiError, Organization, RestClient, Run, Task
 
 CLAIM_ACCEPT = "multipart/mixed"  # the claim answer may carry a small input as a binary part
@@ -117,6 +118,30 @@ class NodeClient(RestClient):
             "PUT", f"/organizations/{organization_id}/public_key", json={"public_key": public_key_text}
         )
         return Organization.model_validate(answer)
+
+    async def key_records(self, organization_id: int) -> list[Any]:
+        """The organization's signed key records as the server holds them (unverified: see ChainResolver)."""
+        return await self._entries(f"/organizations/{organization_id}/key-records")
+
+    async def post_key_records(self, organization_id: int, records: list[SignedEntry]) -> None:
+        body = {"records": [r.model_dump(mode="json") for r in records]}
+        await self.request("POST", f"/organizations/{organization_id}/key-records", json=body)
+
+    async def revocations(self, organization_id: int) -> list[Any]:
+        """The organization's certificate revocations (unverified); none from a server that keeps none."""
+        try:
+            return await self._entries(f"/organizations/{organization_id}/revocations")
+        except ApiError as exc:
+            if exc.status == 404:
+                return []
+            raise
+
+    async def _entries(self, path: str) -> list[Any]:
+        answer = await self.request("GET", path)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise ApiError(502, "bad-answer", f"GET {path}: expected {{'data': [...]}}")
+        return data
 
     async def heartbeat(self) -> None:
         await self.request("POST", "/nodes/heartbeat")

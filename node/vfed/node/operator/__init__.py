@@ -1,4 +1,5 @@
-"""The node operator's commands (`vnode new|keys|start|stop|list|attach|files|clean`), a module per group."""
+"""The node operator's commands (`vnode new|keys|trust|untrust|users|start|stop|list|attach|files|clean`),
+a module per group."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ from vfed.node.operator.keys import keys_group
 from vfed.node.operator.lifecycle import attach_command, clean_command, start_command, stop_command
 from vfed.node.operator.listing import files_command, list_command
 from vfed.node.operator.new import new_command
+from vfed.node.operator.trust import trust_command, untrust_command
+from vfed.node.operator.users import users_group
 
 COMMANDS: list[click.Command] = [
     new_command,
     keys_group,
+    trust_command,
+    untrust_command,
+    users_group,
     start_command,
     stop_command,
     list_command,

@@ -36,7 +36,10 @@ from vfed.node.operator.paths import NodeRef
 DEFAULT_IMAGE = "vfed/node"
 DATA_IN_CONTAINER = "/var/lib/vfed"
 CONFIG_IN_CONTAINER = "/etc/vfed/node.yaml"
-KEY_IN_CONTAINER = "/etc/vfed/org-key.json"
+KEYS_IN_CONTAINER = "/etc/vfed/keys"
+"""The key file's folder (read-only): a rotation replaces the file; a file mount would keep the old one."""
+TRUST_IN_CONTAINER = "/etc/vfed/trust"
+"""The trust store's folder, shared with `vnode trust` on the host (written by the agent in `tofu` mode)."""
 SOURCE_ROOTS = ("common", "node", "server", "proxy", "algorithms", "client")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -85,8 +88,33 @@ def agent_config(ref: NodeRef, settings: NodeSettings, host_mountpoint: str) -> 
     path_map = dict(runtime.get("host_path_map") or {})
     path_map[DATA_IN_CONTAINER] = host_mountpoint
     runtime["host_path_map"] = path_map
-    raw.update(data_dir=DATA_IN_CONTAINER, private_key=KEY_IN_CONTAINER, runtime=runtime, name=settings.name)
+    raw.update(
+        data_dir=DATA_IN_CONTAINER,
+        private_key=key_in_container(settings),
+        trust_store=trust_store_in_container(settings),
+        runtime=runtime,
+        name=settings.name,
+    )
     return raw
+
+
+def key_in_container(settings: NodeSettings) -> str:
+    return f"{KEYS_IN_CONTAINER}/{settings.key_path.name}"
+
+
+def trust_store_in_container(settings: NodeSettings) -> str:
+    return f"{TRUST_IN_CONTAINER}/{settings.trust_store_path.name}"
+
+
+def key_and_trust_mounts(settings: NodeSettings) -> list[Mount]:
+    """The key file's folder (read-only) and the trust store's folder (made when missing), as the agent's
+    config names them: the agent sees the operator's rotations and pins as they are written."""
+    trust_dir = settings.trust_store_path.resolve().parent
+    trust_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return [
+        Mount(KEYS_IN_CONTAINER, str(settings.key_path.resolve().parent), type="bind", read_only=True),
+        Mount(TRUST_IN_CONTAINER, str(trust_dir), type="bind"),
+    ]
 
 
 def write_agent_config(ref: NodeRef, settings: NodeSettings, host_mountpoint: str) -> Path:

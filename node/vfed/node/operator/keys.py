@@ -1,7 +1,8 @@
 """`vnode keys generate|show|upload|rotate`: the organization key, for org admins.
 
 The key file holds every private key of the organization (the last one is current, older ones still decrypt);
-it is written with mode 0600 and optionally protected by a passphrase.
+it is written with mode 0600 and optionally protected by a passphrase. Other organizations pin the fingerprint
+of its first key; the server stores the chain of signed key records (first key, then each rotation).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import click
 import yaml
 
 from vfed.common.crypto import CryptoError, Keyring, WrongPassphrase
+from vfed.common.trust import fingerprint
 from vfed.node.config import NodeSettings
 from vfed.node.operator import server
 from vfed.node.operator.common import CONTEXT, OperatorError, load, scope_option, to_scope
@@ -26,8 +28,8 @@ _HELP = """Manage the organization key of node NAME (generate, show, upload, rot
 Examples:
   vnode keys generate hospital-a                  # new key file, mode 0600, no passphrase
   VFED_KEY_PASS=... vnode keys generate hospital-a --passphrase-env VFED_KEY_PASS --force
-  vnode keys show hospital-a --format json
-  vnode keys upload hospital-a                    # publish the public key on the server
+  vnode keys show hospital-a --format json         # the fingerprint to hand to other organizations
+  vnode keys upload hospital-a                    # publish the key records on the server
   vnode keys rotate hospital-a                    # new current key, old ones kept to decrypt old results
 """
 
@@ -132,31 +134,38 @@ def generate_command(
 @scope_option
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def show_command(name: str | None, user_scope: bool, fmt: str) -> None:
-    """Print the current public key and its key id (and older key ids still kept for decryption)."""
+    """Print the organization's fingerprint, the current public key and its key id (and older key ids still
+    kept for decryption)."""
     settings = load(resolve(name, to_scope(user_scope)))
     keyring, _ = open_keyring(settings)
     public = keyring.current.public
     older = [k.key_id for k in keyring.keys[:-1]]
+    print_ = fingerprint(keyring.keys[0].public)
     if fmt == "json":
-        click.echo(
-            json.dumps({"key_id": public.key_id, "public_key": public.to_text(), "older_key_ids": older})
-        )
+        doc = {"fingerprint": print_, "key_id": public.key_id, "public_key": public.to_text()}
+        click.echo(json.dumps({**doc, "older_key_ids": older}))
         return
-    click.echo(f"key_id:     {public.key_id}")
-    click.echo(f"public_key: {public.to_text()}")
+    click.echo(f"fingerprint: {print_}")
+    click.echo(f"key_id:      {public.key_id}")
+    click.echo(f"public_key:  {public.to_text()}")
     if older:
-        click.echo(f"older keys: {', '.join(older)}")
+        click.echo(f"older keys:  {', '.join(older)}")
+    click.echo(
+        "Hand the fingerprint to the admins of the other organizations over a channel you trust (not the "
+        "server): they pin it with `vnode trust ORG --fingerprint F` (researchers: `vfed trust`)."
+    )
 
 
 @keys_group.command("upload", context_settings=CONTEXT)
 @click.argument("name", required=False)
 @scope_option
 def upload_command(name: str | None, user_scope: bool) -> None:
-    """Publish the current public key as the organization's key on the server."""
+    """Publish the organization's key records (first key, rotations) the server does not hold yet."""
     settings = load(resolve(name, to_scope(user_scope)))
     keyring, _ = open_keyring(settings)
-    org = server.upload_public_key(settings, keyring.current.public.to_text())
-    click.echo(f"uploaded key {keyring.current.key_id} for organization {org.get('id', '?')}")
+    published = server.publish_key_chain(settings, keyring)
+    what = f"{len(published)} key record(s)" if published else "nothing new (the server holds the chain)"
+    click.echo(f"published {what}; current key {keyring.current.key_id}")
 
 
 @keys_group.command("rotate", context_settings=CONTEXT)
@@ -166,7 +175,10 @@ def upload_command(name: str | None, user_scope: bool) -> None:
     "--no-upload", is_flag=True, help="Only change the key file; upload later with `vnode keys upload`."
 )
 def rotate_command(name: str | None, user_scope: bool, no_upload: bool) -> None:
-    """Add a new current key, keep the old ones for decryption, and publish the new public key."""
+    """Add a new current key, keep the old ones for decryption, and publish the rotation record.
+
+    A running agent using this key file picks the new key up by itself (it watches the file).
+    """
     ref = resolve(name, to_scope(user_scope))
     settings = load(ref)
     keyring, secret = open_keyring(settings)
@@ -179,12 +191,11 @@ def rotate_command(name: str | None, user_scope: bool, no_upload: bool) -> None:
     click.echo(f"new current key {key.key_id} in {settings.key_path} ({len(keyring.keys) - 1} older kept)")
     if not no_upload:
         try:
-            server.upload_public_key(settings, key.public.to_text())
+            server.publish_key_chain(settings, keyring)
         except OperatorError as exc:
             raise OperatorError(
-                f"{exc.message}; the key file has the new key: retry `vnode keys upload`"
+                f"{exc.message}; the key file has the new key: retry `vnode keys upload {ref.name}` (a "
+                "running agent also publishes it once it reads the file)"
             ) from None
-        click.echo(f"uploaded key {key.key_id}")
-    click.echo(
-        f"a running node keeps the old key until restarted: `vnode stop {ref.name} && vnode start {ref.name}`"
-    )
+        click.echo(f"published the rotation to key {key.key_id}")
+    click.echo("a running agent using this key file switches to the new key within seconds (no restart)")

@@ -37,9 +37,9 @@ from vfed.node.runtime.base import LABEL_NODE, LABEL_RUN_ID
 _START_HELP = """Run node NAME's agent in a container and wait until it reports online.
 
 \b
-The container `vfed-<name>-<scope>` gets the Docker socket, the config, the key file and the datasets
-(read-only) and the volume `vfed-<name>-vol` (journal, run folders). A server on 127.0.0.1 is reached
-through the host's network (a bridged container's loopback is its own).
+The container `vfed-<name>-<scope>` gets the Docker socket, the config, the key file's folder and the
+datasets (read-only), the trust store's folder and the volume `vfed-<name>-vol` (journal, run folders). A
+server on 127.0.0.1 is reached through the host's network (a bridged container's loopback is its own).
 
 \b
 Examples:
@@ -92,7 +92,7 @@ def _mounts(
     mounts = [
         Mount(socket, socket, type="bind"),
         Mount(agent.CONFIG_IN_CONTAINER, str(config_file), type="bind", read_only=True),
-        Mount(agent.KEY_IN_CONTAINER, str(settings.key_path.resolve()), type="bind", read_only=True),
+        *agent.key_and_trust_mounts(settings),
         Mount(agent.DATA_IN_CONTAINER, ref.volume_name, type="volume"),
         *agent.dataset_mounts(settings),
     ]

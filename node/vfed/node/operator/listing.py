@@ -116,6 +116,7 @@ def files_command(name: str | None, user_scope: bool, fmt: str) -> None:
     where: dict[str, str] = {
         "config": str(ref.config_path),
         "key": str(settings.key_path),
+        "trust_store": str(settings.trust_store_path),
         "data": str(ref.data_dir),
         "agent_config": str(ref.data_dir / "agent.yaml"),
         "volume": ref.volume_name,

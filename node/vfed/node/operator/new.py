@@ -70,6 +70,8 @@ def build_config(
         else str(ref.data_dir / "org-key.json"),
         "datasets": dict(parse_dataset(d) for d in datasets),
         "runtime": {"kind": runtime},
+        # Tasks run only for organizations pinned with `vnode trust` (and this node's own).
+        "trust": "pinned",
     }
     if mqtt_url:
         data["mqtt_url"] = mqtt_url

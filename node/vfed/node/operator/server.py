@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 
+from vfed.common.crypto import Keyring
+from vfed.common.trust import SignedEntry, records_for_keys
 from vfed.node.config import NodeSettings
+from vfed.node.keys import NO_KEY_RECORDS, KeyMismatch, check_served_chain
 from vfed.node.operator.common import OperatorError
 
 TIMEOUT_S = 5.0
@@ -23,10 +27,20 @@ class Session:
     organization_id: int
 
 
-def _call(method: str, url: str, *, token: str | None = None, json: Any = None) -> Any:
+class ServerRefused(OperatorError):
+    """The server answered with an error status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _call(
+    method: str, url: str, *, token: str | None = None, json: Any = None, params: dict[str, Any] | None = None
+) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = requests.request(method, url, json=json, headers=headers, timeout=TIMEOUT_S)
+        resp = requests.request(method, url, json=json, params=params, headers=headers, timeout=TIMEOUT_S)
     except requests.RequestException as exc:
         raise OperatorError(f"server not reachable at {url}: {exc.__class__.__name__}") from None
     if resp.status_code >= 400:
@@ -35,7 +49,7 @@ def _call(method: str, url: str, *, token: str | None = None, json: Any = None) 
             why = f"{body.get('error')}: {body.get('detail')}"
         except ValueError:
             why = resp.text[:200]
-        raise OperatorError(f"server answered {resp.status_code} to {method} {url}: {why}")
+        raise ServerRefused(f"server answered {resp.status_code} to {method} {url}: {why}", resp.status_code)
     try:
         return resp.json()
     except ValueError:
@@ -92,3 +106,74 @@ def mark_killed(settings: NodeSettings, run_ids: list[int], reason: str, logs: d
         except OperatorError:
             continue  # already final (completed just now, or killed by the agent itself)
     return done
+
+
+def _data(answer: Any, what: str) -> list[Any]:
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list):
+        raise OperatorError(f"the server's answer for {what} is not {{'data': [...]}}")
+    return data
+
+
+def publish_key_chain(settings: NodeSettings, keyring: Keyring) -> list[SignedEntry]:
+    """Publish the key records of our chain the server lacks (after checking what it holds against our first
+    key); a server without key records gets the current public key instead. Answers what was published."""
+    session = login(settings)
+    url = f"{session.base}/organizations/{session.organization_id}/key-records"
+    try:
+        served = _data(_call("GET", url, token=session.token), "key records")
+    except ServerRefused as exc:
+        if exc.status not in NO_KEY_RECORDS:
+            raise
+        upload_public_key(settings, keyring.current.public.to_text())
+        return []
+    try:
+        held = check_served_chain(session.organization_id, keyring, served, settings.key_path)
+    except KeyMismatch as exc:
+        raise OperatorError(str(exc)) from None
+    missing = records_for_keys(session.organization_id, keyring.keys)[held:]
+    if missing:
+        body = {"records": [r.model_dump(mode="json") for r in missing]}
+        _call("POST", url, token=session.token, json=body)
+    with contextlib.suppress(ServerRefused):  # the plain key field, for clients that still read it
+        upload_public_key(settings, keyring.current.public.to_text())
+    return missing
+
+
+def post_certificate(settings: NodeSettings, certificate: SignedEntry) -> dict[str, Any]:
+    session = login(settings)
+    url = f"{session.base}/organizations/{session.organization_id}/certificates"
+    answer = _call(
+        "POST", url, token=session.token, json={"certificate": certificate.model_dump(mode="json")}
+    )
+    return answer if isinstance(answer, dict) else {}
+
+
+def certificates(settings: NodeSettings, user_id: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """(our organization id, its certificates as the server lists them, optionally of one user)."""
+    session = login(settings)
+    url = f"{session.base}/organizations/{session.organization_id}/certificates"
+    params = {"user_id": user_id} if user_id is not None else None
+    rows = _data(_call("GET", url, token=session.token, params=params), "certificates")
+    return session.organization_id, [r for r in rows if isinstance(r, dict)]
+
+
+def post_revocation(settings: NodeSettings, revocation: SignedEntry) -> None:
+    session = login(settings)
+    url = f"{session.base}/organizations/{session.organization_id}/revocations"
+    _call("POST", url, token=session.token, json={"revocation": revocation.model_dump(mode="json")})
+
+
+def organization_id(settings: NodeSettings) -> int:
+    return login(settings).organization_id
+
+
+def user_name(settings: NodeSettings, user_id: int) -> str:
+    """The user's name as the server knows it, or "" when the node may not read it."""
+    session = login(settings)
+    try:
+        user = _call("GET", f"{session.base}/users/{user_id}", token=session.token)
+    except OperatorError:
+        return ""
+    name = user.get("username") if isinstance(user, dict) else None
+    return name if isinstance(name, str) else ""
