@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class World:
     collab: dict[str, Any]
     nodes: list[dict[str, str]]  # headers of n0, n1, n2 (organizations 0, 1, 2 of the collaboration)
     keyrings: list[Any]
+    org_ids: list[int]
     sealed: list[bytes] = field(default_factory=list)  # each node's result, sealed for organization 0
 
 
@@ -66,23 +68,26 @@ async def setup(http: Any, keys: dict[str, str]) -> World:
     """Log everyone in, publish a public key per organization, seal each node's result once."""
     from vfed.common.crypto import Keyring, encrypt_bytes
     from vfed.common.payload import encode_result
+    from vfed.common.trust import records_for_keys
 
     r = await http.post("/api/v1/token/user", json={"username": "res", "password": "bench password"})
     token = (await _json(r))["access_token"]
     user = {"Authorization": f"Bearer {token}"}
     collabs = (await _json(await http.get("/api/v1/collaborations", headers=user)))["data"]
     collab = next(c for c in collabs if c["name"] == "bench")
-    nodes, keyrings = [], []
+    nodes, keyrings, org_ids = [], [], []
     for i in range(ORGS):
         answer = await _json(await http.post("/api/v1/token/node", json={"api_key": keys[f"n{i}"]}))
         headers = {"Authorization": f"Bearer {answer['access_token']}"}
         ring = Keyring.generate()
-        path = f"/api/v1/organizations/{answer['organization_id']}/public_key"
-        body = {"public_key": ring.current.public.to_text()}
-        await _json(await http.put(path, json=body, headers=headers))
+        org_id = int(answer["organization_id"])
+        path = f"/api/v1/organizations/{org_id}/key-records"  # what a node publishes at its first start
+        body = {"records": [e.model_dump(mode="json") for e in records_for_keys(org_id, ring.keys)]}
+        await _json(await http.post(path, json=body, headers=headers))
+        org_ids.append(org_id)
         nodes.append(headers)
         keyrings.append(ring)
-    world = World(http, user, token, collab, nodes, keyrings)
+    world = World(http, user, token, collab, nodes, keyrings, org_ids)
     researcher = keyrings[0].current.public
     filler = os.urandom(RESULT_BYTES // 2).hex()
     for ring in keyrings:
@@ -121,13 +126,16 @@ async def _node_runs(w: World, task_id: int) -> list[int]:
     return [by_org[o] for o in sorted(by_org)]
 
 
-async def _node_work(w: World, times: dict[str, list[float]], i: int, run_id: int) -> float:
+async def _node_work(
+    w: World, times: dict[str, list[float]], i: int, run_id: int, sealed: bytes | None = None
+) -> float:
     """Claim, report active, upload the sealed result, report completed; returns when the last PATCH left."""
     h, run = w.nodes[i], f"/api/v1/runs/{run_id}"
     claim = w.http.post(f"{run}/claim", headers={**h, "Accept": CLAIM_ACCEPT})
     await _timed(times, "claim", claim)
     await _timed(times, "patch_active", w.http.patch(run, json={"status": "active"}, headers=h))
-    _, body = await _timed(times, "upload", w.http.post("/api/v1/blobs", data=w.sealed[i], headers=h))
+    result = w.sealed[i] if sealed is None else sealed
+    _, body = await _timed(times, "upload", w.http.post("/api/v1/blobs", data=result, headers=h))
     done = {"status": "completed", "result_blob_id": json.loads(body)["id"], "exit_code": 0, "log": "ok\n"}
     sent = time.perf_counter()
     await _timed(times, "patch_completed", w.http.patch(run, json=done, headers=h))
@@ -166,8 +174,8 @@ async def _client_cycle(w: World, client: Any, times: dict[str, list[float]], st
     waiting = asyncio.ensure_future(client.wait(task, progress=False))
     run_ids = await _node_runs(w, task["id"])
     scratch: dict[str, list[float]] = defaultdict(list)
-    for i, run_id in enumerate(run_ids):
-        await _node_work(w, scratch, i, run_id)
+    for i, run_id in enumerate(run_ids):  # each result bound to its run, as a node seals it
+        await _node_work(w, scratch, i, run_id, _bound_result(w, i, task["descriptor_digest"], run_id))
     await waiting
     t0 = time.perf_counter()
     values = await client.results(task)
@@ -175,11 +183,21 @@ async def _client_cycle(w: World, client: Any, times: dict[str, list[float]], st
     assert len(values) == ORGS, values
 
 
+def _bound_result(w: World, i: int, digest: str, run_id: int) -> bytes:
+    from vfed.common.crypto import encrypt_bytes
+    from vfed.common.payload import encode_result
+    from vfed.common.trust import result_context
+
+    researcher = w.keyrings[0].current.public
+    context = result_context(digest, w.org_ids[i], run_id)
+    return encrypt_bytes(
+        encode_result({"x": "r" * RESULT_BYTES}), w.keyrings[i].current, [researcher], context=context
+    )
+
+
 async def client_side(url: str, w: World, tasks: int) -> dict[str, list[float]]:
     """Time the researcher's AsyncClient; a trace notes when its POST /tasks leaves."""
     import aiohttp
-
-    from vfed.client.client import AsyncClient
 
     starts: list[float] = []
 
@@ -190,14 +208,31 @@ async def client_side(url: str, w: World, tasks: int) -> dict[str, list[float]]:
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(on_start)
     times: dict[str, list[float]] = defaultdict(list)
-    async with AsyncClient(url, token=w.user_token) as client:
+    with tempfile.TemporaryDirectory(prefix="vfed-bench-trust-") as trust:
+        await _client_cycles(url, w, trace, f"{trust}/trusted_orgs", tasks, times, starts)
+    return times
+
+
+async def _client_cycles(
+    url: str,
+    w: World,
+    trace: Any,
+    trust_file: str,
+    tasks: int,
+    times: dict[str, list[float]],
+    starts: list[float],
+) -> None:
+    import aiohttp
+
+    from vfed.client.client import AsyncClient
+
+    async with AsyncClient(url, token=w.user_token, trust_file=trust_file, trust="tofu") as client:
         client.use_keyring(w.keyrings[0])
         client.api._session = aiohttp.ClientSession(trace_configs=[trace])
         for n in range(WARMUP + tasks):
             if n == WARMUP:
                 times.clear()
             await _client_cycle(w, client, times, starts)
-    return times
 
 
 async def measure(url: str, keys: dict[str, str], args: Any, pid: int) -> dict[str, float]:
