@@ -246,6 +246,7 @@ async def _federation_figures(
                 server_url=server.url,
                 mqtt_url=None,
                 poll_interval_s=30.0,
+                trust="tofu",  # the organizations pin each other at first sight (a deployment pins by hand)
             )
             agent = AgentProcess(config, work / f"{name}.log")
             agent.start("--log-level", "INFO,vfed.node.timeline=DEBUG")  # marks of each run's start
@@ -256,7 +257,8 @@ async def _federation_figures(
         assert agents[0].proc is not None
         idle_rss = psutil.Process(agents[0].proc.pid).memory_info().rss / MIB
         key_file = load_settings(agents[0].config).key_path
-        async with AsyncClient(server.url, key_file=key_file) as researcher:
+        trust = {"trust_file": work / "researcher-trusted_orgs", "trust": "tofu"}
+        async with AsyncClient(server.url, key_file=key_file, **trust) as researcher:
             await researcher.login("res-a", PASSWORD)
             collab = (await researcher.collaborations())[0]["id"]
             org = researcher.organization_id

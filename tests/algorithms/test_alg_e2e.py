@@ -102,6 +102,7 @@ async def federated(
                 mqtt_url=None,
                 poll_interval_s=0.5,
                 datasets={"default": dataset},
+                trust="tofu",  # the organizations pin each other at first sight (tests/trust pins by hand)
             )
             settings[name] = load_settings(config)
         agents = await stack.enter_async_context(contextlib.AsyncExitStack())

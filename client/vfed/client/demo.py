@@ -3,8 +3,13 @@
 A server (`vserver start`, embedded MQTT broker), three organizations each with its own node agent
 (`vnode run`) and its own private dataset, and a researcher at the first organization who asks for pooled
 summary statistics. The central function runs at the researcher's organization and creates subtasks at all
-three; every input and result crosses the server encrypted. The demo prints the federated answer next to the
-same statistics computed on the pooled data, which only a demo can see.
+three; every input and result crosses the server encrypted.
+
+Nothing rests on the server's word: each organization's key is pinned by fingerprint at the others (as
+`vnode trust` does), the researcher holds her own key certified by her organization (as `vnode users certify`
+does) and pins the three organizations (as `vfed trust` does); she signs the task, and the result is sealed
+to her key. The demo prints the federated answer next to the same statistics computed on the pooled data,
+which only a demo can see.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 import yaml
 
 from vfed.client.client import AsyncClient
+from vfed.common.crypto import Keyring
+from vfed.common.trust import TrustMode, TrustStore, certify, fingerprint, records_for_keys
 
 ORGS = ("hospital-a", "hospital-b", "hospital-c")
 IMAGE = "vfed-examples/summary_stats:latest"
@@ -133,17 +140,93 @@ def node_config(work: Path, org: str, api_key: str, url: str, mqtt_port: int, da
                 "poll_interval_s": 2.0,
                 "datasets": {"default": {"uri": str(dataset), "type": "csv"}},
                 "policies": {"allowed_images": ["vfed-examples/*"]},
+                "trust": "pinned",
             }
         )
     )
     return path
 
 
-async def research(url: str, key_file: Path) -> tuple[dict[str, Any], float]:
-    async with AsyncClient(url, key_file=key_file) as client:
+def make_keys(work: Path) -> dict[str, Keyring]:
+    """Each organization's key file, where its node looks for it (`vnode keys generate` does the same)."""
+    rings = {}
+    for org in ORGS:
+        folder = work / f"node-{org}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rings[org] = Keyring.generate()
+        rings[org].save(folder / "org-key.json")
+        _say(f"{org}: organization key fingerprint {fingerprint(rings[org].keys[0].public)}")
+    return rings
+
+
+async def organization_ids(url: str, api_key: str) -> dict[str, int]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/api/v1/token/node", json={"api_key": api_key}) as r:
+            token = (await r.json())["access_token"]
+        async with http.get(f"{url}/api/v1/organizations", headers={"Authorization": f"Bearer {token}"}) as r:
+            return {o["name"]: int(o["id"]) for o in (await r.json())["data"]}
+
+
+def pin_each_other(work: Path, rings: dict[str, Keyring], ids: dict[str, int]) -> None:
+    """The fingerprints travel out of band; each node pins the other two (what `vnode trust` writes)."""
+    for org in ORGS:
+        store = TrustStore(work / f"node-{org}" / "trusted_orgs", TrustMode.PINNED)
+        for other in ORGS:
+            if other != org:
+                store.pin(ids[other], fingerprint(rings[other].keys[0].public), note=other)
+    _say("each node pinned the other two organizations' fingerprints (`vnode trust ORG --fingerprint F`)")
+
+
+async def publish_first_chain(url: str, api_key: str, ring: Keyring, org_id: int) -> None:
+    """The organization's key chain, as its node publishes it at its first start (here before certifying)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/api/v1/token/node", json={"api_key": api_key}) as r:
+            token = (await r.json())["access_token"]
+        path = f"{url}/api/v1/organizations/{org_id}/key-records"
+        body = {"records": [e.model_dump(mode="json") for e in records_for_keys(org_id, ring.keys)]}
+        async with http.post(path, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+            if r.status not in (200, 201):
+                raise SystemExit(
+                    f"[demo] publishing {ORGS[0]}'s key chain failed: {r.status} {await r.text()}"
+                )
+
+
+async def certify_researcher(url: str, api_key: str, ring: Keyring, org_id: int, researcher: Keyring) -> None:
+    """The org admin certifies the researcher's own key with the organization's (`vnode users certify`)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{url}/api/v1/token/user", json={"username": "researcher", "password": PASSWORD}
+        ) as r:
+            user_id = int((await r.json())["user_id"])
+        cert = certify(ring.current, org_id, user_id, "researcher", researcher.current.public)
+        async with http.post(f"{url}/api/v1/token/node", json={"api_key": api_key}) as r:
+            token = (await r.json())["access_token"]
+        path = f"{url}/api/v1/organizations/{org_id}/certificates"
+        body = {"certificate": cert.model_dump(mode="json")}
+        async with http.post(path, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+            if r.status != 201:
+                raise SystemExit(
+                    f"[demo] certifying the researcher's key failed: {r.status} {await r.text()}"
+                )
+    _say(f"{ORGS[0]} certified the researcher's own key {researcher.current.key_id[:16]}...")
+
+
+async def research(
+    url: str, work: Path, researcher_key: Path, rings: dict[str, Keyring], ids: dict[str, int]
+) -> tuple[dict[str, Any], float]:
+    trust_file = work / "researcher" / "trusted_orgs"
+    async with AsyncClient(url, key_file=researcher_key, trust_file=trust_file, trust="pinned") as client:
+        for org in ORGS:
+            client.trust(ids[org], fingerprint(rings[org].keys[0].public))
         await client.login("researcher", PASSWORD)
         await _wait_public_keys(client)
-        _say("three node agents online; each generated its organization's key and published the public part")
+        _say("three node agents online; each published its organization's key chain")
         collab = (await client.collaborations())[0]
         me = client.organization_id
         assert me is not None
@@ -156,7 +239,10 @@ async def research(url: str, key_file: Path) -> tuple[dict[str, Any], float]:
             organizations=[me],
             name="pooled summary statistics",
         )
-        _say(f"task {task['id']} created; its input is encrypted for organization {me} only")
+        _say(
+            f"task {task['id']} signed by the researcher and created; "
+            f"its input is encrypted for organization {me} only"
+        )
         await client.wait(task, timeout_s=600, progress=sys.stderr.isatty())
         [result] = await client.results(task)
         return result, time.monotonic() - t0
@@ -200,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     keys = import_federation(work, server_dir)
     _say(f"imported {len(ORGS)} organizations, a collaboration, a researcher and {len(keys)} nodes")
+    rings = make_keys(work)
+    researcher = Keyring.generate()
+    (work / "researcher").mkdir()
+    researcher.save(work / "researcher" / "researcher.key")  # `vfed keys generate` does the same
     with process(
         [
             str(BIN / "vserver"),
@@ -215,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     ) as server:
         _wait_http(f"{url}/api/v1/health", server, work / "server.log")
         _say(f"server on {url} (embedded MQTT broker on port {mqtt_port})")
+        ids = asyncio.run(organization_ids(url, keys[ORGS[0]]))
+        pin_each_other(work, rings, ids)
+        asyncio.run(publish_first_chain(url, keys[ORGS[0]], rings[ORGS[0]], ids[ORGS[0]]))
+        asyncio.run(certify_researcher(url, keys[ORGS[0]], rings[ORGS[0]], ids[ORGS[0]], researcher))
         agents = []
         with contextmanager_stack() as stack:
             for org, dataset in zip(ORGS, datasets, strict=True):
@@ -224,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         process([str(BIN / "vnode"), "run", "--config", str(cfg)], work / f"node-{org}.log")
                     )
                 )
-            _wait_files([work / f"node-{o}" / "org-key.json" for o in ORGS], work)
-            result, took = asyncio.run(research(url, work / f"node-{ORGS[0]}" / "org-key.json"))
+            result, took = asyncio.run(
+                research(url, work, work / "researcher" / "researcher.key", rings, ids)
+            )
             _say(f"decrypted result at the researcher after {took:.1f} s")
     ok = report(result, datasets)
     print(json.dumps({"organizations": result["organizations"]}))
@@ -238,17 +333,6 @@ def contextmanager_stack() -> Iterator[Any]:
 
     with ExitStack() as stack:
         yield stack
-
-
-def _wait_files(paths: list[Path], work: Path, timeout_s: float = 90) -> None:
-    """Until every agent has written its organization key."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(p.exists() for p in paths):
-            return
-        time.sleep(0.3)
-    logs = "\n".join((work / f"node-{o}.log").read_text()[-800:] for o in ORGS)
-    raise SystemExit(f"[demo] the node agents did not start within {timeout_s} s:\n{logs}")
 
 
 async def _wait_public_keys(client: AsyncClient, timeout_s: float = 90) -> None:
