@@ -26,6 +26,7 @@ from vfed.common.trust import (
     fingerprint,
     input_context,
     records_for_keys,
+    result_context,
     revoke,
     rotation_record,
 )
@@ -200,6 +201,41 @@ async def test_researcher_key_with_certificate(world: World) -> None:
         with pytest.raises(TrustRefused, match="revoked") as refused:
             await researcher.create_task(world.collabs["ab"], "alpine:3", "m")
         assert refused.value.reason == "certificate-revoked"
+
+
+async def test_an_organization_that_wants_results_sealed_to_it_too(world: World) -> None:
+    """The certificate carries the organization's policy: the client then names the organization's key
+    among the reply keys, and both the researcher and the organization open the result."""
+    ring_a, ring_b = await _publish(world, "a_node", "A"), await _publish(world, "b_node", "B")
+    mine = Keyring.generate()
+    cert = certify(
+        ring_a.current,
+        world.orgs["A"],
+        world.users["a_res"],
+        "a_res",
+        mine.current.public,
+        seal_to_organization=True,
+    )
+    path = f"/organizations/{world.orgs['A']}/certificates"
+    status, body = await world.call("a_admin", "POST", path, json={"certificate": cert.model_dump()})
+    assert status == 201, body
+    async with await _researcher(world) as researcher:
+        researcher.use_keyring(mine)
+        task = await researcher.create_task(
+            world.collabs["ab"], "alpine:3", "m", args=["o"], organizations=[world.orgs["B"]]
+        )
+        run_id = await _finish(world, "b_node", ring_b, task)
+        _, stored = await world.call("b_node", "GET", f"/tasks/{task['id']}")
+        body_of = DescriptorDocument.parse(stored["descriptor"]).body()
+        assert body_of.reply_to == [mine.current.key_id, ring_a.current.key_id]
+        assert await researcher.results(task) == [{"node": "b_node", "args": ["o"]}]
+        _, run = await world.call("b_node", "GET", f"/runs/{run_id}")
+        status, sealed = await world.call("a_admin", "GET", f"/blobs/{run['result_blob_id']}")
+        assert status == 200, sealed
+        digest = DescriptorDocument.parse(stored["descriptor"]).digest
+        context = result_context(digest, world.orgs["B"], run_id)
+        opened = decrypt_bytes(sealed, ring_a, lambda _k: ring_b.current.public, context=context)
+        assert json.loads(opened)["value"] == {"node": "b_node", "args": ["o"]}
 
 
 async def test_a_result_moved_to_another_run_is_refused(world: World, tmp_path: Path) -> None:

@@ -419,3 +419,27 @@ def test_resolver_pinned_refuses_unknown_and_tofu_pins_once(tmp_path: Path) -> N
 
     asyncio.run(scenario())
     assert refusals == ["untrusted-key"]
+
+
+def test_an_organization_policy_to_seal_results_to_it_too() -> None:
+    """A certificate may say that the researcher's results go to the organization's key as well; a
+    descriptor of that researcher that leaves the organization out is refused."""
+    org, researcher = Keyring.generate(), Keyring.generate()
+    cert = certify(org.current, ORG, 11, "alice", researcher.current.public, seal_to_organization=True)
+    fields: dict[str, Any] = {
+        "collaboration": COLLAB,
+        "initiator_org": ORG,
+        "initiator_user": 11,
+        "signer": researcher.current.public,
+        "signer_role": "user",
+        "image": "i",
+        "method": "m",
+        "targets": [Target(org=ORG, input=SHA, key_id=org.current.key_id)],
+    }
+    only_mine = sign_document(new_body(**fields), researcher.current, cert)
+    with pytest.raises(DescriptorInvalid, match="sealed to the organization"):
+        _verify(only_mine, Source({ORG: _chain(org)}))
+    both = new_body(**fields, reply_to=[researcher.current.key_id, org.current.key_id])
+    verified = _verify(sign_document(both, researcher.current, cert), Source({ORG: _chain(org)}))
+    assert verified.reply_keys == (researcher.current.public, org.current.public)
+    assert verified.certificate is not None and verified.certificate.seal_to_organization

@@ -44,6 +44,8 @@ class Identity:
     key: OrgKey  # signs descriptors; results come back sealed to it
     role: Role
     certificate: SignedEntry | None = None
+    also_to: PublicKey | None = None
+    """The organization's current key, when its policy (the certificate) wants results sealed to it too."""
 
 
 async def whoami(client: AsyncClient) -> tuple[int, int]:
@@ -122,7 +124,8 @@ async def _as_user(
             f"no certificate of organization {org_id} names key {key.key_id} for user {user_id}; "
             f"ask your admin: vnode users certify {user_id} --key {key.public.to_text()}"
         )
-    return Identity(org_id, user_id, key, "user", best[1])
+    also_to = chain.head if best[0].seal_to_organization else None
+    return Identity(org_id, user_id, key, "user", best[1], also_to)
 
 
 def _attached_revocations(items: list[dict[str, Any]]) -> list[SignedEntry]:

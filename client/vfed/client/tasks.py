@@ -119,6 +119,7 @@ def seal(
         image=image,
         method=method,
         targets=[Target(org=o, datasets=datasets, input=digest, key_id=key.key_id) for o, key in targets],
+        reply_to=[signer.key.key_id] + ([signer.also_to.key_id] if signer.also_to is not None else []),
         nonce=nonce,
     )
     return envelope, sign_document(body, signer.key, signer.certificate)

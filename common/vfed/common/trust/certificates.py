@@ -31,6 +31,8 @@ class Certificate:
     not_before: int
     expires_at: int
     digest: str
+    seal_to_organization: bool = False
+    """The organization's policy for this researcher: results are sealed to the organization's key too."""
 
 
 def certify(
@@ -43,8 +45,12 @@ def certify(
     roles: Iterable[str] = ("researcher",),
     validity_s: int = DEFAULT_VALIDITY_S,
     now: float | None = None,
+    seal_to_organization: bool = False,
 ) -> SignedEntry:
-    """A certificate record for a researcher's key, signed by the organization's current key."""
+    """A certificate record for a researcher's key, signed by the organization's current key.
+
+    `seal_to_organization`: the organization's policy that this researcher's results are also sealed to the
+    organization's key; nodes refuse descriptors of such a researcher that do not ask for it."""
     start = int(time.time() if now is None else now)
     body = {
         "org": organization_id,
@@ -56,6 +62,8 @@ def certify(
         "expires_at": start + int(validity_s),
         "serial": secrets.token_hex(16),
     }
+    if seal_to_organization:
+        body["seal_to_organization"] = True
     return sign_entry(KIND_CERTIFICATE, body, [org_key])
 
 
@@ -129,6 +137,9 @@ def verify_certificate(
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise CertificateInvalid("certificate roles must be a list of names")
     username = body.get("username")
+    seal_to_org = body.get("seal_to_organization", False)
+    if not isinstance(seal_to_org, bool):
+        raise CertificateInvalid("certificate field 'seal_to_organization' is not a boolean")
     return Certificate(
         chain.organization_id,
         _int(body, "user"),
@@ -138,6 +149,7 @@ def verify_certificate(
         not_before,
         expires_at,
         entry.digest,
+        seal_to_org,
     )
 
 

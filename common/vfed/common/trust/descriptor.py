@@ -234,6 +234,12 @@ async def verify_document(
         if key is None or (key is not signer and not chain.usable(key_id, limits.now, limits.key_grace_s)):
             raise DescriptorInvalid(f"results would be sealed to key {key_id}, which is not the initiator's")
         replies.append(key)
+    wants_org = certificate is not None and certificate.seal_to_organization
+    if wants_org and not any(k.key_id != signer.key_id and chain.get(k.key_id) for k in replies):
+        raise DescriptorInvalid(
+            f"organization {body.initiator.org} requires this researcher's results to be sealed to the "
+            "organization's key too, and the descriptor does not ask for it"
+        )
     return VerifiedDescriptor(document, body, signer, certificate, tuple(replies), parent)
 
 

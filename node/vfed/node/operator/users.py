@@ -49,6 +49,11 @@ def users_group() -> None:
 @click.option("--username", default=None, help="Shown in the certificate [default: the server's name].")
 @click.option("--roles", default="researcher", show_default=True, help="Comma-separated role names.")
 @click.option("--days", type=click.IntRange(min=1, max=3650), default=365, show_default=True)
+@click.option(
+    "--seal-to-organization",
+    is_flag=True,
+    help="Policy: this researcher's results are sealed to the organization's key too.",
+)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def certify_command(
     user_id: int,
@@ -58,6 +63,7 @@ def certify_command(
     username: str | None,
     roles: str,
     days: int,
+    seal_to_organization: bool,
     fmt: str,
 ) -> None:
     """Sign a certificate for USER_ID's key with the organization's current key and store it on the server."""
@@ -79,6 +85,7 @@ def certify_command(
         researcher_key,
         roles=role_names,
         validity_s=days * 86400,
+        seal_to_organization=seal_to_organization,
     )
     server.post_certificate(settings, entry)
     expires = time.strftime("%Y-%m-%d", time.gmtime(int(entry.body["expires_at"])))
