@@ -355,11 +355,15 @@ async def test_a_lying_server_is_caught_at_the_node(
     root_doc = DescriptorDocument.parse((await fed.task_row(honest)).descriptor or "")
     other_root = DescriptorDocument.parse((await fed.task_row(swapped_parent_root)).descriptor or "")
     cases["subtask with a swapped root"] = (
-        await fed.copy_task(honest, descriptor=_subtask(fed, root_doc, other_root).to_json()),
+        await fed.copy_task(
+            honest, descriptor=_subtask(fed, root_doc, other_root, fed.rings["epsilon"].current).to_json()
+        ),
         "bad-descriptor",
     )
     cases["subtask signed by the server"] = (
-        await fed.copy_task(honest, descriptor=_server_made_subtask(fed, root_doc).to_json()),
+        await fed.copy_task(
+            honest, descriptor=_subtask(fed, root_doc, root_doc, OrgKey.generate()).to_json()
+        ),
         "bad-descriptor",
     )
 
@@ -430,37 +434,21 @@ async def _insert_records(fed: Federation, org_id: int, records: list[SignedEntr
 
 
 def _subtask(
-    fed: Federation, parent: DescriptorDocument, shown_parent: DescriptorDocument
+    fed: Federation, parent: DescriptorDocument, shown_parent: DescriptorDocument, signer: OrgKey
 ) -> DescriptorDocument:
-    epsilon = fed.rings["epsilon"].current
+    """A subtask at alpha in epsilon's name: it names `parent`, carries `shown_parent`, `signer` signs."""
     body = new_body(
         collaboration=fed.collaboration,
         initiator_org=fed.ids["epsilon"],
         initiator_user=None,
-        signer=epsilon.public,
+        signer=signer.public,
         signer_role="organization",
         image=PROBE_IMAGE,
         method="echo",
         targets=[Target(org=fed.ids["alpha"], input="0" * 64, key_id=fed.rings["alpha"].current.key_id)],
         parent=parent,
     )
-    return sign_document(body, epsilon, None, shown_parent)
-
-
-def _server_made_subtask(fed: Federation, parent: DescriptorDocument) -> DescriptorDocument:
-    server_key = OrgKey.generate()
-    body = new_body(
-        collaboration=fed.collaboration,
-        initiator_org=fed.ids["epsilon"],
-        initiator_user=None,
-        signer=server_key.public,
-        signer_role="organization",
-        image=PROBE_IMAGE,
-        method="echo",
-        targets=[Target(org=fed.ids["alpha"], input="0" * 64, key_id=fed.rings["alpha"].current.key_id)],
-        parent=parent,
-    )
-    return sign_document(body, server_key, None, parent)
+    return sign_document(body, signer, None, shown_parent)
 
 
 async def test_a_lying_server_is_caught_at_the_client(federation: Federation) -> None:

@@ -120,7 +120,8 @@ class KeyChain:
         return found.superseded_at is None or now - found.superseded_at <= grace_s
 
 
-def _key_of(entry: SignedEntry) -> PublicKey:
+def record_key(entry: SignedEntry) -> PublicKey:
+    """The public key an entry's body names (`key`); ChainInvalid when it names none or an unreadable one."""
     text = entry.body.get("key")
     if not isinstance(text, str):
         raise ChainInvalid(f"{entry.kind} record names no key")
@@ -160,7 +161,7 @@ def _genesis(organization_id: int, records: list[SignedEntry], pin: str | None) 
             continue
         if entry.body.get("org") != organization_id:
             raise ChainInvalid(f"a first-key record names organization {entry.body.get('org')!r}")
-        key = _key_of(entry)
+        key = record_key(entry)
         try:
             entry.verify_by(key)
         except MalformedEntry as exc:
@@ -202,7 +203,7 @@ def _rotations_by_prev(organization_id: int, records: list[SignedEntry]) -> dict
 
 
 def _valid_rotation(prev: PublicKey, entry: SignedEntry) -> PublicKey:
-    new = _key_of(entry)
+    new = record_key(entry)
     try:
         entry.verify_by(prev)
         entry.verify_by(new)
@@ -226,7 +227,7 @@ def verify_chain(
     first = _genesis(organization_id, records, pin)
     by_prev = _rotations_by_prev(organization_id, records)
     chain = [first]
-    current = _key_of(first)
+    current = record_key(first)
     keys: list[tuple[PublicKey, int]] = [(current, _created(first))]
     seen = {current.key_id}
     while by_prev.get(current.key_id):

@@ -15,15 +15,17 @@ from aiohttp import web
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vfed.common.crypto import CryptoError, PublicKey
+from vfed.common.crypto import PublicKey
 from vfed.common.trust import (
     KIND_GENESIS,
     KIND_ROTATION,
     MalformedEntry,
     SignedEntry,
+    TrustError,
     show_fingerprint,
 )
 from vfed.common.trust.entries import MAX_ENTRY_BYTES
+from vfed.common.trust.keychain import record_key
 from vfed.server.api.common import caller, path_id, read_json, session
 from vfed.server.api.organizations import editable_org, readable_org, replace_key
 from vfed.server.errors import ApiError, conflict
@@ -51,13 +53,10 @@ def is_int(value: object) -> TypeGuard[int]:
 
 def key_of(entry: SignedEntry) -> PublicKey:
     """The public key an entry's body names (`key`); ValueError when it names none."""
-    text = entry.body.get("key")
-    if not isinstance(text, str):
-        raise ValueError(f"{entry.kind} entry names no key")
     try:
-        return PublicKey.from_text(text)
-    except CryptoError as exc:
-        raise ValueError(f"{entry.kind} entry holds an unreadable key: {exc}") from None
+        return record_key(entry)
+    except TrustError as exc:
+        raise ValueError(exc.message) from None
 
 
 def _stored_key(text: str) -> PublicKey:
