@@ -213,12 +213,15 @@ class Runner:
     async def _prepare(self, run: Run, task: Task, setup: _Setup, token: str | None) -> Prepared:
         """Input and checks. The loop verifies and decrypts while the engine looks the image up, then starts
         the run's proxy while it waits for that answer: the loop's own work stays off the critical path."""
-        accepted, plaintext = await self._trusted_input(run, task)
+        accepted, plaintext, remembered = await self._trusted_input(run, task)
         timeline.mark("decrypted")
         document = accepted.verified.document
         setup.proxy = asyncio.ensure_future(self.start_proxy(run, task, token, document))
         setup.proxy.add_done_callback(lambda _: timeline.mark("proxy"))
-        digest = await setup.digest
+        try:
+            digest = await setup.digest
+        finally:
+            await self._not_replayed(run, remembered)
         decision = check_run(
             self.s.settings,
             image=task.image,
@@ -248,18 +251,33 @@ class Runner:
         await _off_loop_if_big(len(plaintext), _write_input, run_dir, plaintext)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, epsilon)
 
-    async def _trusted_input(self, run: Run, task: Task) -> tuple[Accepted, bytes]:
-        """The task's descriptor verified, the run checked against it, remembered against replays, and the
-        input it names decrypted; any failure refuses the run (RunRefused)."""
+    async def _trusted_input(self, run: Run, task: Task) -> tuple[Accepted, bytes, asyncio.Future[None]]:
+        """The task's descriptor verified, the run checked against it and the input it names decrypted; any
+        failure refuses the run (RunRefused). The replay record (a journal write with its fsync) is made in a
+        thread meanwhile: the caller awaits it (`_not_replayed`) before the budget is charged or anything
+        starts."""
         checks = self.s.checks
         try:
             blob, verified = await asyncio.gather(self._download_input(run), checks.verify(task))
             accepted = await _off_loop_if_big(len(blob), checks.assign, verified, run, task, blob)
-            checks.accept(verified, run.id)
-            plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, accepted)
         except TrustError as exc:
             raise RunRefused("not-allowed", refusal_reason(exc, run.id, self.s.metrics)) from None
-        return accepted, plaintext
+        remembered = asyncio.ensure_future(asyncio.to_thread(checks.accept, verified, run.id))
+        try:
+            plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, accepted)
+        except BaseException as exc:
+            await asyncio.gather(remembered, return_exceptions=True)
+            if isinstance(exc, TrustError):
+                raise RunRefused("not-allowed", refusal_reason(exc, run.id, self.s.metrics)) from None
+            raise
+        return accepted, plaintext, remembered
+
+    async def _not_replayed(self, run: Run, remembered: asyncio.Future[None]) -> None:
+        """The replay record's verdict: a descriptor another run executed refuses this one."""
+        try:
+            await remembered
+        except TrustError as exc:
+            raise RunRefused("not-allowed", refusal_reason(exc, run.id, self.s.metrics)) from None
 
     async def _create_ahead(self, run: Run, task: Task, setup: _Setup) -> ahead.Ahead | None:
         """The run's container, made while the input is decrypted (module `ahead`); None when it may not
