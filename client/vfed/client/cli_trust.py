@@ -104,7 +104,10 @@ class _PinByDefault(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_PinByDefault, epilog="Example: vfed trust 3 --fingerprint 1a2b-3c4d-...   vfed trust list")
+@click.group(
+    cls=_PinByDefault,
+    epilog="Example: vfed trust 3 --fingerprint 1a2b-3c4d-...   vfed trust list   vfed trust import fed.yaml",
+)
 def trust() -> None:
     """Pin organizations by the fingerprint of their first key; compare it with their admin
     (`vnode keys show`) first. Pins live in VFED_TRUST_FILE, else `trusted_orgs` in your config folder."""
@@ -123,6 +126,31 @@ def trust_pin(organization_id: int, fingerprint_text: str, head: str | None) -> 
         raise ClientError(str(exc)) from None
     head_text = f" (head {pin.head})" if pin.head else ""
     click.echo(f"pinned organization {organization_id}: {show_fingerprint(pin.root)}{head_text}")
+
+
+@trust.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@handled
+def trust_import(file: Path) -> None:
+    """Pin the organizations FILE (the federation file, `organizations: [{name, fingerprint}]`) names with a
+    fingerprint, their ids looked up on the server by name (you must be logged in).
+
+    This trusts whoever wrote FILE: in a single-operator setup, the server's operator, who could then also
+    swap keys. Where you do not trust the operator, compare fingerprints with each organization's admin.
+    """
+    done, skipped = run(lambda c: c.trust_from_file(file))
+    for item in done:
+        verb = "pinned" if item.new else "already pinned"
+        shown = show_fingerprint(item.pin.root)
+        click.echo(f"{verb} organization {item.pin.organization_id} ({item.name}): {shown}")
+    for name in skipped:
+        click.echo(f"skipped {name}: the file gives no fingerprint")
+    click.echo(
+        f"warning: these pins trust whoever wrote {file} (in a single-operator setup, the server's operator, "
+        "who could then also swap keys); where you do not trust the operator, compare fingerprints with each "
+        "organization's admin",
+        err=True,
+    )
 
 
 @trust.command("list")

@@ -23,6 +23,7 @@ from vfed.client.keys import KeyDirectory
 from vfed.client.trust import ClientTrust, trust_mode
 from vfed.common.crypto import Keyring
 from vfed.common.trust import Pin
+from vfed.common.trust.truststore import NamedPin
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:7600"
@@ -106,6 +107,12 @@ class AsyncClient:
 
     def trusted(self) -> list[Pin]:
         return self.chains.pins()
+
+    async def trust_from_file(self, path: str | Path) -> tuple[list[NamedPin], list[str]]:
+        """Pin the organizations a federation file (`vserver import`'s) names with fingerprints, their ids
+        looked up by name: (the pins, the names without a fingerprint). This trusts whoever wrote the file
+        (the server's operator in a single-operator setup)."""
+        return await self.chains.pin_from_file(Path(path))
 
     async def organizations_with_trust(self) -> list[dict[str, Any]]:
         """Every visible organization with the fingerprint of its first key and `pinned`: yes, no or
@@ -214,6 +221,9 @@ class Client:
 
     def trusted(self) -> list[Pin]:
         return self._async.trusted()
+
+    def trust_from_file(self, path: str | Path) -> tuple[list[NamedPin], list[str]]:
+        return self._call(self._async.trust_from_file(path))
 
     def organizations_with_trust(self) -> list[dict[str, Any]]:
         return self._call(self._async.organizations_with_trust())

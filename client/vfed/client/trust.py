@@ -33,6 +33,12 @@ from vfed.common.trust import (
     show_fingerprint,
     verify_chain,
 )
+from vfed.common.trust.truststore import (
+    FederationFileError,
+    NamedPin,
+    pin_named,
+    read_federation_file,
+)
 
 DEFAULT_MODE = TrustMode.TOFU
 
@@ -141,6 +147,40 @@ class ClientTrust:
         if self._resolver is not None:
             self._resolver.forget(organization_id)
         return pin
+
+    async def organization_id(self, name: str) -> int:
+        """The id of organization `name`, as the server shows it to this client."""
+        rows = await self.api.get_all("/organizations", {"name": name})
+        found = [r for r in rows if r.get("name") == name and isinstance(r.get("id"), int)]
+        if len(found) != 1:
+            raise ClientError(
+                f"unknown organization {name!r}: the server shows you no organization by that name"
+            )
+        return int(found[0]["id"])
+
+    async def pin_from_file(self, path: Path) -> tuple[list[NamedPin], list[str]]:
+        """Pin every organization the federation file (`vserver import`'s) names with a fingerprint: (the
+        pins, the names it gives no fingerprint). That trusts whoever wrote the file. Nothing is pinned when
+        a name is unknown or an organization is pinned to another first key already."""
+        try:
+            entries = read_federation_file(path)
+        except FederationFileError as exc:
+            raise ClientError(str(exc)) from None
+        named = [e for e in entries if e.root is not None]
+        # Asking the server which id a name has is safe: every key record carries the organization id it was
+        # signed for (`org` in its body), so a server that maps a name to another organization's id cannot
+        # serve a chain for that id that verifies under this fingerprint: that organization is then refused,
+        # not impersonated.
+        ids = await asyncio.gather(*(self.organization_id(e.name) for e in named))
+        wanted = [(e.name, org, str(e.root)) for e, org in zip(named, ids, strict=True)]
+        try:
+            done = pin_named(self.store, wanted, f"from the federation file {path.name}")
+        except (FederationFileError, TrustStoreError) as exc:
+            raise ClientError(str(exc)) from None
+        if self._resolver is not None:
+            for item in done:
+                self._resolver.forget(item.pin.organization_id)
+        return done, [e.name for e in entries if e.root is None]
 
     def pin_own(self, organization_id: int, root: str) -> None:
         """Our own organization, pinned by the first key of its keyring (the client's key file)."""

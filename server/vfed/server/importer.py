@@ -1,7 +1,9 @@
 """`vserver import FILE.yaml`: organizations, collaborations, users and nodes, idempotent by name.
 
 Existing objects are left as they are (collaborations gain listed members); a node's API key is printed only
-when the node is created, because the server keeps only its hash.
+when the node is created, because the server keeps only its hash. An organization's `fingerprint` (of its
+first key, as `vnode keys show` prints it) is recorded: the server then refuses another first key. The same
+file can give nodes and researchers their pins (`vnode trust import`, `vfed trust import`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.common.crypto.errors import CryptoError
 from vfed.common.crypto.keys import PublicKey
+from vfed.common.trust import KIND_GENESIS, parse_fingerprint, show_fingerprint
 from vfed.server import auth
 from vfed.server.config import ConfigError, format_validation_error, yaml_problem
-from vfed.server.models import Collaboration, Node, Organization, Role, RoleName, User
+from vfed.server.models import Collaboration, KeyRecord, Node, Organization, Role, RoleName, User
 
 T = TypeVar("T")
 
@@ -30,6 +33,7 @@ class _In(BaseModel):
 class OrgSpec(_In):
     name: str = Field(min_length=1, max_length=200)
     public_key: str | None = None
+    fingerprint: str | None = None  # of the organization's first key (`vnode keys show`)
 
 
 class CollabSpec(_In):
@@ -75,9 +79,11 @@ def read_import_file(path: Path) -> ImportFile:
 async def run_import(s: AsyncSession, spec: ImportFile) -> list[str]:
     """Apply `spec`; return report lines (new node keys included, once)."""
     lines: list[str] = []
+    roots = _fingerprints(spec)
     orgs = {o.name: o for o in (await s.execute(select(Organization))).scalars()}
     for i, o in enumerate(spec.organizations):
         if o.name in orgs:
+            lines += await _record_root(s, orgs[o.name], roots.get(o.name))
             continue
         key_id = None
         if o.public_key:
@@ -85,9 +91,11 @@ async def run_import(s: AsyncSession, spec: ImportFile) -> list[str]:
                 key_id = PublicKey.from_text(o.public_key).key_id
             except CryptoError as exc:
                 raise ConfigError(f"organizations.{i}.public_key: {exc}") from exc
-        orgs[o.name] = Organization(name=o.name, public_key=o.public_key, key_id=key_id)
+        root = roots.get(o.name)
+        orgs[o.name] = Organization(name=o.name, public_key=o.public_key, key_id=key_id, root_key_id=root)
         s.add(orgs[o.name])
-        lines.append(f"organization {o.name}: created")
+        shown = f", first key {show_fingerprint(root)}" if root else ""
+        lines.append(f"organization {o.name}: created{shown}")
     await s.flush()
     collabs = {c.name: c for c in (await s.execute(select(Collaboration))).scalars()}
     for i, c in enumerate(spec.collaborations):
@@ -104,6 +112,43 @@ async def run_import(s: AsyncSession, spec: ImportFile) -> list[str]:
     lines += await _nodes(s, spec, orgs, collabs)
     await s.commit()
     return lines
+
+
+def _fingerprints(spec: ImportFile) -> dict[str, str]:
+    """Organization name -> key id of its first key, for the organizations the file gives a fingerprint."""
+    roots: dict[str, str] = {}
+    for i, o in enumerate(spec.organizations):
+        if o.fingerprint is None:
+            continue
+        try:
+            root = parse_fingerprint(o.fingerprint)
+        except ValueError as exc:
+            raise ConfigError(f"organizations.{i}.fingerprint: organization {o.name!r}: {exc}") from None
+        if roots.setdefault(o.name, root) != root:
+            raise ConfigError(
+                f"organizations.{i}.fingerprint: organization {o.name!r} is listed with two fingerprints"
+            )
+    return roots
+
+
+async def _record_root(s: AsyncSession, org: Organization, root: str | None) -> list[str]:
+    """Record (or change) an existing organization's first key fingerprint; refused when the organization
+    published a first key already and it is another one."""
+    if root is None or root == org.root_key_id:
+        return []
+    genesis = select(KeyRecord.key_id).where(
+        KeyRecord.organization_id == org.id, KeyRecord.kind == KIND_GENESIS
+    )
+    published = (await s.execute(genesis)).scalars().first()
+    if published is not None and published != root:
+        raise ConfigError(
+            f"organization {org.name!r}: the file names first key {show_fingerprint(root)}, but the "
+            f"organization published first key {show_fingerprint(published)} already; ask its admin which "
+            "is right (`vnode keys show` prints it)"
+        )
+    was = f" (was {show_fingerprint(org.root_key_id)})" if org.root_key_id else ""
+    org.root_key_id = root
+    return [f"organization {org.name}: first key {show_fingerprint(root)} recorded{was}"]
 
 
 def _named(table: dict[str, T], name: str, where: str) -> T:

@@ -118,6 +118,9 @@ class Organization(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     public_key: Mapped[str | None] = mapped_column(Text)
     key_id: Mapped[str | None] = mapped_column(String(200))
+    # the key id of its first key as the federation file names it (`vserver import`); the server then
+    # refuses another first key (nodes and clients still verify against their own pins)
+    root_key_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -1,7 +1,9 @@
 """The trust store: organization id -> pinned fingerprint of its first key, like SSH's known_hosts.
 
 One line per organization: `<organization id> <fingerprint> [head=<key id>] [# comment]`. Pins travel out of
-band (an admin reads `vnode keys show` and hands the fingerprint over); `tofu` mode pins at first sight.
+band (an admin reads `vnode keys show` and hands the fingerprint over); `tofu` mode pins at first sight. The
+federation file (`vserver import`) may carry each organization's fingerprint: `read_federation_file` reads
+them for `vnode trust import` and `vfed trust import`, which trust whoever wrote that file.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from vfed.common.trust.keychain import parse_fingerprint, show_fingerprint
 
@@ -126,3 +132,86 @@ class TrustStore:
             self._mtime = self.path.stat().st_mtime
         except OSError as exc:
             raise TrustStoreError(f"cannot write trust store {self.path}: {exc.strerror}") from None
+
+
+class FederationFileError(Exception):
+    """The federation file cannot be read, or it names an organization's fingerprint wrongly."""
+
+
+@dataclass(frozen=True)
+class FederationEntry:
+    """An organization of the federation file: its name and, when the file gives one, its first key's id."""
+
+    name: str
+    root: str | None
+
+
+@dataclass(frozen=True)
+class NamedPin:
+    """A pin made from the federation file; `new` is False when the organization was pinned to it already."""
+
+    name: str
+    pin: Pin
+    new: bool
+
+
+def read_federation_file(path: Path) -> list[FederationEntry]:
+    """The organizations of a `vserver import` file (`organizations: [{name, fingerprint}, ...]`; any other
+    key is ignored), in file order, each name once; FederationFileError naming the entry when it is wrong."""
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FederationFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        problem = " ".join(str(exc).split())
+        raise FederationFileError(f"{path} is not valid YAML: {problem}") from None
+    organizations = raw.get("organizations") if isinstance(raw, dict) else None
+    if not isinstance(organizations, list):
+        raise FederationFileError(f"{path}: expected `organizations: [{{name: ..., fingerprint: ...}}, ...]`")
+    entries: dict[str, FederationEntry] = {}
+    for number, item in enumerate(organizations):
+        where = f"{path}: organizations.{number}"
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise FederationFileError(f"{where}: an organization needs a name")
+        text = item.get("fingerprint")
+        root = None
+        if text is not None:
+            if not isinstance(text, str):
+                raise FederationFileError(f"{where} ({name}): write the fingerprint in quotes, as text")
+            try:
+                root = parse_fingerprint(text)
+            except ValueError as exc:
+                raise FederationFileError(f"{where} ({name}): {exc}") from None
+        seen = entries.get(name)
+        if seen is not None and root is not None and seen.root not in (None, root):
+            raise FederationFileError(f"{where}: organization {name!r} is listed with two fingerprints")
+        if seen is None or seen.root is None:
+            entries[name] = FederationEntry(name, root)
+    return list(entries.values())
+
+
+def pin_named(store: TrustStore, wanted: Sequence[tuple[str, int, str]], note: str) -> list[NamedPin]:
+    """Pin each (name, organization id, key id of the first key). An organization pinned to another first key
+    already is refused (FederationFileError) before anything is written: its admin decides, not the file. One
+    pinned to this key already keeps its pin (and the head an admin chose after a fork)."""
+    names: dict[int, str] = {}
+    for name, organization_id, root in wanted:
+        other = names.setdefault(organization_id, name)
+        if other != name:
+            raise FederationFileError(f"{other!r} and {name!r} are both organization {organization_id}")
+        have = store.get(organization_id)
+        if have is not None and have.root != root:
+            raise FederationFileError(
+                f"organization {organization_id} ({name}) is pinned to {show_fingerprint(have.root)}, the "
+                f"file names {show_fingerprint(root)}: ask its admin which is right; to take the file's, "
+                f"remove the pin first (`untrust {organization_id}`)"
+            )
+    done: list[NamedPin] = []
+    for name, organization_id, root in wanted:
+        have = store.get(organization_id)
+        if have is not None:
+            done.append(NamedPin(name, have, False))
+        else:
+            done.append(NamedPin(name, store.pin(organization_id, root, None, note), True))
+    return done

@@ -177,3 +177,10 @@ def user_name(settings: NodeSettings, user_id: int) -> str:
         return ""
     name = user.get("username") if isinstance(user, dict) else None
     return name if isinstance(name, str) else ""
+
+
+def organizations_named(session: Session, name: str) -> list[dict[str, Any]]:
+    """The organizations the server shows this node under `name` (rows of GET /organizations?name=)."""
+    answer = _call("GET", f"{session.base}/organizations", token=session.token, params={"name": name})
+    rows = answer.get("data") if isinstance(answer, dict) else None
+    return [r for r in rows or [] if isinstance(r, dict) and r.get("name") == name]

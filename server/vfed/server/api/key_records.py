@@ -2,7 +2,10 @@
 
 The server is not trusted with keys: nodes and clients verify a chain against the fingerprint they pinned.
 An honest server still refuses what no verifier would accept (a record that does not verify, a second first
-key, a fork), so a mistake is answered at once instead of at every node.
+key, a fork), so a mistake is answered at once instead of at every node. Where the federation file named the
+organization's first key (`vserver import`, `organizations.root_key_id`), it also refuses another first key:
+a mis-keyed node is told at once. Nodes and clients still verify against their own pins, whatever the server
+says.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class _Chain:
     """An organization's stored records, as far as appending to them needs."""
 
     organization_id: int
+    root: str | None = None  # key id of the first key the federation file names, if it names one
     entries: list[str] = field(default_factory=list)  # canonical texts, append order
     digests: set[str] = field(default_factory=set)
     first: str | None = None  # key id of the first key
@@ -89,8 +93,8 @@ class _Chain:
     next_of: dict[str, str] = field(default_factory=dict)  # key id -> the key that replaced it
 
     @classmethod
-    async def load(cls, s: AsyncSession, organization_id: int) -> _Chain:
-        chain = cls(organization_id)
+    async def load(cls, s: AsyncSession, organization_id: int, root: str | None = None) -> _Chain:
+        chain = cls(organization_id, root)
         rows = await s.execute(
             select(KeyRecord.digest, KeyRecord.key_id, KeyRecord.prev_key_id, KeyRecord.entry)
             .where(KeyRecord.organization_id == organization_id)
@@ -156,6 +160,13 @@ def _new_genesis(chain: _Chain, number: int, entry: SignedEntry, key: PublicKey)
     """True for the organization's first key; False when that key is the first key already."""
     _verify(number, entry, key)  # self-signed
     if chain.first is None:
+        if chain.root is not None and chain.root != key.key_id:
+            raise conflict(
+                "key-chain-conflict",
+                f"record {number}: the federation file names first key {show_fingerprint(chain.root)} for "
+                f"this organization ({chain.organization_id}); this record's key is "
+                f"{show_fingerprint(key.key_id)} (is the node using the right key file?)",
+            )
         return True
     if chain.first == key.key_id:
         return False
@@ -237,7 +248,7 @@ async def append_key_records(request: web.Request) -> web.Response:
         )
         await s.execute(lock.execution_options(synchronize_session=False))
         await s.refresh(org)
-        chain = await _Chain.load(s, org.id)
+        chain = await _Chain.load(s, org.id, org.root_key_id)
         rows = [row for number, raw in enumerate(body.records) if (row := _append(chain, number, raw))]
         if rows:
             s.add_all(rows)
