@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import yaml
@@ -20,22 +18,6 @@ from vfed.client.client import AsyncClient
 from vfed.common.crypto import Keyring
 from vfed.common.trust import TrustStore, fingerprint, records_for_keys
 from vfed.node.server_api import NodeClient
-from vfed.server import db
-from vfed.server.importer import ImportFile, run_import
-
-
-async def seed(server: Server, spec: dict[str, Any]) -> dict[str, str]:
-    """`vserver import` of `spec` into the server's database; node API keys by organization."""
-    server.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = db.make_engine(server.settings().db_url())
-    try:
-        await db.upgrade(engine)
-        async with db.make_sessionmaker(engine)() as s:
-            lines = await run_import(s, ImportFile.model_validate(spec))
-    finally:
-        await engine.dispose()
-    found = (re.match(r"node node-(\S+): created; API key \(shown once\): (\S+)", line) for line in lines)
-    return {m.group(1): m.group(2) for m in found if m}
 
 
 async def vfed(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -64,7 +46,7 @@ async def test_trust_import_pins_from_the_federation_file(tmp_path: Path) -> Non
     file = tmp_path / "federation.yaml"
     file.write_text(yaml.safe_dump(spec))
     server = Server(tmp_path / "server", mqtt_url=None)
-    api_keys = await seed(server, spec)
+    api_keys = await server.import_spec(spec)
     await server.start()
     trust_file = Path(os.environ["VFED_TRUST_FILE"])
     try:

@@ -84,7 +84,7 @@ class Server:
 
     async def seed(self, orgs: list[str], collaboration: str = "collab") -> dict[str, str]:
         """Organizations, one collaboration, a researcher and a node per organization; node API keys."""
-        spec = ImportFile.model_validate(
+        return await self.import_spec(
             {
                 "organizations": [{"name": o} for o in orgs],
                 "collaborations": [{"name": collaboration, "organizations": orgs}],
@@ -94,6 +94,11 @@ class Server:
                 ],
             }
         )
+
+    async def import_spec(self, raw: dict[str, Any]) -> dict[str, str]:
+        """`vserver import` of a federation document into the server's database; node API keys by the
+        organization part of each node's name (`node-<org>`)."""
+        spec = ImportFile.model_validate(raw)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         engine = db.make_engine(self.settings().db_url())
         try:

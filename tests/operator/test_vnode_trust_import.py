@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +17,8 @@ from vnode_testlib import Dirs, dirs, vnode
 from vfed.common.crypto import Keyring
 from vfed.common.trust import TrustStore, fingerprint
 from vfed.node.config import load_settings
-from vfed.server import db
-from vfed.server.importer import ImportFile, run_import
 
 __all__ = ["dirs"]
-
-
-async def seed(server: Server, spec: dict[str, Any]) -> dict[str, str]:
-    """`vserver import` of `spec` into the server's database; node API keys by organization."""
-    server.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = db.make_engine(server.settings().db_url())
-    try:
-        await db.upgrade(engine)
-        async with db.make_sessionmaker(engine)() as s:
-            lines = await run_import(s, ImportFile.model_validate(spec))
-    finally:
-        await engine.dispose()
-    found = (re.match(r"node node-(\S+): created; API key \(shown once\): (\S+)", line) for line in lines)
-    return {m.group(1): m.group(2) for m in found if m}
 
 
 def federation(fingerprints: dict[str, str | None]) -> dict[str, Any]:
@@ -60,7 +43,7 @@ async def test_trust_import_pins_from_the_federation_file(dirs: Dirs, tmp_path: 
     file = tmp_path / "federation.yaml"
     file.write_text(yaml.safe_dump(spec))
     server = Server(tmp_path / "server", mqtt_url=None)
-    api_keys = await seed(server, spec)
+    api_keys = await server.import_spec(spec)
     await server.start()
     try:
         for o in "ac":
