@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections import Counter, defaultdict
@@ -25,6 +26,30 @@ def _own_client_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VFED_TRUST", raising=False)
     monkeypatch.delenv("VFED_KEY_FILE", raising=False)
     monkeypatch.delenv("VFED_TOKEN", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _job_volumes_removed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A job's temporary volume outlives a stopped agent on purpose (the job may go on after a restart); a
+    test's agents stop for good, so the job volumes its nodes made (`vfed-<node>-<job>-tmp`) go with it."""
+    if request.node.get_closest_marker("docker") is None:
+        yield
+        return
+    try:
+        import docker
+
+        engine = docker.from_env(timeout=60)
+        before = {v.name for v in engine.volumes.list()}
+    except Exception:  # no engine: the test itself says so
+        yield
+        return
+    yield
+    for volume in engine.volumes.list():
+        name = volume.name
+        if name not in before and name.startswith("vfed-") and name.endswith("-tmp"):
+            with contextlib.suppress(Exception):  # still mounted by a container the test left: reported there
+                volume.remove()
+    engine.close()
 
 
 @pytest.fixture(scope="session")
