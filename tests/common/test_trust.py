@@ -204,6 +204,22 @@ def _task(
     return sign_document(new_body(**fields), researcher.current, cert), cert
 
 
+def _user_body(org: Keyring, signer: Keyring, **extra: Any) -> dict[str, Any]:
+    """A descriptor body as user 11 of ORG signing with `signer`'s key, targeting ORG."""
+    fields: dict[str, Any] = {
+        "collaboration": COLLAB,
+        "initiator_org": ORG,
+        "initiator_user": 11,
+        "signer": signer.current.public,
+        "signer_role": "user",
+        "image": "i",
+        "method": "m",
+        "targets": [Target(org=ORG, input=SHA, key_id=org.current.key_id)],
+    }
+    fields.update(extra)
+    return new_body(**fields)
+
+
 def test_researcher_signed_descriptor_verifies_and_matches() -> None:
     org, researcher = Keyring.generate(), Keyring.generate()
     doc, _ = _task(org, researcher)
@@ -253,16 +269,7 @@ def test_forged_and_revoked_certificates_are_refused() -> None:
     org, researcher, server = Keyring.generate(), Keyring.generate(), Keyring.generate()
     # The server certifies its own key for the organization's user.
     forged = certify(server.current, ORG, 11, "alice", server.current.public)
-    body = new_body(
-        collaboration=COLLAB,
-        initiator_org=ORG,
-        initiator_user=11,
-        signer=server.current.public,
-        signer_role="user",
-        image="i",
-        method="m",
-        targets=[Target(org=ORG, input=SHA, key_id=org.current.key_id)],
-    )
+    body = _user_body(org, server)
     with pytest.raises(CertificateInvalid, match="not signed by a key of organization"):
         _verify(sign_document(body, server.current, forged), Source({ORG: _chain(org)}))
     doc, cert = _task(org, researcher)
@@ -286,16 +293,7 @@ def test_expired_certificate_and_descriptor_and_other_user() -> None:
     with pytest.raises(DescriptorInvalid, match="future"):
         _verify(doc, Source({ORG: _chain(org)}))
     cert = certify(org.current, ORG, 12, "bob", researcher.current.public)
-    body = new_body(
-        collaboration=COLLAB,
-        initiator_org=ORG,
-        initiator_user=11,
-        signer=researcher.current.public,
-        signer_role="user",
-        image="i",
-        method="m",
-        targets=[Target(org=ORG, input=SHA, key_id=org.current.key_id)],
-    )
+    body = _user_body(org, researcher)
     with pytest.raises(DescriptorInvalid, match="another key or user"):
         _verify(sign_document(body, researcher.current, cert), Source({ORG: _chain(org)}))
 
@@ -426,20 +424,10 @@ def test_an_organization_policy_to_seal_results_to_it_too() -> None:
     descriptor of that researcher that leaves the organization out is refused."""
     org, researcher = Keyring.generate(), Keyring.generate()
     cert = certify(org.current, ORG, 11, "alice", researcher.current.public, seal_to_organization=True)
-    fields: dict[str, Any] = {
-        "collaboration": COLLAB,
-        "initiator_org": ORG,
-        "initiator_user": 11,
-        "signer": researcher.current.public,
-        "signer_role": "user",
-        "image": "i",
-        "method": "m",
-        "targets": [Target(org=ORG, input=SHA, key_id=org.current.key_id)],
-    }
-    only_mine = sign_document(new_body(**fields), researcher.current, cert)
+    only_mine = sign_document(_user_body(org, researcher), researcher.current, cert)
     with pytest.raises(DescriptorInvalid, match="sealed to the organization"):
         _verify(only_mine, Source({ORG: _chain(org)}))
-    both = new_body(**fields, reply_to=[researcher.current.key_id, org.current.key_id])
+    both = _user_body(org, researcher, reply_to=[researcher.current.key_id, org.current.key_id])
     verified = _verify(sign_document(both, researcher.current, cert), Source({ORG: _chain(org)}))
     assert verified.reply_keys == (researcher.current.public, org.current.public)
     assert verified.certificate is not None and verified.certificate.seal_to_organization
