@@ -29,6 +29,7 @@ from vfed.node.keys import KeyHolder
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run
 from vfed.node.privacy import BudgetRefused, PrivacyLedger
+from vfed.node.run_setup import RunSetup
 from vfed.node.runtime.base import (
     INPUT_NAME,
     LABEL_AGENT,
@@ -147,7 +148,7 @@ class Runner:
                 self.s.runtime.ensure_job_volume(self.s.settings.name, str(claim.job_id))
             )
             volume.add_done_callback(lambda _: trace.mark("job_folder"))
-        setup = _Setup(journaled, asyncio.ensure_future(self._image_digest(task)), volume, self.s.runtime)
+        setup = RunSetup(journaled, asyncio.ensure_future(self._image_digest(task)), volume, self.s.runtime)
         setup.digest.add_done_callback(lambda _: trace.mark("image"))
         try:
             _fresh_run_dir(self.run_dir(claim.id))  # a few syscalls: a thread hop would cost more
@@ -210,7 +211,7 @@ class Runner:
             reason = f"node agent error: {exc}"
             await self.finisher.end_without_container(run_id, "crashed", reason, entry.job_id)
 
-    async def _prepare(self, run: Run, task: Task, setup: _Setup, token: str | None) -> Prepared:
+    async def _prepare(self, run: Run, task: Task, setup: RunSetup, token: str | None) -> Prepared:
         """Input and checks. The loop verifies and decrypts while the engine looks the image up, then starts
         the run's proxy while it waits for that answer: the loop's own work stays off the critical path."""
         accepted, plaintext, remembered = await self._trusted_input(run, task)
@@ -279,11 +280,11 @@ class Runner:
         except TrustError as exc:
             raise RunRefused("not-allowed", refusal_reason(exc, run.id, self.s.metrics)) from None
 
-    async def _create_ahead(self, run: Run, task: Task, setup: _Setup) -> ahead.Ahead | None:
+    async def _create_ahead(self, run: Run, task: Task, setup: RunSetup) -> ahead.Ahead | None:
         """The run's container, made while the input is decrypted (module `ahead`); None when it may not
         be, or when a step before it failed (the checks then report that)."""
         # Not after the journal entry: a container made but not started needs none (recovery removes one it
-        # does not know); the start waits for the entry (_Setup.ready).
+        # does not know); the start waits for the entry (RunSetup.ready).
         try:
             digest = await setup.digest
             await setup.volume
@@ -436,42 +437,6 @@ class Runner:
                 log.warning("run %s: runtime unavailable (%s), attempt %d", prepared.run.id, exc, attempt + 1)
                 await asyncio.sleep(0.5 * 2**attempt)
         raise RunRefused("start-failed", "the container runtime stayed unavailable")
-
-
-@dataclass
-class _Setup:
-    """What a run sets up beside its checks: its journal entry, the image lookup, its job folder and proxy."""
-
-    journaled: asyncio.Future[None]
-    digest: asyncio.Future[str]
-    volume: asyncio.Future[str]
-    runtime: Runtime
-    proxy: asyncio.Future[ProxyServer] | None = None
-    creating: asyncio.Future[ahead.Ahead | None] | None = None
-    created: ahead.Ahead | None = None
-
-    async def ready(self) -> ProxyServer:
-        await self.journaled  # no container before its run is in the journal
-        # A job folder that failed here is tried again, with the start's own retries, when the run starts.
-        with contextlib.suppress(Exception):
-            await self.volume
-        if self.creating is not None:
-            self.created = await self.creating
-        assert self.proxy is not None, "the proxy starts once the input is decrypted"
-        return await self.proxy
-
-    async def undo(self) -> None:
-        """After a refusal: remove the container made ahead and stop the proxy; the job folder goes with the
-        job's last run (the finisher)."""
-        await asyncio.gather(self.journaled, self.digest, self.volume, return_exceptions=True)
-        if self.creating is not None:
-            (early,) = await asyncio.gather(self.creating, return_exceptions=True)
-            if isinstance(early, ahead.Ahead):
-                await ahead.discard(self.runtime, early)
-        if self.proxy is not None:
-            (proxy,) = await asyncio.gather(self.proxy, return_exceptions=True)
-            if isinstance(proxy, ProxyServer):
-                await proxy.stop()
 
 
 _INLINE_MAX_BYTES = 64 * 1024
