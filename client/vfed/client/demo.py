@@ -270,6 +270,19 @@ def report(result: dict[str, Any], datasets: list[Path]) -> bool:
     return ok
 
 
+def establish_trust(
+    work: Path, url: str, keys: dict[str, str], rings: dict[str, Keyring], researcher: Keyring
+) -> dict[str, int]:
+    """Out of band, before any task: the organizations pin each other, and the first one certifies the
+    researcher's own key. Answers the organizations' ids."""
+    first = ORGS[0]
+    ids = asyncio.run(organization_ids(url, keys[first]))
+    pin_each_other(work, rings, ids)
+    asyncio.run(publish_first_chain(url, keys[first], rings[first], ids[first]))
+    asyncio.run(certify_researcher(url, keys[first], rings[first], ids[first], researcher))
+    return ids
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--work-dir", type=Path, default=Path("build/demo"))
@@ -305,10 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as server:
         _wait_http(f"{url}/api/v1/health", server, work / "server.log")
         _say(f"server on {url} (embedded MQTT broker on port {mqtt_port})")
-        ids = asyncio.run(organization_ids(url, keys[ORGS[0]]))
-        pin_each_other(work, rings, ids)
-        asyncio.run(publish_first_chain(url, keys[ORGS[0]], rings[ORGS[0]], ids[ORGS[0]]))
-        asyncio.run(certify_researcher(url, keys[ORGS[0]], rings[ORGS[0]], ids[ORGS[0]], researcher))
+        ids = establish_trust(work, url, keys, rings, researcher)
         agents = []
         with contextmanager_stack() as stack:
             for org, dataset in zip(ORGS, datasets, strict=True):
