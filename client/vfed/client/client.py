@@ -19,7 +19,7 @@ from vfed.client.credentials import default_key_file, default_trust_file
 from vfed.client.errors import KeyMissing
 from vfed.client.http import ApiSession
 from vfed.client.identity import Identity
-from vfed.client.keys import KeyDirectory
+from vfed.client.members import Members
 from vfed.client.trust import ClientTrust, trust_mode
 from vfed.common.crypto import Keyring
 from vfed.common.trust import Pin
@@ -51,7 +51,7 @@ class AsyncClient:
     ) -> None:
         self.url = url or os.environ.get("VFED_SERVER_URL", DEFAULT_URL)
         self.api = ApiSession(self.url, token=token or os.environ.get("VFED_TOKEN"))
-        self.keys = KeyDirectory(self.api)  # collaboration members, as the server lists them
+        self.members = Members(self.api)
         self.chains = ClientTrust(self.api, Path(trust_file or default_trust_file()), trust_mode(trust))
         self._key_file = key_file or os.environ.get("VFED_KEY_FILE")
         self._passphrase = passphrase if passphrase is not None else os.environ.get("VFED_KEY_PASSPHRASE")

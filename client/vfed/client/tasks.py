@@ -131,10 +131,9 @@ async def _recipients(
     """The head of each target organization's verified key chain (default targets: every member, from the
     collaboration's members as last listed; fresh: listed and verified again now)."""
     if organizations is None:
-        members = await client.keys.current_in(collaboration, refresh=fresh)
-        if not members:  # an unknown collaboration: let the server say so
+        organizations = await client.members.of(collaboration, refresh=fresh)
+        if not organizations:  # an unknown collaboration: let the server say so
             await client.api.request("GET", f"/collaborations/{collaboration}")
-        organizations = sorted(members)
     if not organizations:
         raise ClientError("a task needs at least one target organization")
     # A repeated organization stays: the server refuses it.
