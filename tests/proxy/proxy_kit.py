@@ -70,17 +70,14 @@ async def _world(tmp_path: Path, *, signed: bool) -> AsyncIterator[World]:
     run = await nodes["a"].claim(run.id)
     token = await nodes["a"].run_token(run.id)
     info = RunInfo(run.id, run.task_id, run.job_id, run.organization_id, collab, "vfed-test/node-probe")
-    trust: dict[str, Any] = {}
+    store = TrustStore(None, TrustMode.PINNED)
+    for name, org_id in org_ids.items():
+        store.pin(org_id, keyrings[name].keys[0].key_id)
+    trust: dict[str, Any] = {"chains": ChainResolver(store, nodes["a"].key_records, nodes["a"].revocations)}
     if signed:
         stored = await nodes["a"].get_task(task["id"])
         assert stored.descriptor is not None
-        store = TrustStore(None, TrustMode.PINNED)
-        for name, org_id in org_ids.items():
-            store.pin(org_id, keyrings[name].keys[0].key_id)
-        trust = {
-            "descriptor": DescriptorDocument.parse(stored.descriptor),
-            "chains": ChainResolver(store, nodes["a"].key_records, nodes["a"].revocations),
-        }
+        trust["descriptor"] = DescriptorDocument.parse(stored.descriptor)
     ctx = ProxyContext(
         run=info,
         rest=RestClient(session, server.url, token),

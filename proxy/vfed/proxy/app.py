@@ -32,7 +32,6 @@ from vfed.common.payload import result_content_type
 from vfed.common.trust import TrustError
 from vfed.proxy import subtasks
 from vfed.proxy.context import ProxyContext, ProxyError, RunInfo
-from vfed.proxy.keys import KeyUnavailable
 from vfed.proxy.rest import ApiError, Run, ServerUnavailable, Task
 from vfed.proxy.subtasks import NewTask
 
@@ -76,8 +75,6 @@ async def errors_middleware(  # noqa: PLR0911 - one answer per error kind
         return _problem(status, exc.error, f"server: {exc.detail}")
     except ServerUnavailable as exc:
         return _problem(503, "server-unavailable", str(exc))
-    except KeyUnavailable as exc:
-        return _problem(409, "no-public-key", str(exc))
     except TrustError as exc:
         return _problem(403, exc.reason, exc.message)
 
@@ -114,10 +111,7 @@ async def _read_new_task(request: web.Request) -> NewTask:
 
 async def _seal(ctx: ProxyContext, data: bytes, org_ids: list[int]) -> str:
     """Encrypt data for these organizations, signed with our key; upload it; return the blob id."""
-    if ctx.chains is not None:
-        recipients = await subtasks.heads(ctx, org_ids)
-    else:
-        recipients = [await ctx.keys.public_key(org_id) for org_id in org_ids]
+    recipients = await subtasks.heads(ctx, org_ids)
     sealed = await asyncio.to_thread(encrypt_bytes, data, ctx.org_key, recipients)
     return (await ctx.rest.upload_blob(sealed)).id
 
@@ -266,9 +260,7 @@ async def get_result(request: web.Request) -> web.StreamResponse:
 
 async def _binding(ctx: ProxyContext, run: Run) -> tuple[bytes | None, SenderLookup]:
     """The context the result must be bound to, and the executing organization's keys (its verified chain;
-    the server's keys only without chains)."""
-    if ctx.chains is None:
-        return None, await ctx.keys.sender(run.organization_id)
+    never the server's word)."""
     context = await subtasks.result_context_of(ctx, run)
     try:
         chain = await ctx.chains.chain(run.organization_id)
@@ -285,8 +277,6 @@ async def _decrypt_result(
         try:
             await asyncio.to_thread(decrypt_file, sealed, plain, ctx.keyring, sender, context=context)
         except UnknownSender:
-            if ctx.chains is None:
-                raise
             # signed by a key newer than the chain we keep: read the chain again, once
             chain = await ctx.chains.chain(run.organization_id, refresh=True)
             await asyncio.to_thread(decrypt_file, sealed, plain, ctx.keyring, chain.lookup(), context=context)
@@ -297,7 +287,7 @@ async def _decrypt_result(
             f"result of run {run.id} belongs to another run or task (its envelope is not bound to this run)",
         ) from None
     except (CryptoError, TrustError) as exc:
-        ctx.keys.forget(run.organization_id)
+        ctx.chains.forget(run.organization_id)
         raise ProxyError(502, "undecryptable", f"result of run {run.id} does not decrypt: {exc}") from None
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from vfed.common.crypto import Keyring, OrgKey
 from vfed.common.trust import ChainResolver, DescriptorDocument
-from vfed.proxy.keys import KeyDirectory
 from vfed.proxy.rest import RestClient
 
 
@@ -28,29 +27,25 @@ class RunInfo:
 class ProxyContext:
     """Everything one run's proxy needs; built by the agent after the run was claimed.
 
-    With `descriptor` (the run's own verified task document) and `chains` (key chains verified against the
-    node's pins), subtasks get a signed descriptor that embeds it, inputs and results are bound to it, and
-    every public key comes from a chain. Without them (tests of the proxy alone) the server's keys are used.
+    Every public key comes from `chains` (key chains verified against the node's pins). With `descriptor`
+    (the run's own verified task document), subtasks get a signed descriptor that embeds it, and their inputs
+    and results are bound to it; without one (tests of the proxy alone) subtasks are unsigned.
     """
 
     run: RunInfo
     rest: RestClient
     org_key: OrgKey
     keyring: Keyring
+    chains: ChainResolver
     max_request_bytes: int = 64 * 1024 * 1024
     spool_dir: Path | None = None
     descriptor: DescriptorDocument | None = None
-    chains: ChainResolver | None = None
     max_subtasks_per_run: int = 100
     max_subtask_depth: int = 2
-    keys: KeyDirectory = field(init=False)
     subtasks: set[int] = field(default_factory=set)  # tasks of this job the run may read
     subtask_digests: dict[int, str] = field(default_factory=dict)  # subtask id -> its descriptor's digest
     created: int = field(default=0, init=False)  # subtasks this run created (or is creating)
     members: frozenset[int] | None = field(default=None, init=False)  # of the run's collaboration
-
-    def __post_init__(self) -> None:
-        self.keys = KeyDirectory(self.rest)
 
 
 class ProxyError(Exception):

@@ -69,7 +69,6 @@ async def check_members(ctx: ProxyContext, organizations: Sequence[int]) -> None
 
 
 async def _chains(ctx: ProxyContext, organizations: Sequence[int], refresh: bool) -> list[KeyChain]:
-    assert ctx.chains is not None
     chains = ctx.chains
     try:
         return list(await asyncio.gather(*(chains.chain(o, refresh=refresh) for o in organizations)))
