@@ -65,6 +65,14 @@ class Target(_Strict):
     key_id: str = Field(pattern=_KEY_ID, description="the organization key the input is sealed to")
 
 
+class LedgerHead(_Strict):
+    """The collaboration ledger's head the signer had verified (`vfed.common.ledger.Head`): a node that finds
+    another entry at that place reports a fork."""
+
+    seq: int = Field(ge=0)
+    hash: str = Field(pattern=_SHA256)
+
+
 class DescriptorBody(_Strict):
     collaboration: int
     initiator: Initiator
@@ -78,6 +86,7 @@ class DescriptorBody(_Strict):
     created_at: int
     expires_at: int
     nonce: str = Field(pattern=r"^[0-9a-f]{32}$")
+    ledger: LedgerHead | None = None
 
 
 class DescriptorDocument(BaseModel):
@@ -142,10 +151,12 @@ def new_body(
     lifetime_s: int = DEFAULT_LIFETIME_S,
     nonce: str | None = None,
     now: float | None = None,
+    ledger: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
+    """`ledger`: (seq, hash) of the collaboration ledger's head the signer verified, if it keeps a view."""
     created = int(time.time() if now is None else now)
     depth = 0 if parent is None else parent.body().depth + 1
-    return {
+    body: dict[str, Any] = {
         "collaboration": collaboration,
         "initiator": {"org": initiator_org, "user": initiator_user},
         "signer": {"key_id": signer.key_id, "as": signer_role},
@@ -159,6 +170,9 @@ def new_body(
         "expires_at": created + min(int(lifetime_s), MAX_LIFETIME_S),
         "nonce": nonce or secrets.token_hex(16),
     }
+    if ledger is not None:
+        body["ledger"] = {"seq": int(ledger[0]), "hash": str(ledger[1])}
+    return body
 
 
 def sign_document(

@@ -1,0 +1,95 @@
+"""The ledger: datasets, time-limited leases on them and a receipt for every run, signed by the organizations
+and chained by hash, so that no single party (the server's operator included) can rewrite it (docs/ledger.md).
+
+`Ledger` is the interface a backend implements (`EmbeddedLedger`: the server's log; Fabric: the fabric extra);
+`LedgerState` verifies records and answers what they say; `LedgerView` keeps one verified and up to date.
+"""
+
+from vfed.common.ledger.backend import READ_LIMIT, EmbeddedLedger, Ledger, Transport
+from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, link
+from vfed.common.ledger.errors import (
+    LedgerEntryInvalid,
+    LedgerError,
+    LedgerForked,
+    LedgerTampered,
+    NoValidLease,
+)
+from vfed.common.ledger.kinds import (
+    ADMIN_ROLE,
+    ALL_KINDS,
+    KEY_RECORD_KINDS,
+    KIND_CHECKPOINT,
+    KIND_DATASET,
+    KIND_EXTEND,
+    KIND_LEASE,
+    KIND_RECEIPT,
+    KIND_REVOKE,
+    LEASE_KINDS,
+    Checkpoint,
+    DatasetRegistered,
+    DatasetUse,
+    LeaseExtended,
+    LeaseGranted,
+    LeaseRevoked,
+    RunReceipt,
+    checkpoint_entry,
+    dataset_entry,
+    extend_entry,
+    lease_entry,
+    parse_body,
+    receipt_entry,
+    revoke_entry,
+)
+from vfed.common.ledger.state import Dataset, Lease, LedgerState, Problem, Receipt, check_entry_form
+from vfed.common.ledger.view import LedgerView, LocalCopy, MemoryCopy, VerifyReport
+
+__all__ = [
+    "ADMIN_ROLE",
+    "ALL_KINDS",
+    "EMPTY_HEAD",
+    "GENESIS_HASH",
+    "KEY_RECORD_KINDS",
+    "KIND_CHECKPOINT",
+    "KIND_DATASET",
+    "KIND_EXTEND",
+    "KIND_LEASE",
+    "KIND_RECEIPT",
+    "KIND_REVOKE",
+    "LEASE_KINDS",
+    "READ_LIMIT",
+    "Checkpoint",
+    "Dataset",
+    "DatasetRegistered",
+    "DatasetUse",
+    "EmbeddedLedger",
+    "Head",
+    "Lease",
+    "LeaseExtended",
+    "LeaseGranted",
+    "LeaseRevoked",
+    "Ledger",
+    "LedgerEntryInvalid",
+    "LedgerError",
+    "LedgerForked",
+    "LedgerState",
+    "LedgerTampered",
+    "LedgerView",
+    "LocalCopy",
+    "MemoryCopy",
+    "NoValidLease",
+    "Problem",
+    "Receipt",
+    "Record",
+    "RunReceipt",
+    "Transport",
+    "VerifyReport",
+    "check_entry_form",
+    "checkpoint_entry",
+    "dataset_entry",
+    "extend_entry",
+    "lease_entry",
+    "link",
+    "parse_body",
+    "receipt_entry",
+    "revoke_entry",
+]

@@ -1,0 +1,509 @@
+"""Verifying a ledger and what it says: datasets, leases, receipts, checkpoints.
+
+`LedgerState` takes records in order and checks each before it counts: its place (sequence and hash chain),
+its form, who signed it (organization keys anchored at the pinned fingerprints, admin keys through their
+certificates), and the head its signer had seen. What a valid prefix says is then queried (`leases_for`,
+`datasets`, `receipts`). Nothing here trusts the backend that served the records.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from vfed.common.crypto import PublicKey
+from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, link
+from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerForked, LedgerTampered, NoValidLease
+from vfed.common.ledger.kinds import (
+    ADMIN_ROLE,
+    KIND_CHECKPOINT,
+    KIND_DATASET,
+    KIND_EXTEND,
+    KIND_LEASE,
+    KIND_RECEIPT,
+    KIND_REVOKE,
+    Checkpoint,
+    DatasetRegistered,
+    LeaseExtended,
+    LeaseGranted,
+    LeaseRevoked,
+    RunReceipt,
+    parse_body,
+)
+from vfed.common.trust.certificates import KIND_CERTIFICATE, KIND_REVOCATION, verify_certificate
+from vfed.common.trust.entries import SignedEntry
+from vfed.common.trust.errors import MalformedEntry, TrustError
+from vfed.common.trust.keychain import KIND_GENESIS, KIND_ROTATION, KeyChain, record_key, verify_chain
+
+log = logging.getLogger("vfed.ledger")
+
+Anchor = Callable[[int], "str | None"]
+"""Organization id -> the pinned first key's id, or None when it is not pinned."""
+OnPin = Callable[[int, str], None]
+
+
+@dataclass
+class Dataset:
+    digest: str
+    seq: int
+    org: int
+    label: str
+    description: str
+    content_hash: str | None
+    at: int
+
+
+@dataclass
+class Lease:
+    id: str
+    seq: int
+    dataset: Dataset
+    body: LeaseGranted
+    expires_at: int
+    revoked: LeaseRevoked | None = None
+    revoked_seq: int | None = None
+    extensions: list[tuple[int, int]] = field(default_factory=list)
+    runs: int = 0
+    """Receipts on the ledger that name this lease."""
+    epsilon_spent: float = 0.0
+
+    @property
+    def owner(self) -> int:
+        return self.body.owner
+
+    @property
+    def grantee(self) -> int:
+        return self.body.grantee
+
+    def status(self, now: float) -> str:
+        if self.revoked is not None:
+            return "revoked"
+        if now < self.body.not_before:
+            return "not-yet-valid"
+        if now >= self.expires_at:
+            return "expired"
+        if self.body.max_runs is not None and self.runs >= self.body.max_runs:
+            return "exhausted"
+        return "active"
+
+    def refusal(  # noqa: PLR0911
+        self, *, grantee: int, user: int | None, images: Iterable[str], now: float
+    ) -> str | None:
+        """Why this lease does not cover a run now (terms only; counts are the node's to reserve), or None."""
+        short = self.id[:12]
+        if self.body.grantee != grantee:
+            return f"lease {short} is granted to organization {self.body.grantee}, not {grantee}"
+        if self.revoked is not None:
+            return f"lease {short} was revoked ({self.revoked.reason or 'no reason given'})"
+        if now < self.body.not_before:
+            return f"lease {short} is valid only from {_when(self.body.not_before)}"
+        if now >= self.expires_at:
+            return f"lease {short} expired at {_when(self.expires_at)}"
+        if self.body.users is not None and (user is None or user not in self.body.users):
+            who = f"user {user}" if user is not None else "a run without a user"
+            return f"lease {short} is for users {', '.join(map(str, self.body.users))}, not {who}"
+        if self.body.images is not None:
+            wanted = set(images)
+            if not wanted & set(self.body.images):
+                shown = ", ".join(sorted(wanted)) or "an image of unknown digest"
+                return f"lease {short} does not allow image {shown}"
+        return None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    seq: int
+    digest: str
+    body: RunReceipt
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An entry that counts for nothing here (its organization is not pinned), kept so it can be shown."""
+
+    seq: int
+    kind: str
+    message: str
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+class LedgerState:
+    """A verified prefix of one collaboration's ledger and what it says."""
+
+    def __init__(
+        self,
+        collaboration_id: int,
+        *,
+        anchors: Anchor,
+        tofu: bool = False,
+        on_pin: OnPin | None = None,
+        skew_s: float = 300.0,
+    ) -> None:
+        self.collaboration_id = collaboration_id
+        self._anchors = anchors
+        self._tofu = tofu
+        self._on_pin = on_pin
+        self.skew_s = skew_s
+        self._hashes: list[str] = [GENESIS_HASH]
+        self._digests: dict[str, int] = {}
+        self._kinds: list[str] = [""]
+        self._key_records: dict[int, list[SignedEntry]] = {}
+        self._chains: dict[int, KeyChain] = {}
+        self._certificates: dict[int, list[SignedEntry]] = {}
+        self._revoked: dict[int, set[str]] = {}
+        self._preverified: dict[int, frozenset[str]] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.leases: dict[str, Lease] = {}
+        self.receipts: list[Receipt] = []
+        self.checkpoints: list[tuple[int, Checkpoint]] = []
+        self.problems: list[Problem] = []
+        self.last_signed: dict[int, int] = {}
+        """Organization -> `at` of the last entry it signed (checkpoints are due when it is a day old)."""
+
+    # -- position -------------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return len(self._hashes) - 1
+
+    @property
+    def head(self) -> Head:
+        return Head(seq=self.length, hash=self._hashes[-1]) if self.length else EMPTY_HEAD
+
+    def hash_at(self, seq: int) -> str | None:
+        return self._hashes[seq] if 0 <= seq < len(self._hashes) else None
+
+    def kind_at(self, seq: int) -> str:
+        return self._kinds[seq] if 0 < seq < len(self._kinds) else ""
+
+    def check_head(self, head: Head, source: str = "") -> bool:
+        """True when `head` is on this chain; False when it lies beyond what was verified (read further and
+        ask again); LedgerForked when this chain has another entry there."""
+        if head.seq > self.length:
+            return False
+        ours = self._hashes[head.seq]
+        if ours != head.hash:
+            raise LedgerForked(
+                f"{source or 'a signer'} verified ledger head {head.short()}, but entry {head.seq} of this "
+                f"node's ledger hashes to {ours[:12]}: the server shows different histories (a fork)",
+                head.seq,
+                ours,
+                head.hash,
+                source,
+            )
+        return True
+
+    # -- applying -------------------------------------------------------------------------------------------
+    def preverified(self, seq: int, key_ids: frozenset[str]) -> None:
+        """Signatures of entry `seq` by these keys were checked elsewhere (in bulk, `fast.preverify`)."""
+        self._preverified[seq] = key_ids
+
+    def apply_all(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self.apply(record)
+
+    def apply(self, record: Record) -> None:
+        """Verify one record at the next place and take in what it says; a LedgerError leaves the state as it
+        was before the call."""
+        seq, entry = record.seq, record.entry
+        where = f"ledger entry {seq} ({entry.kind} {entry.digest[:12]})"
+        if seq != self.length + 1:
+            what = "missing" if seq > self.length + 1 else "repeated or out of order"
+            raise LedgerTampered(
+                f"{where}: expected entry {self.length + 1} next; entries are {what} (dropped or reordered?)"
+            )
+        computed = link(self.collaboration_id, seq, self._hashes[-1], entry.to_json())
+        if record.hash is not None and record.hash != computed:
+            raise LedgerTampered(
+                f"{where} was changed after it was chained: the stored hash {record.hash[:12]} does not "
+                f"match its content ({computed[:12]})"
+            )
+        if entry.digest in self._digests:
+            raise LedgerTampered(f"{where} repeats entry {self._digests[entry.digest]} (replayed)")
+        try:
+            self._take(seq, entry, where)
+        finally:
+            self._preverified.pop(seq, None)
+        self._hashes.append(computed)
+        self._kinds.append(entry.kind)
+        self._digests[entry.digest] = seq
+
+    def _take(self, seq: int, entry: SignedEntry, where: str) -> None:
+        if entry.kind in (KIND_GENESIS, KIND_ROTATION):
+            self._take_key_record(seq, entry, where)
+            return
+        if entry.kind in (KIND_CERTIFICATE, KIND_REVOCATION):
+            self._take_certificate(seq, entry, where)
+            return
+        body = parse_body(entry, where)
+        if body.collab != self.collaboration_id:
+            raise LedgerEntryInvalid(
+                f"{where} belongs to collaboration {body.collab}, not {self.collaboration_id} (replayed?)"
+            )
+        if body.seen.seq >= seq:
+            raise LedgerTampered(f"{where} claims to have seen entry {body.seen.seq}, which comes after it")
+        if self._hashes[body.seen.seq] != body.seen.hash:
+            raise LedgerForked(
+                f"{where} was signed after its signer verified head {body.seen.short()}, but entry "
+                f"{body.seen.seq} here hashes to {self._hashes[body.seen.seq][:12]}: the server showed "
+                "different histories (a fork), or rewrote this one",
+                body.seen.seq,
+                self._hashes[body.seen.seq],
+                body.seen.hash,
+                where,
+            )
+        if isinstance(body, LeaseGranted | LeaseExtended | LeaseRevoked):
+            self._take_lease(seq, entry, body, where)
+            return
+        assert isinstance(body, DatasetRegistered | RunReceipt | Checkpoint)
+        chain = self._chains.get(body.org)
+        if chain is None:
+            self._unverified(seq, entry, f"organization {body.org} is not pinned here")
+            return
+        self._signed_by_org(seq, entry, chain, where)
+        self.last_signed[body.org] = max(self.last_signed.get(body.org, 0), body.at)
+        if isinstance(body, DatasetRegistered):
+            self.datasets[entry.digest] = Dataset(
+                entry.digest, seq, body.org, body.label, body.description, body.content_hash, body.at
+            )
+        elif isinstance(body, RunReceipt):
+            self._take_receipt(seq, entry, body, where)
+        else:
+            self.checkpoints.append((seq, body))
+
+    def _unverified(self, seq: int, entry: SignedEntry, why: str) -> None:
+        self.problems.append(Problem(seq, entry.kind, f"entry {seq} ({entry.kind}) not verified: {why}"))
+
+    def _verified_by(self, seq: int, entry: SignedEntry, key: PublicKey) -> bool:
+        done = self._preverified.get(seq)
+        if done is not None and key.key_id in done:
+            return True
+        return entry.signed_by(key)
+
+    def _signed_by_org(self, seq: int, entry: SignedEntry, chain: KeyChain, where: str) -> None:
+        for key_id in entry.signers():
+            key = chain.public(key_id)
+            if key is not None and self._verified_by(seq, entry, key):
+                return
+        raise LedgerEntryInvalid(
+            f"{where} is not signed by a key of organization {chain.organization_id} (forged?)"
+        )
+
+    def _take_key_record(self, seq: int, entry: SignedEntry, where: str) -> None:
+        org = entry.body.get("org")
+        if not isinstance(org, int) or isinstance(org, bool):
+            raise LedgerEntryInvalid(f"{where} names no organization")
+        records = [*self._key_records.get(org, []), entry]
+        pin = self._anchors(org)
+        if pin is None and not self._tofu:
+            self._key_records[org] = records
+            self._unverified(seq, entry, f"organization {org} is not pinned here")
+            return
+        try:
+            chain = verify_chain(org, records, pin)
+        except TrustError as exc:
+            raise LedgerEntryInvalid(f"{where}: {exc.message}") from None
+        if pin is None and self._on_pin is not None:
+            self._on_pin(org, chain.root.key_id)
+        self._key_records[org] = records
+        self._chains[org] = chain
+
+    def _take_certificate(self, seq: int, entry: SignedEntry, where: str) -> None:
+        org = entry.body.get("org")
+        if not isinstance(org, int) or isinstance(org, bool):
+            raise LedgerEntryInvalid(f"{where} names no organization")
+        chain = self._chains.get(org)
+        if chain is None:
+            self._unverified(seq, entry, f"organization {org} is not pinned here")
+            return
+        self._signed_by_org(seq, entry, chain, where)
+        if entry.kind == KIND_CERTIFICATE:
+            self._certificates.setdefault(org, []).append(entry)
+        else:
+            digest = entry.body.get("certificate")
+            if not isinstance(digest, str):
+                raise LedgerEntryInvalid(f"{where} names no certificate")
+            self._revoked.setdefault(org, set()).add(digest)
+
+    def _admin(
+        self, seq: int, entry: SignedEntry, org: int, by_user: int, by_cert: str, at: int, where: str
+    ) -> None:
+        """The entry is signed by a certified, unrevoked org admin of `org` (as of this place)."""
+        chain = self._chains.get(org)
+        if chain is None:
+            raise LedgerEntryInvalid(f"{where}: organization {org} has no verified keys on this ledger")
+        signers = set(entry.signers())
+        for cert_entry in self._certificates.get(org, []):
+            try:
+                key = record_key(cert_entry)
+            except TrustError:
+                continue
+            if key.key_id not in signers:
+                continue
+            try:
+                cert = verify_certificate(
+                    cert_entry, chain, self._revoked.get(org, set()), now=at, skew_s=self.skew_s
+                )
+            except TrustError as exc:
+                raise LedgerEntryInvalid(
+                    f"{where}: the signer's certificate does not hold: {exc.message}"
+                ) from None
+            if ADMIN_ROLE not in cert.roles:
+                raise LedgerEntryInvalid(
+                    f"{where} is signed by user {cert.user_id} of organization {org}, whose certificate has "
+                    f"roles {', '.join(cert.roles) or 'none'}: only an org admin ({ADMIN_ROLE}) may sign it"
+                )
+            if cert.user_id != by_user or cert.digest != by_cert:
+                raise LedgerEntryInvalid(
+                    f"{where} names another admin or certificate than the one who signed it"
+                )
+            if not self._verified_by(seq, entry, cert.key):
+                raise LedgerEntryInvalid(f"{where}: the admin's signature does not verify (forged?)")
+            return
+        if any(chain.public(k) is not None for k in signers):
+            raise LedgerEntryInvalid(
+                f"{where} is signed with organization {org}'s own key; lease entries are signed by a "
+                f"certified org admin ({ADMIN_ROLE})"
+            )
+        raise LedgerEntryInvalid(
+            f"{where} is not signed by a certified org admin of organization {org} (forged?)"
+        )
+
+    def _take_lease(
+        self, seq: int, entry: SignedEntry, body: LeaseGranted | LeaseExtended | LeaseRevoked, where: str
+    ) -> None:
+        if isinstance(body, LeaseGranted):
+            dataset = self.datasets.get(body.dataset)
+            if dataset is None:
+                raise LedgerEntryInvalid(
+                    f"{where} names dataset {body.dataset[:12]}, not registered before it"
+                )
+            if dataset.org != body.owner:
+                raise LedgerEntryInvalid(
+                    f"{where}: dataset {dataset.label!r} belongs to organization {dataset.org}, "
+                    f"not {body.owner}"
+                )
+            if body.expires_at <= body.not_before:
+                raise LedgerEntryInvalid(f"{where} expires before it begins")
+            self._admin(seq, entry, body.owner, body.by.user, body.by.certificate, body.at, where)
+            self.leases[entry.digest] = Lease(entry.digest, seq, dataset, body, body.expires_at)
+            self.last_signed[body.owner] = max(self.last_signed.get(body.owner, 0), body.at)
+            return
+        lease = self.leases.get(body.lease)
+        if lease is None:
+            raise LedgerEntryInvalid(f"{where} names lease {body.lease[:12]}, not granted before it")
+        self._admin(seq, entry, lease.owner, body.by.user, body.by.certificate, body.at, where)
+        self.last_signed[lease.owner] = max(self.last_signed.get(lease.owner, 0), body.at)
+        if isinstance(body, LeaseExtended):
+            if lease.revoked is not None:
+                raise LedgerEntryInvalid(f"{where} extends lease {lease.id[:12]}, which was revoked")
+            lease.expires_at = body.expires_at
+            lease.extensions.append((seq, body.expires_at))
+        elif lease.revoked is None:
+            lease.revoked, lease.revoked_seq = body, seq
+
+    def _take_receipt(self, seq: int, entry: SignedEntry, body: RunReceipt, where: str) -> None:
+        uses = []
+        for use in body.datasets:
+            if use.lease is None:
+                continue
+            lease = self.leases.get(use.lease)
+            if lease is None:
+                raise LedgerEntryInvalid(f"{where} names lease {use.lease[:12]}, not granted before it")
+            if lease.owner != body.org:
+                raise LedgerEntryInvalid(
+                    f"{where}: organization {body.org} reports a run on organization {lease.owner}'s lease"
+                )
+            uses.append((lease, use))
+        for lease, use in uses:
+            lease.runs += 1
+            lease.epsilon_spent += use.epsilon or 0.0
+        self.receipts.append(Receipt(seq, entry.digest, body))
+
+    # -- what it says ---------------------------------------------------------------------------------------
+    def chain(self, organization_id: int) -> KeyChain | None:
+        return self._chains.get(organization_id)
+
+    def certificates(self, organization_id: int) -> list[SignedEntry]:
+        return list(self._certificates.get(organization_id, []))
+
+    def dataset(self, owner: int, label: str) -> Dataset | None:
+        """The latest registration of `label` by `owner`."""
+        found = [d for d in self.datasets.values() if d.org == owner and d.label == label]
+        return max(found, key=lambda d: d.seq) if found else None
+
+    def leases_on(self, owner: int, label: str) -> list[Lease]:
+        return sorted(
+            (x for x in self.leases.values() if x.owner == owner and x.dataset.label == label),
+            key=lambda x: x.seq,
+        )
+
+    def leases_for(
+        self,
+        *,
+        owner: int,
+        label: str,
+        grantee: int,
+        user: int | None,
+        images: Iterable[str],
+        now: float,
+    ) -> list[Lease]:
+        """Leases whose terms cover such a run now, oldest first; NoValidLease (with every reason) if none."""
+        images = list(images)
+        candidates = self.leases_on(owner, label)
+        good, reasons = [], []
+        for lease in candidates:
+            why = lease.refusal(grantee=grantee, user=user, images=images, now=now)
+            if why is None:
+                good.append(lease)
+            elif lease.grantee == grantee:
+                reasons.append(why)
+        if good:
+            return good
+        if not reasons:
+            raise NoValidLease(
+                f"dataset {label!r} of organization {owner} has no lease for organization {grantee}"
+            )
+        raise NoValidLease(f"dataset {label!r}: " + "; ".join(reasons))
+
+    def expiring(self, owner: int | None, within_s: float, now: float) -> list[Lease]:
+        return [
+            x
+            for x in self.leases.values()
+            if (owner is None or x.owner == owner)
+            and x.status(now) == "active"
+            and x.expires_at - now <= within_s
+        ]
+
+    def receipts_for(self, organization_id: int | None = None) -> list[Receipt]:
+        return [r for r in self.receipts if organization_id is None or r.body.org == organization_id]
+
+
+def check_entry_form(entry: SignedEntry) -> None:
+    """The checks anyone can make without the ledger (the server's, before it appends)."""
+    try:
+        if entry.kind in (KIND_GENESIS, KIND_ROTATION, KIND_CERTIFICATE, KIND_REVOCATION):
+            return
+        parse_body(entry)
+    except MalformedEntry as exc:
+        raise LedgerEntryInvalid(exc.message) from None
+
+
+__all__ = [
+    "KIND_CHECKPOINT",
+    "KIND_DATASET",
+    "KIND_EXTEND",
+    "KIND_LEASE",
+    "KIND_RECEIPT",
+    "KIND_REVOKE",
+    "Dataset",
+    "Lease",
+    "LedgerState",
+    "Problem",
+    "Receipt",
+    "check_entry_form",
+]
