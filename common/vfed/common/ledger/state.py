@@ -24,6 +24,7 @@ from vfed.common.ledger.kinds import (
     KIND_LEASE,
     KIND_RECEIPT,
     KIND_REVOKE,
+    Body,
     Checkpoint,
     DatasetRegistered,
     LeaseExtended,
@@ -162,6 +163,7 @@ class LedgerState:
         self.receipts: list[Receipt] = []
         self.checkpoints: list[tuple[int, Checkpoint]] = []
         self.problems: list[Problem] = []
+        self._skipped: set[str] = set()
         self.last_signed: dict[int, int] = {}
         """Organization -> `at` of the last entry it signed (checkpoints are due when it is a day old)."""
 
@@ -246,6 +248,9 @@ class LedgerState:
             )
         if body.seen.seq >= seq:
             raise LedgerTampered(f"{where} claims to have seen entry {body.seen.seq}, which comes after it")
+        signer_org = self._authorize(seq, entry, body, where)
+        if signer_org is None:
+            return
         if self._hashes[body.seen.seq] != body.seen.hash:
             raise LedgerForked(
                 f"{where} was signed after its signer verified head {body.seen.short()}, but entry "
@@ -256,26 +261,98 @@ class LedgerState:
                 body.seen.hash,
                 where,
             )
-        if isinstance(body, LeaseGranted | LeaseExtended | LeaseRevoked):
-            self._take_lease(seq, entry, body, where)
-            return
-        assert isinstance(body, DatasetRegistered | RunReceipt | Checkpoint)
-        chain = self._chains.get(body.org)
-        if chain is None:
-            self._unverified(seq, entry, f"organization {body.org} is not pinned here")
-            return
-        self._signed_by_org(seq, entry, chain, where)
-        self.last_signed[body.org] = max(self.last_signed.get(body.org, 0), body.at)
+        self.last_signed[signer_org] = max(self.last_signed.get(signer_org, 0), body.at)
+        self._record(seq, entry, body)
+
+    def _record(self, seq: int, entry: SignedEntry, body: Body) -> None:
+        """Take in what a verified entry says."""
         if isinstance(body, DatasetRegistered):
             self.datasets[entry.digest] = Dataset(
                 entry.digest, seq, body.org, body.label, body.description, body.content_hash, body.at
             )
+        elif isinstance(body, LeaseGranted):
+            self.leases[entry.digest] = Lease(
+                entry.digest, seq, self.datasets[body.dataset], body, body.expires_at
+            )
+        elif isinstance(body, LeaseExtended):
+            lease = self.leases[body.lease]
+            lease.expires_at = body.expires_at
+            lease.extensions.append((seq, body.expires_at))
+        elif isinstance(body, LeaseRevoked):
+            lease = self.leases[body.lease]
+            if lease.revoked is None:
+                lease.revoked, lease.revoked_seq = body, seq
         elif isinstance(body, RunReceipt):
-            self._take_receipt(seq, entry, body, where)
+            for use in body.datasets:
+                if use.lease is not None:
+                    self.leases[use.lease].runs += 1
+                    self.leases[use.lease].epsilon_spent += use.epsilon or 0.0
+            self.receipts.append(Receipt(seq, entry.digest, body))
         else:
             self.checkpoints.append((seq, body))
 
+    def _authorize(self, seq: int, entry: SignedEntry, body: Body, where: str) -> int | None:
+        """Check the entry's signer and references (nothing changes yet); the signing organization, or None
+        when the entry counts for nothing here (its organization, or what it refers to, is not pinned)."""
+        if isinstance(body, LeaseGranted | LeaseExtended | LeaseRevoked):
+            return self._authorize_lease(seq, entry, body, where)
+        if isinstance(body, RunReceipt):
+            for use in body.datasets:
+                if use.lease is None or use.lease in self._skipped:
+                    continue
+                lease = self.leases.get(use.lease)
+                if lease is None:
+                    raise LedgerEntryInvalid(f"{where} names lease {use.lease[:12]}, not granted before it")
+                if lease.owner != body.org:
+                    raise LedgerEntryInvalid(
+                        f"{where}: organization {body.org} reports a run on organization "
+                        f"{lease.owner}'s lease"
+                    )
+        chain = self._chains.get(body.org)
+        if chain is None:
+            self._unverified(seq, entry, f"organization {body.org} is not pinned here")
+            return None
+        self._signed_by_org(seq, entry, chain, where)
+        return body.org
+
+    def _authorize_lease(
+        self, seq: int, entry: SignedEntry, body: LeaseGranted | LeaseExtended | LeaseRevoked, where: str
+    ) -> int | None:
+        if isinstance(body, LeaseGranted):
+            if body.dataset in self._skipped:
+                self._unverified(seq, entry, "its dataset's organization is not pinned here")
+                return None
+            dataset = self.datasets.get(body.dataset)
+            if dataset is None:
+                raise LedgerEntryInvalid(
+                    f"{where} names dataset {body.dataset[:12]}, not registered before it"
+                )
+            if dataset.org != body.owner:
+                raise LedgerEntryInvalid(
+                    f"{where}: dataset {dataset.label!r} belongs to organization {dataset.org}, "
+                    f"not {body.owner}"
+                )
+            if body.expires_at <= body.not_before:
+                raise LedgerEntryInvalid(f"{where} expires before it begins")
+            owner = body.owner
+        else:
+            if body.lease in self._skipped:
+                self._unverified(seq, entry, "its lease's organization is not pinned here")
+                return None
+            lease = self.leases.get(body.lease)
+            if lease is None:
+                raise LedgerEntryInvalid(f"{where} names lease {body.lease[:12]}, not granted before it")
+            if isinstance(body, LeaseExtended) and lease.revoked is not None:
+                raise LedgerEntryInvalid(f"{where} extends lease {lease.id[:12]}, which was revoked")
+            owner = lease.owner
+        if self._chains.get(owner) is None:
+            self._unverified(seq, entry, f"organization {owner} is not pinned here")
+            return None
+        self._admin(seq, entry, owner, body.by.user, body.by.certificate, body.at, where)
+        return owner
+
     def _unverified(self, seq: int, entry: SignedEntry, why: str) -> None:
+        self._skipped.add(entry.digest)
         self.problems.append(Problem(seq, entry.kind, f"entry {seq} ({entry.kind}) not verified: {why}"))
 
     def _verified_by(self, seq: int, entry: SignedEntry, key: PublicKey) -> bool:
@@ -372,57 +449,6 @@ class LedgerState:
         raise LedgerEntryInvalid(
             f"{where} is not signed by a certified org admin of organization {org} (forged?)"
         )
-
-    def _take_lease(
-        self, seq: int, entry: SignedEntry, body: LeaseGranted | LeaseExtended | LeaseRevoked, where: str
-    ) -> None:
-        if isinstance(body, LeaseGranted):
-            dataset = self.datasets.get(body.dataset)
-            if dataset is None:
-                raise LedgerEntryInvalid(
-                    f"{where} names dataset {body.dataset[:12]}, not registered before it"
-                )
-            if dataset.org != body.owner:
-                raise LedgerEntryInvalid(
-                    f"{where}: dataset {dataset.label!r} belongs to organization {dataset.org}, "
-                    f"not {body.owner}"
-                )
-            if body.expires_at <= body.not_before:
-                raise LedgerEntryInvalid(f"{where} expires before it begins")
-            self._admin(seq, entry, body.owner, body.by.user, body.by.certificate, body.at, where)
-            self.leases[entry.digest] = Lease(entry.digest, seq, dataset, body, body.expires_at)
-            self.last_signed[body.owner] = max(self.last_signed.get(body.owner, 0), body.at)
-            return
-        lease = self.leases.get(body.lease)
-        if lease is None:
-            raise LedgerEntryInvalid(f"{where} names lease {body.lease[:12]}, not granted before it")
-        self._admin(seq, entry, lease.owner, body.by.user, body.by.certificate, body.at, where)
-        self.last_signed[lease.owner] = max(self.last_signed.get(lease.owner, 0), body.at)
-        if isinstance(body, LeaseExtended):
-            if lease.revoked is not None:
-                raise LedgerEntryInvalid(f"{where} extends lease {lease.id[:12]}, which was revoked")
-            lease.expires_at = body.expires_at
-            lease.extensions.append((seq, body.expires_at))
-        elif lease.revoked is None:
-            lease.revoked, lease.revoked_seq = body, seq
-
-    def _take_receipt(self, seq: int, entry: SignedEntry, body: RunReceipt, where: str) -> None:
-        uses = []
-        for use in body.datasets:
-            if use.lease is None:
-                continue
-            lease = self.leases.get(use.lease)
-            if lease is None:
-                raise LedgerEntryInvalid(f"{where} names lease {use.lease[:12]}, not granted before it")
-            if lease.owner != body.org:
-                raise LedgerEntryInvalid(
-                    f"{where}: organization {body.org} reports a run on organization {lease.owner}'s lease"
-                )
-            uses.append((lease, use))
-        for lease, use in uses:
-            lease.runs += 1
-            lease.epsilon_spent += use.epsilon or 0.0
-        self.receipts.append(Receipt(seq, entry.digest, body))
 
     # -- what it says ---------------------------------------------------------------------------------------
     def chain(self, organization_id: int) -> KeyChain | None:
