@@ -15,6 +15,7 @@ from vfed.server.config import Settings
 from vfed.server.doorbell import Doorbell
 from vfed.server.embedded import EmbeddedBroker
 from vfed.server.errors import error_middleware
+from vfed.server.ledger_store import LedgerStates
 from vfed.server.metrics import METRICS, Metrics, metrics_middleware
 from vfed.server.openapi import build_docs_html, build_openapi
 from vfed.server.presence import Presence
@@ -23,6 +24,7 @@ from vfed.server.state import (
     BLOBS,
     DOORBELL,
     ENGINE,
+    LEDGER_STATES,
     PRESENCE,
     PRINCIPALS,
     SESSIONS,
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> web.Application:
     app[PRINCIPALS] = {}
     app[TOKENS] = {}
     app[TASK_EVENTS] = TaskEvents()
+    app[LEDGER_STATES] = LedgerStates()
     app[DUMMY_HASH] = []
     app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
     app[OPENAPI] = build_openapi()

@@ -57,11 +57,17 @@ class Doorbell:
     def ring(self, node_id: int, event: str, run_id: int, task_id: int, job_id: int) -> None:
         """Queue one message for one node; drops the oldest when the queue is full. The message holds ids
         only (no names, no data): what a node needs to claim the run and to prepare for it meanwhile."""
+        self._queue_message(node_id, {"event": event, "run_id": run_id, "task_id": task_id, "job_id": job_id})
+
+    def ring_ledger(self, node_id: int, collaboration_id: int, seq: int) -> None:
+        """Queue one message for one node: its collaboration's ledger grew to `seq` (read it from the API)."""
+        message = {"event": "ledger", "collaboration_id": collaboration_id, "seq": seq}
+        self._queue_message(node_id, {**message, "run_id": None, "task_id": None})
+
+    def _queue_message(self, node_id: int, message: dict[str, object]) -> None:
         if self.address is None:
             return
-        payload = json.dumps(
-            {"event": event, "run_id": run_id, "task_id": task_id, "job_id": job_id}
-        ).encode()
+        payload = json.dumps(message).encode()
         if len(self._queue) >= self.settings.queue_max:
             self._queue.popleft()
             self._count("dropped")

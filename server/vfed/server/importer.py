@@ -1,6 +1,7 @@
 """`vserver import FILE.yaml`: organizations, collaborations, users and nodes, idempotent by name.
 
-Existing objects are left as they are (collaborations gain listed members); a node's API key is printed only
+Existing objects are left as they are (collaborations gain listed members, whose key records, certificates and
+revocations are appended to the collaboration's ledger); a node's API key is printed only
 when the node is created, because the server keeps only its hash. An organization's `fingerprint` (of its
 first key, as `vnode keys show` prints it) is recorded: the server then refuses another first key. The same
 file can give nodes and researchers their pins (`vnode trust import`, `vfed trust import`).
@@ -21,6 +22,7 @@ from vfed.common.crypto.keys import PublicKey
 from vfed.common.trust import KIND_GENESIS, parse_fingerprint, show_fingerprint
 from vfed.server import auth
 from vfed.server.config import ConfigError, format_validation_error, yaml_problem
+from vfed.server.ledger_store import carry_members
 from vfed.server.models import Collaboration, KeyRecord, Node, Organization, Role, RoleName, User
 
 T = TypeVar("T")
@@ -98,16 +100,22 @@ async def run_import(s: AsyncSession, spec: ImportFile) -> list[str]:
         lines.append(f"organization {o.name}: created{shown}")
     await s.flush()
     collabs = {c.name: c for c in (await s.execute(select(Collaboration))).scalars()}
+    joined: dict[str, list[Organization]] = {}
     for i, c in enumerate(spec.collaborations):
         members = [_named(orgs, n, f"collaborations.{i}.organizations") for n in c.organizations]
         if c.name in collabs:
             have = collabs[c.name].organizations
-            collabs[c.name].organizations = have + [m for m in members if m not in have]
+            added = [m for m in members if m not in have]
+            collabs[c.name].organizations = have + added
+            joined.setdefault(c.name, []).extend(added)
             continue
         collabs[c.name] = Collaboration(name=c.name, encrypted=c.encrypted, organizations=members)
         s.add(collabs[c.name])
+        joined[c.name] = list(members)
         lines.append(f"collaboration {c.name}: created")
     await s.flush()
+    for name, added in joined.items():  # what the new members signed about their keys, on the ledger
+        await carry_members(s, collabs[name].id, [o.id for o in added])
     lines += await _users(s, spec, orgs)
     lines += await _nodes(s, spec, orgs, collabs)
     await s.commit()

@@ -9,7 +9,8 @@ from vfed.server.errors import Handler
 
 
 class Metrics:
-    """Requests by route and status, runs by status, blob bytes in and out, doorbell messages."""
+    """Requests by route and status, runs by status, blob bytes in and out, doorbell messages, ledger
+    appends by kind."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -21,6 +22,9 @@ class Metrics:
         self.runs = Gauge("vserver_runs", "runs by status", ["status"], registry=self.registry)
         self.doorbell = Counter(
             "vserver_doorbell_messages", "doorbell messages", ["outcome"], registry=self.registry
+        )
+        self.ledger_appends = Counter(
+            "vserver_ledger_appends", "entries appended to ledgers", ["kind"], registry=self.registry
         )
         self.task_waiters = Gauge("vserver_task_waiters", "open task long polls", registry=self.registry)
         self._request_counters: dict[tuple[str, str, int], Counter] = {}

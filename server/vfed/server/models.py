@@ -185,6 +185,25 @@ class Collaboration(Base):
     )
 
 
+class LedgerEntry(Base):
+    """One entry of a collaboration's ledger at its place: the signed entry's canonical text, verbatim, and
+    the chain hash the server computed (`vfed.common.ledger.link`); nodes and clients recompute both."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        UniqueConstraint("collaboration_id", "seq", name="uq_ledger_entries_collaboration_seq"),
+        UniqueConstraint("collaboration_id", "digest", name="uq_ledger_entries_collaboration_digest"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    collaboration_id: Mapped[int] = mapped_column(ForeignKey("collaborations.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)  # 1-based place on the collaboration's ledger
+    kind: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))  # `SignedEntry.digest`: one entry at most once a ledger
+    hash: Mapped[str] = mapped_column(String(64))  # chain hash through this entry
+    entry: Mapped[str] = mapped_column(Text)  # canonical JSON (`SignedEntry.to_json()`)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Node(Base):
     __tablename__ = "nodes"
     # the nodes of one organization in one collaboration (the doorbell's targets); without it the planner

@@ -14,6 +14,7 @@ from vfed.server.api import (
     certificates,
     collaborations,
     key_records,
+    ledger,
     meta,
     nodes,
     organizations,
@@ -213,6 +214,27 @@ OPS: list[Op] = [
         "collaborations",
         sc.CollaborationPatch,
         sc.CollaborationOut,
+    ),
+    Op(
+        "GET",
+        "/collaborations/{id}/ledger",
+        ledger.read_ledger,
+        "The collaboration's ledger from a position: signed entries with their places and chain hashes "
+        "(members only; verify them, the server is not trusted)",
+        "ledger",
+        response=sc.LedgerPageOut,
+        query=sc.LedgerQuery,
+    ),
+    Op(
+        "POST",
+        "/collaborations/{id}/ledger",
+        ledger.append_entry,
+        "Append a signed dataset, lease, receipt or checkpoint entry (verified first; key records, "
+        "certificates and revocations come through the organization's endpoints)",
+        "ledger",
+        sc.LedgerAppendIn,
+        sc.LedgerAppendOut,
+        status=201,
     ),
     Op("GET", "/nodes", nodes.list_nodes, "List nodes", "nodes", response=sc.NodePage, query=sc.NodeQuery),
     Op(

@@ -146,6 +146,36 @@ class RevocationsOut(BaseModel):
     data: list[Entry]
 
 
+# --- ledgers (signed entries chained by hash, stored verbatim; nodes and clients verify them) ---------------
+LEDGER_PAGE_MAX = 5000
+
+
+class LedgerRecordOut(BaseModel):
+    seq: int = Field(description="the entry's place on the ledger, from 1")
+    hash: str = Field(description="chain hash through this entry, as the server computed it")
+    entry: Entry
+
+
+class LedgerPageOut(BaseModel):
+    collaboration_id: int
+    length: int = Field(description="how many entries the ledger holds")
+    entries: list[LedgerRecordOut] = Field(description="entries after `after`, in order, at most `limit`")
+
+
+class LedgerQuery(In):
+    after: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    limit: Annotated[int, Field(ge=1, le=LEDGER_PAGE_MAX)] = 1000
+
+
+class LedgerAppendIn(In):
+    entry: Entry
+
+
+class LedgerAppendOut(BaseModel):
+    seq: int
+    hash: str
+
+
 class CollaborationIn(In):
     name: Name
     organization_ids: list[Id] = Field(default_factory=list, max_length=10_000)

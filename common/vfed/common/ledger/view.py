@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vfed.common.ledger.backend import READ_LIMIT, Ledger
-from vfed.common.ledger.chain import Head, Record
+from vfed.common.ledger.chain import GENESIS_HASH, Head, Record, link
 from vfed.common.ledger.errors import LedgerForked, LedgerTampered
 from vfed.common.ledger.state import LedgerState
 from vfed.common.trust.entries import SignedEntry
@@ -112,13 +112,15 @@ class LedgerView:
         for record in records:
             if record.seq <= self.state.length:
                 ours = self.state.hash_at(record.seq)
-                if record.hash is not None and record.hash != ours:
+                prev = self.state.hash_at(record.seq - 1) or GENESIS_HASH
+                served = link(self.collaboration_id, record.seq, prev, record.entry.to_json())
+                if (record.hash is not None and record.hash != ours) or served != ours:
                     raise LedgerForked(
                         f"the server's ledger entry {record.seq} differs from the one verified here "
-                        f"({str(record.hash)[:12]} there, {str(ours)[:12]} here): history was rewritten",
+                        f"({served[:12]} there, {str(ours)[:12]} here): history was rewritten",
                         record.seq,
                         ours,
-                        record.hash,
+                        served,
                         "server",
                     )
                 continue
@@ -207,6 +209,4 @@ class LedgerView:
                     head.hash,
                     source,
                 )
-        return VerifyReport(
-            fresh.length, fresh.head, len(heads), tuple(p.message for p in fresh.problems)
-        )
+        return VerifyReport(fresh.length, fresh.head, len(heads), tuple(p.message for p in fresh.problems))

@@ -2,7 +2,8 @@
 
 Nodes verify a researcher's certificate against the organization's pinned chain and its revocations; the
 server only checks that what it stores could verify (of this organization, for one of its users, signed by a
-key of its stored chain).
+key of its stored chain). Both are also appended to the ledger of every collaboration the organization
+belongs to.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from vfed.server.api.common import (
     session,
 )
 from vfed.server.api.key_records import is_int, key_of, parse_entry, signed_by_chain
+from vfed.server.api.ledger import announce
 from vfed.server.api.organizations import editable_org, readable_org
 from vfed.server.errors import ApiError, conflict, not_found
+from vfed.server.ledger_store import Carried, carry, lock_organizations
 from vfed.server.models import User, UserCertificate, utcnow
 from vfed.server.schemas import (
     CertificateIn,
@@ -123,8 +126,11 @@ async def post_certificate(request: web.Request) -> web.Response:
         row = UserCertificate(
             organization_id=org.id, user_id=user_id, key_id=key_id, digest=digest, entry=text
         )
-        s.add(row)
+        await lock_organizations(s, [org.id])
+        appended = await carry(s, org.id, [Carried(KIND_CERTIFICATE, digest, text)])
+        s.add(row)  # after carrying, so a certificate stored already fails at the commit: 409 `exists`
         await commit_unique(s, f"certificate {digest} is stored already")
+        await announce(request, s, appended)
     return json_response(out(row), 201)
 
 
@@ -168,6 +174,7 @@ async def post_revocation(request: web.Request) -> web.Response:
                 return json_response(out(row))
             raise conflict("already-revoked", f"certificate {revoked} is revoked already")
         now = utcnow()
+        await lock_organizations(s, [org.id])
         done = await s.execute(
             update(UserCertificate)
             .where(UserCertificate.id == row.id, UserCertificate.revocation.is_(None))
@@ -176,7 +183,9 @@ async def post_revocation(request: web.Request) -> web.Response:
         )
         if done.rowcount != 1:  # type: ignore[attr-defined]
             raise conflict("already-revoked", f"certificate {revoked} is revoked already")
+        appended = await carry(s, org.id, [Carried(KIND_REVOCATION, digest, text)])
         await s.commit()
+        await announce(request, s, appended)
         row.revocation, row.revoked_at = text, now
     return json_response(out(row), 201)
 

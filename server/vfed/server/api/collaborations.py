@@ -1,9 +1,14 @@
-"""Collaborations: named groups of organizations that run tasks together."""
+"""Collaborations: named groups of organizations that run tasks together.
+
+An organization that joins one has its key records, certificates and revocations appended to the
+collaboration's ledger in the same transaction, so the ledger holds every key that signs its entries.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.server.access import Scope, collaboration_filter, require
@@ -18,7 +23,9 @@ from vfed.server.api.common import (
     read_query,
     session,
 )
-from vfed.server.errors import ApiError, forbidden, not_found
+from vfed.server.api.ledger import announce
+from vfed.server.errors import ApiError, conflict, forbidden, not_found
+from vfed.server.ledger_store import carry_members, lock_collaborations, lock_organizations
 from vfed.server.models import Collaboration, Organization, collaboration_members
 from vfed.server.schemas import CollaborationIn, CollaborationOut, CollaborationPatch, CollaborationQuery
 
@@ -83,12 +90,22 @@ async def create_collaboration(request: web.Request) -> web.Response:
         p = await caller(request, s)
         if require(p, "collaboration", "create") < Scope.GLOBAL:
             raise forbidden("only root creates collaborations")
-        c = Collaboration(
-            name=body.name, encrypted=body.encrypted, organizations=await _orgs(s, body.organization_ids)
-        )
+        members = await _orgs(s, body.organization_ids)
+        await lock_organizations(s, [o.id for o in members])
+        c = Collaboration(name=body.name, encrypted=body.encrypted, organizations=members)
         s.add(c)
+        await _flush_unique(s, f"a collaboration named {body.name!r} exists")
+        appended = await carry_members(s, c.id, [o.id for o in members])
         await commit_unique(s, f"a collaboration named {body.name!r} exists")
+        await announce(request, s, appended)
     return json_response(out(c), 201)
+
+
+async def _flush_unique(s: AsyncSession, detail: str) -> None:
+    try:
+        await s.flush()
+    except IntegrityError as exc:
+        raise conflict("exists", detail) from exc
 
 
 async def patch_collaboration(request: web.Request) -> web.Response:
@@ -102,11 +119,19 @@ async def patch_collaboration(request: web.Request) -> web.Response:
         c = await s.get(Collaboration, cid)
         if c is None:
             raise not_found("collaboration", cid)
+        joined: set[int] = set()
         if body.organization_ids is not None:
-            c.organizations = await _orgs(s, body.organization_ids)
+            members = await _orgs(s, body.organization_ids)
+            joined = {o.id for o in members} - {o.id for o in c.organizations}
+            await lock_organizations(s, joined)  # before the collaboration, as every ledger append does
+            await lock_collaborations(s, [c.id])
+            c.organizations = members
         if body.name is not None:
             c.name = body.name
         if body.encrypted is not None:
             c.encrypted = body.encrypted
+        await _flush_unique(s, f"a collaboration named {body.name!r} exists")
+        appended = await carry_members(s, c.id, joined)
         await commit_unique(s, f"a collaboration named {body.name!r} exists")
+        await announce(request, s, appended)
     return json_response(out(c))

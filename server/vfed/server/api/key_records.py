@@ -5,7 +5,7 @@ An honest server still refuses what no verifier would accept (a record that does
 key, a fork), so a mistake is answered at once instead of at every node. Where the federation file named the
 organization's first key (`vserver import`, `organizations.root_key_id`), it also refuses another first key:
 a mis-keyed node is told at once. Nodes and clients still verify against their own pins, whatever the server
-says.
+says. Each record stored is also appended to the ledger of every collaboration the organization belongs to.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from vfed.common.trust import (
 from vfed.common.trust.entries import MAX_ENTRY_BYTES
 from vfed.common.trust.keychain import record_key
 from vfed.server.api.common import caller, path_id, read_json, session
+from vfed.server.api.ledger import announce
 from vfed.server.api.organizations import editable_org, readable_org, replace_key
 from vfed.server.errors import ApiError, conflict
+from vfed.server.ledger_store import Appended, Carried, carry
 from vfed.server.models import KeyRecord, Organization
 from vfed.server.schemas import MAX_KEY_RECORDS, KeyRecordsIn
 
@@ -250,10 +252,14 @@ async def append_key_records(request: web.Request) -> web.Response:
         await s.refresh(org)
         chain = await _Chain.load(s, org.id, org.root_key_id)
         rows = [row for number, raw in enumerate(body.records) if (row := _append(chain, number, raw))]
+        appended: list[Appended] = []
         if rows:
             s.add_all(rows)
             head = chain.head()
             if head is not None and head != org.key_id:
                 replace_key(s, org, chain.public(head).to_text(), head)
+            # on every ledger of the organization's collaborations too, in the same transaction
+            appended = await carry(s, org.id, [Carried(r.kind, r.digest, r.entry) for r in rows])
         await s.commit()
+        await announce(request, s, appended)
     return chain.answer(201 if rows else 200)
