@@ -12,7 +12,7 @@ from alg_helpers import example
 from vfed.algorithms.decorators import manifest_of
 from vfed.common.manifest import Manifest
 from vfed.common.payload import TaskInput
-from vfed.node.privacy import BudgetRefused, PrivacyLedger, authorize, parse_manifest
+from vfed.node.privacy import BudgetRefused, BudgetStore, authorize, parse_manifest
 
 DP_MANIFEST = manifest_of(example("dp_stats"))
 SUMMARY_MANIFEST = manifest_of(example("summary_stats"))
@@ -23,7 +23,7 @@ def _count(epsilon: object) -> TaskInput:
 
 
 def test_charges_until_the_budget_is_spent_then_refuses(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path / "privacy.sqlite")
+    ledger = BudgetStore(tmp_path / "privacy.sqlite")
     budgets = {"default": 1.0}
     for run in ("r1", "r2", "r3"):
         ledger.charge(run, ["default"], 0.3, budgets, initiator="org 7")
@@ -41,22 +41,22 @@ def test_charges_until_the_budget_is_spent_then_refuses(tmp_path: Path) -> None:
 
 def test_spending_survives_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "node" / "privacy.sqlite"
-    PrivacyLedger(path).charge("r1", ["a"], 0.8, {"a": 1.0})
-    restarted = PrivacyLedger(path)
+    BudgetStore(path).charge("r1", ["a"], 0.8, {"a": 1.0})
+    restarted = BudgetStore(path)
     assert restarted.spent("a") == pytest.approx(0.8)
     with pytest.raises(BudgetRefused, match="exhausted"):
         restarted.charge("r2", ["a"], 0.5, {"a": 1.0})
 
 
 def test_charging_a_run_again_costs_nothing_more(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path / "p.sqlite")
+    ledger = BudgetStore(tmp_path / "p.sqlite")
     first = ledger.charge("r1", ["a"], 0.4, {"a": 1.0})
     again = ledger.charge("r1", ["a"], 0.4, {"a": 1.0})
     assert first == again and ledger.spent("a") == pytest.approx(0.4)
 
 
 def test_all_datasets_or_none(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path / "p.sqlite")
+    ledger = BudgetStore(tmp_path / "p.sqlite")
     budgets = {"a": 5.0, "b": 1.0}
     ledger.charge("r1", ["b"], 0.9, budgets)
     with pytest.raises(BudgetRefused, match="dataset 'b' exhausted"):
@@ -66,12 +66,12 @@ def test_all_datasets_or_none(tmp_path: Path) -> None:
 
 def test_a_dataset_without_budget_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BudgetRefused, match="dataset 'x' has no privacy budget configured"):
-        PrivacyLedger(tmp_path / "p.sqlite").charge("r", ["x"], 0.1, {})
+        BudgetStore(tmp_path / "p.sqlite").charge("r", ["x"], 0.1, {})
 
 
 def test_concurrent_runs_cannot_overspend(tmp_path: Path) -> None:
     """Ten threads, each with its own connection, race for a budget that fits four charges."""
-    ledger = PrivacyLedger(tmp_path / "p.sqlite")
+    ledger = BudgetStore(tmp_path / "p.sqlite")
     ledger.spent("d")  # create the schema before the race
     outcomes: list[bool] = []
     barrier = threading.Barrier(10)
@@ -79,7 +79,7 @@ def test_concurrent_runs_cannot_overspend(tmp_path: Path) -> None:
     def attempt(index: int) -> None:
         barrier.wait()
         try:
-            PrivacyLedger(ledger.path).charge(f"run-{index}", ["d"], 0.25, {"d": 1.0})
+            BudgetStore(ledger.path).charge(f"run-{index}", ["d"], 0.25, {"d": 1.0})
             outcomes.append(True)
         except BudgetRefused:
             outcomes.append(False)
@@ -94,7 +94,7 @@ def test_concurrent_runs_cannot_overspend(tmp_path: Path) -> None:
 
 
 def test_authorize_charges_the_declared_epsilon(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path / "p.sqlite")
+    ledger = BudgetStore(tmp_path / "p.sqlite")
     granted = authorize(
         ledger,
         run_id="r1",
@@ -111,7 +111,7 @@ def test_authorize_refuses_an_exhausted_budget_across_jobs(tmp_path: Path) -> No
     path = tmp_path / "p.sqlite"
     for run in range(4):
         authorize(
-            PrivacyLedger(path),
+            BudgetStore(path),
             run_id=f"job{run}",
             task_input=_count(0.5),
             manifest=DP_MANIFEST,
@@ -120,7 +120,7 @@ def test_authorize_refuses_an_exhausted_budget_across_jobs(tmp_path: Path) -> No
         )
     with pytest.raises(BudgetRefused, match=r"exhausted: 2 of 2 epsilon spent, this run asks 0\.5"):
         authorize(
-            PrivacyLedger(path),
+            BudgetStore(path),
             run_id="job5",
             task_input=_count(0.5),
             manifest=DP_MANIFEST,
@@ -131,7 +131,7 @@ def test_authorize_refuses_an_exhausted_budget_across_jobs(tmp_path: Path) -> No
 
 def test_unbudgeted_datasets_need_no_declaration(tmp_path: Path) -> None:
     granted = authorize(
-        PrivacyLedger(tmp_path / "p.sqlite"),
+        BudgetStore(tmp_path / "p.sqlite"),
         run_id="r",
         task_input=TaskInput(method="partial_stats"),
         manifest=None,
@@ -155,7 +155,7 @@ def test_unbudgeted_datasets_need_no_declaration(tmp_path: Path) -> None:
 def test_authorize_refusals_say_why(
     tmp_path: Path, task_input: TaskInput, manifest: Manifest | None, reason: str
 ) -> None:
-    ledger = PrivacyLedger(tmp_path / "p.sqlite")
+    ledger = BudgetStore(tmp_path / "p.sqlite")
     with pytest.raises(BudgetRefused) as caught:
         authorize(
             ledger,

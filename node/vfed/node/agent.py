@@ -19,13 +19,18 @@ import aiohttp
 from pydantic import ValidationError
 
 from vfed.common.crypto import CryptoError
+from vfed.common.ledger import LedgerError
 from vfed.node.config import ConfigError, NodeSettings
 from vfed.node.doorbell import Doorbell, Ring
 from vfed.node.journal import Journal, Stage
 from vfed.node.keys import KeyHolder, KeyMismatch, load_or_create, passphrase, publish_chain, reconcile
+from vfed.node.lease_store import LEASES_FILE, LeaseStore
+from vfed.node.leases import LeaseGuard
+from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics, serve_metrics
 from vfed.node.orphans import adopt_server, server_identity
-from vfed.node.privacy import PrivacyLedger
+from vfed.node.privacy import BudgetStore
+from vfed.node.receipts import Receipts
 from vfed.node.recovery import Resume, recover
 from vfed.node.runner import Runner, Services
 from vfed.node.runtime.base import Runtime
@@ -123,6 +128,7 @@ class Agent:
         store = NodeTrustStore(s, identity.organization_id, holder.root)
         chains = node_resolver(client, store)
         server_id = server_identity(identity, s.api_key.get_secret_value())
+        ledger, guard = await self._leases(client, identity, store, holder, runtime)
         self.services = Services(
             settings=s,
             client=client,
@@ -133,12 +139,14 @@ class Agent:
             metrics=self.metrics,
             organization_id=identity.organization_id,
             collaboration_id=identity.collaboration_id,
-            ledger=PrivacyLedger(s.data_dir / "privacy.sqlite3"),
+            budget=BudgetStore(s.data_dir / "privacy.sqlite3"),
             chains=chains,
             checks=RunChecks(
                 s, chains, journal, holder, identity.organization_id, identity.collaboration_id, server_id
             ),
             server_identity=server_id,
+            ledger=ledger,
+            leases=guard,
         )
         self.runner = Runner(self.services)
         if s.metrics_port is not None:
@@ -147,6 +155,45 @@ class Agent:
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         # `vnode start` waits for this exact line (vfed.node.operator.container.ONLINE_RE): keep its shape.
         log.info("node %s (organization %s) started", identity.node_id, identity.organization_id)
+
+    async def _leases(
+        self,
+        client: NodeClient,
+        identity: NodeIdentity,
+        store: NodeTrustStore,
+        holder: KeyHolder,
+        runtime: Runtime,
+    ) -> tuple[NodeLedger | None, LeaseGuard | None]:
+        """With `leases: required`: the verified ledger (local copy, then what is new) and the lease guard."""
+        s = self.settings
+        if s.leases == "off":
+            log.warning(
+                "leases: off: runs are not checked against the collaboration's ledger and leave no receipts "
+                "(set `leases: required` in the node's configuration)"
+            )
+            return None, None
+        ledger = NodeLedger(
+            s,
+            client,
+            organization_id=identity.organization_id,
+            collaboration_id=identity.collaboration_id,
+            store=store,
+            metrics=self.metrics,
+        )
+        self._stack.callback(ledger.close)
+        await ledger.open()
+        try:
+            added = await ledger.sync()
+            log.info("ledger verified: %d entries (%d new)", ledger.length, added)
+        except (ApiError, ServerUnavailable, LedgerError) as exc:
+            log.error(
+                "the ledger could not be verified at start (%s); runs on datasets are refused until it is",
+                exc,
+            )
+        leases = LeaseStore(s.data_dir / LEASES_FILE)
+        self._stack.callback(leases.close)
+        receipts = Receipts(ledger, leases, holder, self.metrics)
+        return ledger, LeaseGuard(s, ledger, leases, receipts, runtime, self.metrics)
 
     async def _login(self, client: NodeClient) -> NodeIdentity:
         """Log in, waiting up to startup_timeout_s for a server that is still starting."""
@@ -194,6 +241,8 @@ class Agent:
     async def _serve(self, burst: bool) -> None:
         s = self._s
         await adopt_server(s, s.server_identity)  # a reset server's ids restart: clear its old runs first
+        if s.leases is not None:  # runs still using leases are watched again; their receipts come after
+            s.leases.resume({e.run_id for e in s.journal.unfinished()})
         await recover(s, self._runner_or_fail(), self._spawn_resumed)
         mqtt_url = self.settings.mqtt_url or await self._mqtt_from_server()
         if mqtt_url and s.client.identity is not None:
@@ -206,6 +255,13 @@ class Agent:
         self._background.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         self._background.append(asyncio.create_task(self._janitor(), name="janitor"))
         self._background.append(asyncio.create_task(self._watch_key_file(), name="key-file"))
+        if s.leases is not None:
+            guard = s.leases
+            self._background.append(
+                asyncio.create_task(guard.watch(self._kill, self._broker_up), name="leases")
+            )
+            self._background.append(asyncio.create_task(guard.receipts.run(), name="receipts"))
+            self._background.append(asyncio.create_task(guard.receipts.checkpoints(), name="checkpoints"))
         backoff = self.settings.poll_interval_s
         while not self._stopping.is_set():
             self._wake.clear()
@@ -348,6 +404,9 @@ class Agent:
         self.metrics.doorbells.inc()
         if ring.event == "run-killed" and ring.run_id is not None:
             self._kill(ring.run_id)
+        elif ring.event == "ledger":
+            if self._s.leases is not None:
+                self._s.leases.poke()
         elif ring.event == "run-created" and ring.run_id is not None:
             if ring.run_id not in self._tasks:
                 # Claim at once; the claim is atomic, the poll is the safety net.
@@ -355,11 +414,16 @@ class Agent:
         else:
             self._wake.set()
 
-    def _kill(self, run_id: int) -> None:
+    def _kill(self, run_id: int, reason: str | None = None) -> None:
         event = self._kills.get(run_id)
         if event is not None and not event.is_set():
-            log.info("run %s: kill requested", run_id)
+            if reason is not None:
+                self._s.kill_reasons[run_id] = reason
+            log.info("run %s: kill requested%s", run_id, f" ({reason})" if reason else "")
             event.set()
+
+    def _broker_up(self) -> bool:
+        return self.doorbell is not None and self.doorbell.connected.is_set()
 
     def _runner_or_fail(self) -> Runner:
         assert self.runner is not None
@@ -400,6 +464,7 @@ class Agent:
             finally:
                 self._tasks.pop(run_id, None)
                 self._kills.pop(run_id, None)
+                self._s.kill_reasons.pop(run_id, None)
                 self._wake.set()
 
         self._tasks[run_id] = self._tg.create_task(guarded(), name=f"run-{run_id}")

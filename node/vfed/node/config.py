@@ -106,6 +106,9 @@ class NodeSettings(_Strict):
     max_subtask_depth: int = Field(default=2, ge=0, le=16)
     require_researcher_keys: bool = False
     """Refuse tasks signed with an organization key instead of a certified researcher key."""
+    leases: Literal["required", "off"] = "off"
+    """`required`: a run reads a dataset only under a lease on the collaboration's ledger (written by
+    `vnode new`); `off` (older configs): no lease check, no receipts, and a warning at start."""
 
     @field_validator("server_url")
     @classmethod

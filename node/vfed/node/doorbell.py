@@ -26,6 +26,9 @@ class Ring:
     job_id: int | None = None
     """The run's job (servers since the doorbell named it): lets the agent set up the job's folder while its
     claim is on the way. Only a hint: the claim's answer is what counts."""
+    seq: int | None = None
+    """For `ledger` rings: the ledger's length after the append that rang (a hint: the ledger is read)."""
+    collaboration_id: int | None = None
 
 
 def topic_for(node_id: int) -> str:
@@ -43,6 +46,8 @@ def parse(payload: bytes | bytearray | str | object) -> Ring | None:
             int(run_id) if run_id is not None else None,
             int(task_id) if task_id is not None else None,
             _hint(doc.get("job_id")),
+            _hint(doc.get("seq")),
+            _hint(doc.get("collaboration_id")),
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -104,6 +105,7 @@ class Finisher:
         """A run refused or failed before its container ran (with job_id: its job folder may be set up)."""
         log.info("run %s: %s: %s", run_id, status, reason)
         await self._report(run_id, status=status, reason=reason)
+        self._leases_done(run_id, status)
         self.s.journal.done(run_id)
         self.s.metrics.runs.labels(status).inc()
         await self.remove_run_folders(run_id)
@@ -148,8 +150,9 @@ class Finisher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
             await runtime.kill(handle, grace_s=self.s.settings.kill_grace_s)
-            log.info("run %s: killed on request", run_id)
-            return "killed", "killed on request", await self._final_wait(handle)
+            reason = self.s.kill_reasons.pop(run_id, "killed on request")
+            log.info("run %s: killed: %s", run_id, reason)
+            return "killed", reason, await self._final_wait(handle)
         try:
             exit_status = waiting.result()
         except NotFound:
@@ -214,11 +217,18 @@ class Finisher:
             log=log_text,
             result_blob_id=entry.result_blob_id,
         )
+        self._leases_done(run_id, status)
         self.s.journal.done(run_id)
         self._verified.pop(run_id, None)
         self.s.metrics.runs.labels(status).inc()
         log.info("run %s: %s", run_id, status)
         await self._clean_up(run_id, job_id, handle)
+
+    def _leases_done(self, run_id: int, status: str) -> None:
+        """Before the journal lets the run go: its leases' reservation is given back (never started) or its
+        receipt is queued (started), so a crash in between does neither twice nor never."""
+        if self.s.leases is not None:
+            self.s.leases.finished(self.s.checks.run_key(run_id), run_id, status)
 
     async def _seal_or_withhold(self, entry: Entry) -> Entry:
         """Seal the output; a run whose descriptor no longer verifies fails and its output is not released."""
@@ -246,6 +256,9 @@ class Finisher:
     async def _upload(self, entry: Entry) -> None:
         path = self.run_dir(entry.run_id) / SEALED_NAME
         size = path.stat().st_size
+        if self.s.leases is not None:  # the receipt names the result blob by its SHA-256
+            digest = await asyncio.to_thread(_sha256_file, path)
+            self.s.leases.store.result(self.s.checks.run_key(entry.run_id), digest)
         info = await self._retry(lambda: self.s.client.upload_blob(file_chunks(path), size=size))
         self.s.metrics.bytes_up.inc(size)
         self.s.journal.uploaded(entry.run_id, info.id)
@@ -309,6 +322,14 @@ def _settle_output(run_dir: str, max_bytes: int) -> tuple[list[str], str | None]
     except BadOutput as exc:
         return removed, str(exc)
     return removed, None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _output_size(run_dir: Path) -> int:

@@ -34,6 +34,33 @@ class NodeMetrics:
         self.key_reloads = Counter(
             "vnode_key_reloads", "Organization key file changes picked up", registry=self.registry
         )
+        self.ledger_forks = Counter(
+            "vfed_node_ledger_forks",
+            "Ledger heads met that are not on this node's verified chain (different histories shown)",
+            registry=self.registry,
+        )
+        self.lease_refusals = Counter(
+            "vfed_node_lease_refusals", "Runs refused for want of a valid lease", registry=self.registry
+        )
+        self.leases_expiring = Gauge(
+            "vfed_node_leases_expiring",
+            "Active leases on this organization's datasets that expire within 7 days",
+            registry=self.registry,
+        )
+        self.ledger_length = Gauge(
+            "vfed_node_ledger_length",
+            "Entries of the collaboration's ledger verified here",
+            registry=self.registry,
+        )
+        self.lease_kills = Counter(
+            "vfed_node_lease_kills",
+            "Runs killed because a lease they used was revoked or expired, by reason code",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.receipts_queued = Gauge(
+            "vfed_node_receipts_queued", "Run receipts not yet accepted by the ledger", registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

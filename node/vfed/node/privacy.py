@@ -1,7 +1,7 @@
 """The node's differential-privacy budget: epsilon per dataset, charged before a run starts, never refunded.
 
 The budget is the node's, not the algorithm's: an algorithm only declares (in its image manifest) which
-keyword argument holds the epsilon a method spends. The ledger is a SQLite file in the node's data folder,
+keyword argument holds the epsilon a method spends. The store is a SQLite file in the node's data folder,
 so spending survives restarts; check-and-charge is one IMMEDIATE transaction, so concurrent runs (threads or
 processes) cannot overspend. A dataset with a budget serves only methods that declare their epsilon.
 
@@ -55,7 +55,7 @@ class Charge:
     charged_at: str
 
 
-class PrivacyLedger:
+class BudgetStore:
     """Spent epsilon per dataset, in a SQLite file that outlives the agent."""
 
     def __init__(self, path: Path) -> None:
@@ -151,7 +151,7 @@ def parse_manifest(label: str | None) -> Manifest | None:
 
 
 def authorize(
-    ledger: PrivacyLedger,
+    store: BudgetStore,
     *,
     run_id: str,
     task_input: TaskInput,
@@ -181,5 +181,5 @@ def authorize(
         raise BudgetRefused(str(exc)) from exc
     if epsilon is None:  # not reached: spec.epsilon_kwarg is set, so declared_epsilon returned or raised
         raise BudgetRefused(f"method {method!r} declares no epsilon")
-    ledger.charge(run_id, sorted(limited), epsilon, limited, initiator)
+    store.charge(run_id, sorted(limited), epsilon, limited, initiator)
     return epsilon

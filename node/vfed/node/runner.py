@@ -26,9 +26,11 @@ from vfed.node.config import NodeSettings
 from vfed.node.early_job import BusyJobs, EarlyJobFolder
 from vfed.node.journal import Journal
 from vfed.node.keys import KeyHolder
+from vfed.node.leases import LeaseGuard, lease_refusal
+from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run
-from vfed.node.privacy import BudgetRefused, PrivacyLedger
+from vfed.node.privacy import BudgetRefused, BudgetStore
 from vfed.node.run_setup import RunSetup
 from vfed.node.runtime.base import (
     INPUT_NAME,
@@ -89,7 +91,8 @@ class Services:
     metrics: NodeMetrics
     organization_id: int
     collaboration_id: int
-    ledger: PrivacyLedger
+    budget: BudgetStore
+    """Epsilon spent per dataset (privacy budgets, `privacy.sqlite3`)."""
     chains: ChainResolver
     """Other organizations' key chains, verified against the node's trust store (shared with the proxies)."""
     checks: RunChecks
@@ -97,6 +100,12 @@ class Services:
     """The server's fingerprint (orphans.server_identity): run ids are only unique under it."""
     jobs_in_setup: BusyJobs = field(default_factory=BusyJobs)
     """Jobs whose folder a run set up before its claim (early_job): busy, like the journal's."""
+    ledger: NodeLedger | None = None
+    """The collaboration's ledger as verified here; None with `leases: off`."""
+    leases: LeaseGuard | None = None
+    """Lease checks, reservations, the watch that kills and the receipts; None with `leases: off`."""
+    kill_reasons: dict[int, str] = field(default_factory=dict)
+    """Why a run is asked to end, when not on the server's request (a lease revoked or expired)."""
 
     @property
     def keyring(self) -> Keyring:
@@ -234,12 +243,14 @@ class Runner:
         missing = [d for d in task.datasets if d not in self.s.settings.datasets]
         if missing:
             raise RunRefused("not-allowed", f"this node offers no dataset labelled {', '.join(missing)}")
+        if self.s.leases is not None:
+            await self._reserve_leases(run, task, accepted, digest, plaintext)
         try:
             epsilon = await budget.charge(
                 self.s.settings,
-                self.s.ledger,
+                self.s.budget,
                 self.s.runtime,
-                # The ledger outlives servers: a reset server's run 5 is not the run 5 charged before.
+                # The store outlives servers: a reset server's run 5 is not the run 5 charged before.
                 run_key=self.s.checks.run_key(run.id),
                 image=digest,  # the manifest of exactly the image the policy checked
                 plaintext=plaintext,
@@ -251,6 +262,27 @@ class Runner:
         run_dir = self.run_dir(run.id)
         await _off_loop_if_big(len(plaintext), _write_input, run_dir, plaintext)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, epsilon)
+
+    async def _reserve_leases(
+        self, run: Run, task: Task, accepted: Accepted, digest: str, plaintext: bytes
+    ) -> None:
+        """The ledger heads the descriptor names are on this node's chain, and a lease covers each dataset the
+        run reads (reserved here; a run that does not start gives it back when it ends)."""
+        guard = self.s.leases
+        assert guard is not None
+        try:
+            await guard.check_descriptor(accepted.verified)
+            await guard.reserve(
+                run_key=self.s.checks.run_key(run.id),
+                run_id=run.id,
+                task=task,
+                digest=digest,
+                verified=accepted.verified,
+                input_hash=accepted.target.input,
+                plaintext=plaintext,
+            )
+        except TrustError as exc:
+            raise RunRefused("not-allowed", lease_refusal(exc, run.id, self.s.metrics)) from None
 
     async def _trusted_input(self, run: Run, task: Task) -> tuple[Accepted, bytes, asyncio.Future[None]]:
         """The task's descriptor verified, the run checked against it and the input it names decrypted; any
@@ -400,6 +432,8 @@ class Runner:
         self.s.metrics.start_latency.observe(time.monotonic() - claimed_at)
         deadline = time.time() + prepared.max_run_time_s
         self.s.journal.started(run.id, handle, deadline)
+        if self.s.leases is not None:
+            self.s.leases.started(self.s.checks.run_key(run.id), run.id)
         trace.emit()
         log.info("run %s: container started (%s)", run.id, handle)
         self.finisher.remember(run.id, prepared.accepted.verified)

@@ -145,3 +145,21 @@ class NodeClient(RestClient):
 
     async def heartbeat(self) -> None:
         await self.request("POST", "/nodes/heartbeat")
+
+    # The ledger (`vfed.common.ledger.Transport`: EmbeddedLedger builds the paths; the answers are verified
+    # by the caller, never trusted).
+    async def get_json(self, path: str, params: dict[str, str]) -> Any:
+        return await self.request("GET", path, params=params)
+
+    async def post_json(self, path: str, body: Any) -> Any:
+        return await self.request("POST", path, json=body)
+
+    async def ledger_entries(self, collaboration_id: int, after: int, limit: int) -> Any:
+        """`GET /collaborations/{id}/ledger?after=N&limit=M` as the server answers it (unverified)."""
+        params = {"after": str(after), "limit": str(limit)}
+        return await self.get_json(f"/collaborations/{collaboration_id}/ledger", params)
+
+    async def append_ledger(self, collaboration_id: int, entry: SignedEntry) -> Any:
+        """`POST /collaborations/{id}/ledger`: `{"seq", "hash"}` (ApiError 409 when it is there already)."""
+        body = {"entry": entry.model_dump(mode="json")}
+        return await self.post_json(f"/collaborations/{collaboration_id}/ledger", body)

@@ -72,6 +72,8 @@ def build_config(
         "runtime": {"kind": runtime},
         # Tasks run only for organizations pinned with `vnode trust` (and this node's own).
         "trust": "pinned",
+        # A run reads a dataset only under a lease granted on the collaboration's ledger (`vnode leases`).
+        "leases": "required",
     }
     if mqtt_url:
         data["mqtt_url"] = mqtt_url

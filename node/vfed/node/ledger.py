@@ -1,0 +1,306 @@
+"""The node's verified view of its collaboration's ledger (`vfed.common.ledger`), for the agent and the
+operator CLIs alike.
+
+Organization keys are anchored in the node's trust store (its own organization by its key file's first key;
+`trust: tofu` pins others at first sight). What was verified is kept in `ledger.sqlite3` in the node's data
+folder, with every head others claimed to have verified, so a restart verifies only what is new and
+`vnode ledger verify` can compare every head seen.
+
+    async with aiohttp.ClientSession() as session:
+        ledger = await NodeLedger.connect(settings, session)
+        await ledger.sync()
+        ledger.state.leases_on(ledger.organization_id, "patients")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from vfed.common.crypto import Keyring
+from vfed.common.ledger import (
+    EmbeddedLedger,
+    Head,
+    LedgerError,
+    LedgerForked,
+    LedgerState,
+    LedgerView,
+    Record,
+    VerifyReport,
+)
+from vfed.common.trust import SignedEntry, TrustMode, TrustStore
+from vfed.node.config import NodeSettings
+from vfed.node.metrics import NodeMetrics
+from vfed.node.server_api import NodeClient
+from vfed.node.trust import NodeTrustStore
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.sqlite3"
+EXPIRING_WITHIN_S = 7 * 86400.0
+"""Leases expiring sooner than this are counted in `vfed_node_leases_expiring` (and shown as expiring)."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    collab INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (collab, seq)
+);
+CREATE TABLE IF NOT EXISTS heads (
+    collab INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    source TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (collab, seq, hash, source)
+);
+"""
+
+
+class SqliteCopy:
+    """A `LocalCopy` in one SQLite file: the records verified here and the heads others verified. The
+    node's own disk is trusted; a copy lost or removed is read and verified again from the server."""
+
+    def __init__(self, path: Path, collaboration_id: int) -> None:
+        self.path = path
+        self.collaboration_id = collaboration_id
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a record lost in a power cut is read again
+            db.executescript(_SCHEMA)
+            self._db = db
+        return self._db
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def load(self) -> list[Record]:
+        with self._lock:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT seq, hash, entry FROM records WHERE collab = ? ORDER BY seq",
+                    (self.collaboration_id,),
+                )
+                .fetchall()
+            )
+        records = []
+        for number, (seq, claimed, entry) in enumerate(rows, 1):
+            if seq != number:  # a gap: keep the prefix, the rest is read again
+                break
+            records.append(Record(int(seq), SignedEntry.parse(entry), claimed))
+        return records
+
+    def save(self, records: Sequence[Record]) -> None:
+        rows = [(self.collaboration_id, r.seq, r.hash, r.entry.to_json()) for r in records]
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT OR REPLACE INTO records (collab, seq, hash, entry) VALUES (?, ?, ?, ?)", rows
+            )
+            db.execute("COMMIT")
+
+    def clear(self) -> None:
+        """Forget the verified records (the heads stay: they are what a fresh verification is held to)."""
+        with self._lock:
+            self._conn().execute("DELETE FROM records WHERE collab = ?", (self.collaboration_id,))
+
+    def heads(self) -> list[tuple[Head, str]]:
+        with self._lock:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT seq, hash, source FROM heads WHERE collab = ? ORDER BY seq, seen_at",
+                    (self.collaboration_id,),
+                )
+                .fetchall()
+            )
+        return [(Head(seq=int(seq), hash=str(h)), str(source)) for seq, h, source in rows]
+
+    def remember_head(self, head: Head, source: str) -> None:
+        with self._lock:
+            self._conn().execute(
+                "INSERT OR IGNORE INTO heads (collab, seq, hash, source, seen_at) VALUES (?, ?, ?, ?, ?)",
+                (self.collaboration_id, head.seq, head.hash, source, time.time()),
+            )
+
+
+class NodeLedger:
+    """One collaboration's ledger as this node verified it. No I/O in the constructor: `open()` (or
+    `connect()`) loads the local copy; `sync()` reads and verifies what is new."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        client: NodeClient,
+        *,
+        organization_id: int,
+        collaboration_id: int,
+        store: TrustStore,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.organization_id = organization_id
+        self.collaboration_id = collaboration_id
+        self.store = store
+        self.metrics = metrics
+        self.copy = SqliteCopy(settings.data_dir / LEDGER_FILE, collaboration_id)
+        self.view = LedgerView(EmbeddedLedger(client, collaboration_id), self._new_state, self.copy)
+        self._indexed = 0
+        self._lease_runs: dict[str, dict[int, float]] = {}
+
+    @classmethod
+    async def connect(cls, settings: NodeSettings, session: aiohttp.ClientSession) -> NodeLedger:
+        """For the operator CLIs: log in with the node's API key, anchor at its key file, load the copy."""
+        from vfed.node.keys import passphrase
+
+        client = NodeClient(session, settings.server_url, settings.api_key.get_secret_value())
+        identity = await client.login()
+        keyring = await asyncio.to_thread(Keyring.load, settings.key_path, passphrase(settings))
+        store = NodeTrustStore(settings, identity.organization_id, keyring.keys[0].public)
+        ledger = cls(
+            settings,
+            client,
+            organization_id=identity.organization_id,
+            collaboration_id=identity.collaboration_id,
+            store=store,
+        )
+        await ledger.open()
+        return ledger
+
+    def _new_state(self) -> LedgerState:
+        def anchor(organization_id: int) -> str | None:
+            pin = self.store.get(organization_id)
+            return pin.root if pin is not None else None
+
+        def on_pin(organization_id: int, key_id: str) -> None:
+            self.store.pin(organization_id, key_id, note="pinned at first use (ledger)")
+            log.info("organization %s pinned at first use from the ledger", organization_id)
+
+        return LedgerState(
+            self.collaboration_id,
+            anchors=anchor,
+            tofu=self.store.mode == TrustMode.TOFU,
+            on_pin=on_pin,
+            skew_s=self.settings.descriptor_skew_s,
+        )
+
+    # -- reading -------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> LedgerState:
+        return self.view.state
+
+    @property
+    def head(self) -> Head:
+        return self.view.head
+
+    @property
+    def length(self) -> int:
+        return self.view.state.length
+
+    async def open(self) -> None:
+        """Take in the local copy; a copy that no longer verifies here (pins changed) is read again."""
+        try:
+            await asyncio.to_thread(self.view.load)
+        except LedgerError as exc:
+            log.warning(
+                "the local ledger copy %s does not verify (%s); reading it again",
+                self.copy.path,
+                exc,
+            )
+            self.copy.clear()
+            self.view = LedgerView(self.view.backend, self._new_state, self.copy)
+            self._indexed, self._lease_runs = 0, {}
+            await asyncio.to_thread(self.view.load)
+        self._after_change()
+
+    async def sync(self) -> int:
+        """Read and verify what is new; how many entries were. LedgerError (LedgerForked counted and logged)
+        when the ledger does not verify; ApiError/ServerUnavailable when it cannot be read."""
+        try:
+            added = await self.view.sync()
+        except LedgerForked as exc:
+            self._forked(exc)
+            raise
+        finally:
+            self._after_change()
+        return added
+
+    async def ensure_head(self, head: Head, source: str) -> None:
+        """`head` (verified by `source`) is on this node's chain; LedgerForked (counted, logged) if not."""
+        try:
+            await self.view.ensure_head(head, source)
+        except LedgerForked as exc:
+            self._forked(exc)
+            raise
+        finally:
+            self._after_change()
+
+    async def verify_full(self) -> VerifyReport:
+        """Read the whole ledger afresh and verify it against this node's chain and every head it saw."""
+        try:
+            return await self.view.verify_full()
+        except LedgerForked as exc:
+            self._forked(exc)
+            raise
+
+    async def append(self, entry: SignedEntry) -> Head:
+        """Append a signed entry and confirm it is on the verified chain where the server put it."""
+        try:
+            return await self.view.append(entry)
+        finally:
+            self._after_change()
+
+    def close(self) -> None:
+        self.copy.close()
+
+    # -- what the node asks ---------------------------------------------------------------------------------
+    def lease_runs(self, lease_id: str) -> dict[int, float]:
+        """Run id -> epsilon spent, of the receipts on the verified ledger that name this lease."""
+        return dict(self._lease_runs.get(lease_id, {}))
+
+    def _after_change(self) -> None:
+        receipts = self.state.receipts
+        for receipt in receipts[self._indexed :]:
+            for use in receipt.body.datasets:
+                if use.lease is not None:
+                    self._lease_runs.setdefault(use.lease, {})[receipt.body.run] = use.epsilon or 0.0
+        self._indexed = len(receipts)
+        if self.metrics is not None:
+            self.metrics.ledger_length.set(self.state.length)
+            expiring = self.state.expiring(self.organization_id, EXPIRING_WITHIN_S, time.time())
+            self.metrics.leases_expiring.set(len(expiring))
+
+    def _forked(self, exc: LedgerForked) -> None:
+        if self.metrics is not None:
+            self.metrics.ledger_forks.inc()
+        ours = self.state.hash_at(exc.seq) if exc.ours is None else exc.ours
+        log.error(
+            "ledger fork in collaboration %s at entry %s: this node's chain has %s, %s verified %s: %s",
+            self.collaboration_id,
+            exc.seq,
+            (ours or "nothing")[:16],
+            exc.source or "another verifier",
+            (exc.theirs or "nothing")[:16],
+            exc.message,
+        )
