@@ -28,6 +28,16 @@ class OperatorError(click.ClickException):
     """A failure the operator can act on; click prints it as one `Error: ...` line and exits 1."""
 
 
+class BadInput(OperatorError):
+    """A value the command cannot use (`--expires soon`): one `Error: OPTION: ...` line, exit 2 like a usage
+    error, without click's usage lines."""
+
+    exit_code = 2
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+
+
 def scope_option(func: F) -> F:
     """`--user` (default) or `--system`: which configuration folder the command works in."""
     return click.option(
