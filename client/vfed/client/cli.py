@@ -13,6 +13,7 @@ import click
 
 from vfed.client import credentials
 from vfed.client.cli_common import handled, run
+from vfed.client.cli_ledger import datasets, leases, receipts
 from vfed.client.cli_trust import keys, organizations, trust, untrust
 from vfed.client.client import AsyncClient
 
@@ -174,6 +175,9 @@ main.add_command(keys)
 main.add_command(trust)
 main.add_command(untrust)
 main.add_command(organizations)
+main.add_command(datasets)
+main.add_command(leases)
+main.add_command(receipts)
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,17 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vfed.client import identity, tasks
+from vfed.client import identity, ledger, tasks
+from vfed.client.catalog import DatasetInfo, LeaseInfo, ReceiptInfo
 from vfed.client.credentials import default_key_file, default_trust_file
 from vfed.client.errors import KeyMissing
 from vfed.client.http import ApiSession
 from vfed.client.identity import Identity
+from vfed.client.ledger import LedgerViews
 from vfed.client.members import Members
 from vfed.client.trust import ClientTrust, trust_mode
 from vfed.common.crypto import Keyring
+from vfed.common.ledger import LedgerView
 from vfed.common.trust import Pin
 from vfed.common.trust.truststore import NamedPin
 
@@ -60,6 +63,7 @@ class AsyncClient:
         self.organization_id: int | None = None
         self.user_id: int | None = None
         self.descriptor_digests: dict[int, str] = {}  # task id -> digest of the descriptor we signed
+        self.ledgers = LedgerViews(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -134,6 +138,30 @@ class AsyncClient:
 
     async def runs(self, task_id: int) -> list[dict[str, Any]]:
         return await self.api.get_all("/runs", {"task_id": task_id})
+
+    async def ledger(self, collaboration: int) -> LedgerView:
+        """The collaboration's ledger as this client verified it, synced now (`.state` says what it holds,
+        `.head` is its head). LedgerForked / LedgerTampered (naming the entry) when the server rewrote what
+        was verified before; LedgerUnavailable when the server keeps no ledger there."""
+        return await self.ledgers.view(collaboration)
+
+    async def datasets(self, collaboration: int | None = None) -> list[DatasetInfo]:
+        """Datasets on the ledger (of one collaboration, or of every one you see): owner, label, description,
+        and the leases granted to you with their terms and, where your key opens it, the sealed metadata."""
+        return await ledger.datasets(self, collaboration)
+
+    async def leases(
+        self, collaboration: int | None = None, *, expiring_within_s: float | None = None
+    ) -> list[LeaseInfo]:
+        """Leases granted to your organization (and to you, where a lease names users) with their status,
+        expiry, images, runs and epsilon used; `expiring_within_s`: only active ones expiring that soon."""
+        return await ledger.leases(self, collaboration, expiring_within_s)
+
+    async def receipts(
+        self, collaboration: int | None = None, *, task: int | None = None
+    ) -> list[ReceiptInfo]:
+        """Run receipts on the ledger (signed by the executing organizations), of one task if given."""
+        return await ledger.receipts(self, collaboration, task)
 
     async def create_task(
         self,
@@ -245,6 +273,20 @@ class Client:
 
     def runs(self, task_id: int) -> list[dict[str, Any]]:
         return self._call(self._async.runs(task_id))
+
+    def ledger(self, collaboration: int) -> LedgerView:
+        return self._call(self._async.ledger(collaboration))
+
+    def datasets(self, collaboration: int | None = None) -> list[DatasetInfo]:
+        return self._call(self._async.datasets(collaboration))
+
+    def leases(
+        self, collaboration: int | None = None, *, expiring_within_s: float | None = None
+    ) -> list[LeaseInfo]:
+        return self._call(self._async.leases(collaboration, expiring_within_s=expiring_within_s))
+
+    def receipts(self, collaboration: int | None = None, *, task: int | None = None) -> list[ReceiptInfo]:
+        return self._call(self._async.receipts(collaboration, task=task))
 
     def create_task(self, collaboration: int, image: str, method: str, **kwargs: Any) -> dict[str, Any]:
         return self._call(self._async.create_task(collaboration, image, method, **kwargs))

@@ -10,6 +10,12 @@ Nothing rests on the server's word: each organization's key is pinned by fingerp
 does) and pins the three organizations (as `vfed trust` does); she signs the task, and the result is sealed
 to her key. The demo prints the federated answer next to the same statistics computed on the pooled data,
 which only a demo can see.
+
+The data is leased, not handed over: each organization registers its dataset on the collaboration's ledger
+(`vnode datasets register`) and its org admin, with her own certified key, grants the researcher's
+organization a lease for this researcher and this image, for a week (`vnode leases grant`). The nodes run
+with `leases: required`, append a signed receipt for every run, and `vnode ledger verify` checks the whole
+ledger at the end.
 """
 
 from __future__ import annotations
@@ -109,7 +115,11 @@ def import_federation(work: Path, data_dir: Path) -> dict[str, str]:
     spec = {
         "organizations": [{"name": o} for o in ORGS],
         "collaborations": [{"name": "cardio", "organizations": list(ORGS)}],
-        "users": [{"username": "researcher", "password": PASSWORD, "organization": ORGS[0]}],
+        "users": [{"username": "researcher", "password": PASSWORD, "organization": ORGS[0]}]
+        + [
+            {"username": f"admin-{o}", "password": PASSWORD, "organization": o, "roles": ["org-admin"]}
+            for o in ORGS
+        ],
         "nodes": [{"name": f"node-{o}", "organization": o, "collaboration": "cardio"} for o in ORGS],
     }
     (work / "federation.yaml").write_text(yaml.safe_dump(spec))
@@ -128,7 +138,9 @@ def import_federation(work: Path, data_dir: Path) -> dict[str, str]:
 
 
 def node_config(work: Path, org: str, api_key: str, url: str, mqtt_port: int, dataset: Path) -> Path:
-    path = work / f"node-{org}.yaml"
+    """The node's configuration, where `vnode` finds node `demo-ORG` (XDG_CONFIG_HOME points at the demo)."""
+    path = work / "config" / "vfed" / "nodes" / f"demo-{org}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         yaml.safe_dump(
             {
@@ -141,6 +153,7 @@ def node_config(work: Path, org: str, api_key: str, url: str, mqtt_port: int, da
                 "datasets": {"default": {"uri": str(dataset), "type": "csv"}},
                 "policies": {"allowed_images": ["vfed-examples/*"]},
                 "trust": "pinned",
+                "leases": "required",
             }
         )
     )
@@ -195,6 +208,14 @@ async def publish_first_chain(url: str, api_key: str, ring: Keyring, org_id: int
                 )
 
 
+async def user_id(url: str, username: str) -> int:
+    import aiohttp
+
+    login = {"username": username, "password": PASSWORD}
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/api/v1/token/user", json=login) as r:
+        return int((await r.json())["user_id"])
+
+
 async def certify_researcher(url: str, api_key: str, ring: Keyring, org_id: int, researcher: Keyring) -> None:
     """The org admin certifies the researcher's own key with the organization's (`vnode users certify`)."""
     import aiohttp
@@ -228,6 +249,11 @@ async def research(
         await _wait_public_keys(client)
         _say("three node agents online; each published its organization's key chain")
         collab = (await client.collaborations())[0]
+        for d in await client.datasets(collab["id"]):
+            lease, rows = d.lease, d.metadata.rows if d.metadata is not None else "?"
+            until = time.strftime("%Y-%m-%d", time.gmtime(lease.expires_at)) if lease else ""
+            status = f"lease {lease.status.value} until {until}" if lease else "no lease"
+            _say(f"ledger: dataset {d.label!r} of organization {d.owner}: {rows} rows; {status}")
         me = client.organization_id
         assert me is not None
         t0 = time.monotonic()
@@ -278,9 +304,70 @@ def establish_trust(
     first = ORGS[0]
     ids = asyncio.run(organization_ids(url, keys[first]))
     pin_each_other(work, rings, ids)
-    asyncio.run(publish_first_chain(url, keys[first], rings[first], ids[first]))
+    for org in ORGS:
+        asyncio.run(publish_first_chain(url, keys[org], rings[org], ids[org]))
     asyncio.run(certify_researcher(url, keys[first], rings[first], ids[first], researcher))
     return ids
+
+
+def vnode(*args: str) -> str:
+    """One `vnode` command, as an operator types it; the demo stops with its message if it fails."""
+    done = subprocess.run([str(BIN / "vnode"), *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"[demo] `vnode {' '.join(args)}` failed: {(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
+def image_digest(image: str) -> str:
+    done = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", image],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def lease_datasets(work: Path, url: str, ids: dict[str, int]) -> None:
+    """Each organization registers its dataset on the ledger; its org admin certifies her own key and
+    grants the researcher's organization a week's lease, for this researcher and this image only."""
+    researcher = asyncio.run(user_id(url, "researcher"))
+    digest = image_digest(IMAGE)
+    (work / "admins").mkdir(exist_ok=True)
+    for org in ORGS:
+        node = f"demo-{org}"
+        admin = Keyring.generate()
+        key_file = work / "admins" / f"{org}.key"
+        admin.save(key_file)  # `vfed keys generate` does the same
+        admin_id = asyncio.run(user_id(url, f"admin-{org}"))
+        public = admin.current.public.to_text()
+        vnode("users", "certify", str(admin_id), node, "--key", public, "--roles", "org-admin")
+        vnode("datasets", "register", "default", node, "--description", f"{org}: age, bmi, systolic")
+        vnode(
+            "leases", "grant", node, "--dataset", "default", "--to", str(ids[ORGS[0]]),
+            "--user", str(researcher), "--image", digest, "--expires", "7d", "--max-runs", "20",
+            "--purpose", "pooled summary statistics (demo)", "--identity", str(key_file),
+        )  # fmt: skip
+    _say(
+        f"each organization registered its dataset and leased it to {ORGS[0]}'s researcher for 7 days, "
+        f"for image {digest[:19]}... only (`vnode datasets register`, `vnode leases grant`)"
+    )
+
+
+def show_ledger(timeout_s: float = 60) -> None:
+    """Every node's receipts on the ledger, then a full verification of it at each organization."""
+    deadline = time.monotonic() + timeout_s
+    for org in ORGS:
+        node = f"demo-{org}"
+        while True:  # a node appends its receipt right after it reported the run
+            receipts = json.loads(vnode("ledger", "receipts", node, "--format", "json"))
+            if receipts or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        statuses = ", ".join(f"run {r['run']} {r['status']}" for r in receipts) or "none yet"
+        _say(f"{org}: receipts on the ledger: {statuses} (`vnode ledger receipts {node}`)")
+    for org in ORGS:
+        _say(f"{org}: {vnode('ledger', 'verify', f'demo-{org}').strip()} (`vnode ledger verify`)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "server.yaml").write_text(
         yaml.safe_dump({"mqtt": {"embedded_broker": True, "embedded_port": mqtt_port}})
     )
+    os.environ["XDG_CONFIG_HOME"] = str(work / "config")  # where `vnode NAME` finds the demo's nodes
     keys = import_federation(work, server_dir)
     _say(f"imported {len(ORGS)} organizations, a collaboration, a researcher and {len(keys)} nodes")
     rings = make_keys(work)
@@ -319,10 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         _wait_http(f"{url}/api/v1/health", server, work / "server.log")
         _say(f"server on {url} (embedded MQTT broker on port {mqtt_port})")
         ids = establish_trust(work, url, keys, rings, researcher)
+        configs = [
+            node_config(work, org, keys[org], url, mqtt_port, dataset)
+            for org, dataset in zip(ORGS, datasets, strict=True)
+        ]
+        lease_datasets(work, url, ids)
         agents = []
         with contextmanager_stack() as stack:
-            for org, dataset in zip(ORGS, datasets, strict=True):
-                cfg = node_config(work, org, keys[org], url, mqtt_port, dataset)
+            for org, cfg in zip(ORGS, configs, strict=True):
                 agents.append(
                     stack.enter_context(
                         process([str(BIN / "vnode"), "run", "--config", str(cfg)], work / f"node-{org}.log")
@@ -332,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 research(url, work, work / "researcher" / "researcher.key", rings, ids)
             )
             _say(f"decrypted result at the researcher after {took:.1f} s")
+            show_ledger()
     ok = report(result, datasets)
     print(json.dumps({"organizations": result["organizations"]}))
     return 0 if ok else 1

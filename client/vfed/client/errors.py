@@ -1,6 +1,9 @@
-"""Errors a researcher sees: each says what failed in one line."""
+"""Errors a researcher sees: each says what failed in one line. The ledger's own errors (`LedgerError` and
+its kinds, each naming the entry) are raised as they are and exported here beside the client's."""
 
 from __future__ import annotations
+
+from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerError, LedgerForked, LedgerTampered
 
 
 class ClientError(Exception):
@@ -65,3 +68,25 @@ class ResultMismatch(ClientError):
         super().__init__(f"the result of run {run_id} (organization {organization_id}) {why}")
         self.run_id = run_id
         self.organization_id = organization_id
+
+
+class LedgerUnavailable(ClientError):
+    """The server keeps no ledger for this collaboration (an unknown collaboration, or an older server)."""
+
+
+__all__ = [
+    "ApiError",
+    "ClientError",
+    "KeyMissing",
+    "LedgerEntryInvalid",
+    "LedgerError",
+    "LedgerForked",
+    "LedgerTampered",
+    "LedgerUnavailable",
+    "NotCertified",
+    "NotLoggedIn",
+    "ResultMismatch",
+    "RunFailed",
+    "TaskTimeout",
+    "TrustRefused",
+]

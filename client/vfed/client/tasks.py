@@ -58,6 +58,9 @@ async def create(
 ) -> dict[str, Any]:
     plaintext = TaskInput(method=method, args=args, kwargs=kwargs).to_json()
     signer = await client.identity()
+    # The ledger head verified now goes into the descriptor, so a node shown another history reports a fork;
+    # a fork or tampering found while syncing raises here, before anything is created.
+    head = await client.ledgers.head_for_task(collaboration)
     fields: dict[str, Any] = {
         "collaboration_id": collaboration,
         "name": name,
@@ -78,6 +81,7 @@ async def create(
                 image=image,
                 method=method,
                 datasets=datasets,
+                ledger=None if head is None else (head.seq, head.hash),
             ),
         )
         fields["organizations"] = [{"id": o, "key_id": key.key_id} for o, key in targets]
@@ -104,6 +108,7 @@ def seal(
     image: str,
     method: str,
     datasets: list[str],
+    ledger: tuple[int, str] | None = None,
 ) -> tuple[bytes, DescriptorDocument]:
     """The input envelope (encrypted once, bound to the descriptor's nonce) and the signed descriptor that
     names its SHA-256 for every target: one hash and one signature, whatever the number of targets."""
@@ -121,6 +126,7 @@ def seal(
         targets=[Target(org=o, datasets=datasets, input=digest, key_id=key.key_id) for o, key in targets],
         reply_to=[signer.key.key_id] + ([signer.also_to.key_id] if signer.also_to is not None else []),
         nonce=nonce,
+        ledger=ledger,
     )
     return envelope, sign_document(body, signer.key, signer.certificate)
 
