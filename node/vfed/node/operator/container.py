@@ -155,7 +155,14 @@ def _image_site_packages(client: DockerClient, image: str) -> str:
     probe = "import os, vfed.node as n; print(os.path.dirname(os.path.dirname(n.__path__[0])))"
     try:
         out = client.containers.run(
-            image, ["-c", probe], entrypoint="python", remove=True, network_mode="none"
+            image,
+            ["-c", probe],
+            entrypoint="python",
+            remove=True,
+            network_mode="none",
+            # The image declares a VOLUME here; without a mount of our own the engine makes an anonymous
+            # volume that `remove=True` leaves behind.
+            tmpfs={DATA_IN_CONTAINER: ""},
         )
     except docker.errors.DockerException as exc:
         raise OperatorError(f"cannot find the installed vfed package in {image}: {exc}") from None
