@@ -273,9 +273,11 @@ async def post_signed_task(
     args: list[Any] | None = None,
     datasets: list[str] | None = None,
     signed: bool = True,
+    ledger: tuple[int, str] | None = None,
 ) -> dict[str, Any]:
     """A task made by hand the way the client makes one (input sealed to `targets` and bound to the
-    descriptor's nonce, descriptor signed by `signer` as the researcher's organization), or unsigned."""
+    descriptor's nonce, descriptor signed by `signer` as the researcher's organization), or unsigned;
+    `ledger`: the ledger head the descriptor says its signer verified."""
     nonce = secrets.token_hex(16)
     plaintext = TaskInput(method=method, args=args or []).to_json()
     envelope = encrypt_bytes(plaintext, signer, list(targets.values()), context=input_context(nonce))
@@ -294,6 +296,7 @@ async def post_signed_task(
             for org, key in targets.items()
         ],
         nonce=nonce,
+        ledger=ledger,
     )
     fields: dict[str, Any] = {
         "collaboration_id": collaboration,

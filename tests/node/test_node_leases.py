@@ -25,6 +25,7 @@ from tests.node.node_harness import (
     PROBE_IMAGE,
     Server,
     ensure_probe_image,
+    post_signed_task,
     wait_run_status,
     write_node_config,
 )
@@ -275,6 +276,39 @@ async def test_runs_without_a_valid_lease_are_refused(tmp_path: Path) -> None:
         exhausted = [r for t in concurrent if (r := await only_run(s, t))["status"] == "not-allowed"]
         assert all("exhausted" in r["reason"] for r in exhausted), exhausted
         assert refusals(s.agent) == len(LABELS) - 1 + 2
+
+
+async def test_a_task_whose_signer_saw_another_history_is_refused_as_a_fork(tmp_path: Path) -> None:
+    """The researcher's descriptor names a ledger head: another entry at that place here, or a place beyond
+    what the server shows this node, is a fork; the run is refused with both heads logged and counted."""
+    async with site(tmp_path) as s:
+        await s.grant(await s.register("patients"), max_runs=10)
+        await s.ledger.sync()
+        here = s.ledger.head
+        async def task_saw(head: tuple[int, str]) -> dict[str, Any]:
+            return await post_signed_task(
+                s.researcher,
+                s.org_key(),
+                collaboration=s.collaboration,
+                targets={s.org: s.org_key().public},
+                image=PROBE_IMAGE,
+                datasets=["patients"],
+                ledger=head,
+            )
+
+        other = await task_saw((here.seq, "e" * 64))
+        beyond = await task_saw((here.seq + 50, "e" * 64))
+        fine = await task_saw((here.seq, here.hash))
+        await s.agent.run(burst=True)
+        expected = ((other, f"entry {here.seq} of this node's ledger"), (beyond, "shows this verifier only"))
+        for task, words in expected:
+            run = await only_run(s, task)
+            assert run["status"] == "not-allowed", run
+            assert run["reason"].startswith("ledger-fork: "), run
+            assert words in run["reason"], run
+        assert (await only_run(s, fine))["status"] == "completed"
+        forks = s.agent.metrics.registry.get_sample_value("vfed_node_ledger_forks_total")
+        assert forks == 2
 
 
 async def test_an_epsilon_capped_lease_admits_declared_epsilon_up_to_its_cap(tmp_path: Path) -> None:
