@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.common.ledger import GENESIS_HASH, KEY_RECORD_KINDS, LedgerError, LedgerState, Record, link
+from vfed.common.ledger.view import collector_paused
 from vfed.common.trust import KIND_CERTIFICATE, KIND_REVOCATION, MalformedEntry, SignedEntry, TrustError
 from vfed.server.errors import conflict
 from vfed.server.models import (
@@ -246,10 +247,11 @@ class LedgerStates:
 
 
 def _take_stored(state: LedgerState, texts: Sequence[tuple[int, str, str]]) -> None:
-    for seq, stored_hash, text in texts:
-        try:
-            entry = SignedEntry.parse(text)
-        except MalformedEntry as exc:
-            raise LedgerError(f"ledger entry {seq} is not a signed entry: {exc.message}") from None
-        state.preverified(seq, frozenset(entry.signers()))
-        state.apply(Record(seq, entry, stored_hash))
+    with collector_paused(len(texts)):
+        for seq, stored_hash, text in texts:
+            try:
+                entry = SignedEntry.parse(text)
+            except MalformedEntry as exc:
+                raise LedgerError(f"ledger entry {seq} is not a signed entry: {exc.message}") from None
+            state.preverified(seq, frozenset(entry.signers()))
+            state.apply(Record(seq, entry, stored_hash))

@@ -8,13 +8,14 @@ certificates), and the head its signer had seen. What a valid prefix says is the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from vfed.common.crypto import PublicKey
-from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, link
+from vfed.common.crypto import BadSignature, PublicKey
+from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, entry_json, link
 from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerForked, LedgerTampered, NoValidLease
 from vfed.common.ledger.kinds import (
     ADMIN_ROLE,
@@ -43,6 +44,8 @@ log = logging.getLogger("vfed.ledger")
 Anchor = Callable[[int], "str | None"]
 """Organization id -> the pinned first key's id, or None when it is not pinned."""
 OnPin = Callable[[int, str], None]
+_Made = tuple[SignedEntry, bytes, str, bytes | None]
+"""An entry with its signed message, digest and (when already made) its canonical JSON."""
 
 
 @dataclass
@@ -157,9 +160,13 @@ class LedgerState:
         self._chains: dict[int, KeyChain] = {}
         self._certificates: dict[int, list[SignedEntry]] = {}
         self._revoked: dict[int, set[str]] = {}
-        self._preverified: dict[int, frozenset[str]] = {}
+        self._preverified: dict[int, frozenset[str] | Callable[[], frozenset[str]]] = {}
+        self._made: dict[int, _Made] = {}
+        self._applying: _Made | None = None
         self.datasets: dict[str, Dataset] = {}
         self.leases: dict[str, Lease] = {}
+        self._leases_to: dict[tuple[int, str, int], list[Lease]] = {}
+        """(owner, dataset label, grantee) -> its leases, oldest first: what the lease check per run reads."""
         self.receipts: list[Receipt] = []
         self.checkpoints: list[tuple[int, Checkpoint]] = []
         self.problems: list[Problem] = []
@@ -200,9 +207,34 @@ class LedgerState:
         return True
 
     # -- applying -------------------------------------------------------------------------------------------
-    def preverified(self, seq: int, key_ids: frozenset[str]) -> None:
-        """Signatures of entry `seq` by these keys were checked elsewhere (in bulk, `fast.preverify`)."""
+    def preverified(self, seq: int, key_ids: frozenset[str] | Callable[[], frozenset[str]]) -> None:
+        """Signatures of entry `seq` by these keys were checked elsewhere (in bulk, `fast.preverify`); a
+        callable gives them when the entry is reached (it waits for a check still under way)."""
         self._preverified[seq] = key_ids
+
+    def _known(self, seq: int, entry: SignedEntry, message: bytes, entry_json: bytes | None) -> None:
+        """`entry.message()` and `entry_json(entry, message)`, made in bulk (`fast.preverify`); used only when
+        this very object is applied."""
+        self._made[seq] = (entry, message, hashlib.sha256(message).hexdigest(), entry_json)
+
+    def _digest(self, entry: SignedEntry) -> str:
+        """`entry.digest`, without making the canonical body again for the entry being applied."""
+        applying = self._applying
+        return applying[2] if applying is not None and applying[0] is entry else entry.digest
+
+    def _signed_by(self, entry: SignedEntry, key: PublicKey) -> bool:
+        """`entry.signed_by(key)`, without making the canonical body again for the entry being applied."""
+        applying = self._applying
+        if applying is None or applying[0] is not entry:
+            return entry.signed_by(key)
+        for sig in entry.sigs:
+            if sig.key_id == key.key_id:
+                try:
+                    key.verify(applying[1], sig.raw())
+                except (BadSignature, MalformedEntry):
+                    return False
+                return True
+        return False
 
     def apply_all(self, records: Iterable[Record]) -> None:
         for record in records:
@@ -212,27 +244,34 @@ class LedgerState:
         """Verify one record at the next place and take in what it says; a LedgerError leaves the state as it
         was before the call."""
         seq, entry = record.seq, record.entry
-        where = f"ledger entry {seq} ({entry.kind} {entry.digest[:12]})"
+        made = self._made.pop(seq, None)
+        if made is None or made[0] is not entry:  # the canonical body, made once for all that needs it
+            message = entry.message()
+            made = (entry, message, hashlib.sha256(message).hexdigest(), None)
+        self._applying = made
+        _, message, digest, text = made
+        where = f"ledger entry {seq} ({entry.kind} {digest[:12]})"
         if seq != self.length + 1:
             what = "missing" if seq > self.length + 1 else "repeated or out of order"
             raise LedgerTampered(
                 f"{where}: expected entry {self.length + 1} next; entries are {what} (dropped or reordered?)"
             )
-        computed = link(self.collaboration_id, seq, self._hashes[-1], entry.to_json())
+        text = entry_json(entry, message) if text is None else text
+        computed = link(self.collaboration_id, seq, self._hashes[-1], text)
         if record.hash is not None and record.hash != computed:
             raise LedgerTampered(
                 f"{where} was changed after it was chained: the stored hash {record.hash[:12]} does not "
                 f"match its content ({computed[:12]})"
             )
-        if entry.digest in self._digests:
-            raise LedgerTampered(f"{where} repeats entry {self._digests[entry.digest]} (replayed)")
+        if digest in self._digests:
+            raise LedgerTampered(f"{where} repeats entry {self._digests[digest]} (replayed)")
         try:
             self._take(seq, entry, where)
         finally:
             self._preverified.pop(seq, None)
         self._hashes.append(computed)
         self._kinds.append(entry.kind)
-        self._digests[entry.digest] = seq
+        self._digests[digest] = seq
 
     def _take(self, seq: int, entry: SignedEntry, where: str) -> None:
         if entry.kind in (KIND_GENESIS, KIND_ROTATION):
@@ -266,14 +305,16 @@ class LedgerState:
 
     def _record(self, seq: int, entry: SignedEntry, body: Body) -> None:
         """Take in what a verified entry says."""
+        digest = self._digest(entry)
         if isinstance(body, DatasetRegistered):
-            self.datasets[entry.digest] = Dataset(
-                entry.digest, seq, body.org, body.label, body.description, body.content_hash, body.at
+            self.datasets[digest] = Dataset(
+                digest, seq, body.org, body.label, body.description, body.content_hash, body.at
             )
         elif isinstance(body, LeaseGranted):
-            self.leases[entry.digest] = Lease(
-                entry.digest, seq, self.datasets[body.dataset], body, body.expires_at
+            lease = self.leases[digest] = Lease(
+                digest, seq, self.datasets[body.dataset], body, body.expires_at
             )
+            self._leases_to.setdefault((lease.owner, lease.dataset.label, lease.grantee), []).append(lease)
         elif isinstance(body, LeaseExtended):
             lease = self.leases[body.lease]
             lease.expires_at = body.expires_at
@@ -287,7 +328,7 @@ class LedgerState:
                 if use.lease is not None:
                     self.leases[use.lease].runs += 1
                     self.leases[use.lease].epsilon_spent += use.epsilon or 0.0
-            self.receipts.append(Receipt(seq, entry.digest, body))
+            self.receipts.append(Receipt(seq, digest, body))
         else:
             self.checkpoints.append((seq, body))
 
@@ -352,14 +393,16 @@ class LedgerState:
         return owner
 
     def _unverified(self, seq: int, entry: SignedEntry, why: str) -> None:
-        self._skipped.add(entry.digest)
+        self._skipped.add(self._digest(entry))
         self.problems.append(Problem(seq, entry.kind, f"entry {seq} ({entry.kind}) not verified: {why}"))
 
     def _verified_by(self, seq: int, entry: SignedEntry, key: PublicKey) -> bool:
         done = self._preverified.get(seq)
+        if callable(done):
+            done = self._preverified[seq] = done()
         if done is not None and key.key_id in done:
             return True
-        return entry.signed_by(key)
+        return self._signed_by(entry, key)
 
     def _signed_by_org(self, seq: int, entry: SignedEntry, chain: KeyChain, where: str) -> None:
         for key_id in entry.signers():
@@ -480,16 +523,23 @@ class LedgerState:
     ) -> list[Lease]:
         """Leases whose terms cover such a run now, oldest first; NoValidLease (with every reason) if none."""
         images = list(images)
-        candidates = self.leases_on(owner, label)
-        good, reasons = [], []
-        for lease in candidates:
-            why = lease.refusal(grantee=grantee, user=user, images=images, now=now)
-            if why is None:
-                good.append(lease)
-            elif lease.grantee == grantee:
-                reasons.append(why)
+        # Only the grantee's leases can cover the run or say why not; revoked, expired and not yet valid ones
+        # are refused, and their reasons are written only when none covers it.
+        candidates = self._leases_to.get((owner, label, grantee), [])
+        good = [
+            x
+            for x in candidates
+            if x.revoked is None
+            and x.body.not_before <= now < x.expires_at
+            and x.refusal(grantee=grantee, user=user, images=images, now=now) is None
+        ]
         if good:
             return good
+        reasons = [
+            why
+            for x in candidates
+            if (why := x.refusal(grantee=grantee, user=user, images=images, now=now)) is not None
+        ]
         if not reasons:
             raise NoValidLease(
                 f"dataset {label!r} of organization {owner} has no lease for organization {grantee}"

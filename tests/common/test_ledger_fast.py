@@ -1,0 +1,373 @@
+"""Bulk signature checks (vfed.common.ledger.fast.preverify) in every mode: the same marks as checking one by
+one, a bad signature among many still caught by `apply` with its entry named, and no key used that no record
+names. Small ledgers only; the timings are bench/ledger.py's."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from vfed.common.crypto import OrgKey
+from vfed.common.ledger import (
+    DatasetUse,
+    Head,
+    LedgerEntryInvalid,
+    LedgerState,
+    NoValidLease,
+    Record,
+    checkpoint_entry,
+    dataset_entry,
+    extend_entry,
+    fast,
+    lease_entry,
+    link,
+    receipt_entry,
+    revoke_entry,
+)
+from vfed.common.ledger.chain import entry_json
+from vfed.common.trust import SignedEntry, certify, genesis_record, rotation_record
+from vfed.common.trust.entries import Signature
+
+COLLAB = 5
+IMAGE = "sha256:" + "ab" * 32
+MODES = ("inline", "threads", "processes")
+
+
+class Ledger:
+    """Two organizations; organization 1 rotates its key, certifies an org admin, registers a dataset, leases
+    it to organization 2 and reports runs; both checkpoint."""
+
+    def __init__(self, receipts: int) -> None:
+        self.a, self.a2, self.b, self.admin = (OrgKey.generate() for _ in range(4))
+        self.entries: list[SignedEntry] = []
+        self.hashes = ["0" * 64]
+        now = int(time.time())
+        self.add(genesis_record(1, self.a))
+        self.add(genesis_record(2, self.b))
+        self.add(rotation_record(1, self.a, self.a2))
+        cert = self.add(certify(self.a2, 1, 10, "ada", self.admin.public, roles=["org-admin"]))
+        data = self.add(
+            dataset_entry(self.a2, collaboration=COLLAB, organization=1, label="patients", seen=self.head())
+        )
+        lease = self.add(
+            lease_entry(
+                self.admin,
+                collaboration=COLLAB,
+                dataset=data.digest,
+                owner=1,
+                grantee=2,
+                expires_at=now + 3600,
+                by_user=10,
+                certificate=cert.digest,
+                seen=self.head(),
+            )
+        )
+        for n in range(receipts):
+            if n % 50 == 25:
+                self.add(checkpoint_entry(self.b, collaboration=COLLAB, organization=2, seen=self.head()))
+            if n % 100 == 50:
+                self.add(
+                    extend_entry(
+                        self.admin,
+                        collaboration=COLLAB,
+                        lease=lease.digest,
+                        expires_at=now + 7200 + n,
+                        by_user=10,
+                        certificate=cert.digest,
+                        seen=self.head(),
+                    )
+                )
+            self.add(
+                receipt_entry(
+                    self.a2,
+                    collaboration=COLLAB,
+                    organization=1,
+                    task=n,
+                    run=n,
+                    image=IMAGE,
+                    finished_at=now,
+                    status="completed",
+                    seen=self.head(),
+                    datasets=[DatasetUse(label="patients", dataset=data.digest, lease=lease.digest)],
+                )
+            )
+        self.pins = {1: self.a.key_id, 2: self.b.key_id}
+
+    def head(self) -> Head:
+        return Head(seq=len(self.entries), hash=self.hashes[-1])
+
+    def add(self, entry: SignedEntry) -> SignedEntry:
+        self.entries.append(entry)
+        self.hashes.append(link(COLLAB, len(self.entries), self.hashes[-1], entry.to_json()))
+        return entry
+
+    def records(self) -> list[Record]:
+        """As a verifier gets them: parsed again from the wire."""
+        return [
+            Record.from_wire({"seq": n, "hash": self.hashes[n], "entry": e.model_dump(mode="json")})
+            for n, e in enumerate(self.entries, start=1)
+        ]
+
+    def state(self) -> LedgerState:
+        return LedgerState(COLLAB, anchors=self.pins.get)
+
+
+@pytest.fixture(scope="module")
+def ledger() -> Ledger:
+    return Ledger(receipts=400)
+
+
+@pytest.fixture(autouse=True)
+def _stop_workers() -> Iterator[None]:
+    yield
+    fast.shutdown()
+
+
+def marks(state: LedgerState) -> dict[int, frozenset[str]]:
+    """What preverify told the state (entries with a signature that held), waiting for checks under way."""
+    out = {}
+    for seq, done in state._preverified.items():
+        keys = done() if callable(done) else done
+        if keys:
+            out[seq] = keys
+    return out
+
+
+def one_by_one(state: LedgerState, records: list[Record]) -> dict[int, frozenset[str]]:
+    """The sequential reference: every signature checked with every key the batch or the state names."""
+    keys = fast.verified_keys(state)
+    keys.update(fast.known_keys(records))
+    out = {}
+    for record in records:
+        good = frozenset(
+            s.key_id for s in record.entry.sigs if s.key_id in keys and record.entry.signed_by(keys[s.key_id])
+        )
+        if good:
+            out[record.seq] = good
+    return out
+
+
+def summary(state: LedgerState) -> tuple[object, ...]:
+    return (
+        state.head,
+        sorted((x.id, x.runs, x.expires_at) for x in state.leases.values()),
+        [r.digest for r in state.receipts],
+        len(state.checkpoints),
+        [p.message for p in state.problems],
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_marks_equal_the_sequential_checks_and_the_state_is_the_same(ledger: Ledger, mode: fast.Mode) -> None:
+    records = ledger.records()
+    reference = ledger.state()
+    reference.apply_all(records)
+
+    state = ledger.state()
+    for at in range(0, len(records), 150):  # pages, as LedgerView.verify_full reads them
+        page = records[at : at + 150]
+        expected = one_by_one(state, page)
+        fast.preverify(state, page, mode=mode)
+        assert marks(state) == expected
+        assert expected  # every page has something to check
+        state.apply_all(page)
+        assert not state._preverified  # each applied entry's marks are gone with it
+    assert summary(state) == summary(reference)
+
+
+def test_later_pages_use_keys_the_state_verified(ledger: Ledger) -> None:
+    """The admin's certificate and the rotated key were on the first page; a later page's leases and receipts
+    are still checked in bulk."""
+    records = ledger.records()
+    state = ledger.state()
+    state.apply_all(records[:10])
+    fast.preverify(state, records[10:], mode="processes")
+    got = marks(state)
+    assert set(got) == {r.seq for r in records[10:]}
+    extension = next(r for r in records[10:] if r.entry.kind == "lease.extended")
+    assert got[extension.seq] == frozenset({ledger.admin.key_id})
+    state.apply_all(records[10:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_bad_signature_among_many_is_caught_by_apply_naming_it(ledger: Ledger, mode: fast.Mode) -> None:
+    records = ledger.records()
+    bad_at = 301
+    victim = records[bad_at - 1].entry
+    assert victim.kind == "run.receipt"
+    wrong = ledger.a2.sign(b"something else")  # the right key, another message
+    forged = SignedEntry(
+        kind=victim.kind,
+        body=victim.body,
+        sigs=[Signature(key_id=ledger.a2.key_id, sig=base64.b64encode(wrong).decode())],
+    )
+    # The server chains what it is given: the chain itself is intact.
+    tampered = Ledger.__new__(Ledger)
+    tampered.entries, tampered.hashes, tampered.pins = [], ["0" * 64], ledger.pins
+    for record in records:
+        tampered.add(forged if record.seq == bad_at else record.entry)
+    records = tampered.records()
+
+    state = tampered.state()
+    fast.preverify(state, records, mode=mode)
+    got = marks(state)
+    assert bad_at not in got
+    assert got.keys() == {r.seq for r in records} - {bad_at}
+    with pytest.raises(LedgerEntryInvalid, match=rf"ledger entry {bad_at} \(run\.receipt .*forged"):
+        state.apply_all(records)
+    assert state.length == bad_at - 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keys_no_record_names_are_not_used(ledger: Ledger, mode: fast.Mode) -> None:
+    records = ledger.records()
+    stranger = OrgKey.generate()
+    entry = receipt_entry(
+        stranger,
+        collaboration=COLLAB,
+        organization=1,
+        task=1,
+        run=1,
+        image=IMAGE,
+        finished_at=1,
+        status="completed",
+        seen=ledger.head(),
+    )
+    extra = Record(len(records) + 1, entry)
+    state = ledger.state()
+    fast.preverify(state, [*records, extra], mode=mode)
+    assert extra.seq not in marks(state)
+
+    # Without the records that name them (key records, the admin's certificate), nothing is checked in bulk.
+    state = ledger.state()
+    later = [r for r in records if r.entry.kind not in fast.KEY_BEARING]
+    fast.preverify(state, later, mode=mode)
+    assert marks(state) == {}
+
+
+def test_a_worker_that_fails_costs_only_time(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast.shutdown()
+    monkeypatch.setattr(fast, "_WORKER_CODE", "import sys; sys.stdin.buffer.read(8); sys.exit(3)")
+    records = ledger.records()
+    state = ledger.state()
+    fast.preverify(state, records, mode="processes")
+    assert marks(state) == one_by_one(ledger.state(), records)
+    state.apply_all(records)
+
+
+def test_workers_start_on_demand_and_stop() -> None:
+    ledger = Ledger(receipts=fast.MIN_PARALLEL)
+    records = ledger.records()
+    fast.shutdown()
+    assert fast._POOL.workers == []
+    fast.preverify(ledger.state(), records)  # large enough for the automatic choice to use them
+    workers = list(fast._POOL.workers)
+    assert len(workers) == fast.cpus() or fast.cpus() < 2
+    fast.shutdown()
+    assert fast._POOL.workers == []
+    assert all(w.proc.returncode is not None for w in workers)
+
+
+def test_the_mode_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fast.default_mode(10) == "inline"
+    monkeypatch.setenv(fast.MODE_ENV, "threads")
+    assert fast.default_mode(10) == "threads"
+    monkeypatch.setenv(fast.MODE_ENV, "gpu")
+    with pytest.raises(ValueError, match="VFED_LEDGER_VERIFY"):
+        fast.default_mode(10)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"a": {1: "int keys"}},
+        {"a": (1, 2)},
+        {"a": 'é\u2028"\\', "b": 1.5, "c": [True, None, {"d": -0.0}], "e": 10**30},
+        {"t": float("1e16")},
+    ],
+)
+def test_the_entry_json_made_from_the_message_is_to_json(ledger: Ledger, body: dict[str, object]) -> None:
+    weird = SignedEntry(kind="kind.é", body=body, sigs=ledger.entries[0].sigs)
+    for entry in [*(r.entry for r in ledger.records()[:50]), weird]:
+        assert entry_json(entry, entry.message()) == entry.to_json().encode("utf-8")
+
+
+def test_the_lease_check_answers_as_a_scan_of_every_lease_does() -> None:
+    """`leases_for` reads an index and writes reasons only when needed: the same answer as the plain scan."""
+    a, b, c, admin = (OrgKey.generate() for _ in range(4))
+    now = int(time.time())
+    led = Ledger.__new__(Ledger)
+    led.entries, led.hashes, led.pins = [], ["0" * 64], {1: a.key_id, 2: b.key_id, 3: c.key_id}
+    for org, key in ((1, a), (2, b), (3, c)):
+        led.add(genesis_record(org, key))
+    cert = led.add(certify(a, 1, 10, "ada", admin.public, roles=["org-admin"], now=now - 7200))
+    data = {
+        label: led.add(
+            dataset_entry(a, collaboration=COLLAB, organization=1, label=label, seen=led.head(), now=now)
+        )
+        for label in ("x", "y")
+    }
+    leases = []
+    for n in range(60):
+        lease = lease_entry(
+            admin, collaboration=COLLAB, dataset=data["xy"[n % 2]].digest, owner=1, grantee=2 + n % 3 // 2,
+            expires_at=now + 3600 if n % 7 == 0 else now + (n % 5 - 1) * 600 + 1,
+            not_before=now + 1800 if n % 7 == 0 else now - 7200,
+            users=[7] if n % 4 == 0 else None, images=[IMAGE] if n % 3 == 0 else None, by_user=10,
+            certificate=cert.digest, seen=led.head(), now=now - 7200,
+        )  # fmt: skip
+        leases.append(led.add(lease))
+        if n % 11 == 5:
+            led.add(
+                revoke_entry(
+                    admin,
+                    collaboration=COLLAB,
+                    lease=lease.digest,
+                    reason="r",
+                    by_user=10,
+                    certificate=cert.digest,
+                    seen=led.head(),
+                    now=now - 7200,
+                )
+            )
+    state = led.state()
+    state.apply_all(led.records())
+    assert len(state.leases) == 60
+
+    def scan(**query: Any) -> list[str] | str:
+        good, reasons = [], []
+        for lease in state.leases_on(query["owner"], query["label"]):
+            why = lease.refusal(
+                grantee=query["grantee"], user=query["user"], images=query["images"], now=query["now"]
+            )
+            if why is None:
+                good.append(lease.id)
+            elif lease.grantee == query["grantee"]:
+                reasons.append(why)
+        if good:
+            return good
+        return "; ".join(reasons) or "none"
+
+    answers = set()
+    for label in ("x", "y", "z"):
+        for grantee in (2, 3, 4):
+            for user in (None, 7, 8):
+                for images in ([IMAGE], [], ["sha256:" + "cd" * 32]):
+                    for at in (now - 8000, now, now + 700, now + 5000):
+                        query = dict(owner=1, label=label, grantee=grantee, user=user, images=images, now=at)
+                        try:
+                            got: list[str] | str = [x.id for x in state.leases_for(**query)]  # type: ignore[arg-type]
+                        except NoValidLease as exc:
+                            got = exc.message
+                        want = scan(**query)
+                        if isinstance(want, list):
+                            assert got == want
+                        else:
+                            assert isinstance(got, str)
+                            assert (want == "none" and "has no lease" in got) or got.endswith(want)
+                        answers.add(isinstance(got, list))
+    assert answers == {True, False}
