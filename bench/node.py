@@ -8,6 +8,11 @@
 (c) submit -> decrypted result at the researcher, a trivial task on 3 nodes (3 agent processes).
 The server runs as its own `vserver start` process, the agents as `vnode run` processes, as deployed.
 Also the RSS of an idle agent process. Run: `.venv/bin/python bench/node.py [--json] [--runs 50]`.
+
+`--leases` (issue 14): the three nodes run with `leases: required`; node a offers a small CSV dataset `d`,
+registered on the collaboration's ledger and leased to organization a (the researcher's) by a certified org
+admin, and every run of (b) reads it: each measured run does the full lease check, the reservation and the
+receipt. (c)'s tasks read no dataset (the other nodes offer none); they are reserved and receipted too.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ async def wait_done(researcher: AsyncClient, task_id: int, timeout_s: float = 12
 
 
 async def dispatch_latencies(
-    researcher: AsyncClient, collab: int, org: int, runs: int, work: Path
+    researcher: AsyncClient, collab: int, org: int, runs: int, work: Path, datasets: list[str]
 ) -> dict[str, Any]:
     """Seconds from just before POST /tasks (the researcher's client: encrypt, upload, create) to Docker's
     start event of the run's container, and the part of that between Docker's create and start events. Like
@@ -147,7 +152,9 @@ async def dispatch_latencies(
         for number in range(runs):
             known = set(watcher.starts)
             posted = time.time()
-            task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[1], organizations=[org])
+            task = await researcher.create_task(
+                collab, PROBE_IMAGE, "echo", args=[1], organizations=[org], datasets=datasets
+            )
             returned = time.time()
             post_sent = sent.pop()
             # Docker's events say when the run started and ended (its container is removed after the final
@@ -222,7 +229,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, Any]:
+async def federation_figures(work: Path, runs: int, rounds: int, leases: bool) -> dict[str, Any]:
     with infra.mosquitto() as broker:
         server = Server(work / "server", mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
         keys = await server.seed(["a", "b", "c"])
@@ -230,11 +237,84 @@ async def federation_figures(work: Path, runs: int, rounds: int) -> dict[str, An
         # with the researcher's client and the Docker event watcher).
         settings = server.settings().model_dump(mode="json", include={"port", "data_dir", "jwt_secret"})
         with server_process(work, **settings, mqtt={"url": server.mqtt_url}):
-            return await _federation_figures(work, server, keys, runs, rounds)
+            return await _federation_figures(work, server, keys, runs, rounds, leases)
+
+
+DATASET = "d"
+"""The label of node a's dataset with `--leases`."""
+
+
+def lease_config(work: Path, name: str) -> dict[str, Any]:
+    """The node config lines `--leases` adds: `leases: required`, and node a's small CSV dataset."""
+    if name != "a":
+        return {"leases": "required"}
+    data = work / "d.csv"
+    data.write_text("age,weight\n30,70\n41,82\n")
+    return {"leases": "required", "datasets": {DATASET: {"uri": str(data), "type": "csv"}}}
+
+
+async def grant_lease(config: Path, researcher: AsyncClient, collab: int) -> str:
+    """Register node a's dataset on the ledger (signed by organization a's key) and lease it to organization a
+    (the researcher's) for a day with runs enough, signed by an org admin's own key that the organization
+    certified with the `org-admin` role, the way `vnode users certify`, `vnode datasets register` and
+    `vnode leases grant` do it. The ledger view is the operator CLIs' (`NodeLedger.connect`). The lease id."""
+    # Only with --leases: these modules are not in the code bench/node_compare.py measures as the baseline.
+    from vfed.common.crypto import Keyring
+    from vfed.common.ledger import dataset_entry, lease_entry
+    from vfed.common.trust import certify
+    from vfed.node.keys import passphrase
+    from vfed.node.ledger import NodeLedger
+
+    settings = load_settings(config)
+    org, user = researcher.organization_id, researcher.user_id
+    assert org is not None and user is not None
+    async with aiohttp.ClientSession() as session:
+        ledger = await NodeLedger.connect(settings, session)
+        try:
+            org_key = Keyring.load(settings.key_path, passphrase(settings)).current
+            admin = Keyring.generate().current
+            certificate = certify(org_key, org, user, "res-a", admin.public, roles=["org-admin"])
+            body = {"certificate": certificate.model_dump(mode="json")}
+            await ledger.client.request("POST", f"/organizations/{org}/certificates", json=body)
+            await ledger.sync()
+            dataset = dataset_entry(
+                org_key, collaboration=collab, organization=org, label=DATASET, seen=ledger.head
+            )
+            await ledger.append(dataset)
+            await ledger.sync()
+            lease = lease_entry(
+                admin,
+                collaboration=collab,
+                dataset=dataset.digest,
+                owner=org,
+                grantee=org,
+                expires_at=int(time.time() + 86400),
+                by_user=user,
+                certificate=certificate.digest,
+                seen=ledger.head,
+                max_runs=1_000_000,
+            )
+            await ledger.append(lease)
+        finally:
+            ledger.close()
+    return lease.digest
+
+
+async def receipts_on_ledger(researcher: AsyncClient, collab: int, lease: str, least: int) -> int:
+    """How many run receipts on the researcher's verified ledger name the lease, once at least `least` do
+    (receipts are appended through the node's queue, after the run)."""
+    count = 0
+    for _ in range(300):
+        receipts = await researcher.receipts(collab)
+        count = sum(1 for r in receipts if any(u.get("lease") == lease for u in r.datasets))
+        if count >= least:
+            break
+        await asyncio.sleep(0.1)
+    return count
 
 
 async def _federation_figures(
-    work: Path, server: Server, keys: dict[str, str], runs: int, rounds: int
+    work: Path, server: Server, keys: dict[str, str], runs: int, rounds: int, leases: bool
 ) -> dict[str, Any]:
     agents = []
     try:
@@ -247,6 +327,7 @@ async def _federation_figures(
                 mqtt_url=None,
                 poll_interval_s=30.0,
                 trust="tofu",  # the organizations pin each other at first sight (a deployment pins by hand)
+                **(lease_config(work, name) if leases else {}),
             )
             agent = AgentProcess(config, work / f"{name}.log")
             agent.start("--log-level", "INFO,vfed.node.timeline=DEBUG")  # marks of each run's start
@@ -263,9 +344,17 @@ async def _federation_figures(
             collab = (await researcher.collaborations())[0]["id"]
             org = researcher.organization_id
             assert org is not None
+            datasets = []
+            if leases:
+                lease = await grant_lease(agents[0].config, researcher, collab)
+                datasets = [DATASET]
             await end_to_end(researcher, collab, 1)  # warm-up: keys cached, images hot
-            dispatch = await dispatch_latencies(researcher, collab, org, runs, work)
+            dispatch = await dispatch_latencies(researcher, collab, org, runs, work, datasets)
             dispatch["steps"] = start_steps(agents[0].log(), dispatch.pop("runs"))
+            if leases:  # every measured run did the lease check and appended its receipt
+                dispatch["receipts"] = await receipts_on_ledger(researcher, collab, lease, runs)
+                if dispatch["receipts"] < runs:
+                    raise RuntimeError(f"{dispatch['receipts']} receipts name the lease after {runs} runs")
             e2e = await end_to_end(researcher, collab, rounds)
     finally:
         for agent in agents:
@@ -278,6 +367,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--runs", type=int, default=50, help="runs for (b)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for (a) and (c)")
+    parser.add_argument(
+        "--leases",
+        action="store_true",
+        help="nodes with `leases: required`; (b)'s runs read a dataset of node a under a lease (issue 14)",
+    )
     args = parser.parse_args()
     ensure_probe_image()
     with tempfile.TemporaryDirectory(prefix="vfed-bench-node-") as tmp:
@@ -285,10 +379,30 @@ def main() -> None:
         cli, cli_cpu = (values[1:] for values in bare_cli_runs(work, args.rounds + 1))
         sdk = bare_docker_runs(work, max(args.rounds, args.runs // 2) + 1)
         bare3 = bare_parallel_runs(work, args.rounds)
-        figures = asyncio.run(federation_figures(work, args.runs, args.rounds))
-    report = build_report(cli, sdk, bare3, figures)
+        figures = asyncio.run(federation_figures(work, args.runs, args.rounds, args.leases))
+    report: dict[str, Any] = build_report(cli, sdk, bare3, figures)
     report.update(c_floor(report["bare_docker_run_s"], statistics.median(cli_cpu)))
+    if args.leases:
+        report["leases"] = True
+        report["lease_receipts"] = figures["receipts"]
+    if args.json:  # each run's figures, in order (bench/node_compare.py pools them over its blocks)
+        report["per_run_ms"] = per_run_ms(figures)
     print_report(report, len(figures["dispatch"]), args.json)
+
+
+def per_run_ms(figures: dict[str, Any]) -> dict[str, list[float]]:
+    """ms per run of (b): dispatch, the bare start right after it, their difference (the paired figure)."""
+    dispatch, between = figures["dispatch"], figures["bare_between"]
+    return {
+        "dispatch": [round(d * 1000, 3) for d in dispatch],
+        "bare_between": [round(b * 1000, 3) for b in between],
+        "dispatch_beyond_bare_between_paired": [
+            round((d - b) * 1000, 3) for d, b in zip(dispatch, between, strict=True)
+        ],
+        "dispatch_from_post_sent": [round(d * 1000, 3) for d in figures["dispatch_from_post_sent"]],
+        "task_post": [round(p * 1000, 3) for p in figures["post"]],
+        "post_to_create": [round(p * 1000, 3) for p in figures["post_to_create"]],
+    }
 
 
 def paired_p50(values: list[float], baselines: list[float]) -> float:
@@ -355,6 +469,11 @@ def print_report(r: dict[str, float], runs: int, as_json: bool) -> None:
         return
     print(f"(a) bare `docker run --rm` (CLI), same definition and limits: {r['bare_docker_run_s']:.3f} s")
     print(f"    the same through the SDK (create+start+wait+remove): {r['bare_docker_run_sdk_s']:.3f} s")
+    if r.get("leases"):
+        print(
+            f"--leases: (b)'s runs read node a's dataset under a lease; {r['lease_receipts']} receipts "
+            "on the ledger name it"
+        )
     print_dispatch(r, runs)
     print_end_to_end(r)
 

@@ -72,6 +72,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        await self.ledgers.close()
         await self.api.close()
 
     @property

@@ -11,6 +11,7 @@ rewrites what was verified here raises `LedgerForked` / `LedgerTampered` naming 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -22,13 +23,33 @@ from vfed.client.errors import ApiError, KeyMissing, LedgerUnavailable, NotCerti
 from vfed.client.http import ApiSession
 from vfed.client.identity import whoami
 from vfed.common.crypto import CryptoError, PublicKey, SenderLookup
-from vfed.common.ledger import KEY_RECORD_KINDS, EmbeddedLedger, Head, LedgerState, LedgerView, metadata
+from vfed.common.ledger import (
+    KEY_RECORD_KINDS,
+    EmbeddedLedger,
+    Head,
+    LedgerError,
+    LedgerState,
+    LedgerView,
+    metadata,
+)
 from vfed.common.ledger.metadata import DatasetMetadata, metadata_sender
 
 if TYPE_CHECKING:
     from vfed.client.client import AsyncClient
 
 log = logging.getLogger("vfed.client")
+
+HEAD_REUSE_S = 1.0
+"""A descriptor may carry a head whose read began at most this long ago (s) instead of reading the ledger
+first. Safe because the head is still one the researcher verified, which is all a descriptor's head claims:
+a node meeting it checks it is on its own chain, and a fork past it is caught by the next task's head (the
+server must keep showing the two histories, and every read re-reads the view's head); lease decisions are
+the node's own, on its own verified view. A failed read forgets the head (the next task reads again and
+raises), and a fork or tampering found in the background is raised by the next task before it is created."""
+REFRESH_AFTER_S = HEAD_REUSE_S / 2
+"""A task that used the view has it read again this long after, in the background (once per collaboration at
+a time): off the path of that task's dispatch, and fresh for the next task of a researcher submitting one
+after another, so they do not wait for a read of the ledger before each."""
 
 
 class ApiTransport:
@@ -55,10 +76,17 @@ class LedgerViews:
         """Organization -> the first key of its chain as verified under the trust store (the anchors)."""
         self._tried: set[int] = set()
         self._own_pinned = False
+        self._read_at: dict[int, float] = {}
+        """Collaboration -> when the last read that verified began (monotonic s); gone after a failed read."""
+        self._found: dict[int, LedgerError] = {}
+        """A fork or tampering a background read found, for the next task to raise."""
+        self._refresh: dict[int, asyncio.TimerHandle | asyncio.Task[None]] = {}
 
     async def view(self, collaboration_id: int) -> LedgerView:
         """The collaboration's view, synced now: LedgerUnavailable when the server keeps no ledger there,
         a LedgerError when what it serves does not verify."""
+        began = time.monotonic()
+        self._read_at.pop(collaboration_id, None)
         try:
             view = self._views.get(collaboration_id)
             if view is None:
@@ -75,16 +103,56 @@ class LedgerViews:
                     f"({exc.detail or exc.error}; an unknown collaboration, or a server without ledgers)"
                 ) from None
             raise
+        self._read_at[collaboration_id] = began
         return view
 
     async def head_for_task(self, collaboration_id: int) -> Head | None:
-        """The head to put in a descriptor: the view synced now, or None when the server keeps no ledger."""
+        """The head to put in a descriptor: the view as read at most HEAD_REUSE_S ago, else synced now; None
+        when the server keeps no ledger. A fork or tampering found since raises here."""
+        found = self._found.pop(collaboration_id, None)
+        if found is not None:
+            raise found
+        read_at = self._read_at.get(collaboration_id)
+        if read_at is not None and time.monotonic() - read_at <= HEAD_REUSE_S:
+            head = self._views[collaboration_id].head
+        else:
+            try:
+                head = (await self.view(collaboration_id)).head
+            except LedgerUnavailable as exc:
+                log.info("task without a ledger head: %s", exc)
+                return None
+        if collaboration_id not in self._refresh:
+            loop = asyncio.get_running_loop()
+            self._refresh[collaboration_id] = loop.call_later(
+                REFRESH_AFTER_S, self._start_refresh, collaboration_id
+            )
+        return head
+
+    async def close(self) -> None:
+        """Stop the background reads (the client is closing)."""
+        pending = list(self._refresh.values())
+        self._refresh.clear()
+        for item in pending:
+            item.cancel()
+        tasks = [t for t in pending if isinstance(t, asyncio.Task)]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start_refresh(self, collaboration_id: int) -> None:
+        if self.client.api._session is None:  # the client was closed (or never opened): nothing to keep fresh
+            self._refresh.pop(collaboration_id, None)
+            return
+        self._refresh[collaboration_id] = asyncio.ensure_future(self._refreshed(collaboration_id))
+
+    async def _refreshed(self, collaboration_id: int) -> None:
+        """Read the view in the background; what it finds wrong is for the next task (never raised here)."""
         try:
-            view = await self.view(collaboration_id)
-        except LedgerUnavailable as exc:
-            log.info("task without a ledger head: %s", exc)
-            return None
-        return view.head
+            await self.view(collaboration_id)
+        except LedgerError as exc:
+            self._found[collaboration_id] = exc
+        except Exception as exc:  # the server away, a closed session: the next task reads the ledger itself
+            log.debug("ledger: background read of collaboration %s failed: %s", collaboration_id, exc)
+        finally:
+            self._refresh.pop(collaboration_id, None)
 
     def _new_view(self, collaboration_id: int) -> LedgerView:
         return LedgerView(
