@@ -172,6 +172,8 @@ class Agent:
                 "(set `leases: required` in the node's configuration)"
             )
             return None, None
+        leases = LeaseStore(s.data_dir / LEASES_FILE)
+        self._stack.callback(leases.close)
         ledger = NodeLedger(
             s,
             client,
@@ -179,6 +181,7 @@ class Agent:
             collaboration_id=identity.collaboration_id,
             store=store,
             metrics=self.metrics,
+            leases=leases,  # the runs of verified receipts are counted there as they are verified
         )
         self._stack.callback(ledger.close)
         await ledger.open()
@@ -190,8 +193,6 @@ class Agent:
                 "the ledger could not be verified at start (%s); runs on datasets are refused until it is",
                 exc,
             )
-        leases = LeaseStore(s.data_dir / LEASES_FILE)
-        self._stack.callback(leases.close)
         receipts = Receipts(ledger, leases, holder, self.metrics)
         return ledger, LeaseGuard(s, ledger, leases, receipts, runtime, self.metrics)
 

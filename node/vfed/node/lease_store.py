@@ -3,10 +3,14 @@ ledger: one SQLite file in the node's data folder (`leases.sqlite3`, beside the 
 
 A run's use of a lease (one run, its epsilon) is reserved in one IMMEDIATE transaction before its container
 starts, so concurrent runs (tasks or processes) cannot overshoot a lease's `max_runs` or epsilon cap. The
-count is the union of the runs reserved here and the receipts on the verified ledger (a receipt and its own
-reservation count once). Reservations stay after the run: its receipt records what was spent.
+count is the union of the runs reserved here and the runs of the receipts on the verified ledger, which
+`NodeLedger` feeds in (`add_ledger_runs`) as it verifies them: a run known from both counts once, with the
+epsilon it reserved here (else its receipt's). Reservations stay after the run: its receipt records what
+was spent.
 
-Calls are short (a few statements on a local file, WAL): the agent makes them on its loop.
+Each lease's count and epsilon are kept as totals (`lease_totals`), changed in the same transaction as the
+reservation or receipt that changes them, so a reservation reads a few rows whatever the number of runs on
+the lease. Calls are short (a few statements on a local file, WAL): the agent makes them on its loop.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +50,19 @@ CREATE TABLE IF NOT EXISTS reservations (
     epsilon REAL,
     PRIMARY KEY (lease, run_key)
 );
+CREATE INDEX IF NOT EXISTS reservations_by_run ON reservations (lease, run_id);
+CREATE INDEX IF NOT EXISTS reservations_by_key ON reservations (run_key);
+CREATE TABLE IF NOT EXISTS ledger_runs (
+    lease TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    epsilon REAL,
+    PRIMARY KEY (lease, run_id)
+);
+CREATE TABLE IF NOT EXISTS lease_totals (
+    lease TEXT PRIMARY KEY,
+    runs INTEGER NOT NULL,
+    epsilon REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     run_key TEXT NOT NULL UNIQUE,
@@ -60,14 +77,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 @dataclass(frozen=True)
 class Candidate:
-    """A lease whose terms cover the run, with what the verified ledger says was spent on it."""
+    """A lease whose terms cover the run (what was spent on it is counted in the store)."""
 
     lease: str
     dataset: str
     max_runs: int | None
     epsilon_cap: float | None
-    ledger_runs: dict[int, float]
-    """Run id -> epsilon, from receipts on the ledger."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,7 @@ class LeaseStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the agent (not a power cut)
             db.executescript(_SCHEMA)
+            _count_once(db)
             self._db = db
         return self._db
 
@@ -156,11 +172,12 @@ class LeaseStore:
                 return _uses(str(row[0]))
             uses: list[DatasetUse] = []
             for label, candidates in choices:
-                chosen, reasons = None, []
+                chosen, before, reasons = None, (0, 0.0), []
                 for candidate in candidates:
-                    why = _no_room(db, candidate, run_id, epsilon)
+                    counted = _counted(db, candidate.lease, run_id)
+                    why = _no_room(db, candidate, counted, epsilon)
                     if why is None:
-                        chosen = candidate
+                        chosen, before = candidate, counted
                         break
                     reasons.append(why)
                 if chosen is None:
@@ -169,6 +186,7 @@ class LeaseStore:
                     "INSERT INTO reservations (lease, run_key, run_id, epsilon) VALUES (?, ?, ?, ?)",
                     (chosen.lease, run_key, run_id, epsilon),
                 )
+                _add(db, chosen.lease, before, _counted(db, chosen.lease, run_id))
                 uses.append(
                     DatasetUse(label=label, dataset=chosen.dataset, lease=chosen.lease, epsilon=epsilon)
                 )
@@ -195,7 +213,13 @@ class LeaseStore:
             row = db.execute("SELECT started_at FROM lease_runs WHERE run_key = ?", (run_key,)).fetchone()
             if row is None or row[0] is not None:
                 return False
-            db.execute("DELETE FROM reservations WHERE run_key = ?", (run_key,))
+            held = db.execute(
+                "SELECT lease, run_id FROM reservations WHERE run_key = ?", (run_key,)
+            ).fetchall()
+            for lease, run_id in held:
+                before = _counted(db, lease, run_id)
+                db.execute("DELETE FROM reservations WHERE lease = ? AND run_key = ?", (lease, run_key))
+                _add(db, lease, before, _counted(db, lease, run_id))  # still counted if the ledger has it
             db.execute("DELETE FROM lease_runs WHERE run_key = ?", (run_key,))
         return True
 
@@ -203,6 +227,53 @@ class LeaseStore:
         """Run id -> epsilon reserved here on this lease."""
         rows = self._rows("SELECT run_id, epsilon FROM reservations WHERE lease = ?", (lease,))
         return {int(str(r[0])): (float(str(r[1])) if r[1] is not None else None) for r in rows}
+
+    def totals(self, lease: str) -> tuple[int, float]:
+        """(runs, epsilon) counted on this lease: reserved here or on the ledger, each run once."""
+        rows = self._rows("SELECT runs, epsilon FROM lease_totals WHERE lease = ?", (lease,))
+        return (int(str(rows[0][0])), float(str(rows[0][1]))) if rows else (0, 0.0)
+
+    def add_ledger_runs(
+        self, runs: Iterable[tuple[str, int, float | None]], *, mark: tuple[str, str] | None = None
+    ) -> int:
+        """Take in (lease, run id, epsilon) of receipts on the verified ledger; how many were new. Idempotent
+        (a run already known from the ledger is ignored), set-based (one pass whatever the number), and a
+        run reserved here is not counted again. `mark` (meta key, value) is set in the same transaction: how
+        far the feeder got."""
+        rows = list(runs)
+        if not rows and mark is None:
+            return 0
+        with self._immediate() as db:
+            if mark is not None:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", mark)
+            if not rows:
+                return 0
+            db.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS incoming"
+                " (lease TEXT NOT NULL, run_id INTEGER NOT NULL, epsilon REAL, PRIMARY KEY (lease, run_id))"
+            )
+            db.execute("DELETE FROM temp.incoming")
+            db.executemany(
+                "INSERT OR IGNORE INTO temp.incoming (lease, run_id, epsilon) VALUES (?, ?, ?)", rows
+            )
+            db.execute(
+                "DELETE FROM temp.incoming WHERE EXISTS (SELECT 1 FROM ledger_runs l"
+                " WHERE l.lease = incoming.lease AND l.run_id = incoming.run_id)"
+            )
+            db.execute(
+                "INSERT INTO lease_totals (lease, runs, epsilon)"
+                " SELECT i.lease, COUNT(*), TOTAL(i.epsilon) FROM temp.incoming i WHERE NOT EXISTS"
+                " (SELECT 1 FROM reservations r WHERE r.lease = i.lease AND r.run_id = i.run_id)"
+                " GROUP BY i.lease"
+                " ON CONFLICT (lease) DO UPDATE SET"
+                " runs = runs + excluded.runs, epsilon = epsilon + excluded.epsilon"
+            )
+            added = db.execute(
+                "INSERT INTO ledger_runs (lease, run_id, epsilon)"
+                " SELECT lease, run_id, epsilon FROM temp.incoming"
+            ).rowcount
+            db.execute("DELETE FROM temp.incoming")
+        return added
 
     # -- run facts -------------------------------------------------------------------------------------------
     def started(self, run_key: str, at: int) -> None:
@@ -260,23 +331,94 @@ class LeaseStore:
         self._rows("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
-def _no_room(db: sqlite3.Connection, c: Candidate, run_id: int, epsilon: float | None) -> str | None:
-    """Why this lease cannot take one more run now, or None."""
+_TOTALS_VERSION = "1"
+
+
+def _count_once(db: sqlite3.Connection) -> None:
+    """A store from before `lease_totals` (or one whose totals were never built): build them once from the
+    reservations and ledger runs it holds."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'lease_totals'").fetchone()
+        if row is None or row[0] != _TOTALS_VERSION:
+            _rebuild_totals(db)
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('lease_totals', ?)", (_TOTALS_VERSION,)
+            )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _rebuild_totals(db: sqlite3.Connection) -> None:
+    """Every lease's totals from scratch (the same counting as `_counted`, over all runs at once)."""
+    db.execute("DELETE FROM lease_totals")
+    db.execute(
+        "INSERT INTO lease_totals (lease, runs, epsilon)"
+        " SELECT lease, COUNT(*), TOTAL(epsilon) FROM ("
+        "  SELECT k.lease AS lease, (SELECT r.epsilon FROM reservations r WHERE r.lease = k.lease"
+        "   AND r.run_id = k.run_id ORDER BY r.rowid DESC LIMIT 1) AS epsilon"
+        "  FROM (SELECT DISTINCT lease, run_id FROM reservations) k"
+        "  UNION ALL"
+        "  SELECT l.lease, l.epsilon FROM ledger_runs l WHERE NOT EXISTS"
+        "   (SELECT 1 FROM reservations r WHERE r.lease = l.lease AND r.run_id = l.run_id)"
+        " ) GROUP BY lease"
+    )
+
+
+def _counted(db: sqlite3.Connection, lease: str, run_id: int) -> tuple[int, float]:
+    """What one run adds to its lease's totals: (1, the epsilon it reserved here, the latest reservation's if
+    several) when reserved here, else (1, its receipt's epsilon) when on the ledger, else nothing."""
+    row = db.execute(
+        "SELECT epsilon FROM reservations WHERE lease = ? AND run_id = ? ORDER BY rowid DESC LIMIT 1",
+        (lease, run_id),
+    ).fetchone()
+    if row is None:
+        row = db.execute(
+            "SELECT epsilon FROM ledger_runs WHERE lease = ? AND run_id = ?", (lease, run_id)
+        ).fetchone()
+    if row is None:
+        return 0, 0.0
+    return 1, float(row[0]) if row[0] is not None else 0.0
+
+
+def _add(db: sqlite3.Connection, lease: str, before: tuple[int, float], after: tuple[int, float]) -> None:
+    """Change a lease's totals by what one run's count went from and to."""
+    runs, epsilon = after[0] - before[0], after[1] - before[1]
+    if runs == 0 and epsilon == 0.0:
+        return
+    db.execute(
+        "INSERT INTO lease_totals (lease, runs, epsilon) VALUES (?, ?, ?) ON CONFLICT (lease) DO UPDATE SET"
+        " runs = runs + excluded.runs,"
+        " epsilon = CASE WHEN runs + excluded.runs = 0 THEN 0.0 ELSE epsilon + excluded.epsilon END",
+        (lease, runs, epsilon),
+    )
+
+
+def _totals(db: sqlite3.Connection, lease: str) -> tuple[int, float]:
+    row = db.execute("SELECT runs, epsilon FROM lease_totals WHERE lease = ?", (lease,)).fetchone()
+    return (int(row[0]), float(row[1])) if row is not None else (0, 0.0)
+
+
+def _no_room(
+    db: sqlite3.Connection, c: Candidate, counted: tuple[int, float], epsilon: float | None
+) -> str | None:
+    """Why this lease cannot take one more run now, or None. `counted` is what the run itself already counts
+    on the lease (reserved under another key, or its receipt on the ledger): it takes no second place, and
+    its epsilon is replaced by this reservation's."""
     short = c.lease[:12]
-    local = {
-        int(r[0]): (float(r[1]) if r[1] is not None else 0.0)
-        for r in db.execute("SELECT run_id, epsilon FROM reservations WHERE lease = ?", (c.lease,))
-    }
-    runs = set(local) | set(c.ledger_runs)
-    if c.max_runs is not None and len(runs - {run_id}) >= c.max_runs:
-        return f"lease {short} is exhausted ({len(runs)} of {c.max_runs} runs used)"
+    runs, spent = _totals(db, c.lease)
+    own_runs, own_epsilon = counted
+    if c.max_runs is not None and runs - own_runs >= c.max_runs:
+        return f"lease {short} is exhausted ({runs} of {c.max_runs} runs used)"
     if c.epsilon_cap is not None:
         if epsilon is None:
             return (
                 f"lease {short} caps epsilon at {c.epsilon_cap:g} and the method declares no epsilon "
                 "(image label vfed.manifest, epsilon_kwarg)"
             )
-        spent = sum(local.values()) + sum(e for r, e in c.ledger_runs.items() if r not in local)
+        spent -= own_epsilon
         if spent + epsilon > c.epsilon_cap + TOLERANCE:
             return (
                 f"lease {short}'s epsilon cap is spent: {spent:g} of {c.epsilon_cap:g} used, this run asks "

@@ -60,6 +60,9 @@ class LeaseGuard:
         self.settings = settings
         self.ledger = ledger
         self.store = store
+        if ledger.leases is None:  # the ledger feeds the runs of its receipts to the store reservations use
+            ledger.leases = store
+        assert ledger.leases is store, "the ledger must count its receipts in the guard's store"
         self.receipts = receipts
         self.runtime = runtime
         self.metrics = metrics
@@ -114,19 +117,11 @@ class LeaseGuard:
             choices.append(
                 (
                     label,
-                    [
-                        Candidate(
-                            x.id,
-                            x.dataset.digest,
-                            x.body.max_runs,
-                            x.body.epsilon,
-                            self.ledger.lease_runs(x.id),
-                        )
-                        for x in leases
-                    ],
+                    [Candidate(x.id, x.dataset.digest, x.body.max_runs, x.body.epsilon) for x in leases],
                 )
             )
         epsilon = await self._epsilon(task, digest, plaintext, choices)
+        self.ledger.feed_receipts()  # a no-op unless a feed failed: the store counts every verified receipt
         return self.store.reserve(
             run_key=run_key,
             run_id=run_id,

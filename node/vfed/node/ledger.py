@@ -32,11 +32,13 @@ from vfed.common.ledger import (
     LedgerForked,
     LedgerState,
     LedgerView,
+    Receipt,
     Record,
     VerifyReport,
 )
 from vfed.common.trust import SignedEntry, TrustMode, TrustStore
 from vfed.node.config import NodeSettings
+from vfed.node.lease_store import LeaseStore
 from vfed.node.metrics import NodeMetrics
 from vfed.node.server_api import NodeClient
 from vfed.node.trust import NodeTrustStore
@@ -157,6 +159,7 @@ class NodeLedger:
         collaboration_id: int,
         store: TrustStore,
         metrics: NodeMetrics | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -166,8 +169,10 @@ class NodeLedger:
         self.metrics = metrics
         self.copy = SqliteCopy(settings.data_dir / LEDGER_FILE, collaboration_id)
         self.view = LedgerView(EmbeddedLedger(client, collaboration_id), self._new_state, self.copy)
-        self._indexed = 0
-        self._lease_runs: dict[str, dict[int, float]] = {}
+        self.leases = leases
+        """Where the runs of verified receipts are counted against their leases (the agent's store; None in
+        the operator CLIs)."""
+        self._fed = 0
 
     @classmethod
     async def connect(cls, settings: NodeSettings, session: aiohttp.ClientSession) -> NodeLedger:
@@ -230,8 +235,10 @@ class NodeLedger:
             )
             self.copy.clear()
             self.view = LedgerView(self.view.backend, self._new_state, self.copy)
-            self._indexed, self._lease_runs = 0, {}
+            self._fed = 0
             await asyncio.to_thread(self.view.load)
+        # The receipts the lease store lacks (all of them for a new store), fed off the loop.
+        await asyncio.to_thread(self._feed_quietly)
         self._after_change()
 
     async def sync(self) -> int:
@@ -275,17 +282,53 @@ class NodeLedger:
         self.copy.close()
 
     # -- what the node asks ---------------------------------------------------------------------------------
-    def lease_runs(self, lease_id: str) -> dict[int, float]:
-        """Run id -> epsilon spent, of the receipts on the verified ledger that name this lease."""
-        return dict(self._lease_runs.get(lease_id, {}))
+    def feed_receipts(self) -> None:
+        """Count the runs of the receipts verified since the last call in `leases` (only the new ones; the
+        store ignores a run it knows from the ledger). After a restart, the receipts the store took in
+        before on this same chain are skipped. A failure leaves them for the next call."""
+        receipts = self.state.receipts
+        if self.leases is None or self._fed >= len(receipts):
+            return
+        start = self._fed or self._fed_before(self.leases, receipts)
+        end = len(receipts)
+        if start >= end:  # a restart: the store has them all
+            self._fed = end
+            return
+        last = receipts[end - 1]
+        self.leases.add_ledger_runs(
+            (
+                (use.lease, receipt.body.run, use.epsilon)
+                for receipt in receipts[start:end]
+                for use in receipt.body.datasets
+                if use.lease is not None
+            ),
+            mark=(self._fed_key, f"{end} {last.seq} {self.state.hash_at(last.seq)}"),
+        )
+        self._fed = end
+
+    @property
+    def _fed_key(self) -> str:
+        return f"ledger_receipts_fed:{self.collaboration_id}"
+
+    def _fed_before(self, leases: LeaseStore, receipts: Sequence[Receipt]) -> int:
+        """How many of `receipts` the store took in before: the count it noted, if the receipt it noted last
+        is at the same place of the same chain (same chain hash) here."""
+        noted = (leases.meta(self._fed_key) or "").split()
+        if len(noted) != 3 or not noted[0].isdigit() or not noted[1].isdigit():
+            return 0
+        count, seq, chain_hash = int(noted[0]), int(noted[1]), noted[2]
+        if not 0 < count <= len(receipts) or receipts[count - 1].seq != seq:
+            return 0
+        return count if self.state.hash_at(seq) == chain_hash else 0
+
+    def _feed_quietly(self) -> None:
+        try:
+            self.feed_receipts()
+        except sqlite3.Error as exc:  # retried before the next reservation (LeaseGuard.reserve)
+            log.error("the runs of new receipts could not be counted in the lease store (%s)", exc)
 
     def _after_change(self) -> None:
-        receipts = self.state.receipts
-        for receipt in receipts[self._indexed :]:
-            for use in receipt.body.datasets:
-                if use.lease is not None:
-                    self._lease_runs.setdefault(use.lease, {})[receipt.body.run] = use.epsilon or 0.0
-        self._indexed = len(receipts)
+        self._feed_quietly()
         if self.metrics is not None:
             self.metrics.ledger_length.set(self.state.length)
             expiring = self.state.expiring(self.organization_id, EXPIRING_WITHIN_S, time.time())
