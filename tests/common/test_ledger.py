@@ -314,3 +314,32 @@ def test_expiring_leases_are_listed() -> None:
     soon = w.add(w.lease(expires_at=w.now + 3600))
     w.add(w.lease(expires_at=w.now + 90 * 86400, purpose="long"))
     assert [x.id for x in w.state.expiring(1, 7 * 86400, w.now)] == [soon.digest]
+
+
+def test_a_receipt_naming_a_lease_of_an_unpinned_organization_counts_for_nothing_there() -> None:
+    w = World()
+    lease = w.add(w.lease())
+    stranger = OrgKey.generate()
+    w.add(genesis_record(5, stranger))
+    receipt = receipt_entry(
+        stranger,
+        collaboration=COLLAB,
+        organization=5,
+        task=9,
+        run=99,
+        image=IMAGE,
+        finished_at=w.now,
+        status="completed",
+        seen=w.head,
+        datasets=[DatasetUse(label="patients", lease=lease.digest)],
+    )
+    seq = w.state.length + 1
+    records = [*w.records, Record(seq, receipt, link(COLLAB, seq, w.state.head.hash, receipt.to_json()))]
+    # Where organization 1 is pinned, a receipt of organization 5 on its lease is refused...
+    everyone = LedgerState(COLLAB, anchors={1: w.a.key_id, 2: w.b.key_id, 5: stranger.key_id}.get)
+    with pytest.raises(LedgerEntryInvalid, match="organization 5 reports a run on organization 1's lease"):
+        everyone.apply_all(records)
+    # ...where it is not, the lease is unknown: the receipt counts for no lease, and nothing breaks.
+    state = LedgerState(COLLAB, anchors={2: w.b.key_id, 5: stranger.key_id}.get)
+    state.apply_all(records)
+    assert [r.body.run for r in state.receipts] == [99] and state.leases == {}

@@ -5,6 +5,7 @@ names. Small ledgers only; the timings are bench/ledger.py's."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from vfed.common.ledger import (
     Head,
     LedgerEntryInvalid,
     LedgerState,
+    LedgerTampered,
     NoValidLease,
     Record,
     checkpoint_entry,
@@ -371,3 +373,131 @@ def test_the_lease_check_answers_as_a_scan_of_every_lease_does() -> None:
                             assert (want == "none" and "has no lease" in got) or got.endswith(want)
                         answers.add(isinstance(got, list))
     assert answers == {True, False}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"a": {1: "int keys"}},
+        {"a": (1, 2)},
+        {"a": 'é\u2028"\\', "b": 1.5, "c": [True, None, {"d": -0.0}], "e": 10**30},
+        {"t": float("1e16")},
+        {"bad": "\udc80"},
+        {"nan": float("nan")},
+    ],
+)
+def test_what_a_worker_makes_is_what_the_state_makes(ledger: Ledger, body: dict[str, object]) -> None:
+    """A worker's digest and entry hash (through marshal, as a job travels) are the entry's own, or none."""
+    import hashlib
+    import marshal
+
+    from vfed.common.ledger import fastwork
+
+    weird = SignedEntry(kind="kind.é", body=body, sigs=ledger.entries[0].sigs)
+    for entry in [*(r.entry for r in ledger.records()[:50]), weird]:
+        records = [Record(1, entry)]
+        jobs: list[fast._Job] = []
+        fast._walk(ledger.state(), records, (), fast._Batch(ledger.state(), jobs.append))
+        (job,) = jobs
+        (result,) = marshal.loads(marshal.dumps(fastwork.work(marshal.loads(job.payload()))))
+        try:
+            text = entry.to_json().encode("utf-8")
+            digest = entry.digest
+        except Exception:
+            assert result is None
+            continue
+        assert result is not None and result[0] == digest
+        assert result[1] in (None, hashlib.sha256(text).digest())
+        assert result[1] is not None or entry is weird
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_entries_served_at_one_place_share_no_checks(ledger: Ledger, mode: fast.Mode) -> None:
+    """A server serving a forged entry and a valid one at the same place: the valid one's checks do not make
+    the forged one pass, in either order."""
+    records = ledger.records()
+    at = next(r.seq for r in records[299:] if r.entry.kind == "run.receipt")
+    victim = records[at - 1].entry
+    forged = SignedEntry(
+        kind=victim.kind,
+        body={**victim.body, "task": 999_999},
+        sigs=victim.sigs,  # the signature of the other content, by the right key
+    )
+    for pair in ([Record(at, forged), records[at - 1]], [records[at - 1], Record(at, forged)]):
+        state = ledger.state()
+        state.apply_all(records[: at - 1])
+        fast.preverify(state, [*pair, *records[at:]], mode=mode)
+        if pair[0].entry is forged:
+            with pytest.raises(LedgerEntryInvalid, match=rf"ledger entry {at} .*forged"):
+                state.apply(pair[0])
+            assert state.length == at - 1
+        state.apply(records[at - 1])
+        assert state.length == at
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_checks_of_a_page_that_failed_hold_for_nothing_read_later(ledger: Ledger, mode: fast.Mode) -> None:
+    """A page fails halfway (an entry's stored hash does not match); the checks made for the rest of it do
+    not vouch for other entries the server serves at those places afterwards."""
+    records = ledger.records()
+    at = next(r.seq for r in records[150:] if r.entry.kind == "run.receipt")  # entry `at + 1` is forged
+    state = ledger.state()
+    state.apply_all(records[:100])
+    page = list(records[100:300])
+    page[at - 101] = Record(at, records[at - 1].entry, "f" * 64)  # a stored hash that does not match
+    fast.preverify(state, page, mode=mode)
+    state.apply_all(page[: at - 101])
+    with pytest.raises(LedgerTampered):
+        state.apply(page[at - 101])
+    # Later, without bulk checks: the honest entry, then one forged with the next entry's signature.
+    state.apply(records[at - 1])
+    victim = records[at].entry
+    assert victim.kind == "run.receipt"
+    forged = SignedEntry(kind=victim.kind, body={**victim.body, "task": 999_999}, sigs=victim.sigs)
+    with pytest.raises(LedgerEntryInvalid, match="forged"):
+        state.apply(Record(at + 1, forged))
+    state.apply_all(records[at:])
+    assert state.length == len(records)
+
+
+class _Pages:
+    """A backend serving the ledger's records in pages of `limit`, one page broken if asked."""
+
+    def __init__(self, records: list[Record], broken_after: int | None = None) -> None:
+        self.records, self.broken_after, self.collaboration_id = records, broken_after, COLLAB
+
+    async def append(self, entry: SignedEntry) -> Head:
+        raise NotImplementedError
+
+    async def read(self, after: int, limit: int = 1000) -> list[Record]:
+        if self.broken_after is not None and after >= self.broken_after:
+            raise LedgerTampered(f"ledger entry {after + 1} is malformed: broken")
+        return self.records[after : after + limit]
+
+
+@pytest.mark.parametrize("bad", [None, 120])
+async def test_a_full_verification_reads_ahead_and_still_names_the_first_bad_entry(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch, bad: int | None
+) -> None:
+    """verify_full reads the next page before it applies the last: the same report, and an entry that does
+    not verify is named before a page that cannot be read after it."""
+    from vfed.common.ledger import LedgerView
+    from vfed.common.ledger import view as view_module
+
+    monkeypatch.setattr(view_module, "READ_LIMIT", 100)
+    records = ledger.records()
+    if bad is not None:
+        records[bad - 1] = Record(bad, records[bad - 1].entry, "f" * 64)
+    reference = ledger.state()
+    with contextlib.suppress(LedgerTampered):
+        reference.apply_all(records)
+    view = LedgerView(_Pages(records), ledger.state)  # type: ignore[arg-type]
+    if bad is None:
+        report = await view.verify_full()
+        assert (report.length, report.head) == (len(records), reference.head)
+    else:
+        with pytest.raises(LedgerTampered, match=f"ledger entry {bad} "):
+            await view.verify_full()
+        view = LedgerView(_Pages(records, broken_after=200), ledger.state)  # type: ignore[arg-type]
+        with pytest.raises(LedgerTampered, match=f"ledger entry {bad} "):
+            await view.verify_full()

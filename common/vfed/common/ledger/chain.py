@@ -8,13 +8,13 @@ server computes and stores the hashes; verifiers recompute them and never take t
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vfed.common.ledger.fastwork import entry_text, json_native
 from vfed.common.trust.entries import SIGN_DOMAIN, SignedEntry
 
 LEDGER_DOMAIN = b"vfed/ledger/v1\x00"
@@ -38,10 +38,15 @@ EMPTY_HEAD = Head(seq=0, hash=GENESIS_HASH)
 
 def link(collaboration_id: int, seq: int, prev_hash: str, entry_json: str | bytes) -> str:
     raw = entry_json.encode("utf-8") if isinstance(entry_json, str) else entry_json
+    return link_hashed(collaboration_id, seq, prev_hash, hashlib.sha256(raw).digest())
+
+
+def link_hashed(collaboration_id: int, seq: int, prev_hash: str, entry_sha256: bytes) -> str:
+    """`link` given the SHA-256 of the entry's canonical JSON (made in bulk by `fast.preverify`'s workers)."""
     h = hashlib.sha256(LEDGER_DOMAIN)
     h.update(struct.pack(">QQ", collaboration_id, seq))
     h.update(bytes.fromhex(prev_hash))
-    h.update(hashlib.sha256(raw).digest())
+    h.update(entry_sha256)
     return h.hexdigest()
 
 
@@ -49,39 +54,13 @@ def entry_json(entry: SignedEntry, message: bytes) -> bytes:
     """`entry.to_json()` in UTF-8, given `message = entry.message()`: built around the canonical body already
     in the message when that is exactly the same text (the body holds only what JSON text decodes to, as every
     entry read from a backend does), else made by `to_json` (which `model_dump` first)."""
-    if type(entry.v) is int and _json_native(entry.body):
+    if type(entry.v) is int and json_native(entry.body):
         try:
-            sigs = ",".join(
-                '{"key_id":' + _text(s.key_id) + ',"sig":' + _text(s.sig) + "}" for s in entry.sigs
-            )
-            kind = _text(entry.kind).encode("utf-8")
             body = message[len(SIGN_DOMAIN) + len(entry.kind.encode("utf-8")) + 1 :]
-            return b'{"body":%s,"kind":%s,"sigs":[%s],"v":%d}' % (body, kind, sigs.encode("utf-8"), entry.v)
+            return entry_text(body, entry.kind, tuple((s.key_id, s.sig) for s in entry.sigs), entry.v)
         except ValueError:  # text that UTF-8 cannot hold: to_json says what is wrong
             pass
     return entry.to_json().encode("utf-8")
-
-
-def _json_native(value: object) -> bool:
-    """Dicts with text keys, lists, text, numbers, true, false and null, as `json.loads` makes them."""
-    todo: list[Any] = [value]
-    while todo:
-        item = todo.pop()
-        kind = type(item)
-        if kind is dict:
-            for key in item:
-                if type(key) is not str:
-                    return False
-            todo.extend(item.values())
-        elif kind is list:
-            todo.extend(item)
-        elif kind not in _SCALARS:
-            return False
-    return True
-
-
-_SCALARS = frozenset({str, int, float, bool, type(None)})
-_text = json.encoder.encode_basestring  # json.dumps(text, ensure_ascii=False), without making an encoder
 
 
 @dataclass(frozen=True)

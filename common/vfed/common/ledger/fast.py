@@ -1,10 +1,12 @@
 """Bulk signature checks for a full verification: the Ed25519 work, spread over the CPUs, ahead of the
 sequential pass that decides which key may sign what (`LedgerState.apply` then skips those checks).
 
-`preverify` computes each entry's signed message and hands the (key, signature, message) triples to worker
-processes; it returns at once, having told the state, for each entry, how to learn which signatures held. The
-state's sequential pass (`apply`, on the caller's thread) waits only for the chunk it has reached, so the
-Ed25519 work overlaps the Python work of applying.
+`preverify` hands each entry's decoded content (kind, body, signatures) with the keys to check to worker
+processes (fastwork.py); they canonicalize it themselves (the signed message, its digest, the SHA-256 of the
+canonical entry JSON that the chain links) and check the signatures, so this process never canonicalizes an
+entry of a bulk verification. It returns at once, having told the state, for each entry, how to learn what
+the workers found. The state's sequential pass (`apply`, on the caller's thread) waits only for the chunk it
+has reached, so the workers' work overlaps the Python work of applying.
 
 Why processes and not threads: libsodium's verify releases the GIL (cffi), so two threads verify at twice the
 single-core rate while nothing else runs (bench/ledger.py); but a thread that finished one check needs the GIL
@@ -13,21 +15,24 @@ waits out the interpreter's switch interval (5 ms) for every signature. Worker p
 hand-off. They are small (`python -I -c` importing only `nacl.bindings`, about 30 ms to start), started on
 the first large check, shared by every state in the process, and stopped after `IDLE_S` without work, at exit
 and in a forked child. A worker that fails (dies, hangs past `WAIT_S`) costs nothing but time: its chunk is
-checked here instead. Small batches are checked here at once (`MIN_PARALLEL`).
+done here instead. Small batches are done here at once (`MIN_PARALLEL`).
 
 Only keys that some record of the batch names (key records, certificates) or that the state already verified
 (its organizations' chains and accepted certificates) are used; a signature that does not verify is simply not
-marked, and `apply` checks that entry itself (and reports it). Marks say only "this key signed this entry";
-`apply` decides which key may sign what.
+marked, and `apply` checks that entry itself (and reports it). Marks say only "this key signed this entry",
+and hold only for the very entry they were made for; `apply` decides which key may sign what.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import inspect
 import io
 import itertools
 import logging
+import marshal
 import os
 import struct
 import subprocess
@@ -37,13 +42,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Literal, cast
 
-import nacl.bindings
-
 from vfed.common.crypto import PublicKey
-from vfed.common.ledger.chain import Record, entry_json
+from vfed.common.ledger import fastwork
+from vfed.common.ledger.chain import Record
 from vfed.common.ledger.state import LedgerState
 from vfed.common.trust.certificates import KIND_CERTIFICATE
-from vfed.common.trust.errors import MalformedEntry, TrustError
+from vfed.common.trust.entries import SignedEntry
+from vfed.common.trust.errors import TrustError
 from vfed.common.trust.keychain import KIND_GENESIS, KIND_ROTATION, record_key
 
 log = logging.getLogger("vfed.ledger")
@@ -55,41 +60,14 @@ MODES: tuple[Mode, ...] = ("inline", "threads", "processes")
 MIN_PARALLEL = 256
 """Fewer signatures than this are checked on the caller's thread (a worker round trip costs more)."""
 CHUNK = 32
-"""Signatures per job: small, so the sequential pass can start soon after `preverify` returns."""
+"""Entries per job: few, so the sequential pass can start soon after `preverify` returns."""
 IDLE_S = 30.0
 PIPE_BYTES = 1 << 20
 WAIT_S = 60.0
-_HEAD = struct.Struct(">II")  # job id, payload bytes (to a worker) or result count (from it)
-_LEN = struct.Struct(">I")
+_HEAD = struct.Struct(">II")  # job id, then the bytes of the marshalled job (to a worker) or answer (from it)
 
-# One item: Ed25519 public key (32), signature (64), message length (4), message. The answer: one byte per
-# item, 1 when it verified. Runs as `python -I -c`: imports nothing of vfed, ignores ^C (the parent decides).
-_WORKER_CODE = """
-import signal, struct, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-from nacl.bindings import crypto_sign_open
-head, length = struct.Struct(">II"), struct.Struct(">I")
-src, dst = sys.stdin.buffer, sys.stdout.buffer
-while True:
-    raw = src.read(8)
-    if len(raw) < 8:
-        break
-    job, size = head.unpack(raw)
-    buf = src.read(size)
-    if len(buf) < size:
-        break
-    out, pos = bytearray(), 0
-    while pos < size:
-        (n,) = length.unpack_from(buf, pos + 96)
-        try:
-            crypto_sign_open(buf[pos + 32 : pos + 96] + buf[pos + 100 : pos + 100 + n], buf[pos : pos + 32])
-            out.append(1)
-        except Exception:
-            out.append(0)
-        pos += 100 + n
-    dst.write(head.pack(job, len(out)) + out)
-    dst.flush()
-"""
+_WORKER_CODE = inspect.getsource(fastwork)
+"""What a worker runs (`python -I -c`): fastwork.py, which imports nothing of vfed."""
 
 
 def cpus() -> int:
@@ -113,61 +91,77 @@ def default_mode(signatures: int) -> Mode:
 
 
 # -- jobs ----------------------------------------------------------------------------------------------------
-Item = tuple[bytes, bytes, bytes]  # Ed25519 public key, signature, message
-
-
-def _check(items: Sequence[Item]) -> bytes:
-    out = bytearray()
-    for key, sig, message in items:
-        try:
-            nacl.bindings.crypto_sign_open(sig + message, key)
-            out.append(1)
-        except Exception:
-            out.append(0)
-    return bytes(out)
+Made = tuple[str, bytes | None]
+"""An entry's digest and the SHA-256 of its canonical JSON (None: the state makes the JSON itself)."""
 
 
 class _Job:
-    """One chunk of signature checks; `keys_for(seq)` waits for it (or checks here if its worker failed)."""
+    """Entries for one worker: each with the checks of its signatures whose keys are known. `resolve(i)` waits
+    for the answer (or does the work here if the worker failed) and gives entry i's verified key ids and, when
+    made, its digest and entry hash."""
 
-    __slots__ = ("_by_seq", "_lock", "_result", "done", "items", "marks")
+    __slots__ = ("_lock", "_resolved", "_result", "done", "items", "key_ids")
 
-    def __init__(self, items: list[Item], marks: list[tuple[int, str]]) -> None:
+    def __init__(self, items: list[fastwork.Item | None], key_ids: list[tuple[str, ...]]) -> None:
         self.items = items
-        self.marks = marks  # (seq, key id) per item
+        self.key_ids = key_ids  # per entry, the key id of each check
         self.done = threading.Event()
-        self._result: bytes | None = None
-        self._by_seq: dict[int, frozenset[str]] | None = None
+        self._result: list[fastwork.Result] | None = None
+        self._resolved: list[tuple[frozenset[str], Made | None]] | None = None
         self._lock = threading.Lock()
 
     def payload(self) -> bytes:
-        return b"".join(key + sig + _LEN.pack(len(msg)) + msg for key, sig, msg in self.items)
+        try:
+            return marshal.dumps(self.items)
+        except ValueError:  # something in an entry marshal cannot carry exactly: the state does that one
+            self.items = [item if _marshals(item) else None for item in self.items]
+            return marshal.dumps(self.items)
 
-    def finish(self, result: bytes | None) -> None:
-        """The worker's answer, or None when it could not give one."""
+    def finish(self, result: list[fastwork.Result] | None) -> None:
+        """The answer, or None when none came."""
         self._result = result if result is not None and len(result) == len(self.items) else None
         self.done.set()
 
-    def keys_for(self, seq: int) -> frozenset[str]:
-        by_seq = self._by_seq
-        if by_seq is None:
-            with self._lock:
-                if self._by_seq is None:
-                    self._by_seq = self._resolve()
-                by_seq = self._by_seq
-        return by_seq.get(seq, frozenset())
+    def finish_raw(self, raw: bytes) -> None:
+        """A worker's answer as it sent it."""
+        try:
+            result = marshal.loads(raw) if raw else None
+        except (EOFError, ValueError, TypeError):
+            result = None
+        self.finish(result if isinstance(result, list) else None)
 
-    def _resolve(self) -> dict[int, frozenset[str]]:
+    def resolve(self, index: int) -> tuple[frozenset[str], Made | None]:
+        resolved = self._resolved
+        if resolved is None:
+            with self._lock:
+                if self._resolved is None:
+                    self._resolved = self._resolve()
+                resolved = self._resolved
+        return resolved[index]
+
+    def _resolve(self) -> list[tuple[frozenset[str], Made | None]]:
         if not self.done.wait(WAIT_S):
             log.warning("a ledger signature worker did not answer in %.0f s; checking here", WAIT_S)
         result = self._result
         if result is None:
-            result = _check(self.items)
-        good: dict[int, set[str]] = {}
-        for (seq, key_id), ok in zip(self.marks, result, strict=True):
-            if ok == 1:
-                good.setdefault(seq, set()).add(key_id)
-        return {seq: frozenset(ids) for seq, ids in good.items()}
+            result = fastwork.work(self.items)
+        out: list[tuple[frozenset[str], Made | None]] = []
+        for key_ids, answer in zip(self.key_ids, result, strict=True):
+            if answer is None:
+                out.append((frozenset(), None))
+                continue
+            digest, entry_hash, oks = answer
+            good = frozenset(key_id for key_id, ok in zip(key_ids, oks, strict=True) if ok == 1)
+            out.append((good, (digest, entry_hash)))
+        return out
+
+
+def _marshals(item: fastwork.Item | None) -> bool:
+    try:
+        marshal.dumps(item)
+    except ValueError:
+        return False
+    return True
 
 
 # -- worker processes ----------------------------------------------------------------------------------------
@@ -226,7 +220,7 @@ class _Worker:
                 with self._lock:
                     job = self._jobs.pop(job_id, None)
                 if job is not None:
-                    job.finish(result)
+                    job.finish_raw(result)
         except (OSError, ValueError):
             pass
         self._fail()
@@ -332,82 +326,88 @@ def verified_keys(state: LedgerState) -> dict[str, PublicKey]:
 
 
 class _Batch:
-    """Collects (key, signature, message) items in entry order and hands out jobs of about CHUNK items, an
-    entry's signatures always in one job."""
+    """Collects entries in order and hands out jobs of CHUNK entries."""
 
     def __init__(self, state: LedgerState, send: Callable[[_Job], None]) -> None:
         self.state, self.send = state, send
-        self.items: list[Item] = []
-        self.marks: list[tuple[int, str]] = []
+        self.items: list[fastwork.Item | None] = []
+        self.key_ids: list[tuple[str, ...]] = []
+        self.entries: list[tuple[int, SignedEntry]] = []
 
-    def add(self, seq: int, items: list[Item], marks: list[tuple[int, str]]) -> None:
-        self.items += items
-        self.marks += marks
+    def add(self, seq: int, entry: SignedEntry, item: fastwork.Item | None, key_ids: tuple[str, ...]) -> None:
+        self.items.append(item)
+        self.key_ids.append(key_ids)
+        self.entries.append((seq, entry))
         if len(self.items) >= CHUNK:
             self.flush()
 
     def flush(self) -> None:
         if not self.items:
             return
-        job = _Job(self.items, self.marks)
-        self.items, self.marks = [], []
-        for seq in dict.fromkeys(seq for seq, _ in job.marks):
-            self.state.preverified(seq, _pending(job, seq))
+        job = _Job(self.items, self.key_ids)
+        entries = self.entries
+        self.items, self.key_ids, self.entries = [], [], []
+        state = self.state
+        for index, (seq, entry) in enumerate(entries):
+            state._known(seq, entry, _pending(job, index))
         self.send(job)
 
 
-def _walk(state: LedgerState, records: Sequence[Record], batch: _Batch) -> None:
-    """Every signature whose key is known, in entry order, into `batch`; and each entry's digest and JSON for
-    `apply` (it needs them too, and the canonical body is made once here)."""
+def _walk(state: LedgerState, records: Sequence[Record], before: Sequence[Record], batch: _Batch) -> None:
+    """Every entry, in order, into `batch`, with its signed message (made here, once) and a check for each
+    signature whose key is known: the workers also make its digest and the hash of its canonical JSON for
+    `apply`."""
     keys = {key_id: key.ed25519 for key_id, key in verified_keys(state).items()}
+    keys.update((key_id, key.ed25519) for key_id, key in known_keys(before).items())
     keys.update((key_id, key.ed25519) for key_id, key in known_keys(records).items())
     for record in records:
-        entry, seq = record.entry, record.seq
-        message: bytes | None = None
-        items: list[Item] = []
-        marks: list[tuple[int, str]] = []
-        for sig in entry.sigs:
-            key = keys.get(sig.key_id)
-            if key is None:
-                continue
-            try:
-                raw = sig.raw()
-                if message is None:
-                    message = entry.message()
-            except (MalformedEntry, TrustError, ValueError):  # apply names what is wrong, in order
-                continue
-            items.append((key, raw, message))
-            marks.append((seq, sig.key_id))
-        if items:
-            batch.add(seq, items, marks)
-        if message is not None:
-            try:
-                text: bytes | None = entry_json(entry, message)
-            except (MalformedEntry, ValueError):  # apply meets it too, and says so in order
-                text = None
-            state._known(seq, entry, message, text)
+        entry = record.entry
+        sigs = tuple((sig.key_id, sig.sig) for sig in entry.sigs)
+        checks: list[fastwork.Check] = []
+        key_ids: list[str] = []
+        for index, (key_id, _) in enumerate(sigs):
+            key = keys.get(key_id)
+            if key is not None:
+                checks.append((index, key))
+                key_ids.append(key_id)
+        try:
+            message = entry.message()
+        except Exception:  # apply meets it too, and says what is wrong in order
+            batch.add(record.seq, entry, None, ())
+            continue
+        native = type(entry.v) is int and fastwork.json_native(entry.body)
+        item = (message, entry.kind, entry.v, sigs, native, tuple(checks))
+        batch.add(record.seq, entry, item, tuple(key_ids))
     batch.flush()
 
 
-def preverify(state: LedgerState, records: Sequence[Record], *, mode: Mode | None = None) -> None:
-    """Check every signature whose key some record names (or the state verified); tell `state` which hold.
+def preverify(
+    state: LedgerState,
+    records: Sequence[Record],
+    *,
+    mode: Mode | None = None,
+    before: Sequence[Record] = (),
+) -> None:
+    """Check every signature whose key some record names (or the state verified); tell `state` which hold,
+    and each entry's digest and entry hash.
 
     In `processes` mode (the automatic choice for a large batch) and `threads` mode this returns before the
     checks are done: `apply` waits for the chunk it reaches. `mode`: None for VFED_LEDGER_VERIFY or the
-    automatic choice (`default_mode`)."""
+    automatic choice (`default_mode`). `before`: records preverified earlier and not applied yet (the keys
+    they name are used too), so the next page's checks can run while the last one is applied."""
     chosen = mode or default_mode(sum(len(record.entry.sigs) for record in records))
     if chosen == "inline":
-        _walk(state, records, _Batch(state, lambda job: job.finish(_check(job.items))))
+        _walk(state, records, before, _Batch(state, lambda job: job.finish(fastwork.work(job.items))))
         return
     if chosen == "threads":
         pool = _POOL.executor()
 
         def run(job: _Job) -> None:
-            pool.submit(_check, job.items).add_done_callback(
+            pool.submit(fastwork.work, job.items).add_done_callback(
                 lambda f: job.finish(None if f.exception() else f.result())
             )
 
-        _walk(state, records, _Batch(state, run))
+        _walk(state, records, before, _Batch(state, run))
         return
     workers = _POOL.get()
     turn = itertools.count()
@@ -415,8 +415,8 @@ def preverify(state: LedgerState, records: Sequence[Record], *, mode: Mode | Non
     def send(job: _Job) -> None:  # in turn: jobs in entry order, the sequential pass meets them in turn too
         workers[next(turn) % len(workers)].submit(job)
 
-    _walk(state, records, _Batch(state, send))
+    _walk(state, records, before, _Batch(state, send))
 
 
-def _pending(job: _Job, seq: int) -> Callable[[], frozenset[str]]:
-    return lambda: job.keys_for(seq)
+def _pending(job: _Job, index: int) -> Callable[[], tuple[frozenset[str], Made | None]]:
+    return functools.partial(job.resolve, index)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vfed.common.crypto import BadSignature, PublicKey
-from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, entry_json, link
+from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, entry_json, link, link_hashed
 from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerForked, LedgerTampered, NoValidLease
 from vfed.common.ledger.kinds import (
     ADMIN_ROLE,
@@ -34,7 +34,12 @@ from vfed.common.ledger.kinds import (
     RunReceipt,
     parse_body,
 )
-from vfed.common.trust.certificates import KIND_CERTIFICATE, KIND_REVOCATION, verify_certificate
+from vfed.common.trust.certificates import (
+    KIND_CERTIFICATE,
+    KIND_REVOCATION,
+    Certificate,
+    verify_certificate,
+)
 from vfed.common.trust.entries import SignedEntry
 from vfed.common.trust.errors import MalformedEntry, TrustError
 from vfed.common.trust.keychain import KIND_GENESIS, KIND_ROTATION, KeyChain, record_key, verify_chain
@@ -44,8 +49,11 @@ log = logging.getLogger("vfed.ledger")
 Anchor = Callable[[int], "str | None"]
 """Organization id -> the pinned first key's id, or None when it is not pinned."""
 OnPin = Callable[[int, str], None]
-_Made = tuple[SignedEntry, bytes, str, bytes | None]
-"""An entry with its signed message, digest and (when already made) its canonical JSON."""
+_Done = tuple[str, bytes | None] | None
+"""What `fast.preverify`'s workers made for an entry: its digest and (when made) the SHA-256 of its canonical
+JSON; None when they made nothing."""
+_Applying = tuple[SignedEntry, bytes | None, str]
+"""The entry being applied, its signed message (None until something needs it) and its digest."""
 
 
 @dataclass
@@ -132,6 +140,65 @@ class Problem:
     message: str
 
 
+_LEASE_BODIES = (LeaseGranted, LeaseExtended, LeaseRevoked)
+
+
+class _Holder:
+    """A certificate taken in, its key, and what `verify_certificate` found against the chain it was last
+    checked with: what lies in the certificate and that chain (its signature, its key) is checked once per
+    chain; revocations and validity, which change along the ledger, at every use."""
+
+    __slots__ = ("checked", "entry", "key")
+
+    def __init__(self, entry: SignedEntry) -> None:
+        self.entry = entry
+        try:
+            self.key: PublicKey | None = record_key(entry)
+        except TrustError:
+            self.key = None
+        self.checked: tuple[KeyChain, Certificate | None] | None = None
+
+    def verify(self, chain: KeyChain, revoked: set[str], *, now: float, skew_s: float) -> Certificate:
+        """`verify_certificate(self.entry, chain, revoked, now=now, skew_s=skew_s)`."""
+        checked = self.checked
+        if checked is None or checked[0] is not chain:
+            checked = self.checked = (chain, self._as_of_its_start(chain, skew_s))
+        cert = checked[1]
+        if (
+            cert is not None
+            and cert.digest not in revoked
+            and now + skew_s >= cert.not_before
+            and now - skew_s <= cert.expires_at
+        ):
+            return cert
+        return verify_certificate(self.entry, chain, revoked, now=now, skew_s=skew_s)  # says what is wrong
+
+    def _as_of_its_start(self, chain: KeyChain, skew_s: float) -> Certificate | None:
+        """The certificate as verified at its own start, unrevoked; None if that fails (then every use
+        checks it in full and reports what is wrong)."""
+        start = self.entry.body.get("not_before")
+        if not isinstance(start, int) or isinstance(start, bool):
+            return None
+        try:
+            return verify_certificate(self.entry, chain, set(), now=start, skew_s=skew_s)
+        except TrustError:
+            return None
+
+
+class _Found:
+    """What `fast.preverify` found for one entry object (`LedgerState._known`); called, the keys whose
+    signatures held."""
+
+    __slots__ = ("entry", "pending")
+
+    def __init__(self, entry: SignedEntry, pending: Callable[[], tuple[frozenset[str], _Done]]) -> None:
+        self.entry = entry
+        self.pending = pending
+
+    def __call__(self) -> frozenset[str]:
+        return self.pending()[0]
+
+
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -158,11 +225,14 @@ class LedgerState:
         self._kinds: list[str] = [""]
         self._key_records: dict[int, list[SignedEntry]] = {}
         self._chains: dict[int, KeyChain] = {}
+        self._chain_keys: dict[int, tuple[KeyChain, dict[str, PublicKey]]] = {}
+        """Organization -> its chain's keys by id (`chain.public` as a dict), for the chain they came from."""
         self._certificates: dict[int, list[SignedEntry]] = {}
+        self._holders: dict[int, list[_Holder]] = {}
+        """Organization -> its certificates (as `_certificates`) with their keys and what was verified."""
         self._revoked: dict[int, set[str]] = {}
         self._preverified: dict[int, frozenset[str] | Callable[[], frozenset[str]]] = {}
-        self._made: dict[int, _Made] = {}
-        self._applying: _Made | None = None
+        self._applying: _Applying | None = None
         self.datasets: dict[str, Dataset] = {}
         self.leases: dict[str, Lease] = {}
         self._leases_to: dict[tuple[int, str, int], list[Lease]] = {}
@@ -208,14 +278,18 @@ class LedgerState:
 
     # -- applying -------------------------------------------------------------------------------------------
     def preverified(self, seq: int, key_ids: frozenset[str] | Callable[[], frozenset[str]]) -> None:
-        """Signatures of entry `seq` by these keys were checked elsewhere (in bulk, `fast.preverify`); a
-        callable gives them when the entry is reached (it waits for a check still under way)."""
+        """Signatures of entry `seq` by these keys were checked elsewhere (the local copy, what a server
+        stored after checking it); a callable gives them when the entry is reached."""
         self._preverified[seq] = key_ids
 
-    def _known(self, seq: int, entry: SignedEntry, message: bytes, entry_json: bytes | None) -> None:
-        """`entry.message()` and `entry_json(entry, message)`, made in bulk (`fast.preverify`); used only when
-        this very object is applied."""
-        self._made[seq] = (entry, message, hashlib.sha256(message).hexdigest(), entry_json)
+    def _known(
+        self, seq: int, entry: SignedEntry, pending: Callable[[], tuple[frozenset[str], _Done]]
+    ) -> None:
+        """What `fast.preverify`'s workers found for this very entry object at `seq` (`pending` waits for a
+        check still under way): the keys whose signatures held, its digest and entry hash. Used only when
+        this object is applied at `seq`: never for another entry at that place (a server serving two, or a
+        later read after this one failed)."""
+        self._preverified[seq] = _Found(entry, pending)
 
     def _digest(self, entry: SignedEntry) -> str:
         """`entry.digest`, without making the canonical body again for the entry being applied."""
@@ -229,8 +303,12 @@ class LedgerState:
             return entry.signed_by(key)
         for sig in entry.sigs:
             if sig.key_id == key.key_id:
+                message = applying[1]
+                if message is None:
+                    message = entry.message()
+                    self._applying = (entry, message, applying[2])
                 try:
-                    key.verify(applying[1], sig.raw())
+                    key.verify(message, sig.raw())
                 except (BadSignature, MalformedEntry):
                     return False
                 return True
@@ -244,20 +322,34 @@ class LedgerState:
         """Verify one record at the next place and take in what it says; a LedgerError leaves the state as it
         was before the call."""
         seq, entry = record.seq, record.entry
-        made = self._made.pop(seq, None)
-        if made is None or made[0] is not entry:  # the canonical body, made once for all that needs it
+        message: bytes | None = None
+        digest: str | None = None
+        entry_hash: bytes | None = None
+        found = self._preverified.get(seq)
+        if type(found) is _Found:
+            if found.entry is entry:
+                done = found.pending()[1]
+                if done is not None:
+                    digest, entry_hash = done
+            else:  # found for another entry at this place: nothing of it holds for this one
+                del self._preverified[seq]
+        if digest is None:  # the canonical body, made once for all that needs it
             message = entry.message()
-            made = (entry, message, hashlib.sha256(message).hexdigest(), None)
-        self._applying = made
-        _, message, digest, text = made
+            digest = hashlib.sha256(message).hexdigest()
+        self._applying = (entry, message, digest)
         where = f"ledger entry {seq} ({entry.kind} {digest[:12]})"
         if seq != self.length + 1:
             what = "missing" if seq > self.length + 1 else "repeated or out of order"
             raise LedgerTampered(
                 f"{where}: expected entry {self.length + 1} next; entries are {what} (dropped or reordered?)"
             )
-        text = entry_json(entry, message) if text is None else text
-        computed = link(self.collaboration_id, seq, self._hashes[-1], text)
+        if entry_hash is not None:
+            computed = link_hashed(self.collaboration_id, seq, self._hashes[-1], entry_hash)
+        else:
+            if message is None:
+                message = entry.message()
+                self._applying = (entry, message, digest)
+            computed = link(self.collaboration_id, seq, self._hashes[-1], entry_json(entry, message))
         if record.hash is not None and record.hash != computed:
             raise LedgerTampered(
                 f"{where} was changed after it was chained: the stored hash {record.hash[:12]} does not "
@@ -306,7 +398,15 @@ class LedgerState:
     def _record(self, seq: int, entry: SignedEntry, body: Body) -> None:
         """Take in what a verified entry says."""
         digest = self._digest(entry)
-        if isinstance(body, DatasetRegistered):
+        if isinstance(body, RunReceipt):  # the common case first (the kinds are disjoint)
+            leases = self.leases
+            for use in body.datasets:
+                lease = leases.get(use.lease) if use.lease is not None else None
+                if lease is not None:  # None: a lease on a dataset of an organization not pinned here
+                    lease.runs += 1
+                    lease.epsilon_spent += use.epsilon or 0.0
+            self.receipts.append(Receipt(seq, digest, body))
+        elif isinstance(body, DatasetRegistered):
             self.datasets[digest] = Dataset(
                 digest, seq, body.org, body.label, body.description, body.content_hash, body.at
             )
@@ -323,20 +423,12 @@ class LedgerState:
             lease = self.leases[body.lease]
             if lease.revoked is None:
                 lease.revoked, lease.revoked_seq = body, seq
-        elif isinstance(body, RunReceipt):
-            for use in body.datasets:
-                if use.lease is not None:
-                    self.leases[use.lease].runs += 1
-                    self.leases[use.lease].epsilon_spent += use.epsilon or 0.0
-            self.receipts.append(Receipt(seq, digest, body))
         else:
             self.checkpoints.append((seq, body))
 
     def _authorize(self, seq: int, entry: SignedEntry, body: Body, where: str) -> int | None:
         """Check the entry's signer and references (nothing changes yet); the signing organization, or None
         when the entry counts for nothing here (its organization, or what it refers to, is not pinned)."""
-        if isinstance(body, LeaseGranted | LeaseExtended | LeaseRevoked):
-            return self._authorize_lease(seq, entry, body, where)
         if isinstance(body, RunReceipt):
             for use in body.datasets:
                 if use.lease is None or use.lease in self._skipped:
@@ -344,11 +436,13 @@ class LedgerState:
                 lease = self.leases.get(use.lease)
                 if lease is None:
                     raise LedgerEntryInvalid(f"{where} names lease {use.lease[:12]}, not granted before it")
-                if lease.owner != body.org:
+                if lease.body.owner != body.org:
                     raise LedgerEntryInvalid(
                         f"{where}: organization {body.org} reports a run on organization "
                         f"{lease.owner}'s lease"
                     )
+        elif isinstance(body, _LEASE_BODIES):
+            return self._authorize_lease(seq, entry, body, where)
         chain = self._chains.get(body.org)
         if chain is None:
             self._unverified(seq, entry, f"organization {body.org} is not pinned here")
@@ -405,8 +499,14 @@ class LedgerState:
         return self._signed_by(entry, key)
 
     def _signed_by_org(self, seq: int, entry: SignedEntry, chain: KeyChain, where: str) -> None:
-        for key_id in entry.signers():
-            key = chain.public(key_id)
+        keys = self._chain_keys.get(chain.organization_id)
+        if keys is None or keys[0] is not chain:
+            by_id: dict[str, PublicKey] = {}
+            for k in chain.keys:
+                by_id.setdefault(k.key.key_id, k.key)  # the first, as chain.public finds it
+            keys = self._chain_keys[chain.organization_id] = (chain, by_id)
+        for sig in entry.sigs:
+            key = keys[1].get(sig.key_id)
             if key is not None and self._verified_by(seq, entry, key):
                 return
         raise LedgerEntryInvalid(
@@ -443,6 +543,7 @@ class LedgerState:
         self._signed_by_org(seq, entry, chain, where)
         if entry.kind == KIND_CERTIFICATE:
             self._certificates.setdefault(org, []).append(entry)
+            self._holders.setdefault(org, []).append(_Holder(entry))
         else:
             digest = entry.body.get("certificate")
             if not isinstance(digest, str):
@@ -457,17 +558,11 @@ class LedgerState:
         if chain is None:
             raise LedgerEntryInvalid(f"{where}: organization {org} has no verified keys on this ledger")
         signers = set(entry.signers())
-        for cert_entry in self._certificates.get(org, []):
-            try:
-                key = record_key(cert_entry)
-            except TrustError:
-                continue
-            if key.key_id not in signers:
+        for holder in self._holders.get(org, []):
+            if holder.key is None or holder.key.key_id not in signers:
                 continue
             try:
-                cert = verify_certificate(
-                    cert_entry, chain, self._revoked.get(org, set()), now=at, skew_s=self.skew_s
-                )
+                cert = holder.verify(chain, self._revoked.get(org, set()), now=at, skew_s=self.skew_s)
             except TrustError as exc:
                 raise LedgerEntryInvalid(
                     f"{where}: the signer's certificate does not hold: {exc.message}"

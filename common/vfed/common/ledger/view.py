@@ -198,15 +198,23 @@ class LedgerView:
 
         fresh = self._new_state()
         after = 0
+        # A page read and handed to preverify is applied once the next one is read and handed over too: the
+        # workers check one page while this thread reads the next and applies the one before.
+        ahead: list[Record] = []
         with collector_paused(BULK):
             while True:
-                records = await self.backend.read(after, READ_LIMIT)
-                await asyncio.to_thread(preverify, fresh, records)
-                for record in records:
-                    fresh.apply(record)
+                try:
+                    records = await self.backend.read(after, READ_LIMIT)
+                except Exception:
+                    fresh.apply_all(ahead)  # entries read before come first: the first bad one is named
+                    raise
+                await asyncio.to_thread(preverify, fresh, records, before=ahead)
+                fresh.apply_all(ahead)
+                ahead = records
                 if len(records) < READ_LIMIT:
                     break
                 after = records[-1].seq
+            fresh.apply_all(ahead)
         async with self._lock:
             self.load()
         for seq in range(1, min(fresh.length, self.state.length) + 1):

@@ -26,12 +26,14 @@ SIGN_DOMAIN = b"vfed/entry/v1\x00"
 MAX_ENTRY_BYTES = 1 << 20
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""`json.dumps` with these options, the encoder made once (it keeps no state between calls)."""
+
+
 def canonical(value: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no white space, UTF-8, finite numbers only."""
     try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        return _CANONICAL.encode(value).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise MalformedEntry(f"value has no canonical JSON form: {exc}") from None
 
