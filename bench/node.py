@@ -45,7 +45,14 @@ from tests.node.node_harness import (
 )
 from tests.server.vserver_proc import server_process
 
-from node_bare import MIB, bare_cli_runs, bare_docker_runs, bare_parallel_runs, c_floor
+from node_bare import (
+    MIB,
+    bare_cli_runs,
+    bare_docker_runs,
+    bare_parallel_runs,
+    c_floor,
+    remove_bare_volume,
+)
 from vfed.client.client import AsyncClient
 from vfed.node import timeline
 from vfed.node.config import load_settings
@@ -376,10 +383,13 @@ def main() -> None:
     ensure_probe_image()
     with tempfile.TemporaryDirectory(prefix="vfed-bench-node-") as tmp:
         work = Path(tmp)
-        cli, cli_cpu = (values[1:] for values in bare_cli_runs(work, args.rounds + 1))
-        sdk = bare_docker_runs(work, max(args.rounds, args.runs // 2) + 1)
-        bare3 = bare_parallel_runs(work, args.rounds)
-        figures = asyncio.run(federation_figures(work, args.runs, args.rounds, args.leases))
+        try:
+            cli, cli_cpu = (values[1:] for values in bare_cli_runs(work, args.rounds + 1))
+            sdk = bare_docker_runs(work, max(args.rounds, args.runs // 2) + 1)
+            bare3 = bare_parallel_runs(work, args.rounds)
+            figures = asyncio.run(federation_figures(work, args.runs, args.rounds, args.leases))
+        finally:
+            remove_bare_volume()
     report: dict[str, Any] = build_report(cli, sdk, bare3, figures)
     report.update(c_floor(report["bare_docker_run_s"], statistics.median(cli_cpu)))
     if args.leases:

@@ -3,6 +3,7 @@ limits, through the CLI (issue 5's (a)) and the SDK, alone and three at once, an
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import subprocess
 import threading
@@ -21,6 +22,16 @@ from vfed.node.runtime.docker_spec import DockerRuntimeConfig, container_kwargs
 MIB = 1024 * 1024
 _RUN_NUMBERS = itertools.count(1)
 CONFIG = DockerRuntimeConfig(memory_bytes=256 * MIB)  # the agents' memory limit here (write_node_config)
+
+
+BARE_VOLUME = "vfed-bench-bare-tmp"
+"""The job volume the bare runs share (named after their node `bench` and job `bare`)."""
+
+
+def remove_bare_volume() -> None:
+    """The bare runs' job volume, which their mounts created: gone when the benchmark ends."""
+    with contextlib.suppress(docker.errors.NotFound):
+        docker.from_env().volumes.get(BARE_VOLUME).remove(force=True)
 
 
 def bare_spec(work: Path, tag: str) -> RunSpec:
