@@ -58,6 +58,8 @@ class Server:
     mqtt_url: str | None
     port: int = field(default_factory=infra.free_port)
     runner: web.AppRunner | None = None
+    database_url: str | None = None
+    """None: SQLite in the data folder (the server's default); else a SQLAlchemy async URL (PostgreSQL)."""
 
     @property
     def url(self) -> str:
@@ -70,6 +72,7 @@ class Server:
             data_dir=self.data_dir,
             jwt_secret="node-tests-secret-0123456789abcdefghij",
             mqtt=MqttSettings(url=self.mqtt_url),
+            database_url=self.database_url,
         )
 
     async def start(self) -> None:

@@ -142,12 +142,14 @@ class Site:
 
 
 @contextlib.asynccontextmanager
-async def site(tmp_path: Path, mqtt_url: str | None = None, **config: Any) -> AsyncIterator[Site]:
+async def site(
+    tmp_path: Path, mqtt_url: str | None = None, database_url: str | None = None, **config: Any
+) -> AsyncIterator[Site]:
     data = tmp_path / "patients.csv"
     data.write_text("age,weight\n30,70\n")
     datasets = {label: {"uri": str(data), "type": "csv"} for label in LABELS}
     config.setdefault("leases", "required")
-    server = Server(tmp_path / "server", mqtt_url=mqtt_url)
+    server = Server(tmp_path / "server", mqtt_url=mqtt_url, database_url=database_url)
     keys = await server.seed(["alpha"])
     await server.start()
     path = write_node_config(
@@ -241,10 +243,19 @@ async def test_a_leased_run_runs_and_its_receipt_lands_on_the_ledger_and_verifie
         assert len(s.ledger.state.checkpoints) == 1
 
 
-async def test_runs_without_a_valid_lease_are_refused(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """The server's database: SQLite in its data folder, or PostgreSQL."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))
+
+
+async def test_runs_without_a_valid_lease_are_refused(tmp_path: Path, database_url: str | None) -> None:
     """No registration, no lease, an expired lease, another image, another user, an epsilon cap with a
-    method that declares none, and max_runs reached by runs started at the same time."""
-    async with site(tmp_path) as s:
+    method that declares none, and max_runs reached by runs started at the same time; on SQLite and on
+    PostgreSQL."""
+    async with site(tmp_path, database_url=database_url) as s:
         other_user = s.user + 1000
         for label in ("patients", "expired", "wrongimage", "wronguser", "capped", "nolease"):
             digest = await s.register(label)
@@ -375,11 +386,12 @@ async def test_a_revocation_rings_the_doorbell_and_the_run_is_killed(
 
 
 async def test_reservations_and_queued_receipts_survive_restarts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str | None
 ) -> None:
     """A run's receipt is queued while the ledger cannot take it; node and server restart; the reservation
-    still refuses a second run on a one-run lease, and the queued receipt is sent by the restarted node."""
-    async with site(tmp_path) as s:
+    still refuses a second run on a one-run lease, and the queued receipt is sent by the restarted node
+    (on SQLite and on PostgreSQL)."""
+    async with site(tmp_path, database_url=database_url) as s:
         lease = await s.grant(await s.register("patients"), max_runs=1)
         first = await s.task("patients", "echo", 1)
 
