@@ -175,6 +175,8 @@ async def test_kill_seen_by_polling_and_wall_clock_limit(tmp_path: Path, docker_
             slow = await site.submit("sleep", 60)
             (run,) = await wait_run_status(site.researcher, slow["id"], {"failed"}, timeout_s=30)
             assert "wall-clock limit" in run["reason"]
+            # The status is reported before the container is removed: the agent, still running, removes it.
+            assert await containers_gone(docker_client) == []
     finally:
         await server.stop()
 
