@@ -26,6 +26,7 @@ from pathlib import Path
 
 from vfed.common.ledger import DatasetUse, NoValidLease
 from vfed.common.trust import SignedEntry
+from vfed.node import sqlite_file
 
 LEASES_FILE = "leases.sqlite3"
 TOLERANCE = 1e-9
@@ -119,11 +120,7 @@ class LeaseStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of the agent (not a power cut)
-            db.executescript(_SCHEMA)
+            db = sqlite_file.connect(self.path, _SCHEMA, timeout=30)
             _count_once(db)
             self._db = db
         return self._db

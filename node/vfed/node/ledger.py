@@ -37,6 +37,7 @@ from vfed.common.ledger import (
     VerifyReport,
 )
 from vfed.common.trust import SignedEntry, TrustMode, TrustStore
+from vfed.node import sqlite_file
 from vfed.node.config import NodeSettings
 from vfed.node.lease_store import LeaseStore
 from vfed.node.metrics import NodeMetrics
@@ -80,12 +81,7 @@ class SqliteCopy:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # a record lost in a power cut is read again
-            db.executescript(_SCHEMA)
-            self._db = db
+            self._db = sqlite_file.connect(self.path, _SCHEMA)  # a record lost in a power cut is read again
         return self._db
 
     def close(self) -> None:
