@@ -49,7 +49,7 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
         jwt_secret=JWT_SECRET,
         max_blob_bytes=1024 * 1024,
         run_log_max_bytes=1000,
-        login=LoginSettings(throttle_after=3, throttle_base_s=30, lockout_after=5, lockout_s=600),
+        login=LoginSettings(throttle_after=3, throttle_base_s=30),
     )
 
 
@@ -171,3 +171,15 @@ async def seed(client: TestClient) -> World:  # type: ignore[type-arg]
 @pytest.fixture
 async def world(client: TestClient) -> AsyncIterator[World]:  # type: ignore[type-arg]
     yield await seed(client)
+
+
+async def scrape_metrics(client: TestClient) -> str:  # type: ignore[type-arg]
+    """`GET /metrics` on the API port, with the bearer token a `metrics.token_file` would have given the app
+    (without one the API port refuses: tests/server/test_server_metrics_access.py)."""
+    from vfed.server.metrics import METRICS_ACCESS
+
+    token = "test-metrics-token-0123456789"
+    client.app[METRICS_ACCESS].token = token
+    r = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 200, await r.text()
+    return str(await r.text())

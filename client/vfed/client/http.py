@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +22,9 @@ class ApiSession:
         self.token = token
         self.refresh_token = refresh_token
         self._session: aiohttp.ClientSession | None = None
+        # the server rotates refresh tokens and treats a second use of one as theft (revoking every token),
+        # so concurrent requests that all met a 401 must refresh once, not once each
+        self._refresh_lock = asyncio.Lock()
 
     async def __aenter__(self) -> ApiSession:
         return self
@@ -55,8 +59,15 @@ class ApiSession:
         return dict(body)
 
     async def _refresh(self) -> bool:
-        if not self.refresh_token:
+        seen = self.refresh_token
+        if not seen:
             return False
+        async with self._refresh_lock:
+            if self.refresh_token != seen:
+                return True  # another request refreshed while this one waited
+            return await self._refresh_now()
+
+    async def _refresh_now(self) -> bool:
         try:
             body = await self.request(
                 "POST", "/token/refresh", json={"refresh_token": self.refresh_token}, auth=False

@@ -12,7 +12,16 @@ from sqlalchemy import ColumnElement, Select, and_, bindparam, exists, false, or
 
 from vfed.server.auth import Principal
 from vfed.server.errors import forbidden
-from vfed.server.models import Collaboration, Node, Organization, Run, Task, User, collaboration_members
+from vfed.server.models import (
+    Collaboration,
+    Node,
+    Organization,
+    RoleName,
+    Run,
+    Task,
+    User,
+    collaboration_members,
+)
 
 
 class Scope(IntEnum):
@@ -39,9 +48,13 @@ RULES: dict[str, dict[tuple[str, str], Scope]] = {
         ("organization", "edit"): S.ORGANIZATION,
         ("node", "read"): S.COLLABORATION,
         ("node", "create"): S.ORGANIZATION,
+        ("node", "edit"): S.ORGANIZATION,  # rotate its API key
+        ("node", "delete"): S.ORGANIZATION,
         ("user", "read"): S.ORGANIZATION,
         ("user", "create"): S.ORGANIZATION,
-        ("user", "edit"): S.ORGANIZATION,
+        ("user", "edit"): S.ORGANIZATION,  # only users whose every role the caller could grant
+        ("user", "delete"): S.ORGANIZATION,
+        ("audit", "read"): S.ORGANIZATION,
         ("task", "create"): S.COLLABORATION,
         ("task", "kill"): S.ORGANIZATION,
         ("blob", "create"): S.ORGANIZATION,
@@ -73,6 +86,14 @@ RULES: dict[str, dict[tuple[str, str], Scope]] = {
         ("blob", "create"): S.ORGANIZATION,
     },
 }
+
+
+def grantable_roles(scope: Scope) -> frozenset[str]:
+    """The roles a caller with this user-edit scope may grant, and so the only roles a user it edits, locks or
+    deletes may hold: root alone grants root and node."""
+    if scope >= Scope.GLOBAL:
+        return frozenset(str(r) for r in RoleName)
+    return frozenset({RoleName.ORG_ADMIN, RoleName.RESEARCHER, RoleName.VIEWER})
 
 
 def scope_of(p: Principal, resource: str, op: str) -> Scope:

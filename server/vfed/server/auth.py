@@ -34,6 +34,7 @@ class Principal:
     run_id: int | None = None
     task_id: int | None = None
     job_id: int | None = None
+    token_version: int = 0  # the account's; a token issued under another version is refused
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,7 +81,7 @@ def issue(secret: str, claims: dict[str, Any], ttl_s: float) -> tuple[str, datet
     """Sign a JWT with `claims` valid for `ttl_s` seconds."""
     now = time.time()
     exp = now + ttl_s
-    payload = {**claims, "iat": int(now), "exp": int(exp), "jti": secrets.token_hex(8)}
+    payload = {"jti": secrets.token_hex(8), **claims, "iat": int(now), "exp": int(exp)}
     return jwt.encode(payload, secret, algorithm=ALGORITHM), datetime.fromtimestamp(int(exp), UTC)
 
 

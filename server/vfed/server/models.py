@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -219,6 +220,8 @@ class Node(Base):
     )
     api_key_id: Mapped[str] = mapped_column(String(64), unique=True)
     api_key_hash: Mapped[str] = mapped_column(String(128))
+    # raised when the API key is rotated: the node's tokens from the old key are refused
+    token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -238,11 +241,47 @@ class User(Base):
     organization_id: Mapped[int] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), index=True
     )
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    last_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # raised on a password or role change, a disabling or a refresh-token reuse: every token carries the
+    # version it was issued under, and a token of an older version is refused on its next request
+    token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin", order_by=Role.id)
+
+
+class RefreshToken(Base):
+    """An issued refresh token, by its `jti`: each is exchanged once (rotation); presenting a used one again
+    means it was copied, so its family (every token descended from one login) and the account's tokens are
+    revoked."""
+
+    __tablename__ = "refresh_tokens"
+    jti: Mapped[str] = mapped_column(String(32), primary_key=True)
+    family: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # user | node
+    subject_id: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class AuditEntry(Base):
+    """One administrative action: who did what to which target, when and from which address. No foreign keys,
+    so the entry outlives the accounts and nodes it names."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor_kind: Mapped[str] = mapped_column(String(8))  # user | node
+    actor_id: Mapped[int | None] = mapped_column(Integer)
+    actor_name: Mapped[str] = mapped_column(String(200), default="")
+    # the organization the entry belongs to (the target's); its org-admins may read it
+    organization_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target_kind: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[int | None] = mapped_column(Integer)
+    target_name: Mapped[str] = mapped_column(String(200), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    address: Mapped[str] = mapped_column(String(64), default="")
 
 
 class Blob(Base):
@@ -250,13 +289,16 @@ class Blob(Base):
     (`data`; creating a file costs more CPU than the rest of a task), larger ones on disk (`data` NULL)."""
 
     __tablename__ = "blobs"
+    # an organization's quota is one SUM over this index alone (blob_limits.py)
+    __table_args__ = (Index("ix_blobs_owner_organization_id_size", "owner_organization_id", "size"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     owner_organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
     owner_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     owner_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # indexed for the collector, which looks for unreferenced blobs older than the keep time
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     data: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
 
 
@@ -294,7 +336,9 @@ class Run(Base):
     image_digest: Mapped[str | None] = mapped_column(String(200))
     exit_code: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(Text)
-    log: Mapped[str] = mapped_column(Text, default="")
+    sealed_log: Mapped[str | None] = mapped_column(Text)
+    """The log tail, sealed on the node to its organization (base64 envelope, vfed.common.api.run_log):
+    never plaintext here, since the server is not trusted with what an algorithm printed."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

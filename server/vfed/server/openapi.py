@@ -91,6 +91,8 @@ def _operation(op: Op) -> dict[str, Any]:
             "description": "success",
             "content": {"application/json": {"schema": schema}},
         }
+    elif op.status == 204:
+        responses["204"] = {"description": "done; no body"}
     for code, text in (
         ("400", "bad request"),
         ("404", "not found"),

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from vfed.server import schemas as sc
 from vfed.server.api import (
+    audit,
     blobs,
     certificates,
     collaborations,
@@ -257,9 +258,33 @@ OPS: list[Op] = [
         response=sc.NodeOut,
     ),
     Op("GET", "/nodes/{id}", nodes.get_node, "Get a node", "nodes", response=sc.NodeOut),
+    Op(
+        "DELETE",
+        "/nodes/{id}",
+        nodes.delete_node,
+        "Delete a node; its API key and tokens stop working (root, its org-admin)",
+        "nodes",
+        status=204,
+    ),
+    Op(
+        "POST",
+        "/nodes/{id}/api-key",
+        nodes.rotate_api_key,
+        "Replace a node's API key, answered once; the old key and the node's tokens stop working",
+        "nodes",
+        response=sc.NodeCreatedOut,
+    ),
     Op("GET", "/users", users.list_users, "List users", "users", response=sc.UserPage, query=sc.UserQuery),
     Op("POST", "/users", users.create_user, "Create a user", "users", sc.UserIn, sc.UserOut, status=201),
     Op("GET", "/users/{id}", users.get_user, "Get a user", "users", response=sc.UserOut),
+    Op(
+        "DELETE",
+        "/users/{id}",
+        users.delete_user,
+        "Delete a user (root, or its org-admin when it could grant all the user's roles)",
+        "users",
+        status=204,
+    ),
     Op(
         "PATCH",
         "/users/{id}",
@@ -347,6 +372,15 @@ OPS: list[Op] = [
         "A token for the run's proxy (claiming node)",
         "runs",
         response=sc.RunTokenOut,
+    ),
+    Op(
+        "GET",
+        "/audit",
+        audit.list_audit,
+        "Administrative actions, newest first (root: all; org-admin: its organization's)",
+        "audit",
+        response=sc.AuditPage,
+        query=sc.AuditQuery,
     ),
     Op("GET", "/health", meta.health, "Liveness", "meta", response=sc.HealthOut, auth=False),
     Op(

@@ -234,7 +234,11 @@ class UserIn(In):
 
 class UserPatch(In):
     password: Annotated[str, Field(min_length=8, max_length=1000)] | None = None
+    old_password: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="needed to change one's own password"
+    )
     roles: list[RoleName] | None = Field(None, max_length=5)
+    disabled: bool | None = Field(None, description="a disabled account cannot log in; its tokens die")
 
 
 class UserOut(BaseModel):
@@ -242,11 +246,31 @@ class UserOut(BaseModel):
     username: str
     organization_id: int
     roles: list[str]
+    disabled: bool = False
     links: Links
 
 
 class UserPage(PageOut):
     data: list[UserOut]
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: datetime
+    actor_kind: str = Field(description="user | node | server")
+    actor_id: int | None
+    actor_name: str
+    organization_id: int | None = Field(description="the organization of the target")
+    action: str = Field(description="e.g. user.create, user.roles, user.delete, node.delete, node.rotate-key")
+    target_kind: str
+    target_id: int | None
+    target_name: str
+    detail: dict[str, Any]
+    address: str = Field(description="the client address (see trusted_proxies)")
+
+
+class AuditPage(PageOut):
+    data: list[AuditEntryOut]
 
 
 class RuleOut(BaseModel):
@@ -358,8 +382,14 @@ class RunOut(BaseModel):
     result_blob_id: str | None
     image_digest: str | None
     exit_code: int | None
-    reason: str | None
-    log: str
+    reason: str | None = Field(
+        description="why the run ended: a classified code (vfed.common.api.reasons), optionally `: ` and the "
+        "node's own words; never the algorithm's output"
+    )
+    sealed_log: str | None = Field(
+        description="the log tail as base64 of an envelope sealed on the node to its organization (and to "
+        "the initiator when the node shares logs); null when the node sent none"
+    )
     created_at: datetime
     claimed_at: datetime | None
     started_at: datetime | None
@@ -378,11 +408,18 @@ class ClaimOut(RunOut):
     run_token: RunTokenOut
 
 
+SealedText = Annotated[str, Field(max_length=64 * 1024 * 1024, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
+"""Base64 of a sealed envelope (the server checks the alphabet; it cannot read the content)."""
+
+
 class RunPatch(In):
     status: RunStatus | None = None
     exit_code: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | None = None
     reason: Text | None = None
-    log: Annotated[str, Field(max_length=64 * 1024 * 1024)] | None = None
+    log: Annotated[str, Field(max_length=64 * 1024 * 1024)] | None = Field(
+        default=None, description="ignored: the plaintext log of an older node is never stored"
+    )
+    sealed_log: SealedText | None = None
     image_digest: Annotated[str, Field(max_length=200)] | None = None
     result_blob_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
@@ -419,6 +456,13 @@ class NodeQuery(PageQuery):
 
 class UserQuery(PageQuery):
     organization_id: Id | None = None
+
+
+class AuditQuery(PageQuery):
+    organization_id: Id | None = None
+    action: Annotated[str, Field(max_length=64)] | None = None
+    target_kind: Annotated[str, Field(max_length=32)] | None = None
+    target_id: Id | None = None
 
 
 class CertificateQuery(In):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -33,8 +34,15 @@ def session(request: web.Request) -> AsyncSession:
 
 
 async def read_json(request: web.Request, model: type[M]) -> M:
-    """Parse and validate a JSON body: malformed JSON is 400, a wrong shape 422."""
-    raw = await request.read()
+    """Parse and validate a JSON body: malformed JSON is 400, a wrong shape 422, and a body that does not
+    arrive whole within `limits.body_timeout_s` 408 (a client trickling a small body must not hold a
+    handler)."""
+    timeout = request.app[SETTINGS].limits.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "body-timeout", f"the body did not arrive within {timeout} s") from None
     try:
         data = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -135,6 +143,8 @@ async def caller(request: web.Request, s: AsyncSession) -> auth.Principal:
         principal = await _run_principal(request, s, claims)
     elif kind in ("user", "node"):
         principal = await _account_principal(request, s, kind, int(claims["sub"]))
+        if claims.get("ver", 0) != principal.token_version:
+            raise unauthorized("the token was revoked; log in again", "token-revoked")
     else:
         raise unauthorized("the token is not valid", "invalid-token")
     request[PRINCIPAL] = principal
@@ -176,16 +186,22 @@ def forget_principal(request: web.Request, kind: str, ident: int) -> None:
 
 
 async def _user_principal(s: AsyncSession, user_id: int) -> auth.Principal:
-    user = await s.get(User, user_id)
+    user = await s.get(User, user_id, populate_existing=True)
     if user is None:
         raise unauthorized("the user no longer exists", "invalid-token")
+    if user.disabled:
+        raise unauthorized("the account is disabled", "account-disabled")
     return auth.Principal(
-        "user", user.organization_id, frozenset(r.name for r in user.roles), user_id=user.id
+        "user",
+        user.organization_id,
+        frozenset(r.name for r in user.roles),
+        user_id=user.id,
+        token_version=user.token_version,
     )
 
 
 async def _node_principal(s: AsyncSession, node_id: int) -> auth.Principal:
-    node = await s.get(Node, node_id)
+    node = await s.get(Node, node_id, populate_existing=True)
     if node is None:
         raise unauthorized("the node no longer exists", "invalid-token")
     return auth.Principal(
@@ -194,6 +210,7 @@ async def _node_principal(s: AsyncSession, node_id: int) -> auth.Principal:
         frozenset({"node"}),
         node_id=node.id,
         collaboration_id=node.collaboration_id,
+        token_version=node.token_version,
     )
 
 

@@ -29,6 +29,7 @@ from vfed.common.trust import (
 )
 from vfed.common.trust.entries import MAX_ENTRY_BYTES
 from vfed.common.trust.keychain import record_key
+from vfed.server import audit
 from vfed.server.api.common import caller, path_id, read_json, session
 from vfed.server.api.ledger import announce
 from vfed.server.api.organizations import editable_org, readable_org, replace_key
@@ -242,7 +243,8 @@ async def append_key_records(request: web.Request) -> web.Response:
     body = await read_json(request, KeyRecordsIn)
     org_id = path_id(request)
     async with session(request) as s:
-        org = await editable_org(s, await caller(request, s), org_id)
+        p = await caller(request, s)
+        org = await editable_org(s, p, org_id)
         # appends to one organization's chain go one after the other (a row lock on PostgreSQL, the write
         # lock on SQLite), so two cannot both extend the head they read
         lock = (
@@ -260,6 +262,9 @@ async def append_key_records(request: web.Request) -> web.Response:
                 replace_key(s, org, chain.public(head).to_text(), head)
             # on every ledger of the organization's collaborations too, in the same transaction
             appended = await carry(s, org.id, [Carried(r.kind, r.digest, r.entry) for r in rows])
+            keys = [r.key_id for r in rows]
+            action = "organization.key-records"
+            await audit.record(request, s, p, action, "organization", org.id, org.id, org.name, key_ids=keys)
         await s.commit()
         await announce(request, s, appended)
     return chain.answer(201 if rows else 200)

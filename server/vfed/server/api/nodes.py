@@ -1,14 +1,17 @@
-"""Nodes: one agent of an organization in a collaboration; its API key is shown once, at creation."""
+"""Nodes: one agent of an organization in a collaboration; its API key is shown once, at creation or
+rotation. Creating, deleting and rotating are audited."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from vfed.server import auth
-from vfed.server.access import Scope, node_filter, require
+from vfed.server import audit, auth
+from vfed.server.access import Scope, node_filter, require, scope_of
 from vfed.server.api.common import (
     caller,
+    forget_principal,
     json_response,
     node_last_seen,
     node_status,
@@ -21,6 +24,7 @@ from vfed.server.api.common import (
     session,
     touch_node,
 )
+from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, forbidden, not_found
 from vfed.server.models import Collaboration, Node
 from vfed.server.schemas import NodeCreatedOut, NodeIn, NodeOut, NodeQuery
@@ -121,6 +125,52 @@ async def create_node(request: web.Request) -> web.Response:
             api_key_hash=key_hash,
         )
         s.add(n)
+        await s.flush()
+        await audit.record(request, s, p, "node.create", "node", n.id, org_id, n.name)
         await s.commit()
     base = out(request, n)
     return json_response(NodeCreatedOut(**base.model_dump(), api_key=api_key), 201)
+
+
+async def _managed_node(request: web.Request, s: AsyncSession, p: Principal, op: str) -> Node:
+    """A node the caller may `op`: invisible ones are 404, visible ones of another organization 403."""
+    nid = path_id(request)
+    read_scope = scope_of(p, "node", "read")
+    n = None
+    if read_scope > Scope.NONE:
+        query = select(Node).where(Node.id == nid, node_filter(p, read_scope))
+        n = (await s.execute(query)).scalar_one_or_none()
+    if n is None:
+        raise not_found("node", nid)
+    scope = require(p, "node", op)
+    if scope < Scope.GLOBAL and n.organization_id != p.organization_id:
+        raise forbidden(f"node {nid} belongs to another organization")
+    return n
+
+
+async def delete_node(request: web.Request) -> web.Response:
+    """Root or the node's org-admin: the node, its API key and its tokens are gone (its runs stay)."""
+    async with session(request) as s:
+        p = await caller(request, s)
+        n = await _managed_node(request, s, p, "delete")
+        await audit.record(request, s, p, "node.delete", "node", n.id, n.organization_id, n.name)
+        await s.delete(n)
+        await s.commit()
+    forget_principal(request, "node", n.id)
+    return web.Response(status=204)
+
+
+async def rotate_api_key(request: web.Request) -> web.Response:
+    """Root or the node's org-admin: a new API key, answered once; the old key and every token issued to
+    the node are refused from now on."""
+    async with session(request) as s:
+        p = await caller(request, s)
+        n = await _managed_node(request, s, p, "edit")
+        key_id, api_key, key_hash = auth.new_api_key()
+        n.api_key_id, n.api_key_hash = key_id, key_hash
+        n.token_version += 1
+        await audit.record(request, s, p, "node.rotate-key", "node", n.id, n.organization_id, n.name)
+        await s.commit()
+    forget_principal(request, "node", n.id)
+    base = out(request, n)
+    return json_response(NodeCreatedOut(**base.model_dump(), api_key=api_key))

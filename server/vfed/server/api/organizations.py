@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vfed.common.crypto.errors import CryptoError
 from vfed.common.crypto.keys import PublicKey
+from vfed.server import audit
 from vfed.server.access import Scope, org_filter, require
 from vfed.server.api.common import (
     caller,
@@ -152,8 +153,12 @@ async def put_public_key(request: web.Request) -> web.Response:
     body = await read_json(request, PublicKeyIn)
     key_id = key_id_of(body.public_key)
     async with session(request) as s:
-        org = await editable_org(s, await caller(request, s), org_id)
+        p = await caller(request, s)
+        org = await editable_org(s, p, org_id)
+        previous = org.key_id
         replace_key(s, org, body.public_key.strip(), key_id)
+        action, detail = "organization.public-key", {"key_id": key_id, "previous_key_id": previous}
+        await audit.record(request, s, p, action, "organization", org.id, org.id, org.name, **detail)
         await s.commit()
     return json_response(out(org))
 

@@ -1,18 +1,23 @@
-"""Token endpoints: user login (throttled, then locked), node API key login, refresh."""
+"""Token endpoints: user login and node API-key login (both throttled, never locked), and refresh.
+
+Every token carries its account's `token_version` (`ver`); raising it revokes them all. Refresh tokens are
+recorded by id and rotate: each is exchanged once, and a second presentation of one means it was copied, so
+the whole family (every token descended from that login) dies and the account's version is raised.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import Any
+import secrets
+from datetime import UTC, datetime
 
 from aiohttp import web
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from vfed.server import auth
-from vfed.server.api.common import json_response, read_json, session, touch_node
-from vfed.server.config import Settings
+from vfed.server import audit, auth
+from vfed.server.api.common import forget_principal, json_response, read_json, session, touch_node
 from vfed.server.errors import ApiError, unauthorized
-from vfed.server.models import Node, User
+from vfed.server.models import Node, RefreshToken, User
 from vfed.server.schemas import (
     TokenNodeIn,
     TokenNodeOut,
@@ -22,39 +27,31 @@ from vfed.server.schemas import (
     TokenUserOut,
 )
 from vfed.server.state import SETTINGS
+from vfed.server.throttle import THROTTLES, client_address, too_many
 
 DUMMY_HASH = web.AppKey("dummy_password_hash", list[str])  # filled on first use
-# built once, four columns rather than an ORM object: node login is the hot path of every polling node
-_NODE_BY_KEY = select(Node.id, Node.organization_id, Node.collaboration_id, Node.api_key_hash).where(
-    Node.api_key_id == bindparam("key_id")
-)
+# built once, a few columns rather than an ORM object: node login is the hot path of every polling node
+_NODE_BY_KEY = select(
+    Node.id, Node.organization_id, Node.collaboration_id, Node.api_key_hash, Node.token_version
+).where(Node.api_key_id == bindparam("key_id"))
+WRONG_PASSWORD = "wrong username or password"
 
 
-def _pair(settings: Settings, claims: dict[str, Any]) -> tuple[str, str]:
+async def _pair(
+    request: web.Request, s: AsyncSession, kind: str, subject_id: int, version: int, family: str | None = None
+) -> tuple[str, str]:
+    """An access and a refresh token; the refresh token is recorded (the caller commits)."""
+    settings = request.app[SETTINGS]
+    claims = {"sub": str(subject_id), "kind": kind, "ver": version}
     access, _ = auth.issue(settings.jwt_secret, {**claims, "typ": "access"}, settings.access_token_s)
-    refresh, _ = auth.issue(settings.jwt_secret, {**claims, "typ": "refresh"}, settings.refresh_token_s)
+    jti, family = secrets.token_hex(16), family or secrets.token_hex(16)
+    refresh, expires = auth.issue(
+        settings.jwt_secret, {**claims, "typ": "refresh", "jti": jti, "fam": family}, settings.refresh_token_s
+    )
+    now = datetime.now(UTC)
+    await s.execute(delete(RefreshToken).where(RefreshToken.expires_at < now))
+    s.add(RefreshToken(jti=jti, family=family, kind=kind, subject_id=subject_id, expires_at=expires))
     return access, refresh
-
-
-def _check_throttle(user: User, settings: Settings, now: datetime) -> None:
-    """Locked accounts answer 403; after a few failures each next try must wait longer (429)."""
-    if user.locked_until is not None and now < user.locked_until:
-        wait_s = int((user.locked_until - now).total_seconds()) + 1
-        raise ApiError(
-            403,
-            "account-locked",
-            f"too many failed logins; try again in {wait_s} s",
-            {"Retry-After": str(wait_s)},
-        )
-    cfg = settings.login
-    if user.failed_logins >= cfg.throttle_after and user.last_failed_at is not None:
-        backoff_s = cfg.throttle_base_s * 2 ** (user.failed_logins - cfg.throttle_after)
-        ready = user.last_failed_at + timedelta(seconds=backoff_s)
-        if now < ready:
-            wait_s = int((ready - now).total_seconds()) + 1
-            raise ApiError(
-                429, "too-many-attempts", f"wait {wait_s} s before trying again", {"Retry-After": str(wait_s)}
-            )
 
 
 async def _burn_time(app: web.Application) -> None:
@@ -66,28 +63,35 @@ async def _burn_time(app: web.Application) -> None:
 
 
 async def token_user(request: web.Request) -> web.Response:
-    """Exchange username and password for an access and a refresh token."""
+    """Exchange username and password for an access and a refresh token.
+
+    Throttled per client address and per (username, address), whether or not the user exists: unknown and
+    known names get the same answers (401, then 429) at the same cost.
+    """
     body = await read_json(request, TokenUserIn)
     settings = request.app[SETTINGS]
+    throttles = request.app[THROTTLES]
+    address = client_address(request, settings.trusted_proxies)
+    account_key = (body.username, address)
+    wait_s = max(throttles.address.wait_s(address), throttles.account.wait_s(account_key))
+    if wait_s > 0:
+        raise too_many(wait_s)
     async with session(request) as s:
         user = (await s.execute(select(User).where(User.username == body.username))).scalar_one_or_none()
         if user is None:
             await _burn_time(request.app)
-            raise unauthorized("wrong username or password", "invalid-credentials")
-        now = datetime.now(UTC)
-        if user.locked_until is not None and now >= user.locked_until:
-            user.locked_until, user.failed_logins = None, 0
-        _check_throttle(user, settings, now)
-        if not await auth.verify_password(user.password_hash, body.password):
-            user.failed_logins += 1
-            user.last_failed_at = now
-            if user.failed_logins >= settings.login.lockout_after:
-                user.locked_until = now + timedelta(seconds=settings.login.lockout_s)
-            await s.commit()
-            raise unauthorized("wrong username or password", "invalid-credentials")
-        user.failed_logins, user.last_failed_at, user.locked_until = 0, None, None
+            ok = False
+        else:
+            ok = await auth.verify_password(user.password_hash, body.password)
+        if user is None or not ok:
+            throttles.address.fail(address)
+            throttles.account.fail(account_key)
+            raise unauthorized(WRONG_PASSWORD, "invalid-credentials")
+        throttles.account.forget(account_key)
+        if user.disabled:
+            raise ApiError(403, "account-disabled", "this account is disabled; ask an administrator")
+        access, refresh = await _pair(request, s, "user", user.id, user.token_version)
         await s.commit()
-    access, refresh = _pair(settings, {"sub": str(user.id), "kind": "user"})
     return json_response(
         TokenUserOut(
             access_token=access, refresh_token=refresh, user_id=user.id, organization_id=user.organization_id
@@ -96,16 +100,23 @@ async def token_user(request: web.Request) -> web.Response:
 
 
 async def token_node(request: web.Request) -> web.Response:
-    """Exchange a node API key for tokens: one indexed lookup by key id, one constant-time check."""
+    """Exchange a node API key for tokens: one indexed lookup by key id, one constant-time check; failures
+    are throttled per key id."""
     body = await read_json(request, TokenNodeIn)
     key_id, secret = auth.split_api_key(body.api_key)
-    settings = request.app[SETTINGS]
+    brake = request.app[THROTTLES].node_key
+    wait_s = brake.wait_s(key_id)
+    if wait_s > 0:
+        raise too_many(wait_s)
     async with session(request) as s:
         node = (await s.execute(_NODE_BY_KEY, {"key_id": key_id})).one_or_none()
         if not auth.check_secret(secret, node.api_key_hash if node else None) or node is None:
+            brake.fail(key_id)
             raise unauthorized("unknown or wrong API key", "invalid-api-key")
+        brake.forget(key_id)
         touch_node(request, node.id)
-    access, refresh = _pair(settings, {"sub": str(node.id), "kind": "node"})
+        access, refresh = await _pair(request, s, "node", node.id, node.token_version)
+        await s.commit()
     return json_response(
         TokenNodeOut(
             access_token=access,
@@ -117,17 +128,59 @@ async def token_node(request: web.Request) -> web.Response:
     )
 
 
+async def _account(s: AsyncSession, kind: str, subject_id: int) -> User | Node | None:
+    if kind == "user":
+        return await s.get(User, subject_id)
+    return await s.get(Node, subject_id)
+
+
+async def _reused(request: web.Request, s: AsyncSession, row: RefreshToken) -> ApiError:
+    """A used refresh token came back: revoke its family and every token of the account."""
+    await s.execute(update(RefreshToken).where(RefreshToken.family == row.family).values(revoked=True))
+    account = await _account(s, row.kind, row.subject_id)
+    if account is not None:
+        account.token_version += 1
+        org = account.organization_id
+        name = account.username if isinstance(account, User) else account.name
+        await audit.record(request, s, None, "token.reuse-revoked", row.kind, row.subject_id, org, name)
+    await s.commit()
+    forget_principal(request, row.kind, row.subject_id)
+    return unauthorized(
+        "this refresh token was used before; all tokens of the account are revoked, log in again",
+        "token-reused",
+    )
+
+
 async def token_refresh(request: web.Request) -> web.Response:
-    """A fresh pair for a valid refresh token whose subject still exists."""
+    """A fresh pair for a valid, unused refresh token of an account whose token version it still carries."""
     body = await read_json(request, TokenRefreshIn)
     settings = request.app[SETTINGS]
     claims = auth.decode(settings.jwt_secret, body.refresh_token, "refresh")
-    kind = claims.get("kind")
-    model: type[User] | type[Node] = User if kind == "user" else Node
-    if kind not in ("user", "node"):
+    kind, jti, family = claims.get("kind"), claims.get("jti"), claims.get("fam")
+    if kind not in ("user", "node") or not isinstance(jti, str) or not isinstance(family, str):
         raise unauthorized("this token cannot be refreshed", "invalid-token")
+    now = datetime.now(UTC)
     async with session(request) as s:
-        if await s.get(model, int(claims["sub"])) is None:
+        taken = await s.execute(
+            update(RefreshToken)
+            .where(
+                RefreshToken.jti == jti,
+                RefreshToken.used_at.is_(None),
+                RefreshToken.revoked.is_(False),
+                RefreshToken.expires_at > now,
+            )
+            .values(used_at=now)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            row = await s.get(RefreshToken, jti)
+            if row is not None and row.used_at is not None and not row.revoked:
+                raise await _reused(request, s, row)
+            raise unauthorized("the refresh token was revoked or has expired; log in again", "token-revoked")
+        account = await _account(s, kind, int(claims["sub"]))
+        if account is None:
             raise unauthorized("the account no longer exists", "invalid-token")
-    access, refresh = _pair(settings, {"sub": claims["sub"], "kind": kind})
+        if claims.get("ver", 0) != account.token_version or (isinstance(account, User) and account.disabled):
+            raise unauthorized("the token was revoked; log in again", "token-revoked")
+        access, refresh = await _pair(request, s, kind, account.id, account.token_version, family)
+        await s.commit()
     return json_response(TokenRefreshOut(access_token=access, refresh_token=refresh))

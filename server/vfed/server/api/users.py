@@ -1,4 +1,5 @@
-"""Users and roles. Org-admins manage their own organization's users; only root grants root."""
+"""Users and roles. Org-admins manage their own organization's users, but never one holding a role they could
+not grant (root, node); only root grants root. Every change is audited and revokes the user's tokens."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vfed.server import auth
-from vfed.server.access import RULES, Scope, require, user_filter
+from vfed.server import audit, auth
+from vfed.server.access import RULES, Scope, grantable_roles, require, scope_of, user_filter
 from vfed.server.api.common import (
     caller,
     commit_unique,
@@ -22,7 +23,7 @@ from vfed.server.api.common import (
     session,
 )
 from vfed.server.auth import Principal
-from vfed.server.errors import forbidden, not_found
+from vfed.server.errors import ApiError, forbidden, not_found
 from vfed.server.models import Organization, Role, RoleName, User
 from vfed.server.schemas import PageQuery, RoleOut, RuleOut, UserIn, UserOut, UserPatch, UserQuery
 
@@ -34,12 +35,13 @@ def out(u: User) -> UserOut:
         username=u.username,
         organization_id=u.organization_id,
         roles=[r.name for r in u.roles],
+        disabled=u.disabled,
         links={"self": f"/api/v1/users/{u.id}", "organization": f"/api/v1/organizations/{u.organization_id}"},
     )
 
 
 async def _roles(s: AsyncSession, p: Principal, scope: Scope, names: list[RoleName]) -> list[Role]:
-    if scope < Scope.GLOBAL and (RoleName.ROOT in names or RoleName.NODE in names):
+    if not {str(n) for n in names} <= grantable_roles(scope):
         raise forbidden("only root grants the root or node role")
     return list((await s.execute(select(Role).where(Role.name.in_([str(n) for n in names])))).scalars())
 
@@ -67,6 +69,35 @@ async def _visible_user(request: web.Request, s: AsyncSession, p: Principal, op:
     return u
 
 
+async def _editable_user(request: web.Request, s: AsyncSession, p: Principal, op: str) -> tuple[User, Scope]:
+    """The user to edit or delete, and the caller's scope for it.
+
+    Another organization's users stay invisible (404); in one's own organization a refusal is 403 with its
+    reason: no rule for `op`, or the user holds a role the caller could not grant (an org-admin cannot touch
+    root, or the password of anyone who could then become root through them)."""
+    uid = path_id(request)
+    u = await s.get(User, uid)
+    read_scope = scope_of(p, "user", "read")
+    same_org = u is not None and u.organization_id == p.organization_id
+    if u is None or not (same_org or read_scope >= Scope.GLOBAL):
+        raise not_found("user", uid)
+    scope = scope_of(p, "user", op)
+    if scope == Scope.NONE or (scope < Scope.GLOBAL and not same_org):
+        raise forbidden(f"your roles do not allow {op} on user {uid}")
+    beyond = sorted({r.name for r in u.roles} - grantable_roles(scope))
+    if beyond:
+        raise forbidden(
+            f"user {uid} holds the {', '.join(beyond)} role, which you cannot grant, so you may not {op} them"
+        )
+    return u, scope
+
+
+def _revoke_tokens(request: web.Request, u: User) -> None:
+    """Every access and refresh token of `u` is refused from now on."""
+    u.token_version += 1
+    forget_principal(request, "user", u.id)
+
+
 async def get_user(request: web.Request) -> web.Response:
     """One user."""
     async with session(request) as s:
@@ -92,30 +123,74 @@ async def create_user(request: web.Request) -> web.Response:
             roles=roles,
         )
         s.add(u)
+        await s.flush()
+        await audit.record(
+            request, s, p, "user.create", "user", u.id, org_id, u.username, roles=[r.name for r in roles]
+        )
         await commit_unique(s, f"the username {body.username!r} is taken")
     return json_response(out(u), 201)
 
 
+async def _own_password(request: web.Request, s: AsyncSession, p: Principal, body: UserPatch) -> User:
+    """One's own password: only with the old one, so a stolen token cannot take the account over."""
+    u = await _visible_user(request, s, p, "read")
+    if body.old_password is None:
+        raise ApiError(422, "validation-error", "old_password: needed to change your own password")
+    if not await auth.verify_password(u.password_hash, body.old_password):
+        raise ApiError(403, "wrong-password", "old_password is not your current password")
+    return u
+
+
 async def patch_user(request: web.Request) -> web.Response:
-    """Change a password (oneself, or as admin) or roles (admin only)."""
+    """Change a password (oneself with the old one, or as admin), roles or disabled (admin only).
+
+    Any of these revokes the user's tokens; an admin may only change users whose roles it could grant."""
     body = await read_json(request, UserPatch)
     async with session(request) as s:
         p = await caller(request, s)
         uid = path_id(request)
-        if body.roles is not None or uid != p.user_id:
-            u = await _visible_user(request, s, p, "edit")
-            scope = require(p, "user", "edit")
+        own = uid == p.user_id
+        if body.roles is not None or body.disabled is not None or not own:
+            u, scope = await _editable_user(request, s, p, "edit")
+            if own and body.disabled:
+                raise forbidden("you may not disable your own account")
+            if own and body.password is not None:
+                await _own_password(request, s, p, body)
         else:
-            u = await _visible_user(request, s, p, "read")
-            scope = Scope.OWN
+            u, scope = await _own_password(request, s, p, body), Scope.OWN
+        org, name = u.organization_id, u.username
         if body.roles is not None:
+            before = [r.name for r in u.roles]
             u.roles = await _roles(s, p, scope, body.roles)
-            forget_principal(request, "user", u.id)
+            after = [r.name for r in u.roles]
+            await audit.record(
+                request, s, p, "user.roles", "user", uid, org, name, before=before, after=after
+            )
         if body.password is not None:
             u.password_hash = await auth.hash_password(body.password)
-            u.failed_logins, u.locked_until = 0, None
+            await audit.record(request, s, p, "user.password", "user", uid, org, name)
+        if body.disabled is not None and body.disabled != u.disabled:
+            u.disabled = body.disabled
+            action = "user.disable" if body.disabled else "user.enable"
+            await audit.record(request, s, p, action, "user", uid, org, name)
+        if body.roles is not None or body.password is not None or body.disabled:
+            _revoke_tokens(request, u)
         await s.commit()
     return json_response(out(u))
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    """Root, or an org-admin for its own organization's users whose roles it could grant; not oneself."""
+    async with session(request) as s:
+        p = await caller(request, s)
+        u, _ = await _editable_user(request, s, p, "delete")
+        if u.id == p.user_id:
+            raise forbidden("you may not delete your own account")
+        await audit.record(request, s, p, "user.delete", "user", u.id, u.organization_id, u.username)
+        await s.delete(u)
+        await s.commit()
+        forget_principal(request, "user", u.id)
+    return web.Response(status=204)
 
 
 async def list_roles(request: web.Request) -> web.Response:
