@@ -29,8 +29,9 @@ from vfed.common.crypto import (
     encrypt_bytes,
 )
 from vfed.common.payload import result_content_type
+from vfed.common.slow_clients import head_middleware
 from vfed.common.trust import TrustError
-from vfed.proxy import subtasks
+from vfed.proxy import limits, subtasks
 from vfed.proxy.context import ProxyContext, ProxyError, RunInfo
 from vfed.proxy.rest import ApiError, Run, ServerUnavailable, Task
 from vfed.proxy.subtasks import NewTask
@@ -62,7 +63,10 @@ async def errors_middleware(  # noqa: PLR0911 - one answer per error kind
     try:
         return await handler(request)
     except ProxyError as exc:
-        return _problem(exc.status, exc.error, exc.detail)
+        response = _problem(exc.status, exc.error, exc.detail)
+        if exc.error in ("too-large", "body-timeout"):
+            response.force_close()  # the rest of the body is not worth reading
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONTEXT].max_request_bytes
         return _problem(413, "too-large", f"request body over the proxy's limit of {limit} bytes")
@@ -100,7 +104,7 @@ async def get_organizations(request: web.Request) -> web.Response:
 
 
 async def _read_new_task(request: web.Request) -> NewTask:
-    body = await request.read()
+    body = await limits.read_body(request, request.app[CONTEXT])
     try:
         return NewTask.model_validate_json(body)
     except ValidationError as exc:
@@ -113,7 +117,7 @@ async def _seal(ctx: ProxyContext, data: bytes, org_ids: list[int]) -> str:
     """Encrypt data for these organizations, signed with our key; upload it; return the blob id."""
     recipients = await subtasks.heads(ctx, org_ids)
     sealed = await asyncio.to_thread(encrypt_bytes, data, ctx.org_key, recipients)
-    return (await ctx.rest.upload_blob(sealed)).id
+    return (await limits.upload_blob(ctx, sealed)).id
 
 
 async def post_task(request: web.Request) -> web.Response:
@@ -328,8 +332,10 @@ async def forbidden(request: web.Request) -> web.Response:
 
 def create_proxy_app(ctx: ProxyContext) -> web.Application:
     """The app for one run. Only the routes of docs/proxy-api.md; everything else answers 403."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=ctx.max_request_bytes)
+    middlewares = [head_middleware, errors_middleware, limits.limits_middleware(ctx)]
+    app = web.Application(middlewares=middlewares, client_max_size=ctx.max_request_bytes)
     app[CONTEXT] = ctx
+    app[limits.GATE] = limits.new_gate(ctx)
     app.router.add_get("/run", get_run)
     app.router.add_get("/organizations", get_organizations)
     app.router.add_post("/tasks", post_task)

@@ -7,16 +7,25 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from vfed.server import db
-from vfed.server.api.meta import DOCS_HTML, OPENAPI
+from vfed.common.slow_clients import head_middleware
+from vfed.server import blob_collector, db
+from vfed.server.api.meta import DOCS_HTML, OPENAPI, scrape
 from vfed.server.api.tokens import DUMMY_HASH
+from vfed.server.blob_limits import USAGE, Usage
 from vfed.server.blobs import BlobStore
 from vfed.server.config import Settings
 from vfed.server.doorbell import Doorbell
 from vfed.server.embedded import EmbeddedBroker
 from vfed.server.errors import error_middleware
 from vfed.server.ledger_store import LedgerStates
-from vfed.server.metrics import METRICS, Metrics, metrics_middleware
+from vfed.server.metrics import (
+    METRICS,
+    METRICS_ACCESS,
+    Metrics,
+    MetricsAccess,
+    metrics_listener,
+    metrics_middleware,
+)
 from vfed.server.openapi import build_docs_html, build_openapi
 from vfed.server.presence import Presence
 from vfed.server.routes import add_routes
@@ -33,27 +42,34 @@ from vfed.server.state import (
     TOKENS,
 )
 from vfed.server.task_events import TaskEvents
+from vfed.server.throttle import THROTTLES, LoginThrottles
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the server application; nothing touches disk, database or network until it starts."""
-    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=4 * 1024 * 1024)
+    middlewares = [head_middleware, metrics_middleware, error_middleware]  # head_middleware: slow_clients.py
+    app = web.Application(middlewares=middlewares, client_max_size=4 * 1024 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[METRICS_ACCESS] = MetricsAccess()
     app[PRESENCE] = Presence()
     app[PRINCIPALS] = {}
     app[TOKENS] = {}
     app[TASK_EVENTS] = TaskEvents()
     app[LEDGER_STATES] = LedgerStates()
     app[DUMMY_HASH] = []
+    app[THROTTLES] = LoginThrottles.from_settings(settings.login)
     app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
+    app[USAGE] = Usage()
     app[OPENAPI] = build_openapi()
     app[DOCS_HTML] = build_docs_html()
     add_routes(app)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_doorbell)
+    app.cleanup_ctx.append(blob_collector.collector)
+    app.cleanup_ctx.append(metrics_listener(settings.metrics, scrape))  # once the database is there
     return app
 
 

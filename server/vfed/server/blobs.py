@@ -36,6 +36,7 @@ class BlobStore:
         self.root = root
         self.max_bytes = max_bytes
         self._dirs: set[str] = set()  # subfolders known to exist: a mkdir per blob costs ~0.2 ms of CPU
+        self.writing: set[str] = set()  # ids being written: the collector never removes their files
 
     def path(self, blob_id: str) -> Path:
         """Where blob `blob_id` lives (ids are hex, so no path tricks)."""
@@ -49,6 +50,13 @@ class BlobStore:
         loop up to INLINE_BYTES, else in a worker thread); larger ones stream to disk chunk by chunk.
         """
         blob_id = secrets.token_hex(16)
+        self.writing.add(blob_id)
+        try:
+            return await self._write(blob_id, chunks, row_max_bytes)
+        finally:
+            self.writing.discard(blob_id)
+
+    async def _write(self, blob_id: str, chunks: AsyncIterator[bytes], row_max_bytes: int) -> StoredBlob:
         final = self.path(blob_id)
         digest = hashlib.sha256()
         it = aiter(chunks)

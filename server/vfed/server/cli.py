@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import click
-from aiohttp import web
+from pydantic import ValidationError
 
 from vfed.server import db
-from vfed.server.config import ConfigError, Settings, load_settings
+from vfed.server.config import (
+    DEFAULT_METRICS_PORT,
+    ConfigError,
+    MetricsSettings,
+    Settings,
+    format_validation_error,
+    load_settings,
+)
 
 _config = click.option("--config", "config", type=click.Path(path_type=Path), help="YAML config file")
 _data_dir = click.option("--data-dir", type=click.Path(path_type=Path), help="SQLite and blobs folder")
@@ -64,12 +71,24 @@ def main(log_level: str) -> None:
 def start(config: Path | None, host: str | None, port: int | None, data_dir: Path | None) -> None:
     """Run the server (with an embedded MQTT broker on loopback unless a broker URL is configured)."""
     from vfed.server.app import create_app
+    from vfed.server.metrics import read_token
 
     settings = _settings(config, host=host, port=port, data_dir=data_dir)
     if settings.mqtt.url is None:
         settings.mqtt.embedded_broker = True
     try:
-        web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log=None)
+        if "port" not in settings.metrics.model_fields_set:  # a config's `metrics.port: null` means none
+            metrics = {**settings.metrics.model_dump(), "port": DEFAULT_METRICS_PORT}
+            settings.metrics = MetricsSettings.model_validate(metrics)
+        read_token(settings.metrics)  # a token file that cannot be used fails here, in one line
+    except ValidationError as exc:
+        _fail(format_validation_error(exc))
+    except ConfigError as exc:
+        _fail(str(exc))
+    from vfed.server.serve import serve
+
+    try:
+        asyncio.run(serve(create_app(settings), settings.host, settings.port, settings.limits))
     except OSError as exc:
         _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
 

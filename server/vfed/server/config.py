@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, model_validator
 
 DEFAULT_PORT = 7600
+DEFAULT_METRICS_PORT = 7601
 
 
 class ConfigError(Exception):
@@ -34,13 +36,94 @@ class MqttSettings(BaseModel):
 
 
 class LoginSettings(BaseModel):
-    """Password-guessing brakes: back off after a few failures, then lock the account for a while."""
+    """Password-guessing brakes: growing delays, never a lockout (a lockout lets anyone lock root out).
+
+    Failures count per client address and per account *at* an address, so an attacker slows down only
+    himself: the right password from another address still works. Node logins count per API-key id.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    throttle_after: int = Field(3, ge=1)
-    throttle_base_s: float = Field(1.0, ge=0)
-    lockout_after: int = Field(10, ge=1)
-    lockout_s: float = Field(900.0, ge=0)
+    throttle_after: int = Field(3, ge=1, description="failures of one account from one address before delays")
+    address_throttle_after: int = Field(20, ge=1, description="failures from one address, any accounts")
+    node_throttle_after: int = Field(5, ge=1, description="failures of one node API-key id")
+    throttle_base_s: float = Field(1.0, ge=0, description="the first delay; each further failure doubles it")
+    throttle_max_s: float = Field(900.0, ge=0, description="the longest delay")
+    throttle_forget_s: float = Field(3600.0, gt=0, description="failures older than this are forgotten")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lockout(cls, data: Any) -> Any:
+        """The lockout keys of earlier versions are refused with the reason, not as mere unknown keys."""
+        if isinstance(data, dict):
+            for key in ("lockout_after", "lockout_s"):
+                if key in data:
+                    raise ValueError(
+                        f"{key} is gone: logins are slowed down, never locked (a lockout let anyone lock "
+                        "root out); remove it (see throttle_* and docs/security.md)"
+                    )
+        return data
+
+
+class MetricsSettings(BaseModel):
+    """Where `GET /metrics` is served: on a listener of its own (loopback, no token), and on the API port only
+    with a bearer token.
+
+    Metrics name routes, run counts and traffic: not secret data, but not for everyone who can reach the API.
+    A loopback listener needs no secret to distribute and cannot be reached from another machine; a scraper
+    elsewhere gets the token (or a listener on a monitoring network, which then needs the token too).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field("127.0.0.1", description="the metrics listener's address; not loopback: token required")
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=f"the metrics listener's port (0: any free one); `vserver start` uses "
+        f"{DEFAULT_METRICS_PORT} unless the config sets it (null: no listener)",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="a file holding the bearer token (at least 16 characters): `/metrics` on the API port "
+        "answers with `Authorization: Bearer <token>`, and so does the metrics listener",
+    )
+
+    @model_validator(mode="after")
+    def _loopback_or_token(self) -> MetricsSettings:
+        if self.port is not None and self.token_file is None and not is_loopback_host(self.host):
+            raise ValueError(
+                f"metrics.host {self.host} is not a loopback address: set metrics.token_file too, or anyone "
+                "who reaches that address reads the metrics"
+            )
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and loopback addresses (which another machine cannot reach)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LimitsSettings(BaseModel):
+    """What one client or organization may take of the server (docs/security.md "Limits").
+
+    Blob quotas count an organization's stored blobs (uploads in progress included) and answer 413/429 with a
+    JSON reason past them; the collector removes blobs no run references once they are `blob_keep_s` old
+    (uploads are referenced by the task or result that follows them, so they get that long to be used).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    blob_quota_bytes: int = Field(100 * 1024**3, ge=0, description="blob bytes one organization may store")
+    blob_quota_count: int = Field(1_000_000, ge=0, description="blobs one organization may store")
+    blob_keep_s: float = Field(24 * 3600.0, ge=0, description="unreferenced blobs are kept this long")
+    blob_collect_interval_s: float = Field(600.0, gt=0, description="how often the collector runs")
+    head_timeout_s: float = Field(10.0, gt=0, description="a request's head must arrive within this")
+    body_timeout_s: float = Field(60.0, gt=0, description="longest wait for the next bytes of a body")
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="idle keep-alive connections close after")
 
 
 class Settings(BaseModel):
@@ -61,8 +144,15 @@ class Settings(BaseModel):
     run_log_max_bytes: int = Field(64 * 1024, ge=0)
     task_wait_max_s: float = Field(60.0, ge=1, le=3600, description="longest a task wait is held open")
     auto_migrate: bool = True
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="reverse proxies (CIDR) whose X-Forwarded-For is believed; from any other peer the "
+        "header is ignored and the peer address is the client address",
+    )
     login: LoginSettings = Field(default_factory=LoginSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     def db_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the data folder."""

@@ -8,15 +8,17 @@ from aiohttp import web
 from sqlalchemy import Row, Table, bindparam, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.server import blob_limits
 from vfed.server.access import Scope, require, run_filter, scope_of
 from vfed.server.api.common import caller, json_response, session
 from vfed.server.auth import Principal
-from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobTooLarge
+from vfed.server.blob_limits import USAGE
+from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobTooLarge, StoredBlob
 from vfed.server.errors import ApiError, not_found
 from vfed.server.metrics import METRICS
 from vfed.server.models import Blob, Run
 from vfed.server.schemas import BlobOut
-from vfed.server.state import BLOBS
+from vfed.server.state import BLOBS, SETTINGS
 
 BLOBS_TABLE: Table = Blob.__table__  # type: ignore[assignment]
 
@@ -26,32 +28,48 @@ def _too_large(limit: int) -> ApiError:
 
 
 async def upload_blob(request: web.Request) -> web.Response:
-    """Stream the body to a file, recording size and SHA-256."""
+    """Stream the body to a file, recording size and SHA-256, within the organization's quota."""
     store = request.app[BLOBS]
     if request.content_length is not None and request.content_length > store.max_bytes:
         raise _too_large(store.max_bytes)
     async with session(request) as s:
         p = await caller(request, s)
         require(p, "blob", "create")
+        count, size = await blob_limits.stored(s, p.organization_id)
+    settings = request.app[SETTINGS]
     try:
-        stored = await store.write(request.content.iter_chunked(CHUNK_BYTES), ROW_BYTES)
-    except BlobTooLarge as exc:
-        raise _too_large(store.max_bytes) from exc
-    async with session(request) as s:  # a Core INSERT: the ORM's unit of work costs more than the write
-        await s.execute(
-            insert(BLOBS_TABLE).values(
-                id=stored.id,
-                size=stored.size,
-                sha256=stored.sha256,
-                owner_organization_id=p.organization_id,
-                owner_user_id=p.user_id,
-                owner_node_id=p.node_id,
-                data=stored.data,
+        meter = blob_limits.Upload(request.app[USAGE], settings.limits, p.organization_id, count, size)
+    except blob_limits.QuotaExceeded as exc:
+        raise exc.error from None
+    try:
+        stored = await _write(request, meter)
+        async with session(request) as s:  # a Core INSERT: the ORM's unit of work costs more than the write
+            await s.execute(
+                insert(BLOBS_TABLE).values(
+                    id=stored.id,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    owner_organization_id=p.organization_id,
+                    owner_user_id=p.user_id,
+                    owner_node_id=p.node_id,
+                    data=stored.data,
+                )
             )
-        )
-        await s.commit()
+            await s.commit()
+    finally:
+        meter.release()
     request.app[METRICS].blob_bytes_in.inc(stored.size)
     return json_response(BlobOut(id=stored.id, size=stored.size, sha256=stored.sha256), 201)
+
+
+async def _write(request: web.Request, meter: blob_limits.Upload) -> StoredBlob:
+    store = request.app[BLOBS]
+    try:
+        return await store.write(meter.chunks(request.content.iter_chunked(CHUNK_BYTES)), ROW_BYTES)
+    except BlobTooLarge as exc:
+        raise _too_large(store.max_bytes) from exc
+    except blob_limits.QuotaExceeded as exc:
+        raise exc.error from None
 
 
 BlobRow = Row[*tuple[Any, ...]]  # id, size, sha256, owner_user_id, owner_node_id, data

@@ -1,0 +1,135 @@
+"""Removing blobs nothing uses any more (docs/security.md "Limits").
+
+A blob is uploaded before the task or result that references it, so a fresh unreferenced blob is normal: the
+collector removes only blobs older than `limits.blob_keep_s` that no row references. "References" are found in
+the schema itself (every foreign key to `blobs.id`: runs' inputs and results today), so a table added later is
+respected without a change here. The DELETE re-checks the references in the same statement, so a task created
+meanwhile keeps its input (or, on a race, fails on the foreign key and is retried by its client); files are
+removed after the rows are committed. Files without a row (a crash between writing and committing) are removed
+once older than the keep time, unless an upload is still writing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from aiohttp import web
+from sqlalchemy import Table, and_, delete, exists, not_, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from vfed.server.blobs import BlobStore
+from vfed.server.models import Base, Blob, utcnow
+from vfed.server.state import BLOBS, SESSIONS, SETTINGS
+
+log = logging.getLogger(__name__)
+BATCH = 500
+BLOBS_TABLE: Table = Blob.__table__  # type: ignore[assignment]
+
+
+@dataclass
+class Collected:
+    rows: int = 0
+    files: int = 0
+
+
+def _unreferenced() -> list[object]:
+    """One NOT EXISTS per foreign key to blobs.id in the schema."""
+    clauses: list[object] = []
+    for table in Base.metadata.sorted_tables:
+        for fk in table.foreign_keys:
+            if fk.column is BLOBS_TABLE.c.id:
+                clauses.append(not_(exists().where(fk.parent == BLOBS_TABLE.c.id)))
+    return clauses
+
+
+async def collect(sessions: async_sessionmaker[AsyncSession], store: BlobStore, keep_s: float) -> Collected:
+    """One pass: unreferenced blobs older than keep_s (rows and files), then orphaned files."""
+    done = Collected()
+    cutoff = utcnow() - timedelta(seconds=keep_s)
+    unused = and_(BLOBS_TABLE.c.created_at < cutoff, *_unreferenced())  # type: ignore[arg-type]
+    while True:
+        async with sessions() as s:
+            ids = list((await s.execute(select(BLOBS_TABLE.c.id).where(unused).limit(BATCH))).scalars())
+            if not ids:
+                break
+            try:
+                removed = list(
+                    (
+                        await s.execute(
+                            delete(BLOBS_TABLE)
+                            .where(BLOBS_TABLE.c.id.in_(ids), unused)
+                            .returning(BLOBS_TABLE.c.id)
+                        )
+                    ).scalars()
+                )
+                await s.commit()
+            except DBAPIError as exc:  # a run referencing one was inserted meanwhile: next pass
+                log.info("blob collection deferred: %s", exc.orig)
+                break
+        for blob_id in removed:
+            await store.delete(blob_id)
+        done.rows += len(removed)
+        if len(ids) < BATCH:
+            break
+    done.files = await _orphans(sessions, store, keep_s)
+    return done
+
+
+async def _orphans(sessions: async_sessionmaker[AsyncSession], store: BlobStore, keep_s: float) -> int:
+    """Files (complete or `.part`) older than keep_s that have no row and are not being written."""
+    old = await asyncio.to_thread(_old_files, store.root, time.time() - keep_s)
+    removed = 0
+    for start in range(0, len(old), BATCH):
+        batch = old[start : start + BATCH]
+        ids = {path.name.removesuffix(".part") for path in batch}
+        async with sessions() as s:
+            known = set((await s.execute(select(Blob.id).where(Blob.id.in_(ids)))).scalars())
+        for path in batch:
+            blob_id = path.name.removesuffix(".part")
+            if blob_id in known or blob_id in store.writing:
+                continue
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _old_files(root: Path, before: float) -> list[Path]:
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+    for sub in os.scandir(root):
+        if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
+            continue
+        for entry in os.scandir(sub.path):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < before:
+                found.append(Path(entry.path))
+    return found
+
+
+async def _loop(app: web.Application) -> None:
+    limits = app[SETTINGS].limits
+    while True:
+        await asyncio.sleep(limits.blob_collect_interval_s)
+        try:
+            done = await collect(app[SESSIONS], app[BLOBS], limits.blob_keep_s)
+        except (OSError, DBAPIError) as exc:
+            log.warning("blob collection failed, trying again later: %s", exc)
+            continue
+        if done.rows or done.files:
+            log.info("removed %d unreferenced blobs and %d orphaned blob files", done.rows, done.files)
+
+
+async def collector(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: collect every `blob_collect_interval_s` while the server runs."""
+    task = asyncio.create_task(_loop(app), name="blob-collector")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,40 @@
+"""Serving the app on TCP with a deadline for request heads (vfed.common.slow_clients) and a keep-alive
+timeout; what `web.run_app` did otherwise: stop on SIGINT/SIGTERM, close connections, run cleanups."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from vfed.common.slow_clients import HEAD_WATCH, HeadWatch
+from vfed.server.config import LimitsSettings
+
+log = logging.getLogger(__name__)
+
+
+async def serve(app: web.Application, host: str, port: int, limits: LimitsSettings) -> None:
+    """Listen until SIGINT or SIGTERM; OSError when the address cannot be bound."""
+    watch = HeadWatch(limits.head_timeout_s)
+    app[HEAD_WATCH] = watch
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.keepalive_timeout_s)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    server: asyncio.AbstractServer | None = None
+    try:
+        server = await loop.create_server(watch.bind(runner), host, port)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("serving on http://%s:%s", host, port)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            server.close()
+        await runner.cleanup()
+        if server is not None:
+            await server.wait_closed()
