@@ -204,6 +204,35 @@ class AgentProcess:
         raise AssertionError(f"{text!r} not in the agent log after {timeout_s} s:\n{self.log()[-3000:]}")
 
 
+async def run_containers_gone(node_name: str, timeout_s: float = 30.0) -> None:
+    """Wait until the node's agent removed its run containers: it reports a run's end first and removes the
+    container right after, so a test that stops its agent at once would leave one behind."""
+    import docker
+
+    engine = docker.from_env(timeout=60)
+    try:
+        for _ in range(int(timeout_s * 10)):
+            if not engine.containers.list(all=True, sparse=True, filters={"label": f"vfed.node={node_name}"}):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        engine.close()
+    raise AssertionError(f"node {node_name}'s run containers are still there after {timeout_s} s")
+
+
+def remove_run_containers(node_name: str) -> None:
+    """Remove whatever run containers a failed test's node left (its job volumes go with the test's own
+    clean-up, conftest._job_volumes_removed)."""
+    import docker
+
+    engine = docker.from_env(timeout=60)
+    try:
+        for found in engine.containers.list(all=True, filters={"label": f"vfed.node={node_name}"}):
+            found.remove(force=True)
+    finally:
+        engine.close()
+
+
 async def run_statuses(client: Any, task_id: int) -> list[tuple[int, str, str | None]]:
     """(organization, status, reason) of each run of a task."""
     return [(r["organization_id"], r["status"], r.get("reason")) for r in await client.runs(task_id)]

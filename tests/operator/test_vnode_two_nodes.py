@@ -90,7 +90,7 @@ def test_two_nodes_on_one_machine(
     table = tmp_path / "table.csv"
     table.write_text("x\n1\n2\n")
     broker = vserver.mqtt_url or ""
-    common = ["--server-url", vserver.url, "--mqtt-url", broker]
+    common = ["--server-url", vserver.url, "--mqtt-url", broker, "--allow-image", PROBE_IMAGE]
     _ok("new", first, "--api-key", keys["A"], "--dataset", f"table={table}", *common)
     _ok("new", second, "--system", "--api-key", keys["B"], "--no-generate-key", *common)
     # The second organization's key is passphrase-protected: start must hand the passphrase to the agent.
@@ -108,9 +108,11 @@ def test_two_nodes_on_one_machine(
     assert rows[first]["datasets"] == ["table"] and rows[second]["datasets"] == []
     _check_agent_container(docker_client, f"vfed-{first}-user", first, table)
 
-    # attach follows the log until Ctrl-C.
+    # attach follows the log until Ctrl-C (read up to the agent's start line: lines come in one by one, and
+    # the agent logs others before it, e.g. the ledger's verification).
     out = _interrupt_when(
-        [VNODE, "attach", first], lambda lines: any("vfed.node.agent" in line for line in lines)
+        [VNODE, "attach", first],
+        lambda lines: any("vfed.node.agent" in line and "started" in line for line in lines),
     )
     assert "started" in out and "vfed.node" in out, out
 

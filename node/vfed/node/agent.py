@@ -20,7 +20,9 @@ from pydantic import ValidationError
 
 from vfed.common.crypto import CryptoError
 from vfed.common.ledger import LedgerError
+from vfed.common.secret_file import SecretFileError, read_secret_file
 from vfed.node.config import ConfigError, NodeSettings
+from vfed.node.data_dir import UnsafeDataDir, secure_data_dir
 from vfed.node.doorbell import Doorbell, Ring
 from vfed.node.journal import Journal, Stage
 from vfed.node.keys import KeyHolder, KeyMismatch, load_or_create, passphrase, publish_chain, reconcile
@@ -29,6 +31,7 @@ from vfed.node.leases import LeaseGuard
 from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics, serve_metrics
 from vfed.node.orphans import adopt_server, server_identity
+from vfed.node.policy import ALLOWS_EVERY_IMAGE, allows_every_image
 from vfed.node.privacy import BudgetStore
 from vfed.node.receipts import Receipts
 from vfed.node.recovery import Resume, recover
@@ -65,6 +68,12 @@ def build_runtime(settings: NodeSettings) -> Runtime:
         raise ConfigError(f"runtime.{key}: {first['msg']}") from None
 
 
+def _metrics_token(settings: NodeSettings) -> str | None:
+    if settings.metrics_port is None or settings.metrics_token_file is None:
+        return None
+    return read_secret_file(settings.metrics_token_file, "metrics_token_file", min_length=16).strip()
+
+
 class Agent:
     """One node's daemon. No I/O in the constructor; `async with` sets everything up."""
 
@@ -80,6 +89,7 @@ class Agent:
         self._kills: dict[int, asyncio.Event] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._background: list[asyncio.Task[None]] = []
+        self._ring_checks: dict[tuple[str, int], asyncio.Task[None]] = {}  # rings the server is asked about
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_runs)
         self._key_check = asyncio.Event()
         self._chain_behind = False  # the last reload's records did not reach the server yet
@@ -100,7 +110,7 @@ class Agent:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        for task in [*self._background, *self._tasks.values()]:
+        for task in [*self._background, *self._ring_checks.values(), *self._tasks.values()]:
             task.cancel()
         await self._stack.aclose()
 
@@ -112,6 +122,11 @@ class Agent:
     async def _start(self) -> None:
         s = self.settings
         runtime = self._runtime or build_runtime(s)  # validates the runtime config before any I/O
+        try:
+            await asyncio.to_thread(secure_data_dir, s.data_dir)
+            metrics_token = _metrics_token(s)
+        except (UnsafeDataDir, SecretFileError) as exc:
+            raise AgentStartError(str(exc)) from None
         session = await self._stack.enter_async_context(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300))
         )
@@ -150,9 +165,13 @@ class Agent:
         )
         self.runner = Runner(self.services)
         if s.metrics_port is not None:
-            runner, self.metrics_port = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
+            runner, self.metrics_port = await serve_metrics(
+                self.metrics, s.metrics_host, s.metrics_port, metrics_token
+            )
             self._stack.push_async_callback(runner.cleanup)
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        if allows_every_image(s):
+            log.warning(ALLOWS_EVERY_IMAGE)
         # `vnode start` waits for this exact line (vfed.node.operator.container.ONLINE_RE): keep its shape.
         log.info("node %s (organization %s) started", identity.node_id, identity.organization_id)
 
@@ -397,23 +416,73 @@ class Agent:
                     self._kill(run_id)
 
     def _on_ring(self, ring: Ring) -> None:
-        """Act on what the ring names; only a ring we cannot act on wakes the poll.
+        """Act on what the ring names once the server confirms it; a ring we cannot act on wakes the poll.
 
-        A poll per ring would put a list and a status read of every live run on the server exactly while the
-        claim that the ring started is on its way; the regular poll still catches anything a ring missed.
+        Anyone who can publish to the broker can ring (docs/security.md, "Node: the doorbell is only a
+        hint..."): a ring never kills or starts anything by itself. The run it names is read from the REST
+        API first (`_check_ring`), and only what the server says is acted on. A poll per ring would put a list
+        and a status read of every live run on the server; the regular poll still catches what a ring missed.
         """
         self.metrics.doorbells.inc()
-        if ring.event == "run-killed" and ring.run_id is not None:
-            self._kill(ring.run_id)
+        if ring.event in ("run-killed", "run-created") and ring.run_id is not None:
+            if ring.event == "run-killed" and ring.run_id not in self._tasks:
+                return  # nothing of ours to stop: nothing to ask the server about
+            if ring.event == "run-created" and ring.run_id in self._tasks:
+                return
+            key = (ring.event, ring.run_id)
+            if key in self._ring_checks:
+                return  # one question per run and event at a time, however often it is rung
+            checking = asyncio.create_task(self._check_ring(ring, time.time()), name=f"ring-{ring.run_id}")
+            self._ring_checks[key] = checking
+            checking.add_done_callback(lambda _: self._ring_checks.pop(key, None))
         elif ring.event == "ledger":
             if self._s.leases is not None:
-                self._s.leases.poke()
-        elif ring.event == "run-created" and ring.run_id is not None:
-            if ring.run_id not in self._tasks:
-                # Claim at once; the claim is atomic, the poll is the safety net.
-                self._spawn(ring.run_id, rung_at=time.time(), job_hint=ring.job_id)
+                self._s.leases.poke()  # a hint too: the ledger is read and verified, not taken from the ring
         else:
             self._wake.set()
+
+    async def _check_ring(self, ring: Ring, rung_at: float) -> None:
+        """Read the rung run from the server; kill or start only what the server's answer says."""
+        assert ring.run_id is not None
+        run_id, s = ring.run_id, self._s
+        try:
+            run = await s.client.get_run(run_id)
+        except ApiError as exc:
+            log.warning(
+                "doorbell: %s for run %s is only a hint and the server does not show that run (%s): ignored",
+                ring.event,
+                run_id,
+                exc.detail or exc.error,
+            )
+            return
+        except ServerUnavailable:
+            self._wake.set()  # the poll asks again once the server answers
+            return
+        except Exception:  # a ring never stops the agent
+            log.exception("doorbell: checking %s for run %s failed", ring.event, run_id)
+            return
+        if ring.event == "run-killed":
+            if run.status == "killed":
+                self._kill(run_id)
+            else:
+                log.warning(
+                    "doorbell: run-killed for run %s is only a hint; the server says it is %s: not killed",
+                    run_id,
+                    run.status,
+                )
+            return
+        if run.organization_id != s.organization_id or run.status != "pending":
+            log.warning(
+                "doorbell: run-created for run %s is only a hint; the server says it is %s for organization "
+                "%s: nothing started",
+                run_id,
+                run.status,
+                run.organization_id,
+            )
+            return
+        if run_id not in self._tasks and not self._stopping.is_set():
+            # Claim at once (atomic on the server; the poll is the safety net), with the job the server named.
+            self._spawn(run_id, rung_at=rung_at, job_hint=run.job_id)
 
     def _kill(self, run_id: int, reason: str | None = None) -> None:
         event = self._kills.get(run_id)

@@ -1,8 +1,9 @@
 """The job's folder and volume set up from a doorbell's job id while the claim is on its way.
 
 Why: the claim round trip (about 5 ms) and the job folder (a few syscalls and one engine request) were in a
-row on every start of a new job. The doorbell names the run's job, so both can go at once. The job id in a
-ring is only a hint: the claim's answer decides, and what a hint set up for nothing is taken down again.
+row on every start of a new job. The agent reads a rung run from the server before it claims it (a ring is
+only a hint, agent.Agent._on_ring), and that answer names the run's job, so both can go at once. Still only a
+hint: the claim's answer decides, and what a hint set up for nothing is taken down again.
 
 While a hint is held, the job counts as busy (`Services.jobs_in_setup`): a run of the same job ending
 meanwhile must not remove the folder this run is about to mount; the journal covers the run once claimed.

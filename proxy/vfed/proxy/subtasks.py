@@ -27,6 +27,7 @@ from vfed.common.trust import (
     result_context,
     sign_document,
 )
+from vfed.proxy import limits
 from vfed.proxy.context import ProxyContext, ProxyError
 from vfed.proxy.rest import ApiError, Organization, Run, Task
 
@@ -52,6 +53,20 @@ def reserve(ctx: ProxyContext) -> None:
 
 def release(ctx: ProxyContext) -> None:
     ctx.created -= 1
+
+
+def check_image(ctx: ProxyContext, image: str) -> None:
+    """A subtask names only an image the node's policy allows for the root initiator of the run's chain
+    (the nodes that would run it check again, each with its own policy). The run's own image passed the
+    node's checks for this very chain already."""
+    if ctx.image_refusal is None or ctx.descriptor is None or image == ctx.run.image:
+        return
+    root = ctx.descriptor
+    while root.parent is not None:
+        root = root.parent
+    refusal = ctx.image_refusal(image, root.body().initiator.org)
+    if refusal is not None:
+        raise ProxyError(403, "image-not-allowed", refusal)
 
 
 async def check_members(ctx: ProxyContext, organizations: Sequence[int]) -> None:
@@ -98,7 +113,7 @@ async def _sealed_inputs(
     context = input_context(nonce)
     if shared is not None:
         envelope, digest = await asyncio.to_thread(_seal, shared.to_json(), ctx.org_key, keys, context)
-        blob = (await ctx.rest.upload_blob(envelope)).id
+        blob = (await limits.upload_blob(ctx, envelope)).id
         return dict.fromkeys(organizations, (blob, digest))
     assert per_org is not None
     out: dict[int, tuple[str, str]] = {}
@@ -106,7 +121,7 @@ async def _sealed_inputs(
         envelope, digest = await asyncio.to_thread(
             _seal, per_org[org_id].to_json(), ctx.org_key, [head], context
         )
-        out[org_id] = ((await ctx.rest.upload_blob(envelope)).id, digest)
+        out[org_id] = ((await limits.upload_blob(ctx, envelope)).id, digest)
     return out
 
 
@@ -144,6 +159,7 @@ async def create_signed(
     shared, per_org = new.input, new.inputs
     method = method_of(shared, per_org)
     image, datasets = str(fields["image"]), new.datasets
+    check_image(ctx, image)
     for fresh in (False, True):
         keys = await heads(ctx, organizations, fresh)
         nonce = secrets.token_hex(16)

@@ -15,10 +15,12 @@ from vfed.node.operator import container as agent
 from vfed.node.operator import server
 from vfed.node.operator.common import CONTEXT, OperatorError, engine, load, scope_option, to_scope
 from vfed.node.operator.paths import NodeRef, all_nodes, resolve
+from vfed.node.policy import ALLOWS_EVERY_IMAGE, allows_every_image
 
 _LIST_HELP = """List every node configuration in both scopes: running or not, online or offline as the server
-sees it, runtime and datasets. A node whose container is not running here is listed offline without asking
-the server (asking with the node's key would count as a sign of life).
+sees it, runtime and datasets, then a warning for each node that allows every image (no allowed_images). A
+node whose container is not running here is listed offline without asking the server (asking with the node's
+key would count as a sign of life).
 
 \b
 Examples:
@@ -40,6 +42,7 @@ def describe(ref: NodeRef, client: DockerClient | None) -> dict[str, Any]:
         "datasets": [],
         "server_url": None,
         "error": None,
+        "warnings": [],
     }
     try:
         settings = load_settings(ref.config_path)
@@ -49,6 +52,8 @@ def describe(ref: NodeRef, client: DockerClient | None) -> dict[str, Any]:
     row.update(
         runtime=settings.runtime.kind, datasets=sorted(settings.datasets), server_url=settings.server_url
     )
+    if allows_every_image(settings):
+        row["warnings"].append(ALLOWS_EVERY_IMAGE)
     if client is not None:
         try:
             row["running"] = agent.is_running(agent.find_agent(client, ref))
@@ -95,6 +100,9 @@ def list_command(fmt: str) -> None:
         click.echo(json.dumps(rows, indent=1))
     elif rows:
         click.echo(_table(rows))
+        for row in rows:  # under the table, on stderr: what the operator should fix
+            for warning in row["warnings"]:
+                click.echo(f"warning: node {row['name']} ({row['scope']}): {warning}", err=True)
     else:
         click.echo("no node configured; create one with `vnode new`")
 

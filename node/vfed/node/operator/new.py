@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ _HELP = """Create the configuration of node NAME (asks questions, or runs fully 
 Examples:
   vnode new                                       # asks, with defaults
   vnode new hospital-a --server-url http://127.0.0.1:7600 --api-key 3.s3cr3t \\
-      --dataset patients=/data/patients.csv --dataset images=/data/scans:folder
+      --dataset patients=/data/patients.csv --dataset images=/data/scans:folder \\
+      --allow-image 'vfed-examples/*' --allow-organization 2
+
+The node runs no image until one is allowed: each --allow-image (a glob over the image name, or an image
+digest sha256:...) adds one to policies.allowed_images. --allow-organization limits the organizations whose
+tasks it runs (beside the trust pins of `vnode trust`).
   vnode new lab --system --api-key 4.xyz --private-key /etc/vfed/keys/lab.key --force
 """
 
@@ -49,6 +55,19 @@ def parse_dataset(text: str) -> tuple[str, dict[str, str]]:
     return label, {"uri": path, "type": kind}
 
 
+def check_images(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """An allowed image is a non-empty glob or a whole digest (a mistyped digest would allow nothing)."""
+    del ctx, param
+    for value in values:
+        if not value.strip():
+            raise click.BadParameter("an allowed image cannot be empty", param_hint="'--allow-image'")
+        if value.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise click.BadParameter(
+                f"{value!r}: a digest is sha256: and 64 lowercase hex digits", param_hint="'--allow-image'"
+            )
+    return values
+
+
 def build_config(
     ref: NodeRef,
     *,
@@ -58,8 +77,16 @@ def build_config(
     private_key: str | None,
     runtime: str,
     mqtt_url: str | None,
+    allow_images: list[str] | None = None,
+    allow_organizations: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The YAML mapping for this node, checked against the agent's own settings model."""
+    """The YAML mapping for this node, checked against the agent's own settings model.
+
+    Deny by default: `policies.allowed_images` is always written, empty unless images are allowed (a node
+    without the key would run any image anyone names, and pull it from wherever its name points)."""
+    policies: dict[str, Any] = {"allowed_images": list(dict.fromkeys(allow_images or []))}
+    if allow_organizations:
+        policies["allowed_organizations"] = list(dict.fromkeys(allow_organizations))
     data: dict[str, Any] = {
         "name": ref.name,
         "server_url": server_url,
@@ -74,6 +101,8 @@ def build_config(
         "trust": "pinned",
         # A run reads a dataset only under a lease granted on the collaboration's ledger (`vnode leases`).
         "leases": "required",
+        # Only the images (and organizations) named here; the runtime pulls nothing (pull_missing: false).
+        "policies": policies,
     }
     if mqtt_url:
         data["mqtt_url"] = mqtt_url
@@ -134,6 +163,22 @@ def _ask_datasets(given: tuple[str, ...]) -> list[str]:
 @click.option("--private-key", type=click.Path(dir_okay=False), help="The organization's private key file.")
 @click.option("--runtime", type=click.Choice(["docker", "kubernetes"]), help="[default: docker]")
 @click.option("--mqtt-url", help="Doorbell broker, mqtt://host:port (optional: polling works without).")
+@click.option(
+    "--allow-image",
+    "allow_images",
+    multiple=True,
+    metavar="GLOB|sha256:DIGEST",
+    callback=check_images,
+    help="An image this node may run (repeatable). None: it runs no image until its config lists one.",
+)
+@click.option(
+    "--allow-organization",
+    "allow_organizations",
+    multiple=True,
+    type=click.IntRange(min=1),
+    metavar="ID",
+    help="Run tasks only of these organizations (repeatable; their own and their researchers').",
+)
 @click.option("--generate-key/--no-generate-key", default=None, help="Create the key file when missing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing configuration of that name.")
 def new_command(
@@ -145,6 +190,8 @@ def new_command(
     private_key: str | None,
     runtime: str | None,
     mqtt_url: str | None,
+    allow_images: tuple[str, ...],
+    allow_organizations: tuple[int, ...],
     generate_key: bool | None,
     force: bool,
 ) -> None:
@@ -170,9 +217,16 @@ def new_command(
             else "docker"
         ),
         mqtt_url=mqtt_url,
+        allow_images=list(allow_images),
+        allow_organizations=list(allow_organizations),
     )
     write_config(ref.config_path, data)
     click.echo(f"wrote {ref.config_path}")
+    if not allow_images:
+        click.echo(
+            "no image allowed yet: the node refuses every run until policies.allowed_images lists one "
+            "(`vnode new --force --allow-image ...`, or edit the file)"
+        )
     key_path = Path(data["private_key"])
     if not key_path.exists():
         if generate_key is None:

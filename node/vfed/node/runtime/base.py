@@ -250,8 +250,10 @@ class Runtime(abc.ABC):
         """Every run container of this node, running or exited (found by label, not by memory)."""
 
     @abc.abstractmethod
-    async def image_digest(self, image: str) -> str:
-        """The image's content digest ("sha256:..."), pulling it if absent; PermanentStartError if neither."""
+    async def image_digest(self, image: str, *, pull: bool = True) -> str:
+        """The image's content digest ("sha256:..."), pulling it if absent (only with `pull` and when the
+        runtime pulls at all); PermanentStartError if neither. The caller checked the node's image rules on
+        the name first (policy.image_gate): this is the first engine call about the image."""
 
     @abc.abstractmethod
     async def ensure_job_volume(self, node_name: str, job_id: str) -> str:

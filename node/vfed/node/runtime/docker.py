@@ -200,14 +200,15 @@ class DockerRuntime(Runtime):
 
     # -- images and volumes
 
-    async def image_digest(self, image: str) -> str:
+    async def image_digest(self, image: str, *, pull: bool = True) -> str:
         """The local image ID (sha256 of the image config): content-addressed, known for local builds too.
 
-        Answered from the cache while the image event stream is up (no engine call on the start path)."""
+        Answered from the cache while the image event stream is up (no engine call on the start path).
+        A missing image is pulled only with `pull` and `pull_missing` (off unless the operator set it)."""
         cached, generation = self.image_ids.get(image)
         if cached is not None:
             return cached
-        image_id = await self._call(f"image {image}", self._image_id, image)
+        image_id = await self._call(f"image {image}", self._image_id, image, pull)
         self.image_ids.store(image, image_id, generation)
         return image_id
 
@@ -244,11 +245,11 @@ class DockerRuntime(Runtime):
             for _event in stream:
                 self.image_ids.invalidate()
 
-    def _image_id(self, image: str) -> str:
+    def _image_id(self, image: str, pull: bool = True) -> str:
         try:
             return str(self.client.images.get(image).id)
         except docker.errors.ImageNotFound:
-            if not self.config.pull_missing:
+            if not (pull and self.config.pull_missing):
                 raise
         log.info("pulling image %s", image)
         try:

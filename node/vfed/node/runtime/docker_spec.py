@@ -46,7 +46,11 @@ class DockerRuntimeConfig(BaseModel):
     uid: int = Field(default=10001, gt=0, description="Unprivileged user the algorithm runs as (never 0).")
     gid: int = Field(default=10001, gt=0)
     log_max_bytes: int = Field(default=10 * MIB, gt=0, description="json-file log cap per container.")
-    pull_missing: bool = Field(default=True, description="Pull an image that is not present locally.")
+    pull_missing: bool = Field(
+        default=False,
+        description="Pull an image that is not present locally (only names the node's allowed_images admit "
+        "by name). Off by default: a pull contacts whatever registry the task's image name points at.",
+    )
     max_waiters: int = Field(default=64, gt=0, description="Threads kept for concurrent wait() calls.")
     jobs_dir: str | None = Field(
         default=None,
