@@ -14,7 +14,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from tests import infra
-from vserver_testkit import JWT_SECRET, World, client, db_url, seed, settings, world
+from vserver_testkit import JWT_SECRET, World, client, db_url, scrape_metrics, seed, settings, world
 
 from vfed.common.crypto import Keyring, OrgKey
 from vfed.common.ledger import (
@@ -168,8 +168,7 @@ async def test_append_and_read_back_in_pages(world: World) -> None:
     cx = await read_all(world, "c_res", "cx")
     assert [e["entry"]["kind"] for e in cx["entries"]] == ["key.genesis", "key.rotation"]
 
-    r = await world.client.get("/metrics")
-    text = await r.text()
+    text = await scrape_metrics(world.client)
     assert 'vserver_ledger_appends_total{kind="ledger.checkpoint"} 7.0' in text
     assert 'vserver_ledger_appends_total{kind="dataset.registered"} 1.0' in text
     assert 'vserver_ledger_appends_total{kind="key.genesis"} 3.0' in text

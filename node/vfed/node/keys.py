@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from vfed.common.crypto import Keyring, OrgKey, PublicKey
+from vfed.common.secret_file import SecretFileError, read_secret_file
 from vfed.common.trust import (
     ChainForked,
     ChainInvalid,
@@ -39,7 +40,12 @@ class KeyMismatch(Exception):
 
 
 def passphrase(settings: NodeSettings) -> str | None:
-    """The key file passphrase from the environment variable the config names, if it names one."""
+    """The key file passphrase from the file or the environment variable the config names, if it names one."""
+    if settings.private_key_passphrase_file is not None:
+        try:
+            return read_secret_file(settings.private_key_passphrase_file, "private_key_passphrase_file")
+        except SecretFileError as exc:
+            raise KeyMismatch(str(exc)) from None
     name = settings.private_key_passphrase_env
     if name is None:
         return None

@@ -1,10 +1,16 @@
-"""The agent's Prometheus metrics and the small local HTTP endpoint that serves them."""
+"""The agent's Prometheus metrics and the small local HTTP endpoint that serves them.
+
+The endpoint is off unless `metrics_port` is set, listens on `metrics_host` (loopback by default: nothing to
+hand out, and no other machine reaches it; algorithms have no network at all), and wants a bearer token when
+`metrics_token_file` is set (required for an address that is not loopback: vfed.node.config)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from vfed.common.secret_file import bearer_matches
 
 
 class NodeMetrics:
@@ -66,10 +72,19 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
 
-def metrics_app(metrics: NodeMetrics) -> web.Application:
-    """`GET /metrics` in the Prometheus text format; nothing else."""
+def metrics_app(metrics: NodeMetrics, token: str | None = None) -> web.Application:
+    """`GET /metrics` in the Prometheus text format (with this bearer token, if given); nothing else."""
 
     async def handler(request: web.Request) -> web.Response:
+        if token is not None and not bearer_matches(request.headers.get("Authorization"), token):
+            return web.json_response(
+                {
+                    "error": "unauthorized",
+                    "detail": "metrics need `Authorization: Bearer <metrics_token_file>`",
+                },
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         response = web.Response(body=metrics.render())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
@@ -79,9 +94,11 @@ def metrics_app(metrics: NodeMetrics) -> web.Application:
     return app
 
 
-async def serve_metrics(metrics: NodeMetrics, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def serve_metrics(
+    metrics: NodeMetrics, host: str, port: int, token: str | None = None
+) -> tuple[web.AppRunner, int]:
     """Start the endpoint; port 0 picks a free one, returned with the runner (cleanup() stops it)."""
-    runner = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+    runner = web.AppRunner(metrics_app(metrics, token), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

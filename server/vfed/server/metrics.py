@@ -1,11 +1,22 @@
-"""Prometheus metrics, one registry per app (no module globals), and the middleware that counts requests."""
+"""Prometheus metrics, one registry per app (no module globals), the middleware that counts requests, and who
+may read them: the metrics listener of its own (`metrics.host:metrics.port`, loopback by default) and, with a
+bearer token (`metrics.token_file`), `/metrics` on the API port."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from vfed.server.errors import Handler
+from vfed.common.secret_file import SecretFileError, bearer_matches, read_secret_file
+from vfed.server.config import ConfigError, MetricsSettings
+from vfed.server.errors import Handler, error_middleware, forbidden, unauthorized
+
+log = logging.getLogger(__name__)
+TOKEN_MIN_LENGTH = 16
 
 
 class Metrics:
@@ -49,3 +60,91 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = resource.canonical if resource is not None else "unmatched"
     request.app[METRICS].count_request(request.method, route, response.status)
     return response
+
+
+@dataclass
+class MetricsAccess:
+    """The token read at start (None: none configured), and the metrics listener's address once it listens."""
+
+    token: str | None = None
+    address: tuple[str, int] | None = None
+
+
+METRICS_ACCESS = web.AppKey("metrics_access", MetricsAccess)
+
+
+def read_token(settings: MetricsSettings) -> str | None:
+    """The configured bearer token; a file that cannot be used is a ConfigError naming it."""
+    if settings.token_file is None:
+        return None
+    try:
+        token = read_secret_file(settings.token_file, "metrics.token_file", min_length=TOKEN_MIN_LENGTH)
+    except SecretFileError as exc:
+        raise ConfigError(str(exc)) from None
+    return token.strip()
+
+
+def check_access(request: web.Request, access: MetricsAccess, *, on_api_port: bool) -> None:
+    """Raise the JSON refusal unless this request may read the metrics."""
+    if access.token is None:
+        if not on_api_port:
+            return
+        raise forbidden(
+            "metrics are not served on the API port without a token: scrape the metrics listener "
+            "(metrics.host:metrics.port, loopback by default) or configure metrics.token_file"
+        )
+    if not bearer_matches(request.headers.get("Authorization"), access.token):
+        raise unauthorized("metrics need `Authorization: Bearer <the token in metrics.token_file>`")
+
+
+Scrape = Callable[[web.Application], Awaitable[web.Response]]
+
+
+def listener_app(api: web.Application, scrape: Scrape) -> web.Application:
+    """The metrics listener: `GET /metrics` and nothing else, answered from the API app's registry."""
+
+    async def handler(request: web.Request) -> web.Response:
+        check_access(request, api[METRICS_ACCESS], on_api_port=False)
+        return await scrape(api)
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/metrics", handler)
+    return app
+
+
+def metrics_listener(
+    settings: MetricsSettings, scrape: Scrape
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: read the token, then serve the listener while the API app runs. A listener that
+    cannot bind (port in use) is logged and the server serves on without it."""
+
+    async def context(api: web.Application) -> AsyncIterator[None]:
+        access = api[METRICS_ACCESS]
+        access.token = read_token(settings)
+        runner: web.AppRunner | None = None
+        if settings.port is not None:
+            runner = web.AppRunner(listener_app(api, scrape), access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, settings.host, settings.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                log.error(
+                    "metrics listener could not start on %s:%s (%s; port in use?): no metrics there. Set "
+                    "metrics.port (null: no listener) or metrics.token_file to scrape the API port.",
+                    settings.host,
+                    settings.port,
+                    exc.strerror or exc,
+                )
+                await runner.cleanup()
+                runner = None
+            else:
+                sockets = getattr(site._server, "sockets", None) or []
+                port = int(sockets[0].getsockname()[1]) if sockets else settings.port
+                access.address = (settings.host, port)
+                log.info("metrics on http://%s:%s/metrics", settings.host, port)
+        yield
+        if runner is not None:
+            await runner.cleanup()
+
+    return context

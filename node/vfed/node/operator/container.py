@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -40,6 +41,10 @@ KEYS_IN_CONTAINER = "/etc/vfed/keys"
 """The key file's folder (read-only): a rotation replaces the file; a file mount would keep the old one."""
 TRUST_IN_CONTAINER = "/etc/vfed/trust"
 """The trust store's folder, shared with `vnode trust` on the host (written by the agent in `tofu` mode)."""
+PASSPHRASE_IN_CONTAINER = "/run/secrets/vfed-key-passphrase"
+METRICS_TOKEN_IN_CONTAINER = "/run/secrets/vfed-metrics-token"
+"""Secrets reach the agent as read-only files, never as environment variables: a container's environment is
+in `docker inspect` for anyone who may talk to the engine, and in the agent's /proc/<pid>/environ."""
 SOURCE_ROOTS = ("common", "node", "server", "proxy", "algorithms", "client")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -81,9 +86,18 @@ def mountpoint(volume: Volume) -> str:
     return point
 
 
-def agent_config(ref: NodeRef, settings: NodeSettings, host_mountpoint: str) -> dict[str, Any]:
-    """The operator's YAML with the paths the agent sees inside its container, and the host path map."""
+def agent_config(
+    ref: NodeRef, settings: NodeSettings, host_mountpoint: str, secrets: Mapping[str, Path] | None = None
+) -> dict[str, Any]:
+    """The operator's YAML with the paths the agent sees inside its container, and the host path map; the
+    secrets named by their files inside (`secret_files`), never by an environment variable."""
     raw: dict[str, Any] = yaml.safe_load(ref.config_path.read_text(encoding="utf-8"))
+    raw.pop("private_key_passphrase_env", None)
+    secrets = secrets or {}
+    if PASSPHRASE_IN_CONTAINER in secrets:
+        raw["private_key_passphrase_file"] = PASSPHRASE_IN_CONTAINER
+    if METRICS_TOKEN_IN_CONTAINER in secrets:
+        raw["metrics_token_file"] = METRICS_TOKEN_IN_CONTAINER
     runtime = dict(raw.get("runtime") or {})
     path_map = dict(runtime.get("host_path_map") or {})
     path_map[DATA_IN_CONTAINER] = host_mountpoint
@@ -117,11 +131,68 @@ def key_and_trust_mounts(settings: NodeSettings) -> list[Mount]:
     ]
 
 
-def write_agent_config(ref: NodeRef, settings: NodeSettings, host_mountpoint: str) -> Path:
+def write_agent_config(
+    ref: NodeRef, settings: NodeSettings, host_mountpoint: str, secrets: Mapping[str, Path] | None = None
+) -> Path:
     """Write the container's config beside the node's data (mode 0600: it holds the API key)."""
     path = ref.data_dir / "agent.yaml"
-    write_config(path, agent_config(ref, settings, host_mountpoint))
+    write_config(path, agent_config(ref, settings, host_mountpoint, secrets))
     return path
+
+
+def written_passphrase(ref: NodeRef) -> Path:
+    """Where `vnode start` keeps a passphrase given in an environment variable, for the agent's mount."""
+    return ref.data_dir / "secrets" / "key-passphrase"
+
+
+def secret_files(ref: NodeRef, settings: NodeSettings) -> dict[str, Path]:
+    """The host file of each secret the agent's container gets, by its path inside.
+
+    The key passphrase: the configured `private_key_passphrase_file`, or the value of the configured variable
+    written to `written_passphrase` (0600 in a 0700 folder of the node's data, removed by `vnode stop`). It
+    stays while the node runs, so that Docker can restart the agent after a reboot, as an environment variable
+    would have stayed in the container's config, but out of `docker inspect`.
+    """
+    found: dict[str, Path] = {}
+    if settings.private_key_passphrase_file is not None:
+        found[PASSPHRASE_IN_CONTAINER] = settings.private_key_passphrase_file.resolve()
+    elif settings.private_key_passphrase_env is not None:
+        name = settings.private_key_passphrase_env
+        value = os.environ.get(name)
+        if not value:
+            raise OperatorError(
+                f"the key file needs a passphrase: set the environment variable {name} (the agent gets it "
+                "as a read-only file, not as an environment variable)"
+            )
+        found[PASSPHRASE_IN_CONTAINER] = write_secret(written_passphrase(ref), value)
+    if settings.metrics_token_file is not None:
+        found[METRICS_TOKEN_IN_CONTAINER] = settings.metrics_token_file.resolve()
+    for inside, host in found.items():
+        if not host.is_file():
+            raise OperatorError(f"{host} (for {inside} in the agent's container) is not a file")
+    return found
+
+
+def secret_mounts(secrets: Mapping[str, Path]) -> list[Mount]:
+    return [Mount(inside, str(host), type="bind", read_only=True) for inside, host in secrets.items()]
+
+
+def write_secret(path: Path, value: str) -> Path:
+    """Write the secret to a fresh file (0600, its folder 0700), replacing any earlier one in one step."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(value)
+    os.replace(tmp, path)
+    return path
+
+
+def forget_secrets(ref: NodeRef) -> None:
+    """Remove what `secret_files` wrote (the node is stopped: nothing needs it until the next start)."""
+    written_passphrase(ref).unlink(missing_ok=True)
 
 
 def dataset_mounts(settings: NodeSettings) -> list[Mount]:

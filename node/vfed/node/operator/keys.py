@@ -16,6 +16,7 @@ import click
 import yaml
 
 from vfed.common.crypto import CryptoError, Keyring, WrongPassphrase
+from vfed.common.secret_file import SecretFileError, read_secret_file
 from vfed.common.trust import fingerprint
 from vfed.node.config import NodeSettings
 from vfed.node.operator import server
@@ -46,6 +47,11 @@ def generate_file(path: Path, passphrase: str | None) -> str:
 
 
 def _passphrase(settings: NodeSettings) -> str | None:
+    if settings.private_key_passphrase_file is not None:
+        try:
+            return read_secret_file(settings.private_key_passphrase_file, "private_key_passphrase_file")
+        except SecretFileError as exc:
+            raise OperatorError(str(exc)) from None
     name = settings.private_key_passphrase_env
     if name is None:
         return None
@@ -80,6 +86,7 @@ def _set_passphrase_env(ref: NodeRef, variable: str) -> None:
 
     data: Any = yaml.safe_load(ref.config_path.read_text(encoding="utf-8"))
     data["private_key_passphrase_env"] = variable
+    data.pop("private_key_passphrase_file", None)  # the new key's passphrase is the variable's
     write_config(ref.config_path, data)
 
 

@@ -10,10 +10,10 @@ from sqlalchemy import func, select
 
 from vfed.server.api.common import json_response, session
 from vfed.server.doorbell import TOPIC_PREFIX
-from vfed.server.metrics import METRICS
+from vfed.server.metrics import METRICS, METRICS_ACCESS, check_access
 from vfed.server.models import Run, RunStatus
 from vfed.server.schemas import DoorbellOut, HealthOut
-from vfed.server.state import DOORBELL
+from vfed.server.state import DOORBELL, SESSIONS
 
 OPENAPI = web.AppKey("openapi", dict)
 DOCS_HTML = web.AppKey("docs_html", str)
@@ -44,9 +44,15 @@ async def doorbell_info(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition; runs by status are counted at scrape time."""
-    m = request.app[METRICS]
-    async with session(request) as s:
+    """Prometheus exposition on the API port: only with the metrics bearer token (vfed.server.metrics)."""
+    check_access(request, request.app[METRICS_ACCESS], on_api_port=True)
+    return await scrape(request.app)
+
+
+async def scrape(app: web.Application) -> web.Response:
+    """Prometheus exposition of the API app's registry; runs by status are counted at scrape time."""
+    m = app[METRICS]
+    async with app[SESSIONS]() as s:
         result = await s.execute(select(Run.status, func.count()).group_by(Run.status))
         rows = {status: count for status, count in result}
     for status in RunStatus:

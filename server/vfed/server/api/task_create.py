@@ -20,17 +20,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from vfed.common import multipart
 from vfed.common.trust import KIND_DESCRIPTOR, DescriptorBody, DescriptorDocument, TrustError
+from vfed.server import blob_limits
 from vfed.server.access import Scope, require, task_filter
 from vfed.server.api.blobs import BLOBS_TABLE, readable_blob
 from vfed.server.api.common import caller, json_response, read_json, session, validate
 from vfed.server.api.tasks import NewTask, RunRef, job_of, out, pair_targets, publish
 from vfed.server.auth import Principal
+from vfed.server.blob_limits import USAGE
 from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobStore, BlobTooLarge, StoredBlob
 from vfed.server.errors import ApiError, bad_request, conflict, forbidden, not_found
 from vfed.server.metrics import METRICS
 from vfed.server.models import Node, Organization, Run, Task, TaskStatus, collaboration_members, utcnow
 from vfed.server.schemas import DESCRIPTOR_MAX_BYTES, TaskIn
-from vfed.server.state import BLOBS, DOORBELL
+from vfed.server.state import BLOBS, DOORBELL, SETTINGS
 
 TASKS: Table = Task.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
@@ -98,6 +100,13 @@ async def _context(s: AsyncSession, p: Principal, body: TaskIn) -> tuple[_Collab
         ).scalar_one_or_none()
         if parent is None or parent.collaboration_id != collab.id:
             raise not_found("task", body.parent_id)
+        if parent.initiator_organization_id != p.organization_id:
+            # A child shares its parent's job, so on every node its runs mount the parent's job folder: a
+            # task that merely targets the caller's organization must not let another organization in there.
+            raise forbidden(
+                f"task {parent.id} was initiated by another organization: only that organization, or a run "
+                "token of its own job, may create a task under it"
+            )
     return collab, parent
 
 
@@ -235,16 +244,27 @@ async def _create_multipart(request: web.Request) -> web.Response:
         p = await caller(request, s)
         require(p, "task", "create")
         require(p, "blob", "create")
-    body, stored = await _read_parts(request, store)
+        count, size = await blob_limits.stored(s, p.organization_id)
+    try:  # the input counts against the organization's blob quota until its row is committed
+        limits = request.app[SETTINGS].limits
+        meter = blob_limits.Upload(request.app[USAGE], limits, p.organization_id, count, size)
+    except blob_limits.QuotaExceeded as exc:
+        raise exc.error from None
     try:
-        async with session(request) as s:
-            return await _insert(request, s, p, body, stored)
-    except BaseException:
-        await store.delete(stored.id)
-        raise
+        body, stored = await _read_parts(request, store, meter)
+        try:
+            async with session(request) as s:
+                return await _insert(request, s, p, body, stored)
+        except BaseException:
+            await store.delete(stored.id)
+            raise
+    finally:
+        meter.release()
 
 
-async def _read_parts(request: web.Request, store: BlobStore) -> tuple[TaskIn, StoredBlob]:
+async def _read_parts(
+    request: web.Request, store: BlobStore, meter: blob_limits.Upload
+) -> tuple[TaskIn, StoredBlob]:
     """The `task` part (JSON) and the `input` part (into blob storage), in either order."""
     body: TaskIn | None = None
     stored: StoredBlob | None = None
@@ -254,7 +274,7 @@ async def _read_parts(request: web.Request, store: BlobStore) -> tuple[TaskIn, S
                 if name == "task" and body is None:
                     body = validate(TaskIn, _json(await _collect(chunks, TASK_PART_MAX_BYTES)))
                 elif name == "input" and stored is None:
-                    stored = await store.write(chunks, ROW_BYTES)
+                    stored = await store.write(meter.chunks(chunks), ROW_BYTES)
                 else:
                     raise _malformed(f"unexpected part {name!r}")
         if body is None or stored is None:
@@ -266,6 +286,8 @@ async def _read_parts(request: web.Request, store: BlobStore) -> tuple[TaskIn, S
             await store.delete(stored.id)
         if isinstance(exc, BlobTooLarge):
             raise _too_large(store.max_bytes) from exc
+        if isinstance(exc, blob_limits.QuotaExceeded):
+            raise exc.error from None
         if isinstance(exc, (ValueError, AssertionError, LookupError)):
             raise _malformed(str(exc) or type(exc).__name__) from exc
         raise
