@@ -136,7 +136,8 @@ async def _node_work(
     await _timed(times, "patch_active", w.http.patch(run, json={"status": "active"}, headers=h))
     result = w.sealed[i] if sealed is None else sealed
     _, body = await _timed(times, "upload", w.http.post("/api/v1/blobs", data=result, headers=h))
-    done = {"status": "completed", "result_blob_id": json.loads(body)["id"], "exit_code": 0, "log": "ok\n"}
+    blob_id = json.loads(body)["id"]
+    done = {"status": "completed", "result_blob_id": blob_id, "exit_code": 0, "sealed_log": "b2sK"}
     sent = time.perf_counter()
     await _timed(times, "patch_completed", w.http.patch(run, json=done, headers=h))
     return sent

@@ -30,6 +30,7 @@ from vfed.common.trust import (
     revoke,
     rotation_record,
 )
+from vfed.node.log_sealing import seal_run_log_now
 
 __all__ = ["client", "db_url", "settings", "world"]
 
@@ -75,7 +76,8 @@ async def _finish(
     _, stored = await world.call(node, "GET", f"/tasks/{task['id']}")
     opened = await open_input(stored["descriptor"], sealed, ring, org_id, _chains(world, node))
     if opened.task_input.kwargs.get("fail_at") == node:
-        patch: dict[str, Any] = {"status": "failed", "reason": "asked to", "log": "one\ntwo\n"}
+        log = seal_run_log_now(f"one\ntwo {node}\n", ring, [], org_id, int(task["id"]), run_id)
+        patch: dict[str, Any] = {"status": "failed", "reason": "asked to", "sealed_log": log}
     else:
         value = {"node": node, "args": opened.task_input.args}
         result = seal_result(value, ring, opened.verified, org_id, run_id)
@@ -108,7 +110,8 @@ async def test_create_wait_results(world: World) -> None:
         await _finish(world, "a_node", ring_a, failing)
         with pytest.raises(RunFailed) as failed:
             await researcher.results(failing)
-        assert failed.value.reason == "asked to" and failed.value.log_tail == "one\ntwo"
+        # the log is sealed to organization A, whose keyring this researcher holds
+        assert failed.value.reason == "asked to" and failed.value.log_tail == "one\ntwo a_node"
         mixed = await researcher.create_task(
             world.collabs["ab"], "alpine:3", "m", kwargs={"fail_at": "b_node"}
         )
@@ -116,6 +119,7 @@ async def test_create_wait_results(world: World) -> None:
             await _finish(world, node, ring, mixed)
         got = await researcher.results(mixed, raise_on_failure=False)
         assert got[0] == {"node": "a_node", "args": []} and isinstance(got[1], RunFailed)
+        assert got[1].reason == "asked to" and got[1].log_tail == ""  # B's log is B's: not readable here
 
 
 async def test_organization_key_signs_a_descriptor_that_verifies(world: World) -> None:

@@ -99,13 +99,13 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
         good = await submit(researcher, collab, PROBE_IMAGE, "echo", 4)
         assert (await final_run(researcher, good))["status"] == "completed"
     expected = {
-        "undecryptable": ("failed", "does not decrypt"),
+        "undecryptable": ("failed", "bad-input: the input does not decrypt"),
         "unsigned": ("not-allowed", "unsigned-task: "),
         "unknown image": ("start-failed", "is not available"),
         "not allowed": ("not-allowed", "allowed_images"),
-        "no output": ("failed", "wrote no output"),
-        "too big": ("failed", "over the limit of 1000"),
-        "exit 3": ("failed", "exit code 3"),
+        "no output": ("failed", "bad-output: the algorithm wrote no output"),
+        "too big": ("failed", "bad-output: output is"),
+        "exit 3": ("failed", "disclosure-refused"),  # the SDK's exit code for a refused disclosure
         "symlink": ("failed", "wrote no output"),  # the link to the node's key file was removed unread
         "unknown dataset": ("not-allowed", "no dataset labelled nothere"),
     }
@@ -113,7 +113,8 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
         assert runs[name]["status"] == status, (name, runs[name])
         assert reason in (runs[name]["reason"] or ""), (name, runs[name])
     assert runs["exit 3"]["exit_code"] == 3
-    assert "failing on purpose" in runs["exit 3"]["log"]
+    assert "failing on purpose" not in str(runs["exit 3"])  # the log is sealed, the reason classified
+    assert runs["exit 3"]["reason"] == "disclosure-refused"
     assert runs["too big"]["result_blob_id"] is None
     assert runs["symlink"]["result_blob_id"] is None
 
@@ -275,7 +276,7 @@ async def test_memory_and_fork_bombs_end_in_their_limits_and_the_agent_keeps_ser
         (forks,) = await researcher.results(fork) if fork_run["status"] == "completed" else [None]
         good = await submit(researcher, collab, PROBE_IMAGE, "echo", 1)
         assert (await final_run(researcher, good))["status"] == "completed"
-    assert mem_run["status"] == "failed" and "out of memory" in mem_run["reason"], mem_run
+    assert mem_run["status"] == "failed" and mem_run["reason"] == "out-of-memory: limit 128 MiB", mem_run
     assert fork_run["status"] == "completed", fork_run
     assert forks is not None and 0 < forks["forks"] < 64
 

@@ -236,7 +236,7 @@ async def test_a_run_refused_after_its_container_was_made_ahead_leaves_none(
 
     assert container_events(node, run_id, since) == ["create", "destroy"]
     (run,) = await wait_run_status(node.researcher, await task_of(node, run_id), {"not-allowed"})
-    assert run["reason"] == "refused by the test" and node.s.journal.get(run_id) is None
+    assert run["reason"] == "disclosure-refused: refused by the test" and node.s.journal.get(run_id) is None
     assert not node.runner.socket_path(run_id).parent.exists()  # made for the container ahead, removed
 
 

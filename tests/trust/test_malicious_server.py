@@ -154,7 +154,6 @@ class Federation:
                         organization_id=self.ids["alpha"],
                         status="pending",
                         input_blob_id=run.input_blob_id,
-                        log="",
                     )
                 )
                 await s.commit()

@@ -3,6 +3,11 @@
 Exit codes: 0 the output holds the result; 1 the algorithm raised (the output holds a structured error, the
 traceback is in the run log); 2 the run could not start (bad input, unknown method, missing dataset);
 3 disclosure control refused (too few records). Every failure writes an error output when OUTPUT_FILE is set.
+
+The exit codes are the node's contract (vfed.common.api.reasons): it reports them to the initiator as
+`algorithm-error: <exception type>`, `bad-input` and `disclosure-refused`. The error output and everything
+printed here (message, traceback) stay on the node: the output of a failed run is not released, and the log
+leaves the node sealed to its organization.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ from vfed.algorithms.client import AlgorithmClient
 from vfed.algorithms.datasets import load_dataset
 from vfed.algorithms.decorators import declared_functions, load_module, manifest_of
 from vfed.algorithms.disclosure import DisclosureError, require_min_rows
+from vfed.common.api.reasons import EXIT_ALGORITHM_ERROR, EXIT_DISCLOSURE, EXIT_OK, EXIT_SETUP_ERROR
 from vfed.common.manifest import FunctionKind, FunctionSpec, declared_epsilon
 from vfed.common.payload import TaskInput, encode_error, encode_result
 
 MODULE_ENV = "VFED_ALGORITHM_MODULE"
 EPSILON_GRANTED_ENV = "VFED_EPSILON_GRANTED"
-EXIT_OK, EXIT_ALGORITHM_ERROR, EXIT_SETUP_ERROR, EXIT_DISCLOSURE = 0, 1, 2, 3
 
 log = logging.getLogger("vfed.algorithms")
 

@@ -158,6 +158,35 @@ def task_kill(task_id: int) -> None:
     click.echo(f"task {task_id} {body.get('status', 'killed')}")
 
 
+@task.command("runs")
+@click.argument("task_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@handled
+def task_runs(task_id: int, fmt: str) -> None:
+    """List the runs of TASK_ID: organization, status and the classified reason of each."""
+    runs = run(lambda c: c.runs(task_id))
+    shown = [{k: r.get(k) for k in ("id", "organization_id", "status", "exit_code", "reason")} for r in runs]
+    if fmt == "json":
+        click.echo(json.dumps(shown))
+        return
+    for r in shown:
+        click.echo(f"{r['id']:>6}  org {r['organization_id']:<5} {r['status']:<12} {r['reason'] or ''}")
+
+
+@main.group("run")
+def run_group() -> None:
+    """One run of a task."""
+
+
+@run_group.command("log")
+@click.argument("run_id", type=int)
+@handled
+def run_log(run_id: int) -> None:
+    """Print RUN_ID's log tail, opened with your key (your organization's runs, or runs of a node that shares
+    logs with the initiator)."""
+    click.echo(run(lambda c: c.run_log(run_id)), nl=False)
+
+
 @task.command("list")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @handled

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vfed.client import identity, ledger, tasks
+from vfed.client import identity, ledger, run_logs, tasks
 from vfed.client.catalog import DatasetInfo, LeaseInfo, ReceiptInfo
 from vfed.client.credentials import default_key_file, default_trust_file
 from vfed.client.errors import KeyMissing
@@ -139,6 +139,16 @@ class AsyncClient:
 
     async def runs(self, task_id: int) -> list[dict[str, Any]]:
         return await self.api.get_all("/runs", {"task_id": task_id})
+
+    async def run(self, run_id: int) -> dict[str, Any]:
+        body: dict[str, Any] = await self.api.request("GET", f"/runs/{run_id}")
+        return body
+
+    async def run_log(self, run: int | dict[str, Any]) -> str:
+        """The run's log tail, opened with this client's key: readable by the run's organization (its
+        keyring) and, when that node shares logs, the initiator; LogUnreadable otherwise."""
+        found = run if isinstance(run, dict) else await self.run(run)
+        return await run_logs.run_log(self, found)
 
     async def ledger(self, collaboration: int) -> LedgerView:
         """The collaboration's ledger as this client verified it, synced now (`.state` says what it holds,
@@ -274,6 +284,12 @@ class Client:
 
     def runs(self, task_id: int) -> list[dict[str, Any]]:
         return self._call(self._async.runs(task_id))
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        return self._call(self._async.run(run_id))
+
+    def run_log(self, run: int | dict[str, Any]) -> str:
+        return self._call(self._async.run_log(run))
 
     def ledger(self, collaboration: int) -> LedgerView:
         return self._call(self._async.ledger(collaboration))

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from vfed.client.errors import ApiError, ClientError, ResultMismatch, RunFailed, TaskTimeout
 from vfed.client.identity import Identity
+from vfed.client.run_logs import log_if_readable
 from vfed.common.crypto import (
     ContextMismatch,
     Keyring,
@@ -193,7 +194,11 @@ async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> 
     listed, digest = await asyncio.gather(client.runs(task_id), descriptor_digest(client, task_id))
     runs = sorted(listed, key=lambda r: (r["organization_id"], r["id"]))
     done = [run["status"] == "completed" and bool(run.get("result_blob_id")) for run in runs]
-    failures = {i: _failure(run) for i, run in enumerate(runs) if not done[i]}
+    failed = [i for i in range(len(runs)) if not done[i]]
+    if raise_on_failure:
+        failed = failed[:1]  # only the first is raised: only its log is worth opening
+    logs = await asyncio.gather(*(log_if_readable(client, runs[i]) for i in failed))
+    failures = {i: _failure(runs[i], text) for i, text in zip(failed, logs, strict=True)}
     if failures and raise_on_failure:
         raise failures[min(failures)]
     values = await asyncio.gather(
@@ -265,8 +270,8 @@ async def _decrypt(blob: bytes, keyring: Keyring, sender: SenderLookup, context:
     )
 
 
-def _failure(run: dict[str, Any]) -> RunFailed:
-    log = str(run.get("log") or "")
+def _failure(run: dict[str, Any], log: str) -> RunFailed:
+    """The run's failure: its classified reason and, when this client can open the sealed log, its tail."""
     tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
     status = str(run["status"])
     reason = str(run.get("reason") or ("still " + status if status not in FINISHED else ""))

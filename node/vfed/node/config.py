@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -31,10 +40,13 @@ class DatasetConfig(_Strict):
 
 
 class ImagePolicy(_Strict):
-    """One allowed image: a digest (`sha256:...`) or a glob over the image reference."""
+    """One allowed image: a digest (`sha256:...`) or a glob over the image reference, optionally only for the
+    tasks whose root initiator (the researcher's organization at the top of a subtask chain) is listed."""
 
     image: str
     max_run_time_s: float | None = Field(default=None, gt=0)
+    organizations: list[int] | None = None
+    """Root initiating organizations this image may run for; missing: any the other rules allow."""
 
     def matches(self, reference: str, digest: str | None) -> bool:
         """True when the rule admits this image reference or digest."""
@@ -42,9 +54,24 @@ class ImagePolicy(_Strict):
             return digest == self.image or reference.endswith("@" + self.image)
         return fnmatch.fnmatchcase(reference, self.image)
 
+    def matches_name(self, reference: str) -> bool:
+        """True when the reference alone shows the rule admits it (no engine asked): a glob matching it, or
+        the rule's digest named in it (`name@sha256:...`, or the image ID itself)."""
+        if _DIGEST_RE.match(self.image):
+            return reference == self.image or reference.endswith("@" + self.image)
+        return fnmatch.fnmatchcase(reference, self.image)
+
+    @property
+    def by_digest(self) -> bool:
+        return _DIGEST_RE.match(self.image) is not None
+
+    def for_organization(self, organization: int | None) -> bool:
+        return self.organizations is None or organization in self.organizations
+
 
 class Policies(_Strict):
-    """What this organization allows; an empty or missing list means no restriction on that axis."""
+    """What this organization allows. A missing list means no restriction on that axis; an empty list allows
+    nothing (what `vnode new` writes for images until `--allow-image` names some)."""
 
     allowed_images: list[ImagePolicy] | None = None
     allowed_organizations: list[int] | None = None
@@ -78,6 +105,9 @@ class NodeSettings(_Strict):
     api_key: SecretStr
     private_key: Path | None = None
     private_key_passphrase_env: str | None = None
+    private_key_passphrase_file: Path | None = None
+    """A file holding the key file's passphrase, instead of the variable (how `vnode start` hands it to the
+    dockerized agent: a mounted file, never a container environment variable: `docker inspect` shows them)."""
     data_dir: Path
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
     policies: Policies = Field(default_factory=Policies)
@@ -92,10 +122,24 @@ class NodeSettings(_Strict):
     mqtt_url: str | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    metrics_token_file: Path | None = None
+    """A file holding a bearer token `GET /metrics` then wants; required for a metrics_host that is not
+    loopback."""
     min_rows: int = Field(default=10, ge=0)
     max_output_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     max_log_bytes: int = Field(default=64 * 1024, gt=0)
+    share_logs_with_initiator: bool = False
+    """Seal a run's log tail to the initiator too (the run's reply keys), not only to this organization:
+    what an algorithm prints can hold this organization's data values, so it is an explicit opt-in."""
     proxy_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # per run, at its proxy (docs/security.md "Limits"): requests in flight (more: 429), bodies held at once
+    # (the rest wait unread), body and head read times, and the blobs and bytes the run may upload
+    proxy_max_concurrent_requests: int = Field(default=16, ge=1)
+    proxy_max_concurrent_bodies: int = Field(default=2, ge=1)
+    proxy_head_timeout_s: float = Field(default=10.0, gt=0)
+    proxy_body_timeout_s: float = Field(default=60.0, gt=0)
+    proxy_max_blob_uploads_per_run: int = Field(default=1000, ge=0)
+    proxy_max_blob_bytes_per_run: int = Field(default=1024**3, ge=0)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     trust: Literal["pinned", "tofu"] = "pinned"
     """`pinned`: run only for organizations pinned in the trust store; `tofu`: pin at first sight."""
@@ -109,6 +153,18 @@ class NodeSettings(_Strict):
     leases: Literal["required", "off"] = "off"
     """`required`: a run reads a dataset only under a lease on the collaboration's ledger (written by
     `vnode new`); `off` (older configs): no lease check, no receipts, and a warning at start."""
+
+    @model_validator(mode="after")
+    def _metrics_and_secrets(self) -> NodeSettings:
+        open_metrics = self.metrics_port is not None and self.metrics_token_file is None
+        if open_metrics and not _loopback(self.metrics_host):
+            raise ValueError(
+                f"metrics_host {self.metrics_host} is not a loopback address: set metrics_token_file too, or "
+                "anyone who reaches that address reads the node's metrics"
+            )
+        if self.private_key_passphrase_env is not None and self.private_key_passphrase_file is not None:
+            raise ValueError("set private_key_passphrase_env or private_key_passphrase_file, not both")
+        return self
 
     @field_validator("server_url")
     @classmethod
@@ -150,6 +206,17 @@ class NodeSettings(_Strict):
         return self.trust_store if self.trust_store is not None else self.data_dir / "trusted_orgs"
 
 
+def _loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses, which no other machine (nor an algorithm: it has no
+    network) reaches."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
@@ -174,6 +241,10 @@ def parse_settings(data: Any, *, base_dir: Path | None = None) -> NodeSettings:
             updates["private_key"] = base_dir / settings.private_key
         if settings.trust_store is not None and not settings.trust_store.is_absolute():
             updates["trust_store"] = base_dir / settings.trust_store
+        for key in ("private_key_passphrase_file", "metrics_token_file"):
+            value = getattr(settings, key)
+            if value is not None and not value.is_absolute():
+                updates[key] = base_dir / value
         settings = settings.model_copy(update=updates)
     return settings
 

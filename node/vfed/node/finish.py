@@ -1,7 +1,12 @@
 """The end of a run: wait or kill, read the output, seal it for the initiator, upload, report, clean up.
 
 The output is sealed to the reply keys of the run's verified descriptor (never to a key the server names) and
-bound to the descriptor, this organization and the run.
+bound to the descriptor, this organization and the run. Only a completed run's output leaves the node: a
+failed run's output is the SDK's error document (exception message, traceback), which stays here.
+
+What the server and the initiator learn of a failure is a classified reason (vfed.common.api.reasons: the
+code, and the exception's type name at most), never the algorithm's words. Those are in the log tail, which
+is sealed to this organization (and to the initiator only with `share_logs_with_initiator`).
 
 Each step reads the journal and writes it before the next, so `complete` can be called again after a crash
 and picks up where the last attempt stopped: the output is sealed once, uploaded once, reported once.
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -23,9 +29,12 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+from vfed.common.api import Reason, algorithm_error, classified
+from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
 from vfed.node.journal import Entry, Stage
+from vfed.node.log_sealing import seal_run_log
 from vfed.node.runtime.base import (
     OUTPUT_NAME,
     BadOutput,
@@ -150,17 +159,18 @@ class Finisher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
             await runtime.kill(handle, grace_s=self.s.settings.kill_grace_s)
-            reason = self.s.kill_reasons.pop(run_id, "killed on request")
+            # a lease's kill carries its own code (`lease-revoked: ...`): the node's words about its rules
+            reason = self.s.kill_reasons.pop(run_id, None) or classified(Reason.KILLED, "on request")
             log.info("run %s: killed: %s", run_id, reason)
             return "killed", reason, await self._final_wait(handle)
         try:
             exit_status = waiting.result()
         except NotFound:
-            return "crashed", "the container disappeared while running", None
+            return "crashed", classified(Reason.LOST, "the container disappeared while running"), None
         if exit_status.timed_out:
             await runtime.kill(handle, grace_s=self.s.settings.kill_grace_s)
             log.info("run %s: past its wall-clock limit, killed", run_id)
-            reason = "killed: ran past its wall-clock limit (max_run_time_s)"
+            reason = classified(Reason.TIMEOUT, "killed: ran past its wall-clock limit (max_run_time_s)")
             return "failed", reason, await self._final_wait(handle)
         return None, None, exit_status
 
@@ -176,18 +186,22 @@ class Finisher:
         """Decide the final status from how the container ended and what it left; journal it.
 
         Only called once the container has stopped, so the folder it could write can be cleaned of traps
-        (symlinks to host files, FIFOs) before anything reads it.
+        (symlinks to host files, FIFOs) before anything reads it. The output of a run that did not complete
+        is removed here: it is the SDK's error document, whose message and traceback may quote data.
         """
         run_dir = self.run_dir(run_id)
         code = exit_status.exit_code if exit_status is not None else None
-        bad: str | None = None
         if status is None and exit_status is not None:
             limit = self.s.settings.max_output_bytes
-            removed, bad = await asyncio.to_thread(_settle_output, str(run_dir), limit)
+            removed, bad, error_type = await asyncio.to_thread(
+                _settle_output, str(run_dir), limit, exit_status.exit_code
+            )
             if removed:
                 log.warning("run %s: removed non-regular files from the run folder: %s", run_id, removed)
-            status, reason = _judge(exit_status, bad)
-        if status in ("killed", "crashed") or bad is not None:
+            if exit_status.reason:  # the engine's words (State.Error): kept here, for the operator
+                log.debug("run %s: the runtime says: %s", run_id, exit_status.reason)
+            status, reason = _judge(exit_status, bad, error_type)
+        if status != "completed":
             (run_dir / OUTPUT_NAME).unlink(missing_ok=True)
         self.s.journal.exited(run_id, code, status or "crashed", reason)
         log.info("run %s: exited with code %s -> %s %s", run_id, code, status, reason or "")
@@ -208,13 +222,14 @@ class Finisher:
             logs.cancel()
             raise
         log_text = await logs
+        sealed = await self._seal_log(entry, log_text) if log_text else None
         status = entry.final_status or "crashed"
         await self._report(
             run_id,
             status=status,
             exit_code=entry.exit_code,
             reason=entry.reason,
-            log=log_text,
+            sealed_log=sealed,
             result_blob_id=entry.result_blob_id,
         )
         self._leases_done(run_id, status)
@@ -235,7 +250,7 @@ class Finisher:
         try:
             await self._seal(entry)
         except TrustError as exc:
-            reason = f"result withheld: {exc.reason}: {exc.message}"
+            reason = classified(Reason.RESULT_WITHHELD, f"{exc.reason}: {exc.message}")
             log.error("run %s: %s", entry.run_id, reason)
             (self.run_dir(entry.run_id) / OUTPUT_NAME).unlink(missing_ok=True)
             self.s.journal.exited(entry.run_id, entry.exit_code, "failed", reason)
@@ -263,6 +278,24 @@ class Finisher:
         self.s.metrics.bytes_up.inc(size)
         self.s.journal.uploaded(entry.run_id, info.id)
 
+    async def _seal_log(self, entry: Entry, text: str) -> str | None:
+        """The log tail sealed to this organization, and to the initiator with the opt-in; None when it
+        cannot be sealed (then nothing of it leaves the node)."""
+        initiator: list[PublicKey] = []
+        if self.s.settings.share_logs_with_initiator:
+            try:
+                initiator = list((await self.verified(entry.run_id, entry.task_id)).reply_keys)
+            except (TrustError, ServerUnavailable, ApiError) as exc:
+                log.warning("run %s: log sealed to this organization only: %s", entry.run_id, exc)
+        try:
+            org, limit = self.s.organization_id, self.s.settings.max_log_bytes
+            return await seal_run_log(
+                text, self.s.keyring, initiator, org, entry.task_id, entry.run_id, limit
+            )
+        except Exception as exc:  # a log is a courtesy; never let it block the report
+            log.warning("run %s: could not seal the log: %s", entry.run_id, exc)
+            return None
+
     async def _logs(self, handle: str | None) -> str | None:
         if handle is None:
             return None
@@ -273,16 +306,21 @@ class Finisher:
             return None
 
     async def _report(self, run_id: int, **fields: object) -> None:
-        """PATCH the final state; a run the server already ended (409) still gets its log."""
+        """PATCH the final state; a run the server already ended (409) still gets its sealed log, and a
+        server that refuses the sealed log's size (413) still gets the state."""
         try:
             await self._retry(lambda: self.s.client.patch_run(run_id, **fields))
         except ApiError as exc:
+            if exc.status == 413 and fields.get("sealed_log"):
+                log.warning("run %s: the server refused the sealed log (%s), reported without", run_id, exc)
+                await self._report(run_id, **{**fields, "sealed_log": None})
+                return
             if exc.status != 409:
                 log.error("run %s: the server refused the final status: %s", run_id, exc)
                 return
-            if fields.get("log"):
+            if fields.get("sealed_log"):
                 with contextlib.suppress(ApiError, ServerUnavailable):
-                    await self.s.client.patch_run(run_id, log=fields["log"])
+                    await self.s.client.patch_run(run_id, sealed_log=fields["sealed_log"])
 
     async def _clean_up(self, run_id: int, job_id: int, handle: str | None) -> None:
         if handle is not None:
@@ -301,27 +339,63 @@ class Finisher:
                 await self.s.runtime.remove_job_volume(self.s.settings.name, str(job_id))
 
 
-def _judge(exit_status: ExitStatus, bad_output: str | None) -> tuple[str, str | None]:
+def _judge(exit_status: ExitStatus, bad_output: str | None, error_type: str | None) -> tuple[str, str | None]:
+    """(status, classified reason) of a container that stopped by itself; the exit code is reported
+    beside it, and the runtime's own words (exit_status.reason) stay on the node."""
     if exit_status.oom_killed:
-        return "failed", exit_status.reason or "killed: out of memory"
-    if exit_status.exit_code != 0:
-        reason = exit_status.reason or f"the algorithm exited with code {exit_status.exit_code}"
-        if not (exit_status.reason or "").startswith("exit code"):
-            reason = f"exit code {exit_status.exit_code}: {reason}"
-        return "failed", reason
+        limit = _memory_limit(exit_status.reason)
+        return "failed", classified(Reason.OUT_OF_MEMORY, limit)
+    code = exit_status.exit_code
+    if code == EXIT_DISCLOSURE:
+        return "failed", classified(Reason.DISCLOSURE_REFUSED)
+    if code == EXIT_SETUP_ERROR:
+        return "failed", classified(Reason.BAD_INPUT)
+    if code != 0:
+        return "failed", algorithm_error(error_type)
     if bad_output is not None:
-        return "failed", bad_output
+        return "failed", classified(Reason.BAD_OUTPUT, bad_output)
     return "completed", None
 
 
-def _settle_output(run_dir: str, max_bytes: int) -> tuple[list[str], str | None]:
-    """Clean the stopped run's folder of traps, then check its output: (what was removed, why it is bad)."""
+def _memory_limit(runtime_reason: str | None) -> str | None:
+    """`limit N MiB` out of the runtime's OOM reason (docker.exit_reason), the node's own number."""
+    if runtime_reason and "(limit " in runtime_reason:
+        return runtime_reason[runtime_reason.index("(limit ") + 1 :].rstrip(")")
+    return None
+
+
+ERROR_OUTPUT_MAX_BYTES = 1024 * 1024
+"""An SDK error document is small; a bigger output of a failed run is not read for its type."""
+
+
+def _settle_output(
+    run_dir: str, max_bytes: int, exit_code: int | None
+) -> tuple[list[str], str | None, str | None]:
+    """Clean the stopped run's folder of traps, then check its output: (what was removed, why it is bad, the
+    exception type the SDK's error document names when the run failed)."""
     removed = sanitize_run_dir(run_dir)
+    if exit_code not in (0, None):
+        try:
+            return removed, None, _error_type(read_run_output(run_dir, ERROR_OUTPUT_MAX_BYTES))
+        except BadOutput:
+            return removed, None, None
     try:
         read_run_output(run_dir, max_bytes)
     except BadOutput as exc:
-        return removed, str(exc)
-    return removed, None
+        return removed, str(exc), None
+    return removed, None, None
+
+
+def _error_type(data: bytes) -> str | None:
+    """The `error.type` of the SDK's error document (vfed.common.payload.encode_error), if it is one."""
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("format") != "error":
+        return None
+    error = document.get("error")
+    return type_name(error.get("type")) if isinstance(error, dict) else None
 
 
 def _sha256_file(path: Path) -> str:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from vfed.common.api import Reason, classified
 from vfed.common.trust import DescriptorDocument, TrustError
 from vfed.node.journal import Entry, Stage
 from vfed.node.runner import Runner, Services
@@ -75,7 +76,8 @@ async def _settle(
         await fin.complete(entry.run_id, entry.job_id, handle)
         return
     if info is None:
-        await fin.exited(entry.run_id, None, "crashed", "the container was lost while the agent was down")
+        reason = classified(Reason.LOST, "the container was lost while the agent was down")
+        await fin.exited(entry.run_id, None, "crashed", reason)
         await fin.complete(entry.run_id, entry.job_id, None)
         return
     if info.state == RunState.EXITED:

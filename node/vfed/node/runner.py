@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from vfed.common.api import Reason, classified
+from vfed.common.api.reasons import type_name
 from vfed.common.crypto import ContextMismatch as BoundElsewhere
 from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
 from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument, TrustError, input_context
@@ -29,11 +31,10 @@ from vfed.node.keys import KeyHolder
 from vfed.node.leases import LeaseGuard, lease_refusal
 from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics
-from vfed.node.policy import check_run
+from vfed.node.policy import check_run, image_gate, subtask_image_refusal
 from vfed.node.privacy import BudgetRefused, BudgetStore
-from vfed.node.run_setup import RunSetup
+from vfed.node.run_setup import RunSetup, fresh_run_dir, write_input
 from vfed.node.runtime.base import (
-    INPUT_NAME,
     LABEL_AGENT,
     DatasetMount,
     PermanentStartError,
@@ -46,6 +47,7 @@ from vfed.node.server_api import AlreadyClaimed, Claim, NodeClient
 from vfed.node.timeline import StartTimeline
 from vfed.node.trust import Accepted, RunChecks, refusal_reason
 from vfed.proxy.app import ProxyContext, RunInfo
+from vfed.proxy.context import ProxyLimits
 from vfed.proxy.rest import ApiError, RestClient, Run, Task
 from vfed.proxy.server import ProxyServer
 
@@ -54,6 +56,12 @@ T = TypeVar("T")
 
 MIN_ROWS_ENV = "VFED_MIN_ROWS"
 EPSILON_GRANTED_ENV = "VFED_EPSILON_GRANTED"
+
+
+def _not_started(run_id: int, exc: Exception) -> RunRefused:
+    """The engine's words (paths of the node's datasets, its own errors) stay in the node's log."""
+    log.warning("run %s: the container did not start: %s", run_id, exc)
+    return RunRefused("start-failed", "the container did not start (the node's log says why)")
 
 
 class RunRefused(Exception):
@@ -160,7 +168,7 @@ class Runner:
         setup = RunSetup(journaled, asyncio.ensure_future(self._image_digest(task)), volume, self.s.runtime)
         setup.digest.add_done_callback(lambda _: trace.mark("image"))
         try:
-            _fresh_run_dir(self.run_dir(claim.id))  # a few syscalls: a thread hop would cost more
+            fresh_run_dir(self.run_dir(claim.id))  # a few syscalls: a thread hop would cost more
             setup.creating = asyncio.ensure_future(self._create_ahead(claim, task, setup))
             prepared = await self._prepare(claim, task, setup, token)
             proxy = await setup.ready()
@@ -217,7 +225,8 @@ class Runner:
             with contextlib.suppress(Exception):
                 await self.s.runtime.cleanup(entry.handle)
         with contextlib.suppress(Exception):
-            reason = f"node agent error: {exc}"
+            log.error("run %s: node agent error: %r", run_id, exc)  # the words stay here: they may quote data
+            reason = classified(Reason.NODE_ERROR, type_name(type(exc).__name__))
             await self.finisher.end_without_container(run_id, "crashed", reason, entry.job_id)
 
     async def _prepare(self, run: Run, task: Task, setup: RunSetup, token: str | None) -> Prepared:
@@ -257,10 +266,10 @@ class Runner:
                 datasets=task.datasets,
                 initiator=str(accepted.verified.body.initiator.org),
             )
-        except BudgetRefused as exc:
-            raise RunRefused("not-allowed", str(exc)) from None
+        except BudgetRefused as exc:  # the node's words about its own budget, no data
+            raise RunRefused("not-allowed", classified(Reason.DISCLOSURE_REFUSED, str(exc))) from None
         run_dir = self.run_dir(run.id)
-        await _off_loop_if_big(len(plaintext), _write_input, run_dir, plaintext)
+        await _off_loop_if_big(len(plaintext), write_input, run_dir, plaintext)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, epsilon)
 
     async def _reserve_leases(
@@ -330,20 +339,28 @@ class Runner:
 
     async def _download_input(self, run: Run) -> bytes:
         if run.input_blob_id is None:
-            raise RunRefused("failed", "the run has no input blob")
+            raise RunRefused("failed", classified(Reason.BAD_INPUT, "the run has no input blob"))
         try:
             sent = run.input_bytes() if isinstance(run, Claim) else None
         except ValueError:  # binascii.Error: not base64
-            raise RunRefused("failed", "the server sent an input that is not base64") from None
+            reason = classified(Reason.BAD_INPUT, "the server sent an input that is not base64")
+            raise RunRefused("failed", reason) from None
         blob = sent if sent is not None else await self.s.client.download_blob(run.input_blob_id)
         self.s.metrics.bytes_down.inc(len(blob))
         return blob
 
     async def _image_digest(self, task: Task) -> str:
+        """The image's ID, once its name passed the node's image rules (policy.image_gate): a name no rule
+        admits is refused here, before the engine is asked anything about it (no lookup, no pull)."""
+        gate = image_gate(self.s.settings, task.image)
+        if not gate.lookup:
+            log.warning("run of task %s: %s", task.id, gate.reason)
+            raise RunRefused("not-allowed", gate.reason)
         try:
-            return await self.s.runtime.image_digest(task.image)
+            return await self.s.runtime.image_digest(task.image, pull=gate.pull)
         except PermanentStartError as exc:
-            raise RunRefused("start-failed", f"image {task.image} is not available: {exc}") from None
+            log.warning("run of task %s: image %s is not available: %s", task.id, task.image, exc)
+            raise RunRefused("start-failed", f"image {task.image} is not available at this node") from None
 
     def _decrypt(self, blob: bytes, accepted: Accepted) -> bytes:
         """The input, signed by the descriptor's signer and bound to the descriptor's nonce."""
@@ -353,7 +370,9 @@ class Runner:
         except BoundElsewhere as exc:
             raise ContextMismatch(f"the input belongs to another task than the signed one: {exc}") from None
         except CryptoError as exc:
-            raise RunRefused("failed", f"the input does not decrypt for this node: {exc}") from None
+            log.warning("run input does not decrypt: %s", exc)
+            reason = classified(Reason.BAD_INPUT, "the input does not decrypt for this node")
+            raise RunRefused("failed", reason) from None
 
     def spec_for(self, run: Run, task: Task, digest: str, epsilon: float | None, run_dir: Path) -> RunSpec:
         settings = self.s.settings
@@ -407,6 +426,15 @@ class Runner:
             chains=self.s.chains,
             max_subtasks_per_run=settings.max_subtasks_per_run,
             max_subtask_depth=settings.max_subtask_depth,
+            image_refusal=functools.partial(subtask_image_refusal, settings),
+            limits=ProxyLimits(
+                max_concurrent_requests=settings.proxy_max_concurrent_requests,
+                max_concurrent_bodies=settings.proxy_max_concurrent_bodies,
+                head_timeout_s=settings.proxy_head_timeout_s,
+                body_timeout_s=settings.proxy_body_timeout_s,
+                max_blob_uploads=settings.proxy_max_blob_uploads_per_run,
+                max_blob_bytes=settings.proxy_max_blob_bytes_per_run,
+            ),
         )
         proxy = ProxyServer(ctx, self.socket_path(run.id))
         await proxy.start()
@@ -459,14 +487,14 @@ class Runner:
                 handle = await ahead.start(self.s.runtime, early, spec)
             except PermanentStartError as exc:
                 await ahead.discard(self.s.runtime, early)
-                raise RunRefused("start-failed", f"the container did not start: {exc}") from None
+                raise _not_started(prepared.run.id, exc) from None
             if handle is not None:
                 return handle
         for attempt in range(5):
             try:
                 return await self.s.runtime.start(spec)
             except PermanentStartError as exc:
-                raise RunRefused("start-failed", f"the container did not start: {exc}") from None
+                raise _not_started(prepared.run.id, exc) from None
             except RuntimeUnavailable as exc:
                 log.warning("run %s: runtime unavailable (%s), attempt %d", prepared.run.id, exc, attempt + 1)
                 await asyncio.sleep(0.5 * 2**attempt)
@@ -490,19 +518,5 @@ def _extra_env(settings: NodeSettings, epsilon: float | None) -> dict[str, str]:
     return env
 
 
-def _fresh_run_dir(run_dir: Path) -> None:
-    """A fresh run folder the container user can write its output into (made before the container)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    run_dir.chmod(0o777)
-
-
 def _make_folder(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-
-
-def _write_input(run_dir: Path, plaintext: bytes) -> None:
-    path = run_dir / INPUT_NAME
-    path.write_bytes(plaintext)
-    path.chmod(0o644)

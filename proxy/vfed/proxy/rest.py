@@ -75,7 +75,7 @@ class Run(_Model):
     image_digest: str | None = None
     exit_code: int | None = None
     reason: str | None = None
-    log: str | None = None
+    sealed_log: str | None = None  # base64 envelope, sealed to the node's organization (never plaintext)
     created_at: datetime | None = None
 
     @property

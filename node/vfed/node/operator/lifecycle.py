@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import time
@@ -16,6 +15,7 @@ from docker import DockerClient
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 
+from vfed.common.api import Reason, classified
 from vfed.node.config import NodeSettings
 from vfed.node.operator import container as agent
 from vfed.node.operator import server
@@ -32,6 +32,7 @@ from vfed.node.operator.common import (
     to_scope,
 )
 from vfed.node.operator.paths import NodeRef, nodes_in, resolve
+from vfed.node.operator.run_logs import quiet_keyring
 from vfed.node.runtime.base import LABEL_NODE, LABEL_RUN_ID
 
 _START_HELP = """Run node NAME's agent in a container and wait until it reports online.
@@ -39,7 +40,9 @@ _START_HELP = """Run node NAME's agent in a container and wait until it reports 
 \b
 The container `vfed-<name>-<scope>` gets the Docker socket, the config, the key file's folder and the
 datasets (read-only), the trust store's folder and the volume `vfed-<name>-vol` (journal, run folders). A
-server on 127.0.0.1 is reached through the host's network (a bridged container's loopback is its own).
+server on 127.0.0.1 is reached through the host's network (a bridged container's loopback is its own). The
+key passphrase ($VAR of private_key_passphrase_env, or private_key_passphrase_file) is mounted as a read-only
+file, never passed in the container's environment.
 
 \b
 Examples:
@@ -71,14 +74,6 @@ def _build_image(client: DockerClient, image: str) -> None:
         raise OperatorError(f"building {image} with {script} failed (its output is above)")
 
 
-def _environment(settings: NodeSettings) -> dict[str, str]:
-    """Pass the key passphrase through when the config names its variable and it is set here."""
-    name = settings.private_key_passphrase_env
-    if name and os.environ.get(name):
-        return {name: os.environ[name]}
-    return {}
-
-
 def _mounts(
     client: DockerClient, ref: NodeRef, settings: NodeSettings, image: str, develop: Path | None
 ) -> list[Mount]:
@@ -87,7 +82,8 @@ def _mounts(
             f"no organization key at {settings.key_path}: create one with `vnode keys generate {ref.name}`"
         )
     volume = agent.node_volume(client, ref)
-    config_file = agent.write_agent_config(ref, settings, agent.mountpoint(volume))
+    secrets = agent.secret_files(ref, settings)  # the passphrase as a read-only file, never an env variable
+    config_file = agent.write_agent_config(ref, settings, agent.mountpoint(volume), secrets)
     socket = agent.docker_socket_path()
     mounts = [
         Mount(socket, socket, type="bind"),
@@ -95,6 +91,7 @@ def _mounts(
         *agent.key_and_trust_mounts(settings),
         Mount(agent.DATA_IN_CONTAINER, ref.volume_name, type="volume"),
         *agent.dataset_mounts(settings),
+        *agent.secret_mounts(secrets),
     ]
     if develop is not None:
         mounts += agent.develop_mounts(client, image, develop)
@@ -125,7 +122,6 @@ def run_agent(
             detach=True,
             init=True,
             mounts=mounts,
-            environment=_environment(settings),
             labels={
                 LABEL_ROLE: ROLE_AGENT,
                 LABEL_AGENT_NODE: ref.name,
@@ -133,6 +129,9 @@ def run_agent(
                 "vfed.agent.config": str(ref.config_path),
             },
             network_mode="host" if host_net else None,
+            # Never remapped (docs/security.md, "Container users"): the agent holds the engine's socket (root
+            # anyway), which a remapped root could not open; its algorithm containers are remapped.
+            userns_mode="host",
             log_config=LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
         )
     except docker.errors.DockerException as exc:
@@ -192,6 +191,7 @@ def start_command(
         wait_online(container, timeout_s)
     except OperatorError:
         container.stop(timeout=5)
+        agent.forget_secrets(ref)
         raise
     # Only a node that came up is restarted after a crash or reboot; `vnode stop` stays final.
     container.update(restart_policy=cast(Any, {"Name": "unless-stopped"}))
@@ -219,6 +219,7 @@ def stop_node(client: DockerClient, ref: NodeRef, settings: NodeSettings, grace_
         ids = ", ".join(run.labels.get(LABEL_RUN_ID, "?") for run in stopped)
         click.echo(f"stopped runs {ids} of node {ref} and marked them killed")
     remove_job_volumes(client, ref.name)
+    agent.forget_secrets(ref)
     return True
 
 
@@ -236,7 +237,8 @@ def kill_runs(client: DockerClient, ref: NodeRef, settings: NodeSettings) -> lis
         if c.labels.get(LABEL_RUN_ID, "").isdigit()
     }
     try:
-        server.mark_killed(settings, run_ids, "the node was stopped by its operator", logs)
+        reason = classified(Reason.KILLED, "the node was stopped by its operator")
+        server.mark_killed(settings, run_ids, reason, logs, quiet_keyring(settings))
     except OperatorError as exc:
         click.echo(f"warning: runs {run_ids} are stopped but not marked killed: {exc.message}", err=True)
     for run in running:

@@ -12,6 +12,7 @@ from vfed.common.crypto import Keyring
 from vfed.common.trust import SignedEntry, records_for_keys
 from vfed.node.config import NodeSettings
 from vfed.node.keys import NO_KEY_RECORDS, KeyMismatch, check_served_chain
+from vfed.node.log_sealing import seal_run_log_now
 from vfed.node.operator.common import OperatorError
 
 TIMEOUT_S = 5.0
@@ -90,22 +91,37 @@ def upload_public_key(settings: NodeSettings, public_key: str) -> dict[str, Any]
     return org if isinstance(org, dict) else {}
 
 
-def mark_killed(settings: NodeSettings, run_ids: list[int], reason: str, logs: dict[int, str]) -> list[int]:
-    """Mark our runs killed (as the claiming node); returns the ids the server accepted."""
+def mark_killed(
+    settings: NodeSettings, run_ids: list[int], reason: str, logs: dict[int, str], keyring: Keyring | None
+) -> list[int]:
+    """Mark our runs killed (as the claiming node); returns the ids the server accepted. A run's log goes
+    along sealed to our organization when `keyring` is there (log_sealing), never in plaintext."""
     if not run_ids:
         return []
     session = login(settings)
     done = []
     for run_id in run_ids:
         body: dict[str, Any] = {"status": "killed", "reason": reason}
-        if logs.get(run_id):
-            body["log"] = logs[run_id]
+        if logs.get(run_id) and keyring is not None:
+            with contextlib.suppress(OperatorError):
+                task_id = int(get_run(session, run_id).get("task_id", 0))
+                body["sealed_log"] = seal_run_log_now(
+                    logs[run_id], keyring, [], session.organization_id, task_id, run_id
+                )
         try:
             _call("PATCH", f"{session.base}/runs/{run_id}", token=session.token, json=body)
             done.append(run_id)
         except OperatorError:
             continue  # already final (completed just now, or killed by the agent itself)
     return done
+
+
+def get_run(session: Session, run_id: int) -> dict[str, Any]:
+    """`GET /runs/{id}` as this node sees it (a run of its organization)."""
+    answer = _call("GET", f"{session.base}/runs/{run_id}", token=session.token)
+    if not isinstance(answer, dict):
+        raise OperatorError(f"the server's answer for run {run_id} is not an object")
+    return answer
 
 
 def _data(answer: Any, what: str) -> list[Any]:

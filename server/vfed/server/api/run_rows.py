@@ -88,7 +88,7 @@ async def blob_owner_is(conn: AsyncConnection, blob_id: str, node_id: int | None
 
 @functools.cache
 def update_own_run(columns: tuple[str, ...], log_only: bool) -> Update:
-    """UPDATE of a run by the node that claimed it, unless final (a killed run still takes a log-only
+    """UPDATE of a run by the node that claimed it, unless final (a killed run still takes a sealed-log-only
     update), RETURNING the new row; one statement per set of columns, each value bound as `v_<column>`.
     `started_at` keeps the first value it was given."""
     still_open: ColumnElement[bool] = _R.status.not_in(list(TERMINAL))
@@ -105,6 +105,6 @@ async def update_run(
     conn: AsyncConnection, p: Principal, run_id: int, values: dict[str, Any]
 ) -> Row[Any] | None:
     """The run's new row, or None when it is not this node's run or already final."""
-    stmt = update_own_run(tuple(sorted(values)), set(values) == {"log"})
+    stmt = update_own_run(tuple(sorted(values)), set(values) == {"sealed_log"})
     params = node_params(p, run=run_id, node=p.node_id, **{f"v_{k}": v for k, v in values.items()})
     return (await conn.execute(stmt, params)).first()

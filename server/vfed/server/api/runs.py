@@ -48,7 +48,7 @@ def out(r: Run | Row[Any]) -> RunOut:
         image_digest=r.image_digest,
         exit_code=r.exit_code,
         reason=r.reason,
-        log=r.log,
+        sealed_log=r.sealed_log,
         created_at=r.created_at,
         claimed_at=r.claimed_at,
         started_at=r.started_at,
@@ -146,19 +146,27 @@ def _claim_with_input(claim: ClaimOut, data: bytes) -> web.Response:
     return web.Response(body=body)
 
 
-def _tail(text: str, max_bytes: int) -> str:
-    """Keep the end of a log: the last lines say why a run ended."""
-    data = text.encode()
-    if len(data) <= max_bytes:
-        return text
-    return data[len(data) - max_bytes :].decode(errors="ignore")
+SEAL_SLACK_BYTES = 16 * 1024
+"""What sealing adds to a log tail of run_log_max_bytes: header, a key per recipient, tags, signature."""
+
+
+def _sealed_log_cap(log_max: int) -> int:
+    """The longest base64 `sealed_log` kept: a sealed tail of run_log_max_bytes (the node cuts the tail, the
+    server cannot: it is ciphertext)."""
+    return 4 * -(-(log_max + SEAL_SLACK_BYTES) // 3)
 
 
 def _changes(body: RunPatch, log_max: int) -> dict[str, Any]:
-    """The columns a PATCH sets (`started_at` keeps its first value: see run_rows.update_own_run)."""
+    """The columns a PATCH sets (`started_at` keeps its first value: see run_rows.update_own_run). A
+    plaintext `log` (an older node's) is dropped: algorithm output is never stored in the clear."""
     values: dict[str, Any] = body.model_dump(exclude_unset=True, exclude_none=True)
-    if body.log is not None:
-        values["log"] = _tail(body.log, log_max)
+    values.pop("log", None)
+    if body.sealed_log is not None and len(body.sealed_log) > _sealed_log_cap(log_max):
+        raise ApiError(
+            413,
+            "too-large",
+            f"sealed_log: over {_sealed_log_cap(log_max)} characters (run_log_max_bytes {log_max} sealed)",
+        )
     now: datetime = utcnow()
     if body.status == RunStatus.ACTIVE:
         values["started_at"] = now
@@ -187,7 +195,7 @@ def _unknown_blob(blob_id: str) -> ApiError:
 
 async def patch_run(request: web.Request) -> web.Response:
     """The claiming node reports progress; terminal statuses are final (409), but a killed run's node may
-    still PATCH only its `log`: it stops the container after the kill and uploads the log so far.
+    still PATCH only its `sealed_log`: it stops the container after the kill and uploads the log so far.
     One conditional UPDATE ... RETURNING does the checks that pass on the way (the run is this node's and
     open); only a refusal reads the run again, to answer with the code the first failing check gives."""
     body = await read_json(request, RunPatch)
