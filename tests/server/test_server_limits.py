@@ -231,7 +231,7 @@ async def test_upload_whose_body_stalls_is_dropped_with_408(tmp_path: Path) -> N
 
 
 async def test_json_body_that_trickles_is_dropped_with_408(tmp_path: Path) -> None:
-    """A small JSON body (the login's) that never finishes arriving answers 408; the next request is served."""
+    """A small JSON body (the login's) that never finishes arriving gets 408; the next request is served."""
     with server_process(tmp_path, limits={"body_timeout_s": 1.0}) as srv:
         spec = tmp_path / "import.yaml"
         spec.write_text(IMPORT)
