@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import select
 import socket
 import threading
 import tracemalloc
@@ -19,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from tests.proxy.proxy_kit import World, world
+from tests.slow_client import trickle_head
 
 from vfed.proxy.context import ProxyLimits
 from vfed.proxy.limits import GATE, Gate
@@ -185,21 +185,11 @@ async def test_the_runs_blob_quota_refuses_more_uploads_and_the_proxy_keeps_serv
 
 
 def _trickle_head(path: Path) -> tuple[int, int]:
-    """Send a request head one byte a second until the proxy closes the connection; (bytes sent, of)."""
+    """The slow-header client against the proxy's socket; (bytes sent, of)."""
     head = b"GET /run HTTP/1.1\r\nHost: proxy\r\nUser-Agent: slow-header-client\r\n\r\n"
-    sent = 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(path))
-        for byte in head:
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                break
-            sent += 1
-            readable, _, _ = select.select([sock], [], [], 1.0)
-            if readable and sock.recv(1024) == b"":
-                break
-    return sent, len(head)
+        return trickle_head(sock, head)
 
 
 async def test_slow_header_client_is_cut_off_while_the_run_is_served(world: World, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from typing import Any
 import aiohttp
 from sqlalchemy import update
 from tests.node.node_harness import PASSWORD, Server
+from tests.slow_client import trickle_head
 from vserver_proc import server_process, vserver
 
 from vfed.server.blob_collector import collect
@@ -181,20 +181,10 @@ async def _wait_for_part(root: Path) -> Path:
 
 
 def _trickle_head(port: int, path: str) -> tuple[int, int]:
-    """Send a request head one byte a second until the server closes the connection; (bytes sent, of)."""
+    """The slow-header client against the server's port; (bytes sent, of)."""
     head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow-header-client\r\n\r\n".encode()
-    sent = 0
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        for byte in head:
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:  # reset: the server closed it
-                break
-            sent += 1
-            readable, _, _ = select.select([sock], [], [], 1.0)
-            if readable and sock.recv(1024) == b"":
-                break
-    return sent, len(head)
+        return trickle_head(sock, head)
 
 
 async def test_slow_header_client_is_cut_off_while_others_are_served(tmp_path: Path) -> None:
