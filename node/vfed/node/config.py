@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from vfed.common.netaddr import is_loopback_host
 
 _LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -157,7 +158,7 @@ class NodeSettings(_Strict):
     @model_validator(mode="after")
     def _metrics_and_secrets(self) -> NodeSettings:
         open_metrics = self.metrics_port is not None and self.metrics_token_file is None
-        if open_metrics and not _loopback(self.metrics_host):
+        if open_metrics and not is_loopback_host(self.metrics_host):
             raise ValueError(
                 f"metrics_host {self.metrics_host} is not a loopback address: set metrics_token_file too, or "
                 "anyone who reaches that address reads the node's metrics"
@@ -205,16 +206,6 @@ class NodeSettings(_Strict):
         """The pins of other organizations (`vnode trust`): the configured file, else one inside data_dir."""
         return self.trust_store if self.trust_store is not None else self.data_dir / "trusted_orgs"
 
-
-def _loopback(host: str) -> bool:
-    """True for `localhost` and loopback addresses, which no other machine (nor an algorithm: it has no
-    network) reaches."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _describe(error: ValidationError) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import platformdirs
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, model_validator
+
+from vfed.common.netaddr import is_loopback_host
 
 DEFAULT_PORT = 7600
 DEFAULT_METRICS_PORT = 7601
@@ -97,15 +98,6 @@ class MetricsSettings(BaseModel):
             )
         return self
 
-
-def is_loopback_host(host: str) -> bool:
-    """True for `localhost` and loopback addresses (which another machine cannot reach)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class LimitsSettings(BaseModel):
