@@ -40,11 +40,13 @@ ensure_binaries() {
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+    command -v docker-compose >/dev/null || missing+=(docker-compose)  # validates docker/compose.yaml
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)  # TLS-proxy tests
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
     fi
     # The distribution's own service instances are not used; the tests start their own on free ports.
-    say "mosquitto, postgresql, debootstrap: present"
+    say "mosquitto, postgresql, debootstrap, haproxy: present"
 }
 
 ensure_binaries

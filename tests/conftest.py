@@ -13,7 +13,7 @@ import pytest
 
 from tests import infra
 
-MARKERS = ("docker", "mqtt", "postgres", "k8s", "fabric", "slow")
+MARKERS = ("docker", "mqtt", "postgres", "netns", "k8s", "fabric", "slow")
 
 
 @pytest.fixture(autouse=True)
@@ -137,5 +137,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
     if os.environ.get(infra.REQUIRE_ENV) == "1":
         terminalreporter.write_line(
-            "(components required: a missing docker/mqtt/postgres fails instead of skipping)"
+            "(components required: a missing docker/mqtt/postgres/netns fails instead of skipping)"
         )

@@ -70,12 +70,14 @@ async def test_start_serves_api_and_embedded_doorbell(tmp_path: Path) -> None:
         beta_key = next(line.rsplit(" ", 1)[1] for line in out.splitlines() if "beta-node" in line)
         async with aiohttp.ClientSession(srv.url) as http:
             r = await http.post("/api/v1/token/node", json={"api_key": beta_key})
-            beta_node = (await r.json())["node_id"]
+            beta = await r.json()  # the embedded broker takes the node's own account, nothing anonymous
+            beta_node = beta["node_id"]
             r = await http.post("/api/v1/token/user", json={"username": "res", "password": "long password"})
             auth = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
             r = await http.get("/api/v1/doorbell")
             assert (await r.json())["url"] == f"mqtt://127.0.0.1:{srv.mqtt_port}"
-            async with aiomqtt.Client("127.0.0.1", srv.mqtt_port) as sub:
+            account = {"username": beta["broker_username"], "password": beta["broker_password"]}
+            async with aiomqtt.Client("127.0.0.1", srv.mqtt_port, **account) as sub:
                 await sub.subscribe(f"vfed/nodes/{beta_node}", qos=1)
                 await asyncio.sleep(0.5)  # let the server's own publisher connect to its broker
                 r = await http.get("/api/v1/collaborations", headers=auth)

@@ -4,9 +4,11 @@ and a missing broker never slows or fails the API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,52 @@ async def _expect(sub: aiomqtt.Client, n: int, timeout_s: float = 20) -> list[tu
     return got
 
 
-async def _ring_and_check(w: World, host: str, port: int) -> None:
+class _Nodes:
+    """One subscriber per node with its own broker account (an ACL'd broker shows no one every topic),
+    merged into one stream of messages."""
+
+    def __init__(self, w: World, host: str, port: int) -> None:
+        self.w, self.host, self.port = w, host, port
+        self._queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        self._stack = contextlib.AsyncExitStack()
+        self._pumps: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> _Nodes:
+        for name in ("a_node", "a_node2", "b_node"):
+            r = await self.w.client.post("/api/v1/token/node", json={"api_key": self.w.api_keys[name]})
+            account = await r.json()
+            client = aiomqtt.Client(
+                self.host, self.port, username=account["broker_username"], password=account["broker_password"]
+            )
+            await self._stack.enter_async_context(client)
+            await client.subscribe(f"vfed/nodes/{account['node_id']}", qos=1)
+            self._pumps.append(asyncio.create_task(self._pump(client)))
+        return self
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            await self._queue.put(msg)
+
+    async def __aexit__(self, *exc: object) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await self._stack.aclose()
+
+    @property
+    def messages(self) -> AsyncIterator[aiomqtt.Message]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[aiomqtt.Message]:
+        while True:
+            yield await self._queue.get()
+
+
+async def _ring_and_check(w: World, host: str, port: int, accounts: bool = False) -> None:
     await asyncio.wait_for(w.client.app[DOORBELL].connected.wait(), 20)
-    async with aiomqtt.Client(host, port) as sub:
-        await sub.subscribe("vfed/nodes/#", qos=1)
+    async with _Nodes(w, host, port) if accounts else aiomqtt.Client(host, port) as sub:
+        if not accounts:
+            await sub.subscribe("vfed/nodes/#", qos=1)  # type: ignore[union-attr]
         task = await w.task("a_res", "ab", ["A", "B"])
         created = await _expect(sub, 3)  # a_node, a_node2 (org A) and b_node (org B)
         _, runs = await w.call("root", "GET", f"/runs?task_id={task['id']}")
@@ -84,7 +128,7 @@ async def test_doorbell_through_embedded_broker(aiohttp_client: Any, tmp_path: P
     w = await _world(
         aiohttp_client, _settings(tmp_path, MqttSettings(embedded_broker=True, embedded_port=port))
     )
-    await _ring_and_check(w, "127.0.0.1", port)
+    await _ring_and_check(w, "127.0.0.1", port, accounts=True)
 
 
 @pytest.mark.mqtt

@@ -7,8 +7,10 @@ import csv
 import io
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import click
 
 from vfed.client import credentials
@@ -16,6 +18,8 @@ from vfed.client.cli_common import handled, run
 from vfed.client.cli_ledger import datasets, leases, receipts
 from vfed.client.cli_trust import keys, organizations, trust, untrust
 from vfed.client.client import AsyncClient
+from vfed.client.errors import ClientError
+from vfed.common import tls
 
 
 @click.group(epilog="Example: vfed login --url http://127.0.0.1:7600 --username alice")
@@ -25,6 +29,12 @@ def main() -> None:
 
 @main.command()
 @click.option("--url", default="http://127.0.0.1:7600", show_default=True, help="server URL")
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False),
+    help="the CA that signed an https:// server's certificate (`vserver tls init`'s ca.crt; default: the "
+    "system's CAs); remembered with the login",
+)
 @click.option("--username", prompt=True)
 @click.option("--password", prompt=True, hide_input=True)
 @click.option(
@@ -33,17 +43,22 @@ def main() -> None:
     help="your own key file (`vfed keys generate`, certified by your admin) or your organization's keyring",
 )
 @handled
-def login(url: str, username: str, password: str, key_file: str | None) -> None:
+def login(url: str, ca_file: str | None, username: str, password: str, key_file: str | None) -> None:
     """Log in and remember the tokens (0600 file in your config folder)."""
+    ca = str(Path(ca_file).resolve()) if ca_file else None
 
     async def go() -> dict[str, Any]:
-        async with AsyncClient(url) as client:
-            return await client.api.login(username, password)
+        async with AsyncClient(url, ca_file=ca) as client:
+            try:
+                return await client.api.login(username, password)
+            except aiohttp.ClientSSLError as exc:  # name the CA file this login used
+                raise ClientError(tls.explain(exc, client.api.ca_file) or str(exc)) from None
 
     body = asyncio.run(go())
     path = credentials.save(
         {
             "url": url,
+            "ca_file": ca,
             "username": username,
             "key_file": key_file,
             "access_token": body["access_token"],

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, TypeVar
 
+import aiohttp
 import click
 from pydantic import ValidationError
 
 from vfed.client import credentials
 from vfed.client.client import AsyncClient
 from vfed.client.errors import ClientError
+from vfed.common import tls
 from vfed.common.crypto import CryptoError
 from vfed.common.payload import AlgorithmError
+from vfed.common.tls import CaFileError
 from vfed.common.trust import TrustError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +41,10 @@ def handled(fn: F) -> F:
             raise  # usage errors: click prints them and exits 2
         except ClientError as exc:
             fail(str(exc))
+        except CaFileError as exc:
+            fail(str(exc))
+        except aiohttp.ClientSSLError as exc:  # certificate or handshake: say what to fix
+            fail(tls.explain(exc, _ca_file()) or str(exc))
         except TrustError as exc:
             fail(exc.message)
         except (CryptoError, AlgorithmError, OSError) as exc:
@@ -50,9 +58,19 @@ def handled(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _ca_file() -> str | None:
+    """The CA file a failed command used: VFED_CA_FILE, else the one `vfed login` saved."""
+    return os.environ.get("VFED_CA_FILE") or credentials.load().get("ca_file")
+
+
 def make_client() -> AsyncClient:
     saved = credentials.load()
-    client = AsyncClient(saved.get("url"), key_file=saved.get("key_file"), token=saved.get("access_token"))
+    client = AsyncClient(
+        saved.get("url"),
+        key_file=saved.get("key_file"),
+        token=saved.get("access_token"),
+        ca_file=saved.get("ca_file"),
+    )
     client.api.refresh_token = saved.get("refresh_token")
     if saved.get("user_id") is not None and saved.get("organization_id") is not None:
         client.user_id, client.organization_id = int(saved["user_id"]), int(saved["organization_id"])

@@ -40,6 +40,8 @@ class AsyncClient:
     Trust: pins in `trust_file` (VFED_TRUST_FILE, else `trusted_orgs` in the config folder); `trust` is
     `tofu` (default, VFED_TRUST: pin an organization at first sight, like ssh) or `pinned` (refuse any
     organization not pinned with `trust()` / `vfed trust` beforehand).
+    HTTPS: the server's certificate is verified against `ca_file` (else VFED_CA_FILE, else the system's
+    CAs) and the URL's host name.
     """
 
     def __init__(
@@ -51,9 +53,11 @@ class AsyncClient:
         token: str | None = None,
         trust_file: str | Path | None = None,
         trust: str | None = None,
+        ca_file: str | Path | None = None,
     ) -> None:
         self.url = url or os.environ.get("VFED_SERVER_URL", DEFAULT_URL)
-        self.api = ApiSession(self.url, token=token or os.environ.get("VFED_TOKEN"))
+        ca = ca_file or os.environ.get("VFED_CA_FILE") or None
+        self.api = ApiSession(self.url, token=token or os.environ.get("VFED_TOKEN"), ca_file=ca)
         self.members = Members(self.api)
         self.chains = ClientTrust(self.api, Path(trust_file or default_trust_file()), trust_mode(trust))
         self._key_file = key_file or os.environ.get("VFED_KEY_FILE")

@@ -5,20 +5,30 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from vfed.client.errors import ApiError, NotLoggedIn
+from vfed.common.tls import connector
 
 CHUNK_BYTES = 1 << 20
 
 
 class ApiSession:
-    """One aiohttp session against `<url>/api/v1`; refreshes the access token once on a 401."""
+    """One aiohttp session against `<url>/api/v1`; refreshes the access token once on a 401. An https://
+    server's certificate is verified against `ca_file` (None: the system's CAs) and the URL's host name."""
 
-    def __init__(self, url: str, token: str | None = None, refresh_token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        refresh_token: str | None = None,
+        ca_file: str | Path | None = None,
+    ) -> None:
         self.base = url.rstrip("/") + "/api/v1"
+        self.ca_file = ca_file
         self.token = token
         self.refresh_token = refresh_token
         self._session: aiohttp.ClientSession | None = None
@@ -40,7 +50,10 @@ class ApiSession:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+            self._session = aiohttp.ClientSession(
+                connector=connector(self.ca_file),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+            )
         return self._session
 
     def _headers(self) -> dict[str, str]:

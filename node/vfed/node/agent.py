@@ -13,11 +13,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import TracebackType
 
 import aiohttp
 from pydantic import ValidationError
 
+from vfed.common import tls
 from vfed.common.crypto import CryptoError
 from vfed.common.ledger import LedgerError
 from vfed.common.secret_file import SecretFileError, read_secret_file
@@ -127,8 +129,15 @@ class Agent:
             metrics_token = _metrics_token(s)
         except (UnsafeDataDir, SecretFileError) as exc:
             raise AgentStartError(str(exc)) from None
+        try:
+            to_server = tls.connector(s.server_ca_file)  # the runs' proxies share this session
+        except tls.CaFileError as exc:
+            raise AgentStartError(f"server_ca_file: {exc}") from None
         session = await self._stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300))
+            aiohttp.ClientSession(
+                connector=to_server,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+            )
         )
         client = NodeClient(session, s.server_url, s.api_key.get_secret_value())
         keyring, created = await asyncio.to_thread(load_or_create, s)
@@ -226,6 +235,9 @@ class Agent:
                 detail = exc.detail or exc.error
                 raise AgentStartError(f"the server refused this node's api_key: {detail}") from None
             except ServerUnavailable as exc:
+                refused = tls.explain(exc.__cause__, self.settings.server_ca_file) if exc.__cause__ else None
+                if refused is not None:  # a certificate that does not verify will not start to
+                    raise AgentStartError(refused) from None
                 if time.monotonic() + delay > deadline:
                     raise AgentStartError(
                         f"the server at {self.settings.server_url} does not answer"
@@ -266,7 +278,8 @@ class Agent:
         await recover(s, self._runner_or_fail(), self._spawn_resumed)
         mqtt_url = self.settings.mqtt_url or await self._mqtt_from_server()
         if mqtt_url and s.client.identity is not None:
-            self.doorbell = Doorbell(mqtt_url, s.client.identity.node_id, self._on_ring)
+            node_id, ca = s.client.identity.node_id, self._broker_ca()
+            self.doorbell = Doorbell(mqtt_url, node_id, self._on_ring, self._broker_credentials, ca)
             self._background.append(asyncio.create_task(self.doorbell.run(), name="doorbell"))
             # Subscribe first, then sync, so nothing published in between is missed (a broker that does not
             # answer in time only delays the doorbell: the poll below starts regardless).
@@ -369,6 +382,16 @@ class Agent:
             elif now - idle_since.setdefault(job_id, now) >= self.settings.job_volume_retention_s:
                 await s.runtime.remove_job_volume(self.settings.name, job_id)
                 idle_since.pop(job_id, None)
+
+    def _broker_credentials(self) -> tuple[str | None, str | None]:
+        """The broker account from the last login (the server hands each node its own)."""
+        identity = self._s.client.identity
+        return (identity.broker_username, identity.broker_password) if identity else (None, None)
+
+    def _broker_ca(self) -> Path | None:
+        """The CA an `mqtts://` broker is checked with: the node's `ca_file`, if any (else system CAs)."""
+        ca = getattr(self.settings, "ca_file", None)
+        return Path(ca) if ca else None
 
     async def _mqtt_from_server(self) -> str | None:
         """The broker the server announces at `GET /doorbell`, when the config names none."""

@@ -103,6 +103,9 @@ class NodeSettings(_Strict):
 
     name: str = "node"
     server_url: str = "http://127.0.0.1:7600"
+    server_ca_file: Path | None = None
+    """The CA that signed an https:// server's certificate (`vserver tls init`'s ca.crt; `vnode new
+    --server-ca`); None: the system's CAs. The host name in server_url is always verified."""
     api_key: SecretStr
     private_key: Path | None = None
     private_key_passphrase_env: str | None = None
@@ -232,7 +235,7 @@ def parse_settings(data: Any, *, base_dir: Path | None = None) -> NodeSettings:
             updates["private_key"] = base_dir / settings.private_key
         if settings.trust_store is not None and not settings.trust_store.is_absolute():
             updates["trust_store"] = base_dir / settings.trust_store
-        for key in ("private_key_passphrase_file", "metrics_token_file"):
+        for key in ("private_key_passphrase_file", "metrics_token_file", "server_ca_file"):
             value = getattr(settings, key)
             if value is not None and not value.is_absolute():
                 updates[key] = base_dir / value

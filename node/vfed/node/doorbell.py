@@ -9,6 +9,7 @@ import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -84,21 +85,36 @@ class BrokerAddress:
 class Doorbell:
     """Subscribes to our topic and calls `on_ring` per message; reconnects with jittered backoff forever."""
 
-    def __init__(self, url: str, node_id: int, on_ring: Callable[[Ring], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        node_id: int,
+        on_ring: Callable[[Ring], None],
+        credentials: Callable[[], tuple[str | None, str | None]] | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
         self.address = BrokerAddress.parse(url)
         self.topic = topic_for(node_id)
         self.on_ring = on_ring
+        self.credentials = credentials
+        """The broker account the server gave at the last login; asked at every connect, so a login after a
+        key rotation brings the new password. Credentials in the URL win."""
+        self.ca_file = ca_file
         self.connected = asyncio.Event()
         self.max_backoff_s = 30.0
 
     def _client(self) -> aiomqtt.Client:
         a = self.address
+        username, password = a.username, a.password
+        if username is None and self.credentials is not None:
+            username, password = self.credentials()
+        ca = str(self.ca_file) if self.ca_file is not None else None
         return aiomqtt.Client(
             a.host,
             a.port,
-            username=a.username,
-            password=a.password,
-            tls_context=ssl.create_default_context() if a.tls else None,
+            username=username,
+            password=password,
+            tls_context=ssl.create_default_context(cafile=ca) if a.tls else None,
             keepalive=30,
             timeout=10,
         )

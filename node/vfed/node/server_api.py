@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from vfed.common import multipart
 from vfed.common.trust import SignedEntry
@@ -23,6 +23,9 @@ class NodeIdentity(BaseModel):
     node_id: int
     organization_id: int
     collaboration_id: int
+    broker_username: str | None = None
+    """The node's own doorbell broker account (servers that manage the broker's accounts)."""
+    broker_password: str | None = Field(None, repr=False)
 
 
 class RunToken(BaseModel):

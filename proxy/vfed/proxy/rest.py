@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 import aiohttp
 from pydantic import BaseModel, ConfigDict
 
+from vfed.common import tls
+
 TERMINAL_RUN_STATUSES = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 
 
@@ -154,7 +156,8 @@ class RestClient:
                     yield response
                     return
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-                raise ServerUnavailable(f"{method} {path}: {exc or type(exc).__name__}") from exc
+                why = tls.explain(exc) or exc or type(exc).__name__  # TLS: what to fix, in one line
+                raise ServerUnavailable(f"{method} {path}: {why}") from exc
 
     async def request(
         self,

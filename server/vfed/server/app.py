@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from vfed.common.slow_clients import head_middleware
 from vfed.server import blob_collector, db
@@ -13,6 +14,7 @@ from vfed.server.api.meta import DOCS_HTML, OPENAPI, scrape
 from vfed.server.api.tokens import DUMMY_HASH
 from vfed.server.blob_limits import USAGE, Usage
 from vfed.server.blobs import BlobStore
+from vfed.server.broker_auth import BROKER, BrokerAccounts
 from vfed.server.config import Settings
 from vfed.server.doorbell import Doorbell
 from vfed.server.embedded import EmbeddedBroker
@@ -43,13 +45,16 @@ from vfed.server.state import (
 )
 from vfed.server.task_events import TaskEvents
 from vfed.server.throttle import THROTTLES, LoginThrottles
+from vfed.server.tls import proxy_only_middleware
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the server application; nothing touches disk, database or network until it starts."""
-    middlewares = [head_middleware, metrics_middleware, error_middleware]  # head_middleware: slow_clients.py
+    middlewares: list[Middleware] = [head_middleware, metrics_middleware, error_middleware]  # slow_clients.py
+    if settings.tls.terminated_by == "proxy":  # plain HTTP from anyone but the TLS proxy: refused (tls.py)
+        middlewares.insert(1, proxy_only_middleware(settings.trusted_proxies))
     app = web.Application(middlewares=middlewares, client_max_size=4 * 1024 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -62,6 +67,7 @@ def create_app(settings: Settings) -> web.Application:
     app[DUMMY_HASH] = []
     app[THROTTLES] = LoginThrottles.from_settings(settings.login)
     app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
+    app[BROKER] = BrokerAccounts.from_settings(settings)
     app[USAGE] = Usage()
     app[OPENAPI] = build_openapi()
     app[DOCS_HTML] = build_docs_html()
@@ -92,8 +98,14 @@ async def _doorbell(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     broker: EmbeddedBroker | None = None
     url = settings.mqtt.url
+    mqtt = settings.mqtt
+    accounts = app[BROKER]
+    if accounts.folder is not None:  # our own broker accounts: the files first, then the broker and doorbell
+        password = accounts.load_server_password(settings)
+        await accounts.sync(app[SESSIONS])
+        mqtt = mqtt.model_copy(update={"username": accounts.username, "password": password})
     if url is None and settings.mqtt.embedded_broker:
-        broker = EmbeddedBroker("127.0.0.1", settings.mqtt.embedded_port)
+        broker = EmbeddedBroker("127.0.0.1", settings.mqtt.embedded_port, accounts.folder)
         try:
             await broker.start()
             url = broker.url
@@ -106,7 +118,7 @@ async def _doorbell(app: web.Application) -> AsyncIterator[None]:
             )
             await broker.stop()
             broker = None
-    doorbell = Doorbell(settings.mqtt, url, app[METRICS])
+    doorbell = Doorbell(mqtt, url, app[METRICS])
     app[DOORBELL] = doorbell
     await doorbell.start()
     yield

@@ -68,8 +68,16 @@ def main(log_level: str) -> None:
 @click.option("--host", help="address to listen on (default 127.0.0.1)")
 @click.option("--port", type=int, help="port (default 7600)")
 @_data_dir
-def start(config: Path | None, host: str | None, port: int | None, data_dir: Path | None) -> None:
-    """Run the server (with an embedded MQTT broker on loopback unless a broker URL is configured)."""
+@click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="serve plain HTTP on an address other machines reach (refused without it: configure tls.*)",
+)
+def start(
+    config: Path | None, host: str | None, port: int | None, data_dir: Path | None, insecure_http: bool
+) -> None:
+    """Run the server (with an embedded MQTT broker on loopback unless a broker URL is configured); HTTPS
+    with tls.cert_file and tls.key_file (reloaded on SIGHUP)."""
     from vfed.server.app import create_app
     from vfed.server.metrics import read_token
 
@@ -86,9 +94,18 @@ def start(config: Path | None, host: str | None, port: int | None, data_dir: Pat
     except ConfigError as exc:
         _fail(str(exc))
     from vfed.server.serve import serve
+    from vfed.server.tls import ServerTls, TlsError, plain_http_refusal
 
+    refusal = plain_http_refusal(settings, insecure_http)
+    if refusal is not None:
+        _fail(refusal)
     try:
-        asyncio.run(serve(create_app(settings), settings.host, settings.port, settings.limits))
+        tls = ServerTls.from_settings(settings.tls)
+    except TlsError as exc:
+        _fail(str(exc))
+        return
+    try:
+        asyncio.run(serve(create_app(settings), settings.host, settings.port, settings.limits, tls))
     except OSError as exc:
         _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
 
@@ -150,6 +167,54 @@ def upgrade(config: Path | None, data_dir: Path | None) -> None:
     except OSError as exc:
         _fail(f"cannot reach the database: {exc}")
     click.echo("database schema is up to date")
+
+
+def _add_tls() -> None:
+    from vfed.server.cli_tls import tls
+
+    main.add_command(tls)
+
+
+_add_tls()
+
+@main.group("broker")
+def broker_group() -> None:
+    """The production MQTT broker (Mosquitto): configuration, per-node passwords, ACLs."""
+
+
+@broker_group.command("config")
+@_config
+@_data_dir
+@click.option("--dir", "folder", type=click.Path(path_type=Path, file_okay=False), help="[mqtt.broker_dir]")
+@click.option("--listen", default="0.0.0.0", show_default=True, help="HOST[:PORT] (8883; 1883 if plain)")
+@click.option("--cert-file", type=click.Path(path_type=Path, dir_okay=False), help="listener certificate")
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), help="its private key")
+@click.option("--insecure-plain", is_flag=True, help="no TLS (a broker on loopback or a network you trust)")
+@click.option("--run-as", help="the account Mosquitto runs as: it must read the files vserver rewrites [you]")
+def broker_config(
+    config: Path | None,
+    data_dir: Path | None,
+    folder: Path | None,
+    listen: str,
+    cert_file: Path | None,
+    key_file: Path | None,
+    insecure_plain: bool,
+    run_as: str | None,
+) -> None:
+    """Write mosquitto.conf, its password file and its ACL file; the server keeps the last two current."""
+    from vfed.server.broker_config import broker_config as write
+
+    settings = _settings(config, data_dir=data_dir)
+    try:
+        lines = write(settings, folder, listen, cert_file, key_file, insecure_plain, run_as)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(f"cannot write the broker files: {exc}")
+        return
+    for line in lines:
+        click.echo(line)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 import yaml
@@ -30,6 +30,18 @@ class MqttSettings(BaseModel):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    password_file: Path | None = Field(None, description="the server's broker password, from a file")
+    public_url: str | None = Field(
+        None,
+        description="the broker URL nodes are told (GET /doorbell); unset: `url`, never to a node on another "
+        "machine when it is a loopback address",
+    )
+    broker_dir: Path | None = Field(
+        None,
+        description="folder of the Mosquitto password and ACL files the server keeps current (`vserver "
+        "broker config` writes them); unset with `url` set: the server manages no broker accounts",
+    )
+    broker_pid_file: Path | None = Field(None, description="Mosquitto's pid file: SIGHUP after each rewrite")
     embedded_broker: bool = Field(False, description="run an amqtt broker on loopback when url is unset")
     embedded_port: int = Field(1883, ge=1, le=65535)
     queue_max: int = Field(10_000, ge=1)
@@ -118,6 +130,28 @@ class LimitsSettings(BaseModel):
     keepalive_timeout_s: float = Field(75.0, gt=0, description="idle keep-alive connections close after")
 
 
+class TlsSettings(BaseModel):
+    """HTTPS for `vserver start` (docs/deployment.md "HTTPS"): the server's own certificate and key, or a
+    reverse proxy in `trusted_proxies` that terminates TLS. The files are read again on SIGHUP."""
+
+    model_config = ConfigDict(extra="forbid")
+    cert_file: Path | None = Field(None, description="PEM certificate (chain) served; with key_file")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file, unencrypted (mode 0600)")
+    terminated_by: Literal["server", "proxy"] = Field(
+        "server",
+        description="`proxy`: a reverse proxy listed in trusted_proxies terminates TLS; the server then "
+        "serves plain HTTP to those proxies only",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.terminated_by == "proxy" and self.cert_file is not None:
+            raise ValueError("with terminated_by: proxy, the proxy holds the certificate: drop cert_file")
+        return self
+
+
 class Settings(BaseModel):
     """Everything the server needs; defaults give a working single-machine server."""
 
@@ -145,6 +179,16 @@ class Settings(BaseModel):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @model_validator(mode="after")
+    def _proxy_is_trusted(self) -> Settings:
+        if self.tls.terminated_by == "proxy" and not self.trusted_proxies:
+            raise ValueError(
+                "tls.terminated_by: proxy needs the proxy's addresses in trusted_proxies (only they may "
+                "send requests, and only their X-Forwarded-For is believed)"
+            )
+        return self
 
     def db_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the data folder."""

@@ -10,16 +10,19 @@ import asyncio
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 class EmbeddedBroker:
-    """Anonymous, loopback-only broker: nothing secret travels over the doorbell."""
+    """Loopback-only broker; with `folder`, the same password and ACL files as a Mosquitto configured by
+    `vserver broker config` (vfed.server.embedded_auth), else anonymous."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, folder: Path | None = None) -> None:
         self.host = host
         self.port = port
+        self.folder = folder
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -28,7 +31,8 @@ class EmbeddedBroker:
 
     async def start(self, timeout_s: float = 30) -> None:
         """Start the child and wait until it says it listens (it prints `ready` after binding)."""
-        code = f"from vfed.server.embedded import serve; serve({self.host!r}, {self.port})"
+        folder = str(self.folder) if self.folder is not None else None
+        code = f"from vfed.server.embedded import serve; serve({self.host!r}, {self.port}, {folder!r})"
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
         )
@@ -52,13 +56,18 @@ class EmbeddedBroker:
         self._proc = None
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve(host: str, port: int, folder: str | None) -> None:
     from amqtt.broker import Broker
 
-    config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    plugins: dict[str, dict[str, object]] = {
+        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
     }
+    if folder is not None:
+        plugins = {
+            "vfed.server.embedded_auth.PasswordFileAuth": {"folder": folder},
+            "vfed.server.embedded_auth.AclTopicCheck": {"folder": folder},
+        }
+    config = {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
     broker = Broker(config)
     await broker.start()
     print("ready", flush=True)
@@ -68,7 +77,7 @@ async def _serve(host: str, port: int) -> None:
         await broker.shutdown()
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, folder: str | None = None) -> None:
     """Child-process entry point: run the broker until terminated."""
     import signal
 
@@ -76,7 +85,7 @@ def serve(host: str, port: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
         try:
-            asyncio.run(_serve(host, port))
+            asyncio.run(_serve(host, port, folder))
         except Exception as exc:  # one clear line for the operator, not a traceback
             print(f"embedded MQTT broker: {exc}", file=sys.stderr, flush=True)
             sys.exit(1)

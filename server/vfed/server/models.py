@@ -222,6 +222,9 @@ class Node(Base):
     api_key_hash: Mapped[str] = mapped_column(String(128))
     # raised when the API key is rotated: the node's tokens from the old key are refused
     token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Mosquitto `$7$` hash of the node's broker password (vfed.server.broker_auth): set at login, cleared
+    # when the API key is rotated (the next login sets the new one)
+    broker_password_hash: Mapped[str | None] = mapped_column(String(200))
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -68,6 +68,12 @@ class TokenNodeOut(TokenRefreshOut):
     node_id: int
     organization_id: int
     collaboration_id: int
+    broker_username: str | None = Field(
+        None, description="the node's own broker account, when the server manages the broker's accounts"
+    )
+    broker_password: str | None = Field(
+        None, description="its password (the same at every login until the API key is rotated)"
+    )
 
 
 class RunTokenOut(BaseModel):

@@ -11,12 +11,16 @@ from aiohttp import web
 
 from vfed.common.slow_clients import HEAD_WATCH, HeadWatch
 from vfed.server.config import LimitsSettings
+from vfed.server.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
 
-async def serve(app: web.Application, host: str, port: int, limits: LimitsSettings) -> None:
-    """Listen until SIGINT or SIGTERM; OSError when the address cannot be bound."""
+async def serve(
+    app: web.Application, host: str, port: int, limits: LimitsSettings, tls: ServerTls | None = None
+) -> None:
+    """Listen until SIGINT or SIGTERM; OSError when the address cannot be bound. With `tls`, serve HTTPS and
+    read the certificate and key again on SIGHUP (new connections get them; open ones keep theirs)."""
     watch = HeadWatch(limits.head_timeout_s)
     app[HEAD_WATCH] = watch
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.keepalive_timeout_s)
@@ -25,13 +29,16 @@ async def serve(app: web.Application, host: str, port: int, limits: LimitsSettin
     stop = asyncio.Event()
     server: asyncio.AbstractServer | None = None
     try:
-        server = await loop.create_server(watch.bind(runner), host, port)
+        ssl_context = tls.listening if tls is not None else None
+        server = await loop.create_server(watch.bind(runner), host, port, ssl=ssl_context)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("serving on http://%s:%s", host, port)
+        if tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+        log.info("serving on %s://%s:%s", "https" if tls is not None else "http", host, port)
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if server is not None:
             server.close()

@@ -43,6 +43,8 @@ TRUST_IN_CONTAINER = "/etc/vfed/trust"
 """The trust store's folder, shared with `vnode trust` on the host (written by the agent in `tofu` mode)."""
 PASSPHRASE_IN_CONTAINER = "/run/secrets/vfed-key-passphrase"
 METRICS_TOKEN_IN_CONTAINER = "/run/secrets/vfed-metrics-token"
+SERVER_CA_IN_CONTAINER = "/etc/vfed/server-ca.pem"
+"""The server's CA (`server_ca_file`), mounted read-only: not secret, but what the server is checked by."""
 """Secrets reach the agent as read-only files, never as environment variables: a container's environment is
 in `docker inspect` for anyone who may talk to the engine, and in the agent's /proc/<pid>/environ."""
 SOURCE_ROOTS = ("common", "node", "server", "proxy", "algorithms", "client")
@@ -98,6 +100,8 @@ def agent_config(
         raw["private_key_passphrase_file"] = PASSPHRASE_IN_CONTAINER
     if METRICS_TOKEN_IN_CONTAINER in secrets:
         raw["metrics_token_file"] = METRICS_TOKEN_IN_CONTAINER
+    if settings.server_ca_file is not None:
+        raw["server_ca_file"] = SERVER_CA_IN_CONTAINER
     runtime = dict(raw.get("runtime") or {})
     path_map = dict(runtime.get("host_path_map") or {})
     path_map[DATA_IN_CONTAINER] = host_mountpoint
@@ -171,6 +175,16 @@ def secret_files(ref: NodeRef, settings: NodeSettings) -> dict[str, Path]:
         if not host.is_file():
             raise OperatorError(f"{host} (for {inside} in the agent's container) is not a file")
     return found
+
+
+def server_ca_mounts(settings: NodeSettings) -> list[Mount]:
+    """The server's CA file at SERVER_CA_IN_CONTAINER (read-only), when the config names one."""
+    if settings.server_ca_file is None:
+        return []
+    source = settings.server_ca_file.resolve()
+    if not source.is_file():
+        raise OperatorError(f"server_ca_file {source} is not a file")
+    return [Mount(SERVER_CA_IN_CONTAINER, str(source), type="bind", read_only=True)]
 
 
 def secret_mounts(secrets: Mapping[str, Path]) -> list[Mount]:

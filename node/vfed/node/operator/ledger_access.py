@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import aiohttp
 
+from vfed.common import tls
 from vfed.common.crypto import Keyring
 from vfed.common.ledger import LedgerError
 from vfed.common.trust import KIND_REVOCATION, Certificate, TrustError, revoked_digests, verify_certificate
@@ -36,7 +37,8 @@ async def open_ledger(
     """The node's ledger view, logged in with its API key, anchored at its key file's first key and the trust
     store, its local copy loaded and (with `sync`) what is new on the server read and verified."""
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    to_server = tls.connector(settings.server_ca_file)
+    async with aiohttp.ClientSession(connector=to_server, timeout=timeout) as http:
         client = NodeClient(http, settings.server_url, settings.api_key.get_secret_value())
         identity = await client.login()
         store = NodeTrustStore(settings, identity.organization_id, keyring.keys[0].public)
@@ -64,6 +66,8 @@ def run(settings: NodeSettings, work: Callable[[], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(guarded())
+    except tls.CaFileError as exc:
+        raise OperatorError(f"server_ca_file: {exc}") from None
     except ServerUnavailable as exc:
         raise OperatorError(f"server not reachable at {settings.server_url}: {exc}") from None
     except ApiError as exc:

@@ -92,6 +92,7 @@ def _mounts(
         Mount(agent.DATA_IN_CONTAINER, ref.volume_name, type="volume"),
         *agent.dataset_mounts(settings),
         *agent.secret_mounts(secrets),
+        *agent.server_ca_mounts(settings),
     ]
     if develop is not None:
         mounts += agent.develop_mounts(client, image, develop)

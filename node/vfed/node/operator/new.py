@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ _TYPES_BY_SUFFIX = {
     ".db": "sqlite",
     ".json": "json",
 }
+SERVER_CA_FILE = "server-ca.pem"
 _KNOWN_TYPES = {"csv", "parquet", "sqlite", "json", "folder", "excel", "sparql", "omop"}
 
 _HELP = """Create the configuration of node NAME (asks questions, or runs fully from flags).
@@ -79,6 +81,7 @@ def build_config(
     mqtt_url: str | None,
     allow_images: list[str] | None = None,
     allow_organizations: list[int] | None = None,
+    server_ca: str | None = None,
 ) -> dict[str, Any]:
     """The YAML mapping for this node, checked against the agent's own settings model.
 
@@ -106,11 +109,32 @@ def build_config(
     }
     if mqtt_url:
         data["mqtt_url"] = mqtt_url
+    if server_ca:
+        data["server_ca_file"] = server_ca
     try:
         parse_settings(data)
     except ConfigError as exc:
         raise OperatorError(f"the configuration would be invalid: {exc}") from None
     return data
+
+
+def copy_server_ca(ref: NodeRef, source: Path) -> Path:
+    """The server's CA, checked to be PEM certificates, copied into the node's folder (`server-ca.pem`,
+    0644: not secret), so the config does not depend on where the operator downloaded it."""
+    try:
+        data = source.read_bytes()
+        ssl.create_default_context(cadata=data.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError):  # before OSError: SSLError is one
+        raise OperatorError(f"--server-ca {source}: not a PEM certificate (the server's ca.crt)") from None
+    except OSError as exc:
+        raise OperatorError(f"--server-ca {source}: cannot read it: {exc.strerror or exc}") from None
+    target = ref.data_dir / SERVER_CA_FILE
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    os.replace(tmp, target)
+    return target
 
 
 def write_config(path: Path, data: dict[str, Any]) -> None:
@@ -164,6 +188,12 @@ def _ask_datasets(given: tuple[str, ...]) -> list[str]:
 @click.option("--runtime", type=click.Choice(["docker", "kubernetes"]), help="[default: docker]")
 @click.option("--mqtt-url", help="Doorbell broker, mqtt://host:port (optional: polling works without).")
 @click.option(
+    "--server-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The CA of an https:// server (`vserver tls init`'s ca.crt), copied into the node's folder; "
+    "default: the system's CAs.",
+)
+@click.option(
     "--allow-image",
     "allow_images",
     multiple=True,
@@ -190,6 +220,7 @@ def new_command(
     private_key: str | None,
     runtime: str | None,
     mqtt_url: str | None,
+    server_ca: Path | None,
     allow_images: tuple[str, ...],
     allow_organizations: tuple[int, ...],
     generate_key: bool | None,
@@ -199,6 +230,7 @@ def new_command(
     ref = NodeRef(name, to_scope(user_scope))
     if ref.config_path.exists() and not force:
         raise OperatorError(f"{ref.config_path} exists; add --force to overwrite it")
+    ca_copy = copy_server_ca(ref, server_ca) if server_ca is not None else None
     data = build_config(
         ref,
         server_url=_ask(server_url, "Server URL", "http://127.0.0.1:7600", "--server-url"),
@@ -217,6 +249,7 @@ def new_command(
             else "docker"
         ),
         mqtt_url=mqtt_url,
+        server_ca=str(ca_copy) if ca_copy is not None else None,
         allow_images=list(allow_images),
         allow_organizations=list(allow_organizations),
     )

@@ -26,6 +26,8 @@ class Session:
     token: str
     node_id: int
     organization_id: int
+    verify: str | bool = True
+    """The CA file an https:// server's certificate is checked against (True: the system's CAs)."""
 
 
 class ServerRefused(OperatorError):
@@ -36,12 +38,33 @@ class ServerRefused(OperatorError):
         self.status = status
 
 
+def ca_verify(settings: NodeSettings) -> str | bool:
+    """requests' `verify`: the configured server_ca_file, else the system's CAs (never off)."""
+    return str(settings.server_ca_file) if settings.server_ca_file is not None else True
+
+
 def _call(
-    method: str, url: str, *, token: str | None = None, json: Any = None, params: dict[str, Any] | None = None
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    json: Any = None,
+    params: dict[str, Any] | None = None,
+    verify: str | bool = True,
 ) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = requests.request(method, url, json=json, params=params, headers=headers, timeout=TIMEOUT_S)
+        resp = requests.request(
+            method, url, json=json, params=params, headers=headers, timeout=TIMEOUT_S, verify=verify
+        )
+    except requests.exceptions.SSLError as exc:
+        where = f"the CA file {verify}" if isinstance(verify, str) else "the system's CAs"
+        raise OperatorError(
+            f"TLS with {url} failed ({_ssl_reason(exc)}): server_url's host must be in the server's "
+            f"certificate, and the certificate must verify with {where} (server_ca_file)"
+        ) from None
+    except OSError as exc:  # a CA file that cannot be read
+        raise OperatorError(f"server_ca_file {verify}: {exc.strerror or exc}") from None
     except requests.RequestException as exc:
         raise OperatorError(f"server not reachable at {url}: {exc.__class__.__name__}") from None
     if resp.status_code >= 400:
@@ -59,9 +82,14 @@ def _call(
 
 def login(settings: NodeSettings) -> Session:
     base = settings.server_url + "/api/v1"
-    body = _call("POST", base + "/token/node", json={"api_key": settings.api_key.get_secret_value()})
+    checked = ca_verify(settings)
+    body = _call(
+        "POST", base + "/token/node", json={"api_key": settings.api_key.get_secret_value()}, verify=checked
+    )
     try:
-        return Session(base, str(body["access_token"]), int(body["node_id"]), int(body["organization_id"]))
+        return Session(
+            base, str(body["access_token"]), int(body["node_id"]), int(body["organization_id"]), checked
+        )
     except (KeyError, TypeError, ValueError):
         raise OperatorError(
             "the server's token answer lacks access_token, node_id or organization_id"
@@ -72,7 +100,9 @@ def node_status(settings: NodeSettings) -> str:
     """'online' or 'offline' as the server sees the node; 'unknown' when the server cannot be asked."""
     try:
         session = login(settings)
-        node = _call("GET", f"{session.base}/nodes/{session.node_id}", token=session.token)
+        node = _call(
+            "GET", f"{session.base}/nodes/{session.node_id}", token=session.token, verify=session.verify
+        )
     except OperatorError:
         return "unknown"
     status = node.get("status") if isinstance(node, dict) else None
@@ -86,6 +116,7 @@ def upload_public_key(settings: NodeSettings, public_key: str) -> dict[str, Any]
         "PUT",
         f"{session.base}/organizations/{session.organization_id}/public_key",
         token=session.token,
+        verify=session.verify,
         json={"public_key": public_key},
     )
     return org if isinstance(org, dict) else {}
@@ -109,7 +140,13 @@ def mark_killed(
                     logs[run_id], keyring, [], session.organization_id, task_id, run_id
                 )
         try:
-            _call("PATCH", f"{session.base}/runs/{run_id}", token=session.token, json=body)
+            _call(
+                "PATCH",
+                f"{session.base}/runs/{run_id}",
+                token=session.token,
+                verify=session.verify,
+                json=body,
+            )
             done.append(run_id)
         except OperatorError:
             continue  # already final (completed just now, or killed by the agent itself)
@@ -118,7 +155,7 @@ def mark_killed(
 
 def get_run(session: Session, run_id: int) -> dict[str, Any]:
     """`GET /runs/{id}` as this node sees it (a run of its organization)."""
-    answer = _call("GET", f"{session.base}/runs/{run_id}", token=session.token)
+    answer = _call("GET", f"{session.base}/runs/{run_id}", token=session.token, verify=session.verify)
     if not isinstance(answer, dict):
         raise OperatorError(f"the server's answer for run {run_id} is not an object")
     return answer
@@ -137,7 +174,7 @@ def publish_key_chain(settings: NodeSettings, keyring: Keyring) -> list[SignedEn
     session = login(settings)
     url = f"{session.base}/organizations/{session.organization_id}/key-records"
     try:
-        served = _data(_call("GET", url, token=session.token), "key records")
+        served = _data(_call("GET", url, token=session.token, verify=session.verify), "key records")
     except ServerRefused as exc:
         if exc.status not in NO_KEY_RECORDS:
             raise
@@ -150,7 +187,7 @@ def publish_key_chain(settings: NodeSettings, keyring: Keyring) -> list[SignedEn
     missing = records_for_keys(session.organization_id, keyring.keys)[held:]
     if missing:
         body = {"records": [r.model_dump(mode="json") for r in missing]}
-        _call("POST", url, token=session.token, json=body)
+        _call("POST", url, token=session.token, verify=session.verify, json=body)
     with contextlib.suppress(ServerRefused):  # the plain key field, for clients that still read it
         upload_public_key(settings, keyring.current.public.to_text())
     return missing
@@ -160,7 +197,11 @@ def post_certificate(settings: NodeSettings, certificate: SignedEntry) -> dict[s
     session = login(settings)
     url = f"{session.base}/organizations/{session.organization_id}/certificates"
     answer = _call(
-        "POST", url, token=session.token, json={"certificate": certificate.model_dump(mode="json")}
+        "POST",
+        url,
+        token=session.token,
+        verify=session.verify,
+        json={"certificate": certificate.model_dump(mode="json")},
     )
     return answer if isinstance(answer, dict) else {}
 
@@ -170,14 +211,20 @@ def certificates(settings: NodeSettings, user_id: int | None = None) -> tuple[in
     session = login(settings)
     url = f"{session.base}/organizations/{session.organization_id}/certificates"
     params = {"user_id": user_id} if user_id is not None else None
-    rows = _data(_call("GET", url, token=session.token, params=params), "certificates")
+    rows = _data(_call("GET", url, token=session.token, verify=session.verify, params=params), "certificates")
     return session.organization_id, [r for r in rows if isinstance(r, dict)]
 
 
 def post_revocation(settings: NodeSettings, revocation: SignedEntry) -> None:
     session = login(settings)
     url = f"{session.base}/organizations/{session.organization_id}/revocations"
-    _call("POST", url, token=session.token, json={"revocation": revocation.model_dump(mode="json")})
+    _call(
+        "POST",
+        url,
+        token=session.token,
+        verify=session.verify,
+        json={"revocation": revocation.model_dump(mode="json")},
+    )
 
 
 def organization_id(settings: NodeSettings) -> int:
@@ -188,7 +235,7 @@ def user_name(settings: NodeSettings, user_id: int) -> str:
     """The user's name as the server knows it, or "" when the node may not read it."""
     session = login(settings)
     try:
-        user = _call("GET", f"{session.base}/users/{user_id}", token=session.token)
+        user = _call("GET", f"{session.base}/users/{user_id}", token=session.token, verify=session.verify)
     except OperatorError:
         return ""
     name = user.get("username") if isinstance(user, dict) else None
@@ -197,6 +244,28 @@ def user_name(settings: NodeSettings, user_id: int) -> str:
 
 def organizations_named(session: Session, name: str) -> list[dict[str, Any]]:
     """The organizations the server shows this node under `name` (rows of GET /organizations?name=)."""
-    answer = _call("GET", f"{session.base}/organizations", token=session.token, params={"name": name})
+    answer = _call(
+        "GET",
+        f"{session.base}/organizations",
+        token=session.token,
+        verify=session.verify,
+        params={"name": name},
+    )
     rows = answer.get("data") if isinstance(answer, dict) else None
     return [r for r in rows or [] if isinstance(r, dict) and r.get("name") == name]
+
+
+def _ssl_reason(exc: requests.exceptions.SSLError) -> str:
+    """The innermost reason of a TLS failure (requests nests it in urllib3's errors)."""
+    found: BaseException | None = exc
+    while found is not None:
+        reason = getattr(found, "reason", None)
+        if isinstance(reason, BaseException):
+            found = reason
+            continue
+        args = getattr(found, "args", ())
+        if args and isinstance(args[0], BaseException):
+            found = args[0]
+            continue
+        break
+    return str(found or exc).splitlines()[0][:300]

@@ -9,11 +9,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
 from vfed.server.api.common import json_response, session
+from vfed.server.config import is_loopback_host
 from vfed.server.doorbell import TOPIC_PREFIX
 from vfed.server.metrics import METRICS, METRICS_ACCESS, check_access
 from vfed.server.models import Run, RunStatus
 from vfed.server.schemas import DoorbellOut, HealthOut
-from vfed.server.state import DOORBELL, SESSIONS
+from vfed.server.state import DOORBELL, SESSIONS, SETTINGS
+from vfed.server.throttle import client_address
 
 OPENAPI = web.AppKey("openapi", dict)
 DOCS_HTML = web.AppKey("docs_html", str)
@@ -35,11 +37,18 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def doorbell_info(request: web.Request) -> web.Response:
-    """Where nodes can listen for doorbells (no secrets: credentials are configured on the node)."""
+    """Where nodes can listen for doorbells (no secrets: a node's broker password comes with its login).
+
+    `mqtt.public_url` when configured; else the address the server itself uses, except a loopback address
+    to a caller that is not on this machine (it would reach its own loopback: better no doorbell, it polls).
+    """
+    settings = request.app[SETTINGS]
     address = request.app[DOORBELL].address
-    url = None
-    if address is not None:
-        url = f"{'mqtts' if address.tls else 'mqtt'}://{address.host}:{address.port}"
+    url = settings.mqtt.public_url
+    if url is None and address is not None:
+        caller_local = is_loopback_host(client_address(request, settings.trusted_proxies))
+        if caller_local or not is_loopback_host(address.host):
+            url = f"{'mqtts' if address.tls else 'mqtt'}://{address.host}:{address.port}"
     return json_response(DoorbellOut(url=url, topic_prefix=TOPIC_PREFIX))
 
 

@@ -25,10 +25,11 @@ from vfed.server.api.common import (
     touch_node,
 )
 from vfed.server.auth import Principal
+from vfed.server.broker_auth import BROKER
 from vfed.server.errors import ApiError, forbidden, not_found
 from vfed.server.models import Collaboration, Node
 from vfed.server.schemas import NodeCreatedOut, NodeIn, NodeOut, NodeQuery
-from vfed.server.state import SETTINGS
+from vfed.server.state import SESSIONS, SETTINGS
 
 
 def out(request: web.Request, n: Node) -> NodeOut:
@@ -157,6 +158,7 @@ async def delete_node(request: web.Request) -> web.Response:
         await s.delete(n)
         await s.commit()
     forget_principal(request, "node", n.id)
+    await request.app[BROKER].sync(request.app[SESSIONS])  # its broker account is gone
     return web.Response(status=204)
 
 
@@ -169,8 +171,10 @@ async def rotate_api_key(request: web.Request) -> web.Response:
         key_id, api_key, key_hash = auth.new_api_key()
         n.api_key_id, n.api_key_hash = key_id, key_hash
         n.token_version += 1
+        n.broker_password_hash = None  # the old broker password dies with the key; the next login sets one
         await audit.record(request, s, p, "node.rotate-key", "node", n.id, n.organization_id, n.name)
         await s.commit()
     forget_principal(request, "node", n.id)
+    await request.app[BROKER].sync(request.app[SESSIONS])
     base = out(request, n)
     return json_response(NodeCreatedOut(**base.model_dump(), api_key=api_key))

@@ -14,8 +14,9 @@ from aiohttp import web
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from vfed.server import audit, auth
+from vfed.server import audit, auth, broker_auth
 from vfed.server.api.common import forget_principal, json_response, read_json, session, touch_node
+from vfed.server.broker_auth import BROKER
 from vfed.server.errors import ApiError, unauthorized
 from vfed.server.models import Node, RefreshToken, User
 from vfed.server.schemas import (
@@ -26,13 +27,18 @@ from vfed.server.schemas import (
     TokenUserIn,
     TokenUserOut,
 )
-from vfed.server.state import SETTINGS
+from vfed.server.state import SESSIONS, SETTINGS
 from vfed.server.throttle import THROTTLES, client_address, too_many
 
 DUMMY_HASH = web.AppKey("dummy_password_hash", list[str])  # filled on first use
 # built once, a few columns rather than an ORM object: node login is the hot path of every polling node
 _NODE_BY_KEY = select(
-    Node.id, Node.organization_id, Node.collaboration_id, Node.api_key_hash, Node.token_version
+    Node.id,
+    Node.organization_id,
+    Node.collaboration_id,
+    Node.api_key_hash,
+    Node.token_version,
+    Node.broker_password_hash,
 ).where(Node.api_key_id == bindparam("key_id"))
 WRONG_PASSWORD = "wrong username or password"
 
@@ -116,7 +122,18 @@ async def token_node(request: web.Request) -> web.Response:
         brake.forget(key_id)
         touch_node(request, node.id)
         access, refresh = await _pair(request, s, "node", node.id, node.token_version)
+        accounts = request.app[BROKER]
+        broker_password = broker_auth.node_password(body.api_key) if accounts.enabled else None
+        new_hash = broker_password is not None and not (
+            node.broker_password_hash
+            and broker_auth.verify_mosquitto_hash(broker_password, node.broker_password_hash)
+        )
+        if new_hash:  # a node from before broker accounts, or the first login after a key rotation
+            stored = broker_auth.mosquitto_hash(str(broker_password))
+            await s.execute(update(Node).where(Node.id == node.id).values(broker_password_hash=stored))
         await s.commit()
+    if new_hash:
+        await accounts.sync(request.app[SESSIONS])
     return json_response(
         TokenNodeOut(
             access_token=access,
@@ -124,6 +141,8 @@ async def token_node(request: web.Request) -> web.Response:
             node_id=node.id,
             organization_id=node.organization_id,
             collaboration_id=node.collaboration_id,
+            broker_username=broker_auth.node_username(node.id) if broker_password else None,
+            broker_password=broker_password,
         )
     )
 
