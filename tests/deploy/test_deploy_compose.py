@@ -236,6 +236,7 @@ def stack(tmp_path: Path, docker_client: Any) -> Iterator[Stack]:
 @pytest.mark.timeout(600)
 def test_compose_stack_runs_a_federated_task(stack: Stack, tmp_path: Path, docker_client: Any) -> None:
     import pandas as pd
+
     from vfed.client.client import Client
 
     env = stack.env

@@ -7,9 +7,10 @@ import getpass
 from dataclasses import dataclass
 from pathlib import Path
 
+from vfed.common.netaddr import is_loopback_host
 from vfed.server import db
 from vfed.server.broker_auth import ACL, CONF, PASSWD, PID, BrokerAccounts, write_private
-from vfed.server.config import ConfigError, Settings, is_loopback_host
+from vfed.server.config import ConfigError, Settings
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from vfed.server.config import Settings, TlsSettings, is_loopback_host
+from vfed.common.netaddr import is_loopback_host
+from vfed.server.config import Settings, TlsSettings
 from vfed.server.errors import error_response
 
 log = logging.getLogger(__name__)
