@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import ssl
 import sys
@@ -72,7 +73,8 @@ def _mqtt_client(args: argparse.Namespace, client_id: str) -> Any:
 
 def mqtt(args: argparse.Namespace) -> dict[str, Any]:
     """Connect (with or without credentials); then, if asked, subscribe to and publish on topics. Reports the
-    CONNACK, each SUBACK and each PUBACK reason code (MQTT 5: >= 0x80 is a refusal)."""
+    CONNACK, each SUBACK and each PUBACK reason code (MQTT 5: >= 0x80 is a refusal), and with --listen the
+    number of messages that arrived per topic."""
     connected = threading.Event()
     acks: dict[int, threading.Event] = {}
     codes: dict[int, int] = {}
@@ -93,11 +95,19 @@ def mqtt(args: argparse.Namespace) -> dict[str, Any]:
         codes[mid] = int(reason.value)
         acks.setdefault(mid, threading.Event()).set()
 
+    received: dict[str, int] = {}
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _n, _f: stop.set())
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        received[message.topic] = received.get(message.topic, 0) + 1
+
     client = _mqtt_client(args, f"probe-{time.monotonic_ns()}")
     client.on_connect = on_connect
     client.on_connect_fail = on_connect_fail
     client.on_subscribe = on_subscribe
     client.on_publish = on_publish
+    client.on_message = on_message
     try:
         client.connect(args.host, args.port, keepalive=30)
     except (OSError, ssl.SSLError) as exc:
@@ -115,6 +125,12 @@ def mqtt(args: argparse.Namespace) -> dict[str, Any]:
             info = client.publish(topic, b'{"event": "probe"}', qos=1)
             event = acks.setdefault(info.mid, threading.Event())
             out["publish"][topic] = codes[info.mid] if event.wait(10) else None
+        if args.listen > 0:
+            # Subscribed: the test may now make the server publish. Collect what arrives until the test
+            # sends SIGTERM or the time is up.
+            print("READY", file=sys.stderr, flush=True)
+            stop.wait(args.listen)
+            out["received"] = dict(received)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -140,6 +156,7 @@ def main() -> int:
     broker.add_argument("--ca-file")
     broker.add_argument("--subscribe", action="append", default=[])
     broker.add_argument("--publish", action="append", default=[])
+    broker.add_argument("--listen", type=float, default=0.0, help="then collect messages (until SIGTERM)")
     args = parser.parse_args()
     if args.probe == "wait-http":
         result = wait_http(args.url, args.timeout, args.ca_file)

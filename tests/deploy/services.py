@@ -83,26 +83,18 @@ def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
 
-def start_mosquitto(net: Network, machine: Machine, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """Mosquitto with this configuration on the machine, up once it accepts connections on MQTT_PORT."""
+def start_mosquitto(
+    net: Network, machine: Machine, config: Path, log: Path, port: int = MQTT_PORT
+) -> subprocess.Popen[bytes]:
+    """Mosquitto with this configuration on the machine, up once it accepts connections on `port`."""
     proc = net.start(machine, [mosquitto_binary(), "-c", str(config)], log)
     probe = net.run(
         machine,
-        ["python3", "-c", _WAIT_PORT, machine.address, str(MQTT_PORT)],
+        ["python3", "-c", _WAIT_PORT, machine.address, str(port)],
         timeout_s=30,
     )
     assert probe.returncode == 0 and proc.poll() is None, f"mosquitto did not start:\n{_tail(log)}"
     return proc
-
-
-def anonymous_mosquitto_config(folder: Path, address: str) -> Path:
-    """A plain broker anyone on the network may use (the first step, before `vserver broker config`)."""
-    path = folder / "mosquitto.conf"
-    path.write_text(
-        f"listener {MQTT_PORT} {address}\nallow_anonymous true\npersistence false\n"
-        "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
-    )
-    return path
 
 
 _WAIT_PORT = """

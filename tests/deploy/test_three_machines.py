@@ -3,9 +3,15 @@ machines (tests/deploy/netns.py): the server with its PostgreSQL and Mosquitto o
 two others (their algorithm containers on the host's Docker engine, as always), the researcher on a fourth.
 They reach each other only at 198.18.0.0/15 addresses that exist inside these namespaces.
 
+Deployed the way docs/deployment.md says: HTTPS with the private CA `vserver tls init` writes (nodes and the
+researcher are given its ca.crt), Mosquitto configured by `vserver broker config` (TLS, no anonymous clients,
+each node's own password from its login, an ACL per node topic), nodes told the broker by `mqtt.public_url`.
+
 A researcher at organization A runs the probe image's `master` function at A; it creates a subtask at A and B
 through its run's proxy and sums their results. Both agents poll only once an hour, so each run must have been
 started by a doorbell message: the agents' start timelines (`vfed.node.timeline`) must begin with the ring.
+Then what must be refused is: plain HTTP, a researcher holding the wrong CA, an anonymous broker client, and
+node A reading node B's doorbell or publishing anywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tests.node.node_harness import PROBE_IMAGE, ensure_probe_image, remove_run_
 
 from vfed.common.crypto import Keyring
 from vfed.common.trust import TrustMode, TrustStore, fingerprint
+from vfed.server.broker_auth import node_password, node_username
 
 pytestmark = [
     pytest.mark.netns,
@@ -45,6 +52,8 @@ BIN = Path(sys.executable).parent
 PROBE = str(Path(__file__).with_name("probe.py"))
 PASSWORD = "correct-horse-battery-staple"
 SERVER_PORT = 7600
+MQTTS_PORT = 8883
+NOT_AUTHORIZED = 0x87
 ORGS = ("A", "B")
 
 
@@ -61,6 +70,12 @@ class Federation:
     node_names: dict[str, str]
     node_logs: dict[str, Path]
     server_log: Path
+    ca: Path = Path()
+    """The private CA (`vserver tls init`'s ca.crt) nodes and the researcher were given."""
+    wrong_ca: Path = Path()
+    """Another CA for the same address: what a man in the middle would present."""
+    api_keys: dict[str, str] = field(default_factory=dict)
+    node_ids: dict[str, int] = field(default_factory=dict)
     org_ids: dict[str, int] = field(default_factory=dict)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     collaboration: int = 1
@@ -75,7 +90,7 @@ class Federation:
             [str(BIN / "vfed"), *args],
             input=input,
             timeout_s=timeout_s,
-            env={"VFED_TRUST": "pinned"},
+            env={"VFED_TRUST": "pinned", "VFED_CONFIG_DIR": str(self.work / "researcher")},
         )
 
     def logs(self) -> str:
@@ -99,11 +114,14 @@ def _ok(done: subprocess.CompletedProcess[str]) -> str:
     return done.stdout
 
 
-def _wait_for_line(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+def _wait_for_line(
+    path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout_s: float = 60
+) -> re.Match[str]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
-            return
+        found = re.search(pattern, path.read_text(errors="replace")) if path.exists() else None
+        if found:
+            return found
         if proc.poll() is not None:
             break
         time.sleep(0.2)
@@ -127,18 +145,19 @@ def _import(net: Network, server: Machine, work: Path, config: Path) -> dict[str
     return keys
 
 
-def _node_config(work: Path, org: str, name: str, api_key: str, server_url: str, mqtt_url: str) -> Path:
-    """Node `name`'s YAML: the server and broker by their addresses on the network, doorbell-driven (the
-    hourly poll never comes within the test), only the probe image allowed, trust pinned."""
+def _node_config(work: Path, org: str, name: str, api_key: str, server_url: str, ca: Path) -> Path:
+    """Node `name`'s YAML: the server by its address on the network and its CA, the broker as the server
+    announces it, doorbell-driven (the hourly poll never comes within the test), only the probe image
+    allowed, trust pinned."""
     path = work / f"node-{org}.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "name": name,
                 "server_url": server_url,
+                "server_ca_file": str(ca),
                 "api_key": api_key,
                 "data_dir": str(work / f"node-{org}-data"),
-                "mqtt_url": mqtt_url,
                 "poll_interval_s": 3600.0,
                 "kill_grace_s": 1.0,
                 "runtime": {"kind": "docker", "memory_bytes": 256 * 1024 * 1024},
@@ -170,22 +189,26 @@ def federation(tmp_path: Path, docker_client: docker.DockerClient) -> Iterator[F
         assert not left, f"run containers of {name} left behind"
 
 
+def _tls_init(net: Network, server: Machine, folder: Path) -> Path:
+    """`vserver tls init` for the server's address; the CA certificate to hand out."""
+    out = _ok(net.run(server, [str(BIN / "vserver"), "tls", "init", "--dir", str(folder),
+                               "--hostname", server.address]))  # fmt: skip
+    assert f"vfed login --url https://{server.address}:{SERVER_PORT} --ca-file ca.crt" in out, out
+    return folder / "ca.crt"
+
+
 def _federation(net: Network, work: Path, names: dict[str, str]) -> Iterator[Federation]:
     server = net.machine("srv", 1)
     nodes = {"A": net.machine("na", 2), "B": net.machine("nb", 3)}
     researcher = net.machine("res", 4)
-    url = f"http://{server.address}:{SERVER_PORT}"
-    mqtt_url = f"mqtt://{server.address}:{services.MQTT_PORT}"
+    url = f"https://{server.address}:{SERVER_PORT}"
+    mqtt_url = f"mqtts://{server.address}:{MQTTS_PORT}"
     rings = {org: _organization_key(work, org) for org in ORGS}
+    tls_dir = work / "tls"
+    ca = _tls_init(net, server, tls_dir)
+    wrong_ca = _tls_init(net, server, work / "other-ca")
     with services.postgres(net, server) as database_url:
         broker_dir = work / "broker"
-        broker_dir.mkdir()
-        services.start_mosquitto(
-            net,
-            server,
-            services.anonymous_mosquitto_config(broker_dir, server.address),
-            broker_dir / "mosquitto.log",
-        )
         config = work / "vserver.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -195,24 +218,49 @@ def _federation(net: Network, work: Path, names: dict[str, str]) -> Iterator[Fed
                     "data_dir": str(work / "server-data"),
                     "database_url": database_url,
                     "jwt_secret": "three-machines-secret-0123456789",
-                    "mqtt": {"url": mqtt_url},
+                    "tls": {
+                        "cert_file": str(tls_dir / "server.crt"),
+                        "key_file": str(tls_dir / "server.key"),
+                    },
+                    "mqtt": {
+                        "url": mqtt_url,
+                        "public_url": mqtt_url,
+                        "ca_file": str(ca),
+                        "broker_dir": str(broker_dir),
+                        "broker_pid_file": str(broker_dir / "mosquitto.pid"),
+                        "reconnect_max_s": 1.0,
+                    },
                 }
             )
         )
         keys = _import(net, server, work, config)
+        made = _ok(
+            net.run(
+                server,
+                [str(BIN / "vserver"), "broker", "config", "--config", str(config),
+                 "--listen", f"{server.address}:{MQTTS_PORT}",
+                 "--cert-file", str(tls_dir / "server.crt"), "--key-file", str(tls_dir / "server.key")],
+            )
+        )  # fmt: skip
+        assert f"url: {mqtt_url}" in made, made
+        services.start_mosquitto(
+            net, server, broker_dir / "mosquitto.conf", work / "mosquitto.log", port=MQTTS_PORT
+        )
         server_log = work / "vserver.log"
         proc = net.start(server, [str(BIN / "vserver"), "start", "--config", str(config)], server_log)
-        fed = Federation(net, work, server, researcher, nodes, url, names, {}, server_log)
-        waited = fed.probe(researcher, "wait-http", f"{url}/api/v1/health", "--timeout", "60")
+        fed = Federation(net, work, server, researcher, nodes, url, names, {}, server_log, ca, wrong_ca, keys)
+        waited = fed.probe(
+            researcher, "wait-http", f"{url}/api/v1/health", "--timeout", "60", "--ca-file", str(ca)
+        )
         assert waited["ok"], f"{waited}\n{server_log.read_text(errors='replace')[-3000:]}"
         assert proc.poll() is None
 
-        # The researcher at A logs in (the password on stdin, never on a command line) with A's keyring,
-        # reads the organizations' ids and pins both organizations' fingerprints (handed over out of band).
+        # The researcher at A logs in (the password on stdin, never on a command line) with A's keyring and
+        # the server's CA, reads the organizations' ids and pins both organizations' fingerprints (handed
+        # over out of band).
         key_a = str(_key_path(work, "A"))
-        out = _ok(
-            fed.vfed("login", "--url", url, "--username", "res-A", "--key-file", key_a, input=PASSWORD + "\n")
-        )
+        login = ("login", "--url", url, "--ca-file", str(ca), "--username", "res-A", "--key-file", key_a)
+        out = _ok(fed.vfed(*login, input=PASSWORD + "\n"))
         assert "logged in as res-A" in out
         listed = json.loads(_ok(fed.vfed("organizations", "list", "--format", "json")))
         fed.org_ids = {row["name"]: int(row["id"]) for row in listed}
@@ -235,7 +283,7 @@ def _federation(net: Network, work: Path, names: dict[str, str]) -> Iterator[Fed
                     store.pin(fed.org_ids[other], fingerprint(rings[other].keys[0].public), note=other)
 
         for org in ORGS:
-            node_config = _node_config(work, org, names[org], keys[org], url, mqtt_url)
+            node_config = _node_config(work, org, names[org], keys[org], url, ca)
             fed.node_logs[org] = work / f"node-{org}.log"
             agent = net.start(
                 nodes[org],
@@ -251,7 +299,10 @@ def _federation(net: Network, work: Path, names: dict[str, str]) -> Iterator[Fed
             )
             fed.agents[org] = agent
         for org in ORGS:
-            _wait_for_line(fed.node_logs[org], r"doorbell subscribed to vfed/nodes/\d+", fed.agents[org])
+            subscribed = _wait_for_line(
+                fed.node_logs[org], r"doorbell subscribed to vfed/nodes/(\d+)", fed.agents[org]
+            )
+            fed.node_ids[org] = int(subscribed.group(1))
         yield fed
         codes = {org: _stop(agent) for org, agent in fed.agents.items()}
         assert codes == dict.fromkeys(ORGS, 0), fed.logs()
@@ -292,9 +343,48 @@ def _claims_and_rings(log: Path) -> tuple[set[int], set[int]]:
     return claimed, rung
 
 
+def _mqtt_probe(fed: Federation, machine: Machine, *args: str) -> list[str]:
+    """The probe's `mqtt` command against the server's TLS broker, checked with the right CA."""
+    return [sys.executable, PROBE, "mqtt", fed.server.address, str(MQTTS_PORT), "--tls", "--ca-file",
+            str(fed.ca), *args]  # fmt: skip
+
+
+def _node_a_listens(fed: Federation) -> tuple[subprocess.Popen[bytes], Path]:
+    """On A's machine, with A's own broker account (what A's agent got at login): subscribe to A's and B's
+    doorbell topics, try to publish on both and elsewhere, then listen until stopped."""
+    password = fed.work / "node-A-broker.password"
+    password.write_text(node_password(fed.api_keys["A"]))
+    password.chmod(0o600)
+    a, b = fed.node_ids["A"], fed.node_ids["B"]
+    log = fed.work / "probe-node-A.log"
+    proc = fed.net.start(
+        fed.nodes["A"],
+        _mqtt_probe(
+            fed, fed.nodes["A"],
+            "--username", node_username(a), "--password-file", str(password),
+            "--subscribe", f"vfed/nodes/{a}", "--subscribe", f"vfed/nodes/{b}",
+            "--publish", f"vfed/nodes/{b}", "--publish", f"vfed/nodes/{a}", "--publish", "vfed/other",
+            "--listen", "150",
+        ),
+        log,
+    )  # fmt: skip
+    _wait_for_line(log, "READY", proc, timeout_s=30)
+    return proc, log
+
+
+def _probe_result(proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, log.read_text(errors="replace")
+    last = log.read_text(errors="replace").strip().splitlines()[-1]
+    found: dict[str, Any] = json.loads(last)
+    return found
+
+
 def test_three_machines(federation: Federation) -> None:
     fed = federation
     a, b = fed.org_ids["A"], fed.org_ids["B"]
+    node_a, node_b = fed.node_ids["A"], fed.node_ids["B"]
+    listener, listener_log = _node_a_listens(fed)
     created = json.loads(
         _ok(
             fed.vfed(
@@ -318,6 +408,37 @@ def test_three_machines(federation: Federation) -> None:
     assert len(claimed_a) == 2 and len(claimed_b) == 1, fed.logs()
     assert claimed_a <= rung_a and claimed_b <= rung_b, fed.logs()
 
-    # Separate machines: the server is not on the researcher's loopback, only at its network address.
+    # Node A's broker account: its own topic delivers (the two rings its agent also got), B's topic delivers
+    # nothing although B was rung meanwhile (Mosquitto grants the SUBACK and its ACL drops every message),
+    # and every publish is refused.
+    seen = _probe_result(listener, listener_log)
+    assert seen["connack"] == 0, seen
+    assert seen["received"].get(f"vfed/nodes/{node_a}", 0) >= 2, seen
+    assert seen["received"].get(f"vfed/nodes/{node_b}", 0) == 0, seen
+    assert seen["publish"] == dict.fromkeys(
+        (f"vfed/nodes/{node_b}", f"vfed/nodes/{node_a}", "vfed/other"), NOT_AUTHORIZED
+    ), seen
+
+    # An anonymous broker client, and a client with a made-up account, are refused at CONNECT.
+    anonymous = fed.net.run(fed.researcher, _mqtt_probe(fed, fed.researcher), timeout_s=60)
+    assert anonymous.returncode == 0, anonymous.stderr
+    refused = json.loads(anonymous.stdout)
+    assert refused["connack"] is not None and refused["connack"] >= 0x80, refused
+
+    # Plain HTTP to the server gets no HTTP answer (the port speaks TLS only), and the server is not on the
+    # researcher's loopback: only at its network address.
+    plain = fed.probe(fed.researcher, "plain-http", fed.server.address, str(SERVER_PORT))
+    assert not (plain["status_line"] or "").startswith("HTTP/"), plain
     local = fed.probe(fed.researcher, "plain-http", "127.0.0.1", str(SERVER_PORT))
     assert local["status_line"] is None and "ConnectionRefused" in local["error"], local
+
+    # A researcher given the wrong CA: refused before any password is sent, with a one-line reason.
+    wrong = fed.vfed(
+        "login", "--url", fed.url, "--ca-file", str(fed.wrong_ca), "--username", "res-A",
+        input=PASSWORD + "\n",
+    )  # fmt: skip
+    assert wrong.returncode != 0, wrong.stdout
+    assert "Traceback" not in wrong.stderr, wrong.stderr
+    assert "certificate" in wrong.stderr.lower() and str(fed.wrong_ca) in wrong.stderr, wrong.stderr
+    # The researcher's saved login (with the right CA) is untouched by the refused one.
+    assert json.loads(_ok(fed.vfed("organizations", "list", "--format", "json")))

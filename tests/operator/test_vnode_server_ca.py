@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from tests.server.tls_server import tls_init
 from vnode_testlib import Dirs, dirs, vnode
@@ -46,3 +47,29 @@ def test_new_refuses_a_server_ca_that_is_not_a_certificate(dirs: Dirs, tmp_path:
     assert result.exit_code == 1
     assert "--server-ca" in result.output and "not a PEM certificate" in result.output
     assert not NodeRef("beta", Scope.USER).config_path.exists()
+
+
+def test_a_broker_ca_of_its_own_is_mounted_beside_the_server_ca(dirs: Dirs, tmp_path: Path) -> None:
+    """mqtt_ca_file (a broker whose certificate another CA signed) reaches the dockerized agent too."""
+    certs = tls_init(tmp_path / "tls", "localhost")
+    broker = tls_init(tmp_path / "broker-tls", "localhost")
+    result = vnode(
+        "new", "gamma", "--server-url", "https://localhost:7600", "--api-key", "7.s3cr3t",
+        "--server-ca", str(certs.ca), "--no-generate-key",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ref = NodeRef("gamma", Scope.USER)
+    raw = yaml.safe_load(ref.config_path.read_text())
+    raw["mqtt_ca_file"] = str(broker.ca)
+    ref.config_path.write_text(yaml.safe_dump(raw))
+    settings = load_settings(ref.config_path)
+    inside = container.agent_config(ref, settings, "/var/lib/docker/volumes/x/_data")
+    assert inside["mqtt_ca_file"] == container.MQTT_CA_IN_CONTAINER
+    mounts = {m["Target"]: m["Source"] for m in container.server_ca_mounts(settings)}
+    assert mounts == {
+        container.SERVER_CA_IN_CONTAINER: str(settings.server_ca_file),
+        container.MQTT_CA_IN_CONTAINER: str(broker.ca.resolve()),
+    }
+    broker.ca.unlink()
+    with pytest.raises(container.OperatorError, match="mqtt_ca_file"):
+        container.server_ca_mounts(settings)

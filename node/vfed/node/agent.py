@@ -389,9 +389,8 @@ class Agent:
         return (identity.broker_username, identity.broker_password) if identity else (None, None)
 
     def _broker_ca(self) -> Path | None:
-        """The CA an `mqtts://` broker is checked with: the node's `ca_file`, if any (else system CAs)."""
-        ca = getattr(self.settings, "ca_file", None)
-        return Path(ca) if ca else None
+        """The CA an `mqtts://` broker is checked with: mqtt_ca_file, else server_ca_file, else system CAs."""
+        return self.settings.mqtt_ca_file or self.settings.server_ca_file
 
     async def _mqtt_from_server(self) -> str | None:
         """The broker the server announces at `GET /doorbell`, when the config names none."""

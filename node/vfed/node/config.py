@@ -18,8 +18,17 @@ from pydantic import (
     model_validator,
 )
 
+from vfed.common.env_config import (
+    LayerError,
+    env_name,
+    from_environment,
+    has_path,
+    merge,
+    resolve_secret_files,
+)
 from vfed.common.netaddr import is_loopback_host
 
+ENV_PREFIX = "VFED_NODE__"
 _LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -124,6 +133,9 @@ class NodeSettings(_Strict):
     server_retry_s: float = Field(default=600.0, ge=0)
     job_volume_retention_s: float = Field(default=0.0, ge=0)
     mqtt_url: str | None = None
+    mqtt_ca_file: Path | None = None
+    """The CA an mqtts:// broker's certificate is checked with; None: server_ca_file (a broker behind the
+    same private CA as the server, what `vserver tls init` makes), else the system's CAs."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     metrics_token_file: Path | None = None
@@ -211,22 +223,31 @@ class NodeSettings(_Strict):
 
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, env: dict[str, Any]) -> str:
+    """One part per problem, naming the environment variable when the value came from there."""
     parts = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        parts.append(f"{key}: {item['msg']}")
+        loc = tuple(item["loc"])
+        key = env_name(ENV_PREFIX, loc) if has_path(env, loc) else ".".join(str(p) for p in loc)
+        parts.append(f"{key or '(top level)'}: {item['msg']}")
     return "; ".join(parts)
 
 
-def parse_settings(data: Any, *, base_dir: Path | None = None) -> NodeSettings:
-    """Validate an already-parsed mapping; relative paths are taken from base_dir."""
+def parse_settings(
+    data: Any, *, base_dir: Path | None = None, env: dict[str, Any] | None = None
+) -> NodeSettings:
+    """Validate an already-parsed mapping (with `env`, the environment's layer, over it); relative paths
+    are taken from base_dir, `<secret>_file` keys read (`api_key_file`)."""
     if not isinstance(data, dict):
         raise ConfigError("(top level): the configuration must be a mapping of keys to values")
     try:
-        settings = NodeSettings.model_validate(data)
+        data = resolve_secret_files(NodeSettings, data, lambda key: key, base_dir)
+    except LayerError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        settings = NodeSettings.model_validate(merge(data, env or {}))
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, env or {})) from None
     if base_dir is not None:
         updates: dict[str, Any] = {}
         if not settings.data_dir.is_absolute():
@@ -235,7 +256,7 @@ def parse_settings(data: Any, *, base_dir: Path | None = None) -> NodeSettings:
             updates["private_key"] = base_dir / settings.private_key
         if settings.trust_store is not None and not settings.trust_store.is_absolute():
             updates["trust_store"] = base_dir / settings.trust_store
-        for key in ("private_key_passphrase_file", "metrics_token_file", "server_ca_file"):
+        for key in ("private_key_passphrase_file", "metrics_token_file", "server_ca_file", "mqtt_ca_file"):
             value = getattr(settings, key)
             if value is not None and not value.is_absolute():
                 updates[key] = base_dir / value
@@ -243,8 +264,26 @@ def parse_settings(data: Any, *, base_dir: Path | None = None) -> NodeSettings:
     return settings
 
 
-def load_settings(path: Path) -> NodeSettings:
-    """Read the YAML file at path; every failure is a ConfigError with one clear message."""
+def environment_layer(base_dir: Path | None = None) -> dict[str, Any]:
+    """What `VFED_NODE__<KEY>` variables set (`__` between nested keys, `<secret>_FILE` for secrets; a
+    relative secret file is taken from base_dir, the config's folder, like every other relative path)."""
+    try:
+        raw = from_environment(NodeSettings, ENV_PREFIX)
+        return resolve_secret_files(
+            NodeSettings, raw, lambda k: env_name(ENV_PREFIX, tuple(k.split("."))), base_dir
+        )
+    except LayerError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_settings(path: Path | None, *, environment: bool = False) -> NodeSettings:
+    """Read the YAML file at path, and with `environment` the `VFED_NODE__...` variables over it (what `vnode
+    run` does; the operator's commands read the file only, as the agent they start does not share their
+    environment); every failure is a ConfigError with one clear message."""
+    if path is None:
+        return parse_settings({}, env=environment_layer() if environment else {})
+    base_dir = path.resolve().parent
+    env = environment_layer(base_dir) if environment else {}
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -255,4 +294,4 @@ def load_settings(path: Path) -> NodeSettings:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{path} is not valid YAML{where}") from None
-    return parse_settings(data, base_dir=path.resolve().parent)
+    return parse_settings(data, base_dir=base_dir, env=env)

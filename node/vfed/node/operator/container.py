@@ -45,6 +45,8 @@ PASSPHRASE_IN_CONTAINER = "/run/secrets/vfed-key-passphrase"
 METRICS_TOKEN_IN_CONTAINER = "/run/secrets/vfed-metrics-token"
 SERVER_CA_IN_CONTAINER = "/etc/vfed/server-ca.pem"
 """The server's CA (`server_ca_file`), mounted read-only: not secret, but what the server is checked by."""
+MQTT_CA_IN_CONTAINER = "/etc/vfed/mqtt-ca.pem"
+"""The broker's CA (`mqtt_ca_file`), when it is not the server's."""
 """Secrets reach the agent as read-only files, never as environment variables: a container's environment is
 in `docker inspect` for anyone who may talk to the engine, and in the agent's /proc/<pid>/environ."""
 SOURCE_ROOTS = ("common", "node", "server", "proxy", "algorithms", "client")
@@ -102,6 +104,8 @@ def agent_config(
         raw["metrics_token_file"] = METRICS_TOKEN_IN_CONTAINER
     if settings.server_ca_file is not None:
         raw["server_ca_file"] = SERVER_CA_IN_CONTAINER
+    if settings.mqtt_ca_file is not None:
+        raw["mqtt_ca_file"] = MQTT_CA_IN_CONTAINER
     runtime = dict(raw.get("runtime") or {})
     path_map = dict(runtime.get("host_path_map") or {})
     path_map[DATA_IN_CONTAINER] = host_mountpoint
@@ -178,13 +182,17 @@ def secret_files(ref: NodeRef, settings: NodeSettings) -> dict[str, Path]:
 
 
 def server_ca_mounts(settings: NodeSettings) -> list[Mount]:
-    """The server's CA file at SERVER_CA_IN_CONTAINER (read-only), when the config names one."""
-    if settings.server_ca_file is None:
-        return []
-    source = settings.server_ca_file.resolve()
-    if not source.is_file():
-        raise OperatorError(f"server_ca_file {source} is not a file")
-    return [Mount(SERVER_CA_IN_CONTAINER, str(source), type="bind", read_only=True)]
+    """The server's and the broker's CA files (read-only), those the config names."""
+    mounts = []
+    for key, inside in (("server_ca_file", SERVER_CA_IN_CONTAINER), ("mqtt_ca_file", MQTT_CA_IN_CONTAINER)):
+        given: Path | None = getattr(settings, key)
+        if given is None:
+            continue
+        source = given.resolve()
+        if not source.is_file():
+            raise OperatorError(f"{key} {source} is not a file")
+        mounts.append(Mount(inside, str(source), type="bind", read_only=True))
+    return mounts
 
 
 def secret_mounts(secrets: Mapping[str, Path]) -> list[Mount]:
