@@ -67,7 +67,8 @@ def _build_image(client: DockerClient, image: str) -> None:
     script = Path(__file__).resolve().parents[4] / "scripts" / "build-images.sh"
     if image != agent.DEFAULT_IMAGE or not script.is_file():
         raise OperatorError(
-            f"image {image} is not present and cannot be pulled; build it (scripts/build-images.sh)"
+            f"image {image} is not present and cannot be pulled; build it: `vnode image build` "
+            "(or scripts/build-images.sh in a checkout)"
         )
     click.echo(f"image {image} missing: building it with {script} (a few minutes)")
     if subprocess.run([str(script)], check=False).returncode != 0:
