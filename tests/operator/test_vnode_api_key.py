@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import aiohttp
+import yaml
 from click.testing import Result
 from tests.node.node_harness import PASSWORD, Server
 from vnode_testlib import Dirs, dirs, vnode
@@ -87,3 +88,36 @@ async def test_api_key_unchecked_when_the_server_is_away(dirs: Dirs) -> None:
     assert load_settings(config).api_key.get_secret_value() == "2.new-secret"
     no_source = await run("api-key", "node-b")  # not a terminal: no question is asked
     assert no_source.exit_code == 2 and "--api-key-file" in no_source.output
+
+
+async def test_a_key_kept_in_a_secret_file_is_rotated_there_and_mounted(dirs: Dirs, tmp_path: Path) -> None:
+    """A config that names its key by `api_key_file` (a Docker/Kubernetes secret) keeps doing so: the rotated
+    key goes into that file, and the dockerized agent gets the file mounted, not the host path."""
+    from vfed.node.operator import container
+    from vfed.node.operator.paths import NodeRef, Scope
+
+    made = await run("new", "node-c", "--server-url", "http://127.0.0.1:9", "--api-key", "1.old-secret")
+    assert made.exit_code == 0, made.output
+    config = dirs.user_config / "vfed" / "nodes" / "node-c.yaml"
+    secret = tmp_path / "secrets" / "api-key"
+    secret.parent.mkdir()
+    secret.write_text("1.old-secret\n")
+    raw = yaml.safe_load(config.read_text())
+    del raw["api_key"]
+    raw["api_key_file"] = str(secret)
+    config.write_text(yaml.safe_dump(raw))
+    before = config.read_text()
+
+    done = await run("api-key", "node-c", "--no-check", "--api-key-file", "-", input="2.new-secret")
+    assert done.exit_code == 0, done.output
+    assert str(secret) in done.output
+    assert secret.read_text().strip() == "2.new-secret" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert config.read_text() == before  # still names the file, holds no key
+    assert load_settings(config).api_key.get_secret_value() == "2.new-secret"
+
+    ref = NodeRef("node-c", Scope.USER)
+    settings = load_settings(ref.config_path)
+    secrets = container.secret_files(ref, settings)
+    assert secrets[container.API_KEY_IN_CONTAINER] == secret.resolve()
+    inside = container.agent_config(ref, settings, "/var/lib/docker/volumes/x/_data", secrets)
+    assert inside["api_key_file"] == container.API_KEY_IN_CONTAINER and "api_key" not in inside

@@ -403,10 +403,10 @@ def test_broker_config_refuses_plain_without_saying_so(tmp_path: Path) -> None:
     cfg = tmp_path / "vserver.yaml"
     cfg.write_text(f"data_dir: {tmp_path / 'data'}\nmqtt: {{broker_dir: {tmp_path / 'broker'}}}\n")
     plain = vserver("broker", "config", "--config", str(cfg), check=False)
-    assert plain.returncode == 2 and "--insecure-plain" in plain.stderr
+    assert plain.returncode == 1 and "--insecure-plain" in plain.stderr
     assert len(plain.stderr.strip().splitlines()) == 1
     nowhere = vserver("broker", "config", "--data-dir", str(tmp_path), "--insecure-plain", check=False)
-    assert nowhere.returncode == 2 and "mqtt.broker_dir" in nowhere.stderr
+    assert nowhere.returncode == 1 and "mqtt.broker_dir" in nowhere.stderr
     made = vserver("broker", "config", "--config", str(cfg), "--insecure-plain", "--listen", "127.0.0.1:1884")
     assert "url: mqtt://127.0.0.1:1884" in made.stdout
     assert ((tmp_path / "broker" / PASSWD).stat().st_mode & 0o077) == 0

@@ -49,7 +49,7 @@ def test_bad_config_names_the_key(tmp_path: Path, content: str, needle: str) -> 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(content)
     result = vserver("start", "--config", str(cfg), check=False)
-    assert result.returncode == 2
+    assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error: ")
 
@@ -58,7 +58,7 @@ def test_bad_import_file_names_the_key(tmp_path: Path) -> None:
     spec = tmp_path / "import.yaml"
     spec.write_text("users: [{username: x, password: 'long password', organization: nowhere}]")
     result = vserver("import", str(spec), "--data-dir", str(tmp_path), check=False)
-    assert result.returncode == 2 and "users.0.organization: unknown name 'nowhere'" in result.stderr
+    assert result.returncode == 1 and "users.0.organization: unknown name 'nowhere'" in result.stderr
 
 
 @pytest.mark.mqtt

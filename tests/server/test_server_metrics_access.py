@@ -123,7 +123,7 @@ def test_vserver_start_refuses_an_unusable_token_file(tmp_path: Path) -> None:
         config = tmp_path / "vserver.yaml"
         config.write_text(f"metrics:\n  token_file: {token_file}\n  port: null\n")
         result = CliRunner().invoke(main, ["start", "--config", str(config), "--data-dir", str(tmp_path)])
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 1, result.output
         (line,) = result.output.strip().splitlines()
         assert line.startswith(f"error: metrics.token_file {token_file}: {problem}"), line
 

@@ -70,7 +70,7 @@ def test_tls_init_writes_a_ca_and_a_server_certificate(tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     again = vserver("tls", "init", "--dir", str(folder), "--data-dir", str(tmp_path / "data"), check=False)
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 1 and "--force" in again.stderr
     ca_before = (folder / "ca.crt").read_bytes()
     cert_before = (folder / "server.crt").read_bytes()
     renewed = vserver(
@@ -226,7 +226,7 @@ def test_plain_http_off_loopback_is_refused_before_binding(tmp_path: Path) -> No
     # 198.18.0.0/15 (benchmarking, never routed): the refusal comes before any bind, so nothing listens.
     result = vserver("start", "--host", "198.18.0.1", "--data-dir", str(tmp_path), check=False)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "refusing to serve plain HTTP on 198.18.0.1" in lines[0] and "--insecure-http" in lines[0]
     assert not (tmp_path / "vserver.sqlite").exists()
 
@@ -250,4 +250,4 @@ def test_bad_tls_settings_are_one_line(tmp_path: Path, tls: dict[str, str], need
     cfg.write_text(json.dumps({"tls": tls, "data_dir": str(tmp_path / "data")}))
     result = vserver("start", "--config", str(cfg), check=False)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    assert result.returncode == 1 and len(lines) == 1 and needle in lines[0], result.stderr

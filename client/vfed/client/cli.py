@@ -14,17 +14,35 @@ import aiohttp
 import click
 
 from vfed.client import credentials
-from vfed.client.cli_common import handled, run
+from vfed.client.cli_common import FORMAT, handled, print_table, run
 from vfed.client.cli_ledger import datasets, leases, receipts
+from vfed.client.cli_researcher import (
+    collaborations,
+    logout,
+    nodes,
+    task_logs,
+    task_show,
+    whoami,
+    write_results,
+)
 from vfed.client.cli_trust import keys, organizations, trust, untrust
 from vfed.client.client import AsyncClient
 from vfed.client.errors import ClientError
 from vfed.common import tls
 
 
-@click.group(epilog="Example: vfed login --url http://127.0.0.1:7600 --username alice")
+@click.group(
+    epilog="\b\nStart here:\n"
+    "  vfed login --url https://server:7600 --username alice --key-file KEY\n"
+    "  vfed whoami; vfed collaborations list; vfed organizations list; vfed nodes list\n"
+    "  vfed task create --collaboration 1 --image IMAGE --method METHOD\n"
+    "  vfed task show ID; vfed task logs ID; vfed task results ID --output DIR\n"
+    "Listings take --format table|json. Exit codes: 0 success, 1 failure, 2 usage error."
+)
+@click.version_option(package_name="vfed", prog_name="vfed")
 def main() -> None:
-    """Researcher commands: log in, create tasks, wait for them and read their decrypted results."""
+    """Researcher commands: log in, see your collaborations, organizations and nodes, create tasks, follow
+    them and read their logs and decrypted results."""
 
 
 @main.command()
@@ -143,9 +161,21 @@ def task_wait(task_id: int, timeout_s: float | None) -> None:
 @task.command("results")
 @click.argument("task_id", type=int)
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="write one file per organization into this folder (organization-<id>.json or .csv) instead",
+)
 @handled
-def task_results(task_id: int, fmt: str) -> None:
-    """Print the decrypted results of TASK_ID (one per organization)."""
+def task_results(task_id: int, fmt: str, output: Path | None) -> None:
+    """Print the decrypted results of TASK_ID (one per organization), or write them to --output DIR.
+
+    Example: vfed task results 12 --output results/ --format csv
+    """
+    if output is not None:
+        write_results(task_id, fmt, output)
+        return
     results = run(lambda c: c.results(task_id))
     click.echo(_render(results, fmt), nl=False)
 
@@ -175,7 +205,7 @@ def task_kill(task_id: int) -> None:
 
 @task.command("runs")
 @click.argument("task_id", type=int)
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@FORMAT
 @handled
 def task_runs(task_id: int, fmt: str) -> None:
     """List the runs of TASK_ID: organization, status and the classified reason of each."""
@@ -184,8 +214,10 @@ def task_runs(task_id: int, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(shown))
         return
-    for r in shown:
-        click.echo(f"{r['id']:>6}  org {r['organization_id']:<5} {r['status']:<12} {r['reason'] or ''}")
+    print_table(
+        ["RUN", "ORGANIZATION", "STATUS", "EXIT", "REASON"],
+        [(r["id"], r["organization_id"], r["status"], r["exit_code"], r["reason"]) for r in shown],
+    )
 
 
 @main.group("run")
@@ -203,7 +235,7 @@ def run_log(run_id: int) -> None:
 
 
 @task.command("list")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@FORMAT
 @handled
 def task_list(fmt: str) -> None:
     """List tasks you can see."""
@@ -211,10 +243,26 @@ def task_list(fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(tasks, default=str))
         return
-    for t in tasks:
-        click.echo(f"{t['id']:>6}  {t['status']:<10} {t['image']:<40} {t['name']}")
+    if not tasks:
+        click.echo("no tasks")
+        return
+    print_table(
+        ["ID", "STATUS", "IMAGE", "NAME", "PARENT", "CREATED"],
+        [
+            (t["id"], t["status"], t["image"], t["name"], t.get("parent_id"), t.get("created_at"))
+            for t in tasks
+        ],
+    )
 
 
+task.add_command(task_show)
+task.add_command(task_logs)
+
+
+main.add_command(whoami)
+main.add_command(logout)
+main.add_command(collaborations)
+main.add_command(nodes)
 main.add_command(keys)
 main.add_command(trust)
 main.add_command(untrust)

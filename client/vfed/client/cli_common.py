@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import shutil
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from functools import wraps
 from typing import Any, TypeVar
 
 import aiohttp
 import click
 from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from vfed.client import credentials
 from vfed.client.client import AsyncClient
@@ -23,6 +28,16 @@ from vfed.common.tls import CaFileError
 from vfed.common.trust import TrustError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+FORMAT = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table: aligned columns for people; json: one JSON document for scripts",
+)
+"""`--format table|json`, on every listing command."""
 
 
 def fail(message: str) -> None:
@@ -90,3 +105,26 @@ def run(make: Callable[[AsyncClient], Coroutine[Any, Any, Any]]) -> Any:
             return result
 
     return asyncio.run(go())
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Aligned columns (a rich table without borders): never wrapped when piped, bold headers only on a
+    terminal and never under NO_COLOR."""
+    tty = sys.stdout.isatty()
+    plain = not tty or bool(os.environ.get("NO_COLOR"))
+    buf = io.StringIO()
+    console = Console(
+        file=buf,
+        force_terminal=not plain,
+        no_color=plain,
+        width=shutil.get_terminal_size().columns if tty else 100_000,
+        highlight=False,
+    )
+    table = Table(box=None, pad_edge=False, header_style="" if plain else "bold", show_edge=False)
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*(Text("-" if cell is None or cell == "" else str(cell)) for cell in row))
+    console.print(table)
+    for line in buf.getvalue().splitlines():
+        click.echo(line.rstrip())

@@ -10,11 +10,8 @@ from typing import Any
 import click
 
 from vfed.client.catalog import DatasetInfo, LeaseInfo, ReceiptInfo, when
-from vfed.client.cli_common import handled, run
+from vfed.client.cli_common import FORMAT, handled, run
 
-FORMAT = click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
 COLLABORATION = click.option(
     "--collaboration",
     "collaboration",

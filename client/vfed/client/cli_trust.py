@@ -11,15 +11,12 @@ from typing import Any
 import click
 
 from vfed.client import credentials
-from vfed.client.cli_common import fail, handled, run
+from vfed.client.cli_common import FORMAT, fail, handled, print_table, run
 from vfed.client.errors import ClientError
 from vfed.client.trust import open_store, trust_mode
 from vfed.common.crypto import Keyring
 from vfed.common.trust import TrustStore, fingerprint, show_fingerprint
 
-FORMAT = click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
 KEY_FILE = click.option(
     "--file",
     "path",
@@ -71,7 +68,7 @@ def keys_generate(path: Path | None, force: bool) -> None:
 
 @keys.command("show")
 @KEY_FILE
-@FORMAT
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @handled
 def keys_show(path: Path | None, fmt: str) -> None:
     """Show your public key, its id and fingerprint, and what your admin runs to certify it."""
@@ -201,8 +198,15 @@ def organizations_list(fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(rows))
         return
-    click.echo(f"{'ID':>6}  {'NAME':<24} {'FINGERPRINT':<39}  PINNED")
-    for row in rows:
-        problem = f"  ({row['problem']})" if row["problem"] else ""
-        shown = row["fingerprint"] or "-"
-        click.echo(f"{row['id']:>6}  {row['name']:<24} {shown:<39}  {row['pinned']}{problem}")
+    print_table(
+        ["ID", "NAME", "FINGERPRINT", "PINNED"],
+        [
+            (
+                row["id"],
+                row["name"],
+                row["fingerprint"],
+                row["pinned"] + (f" ({row['problem']})" if row["problem"] else ""),
+            )
+            for row in rows
+        ],
+    )

@@ -134,6 +134,14 @@ class AsyncClient:
     async def collaborations(self) -> list[dict[str, Any]]:
         return await self.api.get_all("/collaborations")
 
+    async def nodes(
+        self, collaboration: int | None = None, organization: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Nodes you may see (of one collaboration or organization if given), each with `status` online or
+        offline and `last_seen_at`."""
+        params = {"collaboration_id": collaboration, "organization_id": organization}
+        return await self.api.get_all("/nodes", {k: v for k, v in params.items() if v is not None})
+
     async def tasks(self, **filters: Any) -> list[dict[str, Any]]:
         return await self.api.get_all("/tasks", {k: v for k, v in filters.items() if v is not None})
 
@@ -279,6 +287,11 @@ class Client:
 
     def collaborations(self) -> list[dict[str, Any]]:
         return self._call(self._async.collaborations())
+
+    def nodes(
+        self, collaboration: int | None = None, organization: int | None = None
+    ) -> list[dict[str, Any]]:
+        return self._call(self._async.nodes(collaboration, organization))
 
     def tasks(self, **filters: Any) -> list[dict[str, Any]]:
         return self._call(self._async.tasks(**filters))

@@ -71,6 +71,14 @@ class ApiSession:
         self.token, self.refresh_token = body["access_token"], body["refresh_token"]
         return dict(body)
 
+    async def logout(self) -> None:
+        """Revoke the refresh token's login at the server (POST /token/revoke) and forget both tokens; the
+        access token, short-lived, is not usable for a refresh and expires on its own. ApiError/aiohttp
+        errors when the server could not be told (the tokens are forgotten here all the same)."""
+        refresh, self.token, self.refresh_token = self.refresh_token, None, None
+        if refresh:
+            await self.request("POST", "/token/revoke", json={"refresh_token": refresh}, auth=False)
+
     async def _refresh(self) -> bool:
         seen = self.refresh_token
         if not seen:

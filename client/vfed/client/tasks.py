@@ -191,6 +191,13 @@ async def _wait_once(
 async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> list[Any]:
     """Every completed run's result is downloaded and decrypted at once (one connection each): a task's
     results arrive in the time of the slowest, not the sum; a failed run raises before any download."""
+    return [value for _, value in await results_per_run(client, task_id, raise_on_failure)]
+
+
+async def results_per_run(
+    client: AsyncClient, task_id: int, raise_on_failure: bool
+) -> list[tuple[dict[str, Any], Any]]:
+    """(run, its decrypted result or its RunFailed) for every run, in organization order."""
     listed, digest = await asyncio.gather(client.runs(task_id), descriptor_digest(client, task_id))
     runs = sorted(listed, key=lambda r: (r["organization_id"], r["id"]))
     done = [run["status"] == "completed" and bool(run.get("result_blob_id")) for run in runs]
@@ -205,7 +212,7 @@ async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> 
         *(_decrypt_result(client, run, digest) for i, run in enumerate(runs) if done[i])
     )
     it = iter(values)
-    return [failures[i] if i in failures else next(it) for i in range(len(runs))]
+    return [(runs[i], failures[i] if i in failures else next(it)) for i in range(len(runs))]
 
 
 async def descriptor_digest(client: AsyncClient, task_id: int) -> str | None:

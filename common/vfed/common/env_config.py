@@ -108,8 +108,8 @@ def resolve_secret_files(
             out[key] = resolve_secret_files(nested, value, _within(describe, key), base_dir)
             continue
         base = key.removesuffix(FILE_SUFFIX)
-        if field is not None or not key.endswith(FILE_SUFFIX) or base not in model.model_fields:
-            continue
+        if not key.endswith(FILE_SUFFIX) or base not in model.model_fields:
+            continue  # (a `<secret>_file` that is a field of its own, like mqtt.password_file, is read too)
         if not is_secret(model.model_fields[base]):
             continue
         if base in raw:

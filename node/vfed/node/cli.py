@@ -16,11 +16,13 @@ from vfed.node.agent import Agent, AgentStartError
 from vfed.node.config import ConfigError, NodeSettings, load_settings
 from vfed.node.keys import KeyMismatch
 from vfed.node.operator import COMMANDS as OPERATOR_COMMANDS
+from vfed.node.operator.image_build import image_group
 from vfed.node.runtime.base import RuntimeUnavailable
 from vfed.proxy.rest import ServerUnavailable
 
 
 @click.group()
+@click.version_option(package_name="vfed", prog_name="vnode")
 def main() -> None:
     """vfed node: runs algorithms on this organization's data, on request of the federation."""
 
@@ -38,7 +40,11 @@ async def _serve(settings: NodeSettings, rotate_key: bool) -> None:
 
 @main.command()
 @click.option(
-    "--config", "config_path", required=True, type=click.Path(path_type=Path), help="Node YAML file."
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Node YAML file; VFED_NODE__<KEY> variables override its keys (without it, they are the whole "
+    "configuration).",
 )
 @click.option("--rotate-key", is_flag=True, help="Make a new organization key and publish it.")
 @click.option(
@@ -48,7 +54,7 @@ async def _serve(settings: NodeSettings, rotate_key: bool) -> None:
     help="DEBUG, INFO, WARNING or ERROR, optionally followed by LOGGER=LEVEL items, comma-separated "
     "(e.g. INFO,vfed.node.timeline=DEBUG).",
 )
-def run(config_path: Path, rotate_key: bool, log_level: str) -> None:
+def run(config_path: Path | None, rotate_key: bool, log_level: str) -> None:
     """Run the node agent in the foreground until SIGTERM or Ctrl-C."""
     try:
         root, per_logger = parse_log_levels(log_level)
@@ -59,10 +65,10 @@ def run(config_path: Path, rotate_key: bool, log_level: str) -> None:
     for name, level in per_logger.items():
         logging.getLogger(name).setLevel(level)
     try:
-        settings = load_settings(config_path)
+        settings = load_settings(config_path, environment=True)
         asyncio.run(_serve(settings, rotate_key))
     except ConfigError as exc:
-        _fail(f"bad configuration {config_path}: {exc}")
+        _fail(f"bad configuration {config_path or '(environment)'}: {exc}")
     except (AgentStartError, KeyMismatch, ServerUnavailable, RuntimeUnavailable) as exc:
         _fail(str(exc))
     except CryptoError as exc:
@@ -96,3 +102,4 @@ def _fail(message: str) -> None:
 # The operator's commands (new, keys, trust, users, start, stop, ...) live in vfed.node.operator.
 for _command in OPERATOR_COMMANDS:
     main.add_command(_command)
+main.add_command(image_group)  # `vnode image build`

@@ -38,15 +38,35 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings are the keys' descriptions: docs/vnode.md's reference is generated from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+DATASET_TYPES = ("csv", "parquet", "sqlite", "sql")
+"""The dataset types the algorithm SDK reads (vfed.algorithms.datasets.DatasetType; a test keeps them
+equal)."""
 
 
 class DatasetConfig(_Strict):
     """A dataset the node offers to algorithms, mounted read-only."""
 
     uri: str
+    """A file's absolute path (csv, parquet, sqlite; mounted read-only into the run's container), or for
+    `sql` a SQLAlchemy database URL (`postgresql://user@host:5432/db`)."""
     type: str = "csv"
+    """How the SDK reads it, `DATASET_<LABEL>_TYPE` in the container: csv, parquet, sqlite or sql."""
     epsilon_budget: float | None = Field(default=None, gt=0)
+    """The differential-privacy epsilon all runs together may spend on this dataset, charged before each run
+    and never refunded; only images whose manifest declares an epsilon may read it (docs/algorithms.md
+    "Privacy budget"). Unset: no budget."""
+
+    @field_validator("type")
+    @classmethod
+    def _readable_type(cls, value: str) -> str:
+        if value not in DATASET_TYPES:
+            accepted = ", ".join(DATASET_TYPES)
+            raise ValueError(f"{value!r} is not a dataset type the algorithm SDK reads (one of: {accepted})")
+        return value
 
 
 class ImagePolicy(_Strict):
@@ -54,7 +74,9 @@ class ImagePolicy(_Strict):
     tasks whose root initiator (the researcher's organization at the top of a subtask chain) is listed."""
 
     image: str
+    """A glob over the image reference (`vfed-examples/*`) or an image digest (`sha256:<64 hex>`)."""
     max_run_time_s: float | None = Field(default=None, gt=0)
+    """Seconds a run of this image may take, instead of the node's max_run_time_s."""
     organizations: list[int] | None = None
     """Root initiating organizations this image may run for; missing: any the other rules allow."""
 
@@ -84,8 +106,15 @@ class Policies(_Strict):
     nothing (what `vnode new` writes for images until `--allow-image` names some)."""
 
     allowed_images: list[ImagePolicy] | None = None
+    """The images the node runs: each a glob, a digest or an `{image, max_run_time_s, organizations}` rule
+    (keys below). Checked on the name before the engine is asked about the image. Unset: any image (warned
+    about); `[]`: none."""
     allowed_organizations: list[int] | None = None
+    """Organization ids whose tasks (every initiator in a subtask chain) the node runs; unset: any pinned
+    one."""
     allowed_users: list[int] | None = None
+    """User ids whose tasks the node runs (the root initiator's user, and any user an intermediate
+    organization names); unset: any user."""
 
     @field_validator("allowed_images", mode="before")
     @classmethod
@@ -98,9 +127,10 @@ class Policies(_Strict):
 class RuntimeConfig(BaseModel):
     """Which runtime runs the containers; the rest of the keys belong to that runtime's own config."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
 
     kind: str = "docker"
+    """The runtime that runs algorithm containers: `docker` (the only one the agent has today)."""
 
     def options(self) -> dict[str, Any]:
         """The runtime-specific keys, for the runtime's own pydantic config."""
@@ -111,59 +141,102 @@ class NodeSettings(_Strict):
     """Everything `vnode run` needs."""
 
     name: str = "node"
+    """The node's name on this machine: it names the agent's algorithm containers (`vfed-<name>-run-<run>`)
+    and job volumes (`vfed-<name>-<job>-tmp`)."""
     server_url: str = "http://127.0.0.1:7600"
+    """The vfed server, `http://` or `https://`."""
     server_ca_file: Path | None = None
     """The CA that signed an https:// server's certificate (`vserver tls init`'s ca.crt; `vnode new
     --server-ca`); None: the system's CAs. The host name in server_url is always verified."""
     api_key: SecretStr
+    """The node's API key, `<key_id>.<secret>`, as the server printed it when the node was created (or give
+    `api_key_file`)."""
     private_key: Path | None = None
+    """The organization's key file; unset: `<data_dir>/org-key.json`."""
     private_key_passphrase_env: str | None = None
+    """The environment variable holding the key file's passphrase (`vnode keys generate --passphrase-env`)."""
     private_key_passphrase_file: Path | None = None
     """A file holding the key file's passphrase, instead of the variable (how `vnode start` hands it to the
     dockerized agent: a mounted file, never a container environment variable: `docker inspect` shows them)."""
     data_dir: Path
+    """The agent's own folder: journal, runs, job folders, ledger copy (made private, 0700, at every
+    start)."""
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
+    """The datasets offered to algorithms, by label (a letter, then letters, digits or `_`)."""
     policies: Policies = Field(default_factory=Policies)
+    """Which images, organizations and users the node runs tasks for (keys below)."""
     max_concurrent_runs: int = Field(default=4, ge=1, le=256)
+    """Runs the agent executes at once; more wait their turn."""
     max_run_time_s: float = Field(default=3600.0, gt=0)
+    """Seconds a run may take before it is killed (an image rule's own max_run_time_s wins)."""
     kill_grace_s: float = Field(default=5.0, ge=0)
+    """Seconds between SIGTERM and SIGKILL when a run's container is stopped."""
     poll_interval_s: float = Field(default=10.0, gt=0)
+    """Seconds between polls of the server for new runs (the doorbell wakes the agent sooner); doubled up to
+    max(this, 15 s) while the server is unreachable."""
     startup_timeout_s: float = Field(default=30.0, ge=0)
+    """Seconds the agent keeps trying to log in at start while the server is unreachable."""
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    """Seconds between the agent's heartbeats, which keep the node online on the server."""
     server_retry_s: float = Field(default=600.0, ge=0)
+    """Seconds a run's report to the server is retried while the server is unreachable; after that the run
+    stays in the journal and a later poll takes it up again."""
     job_volume_retention_s: float = Field(default=0.0, ge=0)
+    """Seconds a job's temporary volume is kept after its last run; 0: removed with the job's last run."""
     mqtt_url: str | None = None
+    """The doorbell broker, `mqtt://`, `mqtts://` or `tcp://host:port`; unset: the one the server announces
+    (`GET /doorbell`), else polling alone."""
     mqtt_ca_file: Path | None = None
     """The CA an mqtts:// broker's certificate is checked with; None: server_ca_file (a broker behind the
     same private CA as the server, what `vserver tls init` makes), else the system's CAs."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """The port of the agent's `GET /metrics` (Prometheus); 0: any free port; unset: no metrics endpoint."""
     metrics_host: str = "127.0.0.1"
+    """Where the metrics endpoint listens; an address that is not loopback needs metrics_token_file."""
     metrics_token_file: Path | None = None
     """A file holding a bearer token `GET /metrics` then wants; required for a metrics_host that is not
     loopback."""
     min_rows: int = Field(default=10, ge=0)
+    """The fewest records a federated function may compute over (`VFED_MIN_ROWS` for the algorithm SDK, which
+    refuses smaller datasets and subsets)."""
     max_output_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    """The largest output file a run may leave; a larger one fails the run."""
     max_log_bytes: int = Field(default=64 * 1024, gt=0)
+    """How much of a run's log (its tail) is kept, sealed and sent to the server."""
     share_logs_with_initiator: bool = False
     """Seal a run's log tail to the initiator too (the run's reply keys), not only to this organization:
     what an algorithm prints can hold this organization's data values, so it is an explicit opt-in."""
     proxy_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """The largest request body a run's proxy reads."""
     # per run, at its proxy (docs/security.md "Limits"): requests in flight (more: 429), bodies held at once
     # (the rest wait unread), body and head read times, and the blobs and bytes the run may upload
     proxy_max_concurrent_requests: int = Field(default=16, ge=1)
+    """Requests of one run in flight at its proxy; more are answered 429."""
     proxy_max_concurrent_bodies: int = Field(default=2, ge=1)
+    """Requests with a body one run's proxy processes at once; the rest wait unread."""
     proxy_head_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds within which a request's head must reach a run's proxy."""
     proxy_body_timeout_s: float = Field(default=60.0, gt=0)
+    """Seconds within which a request's body must reach a run's proxy."""
     proxy_max_blob_uploads_per_run: int = Field(default=1000, ge=0)
+    """Sealed subtask inputs one run may upload through its proxy; past it 429 `quota-exceeded`."""
     proxy_max_blob_bytes_per_run: int = Field(default=1024**3, ge=0)
+    """Bytes of sealed subtask inputs one run may upload; past it 413 `quota-exceeded`."""
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    """The runtime and its own keys (`runtime.kind`, then the Docker runtime's keys below)."""
     trust: Literal["pinned", "tofu"] = "pinned"
     """`pinned`: run only for organizations pinned in the trust store; `tofu`: pin at first sight."""
     trust_store: Path | None = None
+    """The organizations pinned by fingerprint (`vnode trust` edits it); unset: `<data_dir>/trusted_orgs`."""
     descriptor_skew_s: float = Field(default=300.0, ge=0)
+    """Clock skew allowed on descriptor, certificate and key times, in seconds."""
     key_grace_s: float = Field(default=7 * 86400.0, ge=0)
+    """Seconds an organization's replaced key still counts (as signer, reply key, or this node's input
+    key)."""
     max_subtasks_per_run: int = Field(default=100, ge=0)
+    """Subtasks one run's proxy creates at most."""
     max_subtask_depth: int = Field(default=2, ge=0, le=16)
+    """How deep subtasks may nest; a deeper descriptor is refused, and a run's proxy makes none deeper."""
     require_researcher_keys: bool = False
     """Refuse tasks signed with an organization key instead of a certified researcher key."""
     leases: Literal["required", "off"] = "off"

@@ -83,9 +83,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.blob_path().mkdir(parents=True, exist_ok=True)
-    engine = db.make_engine(settings.db_url())
-    if settings.auto_migrate:
-        await db.upgrade(engine)
+    engine = db.open_engine(settings.db_url())  # db.DatabaseError: one line for `vserver start`
+    try:
+        await db.prepare(engine, upgrade_schema=settings.auto_migrate)
+    except BaseException:
+        await engine.dispose()
+        raise
     app[ENGINE] = engine
     app[SESSIONS] = db.make_sessionmaker(engine, app[TASK_EVENTS])
     await app[PRESENCE].start(app[SESSIONS])

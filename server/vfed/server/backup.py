@@ -5,7 +5,7 @@ consistent snapshot while the server keeps writing; a plain file copy of a WAL d
 a page write and its commit. The database goes first, the blobs after: a blob is written (and renamed into
 place) before the row naming it is committed, so every blob the snapshot references is already on disk when
 the folder is read. Uploads in progress (`*.part`) are left out. PostgreSQL is dumped with its own tools
-(`pg_dump`); `--blobs-only` then archives the rest (docs/server.md "Backup and restore").
+(`pg_dump`); `--blobs-only` then archives the rest (docs/deployment.md "Backup and restore").
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+from urllib.parse import quote
 
 from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 from vfed.server.config import Settings
 
@@ -46,7 +49,10 @@ class Summary:
 
 def sqlite_path(settings: Settings) -> Path | None:
     """The SQLite file behind the settings' database URL, or None for another database."""
-    url = make_url(settings.db_url())
+    try:
+        url = make_url(settings.db_url())
+    except ArgumentError:
+        raise BackupError("database_url is not a database URL") from None
     if url.get_backend_name() != "sqlite":
         return None
     if not url.database or url.database == ":memory:":
@@ -60,19 +66,35 @@ def backup(settings: Settings, archive: Path, *, blobs_only: bool = False) -> Su
     if db_file is None and not blobs_only:
         raise BackupError(
             "the database is not SQLite: dump it with pg_dump -Fc, then archive the blobs with "
-            '`vserver backup --blobs-only` (docs/server.md "Backup and restore")'
+            '`vserver backup --blobs-only` (docs/deployment.md "Backup and restore")'
         )
     if db_file is not None and not blobs_only and not db_file.is_file():
         raise BackupError(f"no database at {db_file}: nothing to back up")
     archive.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+    partial = archive.with_name(archive.name + ".part")  # renamed when complete: no half archive left
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a .part file left by an earlier attempt keeps its mode otherwise
+        with os.fdopen(fd, "wb") as raw:
+            summary = _write(raw, settings, db_file, blobs_only)
+        os.replace(partial, archive)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return summary
+
+
+def _write(raw: BinaryIO, settings: Settings, db_file: Path | None, blobs_only: bool) -> Summary:
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
         with_db = db_file is not None and not blobs_only
         if with_db:
             assert db_file is not None
             with tempfile.TemporaryDirectory() as tmp:
                 snapshot = Path(tmp) / DATABASE
-                _snapshot(db_file, snapshot)
+                try:
+                    _snapshot(db_file, snapshot)
+                except sqlite3.Error as exc:
+                    raise BackupError(f"{db_file}: cannot copy the database: {exc}") from None
                 tar.add(snapshot, arcname=DATABASE)
         count = _add_blobs(tar, settings.blob_path())
         secret = settings.data_dir / JWT_SECRET
@@ -84,7 +106,7 @@ def backup(settings: Settings, archive: Path, *, blobs_only: bool = False) -> Su
 
 
 def _snapshot(source: Path, target: Path) -> None:
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    src = sqlite3.connect(f"file:{quote(str(source))}?mode=ro", uri=True, timeout=30)
     try:
         dst = sqlite3.connect(target)
         try:
@@ -139,6 +161,18 @@ def _restore(tar: tarfile.TarFile, settings: Settings, archive: Path, force: boo
             "a --blobs-only backup"
         )
     data_dir, blob_dir = settings.data_dir, settings.blob_path()
+    targets: list[tuple[tarfile.TarInfo, Path]] = []  # every member checked before anything is written
+    for member in tar.getmembers():
+        name = member.name
+        if name == DATABASE and db_file is not None:
+            targets.append((member, db_file))
+        elif name == JWT_SECRET:
+            targets.append((member, data_dir / JWT_SECRET))
+        elif name.startswith(BLOBS + "/") and member.isfile():
+            targets.append((member, _inside(blob_dir, name[len(BLOBS) + 1 :], name)))
+    for member, _target in targets:
+        if not member.isfile():
+            raise BackupError(f"archive member {member.name!r} is not a plain file")
     busy = [p for p in (data_dir, blob_dir) if p.is_dir() and any(p.iterdir())]
     if db_file is not None and db_file.exists():
         busy.append(db_file)
@@ -152,15 +186,9 @@ def _restore(tar: tarfile.TarFile, settings: Settings, archive: Path, force: boo
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     blob_dir.mkdir(parents=True, exist_ok=True)
     blobs = 0
-    for member in tar.getmembers():
-        name = member.name
-        if name == DATABASE and db_file is not None:
-            _extract(tar, member, db_file)
-        elif name == JWT_SECRET:
-            _extract(tar, member, data_dir / JWT_SECRET)
-        elif name.startswith(BLOBS + "/") and member.isfile():
-            _extract(tar, member, blob_dir / name[len(BLOBS) + 1 :])
-            blobs += 1
+    for member, target in targets:
+        _extract(tar, member, target)
+        blobs += member.name.startswith(BLOBS + "/")
     return Summary(bool(manifest["database"]), blobs)
 
 
@@ -176,9 +204,18 @@ def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, object]:
     return manifest
 
 
+def _inside(root: Path, relative: str, name: str) -> Path:
+    """`root / relative` for a relative path that stays inside root; anything else (absolute, `..`, empty)
+    is refused: an archive must not write outside the blob folder."""
+    parts = PurePosixPath(relative).parts
+    if not parts or PurePosixPath(relative).is_absolute() or any(p in ("..", "") for p in parts):
+        raise BackupError(f"archive member {name!r} is not a path inside the blob folder")
+    return root.joinpath(*parts)
+
+
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
     """One regular file, by content only: names are mapped by us, never trusted as paths."""
-    if not member.isfile() or ".." in Path(member.name).parts:
+    if not member.isfile():
         raise BackupError(f"archive member {member.name!r} is not a plain file")
     source = tar.extractfile(member)
     if source is None:

@@ -1,4 +1,4 @@
-"""`vserver`: start the server, import organizations/users/nodes, upgrade the database."""
+"""`vserver`: start the server, import organizations, users and nodes, upgrade, back up and restore."""
 
 from __future__ import annotations
 
@@ -28,18 +28,25 @@ _data_dir = click.option("--data-dir", type=click.Path(path_type=Path), help="SQ
 
 
 def _fail(message: str) -> None:
+    """A runtime failure: one line, exit code 1 (2 is click's, for usage errors)."""
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(1)
 
 
-def _settings(config: Path | None, **overrides: Any) -> Settings:
+def _settings(config: Path | None, generate_secret: bool = True, **overrides: Any) -> Settings:
+    """Settings from the file, the environment (VFED_SERVER__...) and the flags in `overrides`."""
     try:
         settings = load_settings(config, **overrides)
     except ConfigError as exc:
         _fail(str(exc))
         raise
-    if "jwt_secret" not in settings.model_fields_set:
-        settings = settings.model_copy(update={"jwt_secret": _stable_secret(settings.data_dir)})
+    if generate_secret and "jwt_secret" not in settings.model_fields_set:
+        try:
+            secret = _stable_secret(settings.data_dir)
+        except OSError as exc:
+            _fail(f"{exc.filename or settings.data_dir}: {exc.strerror or exc}")
+            raise
+        settings = settings.model_copy(update={"jwt_secret": secret})
     return settings
 
 
@@ -56,7 +63,8 @@ def _stable_secret(data_dir: Path) -> str:
     return secret
 
 
-@click.group()
+@click.group(epilog="Exit codes: 0 success, 1 failure, 2 usage error.")
+@click.version_option(package_name="vfed", prog_name="vserver")
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING, ERROR")
 def main(log_level: str) -> None:
     """vfed central server."""
@@ -73,15 +81,23 @@ def main(log_level: str) -> None:
     is_flag=True,
     help="serve plain HTTP on an address other machines reach (refused without it: configure tls.*)",
 )
+@click.option("--upgrade", is_flag=True, help="migrate an older database schema first (vserver db upgrade)")
 def start(
-    config: Path | None, host: str | None, port: int | None, data_dir: Path | None, insecure_http: bool
+    config: Path | None,
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    insecure_http: bool,
+    upgrade: bool,
 ) -> None:
     """Run the server (with an embedded MQTT broker on loopback unless a broker URL is configured); HTTPS
-    with tls.cert_file and tls.key_file (reloaded on SIGHUP)."""
+    with tls.cert_file and tls.key_file (reloaded on SIGHUP).
+
+    On a database schema older than the code it refuses to serve unless --upgrade (or auto_migrate: true)."""
     from vfed.server.app import create_app
     from vfed.server.metrics import read_token
 
-    settings = _settings(config, host=host, port=port, data_dir=data_dir)
+    settings = _settings(config, host=host, port=port, data_dir=data_dir, auto_migrate=upgrade or None)
     if settings.mqtt.url is None:
         settings.mqtt.embedded_broker = True
     try:
@@ -106,7 +122,11 @@ def start(
         return
     try:
         asyncio.run(serve(create_app(settings), settings.host, settings.port, settings.limits, tls))
+    except db.DatabaseError as exc:
+        _fail(str(exc))
     except OSError as exc:
+        if exc.filename:  # the data folder or blob folder, before the listener
+            _fail(f"{exc.filename}: {exc.strerror or exc}")
         _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
 
 
@@ -122,8 +142,11 @@ def import_(file: Path, config: Path | None, data_dir: Path | None) -> None:
     try:
         spec = read_import_file(file)
         lines = asyncio.run(_import(settings, spec))
-    except ConfigError as exc:
+    except (ConfigError, db.DatabaseError) as exc:
         _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(f"{exc.filename or settings.data_dir}: {exc.strerror or exc}")
         return
     for line in lines:
         click.echo(line)
@@ -133,9 +156,9 @@ async def _import(settings: Settings, spec: Any) -> list[str]:
     from vfed.server.importer import run_import
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = db.make_engine(settings.db_url())
+    engine = db.open_engine(settings.db_url())
     try:
-        await db.upgrade(engine)
+        await db.prepare(engine, upgrade_schema=True)
         async with db.make_sessionmaker(engine)() as s:
             return await run_import(s, spec)
     finally:
@@ -153,20 +176,73 @@ def db_group() -> None:
 def upgrade(config: Path | None, data_dir: Path | None) -> None:
     """Bring the database schema to the newest version."""
     settings = _settings(config, data_dir=data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def run() -> None:
-        engine = db.make_engine(settings.db_url())
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = db.open_engine(settings.db_url())
         try:
-            await db.upgrade(engine)
+            await db.prepare(engine, upgrade_schema=True)
         finally:
             await engine.dispose()
 
     try:
         asyncio.run(run())
+    except db.DatabaseError as exc:
+        _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot reach the database: {exc}")
+        where = exc.filename or "the database"
+        _fail(f"{where}: {exc.strerror or exc}")
     click.echo("database schema is up to date")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@_config
+@_data_dir
+@click.option("--blobs-only", is_flag=True, help="leave the database out (PostgreSQL: pg_dump it yourself)")
+def backup(archive: Path, config: Path | None, data_dir: Path | None, blobs_only: bool) -> None:
+    """Write ARCHIVE (.tar.gz): a consistent copy of the SQLite database, the blobs and the JWT secret.
+
+    Safe while the server runs. PostgreSQL: `pg_dump -Fc`, then `vserver backup --blobs-only`."""
+    from vfed.server.backup import BackupError
+    from vfed.server.backup import backup as run_backup
+
+    settings = _settings(config, generate_secret=False, data_dir=data_dir)
+    try:
+        summary = run_backup(settings, archive, blobs_only=blobs_only)
+    except BackupError as exc:
+        _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(f"{exc.filename or archive}: {exc.strerror or exc}")
+        return
+    what = "database and " if summary.database else ""
+    click.echo(f"{archive}: {what}{summary.blobs} blob files")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@_config
+@_data_dir
+@click.option("--force", is_flag=True, help="replace the database and blobs of a data folder in use")
+def restore(archive: Path, config: Path | None, data_dir: Path | None, force: bool) -> None:
+    """Unpack ARCHIVE (from `vserver backup`) into the configured data folder (stop the server first).
+
+    A data folder that is not empty is refused unless --force."""
+    from vfed.server.backup import BackupError
+    from vfed.server.backup import restore as run_restore
+
+    settings = _settings(config, generate_secret=False, data_dir=data_dir)
+    try:
+        summary = run_restore(settings, archive, force=force)
+    except BackupError as exc:
+        _fail(str(exc))
+        return
+    except OSError as exc:
+        _fail(f"{exc.filename or archive}: {exc.strerror or exc}")
+        return
+    what = "database and " if summary.database else ""
+    click.echo(f"restored {what}{summary.blobs} blob files into {settings.data_dir}")
 
 
 def _add_tls() -> None:

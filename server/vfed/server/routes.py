@@ -82,6 +82,16 @@ OPS: list[Op] = [
         auth=False,
     ),
     Op(
+        "POST",
+        "/token/revoke",
+        tokens.token_revoke,
+        "Log out: revoke a refresh token and every token refreshed from the same login",
+        "tokens",
+        sc.TokenRefreshIn,
+        status=204,
+        auth=False,
+    ),
+    Op(
         "GET",
         "/organizations",
         organizations.list_organizations,

@@ -57,6 +57,28 @@ def _read_key(source: str | None) -> str:
     return key
 
 
+def _key_file(config_path: Path, data: dict[str, Any]) -> Path | None:
+    """The file the config names with `api_key_file` (relative: from the config's folder), if any."""
+    given = data.get("api_key_file")
+    if not isinstance(given, str) or not given:
+        return None
+    path = Path(given)
+    return path if path.is_absolute() else config_path.resolve().parent / path
+
+
+def _write_key_file(path: Path, key: str) -> None:
+    """The key alone in the secret file the config points to (0600, atomic rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(key + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise OperatorError(f"cannot write the new key to {path} (api_key_file): {reason}") from None
+
+
 def _write(path: Path, text: str, data: dict[str, Any], key: str) -> None:
     """Replace the `api_key:` line when that is unambiguous (comments stay), else write the mapping anew;
     mode 0600 and an atomic rename either way (the file holds the key)."""
@@ -83,8 +105,10 @@ def api_key_command(name: str | None, user_scope: bool, source: str | None, chec
     if not isinstance(data, dict):
         raise OperatorError(f"invalid config {ref.config_path}: the top level is not a mapping")
     key = _read_key(source)
+    key_file = _key_file(ref.config_path, data)
+    candidate = {k: v for k, v in data.items() if k != "api_key_file"}
     try:
-        settings = parse_settings({**data, "api_key": key}, base_dir=ref.config_path.resolve().parent)
+        settings = parse_settings({**candidate, "api_key": key}, base_dir=ref.config_path.resolve().parent)
     except ConfigError as exc:
         raise OperatorError(f"invalid config {ref.config_path}: {exc}") from None
     if check:
@@ -97,8 +121,11 @@ def api_key_command(name: str | None, user_scope: bool, source: str | None, chec
         click.echo(
             f"the server accepts the key: node {session.node_id} of organization {session.organization_id}"
         )
-    _write(ref.config_path, text, data, key)
+    if key_file is not None:
+        _write_key_file(key_file, key)  # the config keeps pointing there (a Docker/Kubernetes secret's file)
+    else:
+        _write(ref.config_path, text, data, key)
     click.echo(
-        f"wrote the new API key (key id {key.partition('.')[0]}) to {ref.config_path}; restart the node: "
-        f"vnode stop {ref.name} && vnode start {ref.name}"
+        f"wrote the new API key (key id {key.partition('.')[0]}) to {key_file or ref.config_path}; restart "
+        f"the node: vnode stop {ref.name} && vnode start {ref.name}"
     )

@@ -43,6 +43,7 @@ TRUST_IN_CONTAINER = "/etc/vfed/trust"
 """The trust store's folder, shared with `vnode trust` on the host (written by the agent in `tofu` mode)."""
 PASSPHRASE_IN_CONTAINER = "/run/secrets/vfed-key-passphrase"
 METRICS_TOKEN_IN_CONTAINER = "/run/secrets/vfed-metrics-token"
+API_KEY_IN_CONTAINER = "/run/secrets/vfed-api-key"
 SERVER_CA_IN_CONTAINER = "/etc/vfed/server-ca.pem"
 """The server's CA (`server_ca_file`), mounted read-only: not secret, but what the server is checked by."""
 MQTT_CA_IN_CONTAINER = "/etc/vfed/mqtt-ca.pem"
@@ -102,6 +103,8 @@ def agent_config(
         raw["private_key_passphrase_file"] = PASSPHRASE_IN_CONTAINER
     if METRICS_TOKEN_IN_CONTAINER in secrets:
         raw["metrics_token_file"] = METRICS_TOKEN_IN_CONTAINER
+    if API_KEY_IN_CONTAINER in secrets:
+        raw["api_key_file"] = API_KEY_IN_CONTAINER
     if settings.server_ca_file is not None:
         raw["server_ca_file"] = SERVER_CA_IN_CONTAINER
     if settings.mqtt_ca_file is not None:
@@ -153,8 +156,19 @@ def written_passphrase(ref: NodeRef) -> Path:
     return ref.data_dir / "secrets" / "key-passphrase"
 
 
+def _api_key_file(ref: NodeRef) -> Path | None:
+    """The config's `api_key_file` (relative: from the config's folder), when it names the key by a file."""
+    raw = yaml.safe_load(ref.config_path.read_text(encoding="utf-8"))
+    given = raw.get("api_key_file") if isinstance(raw, dict) else None
+    if not isinstance(given, str) or not given:
+        return None
+    path = Path(given)
+    return (path if path.is_absolute() else ref.config_path.resolve().parent / path).resolve()
+
+
 def secret_files(ref: NodeRef, settings: NodeSettings) -> dict[str, Path]:
-    """The host file of each secret the agent's container gets, by its path inside.
+    """The host file of each secret the agent's container gets, by its path inside: the key passphrase, the
+    metrics token and the API key when the config names it by `api_key_file`.
 
     The key passphrase: the configured `private_key_passphrase_file`, or the value of the configured variable
     written to `written_passphrase` (0600 in a 0700 folder of the node's data, removed by `vnode stop`). It
@@ -175,6 +189,9 @@ def secret_files(ref: NodeRef, settings: NodeSettings) -> dict[str, Path]:
         found[PASSPHRASE_IN_CONTAINER] = write_secret(written_passphrase(ref), value)
     if settings.metrics_token_file is not None:
         found[METRICS_TOKEN_IN_CONTAINER] = settings.metrics_token_file.resolve()
+    key_file = _api_key_file(ref)
+    if key_file is not None:
+        found[API_KEY_IN_CONTAINER] = key_file
     for inside, host in found.items():
         if not host.is_file():
             raise OperatorError(f"{host} (for {inside} in the agent's container) is not a file")

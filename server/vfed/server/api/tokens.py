@@ -203,3 +203,18 @@ async def token_refresh(request: web.Request) -> web.Response:
         access, refresh = await _pair(request, s, kind, account.id, account.token_version, family)
         await s.commit()
     return json_response(TokenRefreshOut(access_token=access, refresh_token=refresh))
+
+
+async def token_revoke(request: web.Request) -> web.Response:
+    """Log out: the refresh token's family (every token descended from that login) is revoked, so neither it
+    nor a copy of it refreshes again. Access tokens of the login expire on their own (access_token_s); a
+    password change or disabling the account ends them at once. 204 also for a family revoked before."""
+    body = await read_json(request, TokenRefreshIn)
+    claims = auth.decode(request.app[SETTINGS].jwt_secret, body.refresh_token, "refresh")
+    family = claims.get("fam")
+    if claims.get("kind") not in ("user", "node") or not isinstance(family, str):
+        raise unauthorized("this token cannot be revoked", "invalid-token")
+    async with session(request) as s:
+        await s.execute(update(RefreshToken).where(RefreshToken.family == family).values(revoked=True))
+        await s.commit()
+    return web.Response(status=204)
