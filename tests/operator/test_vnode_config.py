@@ -24,14 +24,11 @@ __all__ = ["dirs"]
 def test_new_from_flags_writes_a_config_the_agent_accepts(dirs: Dirs, tmp_path: Path) -> None:
     table = tmp_path / "patients.csv"
     table.write_text("age\n40\n")
-    scans = tmp_path / "scans"
-    scans.mkdir()
     result = vnode(
         "new", "alpha",
         "--server-url", "http://10.0.0.5:7600/",
         "--api-key", "7.s3cr3t",
         "--dataset", f"patients={table}",
-        "--dataset", f"scans={scans}",
         "--dataset", f"extra={table}:parquet",
         "--mqtt-url", "mqtt://10.0.0.5:1883",
     )  # fmt: skip
@@ -48,7 +45,6 @@ def test_new_from_flags_writes_a_config_the_agent_accepts(dirs: Dirs, tmp_path: 
     assert yaml.safe_load(path.read_text())["trust"] == "pinned"  # written out, not only the default
     assert {k: (v.uri, v.type) for k, v in settings.datasets.items()} == {
         "patients": (str(table), "csv"),
-        "scans": (str(scans), "folder"),
         "extra": (str(table), "parquet"),
     }
     assert settings.data_dir == dirs.user_data / "vfed" / "nodes" / "alpha"
@@ -81,7 +77,7 @@ def test_new_usage_errors_exit_2_and_bad_values_exit_1(dirs: Dirs) -> None:
     assert "invalid node name 'Bad Name'" in bad_name.output
     bad_dataset = vnode("new", "gamma", "--api-key", "1.x", "--dataset", "nolabel")
     assert bad_dataset.exit_code == 2
-    assert "expected LABEL=PATH[:TYPE]" in bad_dataset.output
+    assert "expected LABEL=URI[:TYPE]" in bad_dataset.output
     bad_key = vnode("new", "gamma", "--api-key", "no-dot-in-it")
     assert bad_key.exit_code == 1
     assert "api_key: " in bad_key.output and "<key_id>.<secret>" in bad_key.output

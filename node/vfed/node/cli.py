@@ -44,7 +44,7 @@ async def _serve(settings: NodeSettings, rotate_key: bool) -> None:
     "config_path",
     type=click.Path(path_type=Path),
     help="Node YAML file; VFED_NODE__<KEY> variables override its keys (without it, they are the whole "
-    "configuration).",
+    "configuration). Every key: docs/vnode.md, 'Node configuration reference'.",
 )
 @click.option("--rotate-key", is_flag=True, help="Make a new organization key and publish it.")
 @click.option(

@@ -295,7 +295,6 @@ class NodeSettings(_Strict):
         return self.trust_store if self.trust_store is not None else self.data_dir / "trusted_orgs"
 
 
-
 def _describe(error: ValidationError, env: dict[str, Any]) -> str:
     """One part per problem, naming the environment variable when the value came from there."""
     parts = []

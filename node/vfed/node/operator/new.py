@@ -7,24 +7,31 @@ import re
 import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import click
 import yaml
 
-from vfed.node.config import ConfigError, parse_settings
+from vfed.node.config import DATASET_TYPES, ConfigError, parse_settings
 from vfed.node.operator import keys
-from vfed.node.operator.common import CONTEXT, OperatorError, scope_option, to_scope
+from vfed.node.operator.common import CONTEXT, BadInput, OperatorError, scope_option, to_scope
 from vfed.node.operator.paths import NodeRef, check_name, interactive
 
 _TYPES_BY_SUFFIX = {
     ".csv": "csv",
     ".parquet": "parquet",
+    ".pq": "parquet",
     ".sqlite": "sqlite",
+    ".sqlite3": "sqlite",
     ".db": "sqlite",
-    ".json": "json",
 }
+_FILE_TYPES = ("csv", "parquet", "sqlite")
+_SQL_SCHEMES = {"postgresql", "mysql", "mariadb", "mssql", "oracle"}
+"""URL schemes (before any `+driver`) taken as a `sql` dataset when no type is given."""
+_TYPE_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_PASSWORD = re.compile(r"(://[^:/@]*):[^@/]*@")
 SERVER_CA_FILE = "server-ca.pem"
-_KNOWN_TYPES = {"csv", "parquet", "sqlite", "json", "folder", "excel", "sparql", "omop"}
 
 _HELP = """Create the configuration of node NAME (asks questions, or runs fully from flags).
 
@@ -32,7 +39,7 @@ _HELP = """Create the configuration of node NAME (asks questions, or runs fully 
 Examples:
   vnode new                                       # asks, with defaults
   vnode new hospital-a --server-url http://127.0.0.1:7600 --api-key 3.s3cr3t \\
-      --dataset patients=/data/patients.csv --dataset images=/data/scans:folder \\
+      --dataset patients=/data/patients.csv --dataset visits=/data/visits.db:sqlite \\
       --allow-image 'vfed-examples/*' --allow-organization 2
 
 The node runs no image until one is allowed: each --allow-image (a glob over the image name, or an image
@@ -43,18 +50,71 @@ tasks it runs (beside the trust pins of `vnode trust`).
 
 
 def parse_dataset(text: str) -> tuple[str, dict[str, str]]:
-    """`LABEL=PATH[:TYPE]` into (label, {uri, type}); the type is guessed from the path when left out."""
+    """`LABEL=URI[:TYPE]` into (label, {uri, type}), or BadInput (one line, exit 2).
+
+    TYPE is the word after the last colon; colons elsewhere belong to the URI (`postgresql://u@h:5432/x:sql`,
+    `/data/a:b.csv`). Only the types the algorithm SDK reads are accepted (DATASET_TYPES). Without a type it
+    comes from the file's suffix, or is `sql` for a database URL. File paths become absolute."""
+    shown = _PASSWORD.sub(r"\1:***@", text)  # a database URL's password is never echoed
     label, sep, rest = text.partition("=")
     if not sep or not label or not rest:
-        raise click.BadParameter(f"{text!r}: expected LABEL=PATH[:TYPE]", param_hint="'--dataset'")
-    path, colon, kind = rest.rpartition(":")
-    if not colon or "/" in kind or kind not in _KNOWN_TYPES:
-        path, kind = rest, ""
-    if "://" not in path:
-        path = str(Path(path).expanduser().resolve())
+        raise BadInput("--dataset", f"{shown!r}: expected LABEL=URI[:TYPE]")
+    uri, kind = rest, ""
+    head, colon, tail = rest.rpartition(":")
+    # (a word after the colon is a type, unless the whole names an existing file and the word no known type)
+    if (
+        colon
+        and head
+        and _TYPE_WORD.match(tail)
+        and (tail.lower() in DATASET_TYPES or not Path(rest).exists())
+    ):
+        uri, kind = head, tail.lower()
+    if kind and kind not in DATASET_TYPES:
+        raise BadInput(
+            "--dataset",
+            f"{shown!r}: type {kind!r} is not one the algorithm SDK reads; "
+            f"accepted: {', '.join(DATASET_TYPES)}",
+        )
+    url = _URL.match(uri)
+    scheme = url.group(1).lower() if url else None
+    if scheme is None:
+        uri = str(Path(uri).expanduser().resolve())
+    path = Path(unquote(urlparse(uri).path)) if scheme == "file" else Path(uri) if scheme is None else None
     if not kind:
-        kind = "folder" if Path(path).is_dir() else _TYPES_BY_SUFFIX.get(Path(path).suffix.lower(), "csv")
-    return label, {"uri": path, "type": kind}
+        kind = _infer_type(shown, scheme, path)
+    if kind == "sql" and (scheme is None or scheme == "file"):
+        raise BadInput("--dataset", f"{shown!r}: a sql dataset is a database URL (postgresql://user@host/db)")
+    if kind in _FILE_TYPES and path is None:
+        raise BadInput("--dataset", f"{shown!r}: a {kind} dataset is a file path, not a {scheme}:// URL")
+    if kind in _FILE_TYPES and path is not None and path.is_dir():
+        raise BadInput("--dataset", f"{shown!r}: {path} is a folder; a {kind} dataset is a file")
+    return label, {"uri": uri, "type": kind}
+
+
+def _infer_type(shown: str, scheme: str | None, path: Path | None) -> str:
+    """The type a URI names by itself: a file's suffix, or `sql` for a database URL."""
+    accepted = ", ".join(DATASET_TYPES)
+    if path is None:
+        if scheme is not None and scheme.split("+", 1)[0] in _SQL_SCHEMES:
+            return "sql"
+        raise BadInput(
+            "--dataset",
+            f"{shown!r}: cannot tell the type of a {scheme}:// URI: give a file path (csv, parquet, sqlite), "
+            "or add :sql to a database URL",
+        )
+    if path.is_dir():
+        raise BadInput(
+            "--dataset",
+            f"{shown!r}: {path} is a folder; the algorithm SDK reads files (csv, parquet, sqlite) "
+            "or a database URL (sql)",
+        )
+    kind = _TYPES_BY_SUFFIX.get(path.suffix.lower())
+    if kind is None:
+        raise BadInput(
+            "--dataset",
+            f"{shown!r}: cannot tell the type from the name {path.name!r}; add :TYPE ({accepted})",
+        )
+    return kind
 
 
 def check_images(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -166,13 +226,13 @@ def _ask_datasets(given: tuple[str, ...]) -> list[str]:
     found: list[str] = []
     while True:
         answer = str(
-            click.prompt("Dataset as LABEL=PATH[:TYPE] (empty to finish)", default="", show_default=False)
+            click.prompt("Dataset as LABEL=URI[:TYPE] (empty to finish)", default="", show_default=False)
         )
         if not answer:
             return found
         try:
             parse_dataset(answer)
-        except click.BadParameter as exc:
+        except click.ClickException as exc:
             click.echo(exc.format_message(), err=True)
             continue
         found.append(answer)
@@ -183,7 +243,13 @@ def _ask_datasets(given: tuple[str, ...]) -> list[str]:
 @scope_option
 @click.option("--server-url", help="The vfed server. [default: http://127.0.0.1:7600]")
 @click.option("--api-key", help="The node's API key, '<key_id>.<secret>', as printed by the server.")
-@click.option("--dataset", "datasets", multiple=True, metavar="LABEL=PATH[:TYPE]", help="Repeatable.")
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    metavar="LABEL=URI[:TYPE]",
+    help=f"A file path or database URL; TYPE: {', '.join(DATASET_TYPES)}, else from the suffix. Repeatable.",
+)
 @click.option("--private-key", type=click.Path(dir_okay=False), help="The organization's private key file.")
 @click.option("--runtime", type=click.Choice(["docker", "kubernetes"]), help="[default: docker]")
 @click.option("--mqtt-url", help="Doorbell broker, mqtt://host:port (optional: polling works without).")

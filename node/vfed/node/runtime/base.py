@@ -29,7 +29,7 @@ JOB_VOLUME_MOUNT = "/mnt/job"
 TEMPORARY_FOLDER = f"{JOB_VOLUME_MOUNT}/tmp"
 """The job's folder in that volume, owned by the container user, shared only by runs of the same job."""
 DATASETS_ROOT = "/mnt/data"
-"""Each dataset is mounted read-only at DATASETS_ROOT/<label> (a file or a folder, as on the host)."""
+"""Each dataset is mounted read-only at DATASETS_ROOT/<label> (a file, as on the host)."""
 PROXY_SOCKET_DIR = "/run/vfed"
 """The run's own socket folder, mounted read-only: a restarted agent's new socket shows up in it."""
 PROXY_SOCKET = f"{PROXY_SOCKET_DIR}/proxy.sock"
@@ -81,7 +81,7 @@ class DatasetMount(BaseModel):
 
     label: str
     host_path: str = Field(description="Absolute path on the machine running the agent (see host_path_map).")
-    type: str = Field(description="csv, parquet, sqlite, folder...: the algorithm's DATASET_<LABEL>_TYPE")
+    type: str = Field(description="one of vfed.node.config.DATASET_TYPES (csv, parquet, sqlite, sql): the algorithm's DATASET_<LABEL>_TYPE")
 
     @field_validator("label")
     @classmethod

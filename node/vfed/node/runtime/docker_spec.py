@@ -39,12 +39,12 @@ class DockerRuntimeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_url: str | None = Field(default=None, description="Docker endpoint; None reads DOCKER_HOST etc.")
-    memory_bytes: int = Field(default=1024 * MIB, gt=0)
-    nano_cpus: int = Field(default=1_000_000_000, gt=0, description="1e9 = one CPU")
-    pids_limit: int = Field(default=256, gt=0)
+    memory_bytes: int = Field(default=1024 * MIB, gt=0, description="Memory limit of a run's container.")
+    nano_cpus: int = Field(default=1_000_000_000, gt=0, description="CPU limit, in 1e-9 CPUs (1e9: one CPU).")
+    pids_limit: int = Field(default=256, gt=0, description="Processes a run's container may have at once.")
     tmpfs_bytes: int = Field(default=64 * MIB, gt=0, description="Size of the noexec tmpfs at /tmp.")
     uid: int = Field(default=10001, gt=0, description="Unprivileged user the algorithm runs as (never 0).")
-    gid: int = Field(default=10001, gt=0)
+    gid: int = Field(default=10001, gt=0, description="Group the algorithm runs as (never 0).")
     log_max_bytes: int = Field(default=10 * MIB, gt=0, description="json-file log cap per container.")
     pull_missing: bool = Field(
         default=False,
