@@ -81,7 +81,10 @@ class DatasetMount(BaseModel):
 
     label: str
     host_path: str = Field(description="Absolute path on the machine running the agent (see host_path_map).")
-    type: str = Field(description="one of vfed.node.config.DATASET_TYPES (csv, parquet, sqlite, sql): the algorithm's DATASET_<LABEL>_TYPE")
+    type: str = Field(
+        description="one of vfed.node.config.DATASET_TYPES (csv, parquet, sqlite, sql): the algorithm's "
+        "DATASET_<LABEL>_TYPE"
+    )
 
     @field_validator("label")
     @classmethod
