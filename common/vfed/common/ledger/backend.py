@@ -58,6 +58,9 @@ class EmbeddedLedger:
         items = answer.get("entries") if isinstance(answer, dict) else None
         if not isinstance(items, list):
             raise LedgerTampered("the server's ledger answer holds no entries")
+        records = Record.page_from_wire(items)
+        if records is not None:
+            return records
         records = []
         for number, item in enumerate(items):
             try:

@@ -12,10 +12,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from vfed.common.ledger.fastwork import entry_text, json_native
-from vfed.common.trust.entries import SIGN_DOMAIN, SignedEntry
+from vfed.common.trust.entries import ENTRY_VERSION, SIGN_DOMAIN, SignedEntry
 
 LEDGER_DOMAIN = b"vfed/ledger/v1\x00"
 GENESIS_HASH = "0" * 64
@@ -34,6 +34,8 @@ class Head(BaseModel):
 
 
 EMPTY_HEAD = Head(seq=0, hash=GENESIS_HASH)
+_ENTRIES = TypeAdapter(list[SignedEntry])
+"""`SignedEntry.parse` of decoded objects, a list of them in one call."""
 
 
 def link(collaboration_id: int, seq: int, prev_hash: str, entry_json: str | bytes) -> str:
@@ -85,6 +87,32 @@ class Record:
         if not isinstance(entry, (str, bytes, dict)):
             raise ValueError("a ledger record holds no entry")
         return cls(seq, SignedEntry.parse(entry), claimed)
+
+    @classmethod
+    def page_from_wire(cls, items: list[Any]) -> list[Record] | None:
+        """`from_wire` of every item, the entries validated in one call (a page of a backend's answer);
+        None when any item is not a record with an entry object (then `from_wire` on each says which and
+        why)."""
+        places: list[tuple[int, str | None]] = []
+        entries: list[Any] = []
+        for item in items:
+            if not isinstance(item, dict):
+                return None
+            seq, claimed, entry = item.get("seq"), item.get("hash"), item.get("entry")
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+                return None
+            if (claimed is not None and not isinstance(claimed, str)) or not isinstance(entry, dict):
+                return None
+            places.append((seq, claimed))
+            entries.append(entry)
+        try:
+            parsed = _ENTRIES.validate_python(entries)
+        except ValidationError:
+            return None
+        for entry in parsed:
+            if entry.v != ENTRY_VERSION:
+                return None
+        return [cls(seq, entry, claimed) for (seq, claimed), entry in zip(places, parsed, strict=True)]
 
     def to_wire(self) -> dict[str, Any]:
         return {"seq": self.seq, "hash": self.hash, "entry": self.entry.model_dump(mode="json")}

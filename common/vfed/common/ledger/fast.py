@@ -12,7 +12,8 @@ Why processes and not threads: libsodium's verify releases the GIL (cffi), so tw
 single-core rate while nothing else runs (bench/ledger.py); but a thread that finished one check needs the GIL
 back for the next, and while the applying thread holds it (it always does: it runs Python) the checking thread
 waits out the interpreter's switch interval (5 ms) for every signature. Worker processes have no such
-hand-off. They are small (`python -I -c` importing only `nacl.bindings`, about 30 ms to start), started on
+hand-off. They are small (`python -I -c` importing only `nacl.bindings`, about 30 ms to start), run at a
+lower priority than this process (`fastwork.NICE`: its sequential pass is the critical path), started on
 the first large check, shared by every state in the process, and stopped after `IDLE_S` without work, at exit
 and in a forked child. A worker that fails (dies, hangs past `WAIT_S`) costs nothing but time: its chunk is
 done here instead. Small batches are done here at once (`MIN_PARALLEL`).
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import inspect
 import io
 import itertools
@@ -347,37 +347,35 @@ class _Batch:
         job = _Job(self.items, self.key_ids)
         entries = self.entries
         self.items, self.key_ids, self.entries = [], [], []
-        state = self.state
+        known, resolve = self.state._known, job.resolve
         for index, (seq, entry) in enumerate(entries):
-            state._known(seq, entry, _pending(job, index))
+            known(seq, entry, resolve, index)
         self.send(job)
 
 
 def _walk(state: LedgerState, records: Sequence[Record], before: Sequence[Record], batch: _Batch) -> None:
-    """Every entry, in order, into `batch`, with its signed message (made here, once) and a check for each
-    signature whose key is known: the workers also make its digest and the hash of its canonical JSON for
-    `apply`."""
+    """Every entry, in order, into `batch`, with a check for each signature whose key is known: the workers
+    make its signed message from its body, check the signatures, and make its digest and the hash of its
+    canonical JSON for `apply`."""
     keys = {key_id: key.ed25519 for key_id, key in verified_keys(state).items()}
     keys.update((key_id, key.ed25519) for key_id, key in known_keys(before).items())
     keys.update((key_id, key.ed25519) for key_id, key in known_keys(records).items())
+    add = batch.add
     for record in records:
         entry = record.entry
-        sigs = tuple((sig.key_id, sig.sig) for sig in entry.sigs)
-        checks: list[fastwork.Check] = []
-        key_ids: list[str] = []
-        for index, (key_id, _) in enumerate(sigs):
-            key = keys.get(key_id)
-            if key is not None:
-                checks.append((index, key))
-                key_ids.append(key_id)
-        try:
-            message = entry.message()
-        except Exception:  # apply meets it too, and says what is wrong in order
-            batch.add(record.seq, entry, None, ())
-            continue
-        native = type(entry.v) is int and fastwork.json_native(entry.body)
-        item = (message, entry.kind, entry.v, sigs, native, tuple(checks))
-        batch.add(record.seq, entry, item, tuple(key_ids))
+        checks: tuple[fastwork.Check, ...]
+        key_ids: tuple[str, ...]
+        if len(entry.sigs) == 1:  # nearly every entry: the same as below, with less made
+            sig = entry.sigs[0]
+            sigs: tuple[tuple[str, str], ...] = ((sig.key_id, sig.sig),)
+            key = keys.get(sig.key_id)
+            checks, key_ids = (((0, key),), (sig.key_id,)) if key is not None else ((), ())
+        else:
+            sigs = tuple([(sig.key_id, sig.sig) for sig in entry.sigs])
+            found = [(i, key_id, keys[key_id]) for i, (key_id, _) in enumerate(sigs) if key_id in keys]
+            checks = tuple([(index, key) for index, _, key in found])
+            key_ids = tuple([key_id for _, key_id, _ in found])
+        add(record.seq, entry, (entry.body, entry.kind, entry.v, sigs, checks), key_ids)
     batch.flush()
 
 
@@ -416,7 +414,3 @@ def preverify(
         workers[next(turn) % len(workers)].submit(job)
 
     _walk(state, records, before, _Batch(state, send))
-
-
-def _pending(job: _Job, index: int) -> Callable[[], tuple[frozenset[str], Made | None]]:
-    return functools.partial(job.resolve, index)

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vfed.common.crypto import BadSignature, PublicKey
-from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, entry_json, link, link_hashed
+from vfed.common.ledger.chain import (
+    EMPTY_HEAD,
+    GENESIS_HASH,
+    LEDGER_DOMAIN,
+    Head,
+    Record,
+    entry_json,
+    link,
+    link_hashed,
+)
 from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerForked, LedgerTampered, NoValidLease
 from vfed.common.ledger.kinds import (
     ADMIN_ROLE,
@@ -185,18 +195,23 @@ class _Holder:
             return None
 
 
+_Resolve = Callable[[int], tuple[frozenset[str], _Done]]
+"""A job's answer for its entry at an index (waits for a check still under way)."""
+
+
 class _Found:
-    """What `fast.preverify` found for one entry object (`LedgerState._known`); called, the keys whose
-    signatures held."""
+    """What `fast.preverify` found for one entry object (`LedgerState._known`): its job's answer at `index`;
+    called, the keys whose signatures held."""
 
-    __slots__ = ("entry", "pending")
+    __slots__ = ("entry", "index", "resolve")
 
-    def __init__(self, entry: SignedEntry, pending: Callable[[], tuple[frozenset[str], _Done]]) -> None:
+    def __init__(self, entry: SignedEntry, resolve: _Resolve, index: int) -> None:
         self.entry = entry
-        self.pending = pending
+        self.resolve = resolve
+        self.index = index
 
     def __call__(self) -> frozenset[str]:
-        return self.pending()[0]
+        return self.resolve(self.index)[0]
 
 
 def _when(ts: float) -> str:
@@ -221,6 +236,12 @@ class LedgerState:
         self._on_pin = on_pin
         self.skew_s = skew_s
         self._hashes: list[str] = [GENESIS_HASH]
+        self._last_raw: tuple[str, bytes] | None = None
+        """The last hash and its bytes, for `_link`."""
+        try:
+            self._link_prefix: bytes | None = LEDGER_DOMAIN + struct.pack(">Q", collaboration_id)
+        except struct.error:  # link_hashed says so when it is needed
+            self._link_prefix = None
         self._digests: dict[str, int] = {}
         self._kinds: list[str] = [""]
         self._key_records: dict[int, list[SignedEntry]] = {}
@@ -282,14 +303,12 @@ class LedgerState:
         stored after checking it); a callable gives them when the entry is reached."""
         self._preverified[seq] = key_ids
 
-    def _known(
-        self, seq: int, entry: SignedEntry, pending: Callable[[], tuple[frozenset[str], _Done]]
-    ) -> None:
-        """What `fast.preverify`'s workers found for this very entry object at `seq` (`pending` waits for a
-        check still under way): the keys whose signatures held, its digest and entry hash. Used only when
-        this object is applied at `seq`: never for another entry at that place (a server serving two, or a
-        later read after this one failed)."""
-        self._preverified[seq] = _Found(entry, pending)
+    def _known(self, seq: int, entry: SignedEntry, resolve: _Resolve, index: int) -> None:
+        """What `fast.preverify`'s workers found for this very entry object at `seq` (`resolve(index)` waits
+        for a check still under way): the keys whose signatures held, its digest and entry hash. Used only
+        when this object is applied at `seq`: never for another entry at that place (a server serving two, or
+        a later read after this one failed)."""
+        self._preverified[seq] = _Found(entry, resolve, index)
 
     def _digest(self, entry: SignedEntry) -> str:
         """`entry.digest`, without making the canonical body again for the entry being applied."""
@@ -328,7 +347,7 @@ class LedgerState:
         found = self._preverified.get(seq)
         if type(found) is _Found:
             if found.entry is entry:
-                done = found.pending()[1]
+                done = found.resolve(found.index)[1]
                 if done is not None:
                     digest, entry_hash = done
             else:  # found for another entry at this place: nothing of it holds for this one
@@ -344,7 +363,7 @@ class LedgerState:
                 f"{where}: expected entry {self.length + 1} next; entries are {what} (dropped or reordered?)"
             )
         if entry_hash is not None:
-            computed = link_hashed(self.collaboration_id, seq, self._hashes[-1], entry_hash)
+            computed = self._link(seq, entry_hash)
         else:
             if message is None:
                 message = entry.message()
@@ -365,11 +384,25 @@ class LedgerState:
         self._kinds.append(entry.kind)
         self._digests[digest] = seq
 
+    def _link(self, seq: int, entry_sha256: bytes) -> str:
+        """`link_hashed` from the last hash (its bytes kept from the last call)."""
+        last = self._hashes[-1]
+        if self._link_prefix is None or not 0 <= seq < 1 << 64:
+            return link_hashed(self.collaboration_id, seq, last, entry_sha256)
+        raw = self._last_raw
+        if raw is None or raw[0] is not last:
+            raw = (last, bytes.fromhex(last))
+        computed = hashlib.sha256(self._link_prefix + seq.to_bytes(8, "big") + raw[1] + entry_sha256).digest()
+        text = computed.hex()
+        self._last_raw = (text, computed)
+        return text
+
     def _take(self, seq: int, entry: SignedEntry, where: str) -> None:
-        if entry.kind in (KIND_GENESIS, KIND_ROTATION):
+        kind = entry.kind
+        if kind in (KIND_GENESIS, KIND_ROTATION):
             self._take_key_record(seq, entry, where)
             return
-        if entry.kind in (KIND_CERTIFICATE, KIND_REVOCATION):
+        if kind in (KIND_CERTIFICATE, KIND_REVOCATION):
             self._take_certificate(seq, entry, where)
             return
         body = parse_body(entry, where)
@@ -392,7 +425,10 @@ class LedgerState:
                 body.seen.hash,
                 where,
             )
-        self.last_signed[signer_org] = max(self.last_signed.get(signer_org, 0), body.at)
+        if body.at > self.last_signed.get(signer_org, 0):
+            self.last_signed[signer_org] = body.at
+        else:
+            self.last_signed.setdefault(signer_org, 0)
         self._record(seq, entry, body)
 
     def _record(self, seq: int, entry: SignedEntry, body: Body) -> None:
