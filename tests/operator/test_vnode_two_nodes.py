@@ -111,7 +111,7 @@ def test_two_nodes_on_one_machine(
     # attach follows the log until Ctrl-C (read up to the agent's start line: lines come in one by one, and
     # the agent logs others before it, e.g. the ledger's verification).
     out = _interrupt_when(
-        [VNODE, "attach", first],
+        [VNODE, "attach", first, "--tail", "all"],
         lambda lines: any("vfed.node.agent" in line and "started" in line for line in lines),
     )
     assert "started" in out and "vfed.node" in out, out
@@ -171,10 +171,17 @@ def _interrupt_when(cmd: list[str], done: Callable[[list[str]], bool], timeout_s
         if ready:
             text += os.read(fd, 65536).decode("utf-8", "replace")
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=20)
+    try:
+        rest, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+        raise AssertionError(
+            f"{cmd} did not end within 20 s of Ctrl-C; its output:\n{text}{rest.decode('utf-8', 'replace')}"
+        ) from None
     output = text + rest.decode("utf-8", "replace")
     lines = text.splitlines()
-    assert done(lines), output
+    assert done(lines), f"{cmd}: not seen in its output within {timeout_s} s:\n{output}"
     assert proc.returncode == 0, output
     return output
 

@@ -253,6 +253,16 @@ def _add_tls() -> None:
 
 _add_tls()
 
+
+def _add_admin() -> None:
+    from vfed.server.cli_admin import register
+
+    register(main)
+
+
+_add_admin()
+
+
 @main.group("broker")
 def broker_group() -> None:
     """The production MQTT broker (Mosquitto): configuration, per-node passwords, ACLs."""

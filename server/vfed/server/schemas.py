@@ -263,7 +263,7 @@ class UserPage(PageOut):
 class AuditEntryOut(BaseModel):
     id: int
     at: datetime
-    actor_kind: str = Field(description="user | node | server")
+    actor_kind: str = Field(description="user | node | server | cli (a vserver admin command)")
     actor_id: int | None
     actor_name: str
     organization_id: int | None = Field(description="the organization of the target")
