@@ -266,3 +266,13 @@ def test_trust_untrust_and_list_edit_the_nodes_trust_store(dirs: Dirs) -> None:
     assert TrustStore(settings.trust_store_path).get(3) is None
     again = vnode("untrust", "3", name)
     assert again.exit_code == 1 and "is not pinned" in again.output
+
+
+def test_new_offers_only_runtimes_the_agent_has(dirs: Dirs) -> None:
+    """`--runtime` takes exactly the agent's runtimes: one it would refuse at start is a usage error now."""
+    from vfed.node.config import RUNTIME_KINDS
+
+    refused = vnode("new", unique("k8s"), "--server-url", "http://127.0.0.1:9", "--api-key", "1.s",
+                    "--runtime", "kubernetes")  # fmt: skip
+    assert refused.exit_code == 2 and "kubernetes" in refused.output, refused.output
+    assert "docker" in refused.output and RUNTIME_KINDS == ("docker",)

@@ -23,7 +23,7 @@ from vfed.common import tls
 from vfed.common.crypto import CryptoError
 from vfed.common.ledger import LedgerError
 from vfed.common.secret_file import SecretFileError, read_secret_file
-from vfed.node.config import ConfigError, NodeSettings
+from vfed.node.config import RUNTIME_KINDS, ConfigError, NodeSettings
 from vfed.node.data_dir import UnsafeDataDir, secure_data_dir
 from vfed.node.doorbell import Doorbell, Ring
 from vfed.node.journal import Journal, Stage
@@ -55,8 +55,9 @@ class AgentStartError(Exception):
 
 def build_runtime(settings: NodeSettings) -> Runtime:
     """The configured runtime with its own validated config."""
-    if settings.runtime.kind != "docker":
-        raise ConfigError(f"runtime.kind: unknown runtime {settings.runtime.kind!r} (known: docker)")
+    if settings.runtime.kind not in RUNTIME_KINDS:
+        known = ", ".join(RUNTIME_KINDS)
+        raise ConfigError(f"runtime.kind: unknown runtime {settings.runtime.kind!r} (known: {known})")
     from vfed.node.runtime.docker import DockerRuntime
     from vfed.node.runtime.docker_spec import DockerRuntimeConfig
 

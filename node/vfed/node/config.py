@@ -42,6 +42,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+RUNTIME_KINDS = ("docker",)
+"""The runtimes the agent can run algorithms on (`vnode new --runtime` offers exactly these)."""
 DATASET_TYPES = ("csv", "parquet", "sqlite", "sql")
 """The dataset types the algorithm SDK reads (vfed.algorithms.datasets.DatasetType; a test keeps them
 equal)."""

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import click
 import yaml
 
-from vfed.node.config import DATASET_TYPES, ConfigError, parse_settings
+from vfed.node.config import DATASET_TYPES, RUNTIME_KINDS, ConfigError, parse_settings
 from vfed.node.operator import keys
 from vfed.node.operator.common import CONTEXT, BadInput, OperatorError, scope_option, to_scope
 from vfed.node.operator.paths import NodeRef, check_name, interactive
@@ -251,7 +251,7 @@ def _ask_datasets(given: tuple[str, ...]) -> list[str]:
     help=f"A file path or database URL; TYPE: {', '.join(DATASET_TYPES)}, else from the suffix. Repeatable.",
 )
 @click.option("--private-key", type=click.Path(dir_okay=False), help="The organization's private key file.")
-@click.option("--runtime", type=click.Choice(["docker", "kubernetes"]), help="[default: docker]")
+@click.option("--runtime", type=click.Choice(RUNTIME_KINDS), help="[default: docker]")
 @click.option("--mqtt-url", help="Doorbell broker, mqtt://host:port (optional: polling works without).")
 @click.option(
     "--server-ca",
@@ -310,7 +310,7 @@ def new_command(
         ),
         runtime=runtime
         or (
-            click.prompt("Runtime", type=click.Choice(["docker", "kubernetes"]), default="docker")
+            click.prompt("Runtime", type=click.Choice(RUNTIME_KINDS), default="docker")
             if interactive()
             else "docker"
         ),
