@@ -1,4 +1,5 @@
-"""`vfed`: the researcher's command line. Exit codes: 0 success, 1 failure, 2 usage error."""
+"""`vfed`: the researcher's command line. Exit codes: 0 success, 1 failure, 2 usage error; 130 when Ctrl-C
+interrupted `vfed task wait` (the shell's convention for SIGINT)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from vfed.client.cli_researcher import (
     write_results,
 )
 from vfed.client.cli_trust import keys, organizations, trust, untrust
-from vfed.client.client import AsyncClient
+from vfed.client.client import AsyncClient, interrupted_message
 from vfed.client.errors import ClientError
 from vfed.common import tls
 
@@ -37,7 +38,8 @@ from vfed.common import tls
     "  vfed whoami; vfed collaborations list; vfed organizations list; vfed nodes list\n"
     "  vfed task create --collaboration 1 --image IMAGE --method METHOD\n"
     "  vfed task show ID; vfed task logs ID; vfed task results ID --output DIR\n"
-    "Listings take --format table|json. Exit codes: 0 success, 1 failure, 2 usage error."
+    "Listings take --format table|json. Exit codes: 0 success, 1 failure, 2 usage error, 130 Ctrl-C in\n"
+    "`vfed task wait` (the task goes on; `vfed task kill ID` stops it)."
 )
 @click.version_option(package_name="vfed", prog_name="vfed")
 def main() -> None:
@@ -151,8 +153,12 @@ def _json_arg(flag: str, text: str, kind: type) -> Any:
 @click.option("--timeout", "timeout_s", type=float, default=None, help="seconds")
 @handled
 def task_wait(task_id: int, timeout_s: float | None) -> None:
-    """Wait until every run of TASK_ID finished."""
-    body = run(lambda c: c.wait(task_id, timeout_s, progress=sys.stderr.isatty()))
+    """Wait until every run of TASK_ID finished. Ctrl-C stops waiting, not the task (exit code 130)."""
+    try:
+        body = run(lambda c: c.wait(task_id, timeout_s, progress=sys.stderr.isatty()))
+    except KeyboardInterrupt:
+        click.echo(f"vfed: {interrupted_message(task_id, f'`vfed task kill {task_id}`')}", err=True)
+        sys.exit(130)
     click.echo(f"task {task_id} {body['status']}")
     if body["status"] != "completed":
         sys.exit(1)

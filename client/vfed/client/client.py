@@ -14,10 +14,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vfed.client import identity, ledger, run_logs, tasks
+from vfed.client import credentials, identity, ledger, run_logs, tasks
 from vfed.client.catalog import DatasetInfo, LeaseInfo, ReceiptInfo
 from vfed.client.credentials import default_key_file, default_trust_file
-from vfed.client.errors import KeyMissing
+from vfed.client.errors import ApiError, KeyMissing, NotLoggedIn
 from vfed.client.http import ApiSession
 from vfed.client.identity import Identity
 from vfed.client.ledger import LedgerViews
@@ -30,6 +30,56 @@ from vfed.common.trust.truststore import NamedPin
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:7600"
+LOGIN_AGAIN = "run `vfed login` again"
+
+
+class SavedLoginSession(ApiSession):
+    """The session of a client built from `vfed login`'s file: a refreshed token is written back to that file
+    (so the next `vfed` command or notebook keeps working), and tokens another process refreshed meanwhile
+    are picked up from it before refreshing (the server rotates refresh tokens and takes a second use of one
+    for theft). A refresh the server refuses raises NotLoggedIn saying to log in again."""
+
+    def __init__(self, url: str, saved: dict[str, Any], ca_file: str | Path | None) -> None:
+        super().__init__(
+            url, token=saved.get("access_token"), refresh_token=saved.get("refresh_token"), ca_file=ca_file
+        )
+        self.persist = True
+        self.username = saved.get("username")
+
+    async def login(self, username: str, password: str) -> dict[str, Any]:
+        self.persist = False  # an explicit login in this session: the saved file is left alone from now on
+        return await super().login(username, password)
+
+    async def logout(self) -> None:
+        self.persist = False
+        await super().logout()
+
+    async def _refresh_now(self) -> bool:
+        if not self.persist:
+            return await super()._refresh_now()
+        saved = credentials.load()
+        if (
+            credentials.same_server(saved.get("url"), self.base.removesuffix("/api/v1"))
+            and saved.get("username") == self.username
+            and saved.get("refresh_token")
+            and saved["refresh_token"] != self.refresh_token
+        ):
+            self.refresh_token = str(saved["refresh_token"])  # another process refreshed: use its token
+        old = self.refresh_token
+        try:
+            body = await self.request("POST", "/token/refresh", json={"refresh_token": old}, auth=False)
+        except ApiError as exc:
+            if exc.status in (400, 401, 403):
+                raise NotLoggedIn(
+                    f"the server refused the saved login's refresh token ({exc.error}): {LOGIN_AGAIN}"
+                ) from None
+            raise
+        self.token = str(body["access_token"])
+        self.refresh_token = str(body.get("refresh_token") or old)
+        credentials.update_tokens(
+            self.base.removesuffix("/api/v1"), self.username, old, self.token, self.refresh_token
+        )
+        return True
 
 
 class AsyncClient:
@@ -42,6 +92,10 @@ class AsyncClient:
     organization not pinned with `trust()` / `vfed trust` beforehand).
     HTTPS: the server's certificate is verified against `ca_file` (else VFED_CA_FILE, else the system's
     CAs) and the URL's host name.
+    Login: with no `url` and no `token` (nor VFED_TOKEN), the login `vfed login` saved is used when there is
+    one (its server URL, CA file, tokens and key file, each unless given here) and tokens refreshed in a long
+    session are saved back to it; `from_login()` insists on it. An explicit `url` or `token` never reads nor
+    writes the saved file: call `login()` then, or pass the token.
     """
 
     def __init__(
@@ -54,10 +108,24 @@ class AsyncClient:
         trust_file: str | Path | None = None,
         trust: str | None = None,
         ca_file: str | Path | None = None,
+        _login: dict[str, Any] | None = None,
     ) -> None:
-        self.url = url or os.environ.get("VFED_SERVER_URL", DEFAULT_URL)
+        saved = _login if _login is not None else {}
+        if _login is None and url is None and token is None and not os.environ.get("VFED_TOKEN"):
+            saved = _saved_login()
+            env_url = os.environ.get("VFED_SERVER_URL")
+            if env_url and not credentials.same_server(env_url, saved.get("url")):
+                saved = {}  # VFED_SERVER_URL names another server: its tokens are not this login's
+        self.url = url or saved.get("url") or os.environ.get("VFED_SERVER_URL", DEFAULT_URL)
+        self.api: ApiSession
+        if saved:
+            key_file = key_file or saved.get("key_file")
+            ca_file = ca_file or saved.get("ca_file")
         ca = ca_file or os.environ.get("VFED_CA_FILE") or None
-        self.api = ApiSession(self.url, token=token or os.environ.get("VFED_TOKEN"), ca_file=ca)
+        if saved:
+            self.api = SavedLoginSession(self.url, saved, ca)
+        else:
+            self.api = ApiSession(self.url, token=token or os.environ.get("VFED_TOKEN"), ca_file=ca)
         self.members = Members(self.api)
         self.chains = ClientTrust(self.api, Path(trust_file or default_trust_file()), trust_mode(trust))
         self._key_file = key_file or os.environ.get("VFED_KEY_FILE")
@@ -68,6 +136,22 @@ class AsyncClient:
         self.user_id: int | None = None
         self.descriptor_digests: dict[int, str] = {}  # task id -> digest of the descriptor we signed
         self.ledgers = LedgerViews(self)
+        if saved.get("user_id") is not None and saved.get("organization_id") is not None:
+            self.user_id, self.organization_id = int(saved["user_id"]), int(saved["organization_id"])
+
+    @classmethod
+    def from_login(cls, url: str | None = None, **kwargs: Any) -> AsyncClient:
+        """The client of the login `vfed login` saved (server URL, CA file, tokens, key file; keyword
+        arguments such as key_file= or ca_file= override the saved ones). A refreshed token is saved back.
+        NotLoggedIn when there is no saved login, or when `url` names another server than the saved one."""
+        saved = _saved_login(required=True)
+        if url is not None and not credentials.same_server(url, saved.get("url")):
+            raise NotLoggedIn(
+                f"the saved login is for {saved.get('url')}, not {url}: run `vfed login --url {url}`"
+            )
+        if kwargs.get("token") is not None:
+            raise TypeError("from_login() takes its token from the saved login; pass token= to AsyncClient()")
+        return cls(None, _login=saved, **kwargs)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -232,6 +316,31 @@ def _task_id(task: int | dict[str, Any]) -> int:
     return int(task["id"]) if isinstance(task, dict) else int(task)
 
 
+def _saved_login(required: bool = False) -> dict[str, Any]:
+    """The login `vfed login` saved, if it has a URL and tokens; {} else (NotLoggedIn when `required`)."""
+    saved = credentials.load()
+    if saved.get("url") and saved.get("access_token") and saved.get("refresh_token"):
+        return saved
+    if required:
+        raise NotLoggedIn(
+            f"no saved login in {credentials.credentials_path()}: run `vfed login --url URL --username NAME`"
+        )
+    return {}
+
+
+def interrupted_message(task_id: int, how_to_kill: str) -> str:
+    """What an interrupted wait says: the task is not stopped, and how to stop it."""
+    return f"stopped waiting for task {task_id}; the task goes on at the nodes ({how_to_kill} stops it)"
+
+
+class WaitInterrupted(KeyboardInterrupt):
+    """Ctrl-C in `Client.wait`: waiting stopped, the task did not (`client.kill(task)` stops it)."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__(interrupted_message(task_id, f"client.kill({task_id})"))
+        self.task_id = task_id
+
+
 class Client:
     """Blocking face of AsyncClient for scripts and notebooks (same methods, same arguments)."""
 
@@ -239,7 +348,17 @@ class Client:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vfed-client", daemon=True)
         self._thread.start()
-        self._async = self._call(_make_async(url, kwargs))
+        try:
+            self._async = self._call(_make_async(url, kwargs))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            raise
+
+    @classmethod
+    def from_login(cls, url: str | None = None, **kwargs: Any) -> Client:
+        """The client of the login `vfed login` saved (see AsyncClient.from_login)."""
+        return cls(url, _from_login=True, **kwargs)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -328,7 +447,14 @@ class Client:
     def wait(
         self, task: int | dict[str, Any], timeout_s: float | None = None, progress: bool = True
     ) -> dict[str, Any]:
-        return self._call(self._async.wait(task, timeout_s, progress))
+        """As AsyncClient.wait; Ctrl-C stops waiting (not the task) and raises WaitInterrupted, a
+        KeyboardInterrupt saying so and that `client.kill(task)` stops the task."""
+        fut = asyncio.run_coroutine_threadsafe(self._async.wait(task, timeout_s, progress), self._loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise WaitInterrupted(_task_id(task)) from None
 
     def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> list[Any]:
         return self._call(self._async.results(task, raise_on_failure))
@@ -338,4 +464,6 @@ class Client:
 
 
 async def _make_async(url: str | None, kwargs: dict[str, Any]) -> AsyncClient:
+    if kwargs.pop("_from_login", False):
+        return AsyncClient.from_login(url, **kwargs)
     return AsyncClient(url, **kwargs)
