@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,3 +140,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             "(components required: a missing docker/mqtt/postgres/netns fails instead of skipping)"
         )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C must work in the programs tests start (vnode attach, vfed task wait are sent SIGINT). A shell
+    that starts `make test` in the background without job control hands it SIGINT ignored, and a child
+    inherits an ignored signal, so Python in it would never raise KeyboardInterrupt. Undo that here: a
+    Python handler in this process is the default disposition in the children it starts."""
+    del config
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
