@@ -50,6 +50,16 @@ def wait_for_port(port: int, timeout_s: float, alive: Callable[[], bool]) -> Non
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after grace_s: a test's server process is gone when this returns."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def mqtt_answers(port: int, timeout_s: float = 3.0) -> bool:
     """True when an MQTT broker (not just any listener) answers a CONNECT with a CONNACK."""
     client_id = b"vfed-probe"

@@ -134,12 +134,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             infra.wait_for_port(port, 10, lambda: proc.poll() is None)
             yield Stack(srv, broker_dir, port, ca, keys)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            infra.stop(proc)
             log.close()
 
 

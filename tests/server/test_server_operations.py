@@ -60,12 +60,7 @@ def _started(config: Path, *args: str) -> Iterator[int]:
         infra.wait_for_port(port, 30, lambda: proc.poll() is None)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        infra.stop(proc)
         log.close()
 
 

@@ -67,12 +67,7 @@ def haproxy(tmp_path: Path, certs: Certs, backend_port: int) -> Iterator[int]:
         infra.wait_for_port(front, 20, lambda: proc.poll() is None)
         yield front
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        infra.stop(proc)
         log.close()
 
 

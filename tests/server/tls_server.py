@@ -119,12 +119,7 @@ def tls_server(tmp_path: Path, certs: Certs | None, **config: Any) -> Iterator[T
         server.wait_for_log("serving on")
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        infra.stop(proc)
 
 
 def served_certificate(port: int, ca: Path, host: str = "localhost") -> bytes:

@@ -55,10 +55,5 @@ def server_process(tmp_path: Path, **config: Any) -> Iterator[ServerProcess]:
         infra.wait_for_port(port, 30, lambda: proc.poll() is None)
         yield ServerProcess(f"http://127.0.0.1:{port}", proc, path, mqtt_port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        infra.stop(proc)
         log.close()

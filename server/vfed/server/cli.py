@@ -7,8 +7,9 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
@@ -25,6 +26,10 @@ from vfed.server.config import (
 
 _config = click.option("--config", "config", type=click.Path(path_type=Path), help="YAML config file")
 _data_dir = click.option("--data-dir", type=click.Path(path_type=Path), help="SQLite and blobs folder")
+
+
+if TYPE_CHECKING:
+    from vfed.server.backup import Summary
 
 
 def _fail(message: str) -> None:
@@ -204,18 +209,10 @@ def backup(archive: Path, config: Path | None, data_dir: Path | None, blobs_only
     """Write ARCHIVE (.tar.gz): a consistent copy of the SQLite database, the blobs and the JWT secret.
 
     Safe while the server runs. PostgreSQL: `pg_dump -Fc`, then `vserver backup --blobs-only`."""
-    from vfed.server.backup import BackupError
     from vfed.server.backup import backup as run_backup
 
     settings = _settings(config, generate_secret=False, data_dir=data_dir)
-    try:
-        summary = run_backup(settings, archive, blobs_only=blobs_only)
-    except BackupError as exc:
-        _fail(str(exc))
-        return
-    except OSError as exc:
-        _fail(f"{exc.filename or archive}: {exc.strerror or exc}")
-        return
+    summary = _archive_step(archive, lambda: run_backup(settings, archive, blobs_only=blobs_only))
     what = "database and " if summary.database else ""
     click.echo(f"{archive}: {what}{summary.blobs} blob files")
 
@@ -229,20 +226,25 @@ def restore(archive: Path, config: Path | None, data_dir: Path | None, force: bo
     """Unpack ARCHIVE (from `vserver backup`) into the configured data folder (stop the server first).
 
     A data folder that is not empty is refused unless --force."""
-    from vfed.server.backup import BackupError
     from vfed.server.backup import restore as run_restore
 
     settings = _settings(config, generate_secret=False, data_dir=data_dir)
-    try:
-        summary = run_restore(settings, archive, force=force)
-    except BackupError as exc:
-        _fail(str(exc))
-        return
-    except OSError as exc:
-        _fail(f"{exc.filename or archive}: {exc.strerror or exc}")
-        return
+    summary = _archive_step(archive, lambda: run_restore(settings, archive, force=force))
     what = "database and " if summary.database else ""
     click.echo(f"restored {what}{summary.blobs} blob files into {settings.data_dir}")
+
+
+def _archive_step(archive: Path, step: Callable[[], Summary]) -> Summary:
+    """`vserver backup` / `restore`'s work; a failure is one line naming the archive or file (exit 1)."""
+    from vfed.server.backup import BackupError
+
+    try:
+        return step()
+    except BackupError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{exc.filename or archive}: {exc.strerror or exc}")
+    raise AssertionError("unreachable: _fail exits")
 
 
 def _add_tls() -> None:
