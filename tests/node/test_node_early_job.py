@@ -170,15 +170,19 @@ async def task_of(node: Node, run_id: int) -> int:
 async def test_the_container_waits_for_the_claims_journal_entry(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The entry is written in a thread while the loop sets the run up; with a slow disk (a sleep before the
-    real write) the container is made meanwhile, and started only once the entry landed."""
+    """The entry is written in a thread while the loop sets the run up; with a slow disk (the write held
+    until the container was made) the container is made meanwhile, and started only once the entry landed."""
     run_id, _ = await node.new_run()
     order: list[str] = []
     journal, runtime = node.s.journal, node.s.runtime
     real_claimed = journal.claimed
 
     def slow_claimed(*args: int) -> None:
-        time.sleep(0.3)
+        # A disk slower than anything else the start does: the write lands only once the container was made
+        # (or after 10 s, when the agent does not make it during the write: the order below then fails).
+        deadline = time.monotonic() + 10
+        while "create" not in order and time.monotonic() < deadline:
+            time.sleep(0.01)
         real_claimed(*args)
         order.append("journaled")
 
