@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -102,12 +101,9 @@ _outcomes: dict[str, Counter[str]] = defaultdict(Counter)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    no_fabric = shutil.which("peer") is None
+    # Fabric tests skip (or fail when components are required) in their own fixture, tests/fabric/conftest.py,
+    # which finds the binaries in $VFED_FABRIC_DIR or ../shared/fabric rather than on PATH.
     for item in items:
-        if no_fabric and item.get_closest_marker("fabric") is not None:
-            item.add_marker(
-                pytest.mark.skip(reason="no Fabric binaries (peer) on PATH; CI skips fabric tests")
-            )
         _markers_of[item.nodeid] = tuple(m for m in MARKERS if item.get_closest_marker(m) is not None)
 
 
@@ -138,7 +134,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
     if os.environ.get(infra.REQUIRE_ENV) == "1":
         terminalreporter.write_line(
-            "(components required: a missing docker/mqtt/postgres/netns fails instead of skipping)"
+            "(components required: a missing docker/mqtt/postgres/netns/fabric fails instead of skipping)"
         )
 
 

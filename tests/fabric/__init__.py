@@ -1,0 +1,1 @@
+"""A real Hyperledger Fabric network (orderer, peers, chaincode-as-a-service servers) for tests."""
