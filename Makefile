@@ -6,16 +6,17 @@ PY := $(VENV)/bin/python
 SRC := common node server proxy algorithms client
 PYTEST_ARGS ?=
 
-.PHONY: help venv infra images lint test test-only demo fabric clean
+.PHONY: help venv infra images lint test test-only demo fabric chaincode-test clean
 
 help:
 	@echo "make demo      run a federated task end to end on embedded defaults"
 	@echo "make test      stand up Docker, Mosquitto, PostgreSQL and images, then lint and run every test"
 	@echo "make images    build the vfed images (offline-capable: debootstrap base + host wheelhouse)"
 	@echo "make lint      ruff + mypy --strict"
+	@echo "make chaincode-test   the Fabric ledger chaincode's unit tests (npm ci, node --test, Python vectors)"
 	@echo "make test-only PYTEST_ARGS='tests/smoke -m docker'   run pytest without the set-up steps"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/ensure-venv.sh
 	@bash scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
 	@touch $@
 
@@ -32,7 +33,7 @@ lint: venv
 	@echo "[vfed] ruff"; $(VENV)/bin/ruff check $(SRC) tests bench
 	@echo "[vfed] mypy --strict"; $(VENV)/bin/mypy
 
-test: venv infra images lint test-only
+test: venv infra images lint chaincode-test test-only
 
 test-only: venv
 	@VFED_REQUIRE_COMPONENTS=1 $(VENV)/bin/pytest -p no:cacheprovider --timeout=900 $(PYTEST_ARGS)
@@ -40,9 +41,12 @@ test-only: venv
 demo: venv infra images
 	@$(PY) -m vfed.client.demo
 
+chaincode-test: venv
+	@cd chaincode && npm ci --cache "$(HOME)/.cache/vfed-npm" --prefer-offline --no-audit --no-fund --loglevel=error
+	@cd chaincode && VFED_PYTHON=$(abspath $(PY)) node --test test/
+
 fabric: venv
-	@$(VENV)/bin/pip install -q -e '.[fabric]' && $(VENV)/bin/pip install -q --no-deps 'fabric-sdk-py==1.0.0' || \
-	  $(VENV)/bin/pip install -q --no-deps hfc
+	@$(VENV)/bin/pip install -q -e '.[fabric]' && $(VENV)/bin/pip install -q --no-deps 'fabric-sdk-py==1.0.0'
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
