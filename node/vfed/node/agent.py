@@ -23,6 +23,7 @@ from vfed.common import tls
 from vfed.common.crypto import CryptoError
 from vfed.common.ledger import LedgerError
 from vfed.common.secret_file import SecretFileError, read_secret_file
+from vfed.common.trust import records_for_keys
 from vfed.node.config import RUNTIME_KINDS, ConfigError, NodeSettings
 from vfed.node.data_dir import UnsafeDataDir, secure_data_dir
 from vfed.node.doorbell import Doorbell, Ring
@@ -212,9 +213,15 @@ class Agent:
             metrics=self.metrics,
             leases=leases,  # the runs of verified receipts are counted there as they are verified
         )
-        self._stack.callback(ledger.close)
+        self._stack.push_async_callback(ledger.aclose)
         await ledger.open()
         try:
+            if s.ledger.backend == "fabric":  # the server carries key records onto its own ledger only
+                published = await ledger.publish_keys(
+                    records_for_keys(identity.organization_id, holder.keyring.keys)
+                )
+                if published:
+                    log.info("published %d key record(s) on the Fabric ledger", published)
             added = await ledger.sync()
             log.info("ledger verified: %d entries (%d new)", ledger.length, added)
         except (ApiError, ServerUnavailable, LedgerError) as exc:
@@ -223,7 +230,12 @@ class Agent:
                 exc,
             )
         receipts = Receipts(ledger, leases, holder, self.metrics)
-        return ledger, LeaseGuard(s, ledger, leases, receipts, runtime, self.metrics)
+        guard = LeaseGuard(s, ledger, leases, receipts, runtime, self.metrics)
+        try:  # a Fabric ledger says when it grew: revocations reach running runs without the server
+            await ledger.on_change(guard.poke)
+        except LedgerError as exc:
+            log.error("the ledger's block events cannot be followed (%s); it is polled instead", exc)
+        return ledger, guard
 
     async def _login(self, client: NodeClient) -> NodeIdentity:
         """Log in, waiting up to startup_timeout_s for a server that is still starting."""

@@ -26,6 +26,7 @@ from vfed.common.env_config import (
     merge,
     resolve_secret_files,
 )
+from vfed.common.ledger.fabric import FabricSettings
 from vfed.common.netaddr import is_loopback_host
 
 ENV_PREFIX = "VFED_NODE__"
@@ -139,6 +140,22 @@ class RuntimeConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class LedgerBackend(_Strict):
+    """Which ledger keeps the collaboration's datasets, leases and receipts (docs/ledger.md)."""
+
+    backend: Literal["embedded", "fabric"] = "embedded"
+    """`embedded`: the server keeps it as a signed, hash-chained log; `fabric`: the collaboration's
+    Hyperledger Fabric channel, reached with the settings under `fabric` (needs the `fabric` extra)."""
+    fabric: FabricSettings | None = None
+    """The channel, chaincode, connection profile and this organization's Fabric identity."""
+
+    @model_validator(mode="after")
+    def _fabric_named(self) -> LedgerBackend:
+        if self.backend == "fabric" and self.fabric is None:
+            raise ValueError("backend: fabric needs the fabric settings (connection_profile, channel, ...)")
+        return self
+
+
 class NodeSettings(_Strict):
     """Everything `vnode run` needs."""
 
@@ -241,6 +258,8 @@ class NodeSettings(_Strict):
     """How deep subtasks may nest; a deeper descriptor is refused, and a run's proxy makes none deeper."""
     require_researcher_keys: bool = False
     """Refuse tasks signed with an organization key instead of a certified researcher key."""
+    ledger: LedgerBackend = Field(default_factory=LedgerBackend)
+    """Where the ledger is kept: the server (default) or a Fabric channel."""
     leases: Literal["required", "off"] = "off"
     """`required`: a run reads a dataset only under a lease on the collaboration's ledger (written by
     `vnode new`); `off` (older configs): no lease check, no receipts, and a warning at start."""

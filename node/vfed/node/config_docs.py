@@ -14,6 +14,7 @@ what `render()` gives.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -39,6 +40,15 @@ END = "<!-- END node-config-reference -->"
 
 LABEL = "patients"
 """The dataset label the rows and examples of `datasets.<LABEL>.*` use."""
+
+_FABRIC = {
+    "connection_profile": "/etc/vfed/fabric/connection.yaml",
+    "channel": "study-42",
+    "msp_id": "Org1MSP",
+    "certificate": "/etc/vfed/fabric/msp/signcerts/cert.pem",
+    "private_key": "/etc/vfed/fabric/msp/keystore/key.pem",
+}
+"""A Fabric ledger's required settings, for the examples of `ledger` and its keys."""
 
 EXAMPLES: dict[str, Any] = {
     "name": "hospital-a",
@@ -107,6 +117,18 @@ EXAMPLES: dict[str, Any] = {
     "max_subtask_depth": 1,
     "require_researcher_keys": True,
     "leases": "required",
+    "ledger": {"backend": "fabric", "fabric": _FABRIC},
+    "ledger.backend": "fabric",
+    "ledger.fabric": _FABRIC,
+    "ledger.fabric.connection_profile": "/etc/vfed/fabric/connection.yaml",
+    "ledger.fabric.channel": "study-42",
+    "ledger.fabric.chaincode": "vfed-ledger",
+    "ledger.fabric.msp_id": "Org1MSP",
+    "ledger.fabric.certificate": "/etc/vfed/fabric/msp/signcerts/cert.pem",
+    "ledger.fabric.private_key": "/etc/vfed/fabric/msp/keystore/key.pem",
+    "ledger.fabric.endorsing_peers": ["peer0.org1.example.com", "peer0.org2.example.com"],
+    "ledger.fabric.query_peer": "peer0.org1.example.com",
+    "ledger.fabric.timeout_s": 60,
 }
 """One example value per key (a dotted path; `[]` for the keys of a list's items)."""
 
@@ -116,6 +138,14 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "datasets.<LABEL>.epsilon_budget": {"datasets.<LABEL>.uri": "/data/patients.csv"},
     "policies.allowed_images[].max_run_time_s": {"policies.allowed_images[].image": "vfed-examples/*"},
     "policies.allowed_images[].organizations": {"policies.allowed_images[].image": "vfed-examples/*"},
+    "ledger.backend": {"ledger.fabric": _FABRIC},
+    **{
+        f"ledger.fabric.{key}": {"ledger.backend": "fabric", "ledger.fabric": _FABRIC}
+        for key in (
+            *("connection_profile", "channel", "chaincode", "msp_id", "certificate", "private_key"),
+            *("endorsing_peers", "query_peer", "timeout_s"),
+        )
+    },
 }
 """Keys an example needs beside it to be valid (a metrics_host that is not loopback needs a token file)."""
 
@@ -295,7 +325,7 @@ def example_mapping(path: str) -> dict[str, Any]:
             if part.endswith("[]"):  # one item, shared by the example and its companions
                 node = node.setdefault(part[:-2], [{}])[0]
             elif last:
-                node[part] = value
+                node[part] = copy.deepcopy(value)  # companions' sections are filled in, never shared
             else:
                 node = node.setdefault(part, {})
     return out

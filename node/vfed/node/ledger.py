@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -28,6 +28,7 @@ from vfed.common.crypto import Keyring
 from vfed.common.ledger import (
     EmbeddedLedger,
     Head,
+    Ledger,
     LedgerError,
     LedgerForked,
     LedgerState,
@@ -37,6 +38,7 @@ from vfed.common.ledger import (
     VerifyReport,
 )
 from vfed.common.trust import SignedEntry, TrustMode, TrustStore
+from vfed.common.trust.keychain import record_key
 from vfed.node import sqlite_file
 from vfed.node.config import NodeSettings
 from vfed.node.lease_store import LeaseStore
@@ -45,6 +47,17 @@ from vfed.node.server_api import NodeClient
 from vfed.node.trust import NodeTrustStore
 
 log = logging.getLogger(__name__)
+
+
+def backend_for(settings: NodeSettings, client: NodeClient, collaboration_id: int) -> Ledger:
+    """The ledger backend the node's configuration names (`ledger.backend`)."""
+    fabric = settings.ledger.fabric
+    if settings.ledger.backend == "fabric" and fabric is not None:
+        from vfed.common.ledger.fabric import FabricLedger
+
+        return FabricLedger(fabric, collaboration_id)
+    return EmbeddedLedger(client, collaboration_id)
+
 
 LEDGER_FILE = "ledger.sqlite3"
 EXPIRING_WITHIN_S = 7 * 86400.0
@@ -164,7 +177,7 @@ class NodeLedger:
         self.store = store
         self.metrics = metrics
         self.copy = SqliteCopy(settings.data_dir / LEDGER_FILE, collaboration_id)
-        self.view = LedgerView(EmbeddedLedger(client, collaboration_id), self._new_state, self.copy)
+        self.view = LedgerView(backend_for(settings, client, collaboration_id), self._new_state, self.copy)
         self.leases = leases
         """Where the runs of verified receipts are counted against their leases (the agent's store; None in
         the operator CLIs)."""
@@ -276,6 +289,36 @@ class NodeLedger:
 
     def close(self) -> None:
         self.copy.close()
+
+    async def aclose(self) -> None:
+        """`close`, and the backend's connections (a Fabric ledger's gRPC channels and block stream)."""
+        closer = getattr(self.view.backend, "close", None)
+        if closer is not None:
+            await closer()
+        self.close()
+
+    async def on_change(self, listener: Callable[[], None]) -> bool:
+        """Call `listener` whenever the backend says the ledger grew (a Fabric block); False when the backend
+        has no such signal (the embedded ledger: the server's `ledger` doorbell says it instead)."""
+        subscribe = getattr(self.view.backend, "on_block", None)
+        if subscribe is None:
+            return False
+        await subscribe(lambda _block: listener())
+        return True
+
+    async def publish_keys(self, records: Sequence[SignedEntry]) -> int:
+        """Append this organization's key records the ledger lacks, in order (a Fabric ledger: the server
+        carries them onto the embedded one); how many were appended."""
+        await self.sync()
+        chain = self.state.chain(self.organization_id)
+        known = {k.key.key_id for k in chain.keys} if chain is not None else set()
+        added = 0
+        for record in records:
+            if record_key(record).key_id in known:
+                continue
+            await self.append(record)
+            added += 1
+        return added
 
     # -- what the node asks ---------------------------------------------------------------------------------
     def feed_receipts(self) -> None:
