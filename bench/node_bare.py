@@ -17,7 +17,8 @@ from tests.node.node_harness import PROBE_IMAGE
 
 from vfed.common.payload import TaskInput
 from vfed.node.runtime.base import RunSpec, algorithm_env
-from vfed.node.runtime.docker_spec import DockerRuntimeConfig, container_kwargs
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
+from vfed.node.runtime.docker_spec import container_kwargs
 
 MIB = 1024 * 1024
 _RUN_NUMBERS = itertools.count(1)

@@ -26,7 +26,7 @@ policies:
     - sha256:%s
   allowed_organizations: [1, 2]
 max_concurrent_runs: 2
-runtime: {kind: docker, memory_mb: 256}
+runtime: {kind: docker, memory_bytes: 268435456}
 """ % ("a" * 64)
 
 
@@ -43,7 +43,7 @@ def test_good_config_loads_with_relative_paths_resolved(tmp_path: Path) -> None:
     assert settings.key_path == tmp_path / "data" / "org-key.json"
     assert settings.datasets["patients"].type == "csv"
     assert settings.runtime.kind == "docker"
-    assert settings.runtime.options() == {"memory_mb": 256}
+    assert settings.runtime.memory_bytes == 256 * 1024 * 1024
     assert settings.api_key.get_secret_value() == "abc.def"
     assert "abc.def" not in repr(settings)
 

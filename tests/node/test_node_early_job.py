@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,16 +21,16 @@ import pytest
 from tests.node.node_harness import PASSWORD, PROBE_IMAGE, ensure_probe_image, one_node, wait_run_status
 
 from vfed.client.client import AsyncClient
-from vfed.node import ahead, budget
+from vfed.node import ahead, budget, timeline
 from vfed.node.agent import Agent
 from vfed.node.config import ImagePolicy, NodeSettings, Policies
 from vfed.node.early_job import EarlyJobFolder
 from vfed.node.journal import Journal
 from vfed.node.privacy import BudgetRefused
 from vfed.node.runner import Runner, Services
-from vfed.node.runtime.base import RunSpec, algorithm_env, container_name, job_volume_name
+from vfed.node.runtime.base import START_STEPS, RunSpec, algorithm_env, container_name, job_volume_name
 from vfed.node.runtime.docker import DockerRuntime
-from vfed.node.runtime.docker_spec import DockerRuntimeConfig
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
 from vfed.node.runtime.job_folder import job_folder
 from vfed.proxy.rest import Task
 
@@ -118,6 +119,23 @@ async def test_the_hinted_folder_is_asked_for_before_the_claim_and_the_run_uses_
     assert run["status"] == "completed"
     assert not node.volume_exists(job_id) and not node.folder(job_id).exists()  # the job's last run ended
     assert not node.runner.socket_path(run_id).parent.exists() and not node.runner.run_dir(run_id).exists()
+
+
+async def test_the_engines_steps_join_the_runs_start_timeline(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent hands the runtime its timeline's `mark` as the step hook: the runtime imports nothing of the
+    agent, and the steps it tells (from its threads too) land in the run's start marks."""
+    caplog.set_level(logging.DEBUG, logger=timeline.__name__)
+    run_id, job_id = await node.new_run()
+
+    await node.runner.execute(run_id, asyncio.Event(), job_hint=job_id)
+
+    emitted = dict(found for r in caplog.records if (found := timeline.parse(r.getMessage())) is not None)
+    marks = emitted[run_id]
+    engine = [step for step in marks if step in START_STEPS]
+    assert {"runtime_start", "create_sent", "create_answered", "start_sent"} <= set(engine), marks
+    assert marks["claimed"] < marks["create_sent"] < marks["create_answered"] < marks["start_sent"]
 
 
 async def test_a_hint_for_a_run_claimed_elsewhere_leaves_nothing(node: Node) -> None:

@@ -25,13 +25,13 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("VFED_NODE__MAX_CONCURRENT_RUNS", "3")
     monkeypatch.setenv("VFED_NODE__POLICIES__ALLOWED_IMAGES", '["vfed-test/*", {"image": "slow/*"}]')
     monkeypatch.setenv("VFED_NODE__RUNTIME__KIND", "docker")
-    monkeypatch.setenv("VFED_NODE__RUNTIME__MEMORY_MB", "128")
+    monkeypatch.setenv("VFED_NODE__RUNTIME__MEMORY_BYTES", "134217728")
     assert load_settings(config).max_concurrent_runs == 2  # the environment only when asked for
     settings = load_settings(config, environment=True)
     assert settings.max_concurrent_runs == 3
     assert [rule.image for rule in settings.policies.allowed_images or []] == ["vfed-test/*", "slow/*"]
     assert settings.policies.allowed_organizations == [1]  # the file's other policy keys stay
-    assert settings.runtime.options() == {"memory_mb": "128"}
+    assert (settings.runtime.kind, settings.runtime.memory_bytes) == ("docker", 128 * 1024 * 1024)
 
 
 def test_api_key_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ import pytest
 from vfed.node.runtime import RunSpec, algorithm_env
 from vfed.node.runtime.base import RuntimeUnavailable, job_volume_name
 from vfed.node.runtime.docker import DockerRuntime
-from vfed.node.runtime.docker_spec import DockerRuntimeConfig
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
 from vfed.node.runtime.engine_http import EngineHttp, unix_socket
 
 pytestmark = pytest.mark.docker

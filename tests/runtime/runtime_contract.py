@@ -1,17 +1,21 @@
 """The runtime contract, written once: every runtime's test module subclasses RuntimeContract.
 
-A subclass sets `__test__ = True`, implements `make_runtime()` and may set `image` (an image with python3
-that the runtime can start). Everything else here is runtime-agnostic.
+The runtime under test supplies what the contract cannot know, through a small protocol (RuntimeTarget): a new
+unopened runtime, an image it can start, a label that image carries, and a handle of its form that names no
+run. A subclass sets `__test__ = True` and those; every test here is runtime-neutral. Runtime-specific tests
+(the container definition, the engine's own view) live beside the subclass, using `make_spec` and `node_name`
+with a `run_image` fixture of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -26,12 +30,32 @@ from vfed.node.runtime import (
     RuntimeUnavailable,
     algorithm_env,
 )
+from vfed.node.runtime.base import START_STEPS
 
 SpecFactory = Callable[..., RunSpec]
+FOREIGN_HANDLE = "elsewhere:vfed-n-run-1"
+"""A handle no runtime here gives out: each runtime must treat it as a run it does not have."""
 
 
 def py(code: str) -> list[str]:
     return ["python3", "-c", code]
+
+
+class RuntimeTarget(Protocol):
+    """What a runtime's test class gives the contract."""
+
+    image: str
+    """An image with python3 that the runtime can start (present: nothing is pulled)."""
+    image_label: str
+    """A label `image` carries (any value)."""
+
+    def make_runtime(self) -> Runtime:
+        """A new, unopened runtime; a restarted agent builds one too."""
+        ...
+
+    def absent_handle(self) -> str:
+        """A handle of this runtime's own form that names no run."""
+        ...
 
 
 @pytest.fixture
@@ -46,7 +70,9 @@ async def node_name(runtime: Runtime) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def make_spec(node_name: str, tmp_path: Path) -> SpecFactory:
+def make_spec(node_name: str, tmp_path: Path, run_image: str) -> SpecFactory:
+    """RunSpecs of this test's node; the image is `run_image` (the runtime's test module supplies it)."""
+
     def make(command: list[str], *, job_id: str = "job1", input_text: str = "hello", **kw: Any) -> RunSpec:
         run_id = kw.pop("run_id", uuid.uuid4().hex[:12])
         run_dir = tmp_path / f"run-{run_id}"
@@ -65,7 +91,7 @@ def make_spec(node_name: str, tmp_path: Path) -> SpecFactory:
             job_id=job_id,
             node_name=node_name,
             organization_id="org-1",
-            image=kw.pop("image", "vfed/base"),
+            image=kw.pop("image", run_image),
             env={**env, **kw.pop("env", {})},
             run_dir=str(run_dir),
             datasets=datasets,
@@ -77,14 +103,23 @@ def make_spec(node_name: str, tmp_path: Path) -> SpecFactory:
 
 
 class RuntimeContract:
-    """Behaviour the agent relies on, whatever runs the containers."""
+    """Behaviour the agent relies on, whatever runs the containers. Subclasses implement RuntimeTarget."""
 
     __test__ = False
-    image = "vfed/base"
+    image: str
+    image_label: str
 
     def make_runtime(self) -> Runtime:
-        """A new, unopened runtime (the state_factory of this contract); a restarted agent builds one too."""
+        """See RuntimeTarget."""
         raise NotImplementedError
+
+    def absent_handle(self) -> str:
+        """See RuntimeTarget."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    def run_image(self) -> str:
+        return self.image
 
     @pytest.fixture
     async def runtime(self) -> AsyncIterator[Runtime]:
@@ -165,7 +200,16 @@ class RuntimeContract:
             await runtime.wait(handle, timeout_s=1)
         with pytest.raises(NotFound):
             await runtime.logs(handle)
-        await runtime.kill("docker:vfed-nosuchnode-run-nosuchrun")
+        await runtime.kill(self.absent_handle())
+        await runtime.cleanup(self.absent_handle())
+
+    async def test_foreign_handles_name_no_run(self, runtime: Runtime) -> None:
+        await runtime.kill(FOREIGN_HANDLE)
+        await runtime.cleanup(FOREIGN_HANDLE)
+        with pytest.raises(NotFound):
+            await runtime.wait(FOREIGN_HANDLE, timeout_s=1)
+        with pytest.raises(NotFound):
+            await runtime.logs(FOREIGN_HANDLE)
 
     async def test_logs_are_a_bounded_tail(self, runtime: Runtime, make_spec: SpecFactory) -> None:
         handle = await runtime.start(make_spec(py("for i in range(20000): print(f'line {i:05d}')")))
@@ -190,6 +234,73 @@ class RuntimeContract:
             assert (await fresh.wait(h_done, timeout_s=5)).exit_code == 7
         assert await runtime.list_runs(f"other{node_name}") == []
 
+    # -- created ahead, started after the checks
+
+    async def test_created_run_runs_only_once_started(self, runtime: Runtime, make_spec: SpecFactory) -> None:
+        code = "import os; open(os.environ['OUTPUT_FILE'], 'w').write('ran')"
+        spec = make_spec(py(code))
+        if not runtime.creates_ahead:
+            with pytest.raises(NotImplementedError):
+                await runtime.create(spec)
+            return
+        handle = await runtime.create(spec)
+        runs = {r.run_id: r for r in await runtime.list_runs(spec.node_name)}
+        assert (runs[spec.run_id].handle, runs[spec.run_id].state) == (handle, RunState.CREATED)
+        await asyncio.sleep(0.5)
+        assert not (Path(spec.run_dir) / "output").exists()  # nothing ran
+        await runtime.start_created(handle, spec)
+        status = await runtime.wait(handle, timeout_s=60)
+        assert status.succeeded, (status, await runtime.logs(handle))
+        assert (Path(spec.run_dir) / "output").read_text() == "ran"
+
+    async def test_created_run_is_removed_unstarted(self, runtime: Runtime, make_spec: SpecFactory) -> None:
+        spec = make_spec(py("pass"))
+        if not runtime.creates_ahead:
+            pytest.skip("covered by test_created_run_runs_only_once_started: create is refused")
+        handle = await runtime.create(spec)
+        with pytest.raises(PermanentStartError):
+            await runtime.create(spec)  # one container per run, as with start
+        await runtime.cleanup(handle)
+        assert await runtime.list_runs(spec.node_name) == []
+        with pytest.raises(NotFound):
+            await runtime.wait(handle, timeout_s=1)
+
+    async def test_created_run_that_cannot_start_is_removed(
+        self, runtime: Runtime, make_spec: SpecFactory, tmp_path: Path
+    ) -> None:
+        if not runtime.creates_ahead:
+            pytest.skip("covered by test_created_run_runs_only_once_started: create is refused")
+        missing = f"vfed-test/no-such-image-{uuid.uuid4().hex[:8]}:latest"
+        with pytest.raises(PermanentStartError):
+            await runtime.create(make_spec(py("pass"), image=missing))
+        spec = make_spec(py("pass"))
+        handle = await runtime.create(spec)
+        shutil.rmtree(spec.run_dir)  # gone by the start: the local checks refuse it
+        with pytest.raises(PermanentStartError, match="run_dir"):
+            await runtime.start_created(handle, spec)
+        assert await runtime.list_runs(spec.node_name) == []
+        respawned = make_spec(py("pass"), run_id=spec.run_id)  # the run can start again, the usual way
+        assert (await runtime.wait(await runtime.start(respawned), timeout_s=60)).exit_code == 0
+
+    async def test_start_steps_reach_the_hook(self, runtime: Runtime, make_spec: SpecFactory) -> None:
+        """The steps are told through `on_step` (from any thread), named as START_STEPS, in that order."""
+        steps: list[str] = []
+        runtime.on_step = steps.append
+        try:
+            handle = await runtime.start(make_spec(py("pass")))
+            assert steps and steps[0] == "runtime_start" and set(steps) <= set(START_STEPS)
+            assert steps == sorted(steps, key=START_STEPS.index)
+            await runtime.wait(handle, timeout_s=60)
+            if runtime.creates_ahead:
+                steps.clear()
+                spec = make_spec(py("pass"))
+                created = await runtime.create(spec)
+                await runtime.start_created(created, spec)
+                assert "runtime_start" in steps and set(steps) <= set(START_STEPS)
+                await runtime.wait(created, timeout_s=60)
+        finally:
+            runtime.on_step = None
+
     # -- images
 
     async def test_image_digest_of_a_present_image(self, runtime: Runtime) -> None:
@@ -197,10 +308,18 @@ class RuntimeContract:
         assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
         assert await runtime.image_digest(digest) == digest  # the digest names the same image
 
+    async def test_image_labels(self, runtime: Runtime) -> None:
+        by_name = await runtime.image_labels(self.image)
+        assert self.image_label in by_name
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in by_name.items())
+        assert await runtime.image_labels(await runtime.image_digest(self.image)) == by_name
+
     async def test_unknown_image_fails_permanently(self, runtime: Runtime, make_spec: SpecFactory) -> None:
         missing = f"vfed-test/no-such-image-{uuid.uuid4().hex[:8]}:latest"
         with pytest.raises(PermanentStartError):
             await runtime.image_digest(missing)
+        with pytest.raises(PermanentStartError):
+            await runtime.image_labels(missing)
         spec = make_spec(py("pass"), image=missing)
         with pytest.raises(PermanentStartError):
             await runtime.start(spec)

@@ -10,10 +10,11 @@ from pathlib import Path
 import docker
 import pytest
 from runtime_contract import RuntimeContract, SpecFactory, make_spec, node_name, py
+from tests.imagebuild import LABEL as BUILD_LABEL
 
 from vfed.node.runtime import DatasetMount, RunLimits, Runtime, RuntimeUnavailable
 from vfed.node.runtime.docker import DockerRuntime, parse_handle
-from vfed.node.runtime.docker_spec import DockerRuntimeConfig
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
 
 pytestmark = pytest.mark.docker
 __all__ = ["make_spec", "node_name"]  # shared fixtures, used by name
@@ -21,6 +22,8 @@ __all__ = ["make_spec", "node_name"]  # shared fixtures, used by name
 CONFIG = DockerRuntimeConfig(
     memory_bytes=256 << 20, pids_limit=50, nano_cpus=500_000_000, tmpfs_bytes=8 << 20
 )
+IMAGE = "vfed/base"
+"""Built by the test session (tests/imagebuild, which labels it with BUILD_LABEL)."""
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +33,19 @@ def _engine(docker_client: docker.DockerClient) -> None:
 
 class TestDockerRuntime(RuntimeContract):
     __test__ = True
+    image = IMAGE
+    image_label = BUILD_LABEL
 
     def make_runtime(self) -> Runtime:
         return DockerRuntime(CONFIG)
+
+    def absent_handle(self) -> str:
+        return "docker:vfed-nosuchnode-run-nosuchrun"
+
+
+@pytest.fixture
+def run_image() -> str:
+    return IMAGE
 
 
 @pytest.fixture

@@ -34,9 +34,11 @@ from hostile_support import (
 )
 from runtime_contract import SpecFactory, make_spec, node_name
 
-from vfed.node.runtime import BadOutput, DatasetMount, RunLimits, read_run_output
+from vfed.node import run_folder
+from vfed.node.run_folder import BadOutput
+from vfed.node.runtime import DatasetMount, RunLimits
 from vfed.node.runtime.docker import DockerRuntime
-from vfed.node.runtime.docker_spec import DockerRuntimeConfig
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 __all__ = ["make_spec", "node_name"]  # shared fixtures, used by name
@@ -45,6 +47,12 @@ __all__ = ["make_spec", "node_name"]  # shared fixtures, used by name
 @pytest.fixture(scope="module")
 def hostile_image(docker_client: docker.DockerClient) -> str:
     return build_hostile_image(docker_client)
+
+
+@pytest.fixture
+def run_image(hostile_image: str) -> str:
+    """make_spec's image unless a test names another."""
+    return hostile_image
 
 
 @pytest.fixture
@@ -285,14 +293,17 @@ async def test_booby_trapped_output_is_refused(
         assert output.is_symlink() and output.read_text() == key.read_text()
         assert (run_dir / "output.sealed").is_symlink()
         with pytest.raises(BadOutput, match="not a regular file"):
-            read_run_output(spec.run_dir, max_bytes=1 << 20)
+            run_folder.read_output(run_dir, max_bytes=1 << 20)
     else:
         assert output.is_fifo()
         with pytest.raises(BadOutput, match="not a regular file"):
-            read_run_output(spec.run_dir, max_bytes=1 << 20)
-    # Once the runtime has seen the exit, only regular files are left.
+            run_folder.read_output(run_dir, max_bytes=1 << 20)
+    # The runtime leaves the folder as the run left it; once the run stopped, the node's cleaning (the one
+    # place it happens, before the agent reads anything) leaves only regular files.
     assert (await runtime.wait(handle, timeout_s=60)).exit_code == 0, await runtime.logs(handle)
+    assert output.is_symlink() or output.is_fifo()
+    assert "output" in run_folder.sanitize(run_dir)
     assert sorted(os.listdir(run_dir)) == ["input"]
     with pytest.raises(BadOutput, match="no output"):
-        read_run_output(spec.run_dir, max_bytes=1 << 20)
+        run_folder.read_output(run_dir, max_bytes=1 << 20)
     assert key.read_text() == "PRIVATE KEY of the organization"

@@ -10,24 +10,17 @@ import pytest
 from pydantic import ValidationError
 
 from vfed.node.runtime import (
-    BadOutput,
     DatasetMount,
     NotFound,
     PermanentStartError,
     RunLimits,
     RunSpec,
     algorithm_env,
-    read_run_output,
-    sanitize_run_dir,
 )
 from vfed.node.runtime.base import container_name, job_volume_name
 from vfed.node.runtime.docker import exit_reason, parse_handle
-from vfed.node.runtime.docker_spec import (
-    DockerRuntimeConfig,
-    check_local_paths,
-    container_kwargs,
-    grant_container_user,
-)
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
+from vfed.node.runtime.docker_spec import check_local_paths, container_kwargs, grant_container_user
 
 
 def spec(tmp_path: Path, **kw: object) -> RunSpec:
@@ -134,7 +127,7 @@ def test_container_definition_is_hardened(tmp_path: Path) -> None:
     assert kw["user"] == "10001:10001" and kw["pids_limit"] == 99
     assert kw["mem_limit"] == kw["memswap_limit"] == config.memory_bytes
     assert kw["environment"] == {"HOME": "/mnt/tmp", "A": "b"}
-    own = {"vfed.node": "n1", "vfed.run_id": "r1", "vfed.job_id": "j1", "vfed.run_dir": str(tmp_path)}
+    own = {"vfed.node": "n1", "vfed.run_id": "r1", "vfed.job_id": "j1"}
     assert kw["labels"] == {"team": "x", **own}
     mounts = {m["Target"]: (m["Source"], m["ReadOnly"], m["Type"]) for m in kw["mounts"]}
     assert mounts == {
@@ -207,42 +200,3 @@ def test_handles() -> None:
 )
 def test_exit_reasons(code: int | None, oom: bool, error: str | None, expected: str | None) -> None:
     assert exit_reason(code, oom, error, 64 << 20) == expected
-
-
-def test_output_is_read_only_when_it_is_a_plain_small_file(tmp_path: Path) -> None:
-    out = tmp_path / "output"
-    with pytest.raises(BadOutput, match="no output"):
-        read_run_output(str(tmp_path), max_bytes=10)
-    out.write_bytes(b"0123456789")
-    assert read_run_output(str(tmp_path), max_bytes=10) == b"0123456789"
-    with pytest.raises(BadOutput, match="over the limit"):
-        read_run_output(str(tmp_path), max_bytes=9)
-    out.unlink()
-    secret = tmp_path / "key"
-    secret.write_text("private")
-    out.symlink_to(secret)
-    with pytest.raises(BadOutput, match="not a regular file"):
-        read_run_output(str(tmp_path), max_bytes=100)
-    out.unlink()
-    out.mkdir()
-    with pytest.raises(BadOutput, match="not a regular file"):
-        read_run_output(str(tmp_path), max_bytes=100)
-    out.rmdir()
-    os.mkfifo(out)
-    with pytest.raises(BadOutput, match="not a regular file"):
-        read_run_output(str(tmp_path), max_bytes=100)
-
-
-def test_sanitize_keeps_only_regular_files(tmp_path: Path) -> None:
-    (tmp_path / "input").write_text("in")
-    (tmp_path / "output").write_text("out")
-    secret = tmp_path.parent / f"{tmp_path.name}-key"
-    secret.write_text("private")
-    (tmp_path / "output.sealed").symlink_to(secret)
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "f").write_text("x")
-    os.mkfifo(tmp_path / "pipe")
-    assert sanitize_run_dir(str(tmp_path)) == ["junk", "output.sealed", "pipe"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "output"]
-    assert secret.read_text() == "private"
-    assert sanitize_run_dir(str(tmp_path / "gone")) == []

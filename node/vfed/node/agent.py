@@ -17,14 +17,14 @@ from pathlib import Path
 from types import TracebackType
 
 import aiohttp
-from pydantic import ValidationError
 
 from vfed.common import tls
 from vfed.common.crypto import CryptoError
 from vfed.common.ledger import LedgerError
 from vfed.common.secret_file import SecretFileError, read_secret_file
 from vfed.common.trust import records_for_keys
-from vfed.node.config import RUNTIME_KINDS, ConfigError, NodeSettings
+from vfed.node import timeline
+from vfed.node.config import NodeSettings
 from vfed.node.data_dir import UnsafeDataDir, secure_data_dir
 from vfed.node.doorbell import Doorbell, Ring
 from vfed.node.journal import Journal, Stage
@@ -39,6 +39,7 @@ from vfed.node.privacy import BudgetStore
 from vfed.node.receipts import Receipts
 from vfed.node.recovery import Resume, recover
 from vfed.node.runner import Runner, Services
+from vfed.node.runtime import registry
 from vfed.node.runtime.base import Runtime
 from vfed.node.server_api import NodeClient, NodeIdentity
 from vfed.node.trust import NodeTrustStore, RunChecks, node_resolver
@@ -52,24 +53,6 @@ KEY_FILE_POLL_S = 2.0
 
 class AgentStartError(Exception):
     """The agent cannot start; the message says why and what to do."""
-
-
-def build_runtime(settings: NodeSettings) -> Runtime:
-    """The configured runtime with its own validated config."""
-    if settings.runtime.kind not in RUNTIME_KINDS:
-        known = ", ".join(RUNTIME_KINDS)
-        raise ConfigError(f"runtime.kind: unknown runtime {settings.runtime.kind!r} (known: {known})")
-    from vfed.node.runtime.docker import DockerRuntime
-    from vfed.node.runtime.docker_spec import DockerRuntimeConfig
-
-    options = settings.runtime.options()
-    options.setdefault("jobs_dir", str(settings.data_dir / "jobs"))  # job folders live with the agent's data
-    try:
-        return DockerRuntime(DockerRuntimeConfig.model_validate(options))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"runtime.{key}: {first['msg']}") from None
 
 
 def _metrics_token(settings: NodeSettings) -> str | None:
@@ -125,7 +108,8 @@ class Agent:
 
     async def _start(self) -> None:
         s = self.settings
-        runtime = self._runtime or build_runtime(s)  # validates the runtime config before any I/O
+        runtime = self._runtime or registry.build(s.runtime, s.data_dir)  # no I/O yet
+        runtime.on_step = timeline.mark  # the engine's steps of a start join the run's timeline
         try:
             await asyncio.to_thread(secure_data_dir, s.data_dir)
             metrics_token = _metrics_token(s)

@@ -4,7 +4,7 @@ start; and the epsilon a run spends, which lease caps are held to."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
 
 from pydantic import ValidationError
 
@@ -12,20 +12,19 @@ from vfed.common.manifest import MANIFEST_LABEL, EpsilonError, declared_epsilon
 from vfed.common.payload import TaskInput
 from vfed.node.config import NodeSettings
 from vfed.node.privacy import BudgetRefused, BudgetStore, authorize, parse_manifest
-from vfed.node.runtime.base import Runtime
+from vfed.node.runtime.base import Runtime, VfedRuntimeError
+
+log = logging.getLogger(__name__)
 
 
 async def image_labels(runtime: Runtime, image: str) -> dict[str, str]:
-    """The image's labels. The runtime interface has no call for this yet, so Docker is asked directly."""
-    own = getattr(runtime, "image_labels", None)
-    if own is not None:
-        labels: dict[str, str] = await own(image)
-        return labels
-    client: Any = getattr(runtime, "client", None)
-    if client is None:
-        raise BudgetRefused(f"the {runtime.name} runtime cannot show image labels, so no manifest is known")
-    found = await asyncio.to_thread(lambda: client.images.get(image).labels or {})
-    return {str(k): str(v) for k, v in found.items()}
+    """The image's labels, where its manifest is; BudgetRefused when the runtime cannot tell them (the
+    engine's words stay in the node's log: they may name the node's paths)."""
+    try:
+        return await runtime.image_labels(image)
+    except VfedRuntimeError as exc:
+        log.warning("the labels of image %s are unknown: %s", image, exc)
+        raise BudgetRefused("the image's labels cannot be read, so its manifest is unknown") from None
 
 
 def _task_input(plaintext: bytes) -> TaskInput:

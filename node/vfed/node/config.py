@@ -28,6 +28,7 @@ from vfed.common.env_config import (
 )
 from vfed.common.ledger.fabric import FabricSettings
 from vfed.common.netaddr import is_loopback_host
+from vfed.node.runtime import registry
 
 ENV_PREFIX = "VFED_NODE__"
 _LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
@@ -43,7 +44,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-RUNTIME_KINDS = ("docker",)
+RUNTIME_KINDS = tuple(registry.KINDS)
 """The runtimes the agent can run algorithms on (`vnode new --runtime` offers exactly these)."""
 DATASET_TYPES = ("csv", "parquet", "sqlite", "sql")
 """The dataset types the algorithm SDK reads (vfed.algorithms.datasets.DatasetType; a test keeps them
@@ -125,19 +126,6 @@ class Policies(_Strict):
         if isinstance(value, list):
             return [{"image": v} if isinstance(v, str) else v for v in value]
         return value
-
-
-class RuntimeConfig(BaseModel):
-    """Which runtime runs the containers; the rest of the keys belong to that runtime's own config."""
-
-    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
-
-    kind: str = "docker"
-    """The runtime that runs algorithm containers: `docker` (the only one the agent has today)."""
-
-    def options(self) -> dict[str, Any]:
-        """The runtime-specific keys, for the runtime's own pydantic config."""
-        return dict(self.model_extra or {})
 
 
 class LedgerBackend(_Strict):
@@ -241,8 +229,8 @@ class NodeSettings(_Strict):
     """Sealed subtask inputs one run may upload through its proxy; past it 429 `quota-exceeded`."""
     proxy_max_blob_bytes_per_run: int = Field(default=1024**3, ge=0)
     """Bytes of sealed subtask inputs one run may upload; past it 413 `quota-exceeded`."""
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    """The runtime and its own keys (`runtime.kind`, then the Docker runtime's keys below)."""
+    runtime: registry.RuntimeSection = Field(default_factory=registry.default_config)
+    """The runtime (`runtime.kind`) and that runtime's own keys (below, each marked with its kind)."""
     trust: Literal["pinned", "tofu"] = "pinned"
     """`pinned`: run only for organizations pinned in the trust store; `tofu`: pin at first sight."""
     trust_store: Path | None = None
@@ -320,10 +308,26 @@ def _describe(error: ValidationError, env: dict[str, Any]) -> str:
     """One part per problem, naming the environment variable when the value came from there."""
     parts = []
     for item in error.errors():
-        loc = tuple(item["loc"])
+        loc, message = _runtime_key(tuple(item["loc"]), item)
         key = env_name(ENV_PREFIX, loc) if has_path(env, loc) else ".".join(str(p) for p in loc)
-        parts.append(f"{key or '(top level)'}: {item['msg']}")
+        parts.append(f"{key or '(top level)'}: {message}")
     return "; ".join(parts)
+
+
+def _runtime_key(loc: tuple[str | int, ...], item: Any) -> tuple[tuple[str | int, ...], str]:
+    """An error's key as written in the file: pydantic puts the runtime's kind (the tag that chose its config
+    model) after `runtime`, and reports an unknown kind at the section, not at its `kind`."""
+    message = str(item["msg"])
+    if loc[:1] != ("runtime",):
+        return loc, message
+    if item["type"] == "unknown_runtime":
+        given = item["input"].get("kind") if isinstance(item["input"], dict) else None
+        if given is None:
+            return loc, "must be a mapping of the runtime's keys"
+        return ("runtime", "kind"), f"unknown runtime {given!r} (known: {', '.join(RUNTIME_KINDS)})"
+    if len(loc) > 1 and loc[1] in registry.KINDS:
+        loc = (loc[0], *loc[2:])
+    return loc, message
 
 
 def parse_settings(

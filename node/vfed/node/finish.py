@@ -21,11 +21,10 @@ import json
 import logging
 import os
 import shutil
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
@@ -33,17 +32,11 @@ from vfed.common.api import Reason, algorithm_error, classified
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
+from vfed.node import run_folder
 from vfed.node.journal import Entry, Stage
 from vfed.node.log_sealing import seal_run_log
-from vfed.node.runtime.base import (
-    OUTPUT_NAME,
-    BadOutput,
-    ExitStatus,
-    NotFound,
-    RuntimeUnavailable,
-    read_run_output,
-    sanitize_run_dir,
-)
+from vfed.node.run_folder import SEALED_NAME, BadOutput
+from vfed.node.runtime.base import OUTPUT_NAME, ExitStatus, NotFound, RuntimeUnavailable
 from vfed.proxy.rest import ApiError, ServerUnavailable, file_chunks
 
 if TYPE_CHECKING:
@@ -52,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SEALED_NAME = "output.sealed"
 INLINE_SEAL_BYTES = 64 * 1024
 
 
@@ -185,22 +177,24 @@ class Finisher:
     ) -> None:
         """Decide the final status from how the container ended and what it left; journal it.
 
-        Only called once the container has stopped, so the folder it could write can be cleaned of traps
-        (symlinks to host files, FIFOs) before anything reads it. The output of a run that did not complete
-        is removed here: it is the SDK's error document, whose message and traceback may quote data.
+        With an exit status the container has stopped, so the folder it could write is cleaned of traps
+        (symlinks to host files, FIFOs) here, the one place that happens, before anything reads it. The
+        output of a run that did not complete is removed here: it is the SDK's error document, whose message
+        and traceback may quote data.
         """
         run_dir = self.run_dir(run_id)
         code = exit_status.exit_code if exit_status is not None else None
-        if status is None and exit_status is not None:
-            limit = self.s.settings.max_output_bytes
+        if exit_status is not None:
+            limit, judge = self.s.settings.max_output_bytes, status is None
             removed, bad, error_type = await asyncio.to_thread(
-                _settle_output, str(run_dir), limit, exit_status.exit_code
+                _settle_output, run_dir, limit, exit_status.exit_code, judge
             )
             if removed:
                 log.warning("run %s: removed non-regular files from the run folder: %s", run_id, removed)
-            if exit_status.reason:  # the engine's words (State.Error): kept here, for the operator
-                log.debug("run %s: the runtime says: %s", run_id, exit_status.reason)
-            status, reason = _judge(exit_status, bad, error_type)
+            if judge:
+                if exit_status.reason:  # the engine's words (State.Error): kept here, for the operator
+                    log.debug("run %s: the runtime says: %s", run_id, exit_status.reason)
+                status, reason = _judge(exit_status, bad, error_type)
         if status != "completed":
             (run_dir / OUTPUT_NAME).unlink(missing_ok=True)
         self.s.journal.exited(run_id, code, status or "crashed", reason)
@@ -262,7 +256,8 @@ class Finisher:
         recipients = list(verified.reply_keys)
         run_dir = self.run_dir(entry.run_id)
         key, limit = self.s.keyring.current, self.s.settings.max_output_bytes
-        if _output_size(run_dir) <= INLINE_SEAL_BYTES:  # a thread hop costs more than sealing a few KiB
+        # a thread hop costs more than sealing a few KiB
+        if run_folder.output_size(run_dir) <= INLINE_SEAL_BYTES:
             _seal_file(run_dir, key, recipients, limit, context)
         else:
             await asyncio.to_thread(_seal_file, run_dir, key, recipients, limit, context)
@@ -369,18 +364,22 @@ ERROR_OUTPUT_MAX_BYTES = 1024 * 1024
 
 
 def _settle_output(
-    run_dir: str, max_bytes: int, exit_code: int | None
+    run_dir: Path, max_bytes: int, exit_code: int | None, judge: bool
 ) -> tuple[list[str], str | None, str | None]:
-    """Clean the stopped run's folder of traps, then check its output: (what was removed, why it is bad, the
-    exception type the SDK's error document names when the run failed)."""
-    removed = sanitize_run_dir(run_dir)
+    """Clean the stopped run's folder of traps, then (with `judge`: the run ended by itself) check its
+    output: (what was removed, why it is bad, the exception type the SDK's error document names when the
+    run failed)."""
+    removed = run_folder.sanitize(run_dir)
+    if not judge:
+        return removed, None, None
     if exit_code not in (0, None):
         try:
-            return removed, None, _error_type(read_run_output(run_dir, ERROR_OUTPUT_MAX_BYTES))
+            return removed, None, _error_type(run_folder.read_output(run_dir, ERROR_OUTPUT_MAX_BYTES))
         except BadOutput:
             return removed, None, None
     try:
-        read_run_output(run_dir, max_bytes)
+        with run_folder.open_output(run_dir, max_bytes):
+            pass  # a regular file within the limit: sealed later, read once
     except BadOutput as exc:
         return removed, str(exc), None
     return removed, None, None
@@ -406,46 +405,18 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _output_size(run_dir: Path) -> int:
-    """The output's size without following a link (a link is sealed in a thread and refused there)."""
-    try:
-        return os.lstat(run_dir / OUTPUT_NAME).st_size
-    except OSError:
-        return 0
-
-
 def _seal_file(
     run_dir: Path, sender: OrgKey, recipients: list[PublicKey], max_bytes: int, context: bytes
 ) -> None:
-    """Stream-encrypt the output into output.sealed; never follows a link, never reads past max_bytes.
-
-    The folder was cleaned after the container stopped; the checks here hold even if it was not.
-    """
-    fd = os.open(run_dir / OUTPUT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as source:
-        info = os.fstat(source.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            raise BadOutput("the output changed after it was checked")
+    """Stream-encrypt the output into output.sealed, through run_folder.open_output (never a link followed,
+    never past max_bytes): the folder was cleaned after the container stopped, and the checks hold even if
+    it was not."""
+    with run_folder.open_output(run_dir, max_bytes) as source:
         target = run_dir / SEALED_NAME
         tmp = run_dir / f".{SEALED_NAME}.{os.getpid()}.tmp"
         out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(out_fd, "wb") as sink:
-            reader = cast(BinaryIO, _Capped(source, max_bytes))
-            encrypt_fileobj(reader, sink, sender, recipients, context=context)
+            encrypt_fileobj(source, sink, sender, recipients, context=context)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(tmp, target)
-
-
-class _Capped:
-    """A reader that refuses to deliver more than max_bytes (a file growing under us)."""
-
-    def __init__(self, source: BinaryIO, max_bytes: int) -> None:
-        self.source, self.left = source, max_bytes
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.source.read(n if n >= 0 else self.left + 1)
-        self.left -= len(data)
-        if self.left < 0:
-            raise BadOutput("the output grew over the limit while it was sealed")
-        return data

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 from vfed.node import ahead
-from vfed.node.runtime.base import INPUT_NAME, Runtime
+from vfed.node.runtime.base import Runtime
 from vfed.proxy.server import ProxyServer
 
 
@@ -49,25 +46,3 @@ class RunSetup:
             (proxy,) = await asyncio.gather(self.proxy, return_exceptions=True)
             if isinstance(proxy, ProxyServer):
                 await proxy.stop()
-
-
-def fresh_run_dir(run_dir: Path) -> None:
-    """A fresh, private run folder (0700), made before the container. The runtime hands it to the container's
-    user when the run starts (vfed.node.runtime.docker_spec.grant_container_user): as root by chown, keeping
-    0700; an agent that is not root cannot chown and opens it to 0777 instead, inside its 0700 data folder."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    run_dir.mkdir(mode=0o700)
-    os.chmod(run_dir, 0o700)  # whatever the umask
-
-
-def write_input(run_dir: Path, plaintext: bytes) -> None:
-    """The decrypted input, 0600 from its first byte (created with that mode, never a link followed), so no
-    other user of the host reads it even for an instant; the start hands it to the container's user."""
-    fd = os.open(
-        run_dir / INPUT_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
-        handle.write(plaintext)

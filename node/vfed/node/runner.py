@@ -23,7 +23,7 @@ from vfed.common.api.reasons import type_name
 from vfed.common.crypto import ContextMismatch as BoundElsewhere
 from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
 from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument, TrustError, input_context
-from vfed.node import ahead, budget, timeline
+from vfed.node import ahead, budget, run_folder, timeline
 from vfed.node.config import NodeSettings
 from vfed.node.early_job import BusyJobs, EarlyJobFolder
 from vfed.node.journal import Journal
@@ -33,7 +33,7 @@ from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run, image_gate, subtask_image_refusal
 from vfed.node.privacy import BudgetRefused, BudgetStore
-from vfed.node.run_setup import RunSetup, fresh_run_dir, write_input
+from vfed.node.run_setup import RunSetup
 from vfed.node.runtime.base import (
     LABEL_AGENT,
     DatasetMount,
@@ -168,7 +168,7 @@ class Runner:
         setup = RunSetup(journaled, asyncio.ensure_future(self._image_digest(task)), volume, self.s.runtime)
         setup.digest.add_done_callback(lambda _: trace.mark("image"))
         try:
-            fresh_run_dir(self.run_dir(claim.id))  # a few syscalls: a thread hop would cost more
+            run_folder.fresh(self.run_dir(claim.id))  # a few syscalls: a thread hop would cost more
             setup.creating = asyncio.ensure_future(self._create_ahead(claim, task, setup))
             prepared = await self._prepare(claim, task, setup, token)
             proxy = await setup.ready()
@@ -269,7 +269,7 @@ class Runner:
         except BudgetRefused as exc:  # the node's words about its own budget, no data
             raise RunRefused("not-allowed", classified(Reason.DISCLOSURE_REFUSED, str(exc))) from None
         run_dir = self.run_dir(run.id)
-        await _off_loop_if_big(len(plaintext), write_input, run_dir, plaintext)
+        await _off_loop_if_big(len(plaintext), run_folder.write_input, run_dir, plaintext)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, epsilon)
 
     async def _reserve_leases(

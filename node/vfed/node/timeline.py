@@ -3,8 +3,9 @@
 Why: issue 5 bounds the agent's share of "task POST -> container started"; bench/node.py lines these marks up
 with Docker's own create/start events (same clock). One DEBUG line per run on the `vfed.node.timeline`
 logger (`vnode run --log-level INFO,vfed.node.timeline=DEBUG`); otherwise a few clock reads, nothing logged.
-The current run's timeline travels in a context variable, so the runtime's thread (asyncio.to_thread copies
-the context) marks the engine calls without a timeline in the runtime's interface.
+The current run's timeline travels in a context variable, so `mark`, set as the runtime's `on_step` hook by
+the agent, marks the engine's steps from the runtime's threads too (asyncio.to_thread copies the context):
+the runtime knows nothing of timelines.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Container runtimes behind one small interface (base.Runtime); the Docker one lives in docker.py."""
+"""Container runtimes behind one small interface (base.Runtime), chosen by `runtime.kind` (registry); the
+Docker one lives in docker.py. What a run leaves in its folder is read by vfed.node.run_folder, not here."""
 
 from vfed.node.runtime.base import (
     INPUT_FILE,
@@ -6,7 +7,6 @@ from vfed.node.runtime.base import (
     PROXY_SOCKET,
     PROXY_SOCKET_DIR,
     TEMPORARY_FOLDER,
-    BadOutput,
     DatasetMount,
     ExitStatus,
     NotFound,
@@ -16,12 +16,12 @@ from vfed.node.runtime.base import (
     RunSpec,
     RunState,
     Runtime,
+    RuntimeConfig,
     RuntimeUnavailable,
+    StepHook,
     VfedRuntimeError,
     algorithm_env,
     dataset_path,
-    read_run_output,
-    sanitize_run_dir,
 )
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "PROXY_SOCKET",
     "PROXY_SOCKET_DIR",
     "TEMPORARY_FOLDER",
-    "BadOutput",
     "DatasetMount",
     "ExitStatus",
     "NotFound",
@@ -40,10 +39,10 @@ __all__ = [
     "RunSpec",
     "RunState",
     "Runtime",
+    "RuntimeConfig",
     "RuntimeUnavailable",
+    "StepHook",
     "VfedRuntimeError",
     "algorithm_env",
     "dataset_path",
-    "read_run_output",
-    "sanitize_run_dir",
 ]

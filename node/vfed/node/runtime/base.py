@@ -8,11 +8,10 @@ kill/cleanup: already gone, which is success).
 from __future__ import annotations
 
 import abc
-import os
 import re
-import shutil
-import stat
+from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -36,12 +35,13 @@ PROXY_SOCKET = f"{PROXY_SOCKET_DIR}/proxy.sock"
 """The run's own Unix socket to the proxy; the container has no network at all."""
 
 INPUT_NAME = "input"
+"""The input's name in the run folder (vfed.node.run_folder writes it; every runtime mounts the folder)."""
 OUTPUT_NAME = "output"
+"""The output's name in the run folder (vfed.node.run_folder reads it, never trusting what it is)."""
 
 LABEL_NODE = "vfed.node"
 LABEL_RUN_ID = "vfed.run_id"
 LABEL_JOB_ID = "vfed.job_id"
-LABEL_RUN_DIR = "vfed.run_dir"
 LABEL_AGENT = "vfed.agent"
 """The agent instance (its journal) that started a run: another agent with the same node name leaves it be."""
 
@@ -68,10 +68,6 @@ class PermanentStartError(VfedRuntimeError):
 
 class NotFound(VfedRuntimeError):
     """No container for this handle (never started, or already cleaned up)."""
-
-
-class BadOutput(VfedRuntimeError):
-    """The run's output is missing, too large, or not a plain file (a symlink could name the node's key)."""
 
 
 class DatasetMount(BaseModel):
@@ -180,6 +176,27 @@ class RunHandleInfo(BaseModel):
     agent_id: str | None = Field(default=None, description="The LABEL_AGENT label; None on older containers.")
 
 
+class RuntimeConfig(BaseModel):
+    """A runtime's own settings, the node configuration's `runtime` section: each runtime's config model
+    subclasses this one, narrowing `kind` to its own name (vfed.node.runtime.registry chooses by it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(
+        description="The runtime that runs algorithm containers; the section's other keys are that runtime's "
+        "own."
+    )
+
+
+StepHook = Callable[[str], None]
+"""Told each step of a run's start as it happens, possibly from a runtime's worker thread."""
+
+START_STEPS = ("runtime_start", "runtime_ready", "create_sent", "create_answered", "start_sent")
+"""The steps a runtime tells its `on_step` hook, in the order a `start` passes them (`create` and
+`start_created` pass their share): the entry into start, the run's local setup done, the create request
+sent and answered, the start request sent. The agent's start timeline (vfed.node.timeline) records them."""
+
+
 class Runtime(abc.ABC):
     """A container runtime. Methods are safe to call concurrently for different handles.
 
@@ -187,6 +204,20 @@ class Runtime(abc.ABC):
     """
 
     name: str = "abstract"
+
+    on_step: StepHook | None = None
+    """Set by the agent to follow a run's start (START_STEPS) without the runtime knowing the agent."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: RuntimeConfig, data_dir: Path) -> Self:
+        """The runtime for the node's validated `runtime` section (of this runtime's own config model);
+        `data_dir` is the agent's folder, where a runtime keeps files of its own."""
+
+    def step(self, name: str) -> None:
+        """Tell the hook a step of a start (one of START_STEPS); any thread may call it."""
+        if self.on_step is not None:
+            self.on_step(name)
 
     async def open(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Connect to the engine; raises RuntimeUnavailable when it does not answer."""
@@ -259,6 +290,11 @@ class Runtime(abc.ABC):
         the name first (policy.image_gate): this is the first engine call about the image."""
 
     @abc.abstractmethod
+    async def image_labels(self, image: str) -> dict[str, str]:
+        """The labels of an image present here (an ID from `image_digest`): the node reads the algorithm's
+        manifest from them. Never pulls; PermanentStartError when the image is not present."""
+
+    @abc.abstractmethod
     async def ensure_job_volume(self, node_name: str, job_id: str) -> str:
         """Create the job's temporary volume if missing; return its name. Idempotent."""
 
@@ -306,55 +342,3 @@ def algorithm_env(
         env["PROXY_SOCKET"] = PROXY_SOCKET
     env.update(extra or {})
     return env
-
-
-def read_run_output(run_dir: str, max_bytes: int) -> bytes:
-    """Read the output the algorithm left in its run folder, safely: the folder is writable by hostile code.
-
-    The container could make `output` a symlink to a host file (the node's private key), a FIFO that blocks
-    the reader, a folder, or something huge; only a regular file of at most max_bytes is read, without
-    following links. Raises BadOutput with a reason fit for the run's status.
-    """
-    path = os.path.join(run_dir, OUTPUT_NAME)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise BadOutput("the algorithm wrote no output") from exc
-    except OSError as exc:  # ELOOP: a symlink
-        raise BadOutput(f"output is not a regular file ({exc.strerror})") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BadOutput("output is not a regular file")
-        if info.st_size > max_bytes:
-            raise BadOutput(f"output is {info.st_size} bytes, over the limit of {max_bytes}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:  # grew while we read it
-        raise BadOutput(f"output is over the limit of {max_bytes} bytes")
-    return data
-
-
-def sanitize_run_dir(run_dir: str) -> list[str]:
-    """Remove everything but regular files from an EXITED run's folder; return what was removed.
-
-    The algorithm could leave `output`, or a name the agent writes next (`output.sealed`), as a symlink to a
-    host file, a FIFO or a folder; the agent would then read or overwrite the host file through it. Only call
-    this once the container has stopped, so nothing can put a trap back.
-    """
-    removed = []
-    try:
-        entries = list(os.scandir(run_dir))
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if entry.is_file(follow_symlinks=False):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            os.unlink(entry.path)
-        removed.append(entry.name)
-    return sorted(removed)

@@ -12,7 +12,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Self, TypeVar
 
 import docker
 import docker.errors
@@ -22,13 +23,11 @@ from docker.models.containers import Container
 from docker.models.volumes import Volume
 from docker.types import CancellableStream
 
-from vfed.node import timeline
 from vfed.node.runtime import job_folder
 from vfed.node.runtime.base import (
     LABEL_AGENT,
     LABEL_JOB_ID,
     LABEL_NODE,
-    LABEL_RUN_DIR,
     LABEL_RUN_ID,
     ExitStatus,
     NotFound,
@@ -37,18 +36,14 @@ from vfed.node.runtime.base import (
     RunSpec,
     RunState,
     Runtime,
+    RuntimeConfig,
     RuntimeUnavailable,
     VfedRuntimeError,
     container_name,
     job_volume_name,
-    sanitize_run_dir,
 )
-from vfed.node.runtime.docker_spec import (
-    DockerRuntimeConfig,
-    check_local_paths,
-    container_kwargs,
-    grant_container_user,
-)
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
+from vfed.node.runtime.docker_spec import check_local_paths, container_kwargs, grant_container_user
 from vfed.node.runtime.engine_http import EngineHttp, unix_socket
 from vfed.node.runtime.image_ids import ImageIds
 
@@ -107,17 +102,6 @@ def exit_reason(
     return signals.get(exit_code, f"exit code {exit_code}")
 
 
-def _disarm(container: Container) -> None:
-    """Once a run has stopped, take out whatever non-file it left in its run folder (see sanitize_run_dir)."""
-    run_dir = container.labels.get(LABEL_RUN_DIR)
-    if run_dir:
-        removed = sanitize_run_dir(run_dir)
-        if removed:
-            log.warning(
-                "run container %s left non-files in its run folder, removed: %s", container.name, removed
-            )
-
-
 class DockerRuntime(Runtime):
     """Runs each run as a hardened sibling container on the local Docker engine."""
 
@@ -136,6 +120,15 @@ class DockerRuntime(Runtime):
         self._image_watch: asyncio.Task[None] | None = None
         self._image_events: CancellableStream[dict[str, Any]] | None = None
         self._engine_http: EngineHttp | None = None
+
+    @classmethod
+    def from_config(cls, config: RuntimeConfig, data_dir: Path) -> Self:
+        """The agent's runtime: job folders live in its data folder unless the config names a place."""
+        if not isinstance(config, DockerRuntimeConfig):
+            raise TypeError(f"the docker runtime takes a DockerRuntimeConfig, not {type(config).__name__}")
+        if config.jobs_dir is None:
+            config = config.model_copy(update={"jobs_dir": str(data_dir / "jobs")})
+        return cls(config)
 
     # -- lifecycle
 
@@ -211,6 +204,10 @@ class DockerRuntime(Runtime):
         image_id = await self._call(f"image {image}", self._image_id, image, pull)
         self.image_ids.store(image, image_id, generation)
         return image_id
+
+    async def image_labels(self, image: str) -> dict[str, str]:
+        found = await self._call(f"image {image}", lambda: self.client.images.get(image).labels or {})
+        return {str(k): str(v) for k, v in found.items()}
 
     async def _watch_images(self) -> None:
         """Keep the image-ID cache right from the engine's image events; reconnect with backoff when the
@@ -323,13 +320,13 @@ class DockerRuntime(Runtime):
     # -- runs
 
     async def start(self, spec: RunSpec) -> str:
-        timeline.mark("runtime_start")
+        self.step("runtime_start")
         kwargs = container_kwargs(spec, self.config)
         handle = HANDLE_PREFIX + container_name(spec.node_name, spec.run_id)
         self._prepare_local(spec)
         # Before create: a volume the mount names but that does not exist would be made as a plain one.
         await self.ensure_job_volume(spec.node_name, spec.job_id)
-        timeline.mark("runtime_ready")
+        self.step("runtime_ready")
         await self._call(f"start {handle}", self._create_and_start, kwargs)
         log.info("run %s started as %s", spec.run_id, handle)
         return handle
@@ -338,15 +335,21 @@ class DockerRuntime(Runtime):
         kwargs = container_kwargs(spec, self.config)
         handle = HANDLE_PREFIX + container_name(spec.node_name, spec.run_id)
         await self.ensure_job_volume(spec.node_name, spec.job_id)  # else Docker would make a plain one
-        timeline.mark("create_sent")
+        self.step("create_sent")
         await self._call(f"create {handle}", self._create, kwargs)
-        timeline.mark("create_answered")
+        self.step("create_answered")
         return handle
 
     async def start_created(self, handle: str, spec: RunSpec) -> None:
-        timeline.mark("runtime_start")
-        self._prepare_local(spec)
-        await self._call(f"start {handle}", self._start_existing, parse_handle(handle))
+        self.step("runtime_start")
+        container = parse_handle(handle)
+        try:
+            self._prepare_local(spec)
+        except PermanentStartError:
+            with contextlib.suppress(NotFound, RuntimeUnavailable):
+                await self.cleanup(handle)
+            raise
+        await self._call(f"start {handle}", self._start_existing, container)
         log.info("run %s started as %s", spec.run_id, handle)
 
     def _prepare_local(self, spec: RunSpec) -> None:
@@ -359,7 +362,7 @@ class DockerRuntime(Runtime):
 
     def _start_existing(self, container: str) -> None:
         """Start a created container; one that fails to start is removed so the run can start again."""
-        timeline.mark("start_sent")
+        self.step("start_sent")
         try:
             self.client.api.start(container)
         except BaseException:
@@ -369,9 +372,9 @@ class DockerRuntime(Runtime):
 
     def _create_and_start(self, kwargs: dict[str, Any]) -> None:
         """Both in one thread hop; a container that fails to start is removed so the run can start again."""
-        timeline.mark("create_sent")
+        self.step("create_sent")
         container_id = self._create(kwargs)
-        timeline.mark("create_answered")
+        self.step("create_answered")
         self._start_existing(container_id)
 
     def _create(self, kwargs: dict[str, Any]) -> str:
@@ -418,7 +421,6 @@ class DockerRuntime(Runtime):
                 return None
             if state["Status"] == "created":
                 return ExitStatus(exit_code=None, reason="never started")
-            _disarm(container)
             code, oom = int(state["ExitCode"]), bool(state["OOMKilled"])
             memory = container.attrs["HostConfig"].get("Memory") or None
             return ExitStatus(
@@ -466,8 +468,6 @@ class DockerRuntime(Runtime):
         for c in containers:
             state = c.attrs["State"]
             run_state = _STATES.get(state["Status"], RunState.EXITED)
-            if run_state is RunState.EXITED:
-                await asyncio.to_thread(_disarm, c)
             runs.append(
                 RunHandleInfo(
                     run_id=c.labels[LABEL_RUN_ID],

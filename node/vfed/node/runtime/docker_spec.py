@@ -12,14 +12,12 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from docker.types import LogConfig, Mount
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vfed.node.runtime.base import (
     CONTAINER_RUN_DIR,
     JOB_VOLUME_MOUNT,
     LABEL_JOB_ID,
     LABEL_NODE,
-    LABEL_RUN_DIR,
     LABEL_RUN_ID,
     PROXY_SOCKET,
     PROXY_SOCKET_DIR,
@@ -29,59 +27,7 @@ from vfed.node.runtime.base import (
     dataset_path,
     job_volume_name,
 )
-
-MIB = 1024 * 1024
-
-
-class DockerRuntimeConfig(BaseModel):
-    """Node-level settings of the Docker runtime; the limits are defaults a RunSpec may override."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str | None = Field(default=None, description="Docker endpoint; None reads DOCKER_HOST etc.")
-    memory_bytes: int = Field(default=1024 * MIB, gt=0, description="Memory limit of a run's container.")
-    nano_cpus: int = Field(default=1_000_000_000, gt=0, description="CPU limit, in 1e-9 CPUs (1e9: one CPU).")
-    pids_limit: int = Field(default=256, gt=0, description="Processes a run's container may have at once.")
-    tmpfs_bytes: int = Field(default=64 * MIB, gt=0, description="Size of the noexec tmpfs at /tmp.")
-    uid: int = Field(default=10001, gt=0, description="Unprivileged user the algorithm runs as (never 0).")
-    gid: int = Field(default=10001, gt=0, description="Group the algorithm runs as (never 0).")
-    log_max_bytes: int = Field(default=10 * MIB, gt=0, description="json-file log cap per container.")
-    pull_missing: bool = Field(
-        default=False,
-        description="Pull an image that is not present locally (only names the node's allowed_images admit "
-        "by name). Off by default: a pull contacts whatever registry the task's image name points at.",
-    )
-    max_waiters: int = Field(default=64, gt=0, description="Threads kept for concurrent wait() calls.")
-    jobs_dir: str | None = Field(
-        default=None,
-        description="Agent-owned folder for the jobs' temporary folders (the agent sets <data_dir>/jobs); "
-        "None: a private folder under the system's temporary folder.",
-    )
-    host_path_map: dict[str, str] = Field(
-        default_factory=dict,
-        description="Path prefix as the agent sees it -> the same path on the Docker host. Needed when the "
-        "agent runs in a container: bind mounts of sibling containers name host paths.",
-    )
-
-    @field_validator("host_path_map")
-    @classmethod
-    def _absolute_prefixes(cls, v: dict[str, str]) -> dict[str, str]:
-        for local, host in v.items():
-            if not (local.startswith("/") and host.startswith("/")):
-                raise ValueError(f"host_path_map entries must be absolute paths: {local!r} -> {host!r}")
-        return v
-
-    def to_host_path(self, local_path: str) -> str:
-        """Translate a path the agent sees into the path the Docker host sees (longest prefix wins)."""
-        path = PurePosixPath(local_path)
-        best: tuple[int, str] | None = None
-        for local, host in self.host_path_map.items():
-            prefix = PurePosixPath(local)
-            if path == prefix or prefix in path.parents:
-                depth = len(prefix.parts)
-                if best is None or depth > best[0]:
-                    best = (depth, str(PurePosixPath(host) / path.relative_to(prefix)))
-        return best[1] if best else str(path)
+from vfed.node.runtime.docker_config import DockerRuntimeConfig
 
 
 def check_local_paths(spec: RunSpec) -> None:
@@ -136,7 +82,7 @@ def grant_container_user(spec: RunSpec, config: DockerRuntimeConfig) -> None:
 
 def run_labels(spec: RunSpec) -> dict[str, str]:
     own = {LABEL_NODE: spec.node_name, LABEL_RUN_ID: spec.run_id, LABEL_JOB_ID: spec.job_id}
-    return {**spec.labels, **own, LABEL_RUN_DIR: spec.run_dir}
+    return {**spec.labels, **own}
 
 
 def run_mounts(spec: RunSpec, config: DockerRuntimeConfig) -> list[Mount]:
