@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from s3_testkit import both_backends, minio_client
+from s3_testkit import both_backends, empty_bucket, minio_client
 from test_server_blob_stores import until_a_part_arrived
 from tests import infra
 from vserver_proc import server_process, vserver
@@ -234,3 +234,22 @@ async def _held(release: asyncio.Event) -> AsyncIterator[bytes]:
         yield os.urandom(MIB)
     await release.wait()
     yield b"never sent"
+
+
+@pytest.mark.parametrize("blob_backend", ["s3"], indirect=True)
+async def test_a_failing_store_answers_503_in_one_line(
+    client: Any, world: World, s3_settings: S3Settings, moto_server: infra.S3Server
+) -> None:
+    blob_id = await world.upload("a_res", os.urandom(200 * 1024))
+    s3 = minio_client(moto_server)
+    empty_bucket(s3, s3_settings.bucket)  # the bucket is gone under the running server
+    try:
+        for method, path, kw in (
+            ("GET", f"/blobs/{blob_id}", {}),
+            ("POST", "/blobs", {"data": os.urandom(200 * 1024)}),
+        ):
+            status, body = await world.call("a_res", method, path, **kw)
+            assert status == 503 and body["error"] == "blob-store-unavailable", body
+            assert f"S3 bucket {s3_settings.bucket} does not exist" in body["detail"]
+    finally:
+        s3.make_bucket(s3_settings.bucket)  # for the fixture's own clean-up

@@ -169,18 +169,13 @@ async def _streamed(request: web.Request, blob: BlobRow) -> web.StreamResponse:
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_type = "application/octet-stream"
     resp.content_length = stop - start
-    if request.method == "HEAD":
-        await resp.prepare(request)
-        return resp
     try:
         async with request.app[BLOBS].open(blob.id, start, stop) as chunks:
             await resp.prepare(request)
             async for chunk in chunks:
                 await resp.write(chunk)
                 request.app[METRICS].blob_bytes_out.inc(len(chunk))
-    except BlobMissing:
-        if resp.prepared:
-            raise
+    except BlobMissing:  # raised on opening, before anything is sent
         raise not_found("blob", blob.id) from None
     except BlobStoreError as exc:
         if not resp.prepared:
