@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import signal
+import tarfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from s3_testkit import both_backends, empty_bucket, minio_client
 from test_server_blob_stores import until_a_part_arrived
 from tests import infra
@@ -253,3 +256,116 @@ async def test_a_failing_store_answers_503_in_one_line(
             assert f"S3 bucket {s3_settings.bucket} does not exist" in body["detail"]
     finally:
         s3.make_bucket(s3_settings.bucket)  # for the fixture's own clean-up
+
+
+@pytest.mark.postgres
+async def test_two_servers_share_the_bucket_and_the_database(
+    tmp_path: Path, s3_settings: S3Settings, postgres_url: str
+) -> None:
+    """What the S3 store is for: a blob uploaded to one server machine is served by another."""
+    config: dict[str, Any] = {
+        "database_url": postgres_url,
+        "blobs": {"backend": "s3", "s3": s3_settings.model_dump(mode="json")},
+    }
+    spec = tmp_path / "import.yaml"
+    spec.write_text(IMPORT)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    data = os.urandom(11 * MIB)
+    with server_process(tmp_path / "a", **config) as one:
+        vserver("import", str(spec), "--config", str(one.config))  # the schema exists once one has started
+        with server_process(tmp_path / "b", **config) as two:
+            async with aiohttp.ClientSession(one.url) as http_one, aiohttp.ClientSession(two.url) as http_two:
+                auth = await _login(http_one)
+                async with http_one.post("/api/v1/blobs", data=data, headers=auth) as r:
+                    assert r.status == 201
+                    blob_id = (await r.json())["id"]
+                async with http_two.get(f"/api/v1/blobs/{blob_id}", headers=auth) as r:
+                    assert r.status == 200 and await r.read() == data
+                async with http_two.get(
+                    f"/api/v1/blobs/{blob_id}", headers={**auth, "Range": "bytes=-100"}
+                ) as r:
+                    assert r.status == 206 and await r.read() == data[-100:]
+
+
+def test_backup_with_s3_holds_the_database_and_leaves_blobs_to_the_bucket(
+    tmp_path: Path, s3_settings: S3Settings
+) -> None:
+    spec = tmp_path / "import.yaml"
+    spec.write_text(IMPORT)
+    config = tmp_path / "vserver.yaml"
+    s3 = s3_settings.model_dump(mode="json")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "jwt_secret": "backup-secret-long-enough-for-hs256",
+                "blobs": {"backend": "s3", "s3": s3},
+            }
+        )
+    )
+    vserver("import", str(spec), "--config", str(config))
+    archive = tmp_path / "vfed.tar.gz"
+    done = vserver("backup", str(archive), "--config", str(config))
+    assert done.stdout.strip() == f"{archive}: database and 0 blob files"
+    with tarfile.open(archive) as tar:
+        assert not [m.name for m in tar.getmembers() if m.name.startswith("blobs")]
+    done = vserver("backup", "--blobs-only", str(tmp_path / "b.tar.gz"), "--config", str(config), check=False)
+    assert done.returncode == 1 and f"the blobs are in S3 bucket {s3_settings.bucket}" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    with_files = tmp_path / "files.tar.gz"
+    with tarfile.open(with_files, "w:gz") as tar:
+        for name, body in (
+            ("vfed-backup.json", b'{"format": 1, "database": false, "blobs": 1}'),
+            ("blobs/ab/x", b"x"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(config.read_text().replace(str(tmp_path / "data"), str(tmp_path / "fresh")))
+    done = vserver("restore", str(with_files), "--config", str(empty), check=False)
+    assert done.returncode == 1 and "holds blob files but the blobs are in S3 bucket" in done.stderr
+    assert not (tmp_path / "fresh" / "blobs").exists()
+
+
+@pytest.mark.parametrize("blob_backend", ["s3"], indirect=True)
+async def test_a_download_cut_by_the_store_resumes_with_range(
+    client: Any, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store failing midway cannot be caused on a live S3 server at a chosen byte, so `open` is wrapped
+    (a fault injector, not a fake store): after 100 KiB the real stream raises as a broken S3 read would."""
+    from contextlib import asynccontextmanager
+
+    from vfed.server.blobs import BlobStoreError
+
+    data = os.urandom(900 * 1024)
+    blob_id = await world.upload("a_res", data)
+    store = client.app[BLOBS]
+    real_open = store.open
+
+    @asynccontextmanager
+    async def breaks_after_100k(blob: str, start: int = 0, stop: int | None = None) -> AsyncIterator[Any]:
+        async with real_open(blob, start, stop) as chunks:
+
+            async def cut() -> AsyncIterator[bytes]:
+                async for chunk in chunks:
+                    yield chunk[: 100 * 1024]
+                    raise BlobStoreError("S3 download at http://127.0.0.1 failed: connection reset")
+
+            yield cut()
+
+    monkeypatch.setattr(store, "open", breaks_after_100k)
+    h = await world.h("a_res")
+    got = bytearray()
+    r = await client.get(f"/api/v1/blobs/{blob_id}", headers=h)
+    assert r.status == 200 and int(r.headers["Content-Length"]) == len(data)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async for chunk in r.content.iter_any():
+            got.extend(chunk)
+    assert got == data[: len(got)] and 0 < len(got) < len(data)
+    monkeypatch.setattr(store, "open", real_open)
+    r = await client.get(f"/api/v1/blobs/{blob_id}", headers={**h, "Range": f"bytes={len(got)}-"})
+    assert r.status == 206
+    got.extend(await r.read())
+    assert got == data
