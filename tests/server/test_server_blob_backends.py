@@ -412,3 +412,20 @@ async def test_s3_upload_and_download_hold_parts_not_the_blob(
     growth = (peak - baseline) / MIB
     print(f"server RSS grew by {growth:.0f} MiB moving 64 MiB through S3")
     assert growth < 40, f"server RSS grew by {growth:.0f} MiB moving 64 MiB"
+
+
+def test_s3_without_its_client_package_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, s3_settings: S3Settings
+) -> None:
+    """A server installed without the `s3` extra: the store says what to install instead of a traceback."""
+    import sys
+
+    from vfed.server.app import blob_store
+    from vfed.server.blobs import BlobStoreError
+    from vfed.server.config import BlobsSettings, Settings
+
+    monkeypatch.setitem(sys.modules, "minio", None)  # what `import minio` meets when it is not installed
+    monkeypatch.delitem(sys.modules, "vfed.server.blobs_s3")
+    settings = Settings(blobs=BlobsSettings(backend="s3", s3=s3_settings))
+    with pytest.raises(BlobStoreError, match=r"needs the minio package: pip install 'vfed\[s3\]'"):
+        blob_store(settings)

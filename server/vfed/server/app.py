@@ -13,7 +13,7 @@ from vfed.server import blob_collector, db
 from vfed.server.api.meta import DOCS_HTML, OPENAPI, scrape
 from vfed.server.api.tokens import DUMMY_HASH
 from vfed.server.blob_limits import USAGE, Usage
-from vfed.server.blobs import BlobStore, FileBlobStore
+from vfed.server.blobs import BlobStore, BlobStoreError, FileBlobStore
 from vfed.server.broker_auth import BROKER, BrokerAccounts
 from vfed.server.config import Settings
 from vfed.server.doorbell import Doorbell
@@ -84,8 +84,12 @@ def blob_store(settings: Settings) -> BlobStore:
     """The configured blob store (no I/O yet); BlobStoreError when S3 has no credentials."""
     if settings.blobs.backend == "s3":
         assert settings.blobs.s3 is not None  # BlobsSettings requires it with backend s3
-        from vfed.server.blobs_s3 import S3BlobStore  # the S3 client loads only when configured
-
+        try:
+            from vfed.server.blobs_s3 import S3BlobStore  # the S3 client loads only when configured
+        except ImportError as exc:
+            raise BlobStoreError(
+                f"blobs.backend s3 needs the {exc.name or 'minio'} package: pip install 'vfed[s3]'"
+            ) from None
         return S3BlobStore(settings.blobs.s3, settings.max_blob_bytes)
     return FileBlobStore(settings.blob_path(), settings.max_blob_bytes)
 
