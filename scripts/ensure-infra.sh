@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure the real components the tests need are here: a Docker engine that answers, and the Mosquitto,
-# PostgreSQL and debootstrap binaries. The test session starts its own broker and database on loopback.
+# Makes sure the real components the tests need are here: a Docker engine that answers, the Mosquitto,
+# PostgreSQL and debootstrap binaries, and moto's S3 server. The test session starts its own broker, database
+# and S3 server on loopback.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
@@ -49,5 +50,20 @@ ensure_binaries() {
     say "mosquitto, postgresql, debootstrap, haproxy: present"
 }
 
+# moto's S3 server for the S3 blob store tests, in a venv of its own: moto needs botocore, which caps
+# python-dateutil below 3, while the kubernetes client of the project's venv needs 3 or later.
+ensure_moto() {
+    local venv=${MOTO_VENV:-.venv-moto}
+    if [ -x "$venv/bin/moto_server" ]; then
+        say "moto_server: present ($venv)"
+        return
+    fi
+    command -v python3 >/dev/null || die "no python3 on PATH for the moto venv"
+    run_logged "python -m venv (moto)" python3 -m venv "$venv"
+    run_logged "pip install moto[server]" "$venv/bin/pip" install -q 'moto[server]>=5.1,<6'
+    say "moto_server: installed into $venv"
+}
+
 ensure_binaries
+ensure_moto
 ensure_docker

@@ -88,6 +88,13 @@ def postgres_server() -> Iterator[infra.Postgres]:
         yield pg
 
 
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[infra.S3Server]:
+    """moto's standalone S3 server for the session (tests make a bucket each: tests/server/s3_testkit.py)."""
+    with infra.moto_s3() as s3:
+        yield s3
+
+
 @pytest.fixture
 def postgres_url(postgres_server: infra.Postgres) -> str:
     """URL (postgresql+asyncpg) of a fresh, empty database on the session's real PostgreSQL."""

@@ -1,13 +1,15 @@
-"""Real infrastructure for the test session: Mosquitto and PostgreSQL on free loopback ports.
+"""Real infrastructure for the test session: Mosquitto, PostgreSQL, moto's S3 server on free loopback ports.
 
 Each service gets a throwaway directory and is stopped at the end of the session. Nothing here is a fake.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -238,3 +240,73 @@ def create_database(pg: Postgres) -> str:
         capture_output=True,
     )
     return name
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """moto's standalone S3 server: any key pair is accepted, buckets live in its memory."""
+
+    port: int
+    access_key: str = "vfed-test-key"
+    secret_key: str = "vfed-test-secret"
+    region: str = "us-east-1"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+MOTO_VENV = Path(__file__).resolve().parent.parent / ".venv-moto"
+
+
+def _moto_binary() -> str | None:
+    """`moto_server` from VFED_MOTO_SERVER, PATH, or the project's .venv-moto (scripts/ensure-infra.sh makes
+    it: moto needs botocore, whose python-dateutil cap the kubernetes client of the main venv cannot meet)."""
+    named = os.environ.get("VFED_MOTO_SERVER")
+    if named:
+        return named if os.access(named, os.X_OK) else None
+    return _find("moto_server", [str(MOTO_VENV / "bin" / "moto_server")])
+
+
+@contextmanager
+def moto_s3(attempts: int = 5) -> Iterator[S3Server]:
+    """moto_server on a free loopback port in a process group of its own, killed with it at the end."""
+    binary = _moto_binary()
+    if binary is None:
+        missing("moto", "no moto_server (make infra puts moto[server] into .venv-moto)")
+        raise AssertionError("unreachable")
+    with tempfile.TemporaryDirectory(prefix="vfed-moto-") as d:
+        log_path = Path(d) / "moto.log"
+        for _ in range(attempts):
+            port = free_port()
+            with log_path.open("ab") as log:
+                proc = subprocess.Popen(
+                    [binary, "-H", "127.0.0.1", "-p", str(port)],
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+            try:
+                wait_for_port(port, 30, lambda p=proc: p.poll() is None)
+            except (RuntimeError, TimeoutError):
+                _kill_group(proc)
+                continue
+            try:
+                yield S3Server(port)
+            finally:
+                _kill_group(proc)
+            return
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"moto_server did not start after {attempts} attempts:\n{tail}")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group, SIGKILL after 5 s: nothing moto started outlives the session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Any
 
+from s3_testkit import both_backends
 from vserver_testkit import World, client, db_url, scrape_metrics, settings, world
 
 from vfed.common import multipart
@@ -119,6 +120,7 @@ async def test_public_key_validation_and_history(world: World) -> None:
     assert status == 403
 
 
+@both_backends
 async def test_blob_roundtrip_range_and_limit(client: Any, world: World) -> None:
     data = bytes(range(256)) * 1000
     status, body = await world.call("a_res", "POST", "/blobs", data=data)

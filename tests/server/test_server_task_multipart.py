@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import aiohttp
 import pytest
+from s3_testkit import both_backends
 from sqlalchemy import func, select
 from vserver_testkit import World, client, db_url, settings, world
 
@@ -15,7 +17,7 @@ from vfed.common import multipart
 from vfed.common.crypto import Keyring
 from vfed.server.api.task_create import SMALL_FORM_BYTES
 from vfed.server.models import Blob, Task
-from vfed.server.state import SESSIONS, SETTINGS
+from vfed.server.state import BLOBS, SESSIONS
 
 __all__ = ["client", "db_url", "settings", "world"]
 
@@ -47,11 +49,12 @@ async def counts(client: Any) -> tuple[int, int]:
     return int(blobs), int(tasks)
 
 
-def blob_files(client: Any) -> list[str]:
-    """Blob files on disk (small blobs have none: they live in their row)."""
-    return [p.name for p in client.app[SETTINGS].blob_path().rglob("*") if p.is_file()]
+async def blob_files(client: Any) -> list[str]:
+    """Blobs in the blob store, whichever it is (small blobs have none: they live in their row)."""
+    return [item.blob_id for item in await client.app[BLOBS].leftovers(time.time() + 3600)]
 
 
+@both_backends
 async def test_one_request_creates_blob_task_and_runs(client: Any, world: World) -> None:
     envelope = bytes(range(256)) * 4
     status, task = await world.call("a_res", "POST", "/tasks", data=form(fields(world, ["A", "B"]), envelope))
@@ -81,6 +84,7 @@ async def test_parts_in_either_order(world: World) -> None:
     assert status == 201, body
 
 
+@both_backends
 async def test_refusals_store_nothing(client: Any, world: World) -> None:
     before = await counts(client)
     cases: list[tuple[str, Any, int, str]] = [
@@ -102,7 +106,7 @@ async def test_refusals_store_nothing(client: Any, world: World) -> None:
         assert (got, answer["error"]) == (status, error), (who, answer)
         assert answer["detail"]
     assert await counts(client) == before
-    assert blob_files(client) == []
+    assert await blob_files(client) == []
 
 
 async def test_malformed_multipart_is_a_clear_400(client: Any, world: World) -> None:
@@ -124,7 +128,7 @@ async def test_two_step_form_still_works(world: World) -> None:
 async def test_small_blob_in_row_serves_ranges(client: Any, world: World) -> None:
     data = bytes(range(256)) * 8
     blob = await world.upload("a_res", data)
-    assert blob_files(client) == []
+    assert await blob_files(client) == []
     h = await world.h("a_res")
     r = await client.get(f"/api/v1/blobs/{blob}", headers=h)
     assert r.status == 200 and await r.read() == data
@@ -137,6 +141,7 @@ async def test_small_blob_in_row_serves_ranges(client: Any, world: World) -> Non
     assert r.status == 416 and (await r.json())["error"] == "range-not-satisfiable"
 
 
+@both_backends
 async def test_large_input_streams_to_a_file(client: Any, world: World) -> None:
     """Past the in-memory split (SMALL_FORM_BYTES) the parts stream through aiohttp's reader."""
     envelope = bytes(range(256)) * (SMALL_FORM_BYTES // 256 + 100)
@@ -144,7 +149,7 @@ async def test_large_input_streams_to_a_file(client: Any, world: World) -> None:
     assert status == 201, task
     _, runs = await world.call("a_node", "GET", f"/runs?task_id={task['id']}")
     blob_id = runs["data"][0]["input_blob_id"]
-    assert blob_files(client) == [blob_id]
+    assert await blob_files(client) == [blob_id]
     r = await client.get(f"/api/v1/blobs/{blob_id}", headers=await world.h("a_node"))
     assert await r.read() == envelope
 
@@ -169,6 +174,7 @@ def test_form_splitter_takes_what_clients_send_and_refuses_the_rest() -> None:
             multipart.split(bad_type, bad_body, "form-data")
 
 
+@both_backends
 async def test_a_stale_key_id_is_refused_and_nothing_is_stored(client: Any, world: World) -> None:
     """An input sealed to a key the organization no longer has: 409 stale-key, in both forms, before any
     row or file is kept; the current key id (or none at all, as older clients send) is accepted."""
@@ -178,14 +184,14 @@ async def test_a_stale_key_id_is_refused_and_nothing_is_stored(client: Any, worl
     assert status == 200
     current = ring.current.public.key_id
     stale = {"id": world.orgs["A"], "key_id": "0" * 32}
-    before, files = await counts(client), blob_files(client)
+    before, files = await counts(client), await blob_files(client)
     big = b"x" * (SMALL_FORM_BYTES + 1000)  # streamed to a file while the task part waits
     status, body = await world.call(
         "a_res", "POST", "/tasks", data=form(fields(world, ["A"], organizations=[stale]), big)
     )
     assert status == 409 and body["error"] == "stale-key", body
     assert f"{world.orgs['A']} (sealed to {'0' * 32}, current {current})" in body["detail"]
-    assert await counts(client) == before and blob_files(client) == files
+    assert await counts(client) == before and await blob_files(client) == files
 
     blob_id = await world.upload("a_res", b"sealed elsewhere")
     uploaded = await counts(client)

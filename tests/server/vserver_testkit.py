@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from vfed.server import auth
 from vfed.server.app import create_app
-from vfed.server.config import LoginSettings, Settings
+from vfed.server.config import BlobsSettings, LoginSettings, Settings
 from vfed.server.models import Collaboration, Node, Organization, Role, User
 from vfed.server.state import SESSIONS
 
@@ -42,11 +42,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Settings:
+def settings(tmp_path: Path, db_url: str, blobs_settings: BlobsSettings) -> Settings:
+    """`blobs_settings` is the filesystem store unless a test asks for both (s3_testkit.both_backends)."""
     return Settings(
         data_dir=tmp_path,
         database_url=db_url,
         jwt_secret=JWT_SECRET,
+        blobs=blobs_settings,
         max_blob_bytes=1024 * 1024,
         run_log_max_bytes=1000,
         login=LoginSettings(throttle_after=3, throttle_base_s=30),

@@ -13,7 +13,7 @@ from vfed.server import blob_collector, db
 from vfed.server.api.meta import DOCS_HTML, OPENAPI, scrape
 from vfed.server.api.tokens import DUMMY_HASH
 from vfed.server.blob_limits import USAGE, Usage
-from vfed.server.blobs import BlobStore
+from vfed.server.blobs import BlobStore, BlobStoreError, FileBlobStore
 from vfed.server.broker_auth import BROKER, BrokerAccounts
 from vfed.server.config import Settings
 from vfed.server.doorbell import Doorbell
@@ -66,12 +66,13 @@ def create_app(settings: Settings) -> web.Application:
     app[LEDGER_STATES] = LedgerStates()
     app[DUMMY_HASH] = []
     app[THROTTLES] = LoginThrottles.from_settings(settings.login)
-    app[BLOBS] = BlobStore(settings.blob_path(), settings.max_blob_bytes)
+    app[BLOBS] = blob_store(settings)
     app[BROKER] = BrokerAccounts.from_settings(settings)
     app[USAGE] = Usage()
     app[OPENAPI] = build_openapi()
     app[DOCS_HTML] = build_docs_html()
     add_routes(app)
+    app.cleanup_ctx.append(_blobs)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_doorbell)
     app.cleanup_ctx.append(blob_collector.collector)
@@ -79,10 +80,31 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def blob_store(settings: Settings) -> BlobStore:
+    """The configured blob store (no I/O yet); BlobStoreError when S3 has no credentials."""
+    if settings.blobs.backend == "s3":
+        assert settings.blobs.s3 is not None  # BlobsSettings requires it with backend s3
+        try:
+            from vfed.server.blobs_s3 import S3BlobStore  # the S3 client loads only when configured
+        except ImportError as exc:
+            raise BlobStoreError(
+                f"blobs.backend s3 needs the {exc.name or 'minio'} package: pip install 'vfed[s3]'"
+            ) from None
+        return S3BlobStore(settings.blobs.s3, settings.max_blob_bytes)
+    return FileBlobStore(settings.blob_path(), settings.max_blob_bytes)
+
+
+async def _blobs(app: web.Application) -> AsyncIterator[None]:
+    """The blob store is checked before anything is served (an S3 bucket that is missing stops the start)."""
+    store = app[BLOBS]
+    await store.prepare()
+    yield
+    await store.close()
+
+
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.blob_path().mkdir(parents=True, exist_ok=True)
     engine = db.open_engine(settings.db_url())  # db.DatabaseError: one line for `vserver start`
     try:
         await db.prepare(engine, upgrade_schema=settings.auto_migrate)

@@ -5,7 +5,8 @@ consistent snapshot while the server keeps writing; a plain file copy of a WAL d
 a page write and its commit. The database goes first, the blobs after: a blob is written (and renamed into
 place) before the row naming it is committed, so every blob the snapshot references is already on disk when
 the folder is read. Uploads in progress (`*.part`) are left out. PostgreSQL is dumped with its own tools
-(`pg_dump`); `--blobs-only` then archives the rest (docs/deployment.md "Backup and restore").
+(`pg_dump`); `--blobs-only` then archives the rest (docs/deployment.md "Backup and restore"). With the S3
+blob store the archive holds no blobs: the bucket is backed up with its own tools.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def sqlite_path(settings: Settings) -> Path | None:
 def backup(settings: Settings, archive: Path, *, blobs_only: bool = False) -> Summary:
     """Write `archive` (a gzipped tar, mode 0600: it holds password hashes and the JWT secret)."""
     db_file = sqlite_path(settings)
+    if blobs_only and settings.blobs.s3 is not None:
+        raise BackupError(
+            _in_bucket(settings) + ": back them up with the bucket's own tools (versioning, "
+            'replication, a copy with `mc mirror`; docs/deployment.md "S3 blob store")'
+        )
     if db_file is None and not blobs_only:
         raise BackupError(
             "the database is not SQLite: dump it with pg_dump -Fc, then archive the blobs with "
@@ -96,13 +102,18 @@ def _write(raw: BinaryIO, settings: Settings, db_file: Path | None, blobs_only: 
                 except sqlite3.Error as exc:
                     raise BackupError(f"{db_file}: cannot copy the database: {exc}") from None
                 tar.add(snapshot, arcname=DATABASE)
-        count = _add_blobs(tar, settings.blob_path())
+        count = 0 if settings.blobs.s3 is not None else _add_blobs(tar, settings.blob_path())
         secret = settings.data_dir / JWT_SECRET
         if secret.is_file():
             tar.add(secret, arcname=JWT_SECRET)
         manifest = {"format": FORMAT, "created": time.time(), "database": with_db, "blobs": count}
         _add_bytes(tar, MANIFEST, json.dumps(manifest).encode())
     return Summary(with_db, count)
+
+
+def _in_bucket(settings: Settings) -> str:
+    assert settings.blobs.s3 is not None
+    return f"the blobs are in S3 bucket {settings.blobs.s3.bucket} at {settings.blobs.s3.endpoint}, not here"
 
 
 def _snapshot(source: Path, target: Path) -> None:
@@ -169,7 +180,7 @@ def _restore(tar: tarfile.TarFile, settings: Settings, archive: Path, force: boo
         elif name == JWT_SECRET:
             targets.append((member, data_dir / JWT_SECRET))
         elif name.startswith(BLOBS + "/") and member.isfile():
-            targets.append((member, _inside(blob_dir, name[len(BLOBS) + 1 :], name)))
+            targets.append((member, _blob_target(settings, blob_dir, name, archive)))
     for member, _target in targets:
         if not member.isfile():
             raise BackupError(f"archive member {member.name!r} is not a plain file")
@@ -202,6 +213,15 @@ def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, object]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupError(f"{archive}: not a vserver backup (no {MANIFEST} of format {FORMAT})")
     return manifest
+
+
+def _blob_target(settings: Settings, blob_dir: Path, name: str, archive: Path) -> Path:
+    if settings.blobs.s3 is not None:
+        raise BackupError(
+            f"{archive} holds blob files but {_in_bucket(settings)}: restore it into a server with the "
+            "filesystem blob store, then copy the files to the bucket"
+        )
+    return _inside(blob_dir, name[len(BLOBS) + 1 :], name)
 
 
 def _inside(root: Path, relative: str, name: str) -> Path:

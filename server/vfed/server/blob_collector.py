@@ -5,27 +5,27 @@ collector removes only blobs older than `limits.blob_keep_s` that no row referen
 the schema itself (every foreign key to `blobs.id`: runs' inputs and results today), so a table added later is
 respected without a change here. The DELETE re-checks the references in the same statement, so a task created
 meanwhile keeps its input (or, on a race, fails on the foreign key and is retried by its client); files are
-removed after the rows are committed. Files without a row (a crash between writing and committing) are removed
-once older than the keep time, unless an upload is still writing them.
+removed after the rows are committed. Stored blobs without a row (a crash between writing and committing) and
+unfinished uploads (a `.part` file, an S3 multipart upload) are removed once nothing was written to them for
+the keep time, unless this process is still writing them; an upload in progress on another server machine
+sharing an S3 bucket keeps adding parts, so it is never idle that long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from aiohttp import web
 from sqlalchemy import Table, and_, delete, exists, not_, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from vfed.server.blobs import BlobStore
+from vfed.server.blobs import BlobStore, BlobStoreError
 from vfed.server.models import Base, Blob, utcnow
 from vfed.server.state import BLOBS, SESSIONS, SETTINGS
 
@@ -84,34 +84,20 @@ async def collect(sessions: async_sessionmaker[AsyncSession], store: BlobStore, 
 
 
 async def _orphans(sessions: async_sessionmaker[AsyncSession], store: BlobStore, keep_s: float) -> int:
-    """Files (complete or `.part`) older than keep_s that have no row and are not being written."""
-    old = await asyncio.to_thread(_old_files, store.root, time.time() - keep_s)
+    """Stored blobs and unfinished uploads idle for keep_s that have no row and are not being written."""
+    old = await store.leftovers(time.time() - keep_s)
     removed = 0
     for start in range(0, len(old), BATCH):
         batch = old[start : start + BATCH]
-        ids = {path.name.removesuffix(".part") for path in batch}
         async with sessions() as s:
+            ids = {item.blob_id for item in batch}
             known = set((await s.execute(select(Blob.id).where(Blob.id.in_(ids)))).scalars())
-        for path in batch:
-            blob_id = path.name.removesuffix(".part")
-            if blob_id in known or blob_id in store.writing:
+        for item in batch:
+            if (item.blob_id in known and not item.partial) or item.blob_id in store.writing:
                 continue
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+            await store.remove(item)
             removed += 1
     return removed
-
-
-def _old_files(root: Path, before: float) -> list[Path]:
-    found: list[Path] = []
-    if not root.is_dir():
-        return found
-    for sub in os.scandir(root):
-        if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
-            continue
-        for entry in os.scandir(sub.path):
-            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < before:
-                found.append(Path(entry.path))
-    return found
 
 
 async def _loop(app: web.Application) -> None:
@@ -120,7 +106,7 @@ async def _loop(app: web.Application) -> None:
         await asyncio.sleep(limits.blob_collect_interval_s)
         try:
             done = await collect(app[SESSIONS], app[BLOBS], limits.blob_keep_s)
-        except (OSError, DBAPIError) as exc:
+        except (OSError, DBAPIError, BlobStoreError) as exc:
             log.warning("blob collection failed, trying again later: %s", exc)
             continue
         if done.rows or done.files:

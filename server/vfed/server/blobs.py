@@ -1,4 +1,9 @@
-"""Blob storage on the filesystem: streamed in with a running SHA-256, never held whole in memory."""
+"""Blob storage behind one interface: streamed in with a running SHA-256 and a size cap, never held whole in
+memory, read back whole or by byte range. The filesystem store lives here; the S3 store in blobs_s3.py.
+
+Every caller (uploads, downloads, the collector) speaks to `BlobStore`; only the filesystem store knows paths,
+and it hands one out solely for the sendfile fast path (`local_file`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import asyncio
 import hashlib
 import os
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +28,15 @@ class BlobTooLarge(Exception):
     """The stream went past the configured maximum; nothing was kept."""
 
 
+class BlobMissing(Exception):
+    """A blob whose row exists has no stored bytes (removed by hand, or a store that lost it)."""
+
+
+class BlobStoreError(Exception):
+    """The blob store cannot be used (unreachable, refused credentials, no such bucket); one line saying what
+    to do. Requests answer 503 with it; at start it stops `vserver start`."""
+
+
 @dataclass(frozen=True)
 class StoredBlob:
     id: str
@@ -29,66 +45,134 @@ class StoredBlob:
     data: bytes | None = None  # the bytes themselves when small enough to live in the blob's row
 
 
-class BlobStore:
+@dataclass(frozen=True)
+class Leftover:
+    """A stored blob or an unfinished upload that the collector may remove when no row names it."""
+
+    blob_id: str
+    partial: bool  # an upload that never completed (a `.part` file, an S3 multipart upload)
+    handle: str  # what the store needs to remove it (a path, an upload id)
+
+
+async def _capped(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """`chunks` with the size cap applied while they stream (no Content-Length is trusted)."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise BlobTooLarge(f"the blob exceeds the maximum of {max_bytes} bytes")
+        yield chunk
+
+
+class BlobStore(ABC):
+    """What the server needs of a blob store. Subclasses store a body past the row limit (`_store`)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.writing: set[str] = set()  # ids being written by this process: the collector spares them
+
+    async def write(self, chunks: AsyncIterator[bytes], row_max_bytes: int = 0) -> StoredBlob:
+        """Consume `chunks` into a new blob; raise BlobTooLarge past `max_bytes` (nothing is kept then).
+
+        Up to `row_max_bytes` the bytes are handed back for the blob's database row and nothing is stored.
+        """
+        blob_id = secrets.token_hex(16)
+        self.writing.add(blob_id)
+        try:
+            it = aiter(_capped(chunks, self.max_bytes))
+            head: list[bytes] = []
+            size = 0
+            async for chunk in it:
+                size += len(chunk)
+                head.append(chunk)
+                if size >= CHUNK_BYTES:
+                    break
+            else:
+                if size <= row_max_bytes:
+                    data = b"".join(head)
+                    return StoredBlob(blob_id, size, hashlib.sha256(data).hexdigest(), data)
+                return await self._store(blob_id, head, size, None)
+            return await self._store(blob_id, head, size, it)
+        finally:
+            self.writing.discard(blob_id)
+
+    @abstractmethod
+    async def _store(
+        self, blob_id: str, head: list[bytes], size: int, rest: AsyncIterator[bytes] | None
+    ) -> StoredBlob:
+        """Store `head` then `rest` (None: the body ended within `head`) so that the blob becomes visible
+        only when complete; on any error nothing of it stays visible."""
+
+    @abstractmethod
+    def open(
+        self, blob_id: str, start: int = 0, stop: int | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """`async with store.open(id, start, stop) as chunks`: bytes [start, stop) streamed in chunks of
+        at most CHUNK_BYTES. BlobMissing (raised on entry) when the blob has no stored bytes."""
+
+    @abstractmethod
+    async def delete(self, blob_id: str) -> None:
+        """Remove a stored blob if present."""
+
+    @abstractmethod
+    async def leftovers(self, before: float) -> list[Leftover]:
+        """Stored blobs and unfinished uploads last written before `before` (a Unix time)."""
+
+    @abstractmethod
+    async def remove(self, leftover: Leftover) -> None:
+        """Remove what `leftovers` named (a missing one is no error)."""
+
+    async def prepare(self) -> None:  # noqa: B027 (a hook; stores that need nothing keep it empty)
+        """At server start: make sure the store can be used (BlobStoreError if not)."""
+
+    async def close(self) -> None:  # noqa: B027
+        """At server stop: release connections."""
+
+    def local_file(self, blob_id: str) -> Path | None:
+        """A local file holding the blob, for the sendfile fast path; None for remote stores."""
+        del blob_id
+        return None
+
+
+class FileBlobStore(BlobStore):
     """Files under `root/<2 hex>/<id>`; written to a temporary name, renamed when complete."""
 
     def __init__(self, root: Path, max_bytes: int) -> None:
+        super().__init__(max_bytes)
         self.root = root
-        self.max_bytes = max_bytes
         self._dirs: set[str] = set()  # subfolders known to exist: a mkdir per blob costs ~0.2 ms of CPU
-        self.writing: set[str] = set()  # ids being written: the collector never removes their files
 
     def path(self, blob_id: str) -> Path:
         """Where blob `blob_id` lives (ids are hex, so no path tricks)."""
         return self.root / blob_id[:2] / blob_id
 
-    async def write(self, chunks: AsyncIterator[bytes], row_max_bytes: int = 0) -> StoredBlob:
-        """Consume `chunks` into a new blob; raise BlobTooLarge past `max_bytes`.
+    def local_file(self, blob_id: str) -> Path | None:
+        return self.path(blob_id)
 
-        Up to `row_max_bytes` the bytes are handed back for the blob's database row and no file is made.
-        A body that fits in one chunk is written by a single call (small envelopes are the common case: on the
-        loop up to INLINE_BYTES, else in a worker thread); larger ones stream to disk chunk by chunk.
-        """
-        blob_id = secrets.token_hex(16)
-        self.writing.add(blob_id)
-        try:
-            return await self._write(blob_id, chunks, row_max_bytes)
-        finally:
-            self.writing.discard(blob_id)
+    async def prepare(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
 
-    async def _write(self, blob_id: str, chunks: AsyncIterator[bytes], row_max_bytes: int) -> StoredBlob:
+    async def _store(
+        self, blob_id: str, head: list[bytes], size: int, rest: AsyncIterator[bytes] | None
+    ) -> StoredBlob:
+        """A body that fits in one chunk is written by a single call (small envelopes are the common
+        case: on the loop up to INLINE_BYTES, else in a worker thread); larger ones stream to disk."""
         final = self.path(blob_id)
         digest = hashlib.sha256()
-        it = aiter(chunks)
-        head, size = [], 0
-        async for chunk in it:
-            size += len(chunk)
-            self._check(size)
-            head.append(chunk)
-            if size >= CHUNK_BYTES:
-                break
-        else:
-            if size <= row_max_bytes:
-                data = b"".join(head)
-                return StoredBlob(blob_id, size, hashlib.sha256(data).hexdigest(), data)
-            await self._ensure_dir(blob_id)
+        await self._ensure_dir(blob_id)
+        if rest is None:
             if size <= INLINE_BYTES:
                 _write_whole(final, digest, head)
             else:
                 await asyncio.to_thread(_write_whole, final, digest, head)
             return StoredBlob(blob_id, size, digest.hexdigest())
-        await self._ensure_dir(blob_id)
-        size = await self._stream(final, digest, head, size, it)
+        size = await self._stream(final, digest, head, size, rest)
         return StoredBlob(blob_id, size, digest.hexdigest())
 
     async def _ensure_dir(self, blob_id: str) -> None:
         if blob_id[:2] not in self._dirs:
             await asyncio.to_thread(self.path(blob_id).parent.mkdir, parents=True, exist_ok=True)
             self._dirs.add(blob_id[:2])
-
-    def _check(self, size: int) -> None:
-        if size > self.max_bytes:
-            raise BlobTooLarge(f"the blob exceeds the maximum of {self.max_bytes} bytes")
 
     async def _stream(
         self, final: Path, digest: hashlib._Hash, head: list[bytes], size: int, rest: AsyncIterator[bytes]
@@ -99,7 +183,6 @@ class BlobStore:
             buf, buffered = head, size
             async for chunk in rest:
                 size += len(chunk)
-                self._check(size)
                 buf.append(chunk)
                 buffered += len(chunk)
                 if buffered >= CHUNK_BYTES:
@@ -114,9 +197,53 @@ class BlobStore:
             raise
         return size
 
+    @asynccontextmanager
+    async def open(
+        self, blob_id: str, start: int = 0, stop: int | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        try:
+            fh = await asyncio.to_thread(self.path(blob_id).open, "rb")
+        except FileNotFoundError:
+            raise BlobMissing(f"blob {blob_id} has no file") from None
+        try:
+            yield _read_file(fh, start, stop)
+        finally:
+            await asyncio.to_thread(fh.close)
+
     async def delete(self, blob_id: str) -> None:
-        """Remove a blob's file if present."""
         await asyncio.to_thread(self.path(blob_id).unlink, missing_ok=True)
+
+    async def leftovers(self, before: float) -> list[Leftover]:
+        return await asyncio.to_thread(_old_files, self.root, before)
+
+    async def remove(self, leftover: Leftover) -> None:
+        await asyncio.to_thread(Path(leftover.handle).unlink, missing_ok=True)
+
+
+async def _read_file(fh: BinaryIO, start: int, stop: int | None) -> AsyncIterator[bytes]:
+    await asyncio.to_thread(fh.seek, start)
+    left = None if stop is None else max(stop - start, 0)
+    while left is None or left > 0:
+        chunk = await asyncio.to_thread(fh.read, CHUNK_BYTES if left is None else min(left, CHUNK_BYTES))
+        if not chunk:
+            return
+        if left is not None:
+            left -= len(chunk)
+        yield chunk
+
+
+def _old_files(root: Path, before: float) -> list[Leftover]:
+    found: list[Leftover] = []
+    if not root.is_dir():
+        return found
+    for sub in os.scandir(root):
+        if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
+            continue
+        for entry in os.scandir(sub.path):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < before:
+                partial = entry.name.endswith(".part")
+                found.append(Leftover(entry.name.removesuffix(".part"), partial, entry.path))
+    return found
 
 
 def _write_hash(fh: BinaryIO, digest: hashlib._Hash, parts: list[bytes]) -> None:

@@ -100,6 +100,7 @@ def start(
 
     On a database schema older than the code it refuses to serve unless --upgrade (or auto_migrate: true)."""
     from vfed.server.app import create_app
+    from vfed.server.blobs import BlobStoreError
     from vfed.server.metrics import read_token
 
     settings = _settings(config, host=host, port=port, data_dir=data_dir, auto_migrate=upgrade or None)
@@ -127,7 +128,7 @@ def start(
         return
     try:
         asyncio.run(serve(create_app(settings), settings.host, settings.port, settings.limits, tls))
-    except db.DatabaseError as exc:
+    except (db.DatabaseError, BlobStoreError) as exc:
         _fail(str(exc))
     except OSError as exc:
         if exc.filename:  # the data folder or blob folder, before the listener

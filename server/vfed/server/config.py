@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -126,7 +136,6 @@ class MetricsSettings(BaseModel):
         return self
 
 
-
 class LimitsSettings(BaseModel):
     """What one client or organization may take of the server (docs/security.md "Limits").
 
@@ -143,6 +152,102 @@ class LimitsSettings(BaseModel):
     head_timeout_s: float = Field(10.0, gt=0, description="a request's head must arrive within this")
     body_timeout_s: float = Field(60.0, gt=0, description="longest wait for the next bytes of a body")
     keepalive_timeout_s: float = Field(75.0, gt=0, description="idle keep-alive connections close after")
+
+
+S3_MIN_PART_BYTES = 5 * 1024**2  # S3's smallest part (all but the last)
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class S3Settings(BaseModel):
+    """An S3-compatible bucket for blobs (AWS S3, MinIO, Ceph RGW; docs/deployment.md "S3 blob store").
+
+    Credentials: access_key_id and secret_access_key here (each also as `<key>_file`), else the standard
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN variables of the server's environment.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint: str = Field(
+        description="https://host[:port] of the S3 API (http:// only on loopback or with allow_http)"
+    )
+    bucket: str = Field(description="an existing bucket; the server does not create it")
+    region: str = Field("us-east-1", min_length=1, description="the bucket's region (signatures name it)")
+    prefix: str = Field(
+        "",
+        description="key prefix of the blobs, e.g. `vfed/`: several servers or "
+        "installations may share a bucket under different prefixes",
+    )
+    addressing: Literal["auto", "path", "virtual"] = Field(
+        "auto",
+        description="`path` (host/bucket/key: MinIO, Ceph RGW), `virtual` (bucket.host/key), `auto`: "
+        "virtual for AWS endpoints, path for any other",
+    )
+    access_key_id: str | None = Field(None, json_schema_extra=SECRET, repr=False)
+    secret_access_key: str | None = Field(None, json_schema_extra=SECRET, repr=False)
+    session_token: str | None = Field(None, json_schema_extra=SECRET, repr=False)
+    part_bytes: int = Field(
+        8 * 1024**2,
+        ge=S3_MIN_PART_BYTES,
+        le=5 * 1024**3,
+        description="multipart upload part size: the memory one upload holds (two parts while one is sent)",
+    )
+    allow_http: bool = Field(False, description="plain http:// to a host that is not loopback")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"{value!r} is not an http(s)://host[:port] URL")
+        if url.path.strip("/") or url.query or url.fragment or url.username:
+            raise ValueError(f"{value!r}: give only scheme, host and port (the bucket is its own key)")
+        try:
+            url.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError(f"{value!r}: the port is not a number") from None
+        return value
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not _BUCKET.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not an S3 bucket name (3-63 of a-z, 0-9, `.` and `-`)")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value.startswith("/") or "//" in value:
+            raise ValueError(f"{value!r}: a key prefix neither starts with `/` nor holds `//`")
+        return value
+
+    @model_validator(mode="after")
+    def _plain_http(self) -> S3Settings:
+        url = urlsplit(self.endpoint)
+        if url.scheme == "http" and not self.allow_http and not is_loopback_host(url.hostname or ""):
+            raise ValueError(
+                f"endpoint {self.endpoint} is plain HTTP to another machine: use https, or set "
+                "allow_http: true for a private network you trust"
+            )
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together (or both from the environment)")
+        return self
+
+
+class BlobsSettings(BaseModel):
+    """Where blobs past the row limit are stored: files in `blob_dir` on this machine, or an S3 bucket that
+    several server machines share."""
+
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["filesystem", "s3"] = "filesystem"
+    s3: S3Settings | None = None
+
+    @model_validator(mode="after")
+    def _s3_with_backend(self) -> BlobsSettings:
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend s3 needs the s3 section (endpoint and bucket at least)")
+        if self.backend != "s3" and self.s3 is not None:
+            raise ValueError("an s3 section is set but backend is filesystem: set backend: s3, or drop it")
+        return self
 
 
 class TlsSettings(BaseModel):
@@ -183,6 +288,7 @@ class Settings(BaseModel):
     )
     blob_dir: Path | None = Field(None, description="default: <data_dir>/blobs")
     max_blob_bytes: int = Field(2 * 1024**3, ge=1)
+    blobs: BlobsSettings = Field(default_factory=BlobsSettings)
     jwt_secret: str = Field(
         default_factory=lambda: secrets.token_urlsafe(32), min_length=16, json_schema_extra=SECRET, repr=False
     )

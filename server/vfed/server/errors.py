@@ -9,6 +9,8 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.exc import IntegrityError
 
+from vfed.server.blobs import BlobStoreError
+
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -72,6 +74,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.error, exc.detail, exc.headers)
+    except BlobStoreError as exc:
+        log.warning("blob store failure on %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "blob-store-unavailable", str(exc), {"Retry-After": "30"})
     except IntegrityError as exc:
         log.info("integrity conflict on %s %s: %s", request.method, request.path, exc.orig)
         return error_response(409, "conflict", "the change conflicts with existing data (a duplicate?)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -13,13 +14,14 @@ from vfed.server.access import Scope, require, run_filter, scope_of
 from vfed.server.api.common import caller, json_response, session
 from vfed.server.auth import Principal
 from vfed.server.blob_limits import USAGE
-from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobTooLarge, StoredBlob
+from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobMissing, BlobStoreError, BlobTooLarge, StoredBlob
 from vfed.server.errors import ApiError, not_found
 from vfed.server.metrics import METRICS
 from vfed.server.models import Blob, Run
 from vfed.server.schemas import BlobOut
 from vfed.server.state import BLOBS, SETTINGS
 
+log = logging.getLogger(__name__)
 BLOBS_TABLE: Table = Blob.__table__  # type: ignore[assignment]
 
 
@@ -98,7 +100,7 @@ async def readable_blob(s: AsyncSession, p: Principal, blob_id: str) -> BlobRow 
 
 
 async def download_blob(request: web.Request) -> web.StreamResponse:
-    """The bytes; `Range: bytes=N-` answers 206 so broken transfers resume."""
+    """The bytes; `Range: bytes=N-` answers 206 so broken transfers resume (on every store)."""
     blob_id = request.match_info["blob_id"]
     async with session(request) as s:
         p = await caller(request, s)
@@ -107,7 +109,10 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
         raise not_found("blob", blob_id)
     if blob.data is not None:
         return _from_row(request, blob, blob.data)
-    path = request.app[BLOBS].path(blob.id)
+    store = request.app[BLOBS]
+    path = store.local_file(blob.id)
+    if path is None:
+        return await _streamed(request, blob)
     sent = blob.size
     try:
         rng = request.http_range
@@ -118,31 +123,65 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     except ValueError:
         sent = 0
     request.app[METRICS].blob_bytes_out.inc(sent)
-    return web.FileResponse(
+    return web.FileResponse(  # sendfile from the filesystem store; aiohttp answers the Range itself
         path,
         chunk_size=CHUNK_BYTES,
         headers={"Content-Type": "application/octet-stream", "X-Sha256": blob.sha256},
     )
 
 
-def _from_row(request: web.Request, blob: BlobRow, data: bytes) -> web.Response:
-    """A blob kept in its row, with the same Range answers a file gets (206, or 416 past the end)."""
-    headers = {"X-Sha256": blob.sha256, "Accept-Ranges": "bytes"}
+def _byte_range(request: web.Request, size: int) -> tuple[int, int, int, dict[str, str]]:
+    """(status, start, stop, headers) for the request's Range over `size` bytes: 200 for the whole, 206 with
+    Content-Range for a part, ApiError 416 for a range past the end or a malformed one."""
+    headers = {"Accept-Ranges": "bytes"}
     try:
         rng = request.http_range
     except ValueError as exc:
         raise ApiError(416, "range-not-satisfiable", f"bad Range header: {exc}") from exc
-    status, start, stop = 200, 0, len(data)
-    if rng.start is not None or rng.stop is not None:
-        start = rng.start or 0
-        stop = min(rng.stop, len(data)) if rng.stop is not None else len(data)
-        if start < 0:
-            start = max(len(data) + start, 0)
-        if start >= len(data) or start >= stop:
-            headers["Content-Range"] = f"bytes */{len(data)}"
-            raise ApiError(416, "range-not-satisfiable", f"the blob has {len(data)} bytes", headers)
-        status = 206
-        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+    if rng.start is None and rng.stop is None:
+        return 200, 0, size, headers
+    start = rng.start or 0
+    stop = min(rng.stop, size) if rng.stop is not None else size
+    if start < 0:
+        start = max(size + start, 0)
+    if start >= size or start >= stop:
+        headers["Content-Range"] = f"bytes */{size}"
+        raise ApiError(416, "range-not-satisfiable", f"the blob has {size} bytes", headers)
+    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    return 206, start, stop, headers
+
+
+def _from_row(request: web.Request, blob: BlobRow, data: bytes) -> web.Response:
+    """A blob kept in its row, with the same Range answers a file gets (206, or 416 past the end)."""
+    status, start, stop, headers = _byte_range(request, len(data))
+    headers["X-Sha256"] = blob.sha256
     request.app[METRICS].blob_bytes_out.inc(stop - start)
     body = data[start:stop]
     return web.Response(body=body, status=status, headers=headers, content_type="application/octet-stream")
+
+
+async def _streamed(request: web.Request, blob: BlobRow) -> web.StreamResponse:
+    """A blob from a remote store (S3), streamed chunk by chunk with the same Range answers. A store that
+    fails before the first byte answers 503; one that fails midway cuts the body short, and the client
+    resumes from what it has."""
+    status, start, stop, headers = _byte_range(request, blob.size)
+    headers["X-Sha256"] = blob.sha256
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = stop - start
+    try:
+        async with request.app[BLOBS].open(blob.id, start, stop) as chunks:
+            await resp.prepare(request)
+            async for chunk in chunks:
+                await resp.write(chunk)
+                request.app[METRICS].blob_bytes_out.inc(len(chunk))
+    except BlobMissing:  # raised on opening, before anything is sent
+        raise not_found("blob", blob.id) from None
+    except BlobStoreError as exc:
+        if not resp.prepared:
+            raise
+        log.warning("blob %s cut short after a store failure: %s", blob.id, exc)
+        resp.force_close()
+        return resp
+    await resp.write_eof()
+    return resp
