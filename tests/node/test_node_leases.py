@@ -33,6 +33,7 @@ from tests.node.node_harness import (
 from vfed.client.client import AsyncClient
 from vfed.common.crypto import Keyring, OrgKey
 from vfed.common.ledger import Head, LedgerForked, dataset_entry, lease_entry, revoke_entry
+from vfed.common.ledger.fabric import FabricSettings
 from vfed.common.trust import certify
 from vfed.node.agent import Agent
 from vfed.node.config import NodeSettings, load_settings
@@ -143,12 +144,21 @@ class Site:
 
 @contextlib.asynccontextmanager
 async def site(
-    tmp_path: Path, mqtt_url: str | None = None, database_url: str | None = None, **config: Any
+    tmp_path: Path,
+    mqtt_url: str | None = None,
+    database_url: str | None = None,
+    fabric: FabricSettings | None = None,
+    **config: Any,
 ) -> AsyncIterator[Site]:
+    """`fabric`: the collaboration's ledger is on that Fabric channel (tests/fabric), for the node, the org
+    admin and the researcher alike; its chaincode must be initialized for organization 1 and collaboration
+    1, which the server's first seeded organization and collaboration are."""
     data = tmp_path / "patients.csv"
     data.write_text("age,weight\n30,70\n")
     datasets = {label: {"uri": str(data), "type": "csv"} for label in LABELS}
     config.setdefault("leases", "required")
+    if fabric is not None:
+        config["ledger"] = {"backend": "fabric", "fabric": fabric.model_dump(mode="json")}
     server = Server(tmp_path / "server", mqtt_url=mqtt_url, database_url=database_url)
     keys = await server.seed(["alpha"])
     await server.start()
@@ -173,6 +183,9 @@ async def site(
             org, user = researcher.organization_id, researcher.user_id
             assert org is not None and user is not None and agent.services is not None
             collaboration = int((await researcher.collaborations())[0]["id"])
+            if fabric is not None:
+                assert (org, collaboration) == (1, 1), "the chaincode was initialized for 1 and 1"
+                researcher.fabric_ledgers[collaboration] = fabric
             admin = Keyring.generate().current
             org_key = Keyring.load(settings.key_path).current
             certificate = certify(org_key, org, user, "res-alpha", admin.public, roles=["org-admin"])
@@ -182,6 +195,8 @@ async def site(
                 json={"certificate": certificate.model_dump(mode="json")},
             )
             admin_ledger = await NodeLedger.connect(settings, session)
+            if fabric is not None:  # the server carries certificates onto its own ledger only
+                await admin_ledger.append(certificate)
             try:
                 yield Site(
                     server,
@@ -194,7 +209,7 @@ async def site(
                     admin_ledger,
                 )
             finally:
-                admin_ledger.close()
+                await admin_ledger.aclose()
     finally:
         await server.stop()
 

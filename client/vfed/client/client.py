@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +20,12 @@ from vfed.client.credentials import default_key_file, default_trust_file
 from vfed.client.errors import ApiError, KeyMissing, NotLoggedIn
 from vfed.client.http import ApiSession
 from vfed.client.identity import Identity
-from vfed.client.ledger import LedgerViews
+from vfed.client.ledger import LedgerViews, fabric_ledgers_from_env
 from vfed.client.members import Members
 from vfed.client.trust import ClientTrust, trust_mode
 from vfed.common.crypto import Keyring
 from vfed.common.ledger import LedgerView
+from vfed.common.ledger.fabric import FabricSettings
 from vfed.common.trust import Pin
 from vfed.common.trust.truststore import NamedPin
 
@@ -96,6 +97,9 @@ class AsyncClient:
     one (its server URL, CA file, tokens and key file, each unless given here) and tokens refreshed in a long
     session are saved back to it; `from_login()` insists on it. An explicit `url` or `token` never reads nor
     writes the saved file: call `login()` then, or pass the token.
+    Ledgers: a collaboration's ledger is read from the server (the embedded ledger) unless `fabric_ledgers`
+    (else the YAML file VFED_FABRIC_LEDGERS names: collaboration id -> settings) says which Fabric channel
+    keeps it (docs/ledger.md, "The Fabric backend").
     """
 
     def __init__(
@@ -108,8 +112,12 @@ class AsyncClient:
         trust_file: str | Path | None = None,
         trust: str | None = None,
         ca_file: str | Path | None = None,
+        fabric_ledgers: Mapping[int, FabricSettings] | None = None,
         _login: dict[str, Any] | None = None,
     ) -> None:
+        self.fabric_ledgers: dict[int, FabricSettings] = (
+            dict(fabric_ledgers) if fabric_ledgers is not None else fabric_ledgers_from_env()
+        )
         saved = _login if _login is not None else {}
         if _login is None and url is None and token is None and not os.environ.get("VFED_TOKEN"):
             saved = _saved_login()

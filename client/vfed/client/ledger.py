@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vfed.client import catalog
@@ -27,11 +29,13 @@ from vfed.common.ledger import (
     KEY_RECORD_KINDS,
     EmbeddedLedger,
     Head,
+    Ledger,
     LedgerError,
     LedgerState,
     LedgerView,
     metadata,
 )
+from vfed.common.ledger.fabric import FabricLedger, FabricSettings
 from vfed.common.ledger.metadata import DatasetMetadata, metadata_sender
 
 if TYPE_CHECKING:
@@ -65,6 +69,28 @@ class ApiTransport:
         return await self.api.request("POST", path, json=body)
 
 
+FABRIC_LEDGERS_ENV = "VFED_FABRIC_LEDGERS"
+
+
+def fabric_ledgers_from_env() -> dict[int, FabricSettings]:
+    """Collaboration id -> Fabric ledger settings, from the YAML (or JSON) file VFED_FABRIC_LEDGERS names;
+    none when it is unset. LedgerUnavailable (one line) when the file is unreadable or malformed."""
+    path = os.environ.get(FABRIC_LEDGERS_ENV)
+    if not path:
+        return {}
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("it holds no mapping of collaboration ids to Fabric settings")
+        return {int(k): FabricSettings.model_validate(v) for k, v in raw.items()}
+    except (OSError, ValueError, yaml.YAMLError, ValidationError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LedgerUnavailable(f"{FABRIC_LEDGERS_ENV}={path}: {first}") from None
+
+
 class LedgerViews:
     """One `LedgerView` per collaboration, made on first use and kept (in memory) by the client."""
 
@@ -81,6 +107,8 @@ class LedgerViews:
         self._found: dict[int, LedgerError] = {}
         """A fork or tampering a background read found, for the next task to raise."""
         self._refresh: dict[int, asyncio.TimerHandle | asyncio.Task[None]] = {}
+        self._fabric: dict[int, FabricLedger] = {}
+        """Collaboration -> its Fabric ledger's client (kept: it holds gRPC channels and a block stream)."""
 
     async def view(self, collaboration_id: int) -> LedgerView:
         """The collaboration's view, synced now: LedgerUnavailable when the server keeps no ledger there,
@@ -136,6 +164,9 @@ class LedgerViews:
             item.cancel()
         tasks = [t for t in pending if isinstance(t, asyncio.Task)]
         await asyncio.gather(*tasks, return_exceptions=True)
+        fabric, self._fabric = list(self._fabric.values()), {}
+        for backend in fabric:
+            await backend.close()
 
     def _start_refresh(self, collaboration_id: int) -> None:
         if self.client.api._session is None:  # the client was closed (or never opened): nothing to keep fresh
@@ -155,10 +186,14 @@ class LedgerViews:
             self._refresh.pop(collaboration_id, None)
 
     def _new_view(self, collaboration_id: int) -> LedgerView:
-        return LedgerView(
-            EmbeddedLedger(self.transport, collaboration_id),
-            lambda: LedgerState(collaboration_id, anchors=self._roots.get),
-        )
+        backend: Ledger
+        fabric = self.client.fabric_ledgers.get(collaboration_id)
+        if fabric is not None:
+            backend = self._fabric.get(collaboration_id) or FabricLedger(fabric, collaboration_id)
+            self._fabric[collaboration_id] = backend
+        else:
+            backend = EmbeddedLedger(self.transport, collaboration_id)
+        return LedgerView(backend, lambda: LedgerState(collaboration_id, anchors=self._roots.get))
 
     async def _rebuilt(self, old: LedgerView) -> LedgerView:
         """Verify afresh with organizations anchored since (a member that joined): the new view must hold the

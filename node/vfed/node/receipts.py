@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 
-from vfed.common.ledger import Head, LedgerError, checkpoint_entry, receipt_entry
+from vfed.common.ledger import Head, LedgerEntryExists, LedgerError, checkpoint_entry, receipt_entry
 from vfed.node.keys import KeyHolder
 from vfed.node.lease_store import LeaseStore
 from vfed.node.ledger import NodeLedger
@@ -81,6 +81,9 @@ class Receipts:
                 self.store.attempt_failed(item.id, str(exc))
                 log.error("the ledger refused the receipt of %s (will retry): %s", item.run_key, exc)
                 return False
+            except LedgerEntryExists:  # there already (a Fabric ledger's words for the 409 above)
+                self.store.delivered(item.id)
+                continue
             except (ServerUnavailable, LedgerError) as exc:
                 self.store.attempt_failed(item.id, str(exc))
                 log.warning("receipt of %s not delivered yet (%s)", item.run_key, exc)

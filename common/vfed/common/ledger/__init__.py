@@ -8,6 +8,7 @@ and chained by hash, so that no single party (the server's operator included) ca
 from vfed.common.ledger.backend import READ_LIMIT, EmbeddedLedger, Ledger, Transport
 from vfed.common.ledger.chain import EMPTY_HEAD, GENESIS_HASH, Head, Record, link
 from vfed.common.ledger.errors import (
+    LedgerEntryExists,
     LedgerEntryInvalid,
     LedgerError,
     LedgerForked,
@@ -68,6 +69,7 @@ __all__ = [
     "LeaseGranted",
     "LeaseRevoked",
     "Ledger",
+    "LedgerEntryExists",
     "LedgerEntryInvalid",
     "LedgerError",
     "LedgerForked",

@@ -23,6 +23,13 @@ class LedgerEntryInvalid(LedgerError):
     reason = "ledger-entry-invalid"
 
 
+class LedgerEntryExists(LedgerEntryInvalid):
+    """The entry is on the ledger already (an append repeated after a lost answer, or sent twice): whoever
+    sent it may count it as appended."""
+
+    reason = "ledger-entry-exists"
+
+
 class LedgerForked(LedgerError):
     """Someone verified a head that is not on this verifier's chain: the server shows different histories."""
 

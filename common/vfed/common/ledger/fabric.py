@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vfed.common.ledger.backend import READ_LIMIT
 from vfed.common.ledger.chain import Head, Record
-from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerError, LedgerTampered
+from vfed.common.ledger.errors import LedgerEntryExists, LedgerEntryInvalid, LedgerError, LedgerTampered
 from vfed.common.trust.entries import SignedEntry
 from vfed.common.trust.errors import MalformedEntry
 
@@ -45,6 +46,8 @@ VALID = "VALID"
 RETRIED_CODES = frozenset({"MVCC_READ_CONFLICT", "PHANTOM_READ_CONFLICT"})
 """Validation codes of a transaction that lost a race with another append: it is endorsed again."""
 MAX_ATTEMPTS = 8
+_REPEATED = re.compile(r"repeats entry \d+ \(replayed\)")
+"""How the chaincode (chaincode/lib/ledger.js) refuses an entry whose digest is on the ledger already."""
 
 
 class FabricUnavailable(LedgerError):
@@ -363,7 +366,10 @@ class _Hfc:
             else:
                 good.append(answer)
         if refusals:
-            raise LedgerEntryInvalid("the Fabric peers refused it: " + "; ".join(refusals))
+            message = "the Fabric peers refused it: " + "; ".join(refusals)
+            if all(_REPEATED.search(text) for text in refusals):  # the chaincode's words for a known digest
+                raise LedgerEntryExists(message)
+            raise LedgerEntryInvalid(message)
         if not good:
             raise FabricUnavailable("no peer endorsed it: " + "; ".join(unreachable))
         if unreachable:
