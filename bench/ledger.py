@@ -11,7 +11,8 @@ signed with the right key and carrying the head its signer had seen. It is cache
 - `incremental_verify_100_ms`: 100 new records parsed from wire JSON and applied (signatures checked), as
   `LedgerView.sync` does, on a state holding the rest; median of several batches;
 - `lease_check_p50_ms`, `lease_check_p99_ms`: `LedgerState.leases_for`, the lease check a node makes per run.
-Run: `flock -x /tmp/vfed-cpu.lock .venv/bin/python bench/ledger.py [--json] [--entries N] [--quick]`.
+Run: `flock -x /tmp/vfed-cpu.lock .venv/bin/python bench/ledger.py [--json] [--entries N] [--quick]`;
+`--backend fabric` compares the backends instead (bench/ledger_backends.py).
 """
 
 from __future__ import annotations
@@ -430,7 +431,23 @@ def main() -> None:
         action="store_true",
         help="also verify in fast.preverify's other modes (inline, threads) on up to 20000 entries",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["embedded", "fabric"],
+        default="embedded",
+        help="fabric: receipts/s on a real Fabric network beside the embedded ledger, and the node's lease "
+        "check on a Fabric-held ledger (bench/ledger_backends.py)",
+    )
+    parser.add_argument("--receipts", type=int, default=40, help="with --backend fabric: receipts appended")
+    parser.add_argument("--in-flight", type=int, default=8, help="with --backend fabric: appends at once")
     args = parser.parse_args()
+    if args.backend == "fabric":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import ledger_backends
+
+        report = asyncio.run(ledger_backends.run(args.receipts, args.in_flight))
+        ledger_backends.print_report(report, args.json)
+        return
     entries = 5000 if args.quick and args.entries == 100_000 else args.entries
     built = cached(entries)
     load_before = loadavg()

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -156,6 +157,7 @@ class FabricLedger:
         self._profile = _Profile(settings)
         self._hfc: _Hfc | None = None
         self._connecting = asyncio.Lock()
+        self._appending = asyncio.Lock()
 
     async def _client(self) -> _Hfc:
         async with self._connecting:
@@ -170,7 +172,10 @@ class FabricLedger:
 
     async def append(self, entry: SignedEntry) -> Head:
         hfc = await self._client()
-        payload = await hfc.submit("Append", [entry.to_json()])
+        # Every append reads and writes the chain's head, so two in one block conflict and one is endorsed
+        # again: this client's own appends wait for each other instead (other clients' are retried).
+        async with self._appending:
+            payload = await hfc.submit("Append", [entry.to_json()])
         try:
             answer = json.loads(payload)
             return Head(seq=int(answer["seq"]), hash=str(answer["hash"]))
@@ -405,7 +410,7 @@ class _Hfc:
             if code == VALID:
                 return _payload((good if chosen is None else chosen)[0])
             if code in RETRIED_CODES and attempt < MAX_ATTEMPTS:
-                await asyncio.sleep(0.05 * attempt)
+                await asyncio.sleep(random.uniform(0.02, 0.1) * attempt)  # apart from the one it lost to
                 continue
             raise LedgerEntryInvalid(f"the Fabric peers did not commit it: transaction {code}")
         raise AssertionError("unreachable")  # pragma: no cover
@@ -522,8 +527,8 @@ def _agreeing(endorsed: list[Any]) -> list[Any] | None:
         return None
     best = max(groups.values(), key=len)
     log.warning(
-        "Fabric peers disagree on a transaction's result (%d different results); "
-        "submitting the %d that agree",
+        "Fabric peers disagree on a transaction's result (%d different results: a peer behind the others, or "
+        "running other chaincode); submitting the %d that agree",
         len(groups),
         len(best),
     )
