@@ -21,8 +21,8 @@ from tests.client.trustkit import open_input, seal_result
 from tests.server.s3_testkit import blob_backend, blobs_settings
 from tests.server.vserver_testkit import World, client, db_url, settings, world
 
-from vfed.client.errors import NotTables, RunFailed, TaskFailed
-from vfed.client.results import ResultSet
+from vfed.client.errors import ClientError, NotTables, RunFailed, TaskFailed
+from vfed.client.results import OrganizationResult, ResultSet
 from vfed.common.crypto import Keyring
 
 __all__ = ["blob_backend", "blobs_settings", "client", "db_url", "settings", "world"]
@@ -231,3 +231,16 @@ async def test_failure_names_each_organization_through_two_levels_of_subtasks(
             res.stderr.splitlines()[-1]
             == f"vfed: error: 1 of 1 organizations have no result for task {task['id']}"
         )
+
+
+def test_to_dataframe_without_pandas_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pandas cannot be uninstalled for one test, so its absence is simulated: a None entry in sys.modules
+    makes `import pandas` raise ImportError, as on an install without the algorithms extra."""
+    found = ResultSet(1, [OrganizationResult(3, "org-C", 9, 1, "completed", value=[{"x": 1}])], [])
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ClientError) as missing:
+        found.to_dataframe()
+    assert str(missing.value) == (
+        "to_dataframe() needs pandas: install the algorithms extra (pip install 'vfed[algorithms]')"
+    )
+    assert found.by_organization == {3: [{"x": 1}]}  # everything else works without it
