@@ -322,7 +322,7 @@ async def test_task_show_logs_results_on_two_nodes(tmp_path: Path, docker_client
         assert shown_run["status"] == run["status"] and shown_run["reason"] == run["reason"]
         assert shown_run["has_result"] is False
         res = await avfed("task", "show", str(failing))
-        assert f"alpha ({alpha}): {run['status']}: {run['reason']}" in res.stdout.splitlines()
+        assert f"alpha ({alpha}): run {run['id']} {run['status']}: {run['reason']}" in res.stdout.splitlines()
         res = await avfed("task", "results", str(failing), "--output", str(tmp_path / "none"))
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
         assert res.stderr.splitlines()[0].startswith(f"alpha ({alpha}): run {run['id']}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from tests.client.trustkit import node_chains, open_input, seal_result
+from tests.server.s3_testkit import blob_backend, blobs_settings
 from tests.server.vserver_testkit import World, client, db_url, settings, world
 
 from vfed.client.client import AsyncClient
@@ -32,7 +33,7 @@ from vfed.common.trust import (
 )
 from vfed.node.log_sealing import seal_run_log_now
 
-__all__ = ["client", "db_url", "settings", "world"]
+__all__ = ["blob_backend", "blobs_settings", "client", "db_url", "settings", "world"]
 
 
 async def _publish(world: World, node: str, org: str, ring: Keyring | None = None) -> Keyring:

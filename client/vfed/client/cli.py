@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,7 @@ def task_results(task_id: int, fmt: str, output: Path | None) -> None:
     click.echo(_render(results, fmt), nl=False)
 
 
-def _render(results: list[Any], fmt: str) -> str:
+def _render(results: Sequence[Any], fmt: str) -> str:
     plain = [r.to_dict(orient="records") if hasattr(r, "to_dict") else r for r in results]
     if fmt == "json":
         return json.dumps(plain, indent=2, default=str) + "\n"

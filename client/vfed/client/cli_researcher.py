@@ -20,9 +20,10 @@ import click
 from vfed.client import credentials
 from vfed.client.cli_common import FORMAT, fail, handled, print_table, run
 from vfed.client.client import AsyncClient
-from vfed.client.errors import ApiError, ClientError, RunFailed
+from vfed.client.errors import ApiError, ClientError
+from vfed.client.results import OrganizationResult, ResultSet
 from vfed.client.run_logs import LogUnreadable, run_log
-from vfed.client.tasks import FINISHED, results_per_run
+from vfed.client.tasks import FINISHED, run_failure, subtask_failures
 
 LOGIN_HINT = "not logged in: run `vfed login --url URL --username NAME`"
 RUN_FIELDS = ("id", "organization_id", "node_id", "status", "exit_code", "reason")
@@ -270,17 +271,24 @@ def task_show(task_id: int, fmt: str) -> None:
 
     async def go(
         c: AsyncClient,
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[int, str]]:
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[int, str], list[Any]]:
         task, runs, children, names = await asyncio.gather(
             c.task(task_id), c.runs(task_id), c.tasks(parent_id=task_id), _org_names(c)
         )
-        return task, runs, children, names
+        own = [
+            run_failure(r, names)
+            for r in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))
+            if r["status"] in FINISHED and r["status"] != "completed"
+        ]
+        failures = own + (await subtask_failures(c, task_id, own, names, logs=False) if own else [])
+        return task, runs, children, names, failures
 
-    task, runs, children, names = run(go)
+    task, runs, children, names, failures = run(go)
     shown = {k: v for k, v in task.items() if k not in ("links", "descriptor")}
     shown["signed"] = bool(task.get("descriptor"))
     shown["runs"] = [_run_row(r, names) for r in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))]
     shown["subtasks"] = [{"id": t["id"], "status": t["status"], "name": t["name"]} for t in children]
+    shown["failures"] = [_failure_row(f) for f in failures]
     if fmt == "json":
         click.echo(json.dumps(shown, default=str))
         return
@@ -313,11 +321,15 @@ def task_show(task_id: int, fmt: str) -> None:
             for r in shown["runs"]
         ],
     )
-    for r in shown["runs"]:
-        if r["status"] in FINISHED and r["status"] != "completed":
-            click.echo(
-                f"{_org(names, r['organization_id'])}: {r['status']}: {r['reason'] or 'no reason given'}"
-            )
+    for failure in failures:
+        click.echo(failure.line())
+
+
+def _failure_row(failure: OrganizationResult) -> dict[str, Any]:
+    keys = ("organization_id", "organization", "run_id", "task_id", "status", "code", "message")
+    row = {k: getattr(failure, k) for k in keys}
+    row.update(depth=failure.depth, parent_run_id=failure.parent_run_id)
+    return row
 
 
 @click.command("logs")
@@ -386,27 +398,20 @@ def write_results(task_id: int, fmt: str, output: Path) -> None:
     """`vfed task results TASK_ID --output DIR`: one file per organization, `organization-<id>.<fmt>`; a
     failed run is one line naming its organization, and the exit code is then 1."""
 
-    async def go(c: AsyncClient) -> tuple[list[tuple[dict[str, Any], Any]], dict[int, str]]:
-        pairs, names = await asyncio.gather(results_per_run(c, task_id, False), _org_names(c))
-        return pairs, names
-
-    pairs, names = run(go)
+    found: ResultSet = run(lambda c: c.results(task_id, raise_on_failure=False))
     output.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for found, value in pairs:
-        org_id = int(found["organization_id"])
-        if isinstance(value, RunFailed):
-            failed.append(org_id)
-            reason = value.reason or "no reason given"
-            click.echo(f"{_org(names, org_id)}: run {value.run_id} {value.status}: {reason}", err=True)
-            continue
-        path = output / f"organization-{org_id}.{fmt}"
-        path.write_text(_json_one(value) if fmt == "json" else _csv_one(value))
-        click.echo(f"wrote {path} ({_org(names, org_id)})")
-    if not pairs:
+    for result in found.organizations:
+        if result.ok:
+            path = output / f"organization-{result.organization_id}.{fmt}"
+            path.write_text(_json_one(result.value) if fmt == "json" else _csv_one(result.value))
+            click.echo(f"wrote {path} ({result.who})")
+    for failure in found.failures:
+        click.echo(failure.line(), err=True)
+    if not found:
         fail(f"task {task_id} has no runs")
+    failed = sum(1 for r in found.organizations if not r.ok)
     if failed:
-        fail(f"{len(failed)} of {len(pairs)} organizations have no result for task {task_id}")
+        fail(f"{failed} of {len(found)} organizations have no result for task {task_id}")
 
 
 def _plain(value: Any) -> Any:

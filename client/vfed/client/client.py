@@ -22,6 +22,7 @@ from vfed.client.http import ApiSession
 from vfed.client.identity import Identity
 from vfed.client.ledger import LedgerViews, fabric_ledgers_from_env
 from vfed.client.members import Members
+from vfed.client.results import ResultSet
 from vfed.client.trust import ClientTrust, trust_mode
 from vfed.common.crypto import Keyring
 from vfed.common.ledger import LedgerView
@@ -311,8 +312,11 @@ class AsyncClient:
         """Waits until every run of the task finished; shows progress; returns the task."""
         return await tasks.wait(self, _task_id(task), timeout_s, progress)
 
-    async def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> list[Any]:
-        """Decrypted results, one per run in organization order; a failed run raises RunFailed."""
+    async def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> ResultSet:
+        """Decrypted results, one per run in organization order, as a ResultSet (a sequence of the values,
+        with `.by_organization`, `.organizations`, `.failures` and `.to_dataframe()`). A failed run raises
+        TaskFailed (a RunFailed) naming every failed run, of the task and of its subtasks at any depth;
+        with `raise_on_failure=False` a failed run's value is its RunFailed and `.failures` lists them."""
         return await tasks.results(self, _task_id(task), raise_on_failure)
 
     async def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
@@ -464,7 +468,7 @@ class Client:
             fut.cancel()
             raise WaitInterrupted(_task_id(task)) from None
 
-    def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> list[Any]:
+    def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> ResultSet:
         return self._call(self._async.results(task, raise_on_failure))
 
     def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,13 @@ its kinds, each naming the entry) are raised as they are and exported here besid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerError, LedgerForked, LedgerTampered
+
+if TYPE_CHECKING:
+    from vfed.client.results import OrganizationResult
 
 
 class ClientError(Exception):
@@ -47,6 +53,29 @@ class RunFailed(ClientError):
         self.log_tail = log_tail
 
 
+class TaskFailed(RunFailed):
+    """Runs of the task did not complete. The attributes of RunFailed are those of its first failed run;
+    `failures` holds every failed run, the task's own first, then the failed runs of the subtasks those runs
+    created, at any depth (one line each in the message)."""
+
+    def __init__(self, task_id: int, failures: Sequence[OrganizationResult]) -> None:
+        first = failures[0]
+        super().__init__(
+            first.run_id, first.organization_id, first.status, first.message or "", first.log_tail
+        )
+        own = sum(1 for f in failures if f.depth == 0)
+        lines = [f"task {task_id}: {own} organization(s) failed"] + ["  " + f.line() for f in failures]
+        if first.log_tail:
+            lines += [f"--- log tail of run {first.run_id} ---", first.log_tail]
+        Exception.__init__(self, "\n".join(lines))
+        self.task_id = task_id
+        self.failures = list(failures)
+
+
+class NotTables(ClientError):
+    """`to_dataframe()` on results that are not tables (a list of records, a dict of columns, a DataFrame)."""
+
+
 class TrustRefused(ClientError):
     """An organization's key chain, or a researcher certificate, does not verify against your pins."""
 
@@ -85,8 +114,10 @@ __all__ = [
     "LedgerUnavailable",
     "NotCertified",
     "NotLoggedIn",
+    "NotTables",
     "ResultMismatch",
     "RunFailed",
+    "TaskFailed",
     "TaskTimeout",
     "TrustRefused",
 ]

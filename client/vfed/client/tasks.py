@@ -7,13 +7,15 @@ import functools
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vfed.client.errors import ApiError, ClientError, ResultMismatch, RunFailed, TaskTimeout
+from vfed.client.errors import ApiError, ClientError, ResultMismatch, RunFailed, TaskFailed, TaskTimeout
 from vfed.client.identity import Identity
+from vfed.client.results import OrganizationResult, ResultSet, completed_result, failed_result
 from vfed.client.run_logs import log_if_readable
 from vfed.common.crypto import (
     ContextMismatch,
@@ -188,31 +190,78 @@ async def _wait_once(
     return state
 
 
-async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> list[Any]:
+async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> ResultSet:
     """Every completed run's result is downloaded and decrypted at once (one connection each): a task's
-    results arrive in the time of the slowest, not the sum; a failed run raises before any download."""
-    return [value for _, value in await results_per_run(client, task_id, raise_on_failure)]
-
-
-async def results_per_run(
-    client: AsyncClient, task_id: int, raise_on_failure: bool
-) -> list[tuple[dict[str, Any], Any]]:
-    """(run, its decrypted result or its RunFailed) for every run, in organization order."""
-    listed, digest = await asyncio.gather(client.runs(task_id), descriptor_digest(client, task_id))
+    results arrive in the time of the slowest, not the sum. A failed run raises TaskFailed before any
+    download, naming every failed run of the task and of the subtasks below it."""
+    listed, digest, orgs = await asyncio.gather(
+        client.runs(task_id), descriptor_digest(client, task_id), client.organizations()
+    )
+    names = {int(o["id"]): str(o["name"]) for o in orgs}
     runs = sorted(listed, key=lambda r: (r["organization_id"], r["id"]))
     done = [run["status"] == "completed" and bool(run.get("result_blob_id")) for run in runs]
     failed = [i for i in range(len(runs)) if not done[i]]
-    if raise_on_failure:
-        failed = failed[:1]  # only the first is raised: only its log is worth opening
     logs = await asyncio.gather(*(log_if_readable(client, runs[i]) for i in failed))
-    failures = {i: _failure(runs[i], text) for i, text in zip(failed, logs, strict=True)}
+    own = {
+        i: failed_result(runs[i], _failure(runs[i], text), names)
+        for i, text in zip(failed, logs, strict=True)
+    }
+    failures = list(own.values())
+    if failures:
+        failures += await subtask_failures(client, task_id, failures, names)
     if failures and raise_on_failure:
-        raise failures[min(failures)]
+        raise TaskFailed(task_id, failures)
     values = await asyncio.gather(
         *(_decrypt_result(client, run, digest) for i, run in enumerate(runs) if done[i])
     )
     it = iter(values)
-    return [(runs[i], failures[i] if i in failures else next(it)) for i in range(len(runs))]
+    shown = [own[i] if i in own else completed_result(runs[i], next(it), names) for i in range(len(runs))]
+    return ResultSet(task_id, shown, failures)
+
+
+async def subtask_failures(
+    client: AsyncClient,
+    task_id: int,
+    failed: list[OrganizationResult],
+    names: Mapping[int, str],
+    logs: bool = True,
+) -> list[OrganizationResult]:
+    """The failed runs of the subtasks the failed runs created, level by level down to the last: a subtask
+    belongs to the run of its parent task at the organization that created it. Only subtasks this client may
+    see are walked (the server shows a researcher the tasks its organization started or runs at). `logs`:
+    open the log tail of each where this client may (else each `log_tail` is empty)."""
+    task = await client.task(task_id)
+    below: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for sub in await client.tasks(job_id=task["job_id"]):
+        if sub.get("parent_id") is not None:
+            below.setdefault((int(sub["parent_id"]), int(sub["initiator_organization_id"])), []).append(sub)
+    found: list[OrganizationResult] = []
+    level = failed
+    while level:
+        children = [
+            (parent, sub)
+            for parent in level
+            for sub in below.get((parent.task_id, parent.organization_id), [])
+            if sub["status"] != "completed"
+        ]
+        listed = await asyncio.gather(*(client.runs(int(sub["id"])) for _, sub in children))
+        pairs = [
+            (parent, run)
+            for (parent, _), runs in zip(children, listed, strict=True)
+            for run in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))
+            if run["status"] in FINISHED and run["status"] != "completed"
+        ]
+        tails = await asyncio.gather(*(_log_tail(client, run, logs) for _, run in pairs))
+        level = [
+            replace(
+                failed_result(run, _failure(run, text), names),
+                path=(*parent.path, int(run["task_id"])),
+                parent_run_id=parent.run_id,
+            )
+            for (parent, run), text in zip(pairs, tails, strict=True)
+        ]
+        found += level
+    return found
 
 
 async def descriptor_digest(client: AsyncClient, task_id: int) -> str | None:
@@ -277,7 +326,16 @@ async def _decrypt(blob: bytes, keyring: Keyring, sender: SenderLookup, context:
     )
 
 
-def _failure(run: dict[str, Any], log: str) -> RunFailed:
+def run_failure(run: Mapping[str, Any], names: Mapping[int, str]) -> OrganizationResult:
+    """A run that did not complete, with its classified reason and no log (what `vfed task show` tells)."""
+    return failed_result(run, _failure(run, ""), names)
+
+
+async def _log_tail(client: AsyncClient, run: dict[str, Any], opened: bool) -> str:
+    return await log_if_readable(client, run) if opened else ""
+
+
+def _failure(run: Mapping[str, Any], log: str) -> RunFailed:
     """The run's failure: its classified reason and, when this client can open the sealed log, its tail."""
     tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
     status = str(run["status"])
