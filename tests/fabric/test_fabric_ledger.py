@@ -77,6 +77,28 @@ class Fed:
     def view(self, org: str = "org2") -> LedgerView:
         return LedgerView(self.ledger(org), self.fresh_state)
 
+    async def dataset_leased_to_2(self, label: str, expires_at: int) -> tuple[SignedEntry, SignedEntry]:
+        """Organization 1 certifies its admin, registers `label` and the admin leases it to organization 2;
+        the dataset and the lease entries."""
+        a = self.keys[1]
+        cert = certify(a, 1, 10, "ada", self.admin.public, roles=["org-admin"])
+        await self.ledger("org1").append(cert)
+        dataset = dataset_entry(a, collaboration=COLLAB, organization=1, label=label, seen=await head(self))
+        await self.ledger("org1").append(dataset)
+        lease = lease_entry(
+            self.admin,
+            collaboration=COLLAB,
+            dataset=dataset.digest,
+            owner=1,
+            grantee=2,
+            by_user=10,
+            certificate=cert.digest,
+            expires_at=expires_at,
+            seen=await head(self),
+        )
+        await self.ledger("org1").append(lease)
+        return dataset, lease
+
 
 def deploy(net: FabricNetwork, name: str, sources: dict[str, Path] | None = None) -> None:
     orgs = json.dumps({net.org(o).msp_id: n for o, n in ORGS.items()})
@@ -108,23 +130,8 @@ async def test_key_records_datasets_leases_and_receipts_append_and_verify(fed: F
         place = await fed.ledger(org).append(genesis_record(number, fed.keys[number]))
         assert place.seq >= 1
     a = fed.keys[1]
-    cert = certify(a, 1, 10, "ada", fed.admin.public, roles=["org-admin"])
-    await fed.ledger("org1").append(cert)
-    dataset = dataset_entry(a, collaboration=COLLAB, organization=1, label="patients", seen=await head(fed))
-    await fed.ledger("org1").append(dataset)
     now = int(time.time())
-    lease = lease_entry(
-        fed.admin,
-        collaboration=COLLAB,
-        dataset=dataset.digest,
-        owner=1,
-        grantee=2,
-        by_user=10,
-        certificate=cert.digest,
-        expires_at=now + 3600,
-        seen=await head(fed),
-    )
-    await fed.ledger("org1").append(lease)
+    dataset, lease = await fed.dataset_leased_to_2("patients", now + 3600)
     receipt = receipt_entry(
         a,
         collaboration=COLLAB,
@@ -148,7 +155,7 @@ async def test_key_records_datasets_leases_and_receipts_append_and_verify(fed: F
         heads.add(report.head)
         await view.sync()
         leases = view.state.leases_for(
-            owner=1, label="patients", grantee=2, user=None, images=(IMAGE,), now=now
+            owner=1, label="patients", grantee=2, user=None, images=(IMAGE,), now=time.time()
         )
         assert [x.id for x in leases] == [lease.digest]
         assert leases[0].runs == 1
@@ -327,23 +334,8 @@ async def test_time_is_the_transactions_checked_against_each_endorsers_clock(
     try:
         await publish_all(fed)
         a = fed.keys[1]
-        cert = certify(a, 1, 10, "ada", fed.admin.public, roles=["org-admin"])
-        await fed.ledger("org1").append(cert)
-        ds = dataset_entry(a, collaboration=COLLAB, organization=1, label="short", seen=await head(fed))
-        await fed.ledger("org1").append(ds)
         start = int(time.time())
-        lease = lease_entry(
-            fed.admin,
-            collaboration=COLLAB,
-            dataset=ds.digest,
-            owner=1,
-            grantee=2,
-            by_user=10,
-            certificate=cert.digest,
-            expires_at=start + 2,
-            seen=await head(fed),
-        )
-        await fed.ledger("org1").append(lease)
+        ds, lease = await fed.dataset_leased_to_2("short", start + 2)
 
         def receipt(run: int, started_at: int) -> SignedEntry:
             return receipt_entry(

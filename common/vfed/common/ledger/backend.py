@@ -55,16 +55,22 @@ class EmbeddedLedger:
 
     async def read(self, after: int, limit: int = READ_LIMIT) -> list[Record]:
         answer = await self.transport.get_json(self._path, {"after": str(after), "limit": str(limit)})
-        items = answer.get("entries") if isinstance(answer, dict) else None
-        if not isinstance(items, list):
-            raise LedgerTampered("the server's ledger answer holds no entries")
-        records = Record.page_from_wire(items)
-        if records is not None:
-            return records
-        records = []
-        for number, item in enumerate(items):
-            try:
-                records.append(Record.from_wire(item))
-            except (MalformedEntry, ValueError) as exc:
-                raise LedgerTampered(f"ledger entry {after + number + 1} is malformed: {exc}") from None
+        return records_of(answer, after, "the server")
+
+
+def records_of(answer: Any, after: int, source: str) -> list[Record]:
+    """The records of a backend's answer to a read (`{"entries": [{"seq", "hash", "entry"}, ...]}`);
+    LedgerTampered, naming the first malformed one, when it is not that."""
+    items = answer.get("entries") if isinstance(answer, dict) else None
+    if not isinstance(items, list):
+        raise LedgerTampered(f"{source}'s ledger answer holds no entries")
+    records = Record.page_from_wire(items)
+    if records is not None:
         return records
+    records = []
+    for number, item in enumerate(items):
+        try:
+            records.append(Record.from_wire(item))
+        except (MalformedEntry, ValueError) as exc:
+            raise LedgerTampered(f"ledger entry {after + number + 1} is malformed: {exc}") from None
+    return records

@@ -34,11 +34,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vfed.common.ledger.backend import READ_LIMIT
+from vfed.common.ledger.backend import READ_LIMIT, records_of
 from vfed.common.ledger.chain import Head, Record
 from vfed.common.ledger.errors import LedgerEntryExists, LedgerEntryInvalid, LedgerError, LedgerTampered
 from vfed.common.trust.entries import SignedEntry
-from vfed.common.trust.errors import MalformedEntry
 
 log = logging.getLogger("vfed.ledger.fabric")
 
@@ -189,19 +188,7 @@ class FabricLedger:
             answer = json.loads(payload)
         except ValueError:
             raise LedgerTampered("the peer's ledger answer is not JSON") from None
-        items = answer.get("entries") if isinstance(answer, dict) else None
-        if not isinstance(items, list):
-            raise LedgerTampered("the peer's ledger answer holds no entries")
-        records = Record.page_from_wire(items)
-        if records is not None:
-            return records
-        records = []
-        for number, item in enumerate(items):
-            try:
-                records.append(Record.from_wire(item))
-            except (MalformedEntry, ValueError) as exc:
-                raise LedgerTampered(f"ledger entry {after + number + 1} is malformed: {exc}") from None
-        return records
+        return records_of(answer, after, "the peer")
 
     async def head(self) -> Head:
         """The head as the query peer's chaincode reports it (unverified: `LedgerState` decides)."""
