@@ -22,9 +22,17 @@ from pydantic import SecretStr
 from runtime_contract import RuntimeContract, SpecFactory, make_spec, node_name, py
 from tests.imagebuild import LABEL as BUILD_LABEL
 
-from vfed.node.runtime import DatasetMount, PermanentStartError, RunLimits, RunSpec, Runtime
+from vfed.node.runtime import (
+    DatasetMount,
+    PermanentStartError,
+    RunLimits,
+    RunSpec,
+    Runtime,
+    RuntimeUnavailable,
+)
+from vfed.node.runtime import kubernetes as kubernetes_runtime
 from vfed.node.runtime.kubernetes import KubernetesRuntime, parse_handle
-from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
+from vfed.node.runtime.kubernetes_config import DatasetSource, KubernetesRuntimeConfig
 from vfed.node.runtime.kubernetes_spec import job_body, network_policy_body, object_name, secret_body
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "k8s"))
@@ -348,3 +356,67 @@ async def test_an_image_id_runs_under_its_name(
     assert job.spec.template.spec.containers[0].image == f"{IMAGE}@{image_id}"
     with pytest.raises(PermanentStartError, match="is not present"):
         await runtime.start(make_spec(py("pass"), image="sha256:" + "f" * 64))
+
+
+async def test_a_dataset_from_a_claim_is_read_only(
+    cluster: Cluster, make_spec: SpecFactory, tmp_path: Path
+) -> None:
+    fake = cluster.need_fake()
+    claim = f"data-{os.urandom(4).hex()}"
+    body = {
+        "metadata": {"name": claim},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}},
+    }
+    cluster.core.create_namespaced_persistent_volume_claim(NAMESPACE, body)
+    try:
+        assert fake.kubelet is not None
+        stored = Path(fake.kubelet.claim_paths[(NAMESPACE, claim)]) / "cohort.csv"
+        stored.write_text("age\n41\n")
+        stored.chmod(0o666)  # only the read-only mount may stop the write
+        sources = {"cohort": DatasetSource(claim=claim, sub_path="cohort.csv")}
+        code = (
+            "import os; uri=os.environ['DATASET_COHORT_URI']; print(repr(open(uri).read()))\n"
+            "try:\n open(uri, 'a').write('x')\nexcept OSError as e: print('refused', e)"
+        )
+        # the node's own path of the dataset is not used (and need not exist here): the claim is
+        dataset = DatasetMount(label="cohort", host_path=str(tmp_path / "elsewhere.csv"), type="csv")
+        async with KubernetesRuntime(cluster.config(dataset_sources=sources)) as rt:
+            handle = await rt.start(make_spec(py(code), datasets=[dataset]))
+            assert (await rt.wait(handle, timeout_s=60)).exit_code == 0, await rt.logs(handle)
+            logs = await rt.logs(handle)
+            assert "'age\\n41\\n'" in logs and "refused" in logs and "Read-only file system" in logs
+            await rt.cleanup(handle)
+        assert stored.read_text() == "age\n41\n"
+    finally:
+        cluster.core.delete_namespaced_persistent_volume_claim(claim, NAMESPACE)
+
+
+async def test_a_runs_secret_and_policy_do_not_outlive_its_job(
+    cluster: Cluster, make_spec: SpecFactory, node_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster deletes a finished Job after its ttl; the next listing removes what the run left."""
+    settings = cluster.config(proxy_service="vfed-proxy")
+    async with KubernetesRuntime(settings) as rt:
+        handle = await rt.start(make_spec(py("pass"), proxy_token=SecretStr("t-1")))
+        assert (await rt.wait(handle, timeout_s=60)).exit_code == 0
+        name = parse_handle(handle)[1]
+        cluster.batch.delete_namespaced_job(name, NAMESPACE, propagation_policy="Background")
+        assert await rt.list_runs(node_name) == []
+        cluster.core.read_namespaced_secret(name, NAMESPACE)  # young: a start may be under way, kept
+        monkeypatch.setattr(kubernetes_runtime, "SWEEP_AGE_S", -1.0)
+        assert await rt.list_runs(node_name) == []
+        for read in (cluster.core.read_namespaced_secret, cluster.net.read_namespaced_network_policy):
+            with pytest.raises(client.exceptions.ApiException) as gone:
+                read(name, NAMESPACE)
+            assert gone.value.status == 404
+
+
+async def test_a_bad_configuration_is_unavailable_with_its_reason(cluster: Cluster, tmp_path: Path) -> None:
+    for settings, reason in [
+        (cluster.config(kubeconfig=str(tmp_path / "absent")), "kubernetes configuration"),
+        (cluster.config(namespace="no-such-namespace"), "namespace no-such-namespace does not exist"),
+    ]:
+        runtime = KubernetesRuntime(settings)
+        with pytest.raises(RuntimeUnavailable, match=reason):
+            await runtime.open()
+        await runtime.close()

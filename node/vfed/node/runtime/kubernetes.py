@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -60,6 +61,8 @@ T = TypeVar("T")
 HANDLE_PREFIX = "k8s:"
 KEPT_LOG_BYTES = 16 * 1024 * 1024
 """The most of a killed (or runtime-ended) run's log kept for `logs` once its pod is gone."""
+SWEEP_AGE_S = 300.0
+"""A run's Secret or NetworkPolicy without a Job is removed once older than this (see `_sweep`)."""
 
 
 @contextlib.contextmanager
@@ -93,6 +96,10 @@ def parse_handle(handle: str) -> tuple[str, str]:
     if rest == handle or not namespace or not name:
         raise NotFound(f"not a kubernetes run handle: {handle!r}")
     return namespace, name
+
+
+def _timestamp(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _tail(data: bytes, max_bytes: int) -> str:
@@ -146,6 +153,9 @@ class KubernetesRuntime(Runtime):
         try:
             with _api_errors(f"namespace {self.config.namespace}"):
                 k8s.CoreV1Api(api).read_namespace(self.config.namespace, _preload_content=False)
+        except NotFound as exc:
+            api.close()  # type: ignore[no-untyped-call]
+            raise RuntimeUnavailable(f"kubernetes namespace {self.config.namespace} does not exist") from exc
         except BaseException:
             api.close()  # type: ignore[no-untyped-call]
             raise
@@ -534,13 +544,30 @@ class KubernetesRuntime(Runtime):
         self._ended.pop(handle, None)
         await self._call(f"cleanup {handle}", self._remove_run_objects, name)
 
+    def _sweep(self, jobs: set[str], selector: str) -> None:
+        """Secrets and NetworkPolicies of runs whose Job is gone (the cluster deleted a finished Job after
+        its ttl, or an agent stopped between them): a run's token must not outlive it. Young ones are left
+        alone: a start makes them before its Job, and this must not unconfine a run being started."""
+        now = datetime.now(UTC)
+        for list_fn, delete in (
+            (self.core.list_namespaced_secret, self.core.delete_namespaced_secret),
+            (self.net.list_namespaced_network_policy, self.net.delete_namespaced_network_policy),
+        ):
+            for item in self._list(list_fn, selector):
+                name = item["metadata"]["name"]
+                created = item["metadata"].get("creationTimestamp") or ""
+                old = bool(created) and (now - _timestamp(created)).total_seconds() > SWEEP_AGE_S
+                if name not in jobs and old:
+                    log.info("removing %s of a run whose Job is gone", name)
+                    self._delete_quietly(delete, name)
+
     async def list_runs(self, node_name: str) -> list[RunHandleInfo]:
         selector = f"{LABEL_NODE}={node_name},{LABEL_RUN_ID}"
 
         def read() -> tuple[list[Obj], list[Obj]]:
-            return self._list(self.batch.list_namespaced_job, selector), self._list(
-                self.core.list_namespaced_pod, selector
-            )
+            jobs = self._list(self.batch.list_namespaced_job, selector)
+            self._sweep({j["metadata"]["name"] for j in jobs}, selector)
+            return jobs, self._list(self.core.list_namespaced_pod, selector)
 
         jobs, pods = await self._call("list runs", read)
         runs = []
