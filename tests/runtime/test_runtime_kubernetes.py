@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.imagebuild import LABEL as BUILD_LABEL
 
 from vfed.node.runtime import (
     DatasetMount,
+    ExitStatus,
     PermanentStartError,
     RunLimits,
     RunSpec,
@@ -34,6 +36,7 @@ from vfed.node.runtime import kubernetes as kubernetes_runtime
 from vfed.node.runtime.kubernetes import KubernetesRuntime, parse_handle
 from vfed.node.runtime.kubernetes_config import DatasetSource, KubernetesRuntimeConfig
 from vfed.node.runtime.kubernetes_spec import job_body, network_policy_body, object_name, secret_body
+from vfed.node.runtime.kubernetes_status import Observed, observe
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "k8s"))
 from fake_apiserver import ENV_KUBECONFIG, FakeKubernetes
@@ -420,3 +423,52 @@ async def test_a_bad_configuration_is_unavailable_with_its_reason(cluster: Clust
         with pytest.raises(RuntimeUnavailable, match=reason):
             await runtime.open()
         await runtime.close()
+
+
+def test_states_the_pods_leave_unsaid() -> None:
+    """Ends told only by the Job, or by a pod without a container state; a pending pod within its wait."""
+    complete = {"status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    assert observe(complete, []).status == ExitStatus(exit_code=0)
+    evicted = {
+        "metadata": {"name": "p"},
+        "status": {"phase": "Failed", "reason": "Evicted", "message": "low on memory"},
+    }
+    assert observe({}, [evicted]).status == ExitStatus(exit_code=None, reason="evicted: low on memory")
+    since = "2030-01-01T00:00:00Z"
+    pending = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes",
+                    "lastTransitionTime": since,
+                }
+            ],
+        },
+    }
+    at = datetime(2030, 1, 1, 0, 0, 59, tzinfo=UTC)
+    assert observe({}, [pending], now=at, unschedulable_wait_s=60) == Observed(None)
+    later = observe({}, [pending], now=at + timedelta(seconds=1), unschedulable_wait_s=60)
+    assert later.end and later.status == ExitStatus(
+        exit_code=None, reason="unschedulable for 60 s: 0/3 nodes"
+    )
+    assert observe({}, []) == Observed(None)  # a Job whose pod is not made yet: running
+
+
+async def test_a_job_claim_being_deleted_is_not_used(
+    cluster: Cluster, make_spec: SpecFactory, node_name: str
+) -> None:
+    """Deleted while a pod still uses it (the claim protection keeps it): a new run waits, it is not stuck."""
+    async with KubernetesRuntime(cluster.config()) as first:
+        handle = await first.start(make_spec(py("import time; time.sleep(60)"), job_id="going"))
+        await _running_pod(cluster, parse_handle(handle)[1])
+        claim = f"vfed-{node_name}-going-tmp"
+        cluster.core.delete_namespaced_persistent_volume_claim(claim, NAMESPACE)
+        async with KubernetesRuntime(cluster.config()) as fresh:
+            with pytest.raises(RuntimeUnavailable, match="is being deleted"):
+                await fresh.start(make_spec(py("pass"), job_id="going"))
+        await first.cleanup(handle)

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-import docker
-import docker.errors
 import urllib3.exceptions
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -45,6 +42,8 @@ from vfed.node.runtime.base import (
 )
 from vfed.node.runtime.docker_spec import check_local_paths
 from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
+from vfed.node.runtime.kubernetes_images import ClusterImages
+from vfed.node.runtime.kubernetes_logs import KEPT_LOG_BYTES, follow_log, pod_log
 from vfed.node.runtime.kubernetes_spec import (
     LABEL_KIND,
     claim_body,
@@ -59,8 +58,6 @@ from vfed.node.runtime.kubernetes_status import Obj, latest_pod, observe, run_st
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 HANDLE_PREFIX = "k8s:"
-KEPT_LOG_BYTES = 16 * 1024 * 1024
-"""The most of a killed (or runtime-ended) run's log kept for `logs` once its pod is gone."""
 SWEEP_AGE_S = 300.0
 """A run's Secret or NetworkPolicy without a Job is removed once older than this (see `_sweep`)."""
 
@@ -115,7 +112,7 @@ class KubernetesRuntime(Runtime):
         self.config = config or KubernetesRuntimeConfig()
         self._pool: ThreadPoolExecutor | None = None
         self._api: k8s.ApiClient | None = None
-        self._images: docker.DockerClient | None = None
+        self.images = ClusterImages(self.config.image_engine_url)
         self._open_lock = asyncio.Lock()
         self._ready_claims: set[str] = set()
         self._ended: dict[str, tuple[ExitStatus, bytes]] = {}
@@ -165,9 +162,7 @@ class KubernetesRuntime(Runtime):
         if self._api is not None:
             await asyncio.to_thread(self._api.close)
             self._api = None
-        if self._images is not None:
-            await asyncio.to_thread(self._images.close)
-            self._images = None
+        await asyncio.to_thread(self.images.close)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -220,50 +215,16 @@ class KubernetesRuntime(Runtime):
         items: list[Obj] = self._json(fn(self.ns, label_selector=selector, _preload_content=False))["items"]
         return items
 
-    # -- images (read from the Docker engine that holds the cluster's images)
-
-    def _engine(self) -> docker.DockerClient:
-        if self._images is None:
-            try:
-                url = self.config.image_engine_url
-                self._images = docker.DockerClient(base_url=url) if url else docker.from_env()
-            except docker.errors.DockerException as exc:
-                raise RuntimeUnavailable(f"image engine unreachable: {exc}") from exc
-        return self._images
-
-    def _image(self, image: str) -> Any:
-        try:
-            return self._engine().images.get(image)
-        except docker.errors.ImageNotFound as exc:
-            raise PermanentStartError(f"image {image} is not present: {exc.explanation}") from exc
-        except docker.errors.DockerException as exc:
-            raise RuntimeUnavailable(f"image {image}: image engine error: {exc}") from exc
+    # -- images
 
     async def image_digest(self, image: str, *, pull: bool = True) -> str:
         """The image's ID; never pulls (the cluster pulls, by the name and this digest)."""
         await self.open()
-        return str((await self._in_pool(self._image, image)).id)
+        return await self._in_pool(self.images.digest, image)
 
     async def image_labels(self, image: str) -> dict[str, str]:
         await self.open()
-        found = (await self._in_pool(self._image, image)).labels or {}
-        return {str(k): str(v) for k, v in found.items()}
-
-    def _pod_image(self, image: str) -> str:
-        """`name@sha256:...` for the pod: the image's ID, with the name it is known by here."""
-        if "@sha256:" in image:
-            return image
-        found = self._image(image)
-        if image.startswith("sha256:"):
-            tags = list(found.tags or [])
-            if not tags:
-                raise PermanentStartError(f"image {image} has no name the cluster could pull it by")
-            name = tags[0]
-        else:
-            name = image
-        last = name.rsplit("/", 1)[-1]
-        repository = name[: len(name) - len(last)] + last.split(":", 1)[0]
-        return f"{repository}@{found.id}"
+        return await self._in_pool(self.images.labels, image)
 
     # -- job claims
 
@@ -278,8 +239,19 @@ class KubernetesRuntime(Runtime):
             except PermanentStartError as exc:
                 if "already exists" not in str(exc):
                     raise
+                await self._call(f"claim {name}", self._claim_usable, name)
             self._ready_claims.add(name)
         return name
+
+    def _claim_usable(self, name: str) -> None:
+        """An existing claim that is being deleted would keep a new run's pod pending: retry later."""
+        claim = self._json(
+            self.core.read_namespaced_persistent_volume_claim(name, self.ns, _preload_content=False)
+        )
+        if claim["metadata"].get("deletionTimestamp"):
+            raise RuntimeUnavailable(
+                f"claim {name} is being deleted; a run of its job can start once it is gone"
+            )
 
     async def remove_job_volume(self, node_name: str, job_id: str) -> None:
         name = claim_name(node_name, job_id)
@@ -337,7 +309,7 @@ class KubernetesRuntime(Runtime):
         self.step("runtime_start")
         self._check_local(spec)
         await self.open()
-        image = await self._in_pool(self._pod_image, spec.image)
+        image = await self._in_pool(self.images.pod_image, spec.image)
         await self.ensure_job_volume(spec.node_name, spec.job_id)
         self.step("runtime_ready")
         name = job_name(spec.node_name, spec.run_id)
@@ -427,22 +399,7 @@ class KubernetesRuntime(Runtime):
         log.info("run %s ended by the runtime: %s", handle, status.reason)
 
     def _pod_log(self, pod: str) -> bytes:
-        """The pod's whole log, streamed; empty while its container has not started."""
-        try:
-            answer = self.core.read_namespaced_pod_log(pod, self.ns, _preload_content=False)
-        except ApiException as exc:
-            if exc.status == 400:  # waiting to start: nothing written yet
-                return b""
-            raise
-        kept = bytearray()
-        try:
-            for chunk in answer.stream(64 * 1024):
-                kept += chunk
-                if len(kept) > 2 * KEPT_LOG_BYTES:
-                    del kept[: len(kept) - KEPT_LOG_BYTES]
-        finally:
-            answer.release_conn()
-        return bytes(kept[-KEPT_LOG_BYTES:])
+        return pod_log(self.core, self.ns, pod)
 
     async def logs(self, handle: str, max_bytes: int = 64 * 1024) -> str:
         _, name = parse_handle(handle)
@@ -476,7 +433,7 @@ class KubernetesRuntime(Runtime):
         kept = bytearray()
         follower = None
         if pod is not None and pod.get("status", {}).get("phase") == "Running":
-            follower = self._follow(pod["metadata"]["name"], kept)
+            follower = follow_log(self.core, self.ns, pod["metadata"]["name"], kept)
         if pod is not None:
             self._delete_quietly(
                 self.core.delete_namespaced_pod,
@@ -489,25 +446,6 @@ class KubernetesRuntime(Runtime):
         self._ended[handle] = (status, bytes(kept[-KEPT_LOG_BYTES:]))
         self._remove_run_objects(name)
         log.info("run %s killed: %s", handle, status.reason)
-
-    def _follow(self, pod: str, kept: bytearray) -> threading.Thread:
-        """A thread appending the pod's log (all of it, then what follows) to `kept` until it ends."""
-        answer = self.core.read_namespaced_pod_log(pod, self.ns, follow=True, _preload_content=False)
-
-        def run() -> None:
-            try:
-                for chunk in answer.stream(64 * 1024):
-                    kept.extend(chunk)
-                    if len(kept) > 2 * KEPT_LOG_BYTES:
-                        del kept[: len(kept) - KEPT_LOG_BYTES]
-            except (urllib3.exceptions.HTTPError, OSError):
-                pass  # the stream broke: what came is what we keep
-            finally:
-                answer.release_conn()
-
-        thread = threading.Thread(target=run, name=f"vfed-k8s-log-{pod}", daemon=True)
-        thread.start()
-        return thread
 
     def _last_status(self, pod: Obj | None, timeout_s: float) -> ExitStatus:
         """The killed pod's terminated state, watched from the version we saw until it shows or the pod is

@@ -61,6 +61,15 @@ def _terminated_status(pod: Obj) -> ExitStatus | None:
     return ExitStatus(exit_code=code, oom_killed=oom, reason=reason)
 
 
+def _pod_failure(pod: Obj) -> ExitStatus | None:
+    """A failed pod whose container tells nothing (an eviction before it started, a node lost)."""
+    status = pod.get("status", {})
+    if status.get("phase") != "Failed" or not status.get("reason"):
+        return None
+    message = str(status.get("message") or "").strip()
+    return ExitStatus(exit_code=None, reason=f"{str(status['reason']).lower()}: {message}")
+
+
 def _since(timestamp: str | None, now: datetime) -> float:
     if not timestamp:
         return 0.0
@@ -87,9 +96,12 @@ def _stuck(pod: Obj, now: datetime, unschedulable_wait_s: float) -> ExitStatus |
     return None
 
 
-def job_failure(job: Obj) -> ExitStatus | None:
-    """A Failed condition on the Job that no pod explains (deadline exceeded: the pods are deleted)."""
+def job_end(job: Obj) -> ExitStatus | None:
+    """The end the Job's own conditions tell, for when no pod tells it (deadline exceeded deletes the pods;
+    a pod may also be gone on its own)."""
     for condition in job.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "Complete" and condition.get("status") == "True":
+            return ExitStatus(exit_code=0)
         if condition.get("type") == "Failed" and condition.get("status") == "True":
             if condition.get("reason") == "DeadlineExceeded":
                 deadline = job["spec"].get("activeDeadlineSeconds")
@@ -104,13 +116,13 @@ def observe(
     """The run's state from its Job and pods."""
     now = now or datetime.now(UTC)
     pod = latest_pod(pods)
-    if pod is not None:
-        ended = _terminated_status(pod)
-        if ended is not None and pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+    if pod is not None and pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        ended = _terminated_status(pod) or _pod_failure(pod)
+        if ended is not None:
             return Observed(ended)
-    failed = job_failure(job)
-    if failed is not None:
-        return Observed(failed)
+    ended = job_end(job)
+    if ended is not None:
+        return Observed(ended)
     if pod is not None and pod.get("status", {}).get("phase") == "Pending":
         stuck = _stuck(pod, now, unschedulable_wait_s)
         if stuck is not None:
