@@ -26,6 +26,7 @@ from tests.imagebuild import LABEL as BUILD_LABEL
 from vfed.node.runtime import (
     DatasetMount,
     ExitStatus,
+    NotFound,
     PermanentStartError,
     RunLimits,
     RunSpec,
@@ -472,3 +473,13 @@ async def test_a_job_claim_being_deleted_is_not_used(
             with pytest.raises(RuntimeUnavailable, match="is being deleted"):
                 await fresh.start(make_spec(py("pass"), job_id="going"))
         await first.cleanup(handle)
+
+
+async def test_a_handle_of_another_namespace_names_no_run(runtime: KubernetesRuntime) -> None:
+    other = "k8s:elsewhere/vfed-n-run-1"
+    with pytest.raises(NotFound, match=f"not {NAMESPACE}"):
+        await runtime.wait(other, timeout_s=1)
+    with pytest.raises(NotFound):
+        await runtime.logs(other)
+    await runtime.kill(other)
+    await runtime.cleanup(other)

@@ -206,6 +206,13 @@ class KubernetesRuntime(Runtime):
     def ns(self) -> str:
         return self.config.namespace
 
+    def _job_of(self, handle: str) -> str:
+        """The Job a handle names; one of another namespace is not a run of this runtime."""
+        namespace, name = parse_handle(handle)
+        if namespace != self.ns:
+            raise NotFound(f"{handle} is in namespace {namespace}, not {self.ns}")
+        return name
+
     @staticmethod
     def _json(answer: Any) -> Obj:
         data: Obj = json.loads(answer.data)
@@ -367,7 +374,7 @@ class KubernetesRuntime(Runtime):
         return job, self._list(self.core.list_namespaced_pod, f"job-name={name}")
 
     async def wait(self, handle: str, timeout_s: float | None = None) -> ExitStatus:
-        _, name = parse_handle(handle)
+        name = self._job_of(handle)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if handle in self._ended:
@@ -402,7 +409,7 @@ class KubernetesRuntime(Runtime):
         return pod_log(self.core, self.ns, pod)
 
     async def logs(self, handle: str, max_bytes: int = 64 * 1024) -> str:
-        _, name = parse_handle(handle)
+        name = self._job_of(handle)
         if handle in self._ended:
             return _tail(self._ended[handle][1], max_bytes)
 
@@ -415,7 +422,7 @@ class KubernetesRuntime(Runtime):
 
     async def kill(self, handle: str, grace_s: float = 10.0) -> None:
         try:
-            _, name = parse_handle(handle)
+            name = self._job_of(handle)
         except NotFound:
             return
         with contextlib.suppress(NotFound):
@@ -476,7 +483,7 @@ class KubernetesRuntime(Runtime):
 
     async def cleanup(self, handle: str) -> None:
         try:
-            _, name = parse_handle(handle)
+            name = self._job_of(handle)
         except NotFound:
             return
         self._ended.pop(handle, None)
