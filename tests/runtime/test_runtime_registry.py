@@ -70,3 +70,25 @@ def test_a_config_of_no_registered_kind_is_refused(tmp_path: Path) -> None:
         registry.build(Elsewhere(), tmp_path)
     with pytest.raises(TypeError):
         DockerRuntime.from_config(Elsewhere(), tmp_path)
+
+
+def test_the_kubernetes_section_is_read_and_built_without_io(tmp_path: Path) -> None:
+    from vfed.node.runtime.kubernetes import KubernetesRuntime
+    from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
+
+    section = {"kind": "kubernetes", "namespace": "vfed-a", "kubeconfig": "/etc/vfed/kubeconfig", "gpus": 1}
+    settings = parse_settings({**BASE, "runtime": section})
+    assert isinstance(settings.runtime, KubernetesRuntimeConfig) and settings.runtime.gpus == 1
+    built = registry.build(settings.runtime, tmp_path)
+    assert isinstance(built, KubernetesRuntime) and built._api is None and built._pool is None
+    for bad, message in [
+        ({"kind": "kubernetes", "jobs_dir": "/x"}, "runtime.jobs_dir: Extra inputs are not permitted"),
+        ({"kind": "kubernetes", "namespace": "Not_A_Name"}, "runtime.namespace: Value error, namespace must"),
+        (
+            {"kind": "kubernetes", "dataset_sources": {"d": {"claim": "c", "host_path": "/d"}}},
+            "runtime.dataset_sources.d: Value error, a dataset source names either claim or host_path",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_settings({**BASE, "runtime": bad})
+        assert str(caught.value).startswith(message), str(caught.value)
