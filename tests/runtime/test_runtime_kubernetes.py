@@ -35,7 +35,7 @@ from vfed.node.runtime import (
 )
 from vfed.node.runtime import kubernetes as kubernetes_runtime
 from vfed.node.runtime.kubernetes import KubernetesRuntime, parse_handle
-from vfed.node.runtime.kubernetes_config import DatasetSource, KubernetesRuntimeConfig
+from vfed.node.runtime.kubernetes_config import DatasetSource, KubernetesRuntimeConfig, RunClaim
 from vfed.node.runtime.kubernetes_spec import job_body, network_policy_body, object_name, secret_body
 from vfed.node.runtime.kubernetes_status import Observed, observe
 
@@ -483,3 +483,39 @@ async def test_a_handle_of_another_namespace_names_no_run(runtime: KubernetesRun
         await runtime.logs(other)
     await runtime.kill(other)
     await runtime.cleanup(other)
+
+
+async def test_run_folders_reach_pods_through_a_claim(cluster: Cluster, make_spec: SpecFactory) -> None:
+    """With run_claim, input and output travel in a claim the agent has mounted, not on a node's disk."""
+    fake = cluster.need_fake()
+    claim = f"runs-{os.urandom(4).hex()}"
+    body = {
+        "metadata": {"name": claim},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Mi"}}},
+    }
+    cluster.core.create_namespaced_persistent_volume_claim(NAMESPACE, body)
+    try:
+        assert fake.kubelet is not None
+        agent_view = Path(fake.kubelet.claim_paths[(NAMESPACE, claim)])  # where the agent mounted it
+        code = (
+            "import os; d=open(os.environ['INPUT_FILE']).read(); "
+            "open(os.environ['OUTPUT_FILE'],'w').write(d[::-1])"
+        )
+        outside = make_spec(py(code), input_text="in the claim")
+        run_dir = agent_view / "runs" / outside.run_id
+        run_dir.mkdir(parents=True)
+        (run_dir / "input").write_text("in the claim")
+        settings = cluster.config(run_claim=RunClaim(claim=claim, agent_path=str(agent_view)))
+        async with KubernetesRuntime(settings) as rt:
+            with pytest.raises(PermanentStartError, match=r"is not under run_claim\.agent_path"):
+                await rt.start(outside)
+            handle = await rt.start(outside.model_copy(update={"run_dir": str(run_dir)}))
+            assert (await rt.wait(handle, timeout_s=60)).exit_code == 0, await rt.logs(handle)
+            job = cluster.batch.read_namespaced_job(parse_handle(handle)[1], NAMESPACE).spec.template.spec
+            [mount] = [m for m in job.containers[0].volume_mounts if m.mount_path == "/mnt/run"]
+            assert mount.sub_path == f"runs/{outside.run_id}"
+            assert {v.name: v.persistent_volume_claim for v in job.volumes}["run"].claim_name == claim
+            assert (run_dir / "output").read_text() == "mialc eht ni"
+            await rt.cleanup(handle)
+    finally:
+        cluster.core.delete_namespaced_persistent_volume_claim(claim, NAMESPACE)

@@ -128,6 +128,9 @@ EXAMPLES: dict[str, Any] = {
     "runtime.job_storage_class": "standard",
     "runtime.job_storage_bytes": 4 * 1024**3,
     "runtime.dataset_sources": {"cohort": {"claim": "hospital-data", "sub_path": "cohort.parquet"}},
+    "runtime.run_claim": {"claim": "vfed-runs", "agent_path": "/var/lib/vfed/runs"},
+    "runtime.run_claim.claim": "vfed-runs",
+    "runtime.run_claim.agent_path": "/var/lib/vfed/runs",
     "trust": "tofu",
     "trust_store": "/etc/vfed/trust/trusted_orgs",
     "descriptor_skew_s": 60,
@@ -164,9 +167,14 @@ COMPANIONS: dict[str, dict[str, Any]] = {
             *("namespace", "kubeconfig", "context", "image_engine_url", "proxy_service", "proxy_port"),
             *("proxy_pod_labels", "allow_dns", "gpu_resource", "gpus", "active_deadline_s"),
             *("ttl_after_finished_s", "termination_grace_s", "unschedulable_wait_s", "poll_interval_s"),
-            *("job_storage_class", "job_storage_bytes", "dataset_sources"),
+            *("job_storage_class", "job_storage_bytes", "dataset_sources", "run_claim"),
         )
     },
+    "runtime.run_claim.claim": {
+        "runtime.kind": "kubernetes",
+        "runtime.run_claim.agent_path": "/var/lib/vfed/runs",
+    },
+    "runtime.run_claim.agent_path": {"runtime.kind": "kubernetes", "runtime.run_claim.claim": "vfed-runs"},
     **{
         f"ledger.fabric.{key}": {"ledger.backend": "fabric", "ledger.fabric": _FABRIC}
         for key in (

@@ -294,6 +294,11 @@ class KubernetesRuntime(Runtime):
         """Right before a start: run folder, socket and datasets present; the run folder writable for the
         pod's user (the agent shares the node's disk, see host_path_map)."""
         check_local_paths(spec)
+        claim = self.config.run_claim
+        if claim is not None and claim.sub_path(spec.run_dir) is None:
+            raise PermanentStartError(
+                f"run_dir {spec.run_dir} is not under run_claim.agent_path {claim.agent_path}"
+            )
         for dataset in spec.datasets:
             if dataset.label not in self.config.dataset_sources and not os.path.isfile(dataset.host_path):
                 raise PermanentStartError(f"dataset {dataset.label}: {dataset.host_path} is not a file")

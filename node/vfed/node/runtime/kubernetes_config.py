@@ -40,6 +40,28 @@ class DatasetSource(BaseModel):
         return self
 
 
+class RunClaim(BaseModel):
+    """A PersistentVolumeClaim the agent has mounted too: run folders made under `agent_path` reach pods
+    through it (as a subPath), so the agent need not share a node's disk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    claim: str = Field(description="The claim, in the runtime's namespace (ReadWriteMany across nodes).")
+    agent_path: str = Field(description="Where the agent sees that claim; the agent's run folders go here.")
+
+    @field_validator("agent_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("agent_path must be absolute")
+        return v
+
+    def sub_path(self, run_dir: str) -> str | None:
+        """The run folder's path inside the claim; None when it is not under agent_path."""
+        path, root = PurePosixPath(run_dir), PurePosixPath(self.agent_path)
+        return str(path.relative_to(root)) if root in path.parents else None
+
+
 class KubernetesRuntimeConfig(RuntimeConfig):
     """Node-level settings of the Kubernetes runtime; the limits are defaults a RunSpec may override."""
 
@@ -101,6 +123,10 @@ class KubernetesRuntimeConfig(RuntimeConfig):
         description="Dataset label -> its claim or node path; a dataset not named here is mounted from the "
         "path the node's configuration gives it (through host_path_map), which needs the agent and the "
         "pods on the same machine.",
+    )
+    run_claim: RunClaim | None = Field(
+        default=None,
+        description="The claim run folders reach pods through; None: as host paths (see host_path_map).",
     )
     host_path_map: dict[str, str] = Field(
         default_factory=dict,

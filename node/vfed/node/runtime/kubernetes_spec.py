@@ -126,13 +126,18 @@ def claim_body(node_name: str, job_id: str, config: KubernetesRuntimeConfig) -> 
 
 def _volumes(spec: RunSpec, config: KubernetesRuntimeConfig) -> tuple[list[Body], list[Body]]:
     """(pod volumes, container mounts): run folder, job claim, /tmp, socket folder, token, datasets."""
+    run: Body = {"name": "run", "hostPath": {"path": config.to_host_path(spec.run_dir), "type": "Directory"}}
+    run_mount: Body = {"name": "run", "mountPath": CONTAINER_RUN_DIR}
+    if config.run_claim is not None:
+        run = {"name": "run", "persistentVolumeClaim": {"claimName": config.run_claim.claim}}
+        run_mount["subPath"] = config.run_claim.sub_path(spec.run_dir)
     volumes: list[Body] = [
-        {"name": "run", "hostPath": {"path": config.to_host_path(spec.run_dir), "type": "Directory"}},
+        run,
         {"name": "job-tmp", "persistentVolumeClaim": {"claimName": claim_name(spec.node_name, spec.job_id)}},
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(config.tmpfs_bytes)}},
     ]
     mounts: list[Body] = [
-        {"name": "run", "mountPath": CONTAINER_RUN_DIR},
+        run_mount,
         {"name": "job-tmp", "mountPath": TEMPORARY_FOLDER},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
