@@ -223,7 +223,8 @@ def mounts(pod: Obj, container: Obj, inputs: PodInputs) -> tuple[list[Mount], di
             claim = volume["persistentVolumeClaim"]["claimName"]
             read_only = read_only or bool(volume["persistentVolumeClaim"].get("readOnly"))
             host = Path(inputs.claim_paths[claim]) / sub
-            host.mkdir(parents=True, exist_ok=True)
+            if not host.exists():  # a subPath naming a file in the claim mounts that file, as a kubelet does
+                host.mkdir(parents=True)
             out.append(Mount(target, str(host), type="bind", read_only=read_only))
         elif "secret" in volume:
             fs_group = (pod["spec"].get("securityContext") or {}).get("fsGroup")

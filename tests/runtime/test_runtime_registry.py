@@ -28,7 +28,8 @@ def _section_tags() -> list[str]:
 
 
 def test_one_table_names_the_kinds() -> None:
-    assert RUNTIME_KINDS == tuple(registry.KINDS) == ("docker",)
+    assert tuple(registry.KINDS) == ("docker", "kubernetes")
+    assert RUNTIME_KINDS == ("docker",)  # what `vnode new` offers: kubernetes is not wired into the agent yet
     assert _section_tags() == list(registry.KINDS)  # the union has exactly one member per registered kind
     for kind, entry in registry.KINDS.items():
         assert entry.kind == kind and issubclass(entry.config, RuntimeConfig)
@@ -42,7 +43,7 @@ def test_the_section_is_validated_by_the_kinds_own_model() -> None:
     settings = parse_settings({**BASE, "runtime": {"memory_bytes": 5 << 20}})  # no kind: the default
     assert isinstance(settings.runtime, DockerRuntimeConfig) and settings.runtime.memory_bytes == 5 << 20
     for section, message in [
-        ({"kind": "k9s"}, "runtime.kind: unknown runtime 'k9s' (known: docker)"),
+        ({"kind": "k9s"}, "runtime.kind: unknown runtime 'k9s' (known: docker, kubernetes)"),
         ({"kind": "docker", "memory_mb": 1}, "runtime.memory_mb: Extra inputs are not permitted"),
         ({"uid": 0}, "runtime.uid: Input should be greater than 0"),
         ("docker", "runtime: must be a mapping of the runtime's keys"),
@@ -69,3 +70,25 @@ def test_a_config_of_no_registered_kind_is_refused(tmp_path: Path) -> None:
         registry.build(Elsewhere(), tmp_path)
     with pytest.raises(TypeError):
         DockerRuntime.from_config(Elsewhere(), tmp_path)
+
+
+def test_the_kubernetes_section_is_read_and_built_without_io(tmp_path: Path) -> None:
+    from vfed.node.runtime.kubernetes import KubernetesRuntime
+    from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
+
+    section = {"kind": "kubernetes", "namespace": "vfed-a", "kubeconfig": "/etc/vfed/kubeconfig", "gpus": 1}
+    settings = parse_settings({**BASE, "runtime": section})
+    assert isinstance(settings.runtime, KubernetesRuntimeConfig) and settings.runtime.gpus == 1
+    built = registry.build(settings.runtime, tmp_path)
+    assert isinstance(built, KubernetesRuntime) and built._api is None and built._pool is None
+    for bad, message in [
+        ({"kind": "kubernetes", "jobs_dir": "/x"}, "runtime.jobs_dir: Extra inputs are not permitted"),
+        ({"kind": "kubernetes", "namespace": "Not_A_Name"}, "runtime.namespace: Value error, namespace must"),
+        (
+            {"kind": "kubernetes", "dataset_sources": {"d": {"claim": "c", "host_path": "/d"}}},
+            "runtime.dataset_sources.d: Value error, a dataset source names either claim or host_path",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_settings({**BASE, "runtime": bad})
+        assert str(caught.value).startswith(message), str(caught.value)

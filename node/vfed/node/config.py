@@ -44,8 +44,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-RUNTIME_KINDS = tuple(registry.KINDS)
-"""The runtimes the agent can run algorithms on (`vnode new --runtime` offers exactly these)."""
+RUNTIME_KINDS = tuple(kind for kind, entry in registry.KINDS.items() if entry.offered)
+"""The runtimes the agent runs algorithms on (`vnode new --runtime` offers exactly these); the registry may
+know more, whose configuration is read but not yet offered."""
 DATASET_TYPES = ("csv", "parquet", "sqlite", "sql")
 """The dataset types the algorithm SDK reads (vfed.algorithms.datasets.DatasetType; a test keeps them
 equal)."""
@@ -324,7 +325,7 @@ def _runtime_key(loc: tuple[str | int, ...], item: Any) -> tuple[tuple[str | int
         given = item["input"].get("kind") if isinstance(item["input"], dict) else None
         if given is None:
             return loc, "must be a mapping of the runtime's keys"
-        return ("runtime", "kind"), f"unknown runtime {given!r} (known: {', '.join(RUNTIME_KINDS)})"
+        return ("runtime", "kind"), f"unknown runtime {given!r} (known: {', '.join(registry.KINDS)})"
     if len(loc) > 1 and loc[1] in registry.KINDS:
         loc = (loc[0], *loc[2:])
     return loc, message

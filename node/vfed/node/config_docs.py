@@ -23,7 +23,7 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import yaml
@@ -110,6 +110,27 @@ EXAMPLES: dict[str, Any] = {
     "runtime.max_waiters": 16,
     "runtime.jobs_dir": "/var/lib/vfed/jobs",
     "runtime.host_path_map": {"/var/lib/vfed": "/var/lib/docker/volumes/vfed-hospital-a-vol/_data"},
+    "runtime.namespace": "vfed-hospital-a",
+    "runtime.kubeconfig": "/etc/vfed/kubeconfig",
+    "runtime.context": "hospital-a",
+    "runtime.image_engine_url": "unix:///var/run/docker.sock",
+    "runtime.proxy_service": "vfed-proxy",
+    "runtime.proxy_port": 8080,
+    "runtime.proxy_pod_labels": {"app.kubernetes.io/name": "vfed-proxy"},
+    "runtime.allow_dns": False,
+    "runtime.gpu_resource": "nvidia.com/gpu",
+    "runtime.gpus": 1,
+    "runtime.active_deadline_s": 7200,
+    "runtime.ttl_after_finished_s": 600,
+    "runtime.termination_grace_s": 30,
+    "runtime.unschedulable_wait_s": 120,
+    "runtime.poll_interval_s": 1.0,
+    "runtime.job_storage_class": "standard",
+    "runtime.job_storage_bytes": 4 * 1024**3,
+    "runtime.dataset_sources": {"cohort": {"claim": "hospital-data", "sub_path": "cohort.parquet"}},
+    "runtime.run_claim": {"claim": "vfed-runs", "agent_path": "/var/lib/vfed/runs"},
+    "runtime.run_claim.claim": "vfed-runs",
+    "runtime.run_claim.agent_path": "/var/lib/vfed/runs",
     "trust": "tofu",
     "trust_store": "/etc/vfed/trust/trusted_orgs",
     "descriptor_skew_s": 60,
@@ -140,6 +161,20 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "policies.allowed_images[].max_run_time_s": {"policies.allowed_images[].image": "vfed-examples/*"},
     "policies.allowed_images[].organizations": {"policies.allowed_images[].image": "vfed-examples/*"},
     "ledger.backend": {"ledger.fabric": _FABRIC},
+    **{
+        f"runtime.{key}": {"runtime.kind": "kubernetes"}
+        for key in (
+            *("namespace", "kubeconfig", "context", "image_engine_url", "proxy_service", "proxy_port"),
+            *("proxy_pod_labels", "allow_dns", "gpu_resource", "gpus", "active_deadline_s"),
+            *("ttl_after_finished_s", "termination_grace_s", "unschedulable_wait_s", "poll_interval_s"),
+            *("job_storage_class", "job_storage_bytes", "dataset_sources", "run_claim"),
+        )
+    },
+    "runtime.run_claim.claim": {
+        "runtime.kind": "kubernetes",
+        "runtime.run_claim.agent_path": "/var/lib/vfed/runs",
+    },
+    "runtime.run_claim.agent_path": {"runtime.kind": "kubernetes", "runtime.run_claim.claim": "vfed-runs"},
     **{
         f"ledger.fabric.{key}": {"ledger.backend": "fabric", "ledger.fabric": _FABRIC}
         for key in (
@@ -189,9 +224,11 @@ def _is_model(annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:  # a tagged member of the runtime section's union
+        return _type_name(get_args(annotation)[0])
     parts = _optional_parts(annotation)
     if len(parts) > 1:
-        return " or ".join(_type_name(p) for p in parts)
+        return " or ".join(dict.fromkeys(_type_name(p) for p in parts))
     (annotation,) = parts
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
@@ -205,6 +242,8 @@ def _type_name(annotation: Any) -> str:
     elif origin is dict:
         name = (
             "mapping: label -> dataset (keys below)"
+            if args[1] is DatasetConfig
+            else f"mapping: label -> {{{', '.join(args[1].model_fields)}}}"
             if _is_model(args[1])
             else f"mapping: {_type_name(args[0])} -> {_type_name(args[1])}"
         )
@@ -298,10 +337,7 @@ def _nested(
         yield replace(
             kind, default=f"`{registry.DEFAULT_KIND}`", description=f"{kind.description} One of {known}."
         )
-        for entry in registry.KINDS.values():  # each runtime's own keys, marked with its kind
-            for key in _rows(entry.config, f"{path}.", inner):
-                if key.path != f"{path}.kind":
-                    yield replace(key, description=f"(`kind: {entry.kind}`) {key.description}")
+        yield from _runtime_rows(path, inner)
     else:
         for part in _optional_parts(field.annotation):
             if get_origin(part) is list and get_args(part)[0] is ImagePolicy:
@@ -309,6 +345,26 @@ def _nested(
                 yield from (replace(k, within=within) for k in _rows(ImagePolicy, f"{path}[].", None))
             elif isinstance(part, type) and issubclass(part, BaseModel):
                 yield from _rows(part, f"{path}.", inner)
+
+
+def _runtime_rows(path: str, inner: tuple[str, ...] | None) -> Iterator[Key]:
+    """Each runtime's own keys, marked with its kind; a key two runtimes share (`memory_bytes`) is one row
+    saying what it means to each."""
+    rows: dict[str, Key] = {}
+    for entry in registry.KINDS.values():
+        for key in _rows(entry.config, f"{path}.", inner):
+            if key.path == f"{path}.kind":
+                continue
+            own = f"(`kind: {entry.kind}`) {key.description}"
+            if key.default != (rows[key.path].default if key.path in rows else key.default):
+                own = f"{own} Default `{entry.kind}`: {key.default}."
+            seen = rows.get(key.path)
+            rows[key.path] = (
+                replace(key, description=own)
+                if seen is None
+                else (replace(seen, description=f"{seen.description} {own}"))
+            )
+    yield from rows.values()
 
 
 def reference_keys() -> list[Key]:

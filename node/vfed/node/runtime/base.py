@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 # Paths inside the algorithm container. The agent puts these in the algorithm's environment
 # (INPUT_FILE, OUTPUT_FILE, TEMPORARY_FOLDER, DATASET_<LABEL>_URI, PROXY_SOCKET); every runtime mounts there.
@@ -124,6 +124,11 @@ class RunSpec(BaseModel):
         default=None,
         description="Host path of this run's proxy Unix socket, named proxy.sock, alone in its own folder "
         "(the folder is what the container gets: a socket bound there again after a restart is reachable).",
+    )
+    proxy_token: SecretStr | None = Field(
+        default=None,
+        description="The run's own credential to the proxy, for runtimes whose runs reach it over the "
+        "network (Kubernetes: a Secret mounted into the run's pod only); Docker's runs use the socket.",
     )
     limits: RunLimits = Field(default_factory=RunLimits)
     labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")

@@ -18,6 +18,7 @@ from pydantic import Discriminator, Tag, TypeAdapter
 
 from vfed.node.runtime.base import Runtime, RuntimeConfig
 from vfed.node.runtime.docker_config import DockerRuntimeConfig
+from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
 
 DEFAULT_KIND = "docker"
 """The runtime of a `runtime` section that names no kind (and of a configuration without the section)."""
@@ -30,6 +31,8 @@ class RuntimeKind:
     kind: str
     config: type[RuntimeConfig]
     load: Callable[[], type[Runtime]]
+    offered: bool = True
+    """Whether `vnode new` offers it: only a runtime the agent is known to start runs with."""
 
 
 def _docker() -> type[Runtime]:
@@ -38,8 +41,19 @@ def _docker() -> type[Runtime]:
     return DockerRuntime
 
 
+def _kubernetes() -> type[Runtime]:
+    from vfed.node.runtime.kubernetes import KubernetesRuntime
+
+    return KubernetesRuntime
+
+
 KINDS: dict[str, RuntimeKind] = {
-    entry.kind: entry for entry in (RuntimeKind("docker", DockerRuntimeConfig, _docker),)
+    entry.kind: entry
+    for entry in (
+        RuntimeKind("docker", DockerRuntimeConfig, _docker),
+        # Not offered yet: no test shows an agent running its runs on a cluster.
+        RuntimeKind("kubernetes", KubernetesRuntimeConfig, _kubernetes, offered=False),
+    )
 }
 
 
@@ -60,7 +74,7 @@ def _kind_of(section: Any) -> str | None:
 
 
 RuntimeSection = Annotated[
-    Annotated[DockerRuntimeConfig, Tag("docker")],
+    Annotated[DockerRuntimeConfig, Tag("docker")] | Annotated[KubernetesRuntimeConfig, Tag("kubernetes")],
     Discriminator(
         _kind_of,
         custom_error_type="unknown_runtime",
