@@ -1,6 +1,7 @@
 """`wait(progress=True)` draws no terminal escape codes where they would be garbage: plain lines when
 standard output is not a terminal, plain lines or an ipywidgets bar in a Jupyter kernel, the rich bar on a
-terminal. The wait itself runs against the real server app (SQLite) with a task no node runs.
+terminal; `vfed task wait` draws on stderr, keeping stdout for its outcome line. The waits run against the
+real server app (SQLite) with a task no node runs.
 
 Faked, because neither Jupyter nor ipywidgets is installed here: the notebook kernel (modules named
 `ipykernel` and `IPython` whose `get_ipython()` is a `ZMQInteractiveShell`), `IPython.display.display`, and
@@ -9,7 +10,11 @@ stream whose isatty() is true, which is all rich asks of one."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import pty
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -134,3 +139,52 @@ async def test_wait_prints_plain_lines_when_stdout_is_not_a_terminal(
         await server.stop()
     out = capsys.readouterr().out
     assert out == f"task {task_id}: 0 of 1 runs finished\n", out
+
+
+def _wait_with_stderr_on_a_tty(task_id: int) -> tuple[int, str, str]:
+    """`vfed task wait --timeout 1` with stderr on a pseudo-terminal and stdout piped: exit code, stdout,
+    what reached the terminal."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vfed.client.cli", "task", "wait", str(task_id), "--timeout", "1"],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+        )
+        os.close(slave)
+        out, _ = proc.communicate(timeout=120)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal and everything it wrote was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+        return proc.returncode, out, seen.decode(errors="replace")
+    finally:
+        os.close(master)
+
+
+async def test_cli_wait_draws_its_bar_on_stderr_not_stdout(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server", mqtt_url=None)
+    await server.seed(["north", "south"], collaboration="study")
+    await server.start()
+    try:
+        task_id = await _unfinishable_task(server)
+        cli = [sys.executable, "-m", "vfed.client.cli"]
+        login = await asyncio.to_thread(
+            subprocess.run,
+            [*cli, "login", "--url", server.url, "--username", "res-north", "--password", PASSWORD],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert login.returncode == 0, login.stderr
+        code, out, terminal = await asyncio.to_thread(_wait_with_stderr_on_a_tty, task_id)
+    finally:
+        await server.stop()
+    assert code == 1 and out == "", (code, out, terminal)
+    assert ESC in terminal and f"task {task_id}" in terminal and "0/1" in terminal, terminal

@@ -156,8 +156,9 @@ def _json_arg(flag: str, text: str, kind: type) -> Any:
 def task_wait(task_id: int, timeout_s: float | None) -> None:
     """Wait until every run of TASK_ID finished. Ctrl-C stops waiting, not the task (exit code 130)."""
     try:
-        # tasks.wait, not c.wait: AsyncClient.wait would say the task goes on too, naming client.kill
-        body = run(lambda c: tasks.wait(c, task_id, timeout_s, progress=sys.stderr.isatty()))
+        # tasks.wait, not c.wait: AsyncClient.wait would say the task goes on too, naming client.kill.
+        # Progress on stderr: stdout carries only the outcome line, for scripts.
+        body = run(lambda c: tasks.wait(c, task_id, timeout_s, sys.stderr.isatty(), sys.stderr))
     except KeyboardInterrupt:
         click.echo(f"vfed: {interrupted_message(task_id, f'`vfed task kill {task_id}`')}", err=True)
         sys.exit(130)
