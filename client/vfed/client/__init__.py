@@ -8,10 +8,23 @@
         client.wait(task)
         print(client.results(task))
 
-`Client` blocks (scripts, notebooks); `AsyncClient` has the same methods as coroutines.
+`Client` blocks (scripts, notebooks); `AsyncClient` has the same methods as coroutines. What a script
+catches or inspects is here too: `ResultSet` and `OrganizationResult` (what `results` returns), `TaskFailed`
+and `RunFailed` (a failed run), `TaskTimeout` and `WaitInterrupted` (a wait that ended early).
 """
 
-from vfed.client.client import AsyncClient, Client
-from vfed.client.errors import ClientError
+from vfed.client.client import AsyncClient, Client, WaitInterrupted
+from vfed.client.errors import ClientError, RunFailed, TaskFailed, TaskTimeout
+from vfed.client.results import OrganizationResult, ResultSet
 
-__all__ = ["AsyncClient", "Client", "ClientError"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ClientError",
+    "OrganizationResult",
+    "ResultSet",
+    "RunFailed",
+    "TaskFailed",
+    "TaskTimeout",
+    "WaitInterrupted",
+]

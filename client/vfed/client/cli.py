@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import click
 
-from vfed.client import credentials
+from vfed.client import credentials, tasks
 from vfed.client.cli_common import FORMAT, handled, print_table, run
 from vfed.client.cli_ledger import datasets, leases, receipts
 from vfed.client.cli_researcher import (
@@ -156,7 +156,9 @@ def _json_arg(flag: str, text: str, kind: type) -> Any:
 def task_wait(task_id: int, timeout_s: float | None) -> None:
     """Wait until every run of TASK_ID finished. Ctrl-C stops waiting, not the task (exit code 130)."""
     try:
-        body = run(lambda c: c.wait(task_id, timeout_s, progress=sys.stderr.isatty()))
+        # tasks.wait, not c.wait: AsyncClient.wait would say the task goes on too, naming client.kill.
+        # Progress on stderr: stdout carries only the outcome line, for scripts.
+        body = run(lambda c: tasks.wait(c, task_id, timeout_s, sys.stderr.isatty(), sys.stderr))
     except KeyboardInterrupt:
         click.echo(f"vfed: {interrupted_message(task_id, f'`vfed task kill {task_id}`')}", err=True)
         sys.exit(130)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
@@ -309,8 +310,18 @@ class AsyncClient:
     async def wait(
         self, task: int | dict[str, Any], timeout_s: float | None = None, progress: bool = True
     ) -> dict[str, Any]:
-        """Waits until every run of the task finished; shows progress; returns the task."""
-        return await tasks.wait(self, _task_id(task), timeout_s, progress)
+        """Waits until every run of the task finished; shows progress; returns the task. Cancelled (Ctrl-C
+        under `asyncio.run` or a notebook's interrupt) it stops waiting, not the task, and says so on stderr
+        as `vfed task wait` does, then lets the cancellation go on; a KeyboardInterrupt raised inside it
+        becomes WaitInterrupted, as in `Client.wait`."""
+        task_id = _task_id(task)
+        try:
+            return await tasks.wait(self, task_id, timeout_s, progress)
+        except asyncio.CancelledError:
+            print(interrupted_message(task_id, f"client.kill({task_id})"), file=sys.stderr, flush=True)
+            raise
+        except KeyboardInterrupt:
+            raise WaitInterrupted(task_id) from None
 
     async def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> ResultSet:
         """Decrypted results, one per run in organization order, as a ResultSet (a sequence of the values,
@@ -461,7 +472,10 @@ class Client:
     ) -> dict[str, Any]:
         """As AsyncClient.wait; Ctrl-C stops waiting (not the task) and raises WaitInterrupted, a
         KeyboardInterrupt saying so and that `client.kill(task)` stops the task."""
-        fut = asyncio.run_coroutine_threadsafe(self._async.wait(task, timeout_s, progress), self._loop)
+        # tasks.wait, not AsyncClient.wait: cancelled below, that would print what WaitInterrupted says
+        fut = asyncio.run_coroutine_threadsafe(
+            tasks.wait(self._async, _task_id(task), timeout_s, progress), self._loop
+        )
         try:
             return fut.result()
         except KeyboardInterrupt:

@@ -9,12 +9,11 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from vfed.client.errors import ApiError, ClientError, ResultMismatch, RunFailed, TaskFailed, TaskTimeout
 from vfed.client.identity import Identity
+from vfed.client.progress import runs_progress
 from vfed.client.results import OrganizationResult, ResultSet, completed_result, failed_result
 from vfed.client.run_logs import log_if_readable
 from vfed.common.crypto import (
@@ -150,22 +149,16 @@ async def _recipients(
     return [(org_id, chain.head) for org_id, chain in zip(organizations, chains, strict=True)]
 
 
-async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progress: bool) -> dict[str, Any]:
+async def wait(
+    client: AsyncClient, task_id: int, timeout_s: float | None, progress: bool, stream: TextIO | None = None
+) -> dict[str, Any]:
     """Long polls the server, which answers as soon as every run ended or, with a progress bar to draw, as
-    soon as any run changed (`since`: the state last seen; the first call only reads the state)."""
+    soon as any run changed (`since`: the state last seen; the first call only reads the state). Progress
+    goes to `stream` (standard output when None)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     version: str | None = None
     first = progress
-    with Progress(
-        TextColumn(f"task {task_id}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("runs"),
-        TimeElapsedColumn(),
-        disable=not progress,
-        transient=False,
-    ) as bar:
-        tracker = bar.add_task("runs", total=None)
+    with runs_progress(task_id, progress, stream) as shown:
         while True:
             left_s = WAIT_CHUNK_S if deadline is None else max(0.0, deadline - time.monotonic())
             state = await _wait_once(client, task_id, 0.0 if first else min(left_s, WAIT_CHUNK_S), version)
@@ -173,7 +166,7 @@ async def wait(client: AsyncClient, task_id: int, timeout_s: float | None, progr
             runs = state["runs"]
             version = state["version"] if progress else None
             done = sum(1 for r in runs if r["status"] in FINISHED)
-            bar.update(tracker, total=len(runs), completed=done)
+            shown.update(done, len(runs))
             if state["done"]:
                 return dict(state["task"])
             if deadline is not None and time.monotonic() >= deadline:
