@@ -13,6 +13,9 @@ Also the RSS of an idle agent process. Run: `.venv/bin/python bench/node.py [--j
 registered on the collaboration's ledger and leased to organization a (the researcher's) by a certified org
 admin, and every run of (b) reads it: each measured run does the full lease check, the reservation and the
 receipt. (c)'s tasks read no dataset (the other nodes offer none); they are reserved and receipted too.
+`--leases --ledger fabric` (issue 15): the same, with the collaboration's ledger on a real Fabric network
+(three organizations, tests/fabric/network.py; each node, the org admin and the researcher use it there);
+bench/node_ledger_compare.py sets the two side by side.
 """
 
 from __future__ import annotations
@@ -236,7 +239,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def federation_figures(work: Path, runs: int, rounds: int, leases: bool) -> dict[str, Any]:
+async def federation_figures(
+    work: Path, runs: int, rounds: int, leases: bool, fabric: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`fabric`: node name -> its `ledger.fabric` settings (the ledger on a Fabric channel: `--ledger
+    fabric`)."""
     with infra.mosquitto() as broker:
         server = Server(work / "server", mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
         keys = await server.seed(["a", "b", "c"])
@@ -244,20 +251,50 @@ async def federation_figures(work: Path, runs: int, rounds: int, leases: bool) -
         # with the researcher's client and the Docker event watcher).
         settings = server.settings().model_dump(mode="json", include={"port", "data_dir", "jwt_secret"})
         with server_process(work, **settings, mqtt={"url": server.mqtt_url}):
-            return await _federation_figures(work, server, keys, runs, rounds, leases)
+            return await _federation_figures(work, server, keys, runs, rounds, leases, fabric)
+
+
+def fabric_ledgers(net: Any) -> dict[str, Any]:
+    """`--ledger fabric`: the ledger chaincode deployed for collaboration 1 with organizations a, b and c (the
+    server's 1, 2 and 3) acting through org1..org3's MSPs; each node's `ledger.fabric` settings."""
+    import json as json_
+
+    from vfed.common.ledger.fabric import FabricSettings
+
+    chaincode = Path(__file__).resolve().parents[1] / "chaincode"
+    msp = json_.dumps({org.msp_id: org.index for org in net.orgs})
+    net.deploy_chaincode(
+        "bench-node", "1.0", 1, {o.name: chaincode for o in net.orgs}, init_args=["InitLedger", "1", msp]
+    )
+    out = {}
+    for name, org in zip(("a", "b", "c"), net.orgs, strict=True):
+        ident = org.identity("User1")
+        out[name] = FabricSettings(
+            connection_profile=net.profile_path(org.name),
+            channel=net.channel,
+            chaincode="bench-node",
+            msp_id=ident.msp_id,
+            certificate=ident.cert,
+            private_key=ident.key,
+        )
+    return out
 
 
 DATASET = "d"
 """The label of node a's dataset with `--leases`."""
 
 
-def lease_config(work: Path, name: str) -> dict[str, Any]:
-    """The node config lines `--leases` adds: `leases: required`, and node a's small CSV dataset."""
+def lease_config(work: Path, name: str, fabric: Any = None) -> dict[str, Any]:
+    """The node config lines `--leases` adds: `leases: required`, and node a's small CSV dataset; with
+    `fabric` (the node's FabricSettings), the ledger on that Fabric channel."""
+    lines: dict[str, Any] = {"leases": "required"}
+    if fabric is not None:
+        lines["ledger"] = {"backend": "fabric", "fabric": fabric.model_dump(mode="json")}
     if name != "a":
-        return {"leases": "required"}
+        return lines
     data = work / "d.csv"
     data.write_text("age,weight\n30,70\n41,82\n")
-    return {"leases": "required", "datasets": {DATASET: {"uri": str(data), "type": "csv"}}}
+    return {**lines, "datasets": {DATASET: {"uri": str(data), "type": "csv"}}}
 
 
 async def grant_lease(config: Path, researcher: AsyncClient, collab: int) -> str:
@@ -283,6 +320,8 @@ async def grant_lease(config: Path, researcher: AsyncClient, collab: int) -> str
             certificate = certify(org_key, org, user, "res-a", admin.public, roles=["org-admin"])
             body = {"certificate": certificate.model_dump(mode="json")}
             await ledger.client.request("POST", f"/organizations/{org}/certificates", json=body)
+            if settings.ledger.backend == "fabric":  # the server carries it onto its own ledger only
+                await ledger.append(certificate)
             await ledger.sync()
             dataset = dataset_entry(
                 org_key, collaboration=collab, organization=org, label=DATASET, seen=ledger.head
@@ -303,7 +342,7 @@ async def grant_lease(config: Path, researcher: AsyncClient, collab: int) -> str
             )
             await ledger.append(lease)
         finally:
-            ledger.close()
+            await ledger.aclose()
     return lease.digest
 
 
@@ -321,7 +360,13 @@ async def receipts_on_ledger(researcher: AsyncClient, collab: int, lease: str, l
 
 
 async def _federation_figures(
-    work: Path, server: Server, keys: dict[str, str], runs: int, rounds: int, leases: bool
+    work: Path,
+    server: Server,
+    keys: dict[str, str],
+    runs: int,
+    rounds: int,
+    leases: bool,
+    fabric: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     agents = []
     try:
@@ -334,7 +379,7 @@ async def _federation_figures(
                 mqtt_url=None,
                 poll_interval_s=30.0,
                 trust="tofu",  # the organizations pin each other at first sight (a deployment pins by hand)
-                **(lease_config(work, name) if leases else {}),
+                **(lease_config(work, name, (fabric or {}).get(name)) if leases else {}),
             )
             agent = AgentProcess(config, work / f"{name}.log")
             agent.start("--log-level", "INFO,vfed.node.timeline=DEBUG")  # marks of each run's start
@@ -351,6 +396,9 @@ async def _federation_figures(
             collab = (await researcher.collaborations())[0]["id"]
             org = researcher.organization_id
             assert org is not None
+            if fabric is not None:  # the chaincode was initialized for collaboration 1, organization a = 1
+                assert (collab, org) == (1, 1), (collab, org)
+                researcher.fabric_ledgers[collab] = fabric["a"]
             datasets = []
             if leases:
                 lease = await grant_lease(agents[0].config, researcher, collab)
@@ -379,7 +427,16 @@ def main() -> None:
         action="store_true",
         help="nodes with `leases: required`; (b)'s runs read a dataset of node a under a lease (issue 14)",
     )
+    parser.add_argument(
+        "--ledger",
+        choices=["embedded", "fabric"],
+        default="embedded",
+        help="with --leases: the ledger on a real Fabric network (three orgs, tests/fabric/network.py) "
+        "instead of the server's",
+    )
     args = parser.parse_args()
+    if args.ledger == "fabric" and not args.leases:
+        parser.error("--ledger fabric needs --leases")
     ensure_probe_image()
     with tempfile.TemporaryDirectory(prefix="vfed-bench-node-") as tmp:
         work = Path(tmp)
@@ -387,13 +444,21 @@ def main() -> None:
             cli, cli_cpu = (values[1:] for values in bare_cli_runs(work, args.rounds + 1))
             sdk = bare_docker_runs(work, max(args.rounds, args.runs // 2) + 1)
             bare3 = bare_parallel_runs(work, args.rounds)
-            figures = asyncio.run(federation_figures(work, args.runs, args.rounds, args.leases))
+            if args.ledger == "fabric":
+                from tests.fabric.network import FabricNetwork
+
+                with FabricNetwork(orgs=3) as net:
+                    ledgers = fabric_ledgers(net)
+                    figures = asyncio.run(federation_figures(work, args.runs, args.rounds, True, ledgers))
+            else:
+                figures = asyncio.run(federation_figures(work, args.runs, args.rounds, args.leases))
         finally:
             remove_bare_volume()
     report: dict[str, Any] = build_report(cli, sdk, bare3, figures)
     report.update(c_floor(report["bare_docker_run_s"], statistics.median(cli_cpu)))
     if args.leases:
         report["leases"] = True
+        report["ledger"] = args.ledger
         report["lease_receipts"] = figures["receipts"]
     if args.json:  # each run's figures, in order (bench/node_compare.py pools them over its blocks)
         report["per_run_ms"] = per_run_ms(figures)
