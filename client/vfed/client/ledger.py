@@ -86,6 +86,9 @@ def fabric_ledgers_from_env() -> dict[int, FabricSettings]:
         if not isinstance(raw, dict):
             raise ValueError("it holds no mapping of collaboration ids to Fabric settings")
         return {int(k): FabricSettings.model_validate(v) for k, v in raw.items()}
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark is not None else ""
+        raise LedgerUnavailable(f"{FABRIC_LEDGERS_ENV}={path}: not YAML ({exc.problem}{where})") from None
     except (OSError, ValueError, yaml.YAMLError, ValidationError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LedgerUnavailable(f"{FABRIC_LEDGERS_ENV}={path}: {first}") from None
