@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,10 @@ class EmbeddedBroker:
         """Start the child and wait until it says it listens (it prints `ready` after binding)."""
         folder = str(self.folder) if self.folder is not None else None
         code = f"from vfed.server.embedded import serve; serve({self.host!r}, {self.port}, {folder!r})"
+        # Its standard input is a pipe this process holds open: when the server dies, however it dies, the
+        # broker reads end-of-file and exits with it instead of keeping the port.
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+            sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
         assert self._proc.stdout is not None
         async with asyncio.timeout(timeout_s):
@@ -77,12 +82,19 @@ async def _serve(host: str, port: int, folder: str | None) -> None:
         await broker.shutdown()
 
 
-def serve(host: str, port: int, folder: str | None = None) -> None:
-    """Child-process entry point: run the broker until terminated."""
-    import signal
+def _exit_with_parent() -> None:
+    """Standard input ends when the server that started this broker is gone: end too (as on SIGTERM)."""
+    with contextlib.suppress(OSError, ValueError):
+        while sys.stdin.buffer.read(4096):
+            pass
+    os.kill(os.getpid(), signal.SIGTERM)
 
+
+def serve(host: str, port: int, folder: str | None = None) -> None:
+    """Child-process entry point: run the broker until terminated, or until its parent is gone."""
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
         try:
             asyncio.run(_serve(host, port, folder))
