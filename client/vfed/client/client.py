@@ -27,7 +27,7 @@ from vfed.client.results import ResultSet
 from vfed.client.trust import ClientTrust, trust_mode
 from vfed.common.crypto import Keyring
 from vfed.common.ledger import LedgerView
-from vfed.common.ledger.fabric import FabricSettings
+from vfed.common.ledger.fabric_settings import FabricSettings
 from vfed.common.trust import Pin
 from vfed.common.trust.truststore import NamedPin
 

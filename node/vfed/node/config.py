@@ -26,7 +26,7 @@ from vfed.common.env_config import (
     merge,
     resolve_secret_files,
 )
-from vfed.common.ledger.fabric import FabricSettings
+from vfed.common.ledger.fabric_settings import FabricSettings
 from vfed.common.netaddr import is_loopback_host
 from vfed.node.runtime import registry
 
