@@ -11,7 +11,7 @@ import abc
 import re
 from collections.abc import Callable
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Self
 
@@ -191,6 +191,28 @@ class RuntimeConfig(BaseModel):
         description="The runtime that runs algorithm containers; the section's other keys are that runtime's "
         "own."
     )
+
+
+def check_host_path_map(mapping: dict[str, str]) -> dict[str, str]:
+    """A runtime's `host_path_map` (a path prefix as the agent sees it -> the same place as the machine that
+    runs the containers sees it): both sides absolute, else ValueError (for a pydantic validator)."""
+    for local, host in mapping.items():
+        if not (local.startswith("/") and host.startswith("/")):
+            raise ValueError(f"host_path_map entries must be absolute paths: {local!r} -> {host!r}")
+    return mapping
+
+
+def map_host_path(mapping: dict[str, str], local_path: str) -> str:
+    """`local_path` as the machine that runs the containers sees it, by `mapping` (longest prefix wins)."""
+    path = PurePosixPath(local_path)
+    best: tuple[int, str] | None = None
+    for local, host in mapping.items():
+        prefix = PurePosixPath(local)
+        if path == prefix or prefix in path.parents:
+            depth = len(prefix.parts)
+            if best is None or depth > best[0]:
+                best = (depth, str(PurePosixPath(host) / path.relative_to(prefix)))
+    return best[1] if best else str(path)
 
 
 StepHook = Callable[[str], None]

@@ -5,12 +5,11 @@ Apart from the runtime (docker_spec, docker): the node's configuration is read w
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from vfed.node.runtime.base import RuntimeConfig
+from vfed.node.runtime.base import RuntimeConfig, check_host_path_map, map_host_path
 
 MIB = 1024 * 1024
 
@@ -48,19 +47,8 @@ class DockerRuntimeConfig(RuntimeConfig):
     @field_validator("host_path_map")
     @classmethod
     def _absolute_prefixes(cls, v: dict[str, str]) -> dict[str, str]:
-        for local, host in v.items():
-            if not (local.startswith("/") and host.startswith("/")):
-                raise ValueError(f"host_path_map entries must be absolute paths: {local!r} -> {host!r}")
-        return v
+        return check_host_path_map(v)
 
     def to_host_path(self, local_path: str) -> str:
         """Translate a path the agent sees into the path the Docker host sees (longest prefix wins)."""
-        path = PurePosixPath(local_path)
-        best: tuple[int, str] | None = None
-        for local, host in self.host_path_map.items():
-            prefix = PurePosixPath(local)
-            if path == prefix or prefix in path.parents:
-                depth = len(prefix.parts)
-                if best is None or depth > best[0]:
-                    best = (depth, str(PurePosixPath(host) / path.relative_to(prefix)))
-        return best[1] if best else str(path)
+        return map_host_path(self.host_path_map, local_path)

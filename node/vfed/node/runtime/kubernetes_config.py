@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vfed.node.runtime.base import RuntimeConfig
+from vfed.node.runtime.base import RuntimeConfig, check_host_path_map, map_host_path
 
 MIB = 1024 * 1024
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -145,19 +145,8 @@ class KubernetesRuntimeConfig(RuntimeConfig):
     @field_validator("host_path_map")
     @classmethod
     def _absolute_prefixes(cls, v: dict[str, str]) -> dict[str, str]:
-        for local, host in v.items():
-            if not (local.startswith("/") and host.startswith("/")):
-                raise ValueError(f"host_path_map entries must be absolute paths: {local!r} -> {host!r}")
-        return v
+        return check_host_path_map(v)
 
     def to_host_path(self, local_path: str) -> str:
         """The path the cluster's nodes see for one the agent sees (longest prefix wins)."""
-        path = PurePosixPath(local_path)
-        best: tuple[int, str] | None = None
-        for local, host in self.host_path_map.items():
-            prefix = PurePosixPath(local)
-            if path == prefix or prefix in path.parents:
-                depth = len(prefix.parts)
-                if best is None or depth > best[0]:
-                    best = (depth, str(PurePosixPath(host) / path.relative_to(prefix)))
-        return best[1] if best else str(path)
+        return map_host_path(self.host_path_map, local_path)
