@@ -14,7 +14,6 @@ import importlib.metadata
 import io
 import json
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -30,13 +29,10 @@ from tests.node.node_harness import (
     VNODE,
     Server,
     ensure_probe_image,
-    remove_run_containers,
-    run_containers_gone,
-    running_agent,
-    write_node_config,
+    running_pair,
 )
 
-from vfed.node.config import NodeSettings, load_settings
+from vfed.node.config import NodeSettings
 
 BIN = Path(sys.executable).parent
 FINAL = {"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"}
@@ -211,34 +207,12 @@ class Pair:
 async def two_nodes(tmp_path: Path) -> AsyncIterator[Pair]:
     """Organizations alpha and beta, a running node each (neither shares its logs with initiators); the
     researcher of beta logs in with beta's keyring."""
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha", "beta"])
-    await server.start()
-    settings: dict[str, NodeSettings] = {}
-    try:
-        for org in ("alpha", "beta"):
-            path = write_node_config(
-                tmp_path / f"{org}.yaml",
-                name=f"rc{org[0]}{secrets.token_hex(3)}",
-                api_key=keys[org],
-                server_url=server.url,
-                mqtt_url=None,
-                poll_interval_s=0.3,
-                trust="tofu",
-            )
-            settings[org] = load_settings(path)
-        async with running_agent(settings["alpha"]), running_agent(settings["beta"]):
-            login = ["login", "--url", server.url, "--username", "res-beta", "--password", PASSWORD]
-            res = await avfed(*login, "--key-file", str(settings["beta"].key_path))
-            assert res.returncode == 0, res.stderr
-            orgs = json.loads((await avfed("organizations", "list", "--format", "json")).stdout)
-            yield Pair(server, settings, {o["name"]: o["id"] for o in orgs})
-            for node in settings.values():
-                await run_containers_gone(node.name)
-    finally:
-        for node in settings.values():
-            await asyncio.to_thread(remove_run_containers, node.name)
-        await server.stop()
+    async with running_pair(tmp_path, "rc") as (server, settings):
+        login = ["login", "--url", server.url, "--username", "res-beta", "--password", PASSWORD]
+        res = await avfed(*login, "--key-file", str(settings["beta"].key_path))
+        assert res.returncode == 0, res.stderr
+        orgs = json.loads((await avfed("organizations", "list", "--format", "json")).stdout)
+        yield Pair(server, settings, {o["name"]: o["id"] for o in orgs})
 
 
 async def _finished(task_id: int) -> list[dict[str, object]]:

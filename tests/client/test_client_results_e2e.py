@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,11 @@ import pytest
 from tests import imagebuild
 from tests.node.node_harness import (
     PASSWORD,
-    Server,
-    remove_run_containers,
-    run_containers_gone,
-    running_agent,
-    write_node_config,
+    running_pair,
 )
 
 from vfed.client.client import AsyncClient
 from vfed.client.errors import NotTables, TaskFailed
-from vfed.node.config import NodeSettings, load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 IMAGE = "vfed-test/nesting"
@@ -34,33 +28,13 @@ IMAGE = "vfed-test/nesting"
 async def two_orgs(tmp_path: Path) -> AsyncIterator[tuple[AsyncClient, dict[str, int]]]:
     """Organizations alpha and beta with a running node each; alpha's researcher, logged in with alpha's
     keyring; the organization ids by name."""
-    server = Server(tmp_path / "server", mqtt_url=None)
-    keys = await server.seed(["alpha", "beta"])
-    await server.start()
-    settings: dict[str, NodeSettings] = {}
-    try:
-        for org in ("alpha", "beta"):
-            path = write_node_config(
-                tmp_path / f"{org}.yaml",
-                name=f"rs{org[0]}{secrets.token_hex(3)}",
-                api_key=keys[org],
-                server_url=server.url,
-                mqtt_url=None,
-                poll_interval_s=0.3,
-                trust="tofu",
-            )
-            settings[org] = load_settings(path)
-        async with running_agent(settings["alpha"]), running_agent(settings["beta"]):
-            async with AsyncClient(server.url, key_file=settings["alpha"].key_path) as researcher:
-                await researcher.login("res-alpha", PASSWORD)
-                orgs = {str(o["name"]): int(o["id"]) for o in await researcher.organizations()}
-                yield researcher, orgs
-            for node in settings.values():
-                await run_containers_gone(node.name)
-    finally:
-        for node in settings.values():
-            await asyncio.to_thread(remove_run_containers, node.name)
-        await server.stop()
+    async with (
+        running_pair(tmp_path, "rs") as (server, settings),
+        AsyncClient(server.url, key_file=settings["alpha"].key_path) as researcher,
+    ):
+        await researcher.login("res-alpha", PASSWORD)
+        orgs = {str(o["name"]): int(o["id"]) for o in await researcher.organizations()}
+        yield researcher, orgs
 
 
 async def _run(researcher: AsyncClient, method: str, orgs: list[int], **kwargs: Any) -> dict[str, Any]:

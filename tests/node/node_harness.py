@@ -250,6 +250,37 @@ async def running_agent(settings: NodeSettings, **kwargs: Any) -> AsyncIterator[
             await asyncio.wait_for(loop, 30)
 
 
+@contextlib.asynccontextmanager
+async def running_pair(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[Server, dict[str, NodeSettings]]]:
+    """A started server with organizations alpha and beta and a running node each (named `<prefix><a|b><6
+    hex>`, polling fast, pinning at first use); their settings by organization. The runs' containers are
+    gone when it ends (checked after a clean exit, removed in any case)."""
+    server = Server(tmp_path / "server", mqtt_url=None)
+    keys = await server.seed(["alpha", "beta"])
+    await server.start()
+    settings: dict[str, NodeSettings] = {}
+    try:
+        for org in ("alpha", "beta"):
+            path = write_node_config(
+                tmp_path / f"{org}.yaml",
+                name=f"{prefix}{org[0]}{secrets.token_hex(3)}",
+                api_key=keys[org],
+                server_url=server.url,
+                mqtt_url=None,
+                poll_interval_s=0.3,
+                trust="tofu",
+            )
+            settings[org] = load_settings(path)
+        async with running_agent(settings["alpha"]), running_agent(settings["beta"]):
+            yield server, settings
+            for node in settings.values():
+                await run_containers_gone(node.name)
+    finally:
+        for node in settings.values():
+            await asyncio.to_thread(remove_run_containers, node.name)
+        await server.stop()
+
+
 async def wait_run_status(
     client: Any, task_id: int, statuses: set[str], timeout_s: float = 30.0
 ) -> list[dict[str, Any]]:
