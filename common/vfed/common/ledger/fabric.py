@@ -60,14 +60,13 @@ class FabricLedger:
         self.collaboration_id = collaboration_id
         self._profile = Profile(settings)
         self._hfc: _Hfc | None = None
-        self._connecting = asyncio.Lock()
         self._appending = asyncio.Lock()
 
     async def _client(self) -> _Hfc:
-        async with self._connecting:
-            if self._hfc is None:
-                self._hfc = await _Hfc.connect(self.settings, self._profile)
-            return self._hfc
+        """hfc's objects, made on first use inside the running loop (their gRPC channels belong to it)."""
+        if self._hfc is None:
+            self._hfc = _Hfc(self.settings, self._profile)
+        return self._hfc
 
     async def close(self) -> None:
         if self._hfc is not None:
@@ -181,10 +180,6 @@ class _Hfc:
         self._stream: asyncio.Task[None] | None = None
         self._hub: Any = None
         self._first_block: asyncio.Future[int] | None = None
-
-    @classmethod
-    async def connect(cls, settings: FabricSettings, profile: Profile) -> _Hfc:
-        return cls(settings, profile)
 
     def _rewire(self, node: Any, address: str, ca: str | None, host: str | None) -> None:
         """Give an hfc Peer or Orderer a gRPC channel on this ledger's threads (hfc made one on the default
