@@ -2,8 +2,8 @@
 
 A waiter holds no database connection while it waits. It is woken by the commit of a change to the task's
 runs in this process (task_events) or, on PostgreSQL, in any other server process (pg_events), and re-reads
-the database every `task_wait_recheck_s` regardless, so a lost wake-up only delays the answer. A client that hangs up is noticed at the
-next wake-up or re-check, and its waiter is dropped.
+the database every `task_wait_recheck_s` regardless, so a lost wake-up only delays the answer. A client
+that hangs up is noticed at the next wake-up or re-check, and its waiter is dropped.
 """
 
 from __future__ import annotations
