@@ -78,7 +78,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_doorbell)
     app.cleanup_ctx.append(blob_collector.collector)
-    app.cleanup_ctx.append(metrics_listener(settings.metrics, scrape))  # once the database is there
+    listener = metrics_listener(settings.metrics, scrape, reuse_port=settings.workers > 1)
+    app.cleanup_ctx.append(listener)  # once the database is there
     return app
 
 
