@@ -59,7 +59,7 @@ class Metrics:
         PROMETHEUS_MULTIPROC_DIR) every live worker's values summed, whichever worker is asked."""
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return registry
         return self.registry
 

@@ -110,7 +110,7 @@ class PgEvents:
         self._lost.set()
 
     async def _run(self) -> None:
-        import asyncpg  # the PostgreSQL driver, present whenever the database is PostgreSQL
+        import asyncpg  # type: ignore[import-untyped]  # present whenever the database is PostgreSQL
 
         delay_s = 0.5
         while True:

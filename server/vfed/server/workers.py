@@ -235,7 +235,7 @@ class Supervisor:
 
         os.environ[MULTIPROC_ENV] = str(self.metrics_dir)
         try:
-            multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+            multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
         finally:
             os.environ.pop(MULTIPROC_ENV, None)
 
