@@ -15,6 +15,11 @@ What is measured (each server in its own process, SQLite, on this machine):
 - a 50 MiB result uploaded by a node and downloaded by the researcher, wall time.
 - `--paths N`: per-request latency of every step of N task cycles, and the researcher client's own share
   (bench/server_paths.py says what each `path_*` key is).
+- `--database postgresql`: vfed on a PostgreSQL of its own (started like the tests' one, unless
+  `--database-url` names one), and beside the other figures `tasks_per_s_workers_1` and
+  `tasks_per_s_workers_2`: task creation by WORKER_CLIENTS concurrent clients against `vserver start
+  --workers 1` and `--workers 2`, each on a fresh database (the clients, PostgreSQL and the workers share
+  this machine's cores: the ratio says what a second process buys here, not on a bigger machine).
 
 vantage6 is measured by bench/server_v6.py under its own Python 3.10, which imports this file's helpers: so
 this file imports aiohttp and vfed only inside the vfed functions.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -41,6 +47,7 @@ INPUT_BYTES = 1024
 RESULT_BYTES = 50 * MIB
 ORGS = 3
 CLIENTS = 4
+WORKER_CLIENTS = 8  # concurrent clients for the --workers figures, each on connections of its own
 FORM = "one-request"  # how the researcher client creates a task (multipart: task fields + input)
 
 
@@ -268,35 +275,103 @@ async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dic
     return elapsed
 
 
-def run_vfed(args: argparse.Namespace, measure: Any = None) -> dict[str, float]:
-    """Start a vserver on a fresh data folder and run `measure` (default: vfed_measure) against it."""
+def run_vfed(
+    args: argparse.Namespace, measure: Any = None, *, workers: int = 1, nodes: int | None = None
+) -> dict[str, float]:
+    """Start a vserver on a fresh data folder (and a fresh database) and run `measure` (default:
+    vfed_measure) against it."""
     with tempfile.TemporaryDirectory(prefix="vfed-bench-") as d:
         tmp = Path(d)
-        cfg, keys = vfed_setup(tmp, args.nodes, args.database_url)
+        cfg, keys = vfed_setup(tmp, args.nodes if nodes is None else nodes, fresh_database(args))
         import yaml
 
         port = yaml.safe_load(cfg.read_text())["port"]
-        log = (tmp / "server.log").open("wb")
+        log_path = tmp / "server.log"
+        log = log_path.open("wb")
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "vfed.server.cli",
                 "--log-level",
-                "WARNING",
+                "INFO" if workers > 1 else "WARNING",
                 "start",
                 "--config",
                 str(cfg),
+                "--workers",
+                str(workers),
             ],
             stdout=log,
             stderr=log,
         )
         try:
             wait_port(port, proc)
+            deadline = time.monotonic() + 120
+            while workers > 1 and f"with {workers} workers" not in log_path.read_text():  # all listen
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"vserver --workers {workers} did not start:\n{log_path.read_text()}")
+                time.sleep(0.05)
             measure = measure or vfed_measure
             return dict(asyncio.run(measure(f"http://127.0.0.1:{port}", keys, args, proc.pid)))
         finally:
             stop(proc)
+
+
+def fresh_database(args: argparse.Namespace) -> str | None:
+    """The database URL of the next run: None (SQLite in the data folder), the given one, or a new database
+    on the benchmark's own PostgreSQL."""
+    postgres = getattr(args, "postgres", None)  # tests.infra.Postgres: --database postgresql of our own
+    if args.database_url or postgres is None:
+        return args.database_url  # type: ignore[no-any-return]
+    from tests import infra
+
+    return str(postgres.url(infra.create_database(postgres)))
+
+
+async def workers_measure(url: str, _keys: dict[str, str], args: argparse.Namespace, _pid: int) -> float:
+    """Tasks/s of WORKER_CLIENTS concurrent clients, each with a connection pool of its own (so the kernel
+    hands their connections to different workers)."""
+    import aiohttp
+
+    async def session() -> tuple[Any, dict[str, str], dict[str, Any]]:
+        http = aiohttp.ClientSession(url)
+        r = await http.post("/api/v1/token/user", json={"username": "res", "password": "bench password"})
+        user = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
+        collabs = (await (await http.get("/api/v1/collaborations", headers=user)).json())["data"]
+        return http, user, next(c for c in collabs if c["name"] == "bench")
+
+    clients = [await session() for _ in range(WORKER_CLIENTS)]
+    try:
+        per_client = max(1, args.tasks // WORKER_CLIENTS)
+
+        async def client(http: Any, user: dict[str, str], collab: dict[str, Any], n: int) -> None:
+            for _ in range(n):
+                await create_one(http, user, collab, args.forms[0])
+
+        await asyncio.gather(*(client(*c, 5) for c in clients))  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(client(*c, per_client) for c in clients))
+        return per_client * WORKER_CLIENTS / (time.perf_counter() - started)
+    finally:
+        for http, _, _ in clients:
+            await http.close()
+
+
+def run_workers_scaling(args: argparse.Namespace) -> dict[str, float]:
+    """tasks_per_s_workers_1 and _2, each on a fresh server and database."""
+    out: dict[str, float] = {}
+    for workers in (1, 2):
+        measured = run_vfed(args, _as_dict(workers_measure), workers=workers, nodes=ORGS)
+        out[f"tasks_per_s_workers_{workers}"] = measured["tasks_per_s"]
+    out["ratio_workers_2_vs_1"] = out["tasks_per_s_workers_2"] / out["tasks_per_s_workers_1"]
+    return out
+
+
+def _as_dict(measure: Any) -> Any:
+    async def wrapped(*a: Any) -> dict[str, float]:
+        return {"tasks_per_s": await measure(*a)}
+
+    return wrapped
 
 
 def run_v6(python: str, tasks: int) -> dict[str, float] | None:
@@ -325,6 +400,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--auth-samples", type=int, default=1000)
     parser.add_argument("--v6-python", default=os.environ.get("V6_PYTHON", "/tmp/v6srv/bin/python"))
     parser.add_argument("--database-url", help="vfed on this database (an empty one) instead of SQLite")
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="postgresql: a PostgreSQL of the benchmark's own (unless --database-url), and the --workers "
+        "1 and 2 figures",
+    )
     parser.add_argument("--skip-v6", action="store_true")
     parser.add_argument(
         "--cpu-tasks", type=int, default=0, help="also measure server CPU per task over N tasks"
@@ -359,6 +441,16 @@ def add_v6(results: dict[str, Any], v6: dict[str, Any] | None) -> None:
 
 def main() -> None:
     args = parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.database == "postgresql" and not args.database_url:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.infra
+            from tests import infra
+
+            args.postgres = stack.enter_context(infra.postgres())
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     load_start = os.getloadavg()[0]
     results: dict[str, Any] = run_vfed(args)
     if args.paths:
@@ -366,6 +458,8 @@ def main() -> None:
 
         # a fresh server, so these figures do not depend on the tasks created above
         results.update(run_vfed(args, server_paths.measure))
+    if args.database == "postgresql":
+        results.update(run_workers_scaling(args))
     add_v6(results, None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks))
     # other work on this machine moves these figures; the load average says how busy it was
     results["loadavg_1min_start"], results["loadavg_1min_end"] = load_start, os.getloadavg()[0]

@@ -11,22 +11,23 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 from vserver_testkit import World, client, db_url, settings, world
 
-from vfed.server import db
-from vfed.server.api import task_wait
+from vfed.server import db, pg_events
+from vfed.server.app import create_app
+from vfed.server.config import Settings
 from vfed.server.models import Run, RunStatus
-from vfed.server.state import ENGINE, TASK_EVENTS
+from vfed.server.state import ENGINE, PG_EVENTS, TASK_EVENTS
 
 __all__ = ["client", "db_url", "settings", "world"]
 LONG_S = 50  # far beyond the test's own events: reaching it would fail the `done` assertions
 
 
 @pytest.fixture
-def events_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No periodic re-check within a test's lifetime: only in-process events can wake a waiter."""
-    monkeypatch.setattr(task_wait, "RECHECK_S", 3600.0)
+def events_only(settings: Settings) -> None:
+    """No periodic re-check within a test's lifetime: only events can wake a waiter."""
+    settings.task_wait_recheck_s = 3600.0
 
 
 async def waiting(client: Any, n: int) -> None:
@@ -138,3 +139,70 @@ async def test_hang_up_leaves_no_waiter(client: Any, world: World) -> None:
     await waiting(client, 0)  # dropped at the next re-check, long before the wait's own timeout
     status, body = await world.call("a_res", "GET", f"/tasks/{task['id']}/wait?timeout_s=0")
     assert status == 200 and body["done"] is False
+
+
+@pytest.fixture
+async def other_process(aiohttp_client: Any, settings: Settings, world: World) -> World:
+    """A second server app on the same database (what another worker or machine is): its own connections,
+    its own LISTEN, its own origin; the seeded accounts log in to it with the same secrets."""
+    other = await aiohttp_client(create_app(settings))
+    return World(other, world.orgs, world.collabs, world.users, world.nodes, world.api_keys)
+
+
+async def listening(*clients: Any) -> None:
+    async with asyncio.timeout(LONG_S):
+        for c in clients:
+            await c.app[PG_EVENTS].listening.wait()
+
+
+@pytest.mark.usefixtures("events_only")
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_change_in_another_process_wakes_the_waiter(
+    client: Any, world: World, other_process: World
+) -> None:
+    """No re-check within the test: only PostgreSQL's notice from the other app can answer the wait."""
+    await listening(client, other_process.client)
+    task = await world.task("a_res", "ab", ["A", "B"])
+    (n1, r1), (n2, r2) = await node_runs(world, task)
+    waiter = asyncio.create_task(world.call("a_res", "GET", f"/tasks/{task['id']}/wait?timeout_s={LONG_S}"))
+    await waiting(client, 1)
+    await finish(other_process, n1, r1)
+    await finish(other_process, n2, r2)
+    status, body = await waiter
+    assert status == 200 and body["done"] is True
+    assert {r["status"] for r in body["runs"]} == {"completed"}
+    assert client.app[PG_EVENTS].received >= 1
+    assert other_process.client.app[PG_EVENTS].received == 0  # its own notices are not taken twice
+
+
+@pytest.mark.usefixtures("events_only")
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+async def test_junk_on_the_channel_and_a_lost_listener_lose_nothing(
+    client: Any, world: World, other_process: World
+) -> None:
+    """Someone else's notices on the channel are ignored; a listening connection the database drops is
+    re-made, and the waiters are woken to look again, so a change made meanwhile is still answered."""
+    events = client.app[PG_EVENTS]
+    await listening(client, other_process.client)
+    task = await world.task("a_res", "ab", ["A"])
+    [(node, run_id)] = await node_runs(world, task)
+    waiter = asyncio.create_task(world.call("a_res", "GET", f"/tasks/{task['id']}/wait?timeout_s={LONG_S}"))
+    await waiting(client, 1)
+    async with client.app[ENGINE].connect() as conn:
+        for junk in ("", "not json", '{"o": 1, "t": [1]}', '{"o": "x", "t": ["1"]}', '{"o": "x"}'):
+            await conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": pg_events.CHANNEL, "p": junk})
+        await conn.commit()
+        await conn.execute(  # the database drops the listener (a restart, a failover, an idle timeout)
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN %' AND pid <> pg_backend_pid()"
+            )
+        )
+        await conn.commit()
+    async with asyncio.timeout(LONG_S):
+        while events.listening.is_set():  # noqa: ASYNC110 (the listener's own state, no event to await)
+            await asyncio.sleep(0.01)
+    await finish(other_process, node, run_id)  # its notice may well go to nobody: the listener is down
+    status, body = await waiter
+    assert status == 200 and body["done"] is True
+    assert events.listening.is_set()

@@ -29,6 +29,7 @@ from vfed.server.metrics import (
     metrics_middleware,
 )
 from vfed.server.openapi import build_docs_html, build_openapi
+from vfed.server.pg_events import PgEvents, new_origin
 from vfed.server.presence import Presence
 from vfed.server.routes import add_routes
 from vfed.server.state import (
@@ -36,6 +37,7 @@ from vfed.server.state import (
     DOORBELL,
     ENGINE,
     LEDGER_STATES,
+    PG_EVENTS,
     PRESENCE,
     PRINCIPALS,
     SESSIONS,
@@ -76,7 +78,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_doorbell)
     app.cleanup_ctx.append(blob_collector.collector)
-    app.cleanup_ctx.append(metrics_listener(settings.metrics, scrape))  # once the database is there
+    listener = metrics_listener(settings.metrics, scrape, reuse_port=settings.workers > 1)
+    app.cleanup_ctx.append(listener)  # once the database is there
     return app
 
 
@@ -112,10 +115,18 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         await engine.dispose()
         raise
     app[ENGINE] = engine
-    app[SESSIONS] = db.make_sessionmaker(engine, app[TASK_EVENTS])
+    listener: PgEvents | None = None
+    origin: str | None = None
+    if engine.url.get_backend_name() == "postgresql":  # other server processes may share the database
+        origin = new_origin()
+        listener = app[PG_EVENTS] = PgEvents(settings.db_url(), app[TASK_EVENTS], origin)
+        await listener.start()
+    app[SESSIONS] = db.make_sessionmaker(engine, app[TASK_EVENTS], origin)
     await app[PRESENCE].start(app[SESSIONS])
     yield
     await app[PRESENCE].stop(app[SESSIONS])
+    if listener is not None:
+        await listener.stop()
     await engine.dispose()
 
 

@@ -87,6 +87,12 @@ def main(log_level: str) -> None:
     help="serve plain HTTP on an address other machines reach (refused without it: configure tls.*)",
 )
 @click.option("--upgrade", is_flag=True, help="migrate an older database schema first (vserver db upgrade)")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="server processes sharing the port (default 1, or `workers` in the config); more than 1 needs "
+    "PostgreSQL",
+)
 def start(
     config: Path | None,
     host: str | None,
@@ -94,16 +100,20 @@ def start(
     data_dir: Path | None,
     insecure_http: bool,
     upgrade: bool,
+    workers: int | None,
 ) -> None:
     """Run the server (with an embedded MQTT broker on loopback unless a broker URL is configured); HTTPS
-    with tls.cert_file and tls.key_file (reloaded on SIGHUP).
+    with tls.cert_file and tls.key_file (reloaded on SIGHUP). With --workers N, N processes serve the port
+    (PostgreSQL only; docs/deployment.md "Several server processes").
 
     On a database schema older than the code it refuses to serve unless --upgrade (or auto_migrate: true)."""
     from vfed.server.app import create_app
     from vfed.server.blobs import BlobStoreError
     from vfed.server.metrics import read_token
 
-    settings = _settings(config, host=host, port=port, data_dir=data_dir, auto_migrate=upgrade or None)
+    settings = _settings(
+        config, host=host, port=port, data_dir=data_dir, auto_migrate=upgrade or None, workers=workers
+    )
     if settings.mqtt.url is None:
         settings.mqtt.embedded_broker = True
     try:
@@ -126,6 +136,9 @@ def start(
     except TlsError as exc:
         _fail(str(exc))
         return
+    if settings.workers > 1:
+        _start_workers(settings)
+        return
     try:
         asyncio.run(serve(create_app(settings), settings.host, settings.port, settings.limits, tls))
     except (db.DatabaseError, BlobStoreError) as exc:
@@ -134,6 +147,18 @@ def start(
         if exc.filename:  # the data folder or blob folder, before the listener
             _fail(f"{exc.filename}: {exc.strerror or exc}")
         _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+
+
+def _start_workers(settings: Settings) -> None:
+    from vfed.server.workers import WorkersError, run_workers
+
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    try:
+        run_workers(settings, settings.workers, level)
+    except (WorkersError, db.DatabaseError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{exc.filename or settings.data_dir}: {exc.strerror or exc}")
 
 
 @main.command("import")

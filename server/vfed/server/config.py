@@ -298,6 +298,19 @@ class Settings(BaseModel):
     online_window_s: int = Field(60, ge=1)
     run_log_max_bytes: int = Field(64 * 1024, ge=0)
     task_wait_max_s: float = Field(60.0, ge=1, le=3600, description="longest a task wait is held open")
+    task_wait_recheck_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="a task wait re-reads the database this often besides being woken by a change (a safety "
+        "net: changes wake waiters in every server process, on PostgreSQL through LISTEN/NOTIFY)",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes sharing the port (SO_REUSEPORT); more than 1 needs PostgreSQL",
+    )
     auto_migrate: bool = Field(
         False,
         description="migrate an older schema at start, as `vserver start --upgrade` does; an empty database "

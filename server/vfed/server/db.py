@@ -19,7 +19,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError, NoSuc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from vfed.server import sqlite_fast
-from vfed.server.task_events import HUB, NotifyingSession, TaskEvents
+from vfed.server.task_events import HUB, NOTIFY_ORIGIN, NotifyingSession, TaskEvents
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -59,15 +59,21 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_sessionmaker(
-    engine: AsyncEngine, events: TaskEvents | None = None
+    engine: AsyncEngine, events: TaskEvents | None = None, notify_origin: str | None = None
 ) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded objects usable after commit (handlers serialise after committing), and
-    whose commits wake the waiters on tasks whose runs they changed (`events`)."""
+    whose commits wake the waiters on tasks whose runs they changed (`events`), and with `notify_origin`
+    (PostgreSQL) those of other server processes too (vfed.server.pg_events)."""
+    info: dict[str, object] = {}
+    if events is not None:
+        info[HUB] = events
+    if notify_origin is not None:
+        info[NOTIFY_ORIGIN] = notify_origin
     return async_sessionmaker(
         engine,
         expire_on_commit=False,
         sync_session_class=NotifyingSession,
-        info={HUB: events} if events is not None else None,
+        info=info or None,
     )
 
 

@@ -75,17 +75,19 @@ async def _serve(host: str, port: int, folder: str | None) -> None:
     config = {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": plugins}
     broker = Broker(config)
     await broker.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await broker.shutdown()
 
 
 def _exit_with_parent() -> None:
     """Standard input ends when the server that started this broker is gone: end too (as on SIGTERM)."""
-    with contextlib.suppress(OSError, ValueError):
-        while sys.stdin.buffer.read(4096):
+    with contextlib.suppress(OSError):
+        while os.read(0, 4096):  # the raw descriptor: a buffered reader's lock would block interpreter exit
             pass
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -93,7 +95,6 @@ def _exit_with_parent() -> None:
 def serve(host: str, port: int, folder: str | None = None) -> None:
     """Child-process entry point: run the broker until terminated, or until its parent is gone."""
     logging.basicConfig(level=logging.WARNING)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
         try:

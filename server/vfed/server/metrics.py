@@ -5,11 +5,13 @@ bearer token (`metrics.token_file`), `/metrics` on the API port."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from vfed.common.secret_file import SecretFileError, bearer_matches, read_secret_file
 from vfed.server.config import ConfigError, MetricsSettings
@@ -17,6 +19,7 @@ from vfed.server.errors import Handler, error_middleware, forbidden, unauthorize
 
 log = logging.getLogger(__name__)
 TOKEN_MIN_LENGTH = 16
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's: values go to files shared by the workers
 
 
 class Metrics:
@@ -30,15 +33,35 @@ class Metrics:
         )
         self.blob_bytes_in = Counter("vserver_blob_bytes_in", "blob bytes received", registry=self.registry)
         self.blob_bytes_out = Counter("vserver_blob_bytes_out", "blob bytes sent", registry=self.registry)
-        self.runs = Gauge("vserver_runs", "runs by status", ["status"], registry=self.registry)
+        self.runs = Gauge(  # set from the database at each scrape: the latest scrape's counts are the truth
+            "vserver_runs",
+            "runs by status",
+            ["status"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         self.doorbell = Counter(
             "vserver_doorbell_messages", "doorbell messages", ["outcome"], registry=self.registry
         )
         self.ledger_appends = Counter(
             "vserver_ledger_appends", "entries appended to ledgers", ["kind"], registry=self.registry
         )
-        self.task_waiters = Gauge("vserver_task_waiters", "open task long polls", registry=self.registry)
+        self.task_waiters = Gauge(
+            "vserver_task_waiters",
+            "open task long polls",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self._request_counters: dict[tuple[str, str, int], Counter] = {}
+
+    def exposition(self) -> CollectorRegistry:
+        """What a scrape answers: this registry, or with several worker processes (vfed.server.workers sets
+        PROMETHEUS_MULTIPROC_DIR) every live worker's values summed, whichever worker is asked."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return registry
+        return self.registry
 
     def count_request(self, method: str, route: str, status: int) -> None:
         """One answered request; the labelled child is looked up once per label set, not per request."""
@@ -113,10 +136,11 @@ def listener_app(api: web.Application, scrape: Scrape) -> web.Application:
 
 
 def metrics_listener(
-    settings: MetricsSettings, scrape: Scrape
+    settings: MetricsSettings, scrape: Scrape, *, reuse_port: bool = False
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context: read the token, then serve the listener while the API app runs. A listener that
-    cannot bind (port in use) is logged and the server serves on without it."""
+    cannot bind (port in use) is logged and the server serves on without it. With `reuse_port` every worker
+    process listens on the port (each answers with all workers' values)."""
 
     async def context(api: web.Application) -> AsyncIterator[None]:
         access = api[METRICS_ACCESS]
@@ -125,7 +149,7 @@ def metrics_listener(
         if settings.port is not None:
             runner = web.AppRunner(listener_app(api, scrape), access_log=None, handle_signals=False)
             await runner.setup()
-            site = web.TCPSite(runner, settings.host, settings.port)
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
             try:
                 await site.start()
             except OSError as exc:

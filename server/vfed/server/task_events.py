@@ -1,9 +1,10 @@
 """In-process wake-ups for task waiters: a committed change to a task's runs wakes whoever waits on it.
 
 Handlers mark the tasks whose runs they changed on their session (`mark_changed`, called by
-`refresh_status`); once that session commits, every waiter on those tasks is woken. Events are a shortcut,
-not the truth: a waiter re-reads the database when woken and also every few seconds, so a change made by
-another server process, or an event that never came, delays an answer but never loses it.
+`refresh_status`); once that session commits, every waiter on those tasks is woken. On PostgreSQL the same
+session also queues a `pg_notify` in its transaction, so the other server processes' waiters wake too
+(vfed.server.pg_events). Events are a shortcut, not the truth: a waiter re-reads the database when woken and
+also every `task_wait_recheck_s`, so an event that never came delays an answer but never loses it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
+
+from vfed.server.pg_events import CHANNEL, payloads
 
 _CHANGED = "vfed_changed_tasks"
 HUB = "vfed_task_events"
+NOTIFY_ORIGIN = "vfed_notify_origin"  # set (to this process's origin) on PostgreSQL: commits notify others
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 class TaskEvents:
@@ -43,6 +48,12 @@ class TaskEvents:
             for ev in self._waiters.get(task_id, ()):
                 ev.set()
 
+    def notify_all(self) -> None:
+        """Wake every waiter (after a gap in the cross-process notices)."""
+        for waiters in self._waiters.values():
+            for ev in waiters:
+                ev.set()
+
     def waiting(self) -> int:
         """How many waiters are registered (a gauge, and how tests see that none leaked)."""
         return sum(len(w) for w in self._waiters.values())
@@ -56,6 +67,16 @@ def mark_changed(session: Any, task_id: int) -> None:
 
 class NotifyingSession(Session):
     """The sync session behind every AsyncSession of the app; its commits wake task waiters."""
+
+
+@event.listens_for(NotifyingSession, "before_commit")
+def _before_commit(session: Session) -> None:
+    origin: str | None = session.info.get(NOTIFY_ORIGIN)
+    changed: set[int] | None = session.info.get(_CHANGED)
+    if origin is None or not changed:
+        return
+    for payload in payloads(origin, changed):  # delivered by PostgreSQL on commit, dropped on rollback
+        session.execute(_NOTIFY, {"channel": CHANNEL, "payload": payload})
 
 
 @event.listens_for(NotifyingSession, "after_commit")

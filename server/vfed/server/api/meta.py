@@ -66,7 +66,7 @@ async def scrape(app: web.Application) -> web.Response:
         rows = {status: count for status, count in result}
     for status in RunStatus:
         m.runs.labels(str(status)).set(rows.get(str(status), 0))
-    body = generate_latest(m.registry)
+    body = generate_latest(m.exposition())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -1,9 +1,9 @@
 """Long poll on a task: answer as soon as every run has finished (or, with `since`, when any run changed).
 
 A waiter holds no database connection while it waits. It is woken by the commit of a change to the task's
-runs in this process (task_events), and re-reads the database every RECHECK_S regardless, so a change made
-by another server process or a lost wake-up only delays the answer. A client that hangs up is noticed at the
-next wake-up or re-check, and its waiter is dropped.
+runs in this process (task_events) or, on PostgreSQL, in any other server process (pg_events), and re-reads
+the database every `task_wait_recheck_s` regardless, so a lost wake-up only delays the answer. A client
+that hangs up is noticed at the next wake-up or re-check, and its waiter is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from vfed.server.models import TERMINAL, Run, RunStatus
 from vfed.server.schemas import RunStateOut, TaskOut, TaskWaitOut, TaskWaitQuery
 from vfed.server.state import SETTINGS, TASK_EVENTS
 
-RECHECK_S = 1.0
 _RUN_STATES = (
     select(Run.id, Run.organization_id, Run.node_id, Run.status)
     .where(Run.task_id == bindparam("task"))
@@ -86,7 +85,9 @@ async def wait_task(request: web.Request) -> web.Response:
     the runs, for the answer; a wake-up in between reads only the runs' states."""
     q = read_query(request, TaskWaitQuery)
     task_id = path_id(request)
-    timeout_s = min(q.timeout_s, request.app[SETTINGS].task_wait_max_s)
+    settings = request.app[SETTINGS]
+    timeout_s = min(q.timeout_s, settings.task_wait_max_s)
+    recheck_s = settings.task_wait_recheck_s
     deadline = time.monotonic() + timeout_s
     events = request.app[TASK_EVENTS]
     waiters = request.app[METRICS].task_waiters
@@ -100,7 +101,7 @@ async def wait_task(request: web.Request) -> web.Response:
             if left_s <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken.wait(), min(left_s, RECHECK_S))
+                await asyncio.wait_for(woken.wait(), min(left_s, recheck_s))
             if _gone(request):
                 break  # nobody to answer; the finally drops the waiter
             woken.clear()
