@@ -20,6 +20,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict
 
 from vfed.common import tls
+from vfed.common.chunks import body_and_length
 
 log = logging.getLogger(__name__)
 DOWNLOAD_ATTEMPTS = 5  # transfers of one blob, each resuming where the last broke
@@ -223,7 +224,8 @@ class RestClient:
     async def upload_blob(self, data: bytes | AsyncIterable[bytes], size: int | None = None) -> BlobInfo:
         """Store bytes (or a stream of chunks) on the server; the answer carries the blob id."""
         headers = {"Content-Type": "application/octet-stream"}
-        answer = await self.request("POST", "/blobs", data=data, headers=headers)
+        body = body_and_length(data, headers) if isinstance(data, bytes | bytearray) else data
+        answer = await self.request("POST", "/blobs", data=body, headers=headers)
         info = BlobInfo.model_validate(answer)
         self.bytes_up += info.size if size is None else size
         return info
