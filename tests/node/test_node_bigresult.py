@@ -1,6 +1,6 @@
-"""1 GiB from a node's algorithm to the researcher's disk, as deployed (`vserver start`, a `vnode run` agent with
-Docker, the researcher's client in a process of its own), with each process's peak memory bounded: nothing
-on the path holds the result whole (bench/bigresult.py runs the same with 10 GiB, beside `cp`)."""
+"""1 GiB from a node's algorithm to the researcher's disk, as deployed (`vserver start`, a `vnode run` agent
+with Docker, the researcher's client in a process of its own), with each process's peak memory bounded:
+nothing on the path holds the result whole (bench/bigresult.py runs the same with 10 GiB, beside `cp`)."""
 
 from __future__ import annotations
 
