@@ -33,7 +33,7 @@ from vfed.client.errors import ResultMismatch
 from vfed.client.result_files import sealed_name
 from vfed.common.crypto import Keyring, encrypt_bytes
 from vfed.common.payload import AlgorithmError, encode_error, encode_result
-from vfed.common.trust import result_context
+from vfed.common.trust import result_context, rotation_record
 from vfed.server.config import BlobsSettings, Settings
 
 __all__ = ["blob_backend", "blobs_settings", "client", "db_url", "world"]
@@ -61,11 +61,19 @@ def _big_table() -> pd.DataFrame:
 
 
 async def _node_result(
-    world: World, node: str, ring: Keyring, task: dict[str, Any], output: bytes, *, tamper: bool = False
+    world: World,
+    node: str,
+    ring: Keyring,
+    task: dict[str, Any],
+    output: bytes,
+    *,
+    tamper: bool = False,
+    signer: Keyring | None = None,
 ) -> tuple[int, str]:
     """The node's side: claim, verify and open the input, seal `output` (encoded result bytes) to the
     initiator bound to the run, upload, report completed. `tamper`: one byte of the sealed result flipped
-    before the upload (what a server or disk that changes bytes serves). Returns (run id, blob id)."""
+    before the upload (what a server or disk that changes bytes serves); `signer`: sealed with that
+    keyring's key instead of the node's. Returns (run id, blob id)."""
     org_id = world.orgs[node[0].upper()]
     run_id = await _claimed_run(world, node, int(task["id"]))
     _, run = await world.call(node, "GET", f"/runs/{run_id}")
@@ -73,7 +81,8 @@ async def _node_result(
     _, stored = await world.call(node, "GET", f"/tasks/{task['id']}")
     opened = await open_input(stored["descriptor"], sealed_input, ring, org_id, _chains(world, node))
     context = result_context(opened.verified.digest, org_id, run_id)
-    sealed = bytearray(encrypt_bytes(output, ring.current, list(opened.verified.reply_keys), context=context))
+    sender = (signer or ring).current
+    sealed = bytearray(encrypt_bytes(output, sender, list(opened.verified.reply_keys), context=context))
     if tamper:
         sealed[len(sealed) // 2] ^= 1
     blob = await world.upload(node, bytes(sealed))
@@ -243,6 +252,37 @@ async def test_a_tampered_moved_or_failing_result_leaves_no_file(world: World, t
         with pytest.raises(AlgorithmError, match="ValueError: bad column"):
             await researcher.results(failing, to=tmp_path / "e")
         assert _left(tmp_path / "e") == []
+
+
+async def test_a_key_newer_than_the_kept_chain_is_read_again_and_a_stranger_key_refused(
+    world: World, tmp_path: Path
+) -> None:
+    """B rotates its key after the researcher read B's chain: the result signed by the new key streams once
+    the chain is read again. A result signed by a key outside B's chain is refused, with no file left."""
+    ring_a, ring_b = await _publish(world, "a_node", "A"), await _publish(world, "b_node", "B")
+    org_b = world.orgs["B"]
+    async with _through_proxy(world, ring_a) as (researcher, _proxy):
+        rotated = await researcher.create_task(world.collabs["ab"], "alpine:3", "m", organizations=[org_b])
+        before = Keyring(ring_b.keys)  # the node opens the input sealed to its old head
+        ring_b.rotate()
+        record = rotation_record(org_b, ring_b.keys[-2], ring_b.current)
+        path = f"/organizations/{org_b}/key-records"
+        assert (await world.call("b_node", "POST", path, json={"records": [record.model_dump()]}))[0] == 201
+        run_b, _ = await _node_result(
+            world, "b_node", before, rotated, encode_result("new key"), signer=ring_b
+        )
+        found = await researcher.results(rotated, to=tmp_path / "r")
+        assert found == ["new key"] and _left(tmp_path / "r") == [f"organization-{org_b}-run-{run_b}.json"]
+
+        stranger = await researcher.create_task(world.collabs["ab"], "alpine:3", "m", organizations=[org_b])
+        run_s, _ = await _node_result(
+            world, "b_node", ring_b, stranger, encode_result("forged"), signer=Keyring.generate()
+        )
+        with pytest.raises(
+            ResultMismatch, match=f"run {run_s} .*is not signed by a key of that organization"
+        ):
+            await researcher.results(stranger, to=tmp_path / "s")
+        assert _left(tmp_path / "s") == []
 
 
 async def test_the_blocking_client_and_a_child_process_stream_to_files(world: World, tmp_path: Path) -> None:
