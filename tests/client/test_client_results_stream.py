@@ -177,8 +177,8 @@ async def test_a_broken_transfer_resumes_with_range_in_the_same_call(world: Worl
 
 async def test_a_download_stopped_midway_resumes_in_the_next_call(world: World, tmp_path: Path) -> None:
     """The first call is cancelled while the transfer is held up (Ctrl-C, a closed notebook): the sealed
-    partial stays; the next call asks only for the rest. A partial holding every byte needs no transfer; a
-    damaged partial fails to decrypt and is fetched whole once more."""
+    partial stays; the next call asks only for the rest. A partial holding every byte needs no transfer; one
+    longer than the blob is dropped; a damaged partial fails to decrypt and is fetched whole once more."""
     ring_a, ring_b = await _publish(world, "a_node", "A"), await _publish(world, "b_node", "B")
     org_b, out = world.orgs["B"], tmp_path / "out"
     async with _through_proxy(world, ring_a) as (researcher, proxy):
@@ -208,6 +208,12 @@ async def test_a_download_stopped_midway_resumes_in_the_next_call(world: World, 
         part.write_bytes(sealed)  # a call that got every byte and stopped before decrypting
         found = await researcher.results(task, to=out)
         assert proxy.ranges()[-1] == f"bytes={len(sealed)}-"  # answered 416: nothing left to send
+        assert found[0] == value and _left(out) == [found.files[org_b].name]
+
+        part.write_bytes(sealed + b"more")  # longer than the blob: not its start, so all of it again
+        seen = len(proxy.blob_requests)
+        found = await researcher.results(task, to=out)
+        assert proxy.ranges()[seen:] == [f"bytes={len(sealed) + 4}-", None]
         assert found[0] == value and _left(out) == [found.files[org_b].name]
 
         damaged = bytearray(sealed[: len(sealed) // 2])
