@@ -19,6 +19,6 @@ async def test_one_gib_result_with_bounded_memory(tmp_path: Path) -> None:
     if shutil.disk_usage(tmp_path).free < 6 * SIZE:
         pytest.fail(f"{tmp_path} needs 6 GiB free for this test")
     figures = await vfed_path(SIZE, tmp_path)
-    assert figures["result_bytes"] == SIZE + len(b'{"vfed": 1, "format": "json", "value": ""}')
+    assert figures["result_bytes"] == SIZE + len(b'{"vfed":1,"format":"json","value":""}')
     for process in ("agent", "server", "client"):
         assert figures[f"{process}_peak_rss_mib"] <= PEAK_RSS_MIB, figures

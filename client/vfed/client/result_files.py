@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 STREAMS_AT_ONCE = 4  # results streamed to files at the same time: each holds a few chunks in memory
 JSON_PREFIX = b'{"vfed":1,"format":"json","value":'  # how vfed.common.payload.encode_result starts a value
+EAGER_MAX_BYTES = 16 * 1024 * 1024  # other layouts are decoded at once (error documents) only up to this
 
 
 def result_name(organization_id: int, run_id: int, kind: str) -> str:
@@ -144,8 +145,8 @@ def _decrypt_to_file(
 
 def _sniff(path: Path) -> tuple[str, Any]:
     """("parquet" | "json", NOT_LOADED) for a table or a value in the SDK's layout, read by first and last
-    bytes only; anything else (an algorithm's error document, another JSON layout) is decoded now, so an
-    error raises AlgorithmError here as it does for results kept in memory."""
+    bytes only; anything else up to EAGER_MAX_BYTES (an algorithm's error document, another JSON layout) is
+    decoded now, so an error raises AlgorithmError here as it does for results kept in memory."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(len(JSON_PREFIX))
@@ -153,6 +154,6 @@ def _sniff(path: Path) -> tuple[str, Any]:
         tail = f.read()
     if size >= 2 * len(PARQUET_MAGIC) and head.startswith(PARQUET_MAGIC) and tail == PARQUET_MAGIC:
         return "parquet", NOT_LOADED
-    if head == JSON_PREFIX and tail.endswith(b"}"):
-        return "json", NOT_LOADED
+    if head == JSON_PREFIX and tail.endswith(b"}") or size > EAGER_MAX_BYTES:
+        return "json", NOT_LOADED  # a big file is no error document: it is read when its value is asked for
     return "json", decode_result(path.read_bytes())

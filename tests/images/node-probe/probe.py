@@ -133,7 +133,7 @@ def main():
     elif method == "stream_output":
         left, block = int(args[0]), b"x" * (1024 * 1024)
         with open(os.environ["OUTPUT_FILE"], "wb") as handle:
-            handle.write(b'{"vfed": 1, "format": "json", "value": "')
+            handle.write(b'{"vfed":1,"format":"json","value":"')  # encode_result's own layout
             while left > 0:
                 handle.write(block[: min(left, len(block))])
                 left -= len(block)
