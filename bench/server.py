@@ -255,6 +255,8 @@ async def vfed_cpu_per_task(
 
 async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dict[str, str]) -> float:
     """Node: claim, upload 50 MiB, attach; researcher: download. Timed from upload start to last byte."""
+    from vfed.common.chunks import byte_chunks
+
     r = await http.post("/api/v1/token/node", json={"api_key": api_key})
     node = {"Authorization": f"Bearer {(await r.json())['access_token']}"}
     runs = (await (await http.get(f"/api/v1/runs?task_id={task_id}", headers=node)).json())["data"]
@@ -262,7 +264,9 @@ async def vfed_result_roundtrip(http: Any, api_key: str, task_id: int, user: dic
     await http.post(f"/api/v1/runs/{run_id}/claim", headers=node)
     payload = os.urandom(RESULT_BYTES)
     t0 = time.perf_counter()
-    r = await http.post("/api/v1/blobs", data=payload, headers=node)
+    # as the node uploads (a sealed file in 1 MiB chunks), with the length said up front
+    sized = {**node, "Content-Length": str(len(payload))}
+    r = await http.post("/api/v1/blobs", data=byte_chunks(payload), headers=sized)
     blob = (await r.json())["id"]
     r = await http.patch(
         f"/api/v1/runs/{run_id}", json={"status": "completed", "result_blob_id": blob}, headers=node

@@ -25,8 +25,8 @@ from vfed.client.cli_researcher import (
     task_logs,
     task_show,
     whoami,
-    write_results,
 )
+from vfed.client.cli_results import write_results
 from vfed.client.cli_trust import keys, organizations, trust, untrust
 from vfed.client.client import AsyncClient, interrupted_message
 from vfed.client.errors import ClientError
@@ -169,12 +169,20 @@ def task_wait(task_id: int, timeout_s: float | None) -> None:
 
 @task.command("results")
 @click.argument("task_id", type=int)
-@click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "csv", "native"]),
+    default="json",
+    show_default=True,
+    help="native (with --output only): a table as Parquet, any other value as JSON, without conversion",
+)
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="write one file per organization into this folder (organization-<id>.json or .csv) instead",
+    help="stream one file per organization into this folder (organization-<id>.<format>) instead; "
+    "a broken download resumes when the command runs again",
 )
 @handled
 def task_results(task_id: int, fmt: str, output: Path | None) -> None:
@@ -182,6 +190,8 @@ def task_results(task_id: int, fmt: str, output: Path | None) -> None:
 
     Example: vfed task results 12 --output results/ --format csv
     """
+    if fmt == "native" and output is None:
+        raise click.UsageError("--format native writes files: give --output DIR")
     if output is not None:
         write_results(task_id, fmt, output)
         return

@@ -1,17 +1,14 @@
 """`vfed whoami`, `vfed logout`, `vfed collaborations list`, `vfed nodes list` and the task views `vfed task
-show|logs` and `vfed task results --output DIR`: where a researcher finds their way around."""
+show|logs` (`vfed task results --output DIR` is cli_results.py): where a researcher finds their way around."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
-import csv
-import io
 import json
 import os
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,7 +18,7 @@ from vfed.client import credentials
 from vfed.client.cli_common import FORMAT, fail, handled, print_table, run
 from vfed.client.client import AsyncClient
 from vfed.client.errors import ApiError, ClientError
-from vfed.client.results import OrganizationResult, ResultSet
+from vfed.client.results import OrganizationResult
 from vfed.client.run_logs import LogUnreadable, run_log
 from vfed.client.tasks import FINISHED, run_failure, subtask_failures
 
@@ -392,57 +389,3 @@ def _why(exc: LogUnreadable, org_id: int) -> str:
     if exc.kind == "none":
         return "no log: its node sent none, or the run has not ended"
     return str(exc)
-
-
-def write_results(task_id: int, fmt: str, output: Path) -> None:
-    """`vfed task results TASK_ID --output DIR`: one file per organization, `organization-<id>.<fmt>`; a
-    failed run is one line naming its organization, and the exit code is then 1."""
-
-    found: ResultSet = run(lambda c: c.results(task_id, raise_on_failure=False))
-    output.mkdir(parents=True, exist_ok=True)
-    for result in found.organizations:
-        if result.ok:
-            path = output / f"organization-{result.organization_id}.{fmt}"
-            path.write_text(_json_one(result.value) if fmt == "json" else _csv_one(result.value))
-            click.echo(f"wrote {path} ({result.who})")
-    for failure in found.failures:
-        click.echo(failure.line(), err=True)
-    if not found:
-        fail(f"task {task_id} has no runs")
-    failed = sum(1 for r in found.organizations if not r.ok)
-    if failed:
-        fail(f"{failed} of {len(found)} organizations have no result for task {task_id}")
-
-
-def _plain(value: Any) -> Any:
-    return value.to_dict(orient="records") if hasattr(value, "to_dict") else value
-
-
-def _json_one(value: Any) -> str:
-    return json.dumps(_plain(value), indent=2, default=str) + "\n"
-
-
-def _csv_one(value: Any) -> str:
-    """A table as CSV; a dict is one row; anything else one `value` cell holding its JSON."""
-    if hasattr(value, "to_csv"):
-        return str(value.to_csv(index=False))
-    plain = _plain(value)
-    rows = plain if isinstance(plain, list) and all(isinstance(r, dict) for r in plain) else None
-    if rows is None and isinstance(plain, dict):
-        rows = [plain]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    if rows is None:
-        writer.writerow(["value"])
-        writer.writerow([json.dumps(plain, default=str)])
-        return out.getvalue()
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    writer.writerow(fields)
-    for row in rows:
-        writer.writerow(
-            [
-                v if isinstance(v, str | int | float) or v is None else json.dumps(v, default=str)
-                for v in (row.get(f) for f in fields)
-            ]
-        )
-    return out.getvalue()

@@ -323,12 +323,22 @@ class AsyncClient:
         except KeyboardInterrupt:
             raise WaitInterrupted(task_id) from None
 
-    async def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> ResultSet:
+    async def results(
+        self, task: int | dict[str, Any], raise_on_failure: bool = True, *, to: str | Path | None = None
+    ) -> ResultSet:
         """Decrypted results, one per run in organization order, as a ResultSet (a sequence of the values,
         with `.by_organization`, `.organizations`, `.failures` and `.to_dataframe()`). A failed run raises
         TaskFailed (a RunFailed) naming every failed run, of the task and of its subtasks at any depth;
-        with `raise_on_failure=False` a failed run's value is its RunFailed and `.failures` lists them."""
-        return await tasks.results(self, _task_id(task), raise_on_failure)
+        with `raise_on_failure=False` a failed run's value is its RunFailed and `.failures` lists them.
+
+        `to`: a folder (made if missing) each result streams to in bounded memory, as
+        `organization-<org id>-run-<run id>.parquet` (a table) or `.json` (vfed's result document), instead
+        of being held in memory; each OrganizationResult's `file` names it and its `value` is read from it
+        on first access. A transfer broken off resumes, also in a later call (the sealed partial
+        `organization-<org id>-run-<run id>.sealed.part` stays until it decrypts); a result that does not
+        decrypt raises ResultMismatch and leaves no file."""
+        folder = None if to is None else Path(to)
+        return await tasks.results(self, _task_id(task), raise_on_failure, folder)
 
     async def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = await self.api.request("POST", f"/tasks/{_task_id(task)}/kill")
@@ -482,8 +492,10 @@ class Client:
             fut.cancel()
             raise WaitInterrupted(_task_id(task)) from None
 
-    def results(self, task: int | dict[str, Any], raise_on_failure: bool = True) -> ResultSet:
-        return self._call(self._async.results(task, raise_on_failure))
+    def results(
+        self, task: int | dict[str, Any], raise_on_failure: bool = True, *, to: str | Path | None = None
+    ) -> ResultSet:
+        return self._call(self._async.results(task, raise_on_failure, to=to))
 
     def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
         return self._call(self._async.kill(task))

@@ -14,6 +14,8 @@ from vfed.client.errors import ApiError, NotLoggedIn
 from vfed.common.tls import connector
 
 CHUNK_BYTES = 1 << 20
+RESUME_ATTEMPTS = 5  # attempts in a row that bring no new byte before a download to a file gives up
+BLOB_READ_TIMEOUT_S = 60.0  # a transfer silent this long is broken: resume it
 
 
 class ApiSession:
@@ -160,6 +162,90 @@ class ApiSession:
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
                 continue
         raise ApiError(0, "download-failed", f"blob {blob_id} could not be downloaded after 5 attempts")
+
+    async def download_blob_to(self, blob_id: str, path: Path) -> int:
+        """The blob into `path`, continuing from the bytes the file already holds (`Range: bytes=N-`), so a
+        transfer broken here or in an earlier call resumes; returns the blob's size. Chunks go straight to
+        the file, so memory stays at one chunk whatever the size. The bytes kept are not checked here: the
+        caller's decryption verifies them all. Gives up (ApiError download-failed) after RESUME_ATTEMPTS
+        attempts in a row that brought no new byte."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=BLOB_READ_TIMEOUT_S)
+        refreshed, idle, why = False, 0, ""
+        while idle < RESUME_ATTEMPTS:
+            have = await asyncio.to_thread(file_size, path)
+            headers = self._auth_headers()
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            try:
+                async with self.session.get(
+                    f"{self.base}/blobs/{blob_id}", headers=headers, timeout=timeout
+                ) as resp:
+                    if resp.status == 401 and not refreshed:
+                        refreshed = True
+                        if await self._refresh():
+                            continue
+                    if resp.status == 416 and have:
+                        if _range_size(resp.headers.get("Content-Range")) == have:
+                            return have  # an earlier transfer got every byte
+                        # longer than the blob, or an unreadable answer: start over
+                        await asyncio.to_thread(path.unlink, True)
+                        idle, why = idle + 1, "the server refused the range"
+                        continue
+                    if resp.status >= 400:
+                        await _json_or_raise(resp)
+                    if resp.status == 206 and _range_start(resp.headers.get("Content-Range")) != have:
+                        # a part of another place than asked: start over
+                        await asyncio.to_thread(path.unlink, True)
+                        idle, why = idle + 1, "the server answered another range"
+                        continue
+                    return await _write_body(resp, path, resp.status == 206)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                why = f"{exc.__class__.__name__}: {exc}"
+            grew = await asyncio.to_thread(file_size, path) > have
+            idle = 0 if grew else idle + 1
+            if not grew:
+                await asyncio.sleep(0.2 * idle)
+        raise ApiError(
+            0,
+            "download-failed",
+            f"blob {blob_id}: {RESUME_ATTEMPTS} attempts in a row brought nothing ({why})",
+        )
+
+
+async def _write_body(resp: aiohttp.ClientResponse, path: Path, appending: bool) -> int:
+    """Append a 206 answer (it starts where the file ends), or replace the file with a 200 answer (the
+    server sent the whole blob). Returns the file's size. A transfer cut short raises with what arrived
+    kept in the file, for the next attempt to continue."""
+    with path.open("ab" if appending else "wb") as out:
+        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            await asyncio.to_thread(out.write, chunk)
+        return out.tell()
+
+
+def file_size(path: Path) -> int:
+    """The size of the file, 0 when there is none."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _range_start(header: str | None) -> int | None:
+    """The first byte of `Content-Range: bytes START-END/SIZE`; None when it is not of that form."""
+    try:
+        unit, rest = (header or "").split(" ", 1)
+        return int(rest.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
+def _range_size(header: str | None) -> int | None:
+    """The SIZE of `Content-Range: bytes */SIZE` (a 416's); None when it is not of that form."""
+    try:
+        unit, rest = (header or "").split(" ", 1)
+        return int(rest.rsplit("/", 1)[1]) if unit == "bytes" else None
+    except (ValueError, IndexError):
+        return None
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:

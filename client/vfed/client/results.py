@@ -3,17 +3,49 @@ level of subtasks the researcher may see.
 
 A `ResultSet` is a read-only sequence of the decoded values in organization order, so code written when
 `results()` returned a plain list (indexing, unpacking, `==` with a list) keeps working; `.by_organization`,
-`.organizations` and `.to_dataframe()` add who returned what.
+`.organizations` and `.to_dataframe()` add who returned what. Results streamed to files (`results(...,
+to=DIR)`) keep each value in its file until it is first asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, overload
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final, overload
 
 from vfed.client.errors import ClientError, NotTables, RunFailed
 from vfed.common.api.reasons import code_of
+from vfed.common.payload import PARQUET_MAGIC, decode_result
+
+
+class _NotLoaded:
+    def __repr__(self) -> str:
+        return "<not loaded>"
+
+
+NOT_LOADED: Final[Any] = _NotLoaded()
+"""The value of a result kept in its file and not read yet."""
+
+
+class _FileBackedValue:
+    """`OrganizationResult.value`: what the result was built with, or, when that is NOT_LOADED, read from
+    its `file` on first access and kept (a table of many GiB is read only when asked for)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, result: OrganizationResult | None, owner: type | None = None) -> Any:
+        if result is None:
+            return None  # the dataclass field's default
+        value = result.__dict__[self.slot]
+        if value is NOT_LOADED and result.file is not None:
+            value = load_result_file(result.file)
+            result.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, result: OrganizationResult, value: Any) -> None:
+        result.__dict__[self.slot] = value
 
 
 @dataclass(frozen=True)
@@ -23,19 +55,33 @@ class OrganizationResult:
 
     `task_id` is the run's own task: the asked task for its own runs, a subtask for the runs `failures`
     found below a failed run. `path` lists the task ids from the asked task down to the run's task, and
-    `parent_run_id` is the run that created that subtask (None for the asked task's own runs)."""
+    `parent_run_id` is the run that created that subtask (None for the asked task's own runs). `file` is
+    the file a result streamed to (`results(..., to=DIR)`): `value` is read from it on first access."""
 
     organization_id: int
     organization: str | None
     run_id: int
     task_id: int
     status: str
-    value: Any = None
+    value: Any = _FileBackedValue()
     code: str | None = None
     message: str | None = None
     log_tail: str = ""
     path: tuple[int, ...] = ()
     parent_run_id: int | None = None
+    file: Path | None = None
+
+    def __repr__(self) -> str:
+        """The dataclass's, without reading a value still in its file."""
+        shown = (
+            f"{f.name}={self.__dict__['_value' if f.name == 'value' else f.name]!r}" for f in fields(self)
+        )
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    @property
+    def loaded(self) -> bool:
+        """False while the value is still only in `file`."""
+        return self.__dict__["_value"] is not NOT_LOADED
 
     @property
     def ok(self) -> bool:
@@ -74,7 +120,9 @@ def failed_result(run: Mapping[str, Any], failure: RunFailed, names: Mapping[int
     )
 
 
-def completed_result(run: Mapping[str, Any], value: Any, names: Mapping[int, str]) -> OrganizationResult:
+def completed_result(
+    run: Mapping[str, Any], value: Any, names: Mapping[int, str], file: Path | None = None
+) -> OrganizationResult:
     org_id = int(run["organization_id"])
     return OrganizationResult(
         organization_id=org_id,
@@ -84,12 +132,25 @@ def completed_result(run: Mapping[str, Any], value: Any, names: Mapping[int, str
         status=str(run["status"]),
         value=value,
         path=(int(run["task_id"]),),
+        file=file,
     )
+
+
+def load_result_file(path: Path) -> Any:
+    """The value a result file holds: a DataFrame for Parquet (pandas reads the file itself), else the
+    value of the JSON result document (AlgorithmError for an algorithm's error document)."""
+    with path.open("rb") as f:
+        head = f.read(len(PARQUET_MAGIC))
+    if head == PARQUET_MAGIC:
+        return _pandas("reading a table result").read_parquet(path, engine="pyarrow")
+    return decode_result(path.read_bytes())
 
 
 class ResultSet(Sequence[Any]):
     """A task's results, one per run in organization order: the decoded value of a completed run, or its
-    RunFailed when the results were read with `raise_on_failure=False`."""
+    RunFailed when the results were read with `raise_on_failure=False`. A value kept in its file is read
+    when it is first asked for (indexing, iteration, `by_organization`, `to_dataframe()`); `.files` names
+    the files without reading them."""
 
     def __init__(
         self, task_id: int, runs: Sequence[OrganizationResult], failures: Sequence[OrganizationResult]
@@ -98,33 +159,39 @@ class ResultSet(Sequence[Any]):
         self.organizations: tuple[OrganizationResult, ...] = tuple(runs)
         self.failures: tuple[OrganizationResult, ...] = tuple(failures)
         """Every failed run: the task's own, then those of subtasks below them (see OrganizationResult)."""
-        self._values = [r.value for r in self.organizations]
 
     @overload
     def __getitem__(self, index: int) -> Any: ...
     @overload
     def __getitem__(self, index: slice) -> list[Any]: ...
     def __getitem__(self, index: int | slice) -> Any:
-        return self._values[index]
+        if isinstance(index, slice):
+            return [r.value for r in self.organizations[index]]
+        return self.organizations[index].value
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self.organizations)
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._values)
+        return (r.value for r in self.organizations)
 
     def __eq__(self, other: object) -> bool:
         """Equal to a list (or another ResultSet) of the same values, as the plain list it replaces was."""
-        if isinstance(other, ResultSet):
-            return self._values == other._values
-        if isinstance(other, list | tuple):
-            return self._values == list(other)
+        if isinstance(other, ResultSet | list | tuple):
+            return list(self) == list(other)
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # mutable values inside, like the list it replaces
 
     def __repr__(self) -> str:
-        return f"ResultSet(task={self.task_id}, {self.by_organization!r})"
+        """Values still in their files are named by file, not read."""
+        shown = {r.organization_id: r.value if r.loaded else r.file for r in self.organizations}
+        return f"ResultSet(task={self.task_id}, {shown!r})"
+
+    @property
+    def files(self) -> dict[int, Path]:
+        """Organization id -> the file its result streamed to (`results(..., to=DIR)`), for completed runs."""
+        return {r.organization_id: r.file for r in self.organizations if r.file is not None}
 
     @property
     def by_organization(self) -> dict[int, Any]:
@@ -150,12 +217,12 @@ class ResultSet(Sequence[Any]):
         return pd.concat(frames, ignore_index=True)
 
 
-def _pandas() -> Any:
+def _pandas(what: str = "to_dataframe()") -> Any:
     try:
         import pandas as pd
     except ImportError:
         raise ClientError(
-            "to_dataframe() needs pandas: install the algorithms extra (pip install 'vfed[algorithms]')"
+            f"{what} needs pandas: install the algorithms extra (pip install 'vfed[algorithms]')"
         ) from None
     return pd
 

@@ -9,22 +9,16 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from vfed.client.errors import ApiError, ClientError, ResultMismatch, RunFailed, TaskFailed, TaskTimeout
+from vfed.client.errors import ApiError, ClientError, RunFailed, TaskFailed, TaskTimeout
 from vfed.client.identity import Identity
 from vfed.client.progress import runs_progress
+from vfed.client.result_files import STREAMS_AT_ONCE, open_checked, stream_result
 from vfed.client.results import OrganizationResult, ResultSet, completed_result, failed_result
 from vfed.client.run_logs import log_if_readable
-from vfed.common.crypto import (
-    ContextMismatch,
-    Keyring,
-    PublicKey,
-    SenderLookup,
-    UnknownSender,
-    decrypt_bytes,
-    encrypt_bytes,
-)
+from vfed.common.crypto import Keyring, PublicKey, SenderLookup, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, decode_result
 from vfed.common.trust import (
     DescriptorDocument,
@@ -183,10 +177,14 @@ async def _wait_once(
     return state
 
 
-async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> ResultSet:
+async def results(
+    client: AsyncClient, task_id: int, raise_on_failure: bool, to: Path | None = None
+) -> ResultSet:
     """Every completed run's result is downloaded and decrypted at once (one connection each): a task's
     results arrive in the time of the slowest, not the sum. A failed run raises TaskFailed before any
-    download, naming every failed run of the task and of the subtasks below it."""
+    download, naming every failed run of the task and of the subtasks below it. With `to`, each result
+    streams to a file in that folder (a few at a time, each in bounded memory) and its value is read from
+    the file when first asked for."""
     listed, digest, orgs = await asyncio.gather(
         client.runs(task_id), descriptor_digest(client, task_id), client.organizations()
     )
@@ -204,12 +202,36 @@ async def results(client: AsyncClient, task_id: int, raise_on_failure: bool) -> 
         failures += await subtask_failures(client, task_id, failures, names)
     if failures and raise_on_failure:
         raise TaskFailed(task_id, failures)
-    values = await asyncio.gather(
-        *(_decrypt_result(client, run, digest) for i, run in enumerate(runs) if done[i])
+    completed = [run for i, run in enumerate(runs) if done[i]]
+    if to is None:
+        values = await asyncio.gather(*(_decrypt_result(client, run, digest) for run in completed))
+        opened = [completed_result(run, value, names) for run, value in zip(completed, values, strict=True)]
+    else:
+        opened = await _streamed(client, completed, digest, to, names)
+    shown = iter(opened)
+    return ResultSet(task_id, [own[i] if i in own else next(shown) for i in range(len(runs))], failures)
+
+
+async def _streamed(
+    client: AsyncClient, runs: list[dict[str, Any]], digest: str | None, to: Path, names: Mapping[int, str]
+) -> list[OrganizationResult]:
+    """Each run's result streamed to a file in `to`, a few at a time. Every stream runs to its end (the
+    others' files are then complete), then the first failure is raised."""
+    await asyncio.to_thread(to.mkdir, parents=True, exist_ok=True)
+    limit = asyncio.Semaphore(STREAMS_AT_ONCE)
+    ended = await asyncio.gather(
+        *(stream_result(client, run, digest, to, limit) for run in runs), return_exceptions=True
     )
-    it = iter(values)
-    shown = [own[i] if i in own else completed_result(runs[i], next(it), names) for i in range(len(runs))]
-    return ResultSet(task_id, shown, failures)
+    files = [_or_raise(end) for end in ended]
+    return [
+        completed_result(run, value, names, file=file) for run, (file, value) in zip(runs, files, strict=True)
+    ]
+
+
+def _or_raise(ended: T | BaseException) -> T:
+    if isinstance(ended, BaseException):
+        raise ended
+    return ended
 
 
 async def subtask_failures(
@@ -293,18 +315,9 @@ async def _decrypt_result(client: AsyncClient, run: dict[str, Any], digest: str 
     blob, chain = await asyncio.gather(
         client.api.download_blob(str(run["result_blob_id"])), client.chains.chain(org_id)
     )
-    try:
-        try:
-            plaintext = await _decrypt(blob, client.keyring, chain.lookup(), context)
-        except UnknownSender:  # signed by a key newer than the chain we keep: read it again, once
-            chain = await client.chains.chain(org_id, refresh=True)
-            plaintext = await _decrypt(blob, client.keyring, chain.lookup(), context)
-    except ContextMismatch:
-        raise ResultMismatch(
-            run_id, org_id, "belongs to another run or task (not bound to this run)"
-        ) from None
-    except UnknownSender:
-        raise ResultMismatch(run_id, org_id, "is not signed by a key of that organization") from None
+    plaintext = await open_checked(
+        client, run_id, org_id, chain, lambda sender: _decrypt(blob, client.keyring, sender, context)
+    )
     return await _off_loop_if_big(len(plaintext), functools.partial(decode_result, plaintext))
 
 

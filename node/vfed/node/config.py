@@ -207,7 +207,7 @@ class NodeSettings(_Strict):
     min_rows: int = Field(default=10, ge=0)
     """The fewest records a federated function may compute over (`VFED_MIN_ROWS` for the algorithm SDK, which
     refuses smaller datasets and subsets)."""
-    max_output_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_output_bytes: int = Field(default=16 * 1024**3, gt=0)
     """The largest output file a run may leave; a larger one fails the run."""
     max_log_bytes: int = Field(default=64 * 1024, gt=0)
     """How much of a run's log (its tail) is kept, sealed and sent to the server."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json as _json
+import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,7 +20,10 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict
 
 from vfed.common import tls
+from vfed.common.chunks import body_and_length
 
+log = logging.getLogger(__name__)
+DOWNLOAD_ATTEMPTS = 5  # transfers of one blob, each resuming where the last broke
 TERMINAL_RUN_STATUSES = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 
 
@@ -220,28 +224,75 @@ class RestClient:
     async def upload_blob(self, data: bytes | AsyncIterable[bytes], size: int | None = None) -> BlobInfo:
         """Store bytes (or a stream of chunks) on the server; the answer carries the blob id."""
         headers = {"Content-Type": "application/octet-stream"}
-        answer = await self.request("POST", "/blobs", data=data, headers=headers)
+        body = body_and_length(data, headers) if isinstance(data, bytes | bytearray) else data
+        answer = await self.request("POST", "/blobs", data=body, headers=headers)
         info = BlobInfo.model_validate(answer)
         self.bytes_up += info.size if size is None else size
         return info
 
     async def download_blob(self, blob_id: str) -> bytes:
-        body: bytes = await self.request("GET", f"/blobs/{blob_id}", raw=True)
-        return body
+        """The whole blob in memory; a transfer broken mid-way goes on from where it stopped (Range)."""
+        buf = bytearray()
+
+        async def take(chunk: bytes) -> None:
+            buf.extend(chunk)
+
+        def restart() -> None:
+            buf.clear()
+
+        await self._download(blob_id, lambda: len(buf), take, restart, 1024 * 1024)
+        return bytes(buf)
 
     async def download_blob_to(self, blob_id: str, target: Path, chunk_bytes: int = 1024 * 1024) -> int:
-        """Stream a blob into a new file (mode 0600); returns its size."""
-        size = 0
-        async with self.open("GET", f"/blobs/{blob_id}") as response:
-            handle = await asyncio.to_thread(_create_private, target)
+        """Stream a blob into a new file (mode 0600); returns its size. A transfer broken mid-way goes on
+        from the bytes already written (Range), so a big blob is never fetched twice over a bad link."""
+        handle = await asyncio.to_thread(_create_private, target)
+        written = 0
+
+        async def take(chunk: bytes) -> None:
+            nonlocal written
+            await asyncio.to_thread(handle.write, chunk)
+            written += len(chunk)
+
+        def restart() -> None:
+            nonlocal written
+            handle.seek(0)
+            handle.truncate()
+            written = 0
+
+        try:
+            await self._download(blob_id, lambda: written, take, restart, chunk_bytes)
+        finally:
+            handle.close()
+        return written
+
+    async def _download(
+        self,
+        blob_id: str,
+        have: Callable[[], int],
+        take: Callable[[bytes], Awaitable[None]],
+        restart: Callable[[], None],
+        chunk_bytes: int,
+    ) -> None:
+        """GET the blob, then `Range: bytes=<have>-` after each transfer that broke after bringing bytes,
+        up to DOWNLOAD_ATTEMPTS; a server that answers 200 to a Range request sends it all again
+        (`restart`). Errors the server answers (4xx, 5xx) and a server that sends nothing are raised as
+        they come."""
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            start = have()
+            headers = {"Range": f"bytes={start}-"} if start else None
             try:
-                async for chunk in response.content.iter_chunked(chunk_bytes):
-                    await asyncio.to_thread(handle.write, chunk)
-                    size += len(chunk)
-            finally:
-                handle.close()
-        self.bytes_down += size
-        return size
+                async with self.open("GET", f"/blobs/{blob_id}", headers=headers) as response:
+                    if start and response.status != 206:
+                        restart()
+                    async for chunk in response.content.iter_chunked(chunk_bytes):
+                        await take(chunk)
+                        self.bytes_down += len(chunk)
+                return
+            except (aiohttp.ClientPayloadError, ServerUnavailable) as exc:
+                if have() == start or attempt == DOWNLOAD_ATTEMPTS - 1:
+                    raise  # no byte came (a server that is down): the caller's retry, not ours
+                log.info("blob %s: transfer broke after %d bytes (%s); resuming", blob_id, have(), exc)
 
 
 async def file_chunks(path: Path, chunk_bytes: int = 1024 * 1024) -> AsyncIterable[bytes]:

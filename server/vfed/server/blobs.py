@@ -179,6 +179,9 @@ class FileBlobStore(BlobStore):
     ) -> int:
         tmp = final.with_suffix(".part")
         fh = await asyncio.to_thread(_open_part, tmp)
+        # One chunk is hashed and written in a worker thread while the loop reads the next from the socket
+        # (one write at a time, in order): waiting for each write before reading on paused the sender.
+        writing: asyncio.Future[None] | None = None
         try:
             buf, buffered = head, size
             async for chunk in rest:
@@ -186,12 +189,18 @@ class FileBlobStore(BlobStore):
                 buf.append(chunk)
                 buffered += len(chunk)
                 if buffered >= CHUNK_BYTES:
-                    await asyncio.to_thread(_write_hash, fh, digest, buf)
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(_write_hash, fh, digest, buf))
                     buf, buffered = [], 0
+            if writing is not None:
+                await writing
             await asyncio.to_thread(_write_hash, fh, digest, buf)
             await asyncio.to_thread(fh.close)
             await asyncio.to_thread(os.replace, tmp, final)
         except BaseException:
+            if writing is not None:  # the thread may still be writing: the file closes after it
+                await asyncio.gather(writing, return_exceptions=True)
             await asyncio.to_thread(fh.close)
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
             raise

@@ -287,7 +287,7 @@ class Settings(BaseModel):
         description="the password for database_url, kept out of it (usually database_password_file)",
     )
     blob_dir: Path | None = Field(None, description="default: <data_dir>/blobs")
-    max_blob_bytes: int = Field(2 * 1024**3, ge=1)
+    max_blob_bytes: int = Field(16 * 1024**3, ge=1)
     blobs: BlobsSettings = Field(default_factory=BlobsSettings)
     jwt_secret: str = Field(
         default_factory=lambda: secrets.token_urlsafe(32), min_length=16, json_schema_extra=SECRET, repr=False

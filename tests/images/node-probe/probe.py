@@ -1,6 +1,7 @@
 """Test algorithm for the node agent: reads INPUT_FILE (a TaskInput), writes OUTPUT_FILE (a vfed result).
 
 Methods: echo (args/env back), sleep (seconds), fail (exit code), no_output, big_output (bytes),
+stream_output (a JSON result holding a string of N bytes, written 1 MiB at a time: bounded memory),
 master (creates a subtask through the proxy socket and sums the results), proxy_probe (tries forbidden calls).
 """
 
@@ -129,6 +130,14 @@ def main():
     elif method == "big_output":
         with open(os.environ["OUTPUT_FILE"], "wb") as handle:
             handle.write(b"x" * int(args[0]))
+    elif method == "stream_output":
+        left, block = int(args[0]), b"x" * (1024 * 1024)
+        with open(os.environ["OUTPUT_FILE"], "wb") as handle:
+            handle.write(b'{"vfed":1,"format":"json","value":"')  # encode_result's own layout
+            while left > 0:
+                handle.write(block[: min(left, len(block))])
+                left -= len(block)
+            handle.write(b'"}')
     elif method == "symlink_output":
         os.symlink(args[0], os.environ["OUTPUT_FILE"])
     elif method == "late_proxy":
