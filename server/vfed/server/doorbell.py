@@ -26,7 +26,7 @@ from vfed.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 TOPIC_PREFIX = "vfed/nodes/"
-BATCH_MAX = 20  # paho's default limit of messages in flight
+BATCH_MAX = 100  # messages in flight at once (the client is told to allow as many; paho defaults to 20)
 POLL = b'{"event": "poll"}'
 
 
@@ -184,6 +184,7 @@ class Doorbell:
             password=s.password,
             tls_context=tls_context,
             timeout=10,
+            max_inflight_messages=BATCH_MAX,
         )
 
     async def _run(self) -> None:
