@@ -119,6 +119,8 @@ class Tally:
     claims: Counter[int] = field(default_factory=Counter)
     """run id -> successful claims."""
     conflicts: int = 0
+    claimed_orgs: dict[int, list[int]] = field(default_factory=dict)
+    """run id -> the task's target organizations as the claim's answer named them."""
     completed: dict[int, float] = field(default_factory=dict)
     """run id -> when its PATCH completed answered."""
     errors: list[str] = field(default_factory=list)
@@ -233,13 +235,15 @@ class Simulator:
     async def _claim_and_complete(self, node_id: int, run_id: int) -> None:
         auth = self._tokens[node_id]
         r = await self.http.post(f"/api/v1/runs/{run_id}/claim", headers=auth)
-        await r.read()
         if r.status == 409:
+            await r.read()
             self.tally.conflicts += 1
             return
         if r.status != 200:
-            raise RuntimeError(f"claim {run_id}: {r.status}")
+            raise RuntimeError(f"claim {run_id}: {r.status} {await r.text()}")
+        claimed = await r.json()
         self.tally.claims[run_id] += 1
+        self.tally.claimed_orgs[run_id] = list(claimed["task"]["organization_ids"])
         r = await self.http.post("/api/v1/blobs", data=RESULT, headers=auth)
         if r.status != 201:
             raise RuntimeError(f"result upload for {run_id}: {r.status} {await r.text()}")

@@ -39,6 +39,10 @@ async def _fan_out(tmp_path: Path, pg: infra.Postgres, broker: infra.Broker, **m
             await sim.wait_completed({r["id"] for r in runs}, timeout_s=45)
             assert not sim.tally.errors
             assert all(sim.tally.claims[r["id"]] == 1 for r in runs)
+            every_org = [r["organization_id"] for r in sorted(runs, key=lambda r: r["id"])]
+            assert all(
+                sim.tally.claimed_orgs[r["id"]] == every_org for r in runs
+            )  # the claim's task is whole
             assert {r["status"] for r in await sim.runs_of(user, task["id"])} == {"completed"}
             doorbells = {
                 o: await metric(
