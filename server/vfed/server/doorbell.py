@@ -177,7 +177,7 @@ class Doorbell:
             tls_context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
             if s.cert_file:
                 tls_context.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.address.host,
             self.address.port,
             username=s.username,
@@ -186,6 +186,10 @@ class Doorbell:
             timeout=10,
             max_inflight_messages=BATCH_MAX,
         )
+        # a full batch in flight is how the publisher works, not a backlog to warn about (aiomqtt logs a
+        # warning per publish beyond 10 pending, which cost more than the publish itself)
+        client.pending_calls_threshold = BATCH_MAX
+        return client
 
     async def _run(self) -> None:
         delay_s = 0.5
