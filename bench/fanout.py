@@ -2,8 +2,10 @@
 
 A real `vserver start` on a private PostgreSQL and Mosquitto (tests/infra.py); 1,000 simulated nodes in this
 process (tests/server/fanout_sim.py: log in, subscribe to their doorbell topic, claim on a ring, upload a tiny
-result, set the run completed; no containers). The server manages no broker accounts: the broker takes
-anonymous clients, so the figures are the doorbell path itself, not the ACL check.
+result, set the run completed; no containers), each with an HTTP connection of its own unless `--http-limit`
+says fewer (then they queue for connections in the simulator instead of at the server). The server manages
+no broker accounts: the broker takes anonymous clients, so the figures are the doorbell path itself, not the
+ACL check. Mosquitto runs with `set_tcp_nodelay true`, as `vserver broker config` writes it.
 
 Measured, from the moment the task's request is sent (it commits the task, then queues the doorbells):
 - `doorbell_p99_s`: until each node heard its run-created ring (p99 over nodes);
@@ -92,9 +94,10 @@ def raise_open_files(needed: int) -> int:
 async def measure(
     args: argparse.Namespace, tmp: Path, pg: infra.Postgres, broker: infra.Broker
 ) -> dict[str, Any]:
-    fed = federation(
-        tmp, args.nodes, pg.url(infra.create_database(pg)), f"mqtt://{broker.host}:{broker.port}"
-    )
+    asked = {"spread_max_s": args.spread_max_s, "spread_per_node_s": args.spread_per_node_s}
+    mqtt = {k: v for k, v in asked.items() if v is not None}
+    broker_url = f"mqtt://{broker.host}:{broker.port}"
+    fed = federation(tmp, args.nodes, pg.url(infra.create_database(pg)), broker_url, **mqtt)
     with server(fed, tmp / "vserver.log") as proc, PeakRss(proc.pid) as rss:
         async with Simulator(fed, broker, http_limit=args.http_limit) as sim:
             t0 = time.monotonic()
@@ -127,8 +130,10 @@ async def measure(
     completed = [sim.tally.completed[r["id"]] - sent for r in runs]
     return {
         "nodes": args.nodes,
+        "http_connections": args.http_limit,
         "doorbell_p99_s": pct(rung, 0.99) if len(rung) == len(runs) else None,
         "doorbell_p50_s": statistics.median(rung) if rung else None,
+        "doorbell_first_s": min(rung) if rung else None,
         "nodes_rung": len(rung),
         "all_completed_s": max(completed),
         "completed_p50_s": statistics.median(completed),
@@ -148,6 +153,7 @@ async def measure(
 
 def report(r: dict[str, Any]) -> None:
     print(f"fan-out of one task to {r['nodes']} nodes (PostgreSQL, Mosquitto, one vserver process)")
+    print(f"  simulator HTTP connections              {r['http_connections']}")
     created, spread = r["task_create_s"], r["spread_s"]
     print(f"  task created (request sent -> 201)      {created:.3f} s   (spread asked: {spread} s)")
     for key, label in (
@@ -170,11 +176,18 @@ def report(r: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
-    parser.add_argument("--http-limit", type=int, default=64, help="the simulator's HTTP connections at most")
+    parser.add_argument(
+        "--http-limit",
+        type=int,
+        help="the simulator's HTTP connections at most (default: one per node, as real nodes)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="broker-only fan-outs (median of their p99)")
     parser.add_argument("--timeout-s", type=float, default=180)
+    parser.add_argument("--spread-max-s", type=float, help="the server's mqtt.spread_max_s (0: no spread)")
+    parser.add_argument("--spread-per-node-s", type=float, help="the server's mqtt.spread_per_node_s")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.http_limit = args.http_limit or args.nodes
     raise_open_files(4 * args.nodes + 1024)
     with (
         tempfile.TemporaryDirectory(prefix="vfed-fanout-") as d,
