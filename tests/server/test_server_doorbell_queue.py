@@ -116,3 +116,14 @@ async def test_degraded_polls_reach_subscribers(mqtt_broker: infra.Broker) -> No
         **{n: {"event": "poll"} for n in range(5, 10)},
     }
     assert [_count(metrics, o) for o in ("published", "degraded", "dropped")] == [10, 5, 0]
+
+
+async def test_stop_counts_what_never_went_out() -> None:
+    """No broker: what is still queued (messages and polls owed) when the server stops is counted dropped."""
+    doorbell, metrics = _doorbell(queue_max=2, url=f"mqtt://127.0.0.1:{infra.free_port()}")
+    await doorbell.start()
+    for node in range(3):
+        doorbell.ring(node, "run-created", node, 1, 1)
+    await doorbell.stop()
+    assert [_count(metrics, o) for o in ("published", "degraded", "dropped")] == [0, 1, 3]
+    assert doorbell.queued == 0
