@@ -112,6 +112,7 @@ class Mosquitto:
             conf = self.workdir / "mosquitto.conf"
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "set_tcp_nodelay true\n"  # as `vserver broker config` writes it: PUBACKs leave at once
                 "log_dest stderr\nlog_type error\nlog_type warning\n"
             )
             log = (self.workdir / "mosquitto.log").open("ab")

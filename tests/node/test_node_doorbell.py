@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vfed.node.doorbell import BrokerAddress, Ring, parse, topic_for
+from vfed.node.doorbell import SPREAD_MAX_S, BrokerAddress, Ring, claim_delay_s, parse, topic_for
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,51 @@ def test_addresses() -> None:
     secure = BrokerAddress.parse("mqtts://node%40a:p%3Ass@broker.example")
     assert (secure.port, secure.tls, secure.username, secure.password) == (8883, True, "node@a", "p:ss")
     assert topic_for(3) == "vfed/nodes/3"
+
+
+@pytest.mark.parametrize(
+    ("spread", "expected"),
+    [
+        (2.5, 2.5),
+        (3, 3.0),
+        (1e9, SPREAD_MAX_S),  # anyone who can publish could send it: capped
+        (-1, 0.0),
+        (0, 0.0),
+        ('"5"', 0.0),
+        ("true", 0.0),
+        ("NaN", 0.0),
+        ("Infinity", 0.0),
+        ("[1]", 0.0),
+        ("null", 0.0),
+    ],
+)
+def test_parse_spread(spread: object, expected: float) -> None:
+    """A junk spread is no spread; the ring itself still counts."""
+    ring = parse(f'{{"event": "run-created", "run_id": 4, "task_id": 2, "spread_s": {spread}}}')
+    assert ring is not None and ring.run_id == 4
+    assert ring.spread_s == expected
+
+
+def test_claim_delay_within_spread() -> None:
+    """A new run's claim waits a random moment within the spread (capped); other rings never wait."""
+    ring = parse(b'{"event": "run-created", "run_id": 4, "task_id": 2, "spread_s": 2}')
+    assert ring is not None
+    delays = [claim_delay_s(ring) for _ in range(2000)]
+    assert all(0 <= d <= 2 for d in delays)
+    assert min(delays) < 0.2 and max(delays) > 1.8  # spread over the whole window, not a fixed wait
+    huge = parse(b'{"event": "run-created", "run_id": 4, "task_id": 2, "spread_s": 1e300}')
+    assert huge is not None
+    assert max(claim_delay_s(huge) for _ in range(2000)) <= SPREAD_MAX_S
+    for other in (
+        b'{"event": "run-killed", "run_id": 4, "spread_s": 3}',
+        b'{"event": "poll"}',
+        b'{"event": "run-created", "run_id": 4}',
+    ):
+        parsed = parse(other)
+        assert parsed is not None
+        assert claim_delay_s(parsed) == 0.0
+
+
+def test_poll_event_parses() -> None:
+    """The server's "poll now" (its doorbell queue was full) is a ring without a run."""
+    assert parse(b'{"event": "poll"}') == Ring("poll", None, None)

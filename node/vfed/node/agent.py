@@ -26,7 +26,7 @@ from vfed.common.trust import records_for_keys
 from vfed.node import timeline
 from vfed.node.config import NodeSettings
 from vfed.node.data_dir import UnsafeDataDir, secure_data_dir
-from vfed.node.doorbell import Doorbell, Ring
+from vfed.node.doorbell import Doorbell, Ring, claim_delay_s
 from vfed.node.journal import Journal, Stage
 from vfed.node.keys import KeyHolder, KeyMismatch, load_or_create, passphrase, publish_chain, reconcile
 from vfed.node.lease_store import LEASES_FILE, LeaseStore
@@ -441,9 +441,13 @@ class Agent:
         hint..."): a ring never kills or starts anything by itself. The run it names is read from the REST
         API first (`_check_ring`), and only what the server says is acted on. A poll per ring would put a list
         and a status read of every live run on the server; the regular poll still catches what a ring missed.
+        `poll` (the server's doorbell queue was full and this stands for the messages it could not keep),
+        `reconnected` and events this agent does not know wake the poll at once.
         """
         self.metrics.doorbells.inc()
-        if ring.event in ("run-killed", "run-created") and ring.run_id is not None:
+        if ring.event in ("poll", "reconnected"):
+            self._wake.set()  # the server's queue was full, or we may have missed messages: poll now
+        elif ring.event in ("run-killed", "run-created") and ring.run_id is not None:
             if ring.event == "run-killed" and ring.run_id not in self._tasks:
                 return  # nothing of ours to stop: nothing to ask the server about
             if ring.event == "run-created" and ring.run_id in self._tasks:
@@ -458,12 +462,18 @@ class Agent:
             if self._s.leases is not None:
                 self._s.leases.poke()  # a hint too: the ledger is read and verified, not taken from the ring
         else:
-            self._wake.set()
+            self._wake.set()  # an event of a newer server: the poll finds whatever it was about
 
     async def _check_ring(self, ring: Ring, rung_at: float) -> None:
-        """Read the rung run from the server; kill or start only what the server's answer says."""
+        """Read the rung run from the server; kill or start only what the server's answer says. A new run
+        rung with a spread is asked about after a random delay within it (the poll is never delayed)."""
         assert ring.run_id is not None
         run_id, s = ring.run_id, self._s
+        delay_s = claim_delay_s(ring)
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+            if run_id in self._tasks:
+                return  # the poll claimed it meanwhile
         try:
             run = await s.client.get_run(run_id)
         except ApiError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import ssl
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 
 log = logging.getLogger(__name__)
+SPREAD_MAX_S = 10.0
+"""The longest a ring's `spread_s` can hold back a claim: anyone who can publish on our topic can send one."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Ring:
     seq: int | None = None
     """For `ledger` rings: the ledger's length after the append that rang (a hint: the ledger is read)."""
     collaboration_id: int | None = None
+    spread_s: float = 0.0
+    """For `run-created` rings of a task that rang many nodes: wait a random delay up to this before the
+    claim, so those nodes do not all ask the server at once (capped at SPREAD_MAX_S; junk reads as 0)."""
 
 
 def topic_for(node_id: int) -> str:
@@ -49,9 +55,23 @@ def parse(payload: bytes | bytearray | str | object) -> Ring | None:
             _hint(doc.get("job_id")),
             _hint(doc.get("seq")),
             _hint(doc.get("collaboration_id")),
+            _spread(doc.get("spread_s")),
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def claim_delay_s(ring: Ring) -> float:
+    """How long to wait before acting on this ring: a random moment within a new run's spread, else none.
+    Spreads the claims of the nodes one big task rang over the time the server asked for."""
+    return random.uniform(0, ring.spread_s) if ring.event == "run-created" and ring.spread_s > 0 else 0.0
+
+
+def _spread(value: object) -> float:
+    """Seconds to spread over, capped; anything but a finite positive number is no spread."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return min(float(value), SPREAD_MAX_S) if math.isfinite(value) and value > 0 else 0.0
 
 
 def _hint(value: object) -> int | None:

@@ -46,6 +46,8 @@ def mosquitto_conf(folder: Path, listener: Listener, run_as: str) -> str:
         f"password_file {folder / PASSWD}",
         f"acl_file {folder / ACL}",
         "persistence false",
+        # PUBACKs leave at once: with Nagle on, a batch of doorbells waited for the publisher's delayed ACK
+        "set_tcp_nodelay true",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

@@ -69,8 +69,21 @@ class MqttSettings(BaseModel):
     broker_pid_file: Path | None = Field(None, description="Mosquitto's pid file: SIGHUP after each rewrite")
     embedded_broker: bool = Field(False, description="run an amqtt broker on loopback when url is unset")
     embedded_port: int = Field(1883, ge=1, le=65535)
-    queue_max: int = Field(10_000, ge=1)
+    queue_max: int = Field(
+        10_000,
+        ge=1,
+        description="doorbell messages queued at most; beyond, a node's messages become one `poll` for it",
+    )
     reconnect_max_s: float = Field(30.0, gt=0)
+    spread_min_nodes: int = Field(
+        50, ge=1, description="a task ringing at least this many nodes asks them to spread their claims"
+    )
+    spread_per_node_s: float = Field(
+        0.005, ge=0, description="the spread asked for (`spread_s` in run-created doorbells) per node rung"
+    )
+    spread_max_s: float = Field(
+        5.0, ge=0, le=10, description="the largest spread asked for (nodes cap it at 10 s whatever it says)"
+    )
 
 
 class LoginSettings(BaseModel):

@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, Table, Update, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from vfed.server.access import NODE_RUNS
@@ -46,7 +47,14 @@ _TASK = select(*_TASK_COLUMNS).where(TASKS.c.id == bindparam("task")).with_for_u
 _TASK_AND_INPUT = (
     select(*_TASK_COLUMNS, _INPUT).where(TASKS.c.id == bindparam("task")).with_for_update(of=TASKS)
 )
-_RUNS_OF = select(_R.organization_id, _R.status).where(_R.task_id == bindparam("task")).order_by(_R.id)
+# a task's status depends only on which statuses its runs have: a few rows, not one per run (a task to 1,000
+# organizations has its runs claimed and finished 2,000 times, each re-deriving the status)
+_STATUSES_OF = select(_R.status).where(_R.task_id == bindparam("task")).distinct()
+_ORGS_OF = select(_R.organization_id).where(_R.task_id == bindparam("task")).order_by(_R.id)
+# PostgreSQL: the target organizations as one array, decoded by the driver instead of row by row
+_ORGS_OF_PG = select(func.array_agg(aggregate_order_by(_R.organization_id, _R.id))).where(
+    _R.task_id == bindparam("task")
+)
 _SET_STATUS = update(TASKS).where(TASKS.c.id == bindparam("task")).values(status=bindparam("derived"))
 _BLOB_OWNER = select(BLOBS.c.owner_node_id).where(BLOBS.c.id == bindparam("blob"))
 
@@ -63,21 +71,34 @@ async def claim(conn: AsyncConnection, p: Principal, run_id: int, now: Any) -> R
 
 
 async def settle(
-    s: AsyncSession, conn: AsyncConnection, task_id: int, input_blob_id: str | None = None
+    s: AsyncSession,
+    conn: AsyncConnection,
+    task_id: int,
+    input_blob_id: str | None = None,
+    *,
+    orgs: bool = True,
 ) -> tuple[NewTask, list[int], bytes | None]:
     """After a change to the task's runs: re-derive the task's status (written only when it changed), and
-    return the task, its target organizations and, when asked, the data of a row-kept input blob."""
+    return the task, its target organizations (empty unless `orgs`) and, when asked, the data of a row-kept
+    input blob."""
     stmt, params = (_TASK_AND_INPUT, {"blob": input_blob_id}) if input_blob_id else (_TASK, {})
     row = (await conn.execute(stmt, {"task": task_id, **params})).one()
-    runs = (await conn.execute(_RUNS_OF, {"task": task_id})).all()
-    derived = derive_task_status([status for _, status in runs])
+    statuses = (await conn.execute(_STATUSES_OF, {"task": task_id})).scalars().all()
+    derived = derive_task_status(list(statuses))
     values = dict(zip((f.name for f in fields(NewTask)), row, strict=False))
     if derived != values["status"]:
         await conn.execute(_SET_STATUS, {"task": task_id, "derived": derived})
         values["status"] = derived
     mark_changed(s, task_id)  # the commit wakes whoever waits on the task
     data = row[-1] if input_blob_id else None
-    return NewTask(**values), [org for org, _ in runs], data
+    return NewTask(**values), await _orgs_of(conn, task_id) if orgs else [], data
+
+
+async def _orgs_of(conn: AsyncConnection, task_id: int) -> list[int]:
+    """The task's target organizations, in the order of their runs."""
+    if conn.dialect.name == "postgresql":
+        return list((await conn.execute(_ORGS_OF_PG, {"task": task_id})).scalar_one() or [])
+    return list((await conn.execute(_ORGS_OF, {"task": task_id})).scalars())
 
 
 async def blob_owner_is(conn: AsyncConnection, blob_id: str, node_id: int | None) -> bool:

@@ -222,7 +222,7 @@ async def patch_run(request: web.Request) -> web.Response:
             code = "run-killed" if run.status == RunStatus.KILLED else "run-final"
             raise conflict(code, f"run {run.id} is {run.status}; its status is final")
         if "status" in values:
-            await run_rows.settle(s, conn, row.task_id)
+            await run_rows.settle(s, conn, row.task_id, orgs=False)
         await s.commit()
     return json_response(out(row))
 

@@ -135,10 +135,12 @@ async def ring(request: web.Request, s: AsyncSession, collab_id: int, runs: list
 
 
 def publish(request: web.Request, targets: list[tuple[int, RunRef]], event: str) -> None:
-    """Queue one doorbell per (node, run); call only once the runs are committed."""
+    """Queue one doorbell per (node, run); call only once the runs are committed. New runs rung to many
+    nodes at once carry a spread, so their claims do not all reach the server in the same instant."""
     doorbell = request.app[DOORBELL]
+    spread_s = doorbell.spread_for(len({n for n, _ in targets})) if event == "run-created" else 0.0
     for node_id, r in targets:
-        doorbell.ring(node_id, event, r.id, r.task_id, r.job_id)
+        doorbell.ring(node_id, event, r.id, r.task_id, r.job_id, spread_s)
 
 
 _NODES_OF_ORGS = select(Node.organization_id, Node.id).where(
