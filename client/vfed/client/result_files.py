@@ -154,6 +154,6 @@ def _sniff(path: Path) -> tuple[str, Any]:
         tail = f.read()
     if size >= 2 * len(PARQUET_MAGIC) and head.startswith(PARQUET_MAGIC) and tail == PARQUET_MAGIC:
         return "parquet", NOT_LOADED
-    if head == JSON_PREFIX and tail.endswith(b"}") or size > EAGER_MAX_BYTES:
+    if (head == JSON_PREFIX and tail.endswith(b"}")) or size > EAGER_MAX_BYTES:
         return "json", NOT_LOADED  # a big file is no error document: it is read when its value is asked for
     return "json", decode_result(path.read_bytes())
