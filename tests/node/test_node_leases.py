@@ -311,6 +311,7 @@ async def test_a_task_whose_signer_saw_another_history_is_refused_as_a_fork(tmp_
         await s.grant(await s.register("patients"), max_runs=10)
         await s.ledger.sync()
         here = s.ledger.head
+
         async def task_saw(head: tuple[int, str]) -> dict[str, Any]:
             return await post_signed_task(
                 s.researcher,
