@@ -113,6 +113,7 @@ async def vfed_path(size: int, work: Path) -> dict[str, float]:
                     organizations=[researcher.organization_id],
                 )
                 done = await researcher.wait(task, progress=False)
+                completed = time.time()  # the node's upload and final report are in
                 if done["status"] != "completed":
                     raise RuntimeError(f"task {task['id']} ended {done['status']}:\n{agent.log()[-3000:]}")
             fetched = fetch_in_process(server.url, token, key_file, work, task["id"])
@@ -132,6 +133,8 @@ async def vfed_path(size: int, work: Path) -> dict[str, float]:
         "throughput_mibps": size / MIB / moved_s,
         "transfer_s": moved_s,
         "end_to_end_s": fetched["done_at"] - created,
+        "node_to_server_s": completed - watcher.died,
+        "server_to_client_s": fetched["done_at"] - completed,
         "agent_peak_rss_mib": agent_rss,
         "server_peak_rss_mib": server_rss,
         "client_peak_rss_mib": fetched["peak_rss_mib"],
