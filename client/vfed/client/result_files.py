@@ -11,14 +11,13 @@ organization's verified chain (read again once when the key is newer than the ch
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vfed.client.errors import ResultMismatch
 from vfed.client.http import file_size
@@ -31,6 +30,7 @@ from vfed.common.crypto import (
     UnknownSender,
     decrypt_fileobj,
 )
+from vfed.common.growing_file import GrowingFile
 from vfed.common.payload import PARQUET_MAGIC, AlgorithmError, PayloadError, decode_result
 from vfed.common.trust import KeyChain, result_context
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 STREAMS_AT_ONCE = 4  # results streamed to files at the same time: each holds a few chunks in memory
 JSON_PREFIX = b'{"vfed":1,"format":"json","value":'  # how vfed.common.payload.encode_result starts a value
-FOLLOW_POLL_S = 0.005  # how often the decryption looks for new bytes of a download it has caught up with
 EAGER_MAX_BYTES = 16 * 1024 * 1024  # other layouts are decoded at once (error documents) only up to this
 
 
@@ -156,37 +155,6 @@ async def _open_into(
         downloaded.set()
         await asyncio.gather(work, return_exceptions=True)
         raise
-
-
-class GrowingFile:
-    """The partial file a download is still appending to, read as if it were complete: a read that finds no
-    new byte waits (polling, FOLLOW_POLL_S) until bytes come or the download is over; then the end of the
-    file is the end. A file the download has not created yet reads as empty until it appears."""
-
-    def __init__(self, path: Path, downloaded: threading.Event) -> None:
-        self.path, self.downloaded = path, downloaded
-        self._file: BinaryIO | None = None
-
-    def read(self, size: int = -1) -> bytes:
-        while True:
-            if self._file is None:
-                with contextlib.suppress(FileNotFoundError):
-                    self._file = self.path.open("rb")
-            over = self.downloaded.is_set()  # read before the file: bytes written before it count
-            data = self._file.read(size) if self._file is not None else b""
-            if data or over:
-                return data
-            self.downloaded.wait(FOLLOW_POLL_S)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-    def __enter__(self) -> GrowingFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _decrypt_to_file(
