@@ -99,6 +99,8 @@ async def stream_result(
             )
             try:
                 try:
+                    if kept and not again:  # an earlier call's partial may yet be dropped (416): wait for it
+                        await asyncio.wait([download])
                     found = await open_checked(client, run_id, org_id, chain, opener)
                 finally:
                     if not download.done():  # the decryption gave up first: stop the transfer
