@@ -38,7 +38,7 @@ from vfed.server.config import BlobsSettings, Settings
 
 __all__ = ["blob_backend", "blobs_settings", "client", "db_url", "world"]
 
-BIG_BYTES = 32 << 20
+BIG_BYTES = 64 << 20  # the peak below is ~10 MiB whatever the size (download and decryption overlap)
 
 
 @pytest.fixture

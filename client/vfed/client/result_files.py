@@ -1,6 +1,8 @@
 """Results streamed to files: a run's sealed result goes from the server to a partial file, is decrypted
-chunk by chunk into its final file, and only then is the partial removed, so memory stays at a few chunks
-whatever the result's size and a broken transfer resumes where it stopped, in this call or the next.
+chunk by chunk into its final file as it arrives (the decryption follows the download through the partial
+file, so the bytes are read once, from the page cache), and only then is the partial removed, so memory
+stays at a few chunks whatever the result's size and a broken transfer resumes where it stopped, in this call
+or the next.
 
 The checks are those of results kept in memory: bound to the run, signed by a key of the executing
 organization's verified chain (read again once when the key is newer than the chain kept).
@@ -12,6 +14,7 @@ import asyncio
 import functools
 import os
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +30,7 @@ from vfed.common.crypto import (
     UnknownSender,
     decrypt_fileobj,
 )
+from vfed.common.growing_file import GrowingFile
 from vfed.common.payload import PARQUET_MAGIC, AlgorithmError, PayloadError, decode_result
 from vfed.common.trust import KeyChain, result_context
 
@@ -86,14 +90,29 @@ async def stream_result(
         kept = await asyncio.to_thread(file_size, sealed)
         chain = await client.chains.chain(org_id)
         for again in (False, True):
-            await client.api.download_blob_to(str(run["result_blob_id"]), sealed)
-            opener = functools.partial(_open_into, sealed, folder, org_id, run_id, client.keyring, context)
+            # the decryption follows the download through the partial file: one pass over the bytes
+            downloaded = threading.Event()
+            download = asyncio.ensure_future(client.api.download_blob_to(str(run["result_blob_id"]), sealed))
+            download.add_done_callback(functools.partial(_set_when_done, downloaded))
+            opener = functools.partial(
+                _open_into, sealed, downloaded, folder, org_id, run_id, client.keyring, context
+            )
             try:
-                found = await open_checked(client, run_id, org_id, chain, opener)
+                try:
+                    if kept and not again:  # an earlier call's partial may yet be dropped (416): wait for it
+                        await asyncio.wait([download])
+                    found = await open_checked(client, run_id, org_id, chain, opener)
+                finally:
+                    if not download.done():  # the decryption gave up first: stop the transfer
+                        download.cancel()
+                    await asyncio.gather(download, return_exceptions=True)
             except (AlgorithmError, PayloadError):  # it decrypted: an error output, not a damaged transfer
                 await asyncio.to_thread(sealed.unlink, True)
                 raise
             except (ResultMismatch, CryptoError) as exc:
+                failed = _failure(download)
+                if failed is not None:  # the transfer broke for good: that, not the truncation it caused
+                    raise failed from None
                 await asyncio.to_thread(sealed.unlink, True)
                 if kept and not again:
                     continue  # the bytes kept from an earlier transfer may be the damaged ones
@@ -101,13 +120,28 @@ async def stream_result(
                     raise
                 why = f"does not decrypt ({exc.__class__.__name__}: {exc}): damaged or tampered with"
                 raise ResultMismatch(run_id, org_id, why) from None
+            failed = _failure(download)
+            if failed is not None:
+                raise failed
             await asyncio.to_thread(sealed.unlink)
             return found
     raise AssertionError("unreachable: the second attempt returns or raises")
 
 
+def _set_when_done(event: threading.Event, _done: asyncio.Future[int]) -> None:
+    event.set()
+
+
+def _failure(download: asyncio.Future[int]) -> BaseException | None:
+    """The error that ended the download, if it ended in one (a cancellation we asked for is none)."""
+    if download.cancelled():
+        return None
+    return download.exception()
+
+
 async def _open_into(
     sealed: Path,
+    downloaded: threading.Event,
     folder: Path,
     org_id: int,
     run_id: int,
@@ -115,11 +149,19 @@ async def _open_into(
     context: bytes | None,
     sender: SenderLookup,
 ) -> tuple[Path, Any]:
-    return await asyncio.to_thread(_decrypt_to_file, sealed, folder, org_id, run_id, keyring, sender, context)
+    args = (sealed, downloaded, folder, org_id, run_id, keyring, sender, context)
+    work = asyncio.ensure_future(asyncio.to_thread(_decrypt_to_file, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:  # the thread goes on: end it at what arrived and let it clean up first
+        downloaded.set()
+        await asyncio.gather(work, return_exceptions=True)
+        raise
 
 
 def _decrypt_to_file(
     sealed: Path,
+    downloaded: threading.Event,
     folder: Path,
     org_id: int,
     run_id: int,
@@ -132,8 +174,8 @@ def _decrypt_to_file(
     fd, name = tempfile.mkstemp(prefix=f".organization-{org_id}-run-{run_id}.", suffix=".tmp", dir=folder)
     tmp = Path(name)
     try:
-        with sealed.open("rb") as src, os.fdopen(fd, "wb") as out:
-            decrypt_fileobj(src, out, keyring, sender, context=context)
+        with GrowingFile(sealed, downloaded) as src, os.fdopen(fd, "wb") as out:
+            decrypt_fileobj(src, out, keyring, sender, context=context)  # type: ignore[arg-type]
         kind, value = _sniff(tmp)
         final = folder / result_name(org_id, run_id, kind)
         os.replace(tmp, final)

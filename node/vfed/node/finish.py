@@ -21,8 +21,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -31,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from vfed.common.api import Reason, algorithm_error, classified
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
+from vfed.common.growing_file import GrowingFile
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
 from vfed.node import run_folder
 from vfed.node.journal import Entry, Stage
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 INLINE_SEAL_BYTES = 64 * 1024
+UPLOAD_WHILE_SEALING_BYTES = 8 * 1024 * 1024  # from this size the upload follows the sealing (below: after)
 
 
 async def retry_server(call: Callable[[], Awaitable[T]], within_s: float) -> T:
@@ -257,11 +260,55 @@ class Finisher:
         run_dir = self.run_dir(entry.run_id)
         key, limit = self.s.keyring.current, self.s.settings.max_output_bytes
         # a thread hop costs more than sealing a few KiB
-        if run_folder.output_size(run_dir) <= INLINE_SEAL_BYTES:
+        size = run_folder.output_size(run_dir)
+        if size <= INLINE_SEAL_BYTES:
             _seal_file(run_dir, key, recipients, limit, context)
-        else:
+        elif size < UPLOAD_WHILE_SEALING_BYTES:
             await asyncio.to_thread(_seal_file, run_dir, key, recipients, limit, context)
+        else:
+            await self._seal_uploading(entry, run_dir, key, recipients, limit, context)
+            return
         self.s.journal.sealed(entry.run_id)
+
+    async def _seal_uploading(
+        self,
+        entry: Entry,
+        run_dir: Path,
+        key: OrgKey,
+        recipients: list[PublicKey],
+        limit: int,
+        context: bytes,
+    ) -> None:
+        """Seal a big output and upload it at the same time: the upload follows the sealed file as the
+        sealing thread writes it (vfed.common.growing_file), so the bytes are read back once from the page
+        cache instead of a second pass over the file. A failed seal ends the upload unfinished (the server
+        keeps nothing of it) and fails the run as before; a failed upload leaves the journal at `sealed`, and
+        `_upload` sends the sealed file again with its retries."""
+        sealed = threading.Event()
+        seal = (run_dir, key, recipients, limit, context)
+        sealing = asyncio.ensure_future(asyncio.to_thread(_seal_file, *seal))
+        sealing.add_done_callback(lambda _: sealed.set())
+        digest = hashlib.sha256()
+        paths = [_sealing_tmp(run_dir), run_dir / SEALED_NAME]
+        uploading = asyncio.ensure_future(
+            self.s.client.upload_blob(_following_chunks(paths, sealed, sealing, digest))
+        )
+        try:
+            await asyncio.shield(sealing)
+        except BaseException:
+            uploading.cancel()
+            await asyncio.gather(sealing, uploading, return_exceptions=True)
+            raise
+        self.s.journal.sealed(entry.run_id)
+        try:
+            info = await uploading
+        except (ServerUnavailable, ApiError, OSError) as exc:
+            log.warning("run %s: upload while sealing failed (%s); sending it again", entry.run_id, exc)
+            return
+        if self.s.leases is not None:  # the receipt names the result blob by its SHA-256
+            self.s.leases.store.result(self.s.checks.run_key(entry.run_id), digest.hexdigest())
+        self.s.metrics.bytes_up.inc(info.size)
+        self.s.journal.uploaded(entry.run_id, info.id)
 
     async def _upload(self, entry: Entry) -> None:
         path = self.run_dir(entry.run_id) / SEALED_NAME
@@ -405,6 +452,28 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+async def _following_chunks(
+    paths: list[Path],
+    sealed: threading.Event,
+    sealing: asyncio.Future[None],
+    digest: hashlib._Hash,
+    chunk_bytes: int = 1024 * 1024,
+) -> AsyncIterator[bytes]:
+    """The sealed file as its sealing thread writes it, hashed on the way; raises (ending the upload
+    unfinished) when the sealing failed, so no partial blob is ever completed."""
+    with GrowingFile(paths, sealed) as source:
+        while chunk := await asyncio.to_thread(source.read, chunk_bytes):
+            digest.update(chunk)
+            yield chunk
+    if sealing.cancelled() or sealing.exception() is not None:
+        raise OSError("the sealing failed: the upload is abandoned")
+
+
+def _sealing_tmp(run_dir: Path) -> Path:
+    """Where `_seal_file` writes before it renames (this process's name for it)."""
+    return run_dir / f".{SEALED_NAME}.{os.getpid()}.tmp"
+
+
 def _seal_file(
     run_dir: Path, sender: OrgKey, recipients: list[PublicKey], max_bytes: int, context: bytes
 ) -> None:
@@ -413,7 +482,7 @@ def _seal_file(
     it was not."""
     with run_folder.open_output(run_dir, max_bytes) as source:
         target = run_dir / SEALED_NAME
-        tmp = run_dir / f".{SEALED_NAME}.{os.getpid()}.tmp"
+        tmp = _sealing_tmp(run_dir)
         out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(out_fd, "wb") as sink:
             encrypt_fileobj(source, sink, sender, recipients, context=context)
