@@ -17,7 +17,7 @@ from vfed.server.blobs import BlobStore, BlobStoreError, FileBlobStore
 from vfed.server.broker_auth import BROKER, BrokerAccounts
 from vfed.server.config import Settings
 from vfed.server.doorbell import Doorbell
-from vfed.server.embedded import EmbeddedBroker
+from vfed.server.embedded import EmbeddedBroker, start_embedded
 from vfed.server.errors import error_middleware
 from vfed.server.ledger_store import LedgerStates
 from vfed.server.metrics import (
@@ -141,19 +141,8 @@ async def _doorbell(app: web.Application) -> AsyncIterator[None]:
         await accounts.sync(app[SESSIONS])
         mqtt = mqtt.model_copy(update={"username": accounts.username, "password": password})
     if url is None and settings.mqtt.embedded_broker:
-        broker = EmbeddedBroker("127.0.0.1", settings.mqtt.embedded_port, accounts.folder)
-        try:
-            await broker.start()
-            url = broker.url
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            log.error(
-                "embedded MQTT broker could not start on 127.0.0.1:%s (%s; port in use?): no doorbell, "
-                "nodes will poll. Set mqtt.embedded_port or mqtt.url.",
-                settings.mqtt.embedded_port,
-                exc,
-            )
-            await broker.stop()
-            broker = None
+        broker = await start_embedded(settings.mqtt.embedded_port, accounts.folder)
+        url = broker.url if broker is not None else None
     doorbell = Doorbell(mqtt, url, app[METRICS])
     app[DOORBELL] = doorbell
     await doorbell.start()

@@ -61,6 +61,24 @@ class EmbeddedBroker:
         self._proc = None
 
 
+async def start_embedded(port: int, folder: Path | None) -> EmbeddedBroker | None:
+    """The embedded broker on loopback, or None (logged) when it cannot start: the server serves on without
+    a doorbell and nodes poll."""
+    broker = EmbeddedBroker("127.0.0.1", port, folder)
+    try:
+        await broker.start()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        log.error(
+            "embedded MQTT broker could not start on 127.0.0.1:%s (%s; port in use?): no doorbell, "
+            "nodes will poll. Set mqtt.embedded_port or mqtt.url.",
+            port,
+            exc,
+        )
+        await broker.stop()
+        return None
+    return broker
+
+
 async def _serve(host: str, port: int, folder: str | None) -> None:
     from amqtt.broker import Broker
 

@@ -38,7 +38,7 @@ from sqlalchemy import make_url
 from vfed.server import db
 from vfed.server.broker_auth import BrokerAccounts
 from vfed.server.config import Settings
-from vfed.server.embedded import EmbeddedBroker
+from vfed.server.embedded import EmbeddedBroker, start_embedded
 from vfed.server.metrics import MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
@@ -137,17 +137,8 @@ class Supervisor:
         assert accounts.folder is not None  # the embedded broker's folder is always managed
         accounts.load_server_password(settings)
         await accounts.sync(db.make_sessionmaker(engine))
-        broker = EmbeddedBroker("127.0.0.1", settings.mqtt.embedded_port, accounts.folder)
-        try:
-            await broker.start()
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            log.error(
-                "embedded MQTT broker could not start on 127.0.0.1:%s (%s; port in use?): no doorbell, "
-                "nodes will poll. Set mqtt.embedded_port or mqtt.url.",
-                settings.mqtt.embedded_port,
-                exc,
-            )
-            await broker.stop()
+        broker = await start_embedded(settings.mqtt.embedded_port, accounts.folder)
+        if broker is None:
             return settings.mqtt.model_copy(update={"embedded_broker": False})
         self.broker = broker
         return settings.mqtt.model_copy(
