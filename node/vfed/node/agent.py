@@ -19,6 +19,7 @@ from types import TracebackType
 import aiohttp
 
 from vfed.common import tls
+from vfed.common.api.errors import ApiError
 from vfed.common.api.statuses import RunStatus
 from vfed.common.crypto import CryptoError
 from vfed.common.ledger import LedgerError
@@ -44,7 +45,7 @@ from vfed.node.runtime import registry
 from vfed.node.runtime.base import Runtime
 from vfed.node.server_api import NodeClient, NodeIdentity
 from vfed.node.trust import NodeTrustStore, RunChecks, node_resolver
-from vfed.proxy.rest import ApiError, ServerUnavailable
+from vfed.proxy.rest import ServerUnavailable
 
 log = logging.getLogger(__name__)
 

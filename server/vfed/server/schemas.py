@@ -29,11 +29,6 @@ class In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ErrorOut(BaseModel):
-    error: str
-    detail: str
-
-
 class PageOut(BaseModel):
     page: int
     per_page: int
