@@ -41,7 +41,13 @@ def test_summary_equals_pooled_statistics() -> None:
         assert got["histogram"]["counts"] == expected_counts.tolist()
         np.testing.assert_allclose(got["histogram"]["edges"], expected_edges, rtol=1e-12)
     site = result["columns"]["site"]
-    assert site == {"rows": len(pooled), "missing": 0}
+    assert site == {
+        "rows": len(pooled),
+        "missing": 0,
+        "count": len(pooled),
+        "levels": {"site-0": 120, "site-1": 80, "site-2": 200},
+        "suppressed": 0,
+    }
 
 
 def test_summary_with_fixed_edges_takes_them() -> None:
