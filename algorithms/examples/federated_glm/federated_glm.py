@@ -17,7 +17,7 @@ and the fit is refused (`RareLevelError`, a disclosure refusal) rather than run 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -305,12 +305,6 @@ class _Pooled:
         self.boundary = any(bool(p.get("boundary")) for p in partials)
 
 
-def newton_step(partials: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """The pooled Newton step and the pooled information matrix (the Hessian summed over organizations)."""
-    pooled = _Pooled(partials)
-    return np.linalg.solve(pooled.hessian, pooled.gradient), pooled.hessian
-
-
 def _standard_errors(pooled: _Pooled, family: Family, parameters: int) -> list[float | None]:
     try:
         covariance = np.linalg.inv(pooled.hessian)
@@ -386,7 +380,7 @@ def fit_result(
 
 
 def design_names(
-    predictors: Sequence[str], levels: Mapping[str, Sequence[str]], intercept: bool
+    predictors: Sequence[str], levels: Mapping[str, Iterable[str]], intercept: bool
 ) -> list[str]:
     """Coefficient names in design order: the intercept, then each predictor or its non-reference levels."""
     names = [INTERCEPT] if intercept else []
@@ -418,6 +412,8 @@ def glm(
         raise ValueError("predictors must be distinct and must not include the outcome")
     if max_iterations < 1:
         raise ValueError("max_iterations must be at least 1")
+    if not predictors and not intercept:
+        raise ValueError("the model has no coefficients: give predictors or an intercept")
     orgs = list(organizations) if organizations else [o.id for o in client.organizations()]
     common: dict[str, Any] = {"outcome": outcome, "predictors": list(predictors)}
     subtask = client.create_subtask(
