@@ -180,6 +180,43 @@ def test_categorical_logistic_fit_with_a_chosen_reference_equals_pooled_irls() -
     assert fit["levels"]["region"]["reference"] == "b"
 
 
+def test_without_an_intercept_the_first_categorical_keeps_every_level() -> None:
+    frames = _regions(seed=6)
+    fit = federated_glm.glm(
+        _client(federated_glm, frames),
+        outcome="cost",
+        predictors=["age", "region", "stage"],
+        family="linear",
+        intercept=False,
+        categorical=["stage"],
+    )
+    data = pd.concat(frames, ignore_index=True)[["cost", "age", "region", "stage"]].dropna()
+    stage = data["stage"].astype(int)
+    x = np.column_stack(
+        [data["age"], *((data["region"] == r) for r in "abc"), *((stage == s) for s in (2, 3))]
+    ).astype(float)
+    expected, *_ = np.linalg.lstsq(x, data["cost"].to_numpy(), rcond=None)
+    assert list(fit["coefficients"]) == [
+        "age", "region[a]", "region[b]", "region[c]", "stage[2]", "stage[3]"
+    ]  # fmt: skip
+    np.testing.assert_allclose(list(fit["coefficients"].values()), expected, rtol=1e-9, atol=1e-6)
+    assert fit["levels"]["region"]["reference"] is None and fit["levels"]["stage"]["reference"] == "1"
+
+
+def test_a_categorical_predictor_with_one_level_is_constant() -> None:
+    frames = _regions()
+    for frame in frames:
+        frame["country"] = "nl"
+    with pytest.raises(federated_glm.CollinearityError, match=r"^column 'country' is constant$"):
+        federated_glm.glm(
+            _client(federated_glm, frames), outcome="cost", predictors=["age", "country"], family="linear"
+        )
+    with pytest.raises(ValueError, match=r"categorical columns that are not predictors: \['stage'\]"):
+        federated_glm.glm(
+            _client(federated_glm, frames), outcome="cost", predictors=["age"], categorical=["stage"]
+        )
+
+
 def test_an_unknown_reference_level_is_refused() -> None:
     with pytest.raises(ValueError, match="reference level 'z' of column 'region' is not one of its levels"):
         federated_glm.glm(

@@ -112,25 +112,39 @@ def _complete(df: pd.DataFrame, outcome: str, predictors: Sequence[str]) -> pd.D
     return data
 
 
+def encoded_levels(
+    predictors: Sequence[str], levels: Mapping[str, Iterable[str]], intercept: bool
+) -> dict[str, list[str]]:
+    """The levels that get an indicator column: all but the reference (the first), except that without an
+    intercept the first categorical predictor keeps all of its levels (R's coding), so that no level's
+    mean is forced to 0."""
+    encoded: dict[str, list[str]] = {}
+    for name in predictors:
+        if name in levels:
+            agreed = list(levels[name])
+            encoded[name] = agreed if not intercept and not encoded else agreed[1:]
+    return encoded
+
+
 def _design(
     data: pd.DataFrame,
     predictors: Sequence[str],
     levels: Mapping[str, Sequence[str]],
     intercept: bool,
 ) -> np.ndarray:
-    """The design matrix: numeric predictors as they are, categorical ones as indicators of every agreed
-    level but the first (the reference). Level counts are checked against the cell rule here too, because
-    the information matrix carries them whether or not the central function asked for levels first."""
+    """The design matrix: numeric predictors as they are, categorical ones as indicators of their agreed
+    levels (`encoded_levels`). Level counts are checked against the cell rule here too, because the
+    information matrix carries them whether or not the central function asked for levels first."""
     columns: list[np.ndarray] = [np.ones(len(data))] if intercept else []
+    encoded = encoded_levels(predictors, levels, intercept)
     for name in predictors:
         series = data[name]
         if name in levels:
             labels = level_labels(series)
-            agreed = list(levels[name])
-            if not labels.isin(agreed).all():
+            if not labels.isin(list(levels[name])).all():
                 raise ValueError(f"column {name!r} has a level outside the agreed levels")
             require_min_cells(labels.value_counts().to_dict(), f"the levels of column {name!r}")
-            columns.extend((labels == level).to_numpy(dtype=float) for level in agreed[1:])
+            columns.extend((labels == level).to_numpy(dtype=float) for level in encoded[name])
         elif _is_numeric(series):
             values = series.to_numpy(dtype=float)
             if not np.isfinite(values).all():
@@ -357,7 +371,7 @@ def fit_result(
     names: Sequence[str],
     beta: np.ndarray,
     pooled: _Pooled,
-    levels: Mapping[str, Mapping[str, int]],
+    levels: Mapping[str, Mapping[str, Any]],
     convergence: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The result document: coefficients with standard errors from the pooled information matrix, fit
@@ -374,7 +388,7 @@ def fit_result(
         "coefficients": dict(zip(names, beta.tolist(), strict=True)),
         "standard_errors": dict(zip(names, errors, strict=True)),
         **fit,
-        "levels": {name: {"reference": next(iter(c)), "counts": dict(c)} for name, c in levels.items()},
+        "levels": {name: dict(entry) for name, entry in levels.items()},
         **convergence,
     }
 
@@ -382,11 +396,14 @@ def fit_result(
 def design_names(
     predictors: Sequence[str], levels: Mapping[str, Iterable[str]], intercept: bool
 ) -> list[str]:
-    """Coefficient names in design order: the intercept, then each predictor or its non-reference levels."""
+    """Coefficient names in design order: the intercept, then each predictor or its encoded levels."""
     names = [INTERCEPT] if intercept else []
+    encoded = encoded_levels(predictors, levels, intercept)
     for name in predictors:
-        if name in levels:
-            names.extend(dummy_name(name, level) for level in list(levels[name])[1:])
+        if name in encoded:
+            if not encoded[name]:
+                raise CollinearityError({name: [INTERCEPT]})  # a single level
+            names.extend(dummy_name(name, level) for level in encoded[name])
         else:
             names.append(name)
     return names
@@ -414,6 +431,9 @@ def glm(
         raise ValueError("max_iterations must be at least 1")
     if not predictors and not intercept:
         raise ValueError("the model has no coefficients: give predictors or an intercept")
+    stray = [name for name in categorical if name not in predictors]
+    if stray:
+        raise ValueError(f"categorical columns that are not predictors: {stray}")
     orgs = list(organizations) if organizations else [o.id for o in client.organizations()]
     common: dict[str, Any] = {"outcome": outcome, "predictors": list(predictors)}
     subtask = client.create_subtask(
@@ -425,8 +445,13 @@ def glm(
     kwargs = {**common, "family": chosen.value, "intercept": intercept}
     if levels:
         kwargs["levels"] = {name: list(counts) for name, counts in levels.items()}
+    encoded = encoded_levels(predictors, levels, intercept)
+    report = {  # the reference is None for a column coded with all its levels (no intercept)
+        name: {"reference": None if encoded[name][:1] == list(c)[:1] else next(iter(c)), "counts": dict(c)}
+        for name, c in levels.items()
+    }
     return _iterate(
-        client, chosen, kwargs, names, levels, orgs, max_iterations, tolerance, collinearity_tolerance
+        client, chosen, kwargs, names, report, orgs, max_iterations, tolerance, collinearity_tolerance
     )
 
 
@@ -435,7 +460,7 @@ def _iterate(
     family: Family,
     kwargs: Mapping[str, Any],
     names: Sequence[str],
-    levels: Mapping[str, Mapping[str, int]],
+    levels: Mapping[str, Mapping[str, Any]],
     orgs: Sequence[int],
     max_iterations: int,
     tolerance: float,
