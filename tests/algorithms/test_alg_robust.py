@@ -238,6 +238,11 @@ def test_a_level_rarer_than_the_cell_minimum_is_refused_without_its_count() -> N
         "combine or drop its rare levels"
     )
     assert "4" not in message and "'d'" not in message
+    frames[2].loc[frames[2].index[:2], "region"] = "e"
+    with pytest.raises(federated_glm.RareLevelError, match="minimum at organizations 1, 3: combine"):
+        federated_glm.glm(
+            _client(federated_glm, frames), outcome="cost", predictors=["region"], family="linear"
+        )
     assert isinstance(caught.value, DisclosureError), "the wrapper reports it as disclosure-refused"
     # what organization 1 released: neither the rare level nor its count
     released = federated_glm.partial_levels(frames[0], "cost", ["region"])
@@ -436,6 +441,8 @@ def test_a_column_numeric_at_one_organization_and_text_at_another_is_refused() -
     frames[1]["stage"] = frames[1]["stage"].astype(str)
     with pytest.raises(ValueError, match=r"column 'stage' is numeric at some organizations and categorical"):
         summary_stats.summary(_client(summary_stats, frames), columns=["stage"])
+    with pytest.raises(ValueError, match=r"categorical columns that are not among the columns: \['age'\]"):
+        summary_stats.summary(_client(summary_stats, frames), columns=["stage"], categorical=["age"])
     with pytest.raises(ValueError, match=r"histogram edges given for categorical columns: \['diagnosis'\]"):
         summary_stats.summary(
             _client(summary_stats, frames), columns=["diagnosis"], edges={"diagnosis": [0, 1]}

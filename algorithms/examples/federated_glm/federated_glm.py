@@ -70,8 +70,9 @@ class RareLevelError(DisclosureError):
         Exception.__init__(
             self,
             "; ".join(
-                f"categorical predictor {name!r} has a level rarer than the cell minimum at organization "
-                f"{', '.join(str(o) for o in orgs)}: combine or drop its rare levels"
+                f"categorical predictor {name!r} has a level rarer than the cell minimum at "
+                f"organization{'s' if len(orgs) > 1 else ''} {', '.join(str(o) for o in orgs)}: "
+                "combine or drop its rare levels"
                 for name, orgs in columns.items()
             ),
         )

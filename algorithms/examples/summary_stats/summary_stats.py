@@ -188,6 +188,9 @@ def summary(
     in `categorical` get level counts even when they are numeric."""
     if bins < 1:
         raise ValueError("bins must be at least 1")
+    stray = [name for name in categorical if columns is not None and name not in columns]
+    if stray:
+        raise ValueError(f"categorical columns that are not among the columns: {stray}")
     orgs = list(organizations) if organizations else [o.id for o in client.organizations()]
     kwargs: dict[str, Any] = {"columns": columns}
     if categorical:
