@@ -235,7 +235,7 @@ def test_a_level_rarer_than_the_cell_minimum_is_refused_without_its_count() -> N
     message = str(caught.value)
     assert message == (
         "categorical predictor 'region' has a level rarer than the cell minimum at organization 1: "
-        "combine or drop its rare levels"
+        "combine or drop rare levels"
     )
     assert "4" not in message and "'d'" not in message
     frames[2].loc[frames[2].index[:2], "region"] = "e"
@@ -244,11 +244,50 @@ def test_a_level_rarer_than_the_cell_minimum_is_refused_without_its_count() -> N
             _client(federated_glm, frames), outcome="cost", predictors=["region"], family="linear"
         )
     assert isinstance(caught.value, DisclosureError), "the wrapper reports it as disclosure-refused"
-    # what organization 1 released: neither the rare level nor its count
+    # what organization 1 released: no level counts at all (their sum would give the rare one away)
     released = federated_glm.partial_levels(frames[0], "cost", ["region"])
-    assert released["categorical"]["region"]["rare"] is True
-    assert set(released["categorical"]["region"]["levels"]) == {"a", "b", "c"}
-    assert all(count >= 5 for count in released["categorical"]["region"]["levels"].values())
+    assert released == {
+        "n": len(frames[0]),
+        "categorical": {"region": {"levels": {}, "rare": True}},
+        "cells": [],
+    }
+
+
+def test_a_rare_combination_of_two_categorical_predictors_is_refused() -> None:
+    frames = _regions()
+    for frame in frames:
+        frame["smoker"] = np.where(frame["region"] == "c", "no", np.where(frame.index % 2 == 0, "yes", "no"))
+    frames[2].loc[frames[2].index[frames[2]["region"] == "c"][:3], "smoker"] = (
+        "yes"  # 3 smokers in c at org 3
+    )
+    client = _client(federated_glm, frames)
+    with pytest.raises(federated_glm.RareLevelError) as caught:
+        federated_glm.glm(client, outcome="cost", predictors=["region", "smoker"], family="linear")
+    assert str(caught.value) == (
+        "the cross-classification of 'region' and 'smoker' has a cell rarer than the cell minimum at "
+        "organization 3: combine or drop rare levels"
+    )
+    assert caught.value.cells == {("region", "smoker"): [3]} and caught.value.levels == {}
+    # the node refuses the same cell when a central function skips the levels round
+    with pytest.raises(DisclosureError, match="cross-classification of 'region' and 'smoker' has 3 records"):
+        federated_glm.partial_glm(
+            frames[2], "cost", ["region", "smoker"], [0.0] * 4, family="linear",
+            levels={"region": ["a", "b", "c"], "smoker": ["no", "yes"]},
+        )  # fmt: skip
+
+
+def test_a_level_with_few_events_is_refused_in_a_logistic_model() -> None:
+    frames = _regions()
+    for frame in frames:
+        frame["event"] = frame["event"].where(frame["region"] != "c", 0)
+    frames[0].loc[frames[0].index[frames[0]["region"] == "c"][:2], "event"] = 1  # 2 events in c at org 1
+    with pytest.raises(federated_glm.RareLevelError, match="cross-classification of 'event' and 'region'"):
+        federated_glm.glm(_client(federated_glm, frames), outcome="event", predictors=["age", "region"])
+    # a linear model of the same data releases sums over levels, not counts of the outcome: it runs
+    fit = federated_glm.glm(
+        _client(federated_glm, frames), outcome="event", predictors=["region"], family="linear"
+    )
+    assert fit["converged"]
 
 
 def test_the_node_refuses_a_rare_level_even_when_asked_to_encode_it() -> None:

@@ -64,19 +64,30 @@ class CollinearityError(ValueError):
 
 
 class RareLevelError(DisclosureError):
-    """A categorical predictor has a level rarer than the cell minimum at some organization."""
+    """A categorical predictor has a level, or two of them (or one and a binary outcome) a combination,
+    rarer than the cell minimum at some organization: the information matrix would carry that count."""
 
-    def __init__(self, columns: Mapping[str, Sequence[int]]) -> None:
+    def __init__(
+        self,
+        levels: Mapping[str, Sequence[int]],
+        cells: Mapping[tuple[str, str], Sequence[int]] | None = None,
+    ) -> None:
+        problems = {f"categorical predictor {name!r} has a level": orgs for name, orgs in levels.items()}
+        for (first, second), orgs in (cells or {}).items():
+            problems[f"the cross-classification of {first!r} and {second!r} has a cell"] = orgs
         Exception.__init__(
             self,
             "; ".join(
-                f"categorical predictor {name!r} has a level rarer than the cell minimum at "
-                f"organization{'s' if len(orgs) > 1 else ''} {', '.join(str(o) for o in orgs)}: "
-                "combine or drop its rare levels"
-                for name, orgs in columns.items()
-            ),
+                f"{problem} rarer than the cell minimum at organization{'s' if len(orgs) > 1 else ''} "
+                f"{', '.join(str(o) for o in orgs)}"
+                for problem, orgs in problems.items()
+            )
+            + ": combine or drop rare levels",
         )
-        self.columns = {name: list(orgs) for name, orgs in columns.items()}
+        self.levels = {name: list(orgs) for name, orgs in levels.items()}
+        self.cells = {pair: list(orgs) for pair, orgs in (cells or {}).items()}
+        self.what = "the levels of categorical predictors"
+        self.rows = self.limit = 0  # not known here: the organizations keep their counts and limits
 
 
 def _alias_message(name: str, parts: Sequence[str]) -> str:
@@ -156,40 +167,82 @@ def _design(
     return np.column_stack(columns) if columns else np.empty((len(data), 0))
 
 
+def _crossed(outcome: str, categorical: Sequence[str], binary_outcome: bool) -> list[str]:
+    """The columns whose pairwise cross-classification the information matrix reveals: the categorical
+    predictors, and a 0/1 outcome with them (its gradient counts the events per level). Numeric predictors
+    are not cells."""
+    return [*([outcome] if binary_outcome and categorical else []), *categorical]
+
+
+def _small_cells(
+    labels: Mapping[str, pd.Series],
+    outcome: str,
+    categorical: Sequence[str],
+    binary_outcome: bool,
+    limit: int,
+) -> list[tuple[str, str]]:
+    """Pairs of columns with a combination of levels seen from 1 to limit - 1 times."""
+    crossed = _crossed(outcome, categorical, binary_outcome)
+    small: list[tuple[str, str]] = []
+    for i, first in enumerate(crossed):
+        for second in crossed[i + 1 :]:
+            counts = pd.DataFrame({"a": labels[first], "b": labels[second]}).value_counts()
+            if ((counts > 0) & (counts < limit)).any():
+                small.append((first, second))
+    return small
+
+
+def _labels(data: pd.DataFrame, names: Iterable[str]) -> dict[str, pd.Series]:
+    return {name: level_labels(data[name]) for name in names}
+
+
 @federated(datasets=["default"])
 def partial_levels(
-    df: pd.DataFrame, outcome: str, predictors: Sequence[str], categorical: Sequence[str] = ()
+    df: pd.DataFrame,
+    outcome: str,
+    predictors: Sequence[str],
+    categorical: Sequence[str] = (),
+    family: str = Family.LINEAR,
 ) -> dict[str, Any]:
     """Which predictors are categorical here (declared, or not numeric: text, boolean, category) and their
-    levels among the complete records, counts only of levels at least as frequent as the cell minimum;
-    `rare` says a column has a rarer level (neither that level nor its count is released)."""
+    levels among the complete records, with counts. `rare` flags a column with a level rarer than the cell
+    minimum (then none of its counts is released, or their sum would give the rare one away); `cells` lists
+    the pairs (see `_crossed`) with a rarer combination. Neither rare levels nor rare counts leave."""
     data = _complete(df, outcome, predictors)
+    chosen = Family(family)
+    check_outcome(chosen, data[outcome].to_numpy(dtype=float), outcome)
     limit = min_cell_count()
+    names = [name for name in predictors if name in categorical or not _is_numeric(data[name])]
+    binary = chosen is Family.LOGISTIC
+    labels = _labels(data, [*names, *([outcome] if binary else [])])
     found: dict[str, dict[str, Any]] = {}
-    for name in predictors:
-        if name in categorical or not _is_numeric(data[name]):
-            counts = {str(k): int(v) for k, v in level_labels(data[name]).value_counts().items()}
-            released = {k: v for k, v in sorted(counts.items()) if v >= limit}
-            found[name] = {"levels": released, "rare": len(released) < len(counts)}
-    return {"n": len(data), "categorical": found}
+    for name in names:
+        counts = {str(k): int(v) for k, v in labels[name].value_counts().items()}
+        rare = any(v < limit for v in counts.values())
+        found[name] = {"levels": {} if rare else dict(sorted(counts.items())), "rare": rare}
+    cells = _small_cells(labels, outcome, names, binary, limit)
+    return {"n": len(data), "categorical": found, "cells": [list(pair) for pair in cells]}
 
 
 def agree_levels(
     partials: Mapping[int, Mapping[str, Any]], reference: Mapping[str, str] | None = None
 ) -> dict[str, dict[str, int]]:
     """One level set per categorical column (the union over organizations, reference level first, then
-    sorted) with pooled counts; RareLevelError when any organization flagged a rarer level."""
+    sorted) with pooled counts; RareLevelError when any organization flagged a rare level or cell."""
     rare: dict[str, list[int]] = {}
+    cells: dict[tuple[str, str], list[int]] = {}
     pooled: dict[str, dict[str, int]] = {}
     for org, partial in sorted(partials.items()):
+        for first, second in partial.get("cells", []):
+            cells.setdefault((str(first), str(second)), []).append(org)
         for name, entry in partial["categorical"].items():
             if entry["rare"]:
                 rare.setdefault(name, []).append(org)
             counts = pooled.setdefault(name, {})
             for level, count in entry["levels"].items():
                 counts[level] = counts.get(level, 0) + int(count)
-    if rare:
-        raise RareLevelError(rare)
+    if rare or cells:
+        raise RareLevelError(rare, cells)
     chosen = dict(reference or {})
     unknown = [name for name in chosen if name not in pooled]
     if unknown:
@@ -217,13 +270,22 @@ def partial_glm(
     """Gradient and Hessian of the log-likelihood at `beta` (the information matrix), the deviance, and
     whether any fitted value is numerically at the boundary (0 or 1 for a probability, 0 for a mean)."""
     data = _complete(df, outcome, predictors)
+    chosen = Family(family)
+    check_outcome(chosen, data[outcome].to_numpy(dtype=float), outcome)
     x = _design(data, predictors, levels or {}, intercept)
+    names = [name for name in predictors if name in (levels or {})]
+    binary = chosen is Family.LOGISTIC
+    labels = _labels(data, [*names, *([outcome] if binary else [])])
+    for first, second in _small_cells(labels, outcome, names, binary, min_cell_count()):
+        require_min_cells(
+            pd.DataFrame({"a": labels[first], "b": labels[second]}).value_counts().to_dict(),
+            f"the cross-classification of {first!r} and {second!r}",
+        )
     y = data[outcome].to_numpy(dtype=float)
     coefficients = np.asarray(beta, dtype=float)
     if coefficients.shape != (x.shape[1],):
         raise ValueError(f"beta has {coefficients.size} values; the model has {x.shape[1]} coefficients")
     eta = x @ coefficients
-    chosen = Family(family)
     if chosen is Family.LINEAR:
         residual = y - eta
         rss = float(residual @ residual)
@@ -236,8 +298,8 @@ def partial_glm(
             "boundary": False,
         }
     if chosen is Family.LOGISTIC:
-        return {"n": len(y), **_logistic(x, y, eta, outcome)}
-    return {"n": len(y), **_poisson(x, y, eta, outcome)}
+        return {"n": len(y), **_logistic(x, y, eta)}
+    return {"n": len(y), **_poisson(x, y, eta)}
 
 
 def _log_sigmoid(z: np.ndarray) -> np.ndarray:
@@ -245,9 +307,15 @@ def _log_sigmoid(z: np.ndarray) -> np.ndarray:
     return result
 
 
-def _logistic(x: np.ndarray, y: np.ndarray, eta: np.ndarray, outcome: str) -> dict[str, Any]:
-    if not np.isin(y, (0.0, 1.0)).all():
+def check_outcome(family: Family, y: np.ndarray, outcome: str) -> None:
+    """A logistic model needs a 0/1 outcome, a Poisson one counts."""
+    if family is Family.LOGISTIC and not np.isin(y, (0.0, 1.0)).all():
         raise ValueError(f"logistic regression needs a 0/1 outcome; {outcome!r} has other values")
+    if family is Family.POISSON and ((y < 0).any() or (y != np.floor(y)).any()):
+        raise ValueError(f"Poisson regression needs a count outcome; {outcome!r} has other values")
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, eta: np.ndarray) -> dict[str, Any]:
     p = np.exp(_log_sigmoid(eta))
     loglik = float((y * _log_sigmoid(eta) + (1 - y) * _log_sigmoid(-eta)).sum())
     return {
@@ -259,9 +327,7 @@ def _logistic(x: np.ndarray, y: np.ndarray, eta: np.ndarray, outcome: str) -> di
     }
 
 
-def _poisson(x: np.ndarray, y: np.ndarray, eta: np.ndarray, outcome: str) -> dict[str, Any]:
-    if (y < 0).any() or (y != np.floor(y)).any():
-        raise ValueError(f"Poisson regression needs a count outcome; {outcome!r} has other values")
+def _poisson(x: np.ndarray, y: np.ndarray, eta: np.ndarray) -> dict[str, Any]:
     mu = np.exp(eta)
     loglik = float((y * eta - mu).sum() - sum(math.lgamma(v + 1) for v in y))
     ratio = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0)
@@ -438,7 +504,9 @@ def glm(
     orgs = list(organizations) if organizations else [o.id for o in client.organizations()]
     common: dict[str, Any] = {"outcome": outcome, "predictors": list(predictors)}
     subtask = client.create_subtask(
-        "partial_levels", kwargs={**common, "categorical": list(categorical)}, organizations=orgs
+        "partial_levels",
+        kwargs={**common, "categorical": list(categorical), "family": chosen.value},
+        organizations=orgs,
     )
     client.wait(subtask.task_id)
     levels = agree_levels(client.results_by_organization(subtask.task_id), reference)
