@@ -7,7 +7,13 @@ does the rest. Imports only `vfed.common`; pandas is loaded when a dataset is.
 
 from vfed.algorithms.client import AlgorithmClient, Organization, SubtaskFailed, TaskState
 from vfed.algorithms.decorators import central, federated
-from vfed.algorithms.disclosure import DisclosureError, min_rows, require_min_rows
+from vfed.algorithms.disclosure import (
+    DisclosureError,
+    min_cell_count,
+    min_rows,
+    require_min_cells,
+    require_min_rows,
+)
 from vfed.algorithms.transport import ProxyError, ProxyUnavailable
 from vfed.common.payload import AlgorithmError, TaskInput
 
@@ -23,6 +29,8 @@ __all__ = [
     "TaskState",
     "central",
     "federated",
+    "min_cell_count",
     "min_rows",
+    "require_min_cells",
     "require_min_rows",
 ]
