@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = Path(os.environ.get("VFED_CACHE", ROOT / "build")) / "wheelhouse"
 DOCKERFILES = ("base.Dockerfile", "node.Dockerfile", "algorithm-base.Dockerfile")
 OFFLINE_BASE = "vfed/debian-python:bookworm"
-SHIPPED = [f"vfed/node/image_context/{name}" for name in DOCKERFILES]
+SHIPPED = [f"vfed/common/image_context/{name}" for name in DOCKERFILES]
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -97,7 +97,7 @@ def install(tmp_path_factory: pytest.TempPathFactory, docker_client: Any) -> Ins
     work = tmp_path / "elsewhere"
     work.mkdir()
     python = str(venv / "bin" / "python")
-    where = _run(python, "-c", "import vfed.node; print(vfed.node.__file__)")
+    where = _run(python, "-c", "import vfed.common; print(vfed.common.__file__)")
     assert Path(where.strip()).is_relative_to(venv), where  # the venv's copy, not the checkout's
     version = _run(python, "-c", "import importlib.metadata as m; print(m.version('vfed'))").strip()
     return Install(venv, deps, version, work)
@@ -161,8 +161,8 @@ def test_vnode_image_build_from_a_pip_install(install: Install, prefix: str, doc
     version = _output(docker_client, node, ["--version"]).strip()
     assert version == f"vnode, version {install.version}"
     script = (
-        "import os, pathlib, pandas, vfed.algorithms, vfed.node; "
-        "d = pathlib.Path(vfed.node.__file__).parent / 'image_context'; "
+        "import os, pathlib, pandas, vfed.algorithms, vfed.common, vfed.node; "
+        "d = pathlib.Path(vfed.common.__file__).parent / 'image_context'; "
         "print(os.getuid(), sorted(p.name for p in d.iterdir()))"
     )
     answer = _output(docker_client, algorithm_base, ["-c", script], entrypoint="python3")
