@@ -66,7 +66,7 @@ def _present(client: DockerClient, image: str) -> bool:
 
 
 def _ask(client: DockerClient, image: str, command: list[str], what: str) -> str:
-    """What the image prints for `python3 COMMAND`, run with no network or capabilities; the container goes."""
+    """What the image prints for `python3 COMMAND` (no network, no capabilities); the container goes."""
     container = client.containers.create(
         image, command, entrypoint=["python3"], network_mode="none", cap_drop=["ALL"], detach=True
     )
