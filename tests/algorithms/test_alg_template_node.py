@@ -102,7 +102,9 @@ def _dockerfile(text: str) -> Any:
     return io.BytesIO(text.encode())
 
 
-def test_the_image_carries_the_manifest_and_the_sdk_it_was_built_with(built: Built, docker_client: Any) -> None:
+def test_the_image_carries_the_manifest_and_the_sdk_it_was_built_with(
+    built: Built, docker_client: Any
+) -> None:
     labels = docker_client.images.get(built.tag).labels
     manifest = json.loads(labels[MANIFEST_LABEL])
     assert manifest["functions"]["partial"] == {

@@ -67,7 +67,9 @@ def test_new_writes_a_project_whose_own_test_passes(tmp_path: Path) -> None:
 
     # The test checks the algorithm: a wrong partial sum makes it fail.
     module = folder / "my_stats.py"
-    module.write_text(module.read_text().replace('"sum": float(values.sum())', '"sum": float(values.sum()) + 1'))
+    module.write_text(
+        module.read_text().replace('"sum": float(values.sum())', '"sum": float(values.sum()) + 1')
+    )
     broken = pytest_in(folder)
     assert broken.returncode == 1 and "1 failed, 2 passed" in broken.stdout, broken.stdout
 
