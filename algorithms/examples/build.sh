@@ -12,6 +12,7 @@ root=$(cd "$here/../.." && pwd)
 
 BASE=vfed/algorithm-base
 PY=${PY:-$root/.venv/bin/python}  # a Python with this vfed installed (`make images` passes the venv's)
+[ -x "$PY" ] || PY=python3
 
 inputs_hash() {  # inputs_hash DIR: a hash of the folder's files
     find "$1" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z \
