@@ -6,9 +6,11 @@ tests/algorithms/test_alg_template_node.py."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -148,3 +150,42 @@ def test_build_refuses_folders_it_cannot_build(tmp_path: Path, docker_client: ob
         got, _, err = cli("algorithm", "build", *args, "--tag", tag)
         assert got == code, (args, err)
         assert err.startswith("vfed: error: ") and says in err and err.count("\n") == 1, (args, err)
+
+
+@pytest.mark.docker
+def test_a_build_that_fails_says_why_and_leaves_no_image(tmp_path: Path, docker_client: Any) -> None:
+    """A module that cannot be imported, one that declares nothing, a Dockerfile that does not build: exit 1
+    with one line after the log's tail, and neither the image nor its stage image is left on the engine."""
+    assert cli("algorithm", "new", "bad_alg", "--dir", str(tmp_path))[0] == 0
+    folder = tmp_path / "bad_alg"
+    module = folder / "bad_alg.py"
+    original = module.read_text()
+    repository = f"vfed-wip-tpl/bad-{secrets.token_hex(3)}"
+    cases = [
+        ("fails at import", original + '\nraise RuntimeError("broken on purpose")\n', None),
+        ("declares nothing", '"""nothing declared"""\n', None),
+        ("does not build", original, "RUN false\n"),
+    ]
+    says = {
+        "fails at import": "the SDK could not read the manifest: the image's python3 exited 1",
+        "declares nothing": "the module declares no function (@federated or @central)",
+        "does not build": f"building {repository}:vfed-stage-",
+    }
+    dockerfile = (folder / "Dockerfile").read_text()
+    try:
+        for case, text, extra in cases:
+            module.write_text(text)
+            (folder / "Dockerfile").write_text(dockerfile + (extra or ""))
+            got, _, err = cli("algorithm", "build", str(folder), "--tag", f"{repository}:t")
+            assert got == 1, (case, err)
+            last = err.splitlines()[-1]
+            assert last.startswith("vfed: error: ") and says[case] in last, (case, err)
+            if case == "fails at import":
+                assert "RuntimeError: broken on purpose" in err  # the tail of the image's stderr, first
+            left = [t for i in docker_client.images.list() for t in i.tags if t.startswith(repository)]
+            assert not left, (case, left)
+    finally:
+        for image in docker_client.images.list():
+            for name in image.tags:
+                if name.startswith(repository):
+                    docker_client.images.remove(name, force=True)

@@ -10,6 +10,7 @@ installation, is what makes the labels true of the image whatever vfed built it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -67,9 +68,12 @@ def _present(client: DockerClient, image: str) -> bool:
 
 def _ask(client: DockerClient, image: str, command: list[str], what: str) -> str:
     """What the image prints for `python3 COMMAND` (no network, no capabilities); the container goes."""
-    container = client.containers.create(
-        image, command, entrypoint=["python3"], network_mode="none", cap_drop=["ALL"], detach=True
-    )
+    try:
+        container = client.containers.create(
+            image, command, entrypoint=["python3"], network_mode="none", cap_drop=["ALL"], detach=True
+        )
+    except docker.errors.APIError as exc:
+        raise ImageBuildError(f"{what}: {exc.explanation}") from None
     try:
         container.start()
         status = container.wait(timeout=PROBE_TIMEOUT_S)
@@ -80,8 +84,16 @@ def _ask(client: DockerClient, image: str, command: list[str], what: str) -> str
                 click.echo(f"    {line}", err=True)
             raise ImageBuildError(f"{what}: the image's python3 exited {status.get('StatusCode')}")
         return out.strip()
+    except (docker.errors.DockerException, OSError) as exc:  # requests' timeouts are OSErrors
+        raise ImageBuildError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from None
     finally:
-        container.remove(force=True)
+        with contextlib.suppress(docker.errors.DockerException, OSError):
+            container.remove(force=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _manifest(client: DockerClient, stage: str) -> Manifest:
@@ -113,6 +125,17 @@ def build_algorithm(
     labels: dict[str, str] | None = None,
 ) -> BuiltAlgorithm:
     """Build folder/Dockerfile as `tag`, with the manifest and SDK labels; the temporary stage tag goes."""
+    try:
+        return _build(client, folder, tag, base_image, labels or {})
+    except ImageBuildError:
+        raise
+    except (docker.errors.DockerException, OSError) as exc:  # the engine or the folder failed otherwise
+        raise ImageBuildError(f"building {tag} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _build(
+    client: DockerClient, folder: Path, tag: str, base_image: str | None, labels: dict[str, str]
+) -> BuiltAlgorithm:
     dockerfile = folder / "Dockerfile"
     if not dockerfile.is_file():
         raise BuildUsageError(f"{folder} holds no Dockerfile (make one with `vfed algorithm new NAME`)")
@@ -126,7 +149,7 @@ def build_algorithm(
     stage = f"{repository}:vfed-stage-{secrets.token_hex(4)}"
     click.echo(f"image {tag}: building {folder}" + (f" on {base}" if base else ""))
     try:
-        build_one(client, folder, "Dockerfile", stage, args, {"vfed.built-by": BUILT_BY, **(labels or {})})
+        build_one(client, folder, "Dockerfile", stage, args, {"vfed.built-by": BUILT_BY, **labels})
         manifest = _manifest(client, stage)
         sdk = _sdk(client, stage)
         image_id = relabel(
