@@ -6,6 +6,7 @@ Docker engine, a failed build) print one line and exit 1.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
@@ -47,6 +48,8 @@ def algorithm_new(name: str, parent: Path) -> None:
         fail(str(exc))
         return
     click.echo(f"created {target}: {', '.join(files)}")
+    if importlib.util.find_spec("pandas") is None:
+        click.echo("note: its test needs the SDK's extras here: pip install 'vfed[algorithms]'")
     click.echo(f"next: cd {target} && python -m pytest && vfed algorithm build")
 
 
