@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from vfed.algorithms.client import (
     AlgorithmClient,
     Organization,
-    RunStatus,
     Subtask,
     SubtaskFailed,
     SubtaskRun,
@@ -28,6 +27,7 @@ from vfed.algorithms.datasets import DatasetType, env_key, load_dataset
 from vfed.algorithms.decorators import declared_functions
 from vfed.algorithms.disclosure import DEFAULT_MIN_ROWS, require_min_rows
 from vfed.algorithms.transport import Transport
+from vfed.common.api.statuses import RunStatus
 from vfed.common.manifest import FunctionKind, declared_epsilon
 from vfed.common.payload import TaskInput, decode_result, encode_result
 

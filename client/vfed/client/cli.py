@@ -122,7 +122,8 @@ def task_create(
 ) -> None:
     """Create a task; its input is encrypted for every target organization.
 
-    Example: vfed task create --collaboration 1 --image vfed-examples/stats --method summary --args '["x"]'
+    Example: vfed task create --collaboration 1 --image vfed-examples/summary_stats --method summary
+    --kwargs '{"columns": ["age"]}' --org 1
     """
     args = _json_arg("--args", args_json, list)
     kwargs = _json_arg("--kwargs", kwargs_json, dict)

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from vfed.common.api.statuses import task_status
 from vfed.common.crypto import (
     ContextMismatch,
     CryptoError,
@@ -189,16 +190,9 @@ async def _own_task_runs(ctx: ProxyContext, task_id: int) -> list[Run]:
 
 def _task_view(task_id: int, runs: list[Run]) -> dict[str, Any]:
     done = bool(runs) and all(r.finished for r in runs)
-    statuses = {r.status for r in runs}
-    if not done:
-        status = "active" if statuses - {"pending"} else "pending"
-    elif statuses == {"completed"}:
-        status = "completed"
-    else:
-        status = "killed" if "killed" in statuses else "failed"
     return {
         "task_id": task_id,
-        "status": status,
+        "status": str(task_status(r.status for r in runs)),
         "done": done,
         "runs": [
             {"run_id": r.id, "organization_id": r.organization_id, "status": r.status, "reason": r.reason}

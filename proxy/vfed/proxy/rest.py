@@ -20,11 +20,11 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict
 
 from vfed.common import tls
+from vfed.common.api.statuses import is_finished
 from vfed.common.chunks import body_and_length
 
 log = logging.getLogger(__name__)
 DOWNLOAD_ATTEMPTS = 5  # transfers of one blob, each resuming where the last broke
-TERMINAL_RUN_STATUSES = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 
 
 class ServerUnavailable(Exception):
@@ -86,7 +86,7 @@ class Run(_Model):
 
     @property
     def finished(self) -> bool:
-        return self.status in TERMINAL_RUN_STATUSES
+        return is_finished(self.status)
 
 
 class BlobInfo(_Model):
