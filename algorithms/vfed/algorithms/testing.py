@@ -3,13 +3,15 @@
 `LocalClient` stands in for the node's proxy so algorithm authors (and our own tests) can check a central
 function without a server: subtasks run synchronously, their inputs and results go through the same JSON /
 Parquet encoding as in production, disclosure control applies, and a failing subtask surfaces as
-`SubtaskFailed` with its reason, as it would through the proxy.
+`SubtaskFailed` with its reason, as it would through the proxy. `local_datasets` reads dataset files (CSV,
+Parquet, SQLite) with the loader a node's run uses, so a test sees the same DataFrames the image will.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ from vfed.algorithms.client import (
     SubtaskRun,
     TaskState,
 )
+from vfed.algorithms.datasets import DatasetType, env_key, load_dataset
 from vfed.algorithms.decorators import declared_functions
 from vfed.algorithms.disclosure import DEFAULT_MIN_ROWS, require_min_rows
 from vfed.algorithms.transport import Transport
@@ -30,6 +33,24 @@ from vfed.common.payload import TaskInput, decode_result, encode_result
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+def local_datasets(
+    files: Mapping[int, Mapping[str, str | Path]], kind: DatasetType | str | None = None
+) -> dict[int, dict[str, pd.DataFrame]]:
+    """{org_id: {label: DataFrame}} for `LocalClient`, from {org_id: {label: file}}: each file read as a node
+    offers it to a run (`DATASET_<LABEL>_URI`/`_TYPE`); the type is `kind`, else the file's suffix."""
+    frames: dict[int, dict[str, pd.DataFrame]] = {}
+    for org, labels in files.items():
+        frames[org] = {}
+        for label, file in labels.items():
+            path = Path(file)
+            chosen = str(kind or path.suffix.lstrip(".").lower())
+            if chosen in ("db", "sqlite3"):
+                chosen = DatasetType.SQLITE.value
+            env = {"DATASETS": label, f"{env_key(label)}_URI": str(path), f"{env_key(label)}_TYPE": chosen}
+            frames[org][label] = load_dataset(label, env)
+    return frames
 
 
 class LocalClient(AlgorithmClient):

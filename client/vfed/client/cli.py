@@ -16,6 +16,7 @@ import aiohttp
 import click
 
 from vfed.client import credentials, tasks
+from vfed.client.cli_algorithm import algorithm
 from vfed.client.cli_common import FORMAT, handled, print_table, run
 from vfed.client.cli_ledger import datasets, leases, receipts
 from vfed.client.cli_researcher import (
@@ -39,6 +40,7 @@ from vfed.common import tls
     "  vfed whoami; vfed collaborations list; vfed organizations list; vfed nodes list\n"
     "  vfed task create --collaboration 1 --image IMAGE --method METHOD\n"
     "  vfed task show ID; vfed task logs ID; vfed task results ID --output DIR\n"
+    "Write an algorithm: vfed algorithm new NAME; vfed algorithm build NAME\n"
     "Listings take --format table|json. Exit codes: 0 success, 1 failure, 2 usage error, 130 Ctrl-C in\n"
     "`vfed task wait` (the task goes on; `vfed task kill ID` stops it)."
 )
@@ -290,6 +292,7 @@ main.add_command(organizations)
 main.add_command(datasets)
 main.add_command(leases)
 main.add_command(receipts)
+main.add_command(algorithm)
 
 if __name__ == "__main__":
     main()

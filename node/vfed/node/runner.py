@@ -26,6 +26,7 @@ from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument
 from vfed.node import ahead, budget, run_folder, timeline
 from vfed.node.config import NodeSettings
 from vfed.node.early_job import BusyJobs, EarlyJobFolder
+from vfed.node.image_sdk import SdkVerdicts
 from vfed.node.journal import Journal
 from vfed.node.keys import KeyHolder
 from vfed.node.leases import LeaseGuard, lease_refusal
@@ -114,6 +115,8 @@ class Services:
     """Lease checks, reservations, the watch that kills and the receipts; None with `leases: off`."""
     kill_reasons: dict[int, str] = field(default_factory=dict)
     """Why a run is asked to end, when not on the server's request (a lease revoked or expired)."""
+    sdk_verdicts: SdkVerdicts = field(default_factory=SdkVerdicts)
+    """Images refused for the SDK their `vfed.sdk` label declares, by image ID (image_sdk)."""
 
     @property
     def keyring(self) -> Keyring:
@@ -249,6 +252,9 @@ class Runner:
         )
         if not decision.allowed:
             raise RunRefused("not-allowed", decision.reason)
+        incompatible = await self.s.sdk_verdicts.refusal(self.s.runtime, digest)
+        if incompatible is not None:  # image_sdk logged which image and why
+            raise RunRefused("not-allowed", incompatible)
         missing = [d for d in task.datasets if d not in self.s.settings.datasets]
         if missing:
             raise RunRefused("not-allowed", f"this node offers no dataset labelled {', '.join(missing)}")
