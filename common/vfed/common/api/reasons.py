@@ -50,6 +50,10 @@ class Reason(StrEnum):
     """The node agent itself failed on this run; the detail is the exception's type name."""
     RESULT_WITHHELD = "result-withheld"
     """The run completed, but its descriptor no longer verifies here: its output is not released."""
+    DATASET_UNAVAILABLE = "dataset-unavailable"
+    """A dataset the run reads could not be prepared before the start (a `sql` dataset's database refused the
+    credentials, cannot be reached, lacks the table, or its query failed); the detail names the dataset and
+    the kind of failure, never the database's own message (it can quote data)."""
 
 
 _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}(?:\.[A-Za-z_][A-Za-z0-9_]{0,99}){0,7}")
