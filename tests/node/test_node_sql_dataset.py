@@ -240,3 +240,57 @@ async def test_a_big_table_is_extracted_in_bounded_memory(postgres_url: str, tmp
         "flag": ROWS % 2 == 0,
         "day": datetime.date(2020, 1, 1) + datetime.timedelta(days=ROWS % 1000),
     }
+
+
+@pytest.mark.postgres
+async def test_other_types_map_to_their_base_type_or_text(postgres_url: str, tmp_path: Path) -> None:
+    await execute(
+        postgres_url,
+        "CREATE DOMAIN positive AS integer CHECK (VALUE > 0)",
+        "CREATE TYPE mood AS ENUM ('calm', 'tense')",
+    )
+    query = (
+        "SELECT 5::positive AS p, 'tense'::mood AS m, '12:30:01'::time AS t, '1 day 02:00'::interval AS i, "
+        "'\\x0102'::bytea AS b, 7::oid AS o, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid AS u, "
+        "'10.0.0.1'::inet AS n, NULL::positive AS np"
+    )
+    await extracted("d", sql(postgres_url, query=query), tmp_path / "o.parquet")
+    table = pq.read_table(tmp_path / "o.parquet")
+    assert [str(f.type) for f in table.schema] == [
+        "int32",
+        "string",
+        "time64[us]",
+        "duration[us]",
+        "binary",
+        "int64",
+        "string",
+        "string",
+        "int32",
+    ]
+    assert table.to_pylist() == [
+        {
+            "p": 5,
+            "m": "tense",
+            "t": datetime.time(12, 30, 1),
+            "i": datetime.timedelta(days=1, hours=2),
+            "b": b"\x01\x02",
+            "o": 7,
+            "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "n": "10.0.0.1",
+            "np": None,
+        }
+    ]
+
+
+def test_vnode_start_mounts_each_password_file(tmp_path: Path) -> None:
+    from vfed.node.operator.common import OperatorError
+    from vfed.node.operator.container import dataset_mounts
+
+    secret = tmp_path / "reader.password"
+    secret.write_text("x\n")
+    raw = {"uri": "postgresql://r@h/db", "type": "sql", "table": "t", "password_file": "reader.password"}
+    mounts = dataset_mounts(settings_with(raw, base_dir=tmp_path))
+    assert [(m["Target"], m["Source"], m["ReadOnly"]) for m in mounts] == [(str(secret), str(secret), True)]
+    secret.unlink()
+    with pytest.raises(OperatorError, match=r"datasets\.d\.password_file: .* is not a file"):
+        dataset_mounts(settings_with(raw, base_dir=tmp_path))

@@ -65,8 +65,8 @@ class DatasetConfig(_Strict):
     """A file's absolute path (csv, parquet, sqlite; mounted read-only into the run's container), or for
     `sql` a PostgreSQL URL without a password (`postgresql://reader@db.example:5432/clinic`)."""
     type: str = "csv"
-    """How the SDK reads it, `DATASET_<LABEL>_TYPE` in the container: csv, parquet or sqlite; a `sql`
-    dataset arrives as `parquet`."""
+    """csv, parquet or sqlite (a file), or sql (a PostgreSQL table or query the node extracts before each
+    run): `DATASET_<LABEL>_TYPE` in the container, where a sql dataset arrives as `parquet`."""
     table: str | None = None
     """`sql` only, instead of query: the table (or view) to extract whole, `name` or `schema.name`."""
     query: str | None = None

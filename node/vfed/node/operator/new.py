@@ -26,7 +26,7 @@ _TYPES_BY_SUFFIX = {
     ".db": "sqlite",
 }
 _FILE_TYPES = ("csv", "parquet", "sqlite")
-_SQL_SCHEMES = {"postgresql", "mysql", "mariadb", "mssql", "oracle"}
+_SQL_SCHEMES = {"postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle"}
 """URL schemes (before any `+driver`) taken as a `sql` dataset when no type is given."""
 _TYPE_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
