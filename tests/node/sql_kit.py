@@ -91,6 +91,17 @@ INSERT INTO patients VALUES
 """
 
 
+async def copy_seconds(url: str, query: str, target: Path) -> float:
+    """PostgreSQL's own export of the query's rows (`COPY ... TO STDOUT`, binary) to a file: the baseline."""
+    connection = await asyncpg.connect(plain_url(url))
+    try:
+        started = time.monotonic()
+        await connection.copy_from_query(query, output=str(target), format="binary")
+        return time.monotonic() - started
+    finally:
+        await connection.close()
+
+
 async def big_table(url: str, rows: int, table: str = "big") -> None:
     """`rows` rows of five columns (int, float, text, bool, date), made by the database itself."""
     await execute(
@@ -102,10 +113,14 @@ async def big_table(url: str, rows: int, table: str = "big") -> None:
     )
 
 
-def extract_in_child(dataset: dict[str, Any], target: Path, timeout_s: float = 600) -> dict[str, Any]:
-    """One extraction in a fresh Python process: rows, bytes, seconds, and the process's RSS after its imports
-    (`base_mib`) and at its peak during the extraction (`peak_mib`)."""
-    job = json.dumps({"dataset": dataset, "target": str(target)})
+def extract_in_child(
+    dataset: dict[str, Any], target: Path, *, without_pandas: bool = False, timeout_s: float = 600
+) -> dict[str, Any]:
+    """One extraction in a fresh Python process that imported what the agent imports: rows, bytes, seconds,
+    and the process's RSS before the extraction (`base_mib`) and at its peak during it (`peak_mib`).
+    `without_pandas`: pandas cannot be imported, as in the vfed/node image (installed, pyarrow's first
+    conversion loads it: ~45 MiB more)."""
+    job = json.dumps({"dataset": dataset, "target": str(target), "without_pandas": without_pandas})
     done = subprocess.run(
         [sys.executable, "-m", "tests.node.sql_kit", job],
         capture_output=True,
@@ -127,11 +142,24 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"no {field}")
 
 
+class _NoPandas:
+    """An import finder that makes pandas absent, as in the vfed/node image (pyarrow then never loads it)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 def _child(job: dict[str, Any]) -> dict[str, Any]:
+    if job.get("without_pandas"):
+        sys.meta_path.insert(0, _NoPandas())  # type: ignore[arg-type]
     import pyarrow as pa
     import pyarrow.parquet
 
-    del pyarrow  # loaded before the mark, as in a running agent
+    import vfed.node.agent
+    import vfed.node.cli
+
+    del pyarrow, vfed  # loaded before the mark: this process is an agent that extracts
 
     pa.array([0])  # (pyarrow's first conversion imports pandas when it is installed) - as in an agent that
     # extracted before: what is measured is the extraction's own memory
@@ -146,6 +174,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     done = extract("bench", dataset, Path(job["target"]))
     seconds = time.monotonic() - started
     return {
+        "pandas_loaded": "pandas" in sys.modules,
         "rows": done.rows,
         "bytes": done.bytes,
         "seconds": seconds,
