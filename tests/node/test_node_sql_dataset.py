@@ -294,3 +294,53 @@ def test_vnode_start_mounts_each_password_file(tmp_path: Path) -> None:
     secret.unlink()
     with pytest.raises(OperatorError, match=r"datasets\.d\.password_file: .* is not a file"):
         dataset_mounts(settings_with(raw, base_dir=tmp_path))
+
+
+def test_every_runtime_reaches_an_extracted_dataset_through_the_run_folder(tmp_path: Path) -> None:
+    """The agent describes a sql dataset once (no mount, its file in the run folder); Docker and Kubernetes
+    mount nothing more for it and pass the same environment."""
+    from vfed.node.runner import _dataset
+    from vfed.node.runtime import DatasetMount, RunSpec, algorithm_env
+    from vfed.node.runtime.docker_config import DockerRuntimeConfig
+    from vfed.node.runtime.docker_spec import run_mounts
+    from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
+    from vfed.node.runtime.kubernetes_spec import job_body
+
+    csv = tmp_path / "a.csv"
+    settings = parse_settings(
+        {
+            "api_key": "1.x",
+            "data_dir": str(tmp_path),
+            "datasets": {
+                "files": {"uri": str(csv), "type": "csv"},
+                "stays": {"uri": "postgresql://r@h/db", "type": "sql", "table": "stays"},
+            },
+        }
+    )
+    datasets = [_dataset(label, settings) for label in ("stays", "files")]
+    env = algorithm_env(run_id="1", job_id="2", organization_id="3", datasets=datasets, with_proxy=False)
+    assert env["DATASETS"] == "stays,files"
+    assert (env["DATASET_STAYS_URI"], env["DATASET_STAYS_TYPE"]) == (
+        "/mnt/run/dataset-stays.parquet",
+        "parquet",
+    )
+    assert (env["DATASET_FILES_URI"], env["DATASET_FILES_TYPE"]) == ("/mnt/data/files", "csv")
+    assert not [key for key in env if key.endswith(("_TABLE", "_QUERY")) or "postgresql" in env[key]]
+    spec = RunSpec(
+        run_id="1",
+        job_id="2",
+        node_name="n",
+        organization_id="3",
+        image="img",
+        env=env,
+        run_dir=str(tmp_path / "runs" / "1"),
+        datasets=[d for d in datasets if isinstance(d, DatasetMount)],
+    )
+    docker_targets = [m["Target"] for m in run_mounts(spec, DockerRuntimeConfig())]
+    assert docker_targets == ["/mnt/run", "/mnt/job", "/mnt/data/files"]
+    pod = job_body(spec, "img@sha256:" + "0" * 64, KubernetesRuntimeConfig())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert [m["mountPath"] for m in container["volumeMounts"] if m["mountPath"].startswith("/mnt/data")] == [
+        "/mnt/data/files"
+    ]
+    assert {e["name"]: e["value"] for e in container["env"]}["DATASET_STAYS_URI"] == env["DATASET_STAYS_URI"]
