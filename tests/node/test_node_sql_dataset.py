@@ -16,7 +16,14 @@ from tests import infra
 from tests.node.sql_kit import TYPES_TABLE, big_table, execute, extract_in_child, plain_url, reader
 
 from vfed.node.config import ConfigError, DatasetConfig, parse_settings
-from vfed.node.sql_dataset import DatasetUnavailable, Extracted, describe, extract, quote_table
+from vfed.node.sql_dataset import (
+    DatasetUnavailable,
+    Extracted,
+    describe,
+    extract,
+    extract_off_loop,
+    quote_table,
+)
 
 
 async def extracted(label: str, dataset: DatasetConfig, target: Path) -> Extracted:
@@ -192,6 +199,9 @@ async def test_failures_are_classified_without_data_or_password(
     assert refused.problem == "its query failed (PostgreSQL 22P02 InvalidTextRepresentationError)"
     assert '"Ann"' in refused.detail and "Ann" not in str(refused)  # the value stays in the log
 
+    twice = DatasetConfig.model_validate({**good, "query": "SELECT id AS a, name AS a FROM patients"})
+    assert (await _refused("d", twice, target)).problem == "its query returns several columns named 'a'"
+
     await execute(postgres_url, "CREATE TABLE secrets (x int)", "REVOKE ALL ON secrets FROM PUBLIC")
     hidden = DatasetConfig.model_validate({**good, "table": "secrets"})
     assert (await _refused("d", hidden, target)).problem == "the database user may not read it"
@@ -344,3 +354,21 @@ def test_every_runtime_reaches_an_extracted_dataset_through_the_run_folder(tmp_p
         "/mnt/data/files"
     ]
     assert {e["name"]: e["value"] for e in container["env"]}["DATASET_STAYS_URI"] == env["DATASET_STAYS_URI"]
+
+
+@pytest.mark.postgres
+async def test_the_loop_serves_during_an_extraction_and_a_cancel_stops_it(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The extraction runs in a thread: the loop sees its file appear while it is written, and cancelling the
+    caller (an agent stopping) stops the thread and removes the partial file."""
+    await big_table(postgres_url, 500_000)
+    target = tmp_path / "big.parquet"
+    work = asyncio.ensure_future(extract_off_loop("big", sql(postgres_url, table="big"), target))
+    while not await asyncio.to_thread(target.exists):
+        assert not work.done(), "the extraction ended before the loop saw it run"
+        await asyncio.sleep(0.01)
+    work.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await work
+    assert not await asyncio.to_thread(target.exists)

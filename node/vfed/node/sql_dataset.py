@@ -124,9 +124,10 @@ class _Converter:
         return pa.array(values, type=self.type, from_pandas=False)
 
 
-async def _converters(connection: asyncpg.Connection, query: str) -> list[_Converter]:
+async def _converters(label: str, connection: asyncpg.Connection, query: str) -> list[_Converter]:
     """How each column of the query's result is written; a domain by its base type, any other type
-    (arrays, enums, json, uuid, ...) as its text."""
+    (arrays, enums, json, uuid, ...) as its text. Two columns of one name are refused: Parquet readers
+    cannot tell them apart."""
     import pyarrow as pa
 
     known = _arrow_types()
@@ -143,6 +144,11 @@ async def _converters(connection: asyncpg.Connection, query: str) -> list[_Conve
             base = str(found) if found is not None else source
         arrow, convert = known.get(base, (pa.string(), _as_text))
         out.append(_Converter(Column(attribute.name, source, str(arrow)), arrow, convert))
+    names = [c.column.name for c in out]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        problem = f"its query returns several columns named {', '.join(repr(n) for n in twice)}"
+        raise DatasetUnavailable(label, problem)
     return out
 
 
@@ -284,7 +290,7 @@ async def _records(
 
 
 async def _extract(
-    label: str, dataset: DatasetConfig, target: Path, stop: threading.Event | None, limit: int | None
+    label: str, dataset: DatasetConfig, target: Path, stop: threading.Event | None
 ) -> Extracted:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -295,7 +301,7 @@ async def _extract(
     rows = 0
     try:
         async with connection.transaction(readonly=True, isolation="repeatable_read"):
-            converters = await _converters(connection, query)
+            converters = await _converters(label, connection, query)
             schema = _schema(converters)
             # Dictionaries for text only: they pay for categories, while an id column would only grow the
             # writer's hash table (measured: most of the agent's memory during a write).
@@ -306,7 +312,7 @@ async def _extract(
             ):
                 pending: list[pa.RecordBatch] = []
                 held = 0
-                async for records in _records(connection, query, stop, limit):
+                async for records in _records(connection, query, stop, None):
                     pending.append(_batch(converters, records))
                     held += len(records)
                     if held >= ROW_GROUP_ROWS:
@@ -315,13 +321,13 @@ async def _extract(
                 rows += _flush(writer, pending, schema)
     except (DatasetUnavailable, _Stopped):
         raise
-    except pa.ArrowException as exc:
-        problem = f"a value could not be written as Parquet ({type(exc).__name__})"
-        raise DatasetUnavailable(label, problem, f"{type(exc).__name__}: {exc}") from None
-    except OSError as exc:
+    except OSError as exc:  # (pyarrow's own IO errors too)
         if isinstance(exc, ConnectionError):
             raise _classified(label, dataset, exc, connecting=False) from None
         problem = f"the extracted file could not be written at the node ({type(exc).__name__})"
+        raise DatasetUnavailable(label, problem, f"{type(exc).__name__}: {exc}") from None
+    except pa.ArrowException as exc:
+        problem = f"a value could not be written as Parquet ({type(exc).__name__})"
         raise DatasetUnavailable(label, problem, f"{type(exc).__name__}: {exc}") from None
     except Exception as exc:
         raise _classified(label, dataset, exc, connecting=False) from None
@@ -343,18 +349,13 @@ def _flush(writer: Any, batches: list[pa.RecordBatch], schema: pa.Schema) -> int
 
 
 def extract(
-    label: str,
-    dataset: DatasetConfig,
-    target: Path,
-    *,
-    stop: threading.Event | None = None,
-    limit: int | None = None,
+    label: str, dataset: DatasetConfig, target: Path, *, stop: threading.Event | None = None
 ) -> Extracted:
-    """Write the dataset's rows (at most `limit`) to a new Parquet file at `target`; blocking (call it in a
-    thread). DatasetUnavailable says what failed; a partly written target is removed."""
+    """Write the dataset's rows to a new Parquet file at `target`; blocking (call it in a thread; `stop`
+    ends it between two batches). DatasetUnavailable says what failed; a partly written target is removed."""
     _require_modules(label)
     try:
-        done = asyncio.run(_extract(label, dataset, target, stop, limit))
+        done = asyncio.run(_extract(label, dataset, target, stop))
         return dataclasses.replace(done, bytes=target.stat().st_size)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -393,7 +394,7 @@ async def _describe(label: str, dataset: DatasetConfig, sample_rows: int) -> Des
     connection = await _connect(label, dataset)
     try:
         async with connection.transaction(readonly=True, isolation="repeatable_read"):
-            converters = await _converters(connection, query)
+            converters = await _converters(label, connection, query)
             rows = int(await connection.fetchval(f"SELECT count(*) FROM ({query}) AS vfed_dataset"))
             batches = [_batch(converters, r) async for r in _records(connection, query, None, sample_rows)]
     except DatasetUnavailable:
