@@ -87,6 +87,8 @@ def test_a_relative_password_file_is_taken_from_the_configs_folder(tmp_path: Pat
     settings = settings_with(raw, base_dir=tmp_path)
     assert settings.datasets["d"].password_file == tmp_path / "pw"
     assert settings.datasets["d"].table == "s.t"
+    short = settings_with({"uri": "postgres://r@h/db?sslmode=require", "type": "sql", "query": "SELECT 1"})
+    assert short.datasets["d"].query == "SELECT 1"
 
 
 def test_table_names_are_quoted_identifiers() -> None:
