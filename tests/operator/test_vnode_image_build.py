@@ -162,6 +162,11 @@ def test_vnode_image_build_from_a_pip_install(install: Install, prefix: str, doc
     # The node image runs vnode, at the installed version; the Dockerfiles travelled with it.
     version = _output(docker_client, node, ["--version"]).strip()
     assert version == f"vnode, version {install.version}"
+    # The agent extracts sql datasets itself (the `sql` extra), without pandas (not in the node image).
+    extras = (
+        "import importlib.util as u; print([bool(u.find_spec(m)) for m in ('asyncpg', 'pyarrow', 'pandas')])"
+    )
+    assert _output(docker_client, node, ["-c", extras], entrypoint="python3").strip() == "[True, True, False]"
     script = (
         "import os, pathlib, pandas, vfed.algorithms, vfed.common, vfed.node; "
         "d = pathlib.Path(vfed.common.__file__).parent / 'image_context'; "

@@ -42,7 +42,8 @@ DOCKERFILES = ("base.Dockerfile", "node.Dockerfile", "algorithm-base.Dockerfile"
 DEFAULT_BASE = "python:3.11-slim"
 OFFLINE_BASE = "vfed/debian-python:bookworm"
 DEBOOTSTRAP_PACKAGES = "python3,python3-venv,ca-certificates"
-EXTRAS = "algorithms,postgres"  # what the algorithm-base image installs
+# what the algorithm-base (algorithms,postgres) and node (sql) images install
+EXTRAS = "algorithms,postgres,sql"
 BUILD_TIMEOUT_S = 1800  # a silent `pip install -q` of pandas/pyarrow may take minutes
 LOG_TAIL = 20
 # The installer's own files in a dist-info folder: not part of the wheel it came from.

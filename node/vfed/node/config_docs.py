@@ -65,6 +65,9 @@ EXAMPLES: dict[str, Any] = {
     "datasets.<LABEL>.uri": "/data/patients.parquet",
     "datasets.<LABEL>.type": "parquet",
     "datasets.<LABEL>.epsilon_budget": 3.0,
+    "datasets.<LABEL>.table": "public.admissions",
+    "datasets.<LABEL>.query": "SELECT age, ward, days FROM admissions WHERE year >= 2019",
+    "datasets.<LABEL>.password_file": "/run/secrets/clinic-db-reader",
     "policies": {"allowed_images": ["vfed-examples/*"], "allowed_organizations": [2, 3]},
     "policies.allowed_images": ["vfed-examples/*", "sha256:" + "4f0c" * 16],
     "policies.allowed_images[].image": "registry.example.org/glm:*",
@@ -158,6 +161,14 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "metrics_host": {"metrics_port": 9100, "metrics_token_file": "/run/secrets/vfed-metrics-token"},
     "datasets.<LABEL>.type": {"datasets.<LABEL>.uri": "/data/patients.parquet"},
     "datasets.<LABEL>.epsilon_budget": {"datasets.<LABEL>.uri": "/data/patients.csv"},
+    **{
+        f"datasets.<LABEL>.{key}": {
+            "datasets.<LABEL>.uri": "postgresql://reader@db.example.org:5432/clinic",
+            "datasets.<LABEL>.type": "sql",
+            **({} if key in ("table", "query") else {"datasets.<LABEL>.table": "public.admissions"}),
+        }
+        for key in ("table", "query", "password_file")
+    },
     "policies.allowed_images[].max_run_time_s": {"policies.allowed_images[].image": "vfed-examples/*"},
     "policies.allowed_images[].organizations": {"policies.allowed_images[].image": "vfed-examples/*"},
     "ledger.backend": {"ledger.fabric": _FABRIC},

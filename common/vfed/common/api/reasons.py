@@ -53,6 +53,10 @@ class Reason(StrEnum):
     IMAGE_INCOMPATIBLE = "image-incompatible"
     """Refused before start: the image's `vfed.sdk` label declares a payload format or proxy API version the
     node does not speak (vfed.common.sdk)."""
+    DATASET_UNAVAILABLE = "dataset-unavailable"
+    """A dataset the run reads could not be prepared before the start (a `sql` dataset's database refused the
+    credentials, cannot be reached, lacks the table, or its query failed); the detail names the dataset and
+    the kind of failure, never the database's own message (it can quote data)."""
 
 
 _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}(?:\.[A-Za-z_][A-Za-z0-9_]{0,99}){0,7}")
