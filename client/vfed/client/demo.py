@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from vfed.client import demo_images
+from vfed.client import demo_images, tasks
 from vfed.client.client import AsyncClient
 from vfed.client.demo_session import DemoError, Session
 from vfed.common.crypto import Keyring
@@ -50,7 +50,7 @@ ORGS = ("hospital-a", "hospital-b", "hospital-c")
 PASSWORD = "demo-password-123"
 ROWS = (120, 200, 160)
 BIN = Path(sys.executable).parent
-INTERRUPTED = "demo interrupted: server and agents stopped, its containers, volumes and files removed"
+INTERRUPTED = "demo interrupted: its server and agents stopped, its containers and volumes removed"
 
 
 def command(name: str) -> str:
@@ -271,7 +271,8 @@ async def research(
             f"task {task['id']} signed by the researcher and created; "
             f"its input is encrypted for organization {me} only"
         )
-        await client.wait(task, timeout_s=600, progress=sys.stderr.isatty())
+        # tasks.wait, not client.wait: on Ctrl-C the demo kills everything itself and says so in one line
+        await tasks.wait(client, int(task["id"]), 600, sys.stderr.isatty(), sys.stderr)
         [result] = await client.results(task)
         return result, time.monotonic() - t0
 
@@ -447,10 +448,12 @@ def run(work_dir: Path | None, base_image: str | None = None, wheelhouse: Path |
         return 0 if ok else 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        kept = ""
         if session is not None:
             session.close()
+            kept = ", its files too" if session.temporary else f"; its files and logs are in {session.work}"
             session = None
-        print(f"vfed: {INTERRUPTED}", file=sys.stderr, flush=True)
+        print(f"vfed: {INTERRUPTED}{kept}", file=sys.stderr, flush=True)
         return 130
     except DemoError as exc:
         where = f" (logs in {session.work})" if session is not None and work_dir is not None else ""

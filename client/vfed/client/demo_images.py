@@ -77,9 +77,11 @@ def _pulled(engine: Any, image: str) -> bool:
     return True
 
 
-def python_base(engine: Any, asked: str | None, is_root: bool) -> str | None:
+def python_base(
+    engine: Any, asked: str | None, is_root: bool, defaults: tuple[str, str] = (DEFAULT_BASE, OFFLINE_BASE)
+) -> str | None:
     """The base `vnode image build` should use (None: let it bootstrap Debian, as root); DemoError when
-    there is none and this user cannot make one."""
+    there is none and this user cannot make one. `defaults`: the registry's base, the bootstrapped one."""
     hint = (
         "run `make images` as root in a vfed checkout, or `vnode image build --base-image IMAGE` with a "
         "Python 3.11 image you loaded (docker load), then `vfed demo` again"
@@ -88,16 +90,17 @@ def python_base(engine: Any, asked: str | None, is_root: bool) -> str | None:
         if _present(engine, asked) or _pulled(engine, asked):
             return asked
         raise DemoError(f"the base image {asked} (BASE_IMAGE) is not present and cannot be pulled: {hint}")
-    for name in (DEFAULT_BASE, OFFLINE_BASE):
+    registry_base, _ = defaults
+    for name in defaults:
         if _present(engine, name):
             return name
-    if _pulled(engine, DEFAULT_BASE):
-        return DEFAULT_BASE
+    if _pulled(engine, registry_base):
+        return registry_base
     if is_root:
         return None
     raise DemoError(
-        f"no algorithm image ({MADE_BY_MAKE}) and no Python base image: {DEFAULT_BASE} cannot be pulled, and "
-        f"building one from Debian with debootstrap needs root; {hint}"
+        f"no algorithm image ({MADE_BY_MAKE}) and no Python base image: {registry_base} cannot be pulled, "
+        f"and building one from Debian with debootstrap needs root; {hint}"
     )
 
 
