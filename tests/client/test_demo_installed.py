@@ -233,30 +233,40 @@ def test_vfed_demo_from_an_installed_package_as_a_user(installed: Installed, doc
     assert list((installed.home / "elsewhere").iterdir()) == []
 
 
-def test_ctrl_c_stops_the_demo_and_removes_all_it_made(installed: Installed, docker_client: Any) -> None:
+def _wait_for_a_run(proc: subprocess.Popen[str], docker_client: Any, nodes: list[str]) -> None:
+    deadline = time.monotonic() + 300
+    running = [{"label": f"vfed.node={n}", "status": "running"} for n in nodes]
+    while not any(docker_client.containers.list(filters=f) for f in running):
+        assert proc.poll() is None, f"the demo ended (exit {proc.returncode}) before a run started"
+        assert time.monotonic() < deadline, "no algorithm container ran within 300 s"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "mid_run"),
+    [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+    ids=["ctrl-c-while-a-run-goes", "sigterm-once-the-agents-started"],
+)
+def test_a_stopped_demo_removes_all_it_made(
+    installed: Installed, docker_client: Any, signum: int, code: int, mid_run: bool
+) -> None:
     tmp = installed.fresh_tmp()
     proc = installed.demo(tmp, ignore_sigint=True)
     try:
         out = _read_until(proc, "node agents started: ", timeout_s=DEMO_TIMEOUT_S)
         nodes = _nodes(out)
-        # Ctrl-C while an algorithm container runs, so that it is the demo's clean-up that removes it
-        deadline = time.monotonic() + 300
-        while not any(
-            docker_client.containers.list(filters={"label": f"vfed.node={n}", "status": "running"})
-            for n in nodes
-        ):
-            assert proc.poll() is None, f"the demo ended (exit {proc.returncode}) before a run started"
-            assert time.monotonic() < deadline, "no algorithm container ran within 300 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        if mid_run:  # while an algorithm container runs: the demo's clean-up must remove it
+            _wait_for_a_run(proc, docker_client, nodes)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, f"{out}{stdout}\n{stderr}"
+    assert proc.returncode == code, f"{out}{stdout}\n{stderr}"
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vfed: demo interrupted"), stderr
+    assert "its files too" in lines[0], lines[0]
     assert "Traceback" not in stdout
     _assert_nothing_left(installed, docker_client, nodes, tmp)
 

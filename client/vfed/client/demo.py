@@ -42,7 +42,7 @@ import yaml
 
 from vfed.client import demo_images, tasks
 from vfed.client.client import AsyncClient
-from vfed.client.demo_session import DemoError, Session
+from vfed.client.demo_session import DemoError, Session, Stopped, listen, restore, shield
 from vfed.common.crypto import Keyring
 from vfed.common.trust import TrustMode, TrustStore, certify, fingerprint, records_for_keys
 
@@ -433,9 +433,9 @@ def federation(
 
 def run(work_dir: Path | None, base_image: str | None = None, wheelhouse: Path | None = None) -> int:
     """The demo; its exit code: 0 when the federated result equals the pooled one, 1 when not or on a
-    failure (one line on stderr), 130 on Ctrl-C. Whatever it started is gone when it returns; the work
-    folder stays only when `work_dir` was given."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    failure (one line on stderr), 130 on Ctrl-C (143 on SIGTERM, 129 on SIGHUP). Whatever it started is gone
+    when it returns; the work folder stays only when `work_dir` was given."""
+    listen()
     session: Session | None = None
     try:
         need_data_libraries()
@@ -446,24 +446,31 @@ def run(work_dir: Path | None, base_image: str | None = None, wheelhouse: Path |
         if work_dir is not None:
             _say(f"its files and logs are in {session.work}")
         return 0 if ok else 1
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    except KeyboardInterrupt as exc:
+        shield()  # a second Ctrl-C must not cut the clean-up short
         kept = ""
         if session is not None:
             session.close()
             kept = ", its files too" if session.temporary else f"; its files and logs are in {session.work}"
             session = None
         print(f"vfed: {INTERRUPTED}{kept}", file=sys.stderr, flush=True)
-        return 130
+        return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
     except DemoError as exc:
-        where = f" (logs in {session.work})" if session is not None and work_dir is not None else ""
-        print(f"vfed: error: {exc}{where}", file=sys.stderr, flush=True)
+        print(f"vfed: error: {exc}{_logs(session, work_dir)}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # a failure nobody foresaw: still one line, and everything removed
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"vfed: error: {exc.__class__.__name__}: {text}{_logs(session, work_dir)}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        shield()
         if session is not None:
             session.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore()
+
+
+def _logs(session: Session | None, work_dir: Path | None) -> str:
+    return f" (logs in {session.work})" if session is not None and work_dir is not None else ""
 
 
 def main(argv: list[str] | None = None) -> int:

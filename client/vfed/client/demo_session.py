@@ -26,6 +26,38 @@ class DemoError(Exception):
     """A reason the demo cannot go on, in one line for the user."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: the demo stops as on Ctrl-C and exits 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def listen() -> None:
+    """Ctrl-C raises KeyboardInterrupt (even when the demo was started with SIGINT ignored, as a shell
+    without job control starts background commands), SIGTERM and SIGHUP raise Stopped."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stopped)
+
+
+def shield() -> None:
+    """While the demo cleans up: a second Ctrl-C (or SIGTERM) must not cut the clean-up short."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def restore() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Session:
     """The demo's work folder, child processes and node names."""
 
