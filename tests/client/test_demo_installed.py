@@ -1,13 +1,14 @@
 """`vfed demo` from an installed package, run by a user who is not root: the project wheel is built from this
 tree and installed (with its `algorithms` extra) into a fresh virtualenv outside the checkout from the offline
 wheelhouse `make images` keeps in build/wheelhouse; a throw-away user in the group of the Docker socket, with
-a clean home and temporary folder, runs it from a folder of its own. The demo finds the example image `make
-images` built. Whether it ends by itself or by Ctrl-C, nothing of it is left: no container or volume of its
-nodes, no process of that user, nothing in its temporary folder.
+a clean home and temporary folder, runs it from a folder of its own. Whether it ends by itself or is stopped
+(Ctrl-C while a run goes, SIGTERM), nothing of it is left: no container or volume of its nodes, no process of
+that user, nothing in its temporary folder.
 
-The image the demo builds when none is there is built here from the installed package's files under a name of
-this test's own (the shared images stay as they are), and a user who is not root, without images or a base,
-gets one line saying what to do."""
+The example image the demo builds when none is there is built once here from the installed package's files,
+on the shared algorithm-base, under this module's own name (the shared images stay as they are); the run to
+the end uses it (`--image`), the stopped runs the shared example image a plain `vfed demo` finds. A user who
+is not root, without images or a base, gets one line saying what to do."""
 
 from __future__ import annotations
 
@@ -71,14 +72,14 @@ class Installed:
         os.chown(tmp, self.uid, self.gid)
         return tmp
 
-    def demo(self, tmp: Path, ignore_sigint: bool = False) -> subprocess.Popen[str]:
+    def demo(self, tmp: Path, *args: str, ignore_sigint: bool = False) -> subprocess.Popen[str]:
         """`vfed demo` as the user, from a folder of its own (not the checkout). `ignore_sigint`: started as
         a shell without job control starts a background command (SIGINT ignored, which a child inherits);
         the demo must still hear Ctrl-C."""
         before = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore_sigint else None
         try:
             return subprocess.Popen(
-                [str(self.venv / "bin" / "vfed"), "demo"],
+                [str(self.venv / "bin" / "vfed"), "demo", *args],
                 cwd=self.home / "elsewhere",
                 env=self.env(tmp),
                 user=self.uid,
@@ -210,9 +211,14 @@ def _read_until(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> s
     return out
 
 
-def test_vfed_demo_from_an_installed_package_as_a_user(installed: Installed, docker_client: Any) -> None:
+def test_vfed_demo_from_an_installed_package_as_a_user(
+    installed: Installed, own_image: tuple[str, str], docker_client: Any
+) -> None:
+    """To the end, with the example image built from this installation (the shared one may come from another
+    branch's tree); the stop tests below use the shared one, as a plain `vfed demo` finds it."""
+    _, image = own_image
     tmp = installed.fresh_tmp()
-    proc = installed.demo(tmp)
+    proc = installed.demo(tmp, "--image", image)
     try:
         stdout, stderr = proc.communicate(timeout=DEMO_TIMEOUT_S)
     finally:
@@ -220,7 +226,7 @@ def test_vfed_demo_from_an_installed_package_as_a_user(installed: Installed, doc
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, f"{stdout}\n{stderr}"
-    assert "algorithm image vfed-examples/summary_stats:latest (present)" in stdout, stdout
+    assert f"algorithm image {image} (--image)" in stdout, stdout
     assert "federated result equals the pooled computation: yes" in stdout, stdout
     assert json.loads(stdout.strip().splitlines()[-1]) == {"organizations": [1, 2, 3]}
     assert "Traceback" not in stdout + stderr
@@ -254,6 +260,7 @@ def test_a_stopped_demo_removes_all_it_made(
     proc = installed.demo(tmp, ignore_sigint=True)
     try:
         out = _read_until(proc, "node agents started: ", timeout_s=DEMO_TIMEOUT_S)
+        assert "algorithm image vfed-examples/summary_stats:latest (present)" in out, out
         nodes = _nodes(out)
         if mid_run:  # while an algorithm container runs: the demo's clean-up must remove it
             _wait_for_a_run(proc, docker_client, nodes)
@@ -286,7 +293,11 @@ def _installed_python(installed: Installed, script: str) -> str:
     return done.stdout
 
 
-def test_the_demo_image_builds_from_the_installed_package(installed: Installed, docker_client: Any) -> None:
+@pytest.fixture(scope="module")
+def own_image(installed: Installed, docker_client: Any) -> Iterator[tuple[str, str]]:
+    """The demo's example image as `vfed demo` builds it when none is there: from the installed package's
+    files, on the shared algorithm-base, under this module's own name (removed afterwards). Answers the
+    folder the example came from and the image."""
     import docker.errors
 
     image = f"vfed-wip-test-{secrets.token_hex(3)}/summary_stats:t1"
@@ -297,18 +308,25 @@ def test_the_demo_image_builds_from_the_installed_package(installed: Installed, 
     )
     try:
         context, built = _installed_python(installed, script).strip().splitlines()
-        assert Path(context).is_relative_to(installed.venv), context  # the wheel's copy, not the checkout's
         assert built == image
-        manifest = json.loads(docker_client.images.get(image).labels["vfed.manifest"])
-        assert manifest["functions"]["summary"]["kind"] == "central", manifest
-        assert manifest["functions"]["partial_stats"]["kind"] == "federated", manifest
-        for left in docker_client.images.list():
-            assert not [t for t in left.tags if t.startswith(f"{image}-stage")], left.tags
+        yield context, image
     finally:
         with contextlib.suppress(docker.errors.ImageNotFound):
             docker_client.images.remove(image, force=True)
     with pytest.raises(docker.errors.ImageNotFound):
         docker_client.images.get(image)
+
+
+def test_the_demo_image_builds_from_the_installed_package(
+    installed: Installed, own_image: tuple[str, str], docker_client: Any
+) -> None:
+    context, image = own_image
+    assert Path(context).is_relative_to(installed.venv), context  # the wheel's copy, not the checkout's
+    manifest = json.loads(docker_client.images.get(image).labels["vfed.manifest"])
+    assert manifest["functions"]["summary"]["kind"] == "central", manifest
+    assert manifest["functions"]["partial_stats"]["kind"] == "federated", manifest
+    for left in docker_client.images.list():
+        assert not [t for t in left.tags if t.startswith(f"{image}-stage")], left.tags
 
 
 def test_without_images_or_base_a_user_is_told_what_to_do(installed: Installed) -> None:

@@ -285,6 +285,12 @@ def task_list(fmt: str) -> None:
     "removed at the end",
 )
 @click.option(
+    "--image",
+    default=None,
+    help="the algorithm image to run, one offering the summary_stats example's methods (default: "
+    "vfed-examples/summary_stats:latest when present, else vfed-demo/summary_stats:<version>, built once)",
+)
+@click.option(
     "--base-image",
     envvar="BASE_IMAGE",
     default=None,
@@ -297,14 +303,15 @@ def task_list(fmt: str) -> None:
     default=None,
     help="wheels to build that image from, without a package index (`vnode image build --wheelhouse`)",
 )
-def demo(work_dir: Path | None, base_image: str | None, wheelhouse: Path | None) -> None:
+def demo(work_dir: Path | None, image: str | None, base_image: str | None, wheelhouse: Path | None) -> None:
     """Run a whole federation on this machine: a server, three organizations with a node agent and a
     private dataset each, and a researcher whose task computes pooled statistics across them; prints the
     federated result beside the pooled one. Needs a Docker engine you may use (no root). Everything it
     starts is removed when it ends, Ctrl-C included (exit code 130)."""
     from vfed.client import demo as demo_module  # pandas and the docker SDK only for this command
+    from vfed.client.demo_images import Choice
 
-    sys.exit(demo_module.run(work_dir, base_image, wheelhouse))
+    sys.exit(demo_module.run(work_dir, Choice(image, base_image, wheelhouse)))
 
 
 task.add_command(task_show)

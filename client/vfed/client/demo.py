@@ -141,7 +141,9 @@ def import_federation(session: Session, data_dir: Path) -> dict[str, str]:
     return keys
 
 
-def node_config(session: Session, org: str, api_key: str, url: str, mqtt_port: int, dataset: Path) -> Path:
+def node_config(
+    session: Session, org: str, api_key: str, url: str, mqtt_port: int, dataset: Path, image: str
+) -> Path:
     """The node's configuration, where `vnode` finds the node (XDG_CONFIG_HOME points at the demo)."""
     work = session.work
     path = work / "config" / "vfed" / "nodes" / f"{node_name(session, org)}.yaml"
@@ -156,7 +158,7 @@ def node_config(session: Session, org: str, api_key: str, url: str, mqtt_port: i
                 "mqtt_url": f"mqtt://127.0.0.1:{mqtt_port}",
                 "poll_interval_s": 2.0,
                 "datasets": {"default": {"uri": str(dataset), "type": "csv"}},
-                "policies": {"allowed_images": ["vfed-examples/*", f"{demo_images.OWN_PREFIX}*"]},
+                "policies": {"allowed_images": [image]},  # the one image the demo runs, nothing else
                 "trust": "pinned",
                 "leases": "required",
             }
@@ -392,12 +394,10 @@ def need_data_libraries() -> None:
         raise DemoError(f"the demo needs {exc.name}: pip install 'vfed[algorithms]'") from None
 
 
-def federation(
-    session: Session, base_image: str | None, wheelhouse: Path | None
-) -> tuple[dict[str, Any], list[Path]]:
+def federation(session: Session, images: demo_images.Choice) -> tuple[dict[str, Any], list[Path]]:
     """The whole demo up to the decrypted result; what it starts is registered with `session`."""
     work = session.work
-    image = demo_images.algorithm_image(_say, command("vnode"), session.env, base_image, wheelhouse)
+    image = demo_images.algorithm_image(_say, command("vnode"), session.env, images)
     datasets = make_datasets(work)
     port, mqtt_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -418,7 +418,7 @@ def federation(
     ids = establish_trust(work, url, keys, rings, researcher)
     session.nodes = [node_name(session, org) for org in ORGS]
     configs = [
-        node_config(session, org, keys[org], url, mqtt_port, dataset)
+        node_config(session, org, keys[org], url, mqtt_port, dataset, image)
         for org, dataset in zip(ORGS, datasets, strict=True)
     ]
     lease_datasets(session, url, ids, image)
@@ -431,7 +431,7 @@ def federation(
     return result, datasets
 
 
-def run(work_dir: Path | None, base_image: str | None = None, wheelhouse: Path | None = None) -> int:
+def run(work_dir: Path | None, images: demo_images.Choice | None = None) -> int:
     """The demo; its exit code: 0 when the federated result equals the pooled one, 1 when not or on a
     failure (one line on stderr), 130 on Ctrl-C (143 on SIGTERM, 129 on SIGHUP). Whatever it started is gone
     when it returns; the work folder stays only when `work_dir` was given."""
@@ -440,7 +440,7 @@ def run(work_dir: Path | None, base_image: str | None = None, wheelhouse: Path |
     try:
         need_data_libraries()
         session = Session(work_dir)
-        result, datasets = federation(session, base_image, wheelhouse)
+        result, datasets = federation(session, images or demo_images.Choice())
         ok = report(result, datasets)
         print(json.dumps({"organizations": result["organizations"]}), flush=True)
         if work_dir is not None:

@@ -1,8 +1,9 @@
 """The demo's algorithm image: the one `make images` built, or one made from this installed vfed.
 
-In order: vfed-examples/summary_stats:latest (`make images`), else vfed-demo/summary_stats:<version> (an
-earlier `vfed demo`), else that one is built: the example module and its Dockerfile travel in the wheel
-(pyproject.toml force-includes algorithms/examples/summary_stats as vfed/client/demo_context/), on top of an
+In order: the image `--image` names (it must be on the engine), else vfed-examples/summary_stats:latest
+(`make images`), else vfed-demo/summary_stats:<version> (an earlier `vfed demo`), else that one is built:
+the example module and its Dockerfile travel in the wheel (pyproject.toml force-includes
+algorithms/examples/summary_stats as vfed/client/demo_context/), on top of an
 algorithm-base image: vfed/algorithm-base:latest when present, else vfed-demo/algorithm-base:<version>,
 built by `vnode image build` on a Python base image that is present or can be pulled. Without root no Debian
 base is bootstrapped: the demo then says what to do and stops. Like algorithms/examples/build.sh, the image
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +154,20 @@ def build_example(engine: Any, base: str, image: str) -> str:
     return image
 
 
-def algorithm_image(
-    say: Say, vnode: str, env: dict[str, str], base_image: str | None, wheelhouse: Path | None
-) -> str:
-    """The image the demo runs: found, or built (see the module's docstring)."""
+@dataclass(frozen=True)
+class Choice:
+    """What the user said about images (`vfed demo --image/--base-image/--wheelhouse`)."""
+
+    image: str | None = None
+    """The algorithm image to run, instead of finding or building one; it must be on the engine."""
+    base_image: str | None = None
+    """The Python base to build an algorithm-base image on (else $BASE_IMAGE, else found or pulled)."""
+    wheelhouse: Path | None = None
+    """Wheels for `vnode image build`, without a package index."""
+
+
+def algorithm_image(say: Say, vnode: str, env: dict[str, str], choice: Choice) -> str:
+    """The image the demo runs: given, found, or built (see the module's docstring)."""
     import docker
     import docker.errors
 
@@ -170,14 +182,20 @@ def algorithm_image(
     tag = version()
     own_base, own_example = own_names(tag)
     try:
+        if choice.image is not None:
+            if not _present(engine, choice.image):
+                raise DemoError(f"the image {choice.image} (--image) is not on this Docker engine")
+            say(f"algorithm image {choice.image} (--image)")
+            return choice.image
         for image in (MADE_BY_MAKE, own_example):
             if _present(engine, image):
                 say(f"algorithm image {image} (present)")
                 return image
         base = next((b for b in (ALGORITHM_BASE, own_base) if _present(engine, b)), None)
         if base is None:
-            python = python_base(engine, base_image or os.environ.get("BASE_IMAGE"), os.geteuid() == 0)
-            base = build_algorithm_base(say, vnode, env, tag, python, wheelhouse)
+            asked = choice.base_image or os.environ.get("BASE_IMAGE")
+            python = python_base(engine, asked, os.geteuid() == 0)
+            base = build_algorithm_base(say, vnode, env, tag, python, choice.wheelhouse)
         say(f"algorithm image {own_example}: building on {base}")
         return build_example(engine, base, own_example)
     finally:
