@@ -236,7 +236,9 @@ async def test_ctrl_c_in_wait_stops_waiting_not_the_task(
 ) -> None:
     for name in ("VFED_TOKEN", "VFED_SERVER_URL"):
         monkeypatch.delenv(name, raising=False)
-    server = ShortTokens(tmp_path / "server", mqtt_url=None)
+    # Tokens that outlive the test: a refresh cut short by the SIGINT (the server rotated the refresh token,
+    # the killed process never saved the new one) would make the next process's refresh a reuse.
+    server = Server(tmp_path / "server", mqtt_url=None)
     await server.seed(["north", "south"], collaboration="study")
     await server.start()
     try:
