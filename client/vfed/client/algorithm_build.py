@@ -22,7 +22,7 @@ import docker.errors
 from docker import DockerClient
 from pydantic import ValidationError
 
-from vfed.common.image_build import ImageBuildError, build_one, relabel
+from vfed.common.image_build import ImageBuildError, build_one, image_present, relabel
 from vfed.common.manifest import MANIFEST_LABEL, Manifest
 from vfed.common.sdk import SDK_LABEL, SDK_PROBE, SdkInfo
 
@@ -56,14 +56,6 @@ def _base_of(dockerfile: Path, base_image: str | None) -> tuple[dict[str, str], 
         return {}, None
     base = base_image or DEFAULT_BASE
     return {BASE_ARG: base}, base
-
-
-def _present(client: DockerClient, image: str) -> bool:
-    try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
-        return False
-    return True
 
 
 def _ask(client: DockerClient, image: str, command: list[str], what: str) -> str:
@@ -140,7 +132,7 @@ def _build(
     if not dockerfile.is_file():
         raise BuildUsageError(f"{folder} holds no Dockerfile (make one with `vfed algorithm new NAME`)")
     args, base = _base_of(dockerfile, base_image)
-    if base is not None and not _present(client, base):
+    if base is not None and not image_present(client, base):
         raise ImageBuildError(
             f"the base image {base} is not on this Docker engine: build it with `vnode image build` "
             "(offline: --wheelhouse DIR), load it (docker load), or give --base-image"

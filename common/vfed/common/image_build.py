@@ -197,7 +197,8 @@ def gather_wheels(wheels: Path, wheelhouse: Path | None) -> list[str]:
 # --- the base image -----------------------------------------------------------------------------------------
 
 
-def _present(client: DockerClient, image: str) -> bool:
+def image_present(client: DockerClient, image: str) -> bool:
+    """The engine holds `image`."""
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:
@@ -216,7 +217,7 @@ def _pulled(client: DockerClient, image: str) -> bool:
 def resolve_base(client: DockerClient, base: str | None) -> str:
     """The Python base image: the one asked for (present or pulled), else the default, else built offline."""
     if base:
-        if _present(client, base):
+        if image_present(client, base):
             click.echo(f"base image: {base} (present)")
             return base
         if _pulled(client, base):
@@ -226,7 +227,7 @@ def resolve_base(client: DockerClient, base: str | None) -> str:
             f"base image {base} is not present and cannot be pulled: load it (docker load), or leave out "
             "--base-image/BASE_IMAGE to build one from Debian with debootstrap"
         )
-    if _present(client, DEFAULT_BASE) or _pulled(client, DEFAULT_BASE):
+    if image_present(client, DEFAULT_BASE) or _pulled(client, DEFAULT_BASE):
         click.echo(f"base image: {DEFAULT_BASE}")
         return DEFAULT_BASE
     return offline_base(client)
@@ -234,7 +235,7 @@ def resolve_base(client: DockerClient, base: str | None) -> str:
 
 def offline_base(client: DockerClient) -> str:
     """vfed/debian-python:bookworm, made with debootstrap when missing (no image registry needed)."""
-    if _present(client, OFFLINE_BASE):
+    if image_present(client, OFFLINE_BASE):
         click.echo(f"base image: {OFFLINE_BASE} (built earlier with debootstrap)")
         return OFFLINE_BASE
     debootstrap = shutil.which("debootstrap")

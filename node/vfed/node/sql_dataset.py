@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -289,40 +289,21 @@ async def _records(
         yield records
 
 
-async def _extract(
-    label: str, dataset: DatasetConfig, target: Path, stop: threading.Event | None
-) -> Extracted:
+@contextlib.asynccontextmanager
+async def _reading(label: str, dataset: DatasetConfig, *, writing: bool) -> AsyncIterator[Any]:
+    """A connection in a read-only, repeatable-read transaction on the dataset's database, closed after;
+    whatever fails inside is classified (DatasetUnavailable: a kind of failure, never the database's
+    message). `writing`: the body writes the extracted file, so an OSError there is the node's own."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    started = time.monotonic()
-    query = source_query(dataset)
     connection = await _connect(label, dataset)
-    rows = 0
     try:
         async with connection.transaction(readonly=True, isolation="repeatable_read"):
-            converters = await _converters(label, connection, query)
-            schema = _schema(converters)
-            # Dictionaries for text only: they pay for categories, while an id column would only grow the
-            # writer's hash table (measured: most of the agent's memory during a write).
-            text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)]
-            with (
-                _open_target(target) as handle,
-                pq.ParquetWriter(handle, schema, use_dictionary=text) as writer,
-            ):
-                pending: list[pa.RecordBatch] = []
-                held = 0
-                async for records in _records(connection, query, stop, None):
-                    pending.append(_batch(converters, records))
-                    held += len(records)
-                    if held >= ROW_GROUP_ROWS:
-                        rows += _flush(writer, pending, schema)
-                        pending, held = [], 0
-                rows += _flush(writer, pending, schema)
+            yield connection
     except (DatasetUnavailable, _Stopped):
         raise
     except OSError as exc:  # (pyarrow's own IO errors too)
-        if isinstance(exc, ConnectionError):
+        if not writing or isinstance(exc, ConnectionError):
             raise _classified(label, dataset, exc, connecting=False) from None
         problem = f"the extracted file could not be written at the node ({type(exc).__name__})"
         raise DatasetUnavailable(label, problem, f"{type(exc).__name__}: {exc}") from None
@@ -334,6 +315,36 @@ async def _extract(
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(connection.close(), 10)
+
+
+async def _extract(
+    label: str, dataset: DatasetConfig, target: Path, stop: threading.Event | None
+) -> Extracted:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.monotonic()
+    query = source_query(dataset)
+    rows = 0
+    async with _reading(label, dataset, writing=True) as connection:
+        converters = await _converters(label, connection, query)
+        schema = _schema(converters)
+        # Dictionaries for text only: they pay for categories, while an id column would only grow the
+        # writer's hash table (measured: most of the agent's memory during a write).
+        text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)]
+        with (
+            _open_target(target) as handle,
+            pq.ParquetWriter(handle, schema, use_dictionary=text) as writer,
+        ):
+            pending: list[pa.RecordBatch] = []
+            held = 0
+            async for records in _records(connection, query, stop, None):
+                pending.append(_batch(converters, records))
+                held += len(records)
+                if held >= ROW_GROUP_ROWS:
+                    rows += _flush(writer, pending, schema)
+                    pending, held = [], 0
+            rows += _flush(writer, pending, schema)
     columns = [c.column for c in converters]
     return Extracted(rows, columns, 0, time.monotonic() - started)
 
@@ -391,22 +402,10 @@ async def _describe(label: str, dataset: DatasetConfig, sample_rows: int) -> Des
     import pyarrow as pa
 
     query = source_query(dataset)
-    connection = await _connect(label, dataset)
-    try:
-        async with connection.transaction(readonly=True, isolation="repeatable_read"):
-            converters = await _converters(label, connection, query)
-            rows = int(await connection.fetchval(f"SELECT count(*) FROM ({query}) AS vfed_dataset"))
-            batches = [_batch(converters, r) async for r in _records(connection, query, None, sample_rows)]
-    except DatasetUnavailable:
-        raise
-    except pa.ArrowException as exc:
-        problem = f"a value could not be written as Parquet ({type(exc).__name__})"
-        raise DatasetUnavailable(label, problem, f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:
-        raise _classified(label, dataset, exc, connecting=False) from None
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), 10)
+    async with _reading(label, dataset, writing=False) as connection:
+        converters = await _converters(label, connection, query)
+        rows = int(await connection.fetchval(f"SELECT count(*) FROM ({query}) AS vfed_dataset"))
+        batches = [_batch(converters, r) async for r in _records(connection, query, None, sample_rows)]
     sample = pa.Table.from_batches(batches, schema=_schema(converters))
     return Described(rows, [c.column for c in converters], sample)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 # Paths inside the algorithm container. The agent puts these in the algorithm's environment
 # (INPUT_FILE, OUTPUT_FILE, TEMPORARY_FOLDER, DATASET_<LABEL>_URI, PROXY_SOCKET); every runtime mounts there.
@@ -46,6 +46,16 @@ LABEL_AGENT = "vfed.agent"
 """The agent instance (its journal) that started a run: another agent with the same node name leaves it be."""
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+def _label_ok(label: str) -> str:
+    if not _LABEL_RE.match(label):
+        raise ValueError("dataset label must be letters, digits, '_' or '-' (at most 63)")
+    return label
+
+
+DatasetLabel = Annotated[str, AfterValidator(_label_ok)]
+"""A dataset's label as runtimes use it (a container path and environment names are made from it)."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
@@ -81,19 +91,12 @@ class DatasetMount(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    label: str
+    label: DatasetLabel
     host_path: str = Field(description="Absolute path on the machine running the agent (see host_path_map).")
     type: str = Field(
         description="one of vfed.node.config.DATASET_TYPES (csv, parquet, sqlite, sql): the algorithm's "
         "DATASET_<LABEL>_TYPE"
     )
-
-    @field_validator("label")
-    @classmethod
-    def _label_ok(cls, v: str) -> str:
-        if not _LABEL_RE.match(v):
-            raise ValueError("dataset label must be letters, digits, '_' or '-' (at most 63)")
-        return v
 
     @field_validator("host_path")
     @classmethod
@@ -114,15 +117,8 @@ class ExtractedDataset(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    label: str
+    label: DatasetLabel
     type: str = "parquet"
-
-    @field_validator("label")
-    @classmethod
-    def _label_ok(cls, v: str) -> str:
-        if not _LABEL_RE.match(v):
-            raise ValueError("dataset label must be letters, digits, '_' or '-' (at most 63)")
-        return v
 
     @property
     def container_path(self) -> str:
