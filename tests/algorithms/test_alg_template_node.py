@@ -20,21 +20,14 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from tests.node.node_harness import (
-    PASSWORD,
-    Server,
-    remove_run_containers,
-    run_containers_gone,
-    running_agent,
-    write_node_config,
-)
+from tests.node.node_harness import PASSWORD, Server, csv_nodes
 
 from vfed.client.client import AsyncClient
 from vfed.client.errors import RunFailed
 from vfed.common.manifest import MANIFEST_LABEL
 from vfed.common.payload import FORMAT_VERSION
 from vfed.common.sdk import PROXY_API_VERSION, SDK_LABEL
-from vfed.node.config import NodeSettings, load_settings
+from vfed.node.config import NodeSettings
 from vfed.node.image_sdk import SdkVerdicts
 from vfed.node.runtime.docker import DockerRuntime
 from vfed.node.runtime.docker_config import DockerRuntimeConfig
@@ -134,34 +127,17 @@ async def federation(tmp_path: Path, data: Path) -> AsyncIterator[Federation]:
     server = Server(tmp_path / "server", mqtt_url=None)
     keys = await server.seed(list(ORGS))
     await server.start()
-    settings: dict[str, NodeSettings] = {}
+    files = dict(zip(ORGS, (data / "org1.csv", data / "org2.csv"), strict=True))
     try:
-        for org, csv in zip(ORGS, ("org1.csv", "org2.csv"), strict=True):
-            path = write_node_config(
-                tmp_path / f"{org}.yaml",
-                name=f"tpl{org[0]}{secrets.token_hex(3)}",
-                api_key=keys[org],
-                server_url=server.url,
-                mqtt_url=None,
-                poll_interval_s=0.3,
-                datasets={"default": {"uri": str(data / csv), "type": "csv"}},
-                trust="tofu",
-            )
-            settings[org] = load_settings(path)
         async with (
-            running_agent(settings["alpha"]),
-            running_agent(settings["beta"]),
+            csv_nodes(tmp_path, server, keys, files, "tpl") as settings,
             AsyncClient(server.url, key_file=settings["alpha"].key_path) as researcher,
         ):
             await researcher.login("res-alpha", PASSWORD)
             collaboration = (await researcher.collaborations())[0]["id"]
             assert researcher.organization_id is not None
             yield Federation(server, settings, researcher, collaboration, researcher.organization_id)
-            for node in settings.values():
-                await run_containers_gone(node.name)
     finally:
-        for node in settings.values():
-            remove_run_containers(node.name)
         await server.stop()
 
 

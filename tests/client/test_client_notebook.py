@@ -11,8 +11,6 @@ import contextlib
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,8 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-from tests.node.node_harness import PASSWORD, Server, running_agent, write_node_config
-
-from vfed.node.config import load_settings
+from tests.client.test_client_saved_login import vfed
+from tests.node.node_harness import PASSWORD, Server, csv_nodes
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,17 +38,6 @@ def _frames() -> dict[str, pd.DataFrame]:
     }
 
 
-def _vfed(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vfed.client.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NO_COLOR": "1"},
-        timeout=120,
-        check=False,
-    )
-
-
 @contextlib.asynccontextmanager
 async def federation(tmp_path: Path, frames: dict[str, pd.DataFrame]) -> AsyncIterator[Server]:
     """Server with collaboration `study` of north and south, each with a node offering its frame as the
@@ -59,39 +45,20 @@ async def federation(tmp_path: Path, frames: dict[str, pd.DataFrame]) -> AsyncIt
     server = Server(tmp_path / "server", mqtt_url=None)
     keys = await server.seed(list(ORGS), collaboration="study")
     await server.start()
-    async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(server.stop)
-        settings = {}
-        for org, frame in frames.items():
-            data = tmp_path / f"{org}.csv"
-            frame.to_csv(data, index=False)
-            config = write_node_config(
-                tmp_path / f"{org}.yaml",
-                name=f"nb-{org}-{os.getpid()}",
-                api_key=keys[org],
-                server_url=server.url,
-                mqtt_url=None,
-                poll_interval_s=0.5,
-                datasets={"default": {"uri": str(data), "type": "csv"}},
-                trust="tofu",
-            )
-            settings[org] = load_settings(config)
-            await stack.enter_async_context(running_agent(settings[org]))
-        key = str(settings["north"].key_path)
-        login = await asyncio.to_thread(
-            _vfed,
-            "login",
-            "--url",
-            server.url,
-            "--username",
-            "res-north",
-            "--password",
-            PASSWORD,
-            "--key-file",
-            key,
-        )
-        assert login.returncode == 0, login.stderr
-        yield server
+    files = {org: tmp_path / f"{org}.csv" for org in frames}
+    for org, frame in frames.items():
+        frame.to_csv(files[org], index=False)
+    try:
+        async with csv_nodes(tmp_path, server, keys, files, "nb") as settings:
+            key = str(settings["north"].key_path)
+            login = await asyncio.to_thread(
+                vfed, "login", "--url", server.url, "--username", "res-north", "--password", PASSWORD,
+                "--key-file", key,
+            )  # fmt: skip
+            assert login.returncode == 0, login.stderr
+            yield server
+    finally:
+        await server.stop()
 
 
 def _outputs(nb: Any) -> list[dict[str, Any]]:

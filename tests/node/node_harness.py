@@ -251,6 +251,38 @@ async def running_agent(settings: NodeSettings, **kwargs: Any) -> AsyncIterator[
 
 
 @contextlib.asynccontextmanager
+async def csv_nodes(
+    tmp_path: Path, server: Server, keys: dict[str, str], data: dict[str, Path], prefix: str
+) -> AsyncIterator[dict[str, NodeSettings]]:
+    """A running node per organization of `data`, each offering its CSV file as the dataset `default` (named
+    `<prefix><org's first letter><6 hex>`, polling fast, pinning at first use); their settings by
+    organization. The runs' containers are gone when it ends (checked after a clean exit, removed anyway)."""
+    settings: dict[str, NodeSettings] = {}
+    try:
+        for org, csv in data.items():
+            path = write_node_config(
+                tmp_path / f"{org}.yaml",
+                name=f"{prefix}{org[0]}{secrets.token_hex(3)}",
+                api_key=keys[org],
+                server_url=server.url,
+                mqtt_url=None,
+                poll_interval_s=0.3,
+                datasets={"default": {"uri": str(csv), "type": "csv"}},
+                trust="tofu",
+            )
+            settings[org] = load_settings(path)
+        async with contextlib.AsyncExitStack() as agents:
+            for node in settings.values():
+                await agents.enter_async_context(running_agent(node))
+            yield settings
+        for node in settings.values():
+            await run_containers_gone(node.name)
+    finally:
+        for node in settings.values():
+            await asyncio.to_thread(remove_run_containers, node.name)
+
+
+@contextlib.asynccontextmanager
 async def running_pair(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[Server, dict[str, NodeSettings]]]:
     """A started server with organizations alpha and beta and a running node each (named `<prefix><a|b><6
     hex>`, polling fast, pinning at first use); their settings by organization. The runs' containers are
