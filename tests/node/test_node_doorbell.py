@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vfed.node.doorbell import SPREAD_MAX_S, BrokerAddress, Ring, claim_delay_s, parse, topic_for
+from vfed.common.api.doorbell import SPREAD_MAX_S, BrokerAddress, Ring, parse, topic_for
+from vfed.node.doorbell import claim_delay_s
 
 
 @pytest.mark.parametrize(

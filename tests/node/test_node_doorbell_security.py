@@ -34,10 +34,10 @@ from tests.node.node_harness import (
 )
 
 from vfed.client.client import AsyncClient
+from vfed.common.api.doorbell import topic_for
 from vfed.common.crypto import Keyring
 from vfed.common.trust import records_for_keys
 from vfed.node.config import load_settings
-from vfed.node.doorbell import topic_for
 from vfed.node.runtime.base import job_volume_name
 from vfed.node.server_api import NodeClient
 

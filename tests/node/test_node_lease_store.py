@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from vfed.common.api.doorbell import parse
 from vfed.common.ledger import DatasetUse, NoValidLease, Receipt
-from vfed.node.doorbell import parse
 from vfed.node.lease_store import Candidate, LeaseStore
 from vfed.node.ledger import NodeLedger
 

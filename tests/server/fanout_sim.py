@@ -29,7 +29,8 @@ import aiomqtt
 import yaml
 from tests import infra
 
-from vfed.node.doorbell import Ring, claim_delay_s, parse, topic_for
+from vfed.common.api.doorbell import Ring, parse, topic_for
+from vfed.node.doorbell import claim_delay_s
 
 VSERVER = [sys.executable, "-m", "vfed.server.cli", "--log-level", "WARNING"]
 RESULT = b"\x00" * 64  # a tiny result: what is measured is the path, not the bytes

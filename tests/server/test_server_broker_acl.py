@@ -25,7 +25,8 @@ from tests import infra
 from vserver_proc import ServerProcess, server_process, vserver
 from vserver_testkit import JWT_SECRET, World, seed
 
-from vfed.node.doorbell import Doorbell, Ring
+from vfed.common.api.doorbell import Ring
+from vfed.node.doorbell import Doorbell
 from vfed.node.server_api import NodeIdentity
 from vfed.server.app import create_app
 from vfed.server.broker_auth import (

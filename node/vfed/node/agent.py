@@ -19,6 +19,7 @@ from types import TracebackType
 import aiohttp
 
 from vfed.common import tls
+from vfed.common.api.doorbell import Ring
 from vfed.common.api.errors import ApiError
 from vfed.common.api.statuses import RunStatus
 from vfed.common.crypto import CryptoError
@@ -28,7 +29,7 @@ from vfed.common.trust import records_for_keys
 from vfed.node import timeline
 from vfed.node.config import NodeSettings
 from vfed.node.data_dir import UnsafeDataDir, secure_data_dir
-from vfed.node.doorbell import Doorbell, Ring, claim_delay_s
+from vfed.node.doorbell import Doorbell, claim_delay_s
 from vfed.node.journal import Journal, Stage
 from vfed.node.keys import KeyHolder, KeyMismatch, load_or_create, passphrase, publish_chain, reconcile
 from vfed.node.lease_store import LEASES_FILE, LeaseStore

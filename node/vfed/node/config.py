@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from vfed.common.api.doorbell import BrokerAddress
 from vfed.common.env_config import (
     LayerError,
     env_name,
@@ -327,8 +328,8 @@ class NodeSettings(_Strict):
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("mqtt://", "mqtts://", "tcp://")):
-            raise ValueError("must look like mqtt://host:port")
+        if value is not None:
+            BrokerAddress.parse(value)  # ValueError: must look like mqtt://host:port
         return value
 
     @field_validator("api_key")

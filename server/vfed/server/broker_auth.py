@@ -30,13 +30,13 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from vfed.common.api.doorbell import TOPIC_PREFIX
 from vfed.server.config import Settings
 from vfed.server.models import Node
 
 log = logging.getLogger(__name__)
 
 SERVER_USERNAME = "vfed-server"
-TOPIC_PREFIX = "vfed/nodes/"
 PASSWD = "passwd"
 ACL = "acl"
 CONF = "mosquitto.conf"

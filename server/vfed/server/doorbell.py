@@ -11,39 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import ssl
 from collections import deque
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aiomqtt
 
+from vfed.common.api.doorbell import POLL_MESSAGE, BrokerAddress, ledger_message, run_message, topic_for
 from vfed.server.config import MqttSettings
 from vfed.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-TOPIC_PREFIX = "vfed/nodes/"
 BATCH_MAX = 100  # messages in flight at once (the client is told to allow as many; paho defaults to 20)
-POLL = b'{"event": "poll"}'
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """mqtt://host[:1883] or mqtts://host[:8883]."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-        raise ValueError(f"broker URL {url!r}: use mqtt://host:port or mqtts://host:port")
-    tls = parts.scheme in ("mqtts", "ssl")
-    return BrokerAddress(parts.hostname, parts.port or (8883 if tls else 1883), tls)
 
 
 class Doorbell:
@@ -51,7 +31,7 @@ class Doorbell:
 
     def __init__(self, settings: MqttSettings, url: str | None, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.address = parse_broker_url(url) if url else None
+        self.address = BrokerAddress.parse(url) if url else None
         self.metrics = metrics
         self.connected = asyncio.Event()
         self._queue: deque[tuple[int, int, bytes]] = deque()
@@ -79,17 +59,13 @@ class Doorbell:
         """Queue one message for one node. The message holds ids only (no names, no data): what a node needs
         to claim the run and to prepare for it meanwhile; `spread_s` > 0 asks the node to wait a random
         delay up to that before it claims, so the nodes of a big task do not all ask at once."""
-        message: dict[str, object] = {"event": event, "run_id": run_id, "task_id": task_id, "job_id": job_id}
-        if spread_s > 0:
-            message["spread_s"] = spread_s
-        self._queue_message(node_id, message)
+        self._queue_message(node_id, run_message(event, run_id, task_id, job_id, spread_s))
 
     def ring_ledger(self, node_id: int, collaboration_id: int, seq: int) -> None:
         """Queue one message for one node: its collaboration's ledger grew to `seq` (read it from the API)."""
-        message = {"event": "ledger", "collaboration_id": collaboration_id, "seq": seq}
-        self._queue_message(node_id, {**message, "run_id": None, "task_id": None})
+        self._queue_message(node_id, ledger_message(collaboration_id, seq))
 
-    def _queue_message(self, node_id: int, message: dict[str, object]) -> None:
+    def _queue_message(self, node_id: int, message: bytes) -> None:
         if self.address is None:
             return
         if node_id in self._polls:
@@ -99,7 +75,7 @@ class Doorbell:
             self._degrade(node_id)
         else:
             self._seq += 1
-            self._queue.append((self._seq, node_id, json.dumps(message).encode()))
+            self._queue.append((self._seq, node_id, message))
             self._live[node_id] = self._live.get(node_id, 0) + 1
         self._wake.set()
 
@@ -126,7 +102,7 @@ class Doorbell:
         while len(batch) < BATCH_MAX and self._polls:
             node_id = next(iter(self._polls))
             del self._polls[node_id]
-            batch.append((0, node_id, POLL))
+            batch.append((0, node_id, POLL_MESSAGE))
         return batch
 
     def _requeue(self, batch: list[tuple[int, int, bytes]]) -> None:
@@ -217,7 +193,7 @@ class Doorbell:
             if not batch:
                 continue
             try:
-                await asyncio.gather(*(client.publish(f"{TOPIC_PREFIX}{n}", p, qos=1) for _, n, p in batch))
+                await asyncio.gather(*(client.publish(topic_for(n), p, qos=1) for _, n, p in batch))
             except BaseException:
                 self._requeue(batch)
                 raise
