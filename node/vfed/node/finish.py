@@ -34,7 +34,7 @@ from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.common.growing_file import GrowingFile
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
-from vfed.node import run_folder
+from vfed.node import disclosure, run_folder
 from vfed.node.journal import Entry, Stage
 from vfed.node.log_sealing import seal_run_log
 from vfed.node.run_folder import SEALED_NAME, BadOutput
@@ -189,8 +189,9 @@ class Finisher:
         code = exit_status.exit_code if exit_status is not None else None
         if exit_status is not None:
             limit, judge = self.s.settings.max_output_bytes, status is None
-            removed, bad, error_type = await asyncio.to_thread(
-                _settle_output, run_dir, limit, exit_status.exit_code, judge
+            rules = self.output_rules(run_id)
+            removed, bad, error_type, refusal = await asyncio.to_thread(
+                _settle_output, run_dir, limit, exit_status.exit_code, judge, rules
             )
             if removed:
                 log.warning("run %s: removed non-regular files from the run folder: %s", run_id, removed)
@@ -198,10 +199,26 @@ class Finisher:
                 if exit_status.reason:  # the engine's words (State.Error): kept here, for the operator
                     log.debug("run %s: the runtime says: %s", run_id, exit_status.reason)
                 status, reason = _judge(exit_status, bad, error_type)
+                if refusal is not None and status == "completed":
+                    log.warning("run %s: output refused (%s): %s", run_id, refusal.reason, refusal.detail)
+                    status, reason = "failed", refusal.reason
         if status != "completed":
             (run_dir / OUTPUT_NAME).unlink(missing_ok=True)
         self.s.journal.exited(run_id, code, status or "crashed", reason)
         log.info("run %s: exited with code %s -> %s %s", run_id, code, status, reason or "")
+
+    def output_rules(self, run_id: int) -> disclosure.OutputRules:
+        """The disclosure rules the run was accepted with (journaled at its start); the strictest for a run
+        journaled without them."""
+        entry = self.s.journal.get(run_id)
+        if entry is not None and entry.output_rules:
+            try:
+                return disclosure.OutputRules.from_json(entry.output_rules)
+            except (ValueError, TypeError) as exc:
+                log.error(
+                    "run %s: its journaled output rules are unreadable (%s): the strictest apply", run_id, exc
+                )
+        return disclosure.fallback_rules(self.s.settings)
 
     async def complete(self, run_id: int, job_id: int, handle: str | None) -> None:
         """From the journal's stage to the final report; safe to call again after a crash."""
@@ -411,25 +428,25 @@ ERROR_OUTPUT_MAX_BYTES = 1024 * 1024
 
 
 def _settle_output(
-    run_dir: Path, max_bytes: int, exit_code: int | None, judge: bool
-) -> tuple[list[str], str | None, str | None]:
+    run_dir: Path, max_bytes: int, exit_code: int | None, judge: bool, rules: disclosure.OutputRules
+) -> tuple[list[str], str | None, str | None, disclosure.Refusal | None]:
     """Clean the stopped run's folder of traps, then (with `judge`: the run ended by itself) check its
     output: (what was removed, why it is bad, the exception type the SDK's error document names when the
-    run failed)."""
+    run failed, why disclosure control refuses it)."""
     removed = run_folder.sanitize(run_dir)
     if not judge:
-        return removed, None, None
+        return removed, None, None, None
     if exit_code not in (0, None):
         try:
-            return removed, None, _error_type(run_folder.read_output(run_dir, ERROR_OUTPUT_MAX_BYTES))
+            return removed, None, _error_type(run_folder.read_output(run_dir, ERROR_OUTPUT_MAX_BYTES)), None
         except BadOutput:
-            return removed, None, None
+            return removed, None, None, None
     try:
         with run_folder.open_output(run_dir, max_bytes):
             pass  # a regular file within the limit: sealed later, read once
+        return removed, None, None, disclosure.judge(run_dir, rules, max_bytes)
     except BadOutput as exc:
-        return removed, str(exc), None
-    return removed, None, None
+        return removed, str(exc), None, None
 
 
 def _error_type(data: bytes) -> str | None:
