@@ -201,7 +201,7 @@ class DP(_Part):
     @field_validator("mechanism")
     @classmethod
     def _mechanism(cls, value: str) -> str:
-        if not _MECHANISM.match(value):
+        if not _MECHANISM.fullmatch(value):
             raise ValueError("a mechanism is a short lower-case name (laplace, gaussian, ...)")
         return value
 
@@ -232,7 +232,7 @@ class PartsDocument(BaseModel):
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 raise ValueError(f"part name {name[:40]!r}: letters, digits, space and _.:-() only")
         return value
 
