@@ -31,7 +31,7 @@ MAX_DEPTH = 8
 DEFAULT_MIN_ROWS = 10
 DEFAULT_MIN_CELL_COUNT = 5
 DEFAULT_MAX_GLM_SATURATION = 0.33
-_NAME = re.compile(r"^[A-Za-z0-9_.:\-() ]{1,200}$")
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 _MECHANISM = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
@@ -233,7 +233,7 @@ class PartsDocument(BaseModel):
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
             if not _NAME.fullmatch(name):
-                raise ValueError(f"part name {name[:40]!r}: letters, digits, space and _.:-() only")
+                raise ValueError(f"part name {name[:40]!r}: 1 to 200 characters, none a control character")
         return value
 
     @model_validator(mode="after")
