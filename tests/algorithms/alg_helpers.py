@@ -50,6 +50,12 @@ def partitions(seed: int = 7, sizes: tuple[int, ...] = (120, 80, 200)) -> list[p
     return frames
 
 
+def with_inherited_path(*paths: str) -> str:
+    """A child's PYTHONPATH: the given folders, then this process's own (a worktree's source roots)."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join([*paths, *([inherited] if inherited else [])])
+
+
 def run_wrapper(
     tmp_path: Path,
     task_input: Mapping[str, Any] | bytes,
@@ -67,7 +73,7 @@ def run_wrapper(
         "PATH": os.environ.get("PATH", ""),
         "INPUT_FILE": str(input_file),
         "OUTPUT_FILE": str(output_file),
-        "PYTHONPATH": os.pathsep.join(paths),
+        "PYTHONPATH": with_inherited_path(*paths),
         **env,
     }
     if module:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from alg_fake_proxy import FakeProxy, Served, serve_tcp, serve_unix
-from alg_helpers import EXAMPLES, example, partitions
+from alg_helpers import EXAMPLES, example, partitions, with_inherited_path
 from tests.infra import free_port
 
 from vfed.algorithms import AlgorithmClient, AlgorithmError, ProxyError, ProxyUnavailable, SubtaskFailed
@@ -269,7 +269,7 @@ def wrapper_executor(module: str, folder: Path, data: dict[int, Path]):  # type:
         (run_dir / "input").write_bytes(task_input.to_json())
         env = {
             "PATH": os.environ["PATH"],
-            "PYTHONPATH": str(folder),
+            "PYTHONPATH": with_inherited_path(str(folder)),
             "VFED_ALGORITHM_MODULE": module,
             "INPUT_FILE": str(run_dir / "input"),
             "OUTPUT_FILE": str(run_dir / "output"),
@@ -301,11 +301,11 @@ async def test_central_summary_through_wrapper_and_proxy(socket_dir: Path, tmp_p
     proxy = FakeProxy([1, 2, 3], wrapper_executor("summary_stats", folder, data))
     server = await serve_unix(proxy, str(socket_dir / "p.sock"))
     (tmp_path / "input").write_bytes(
-        TaskInput(method="summary", kwargs={"columns": ["age", "cost"], "bins": 5}).to_json()
+        TaskInput(method="summary", kwargs={"columns": ["age", "cost"], "bins": 2}).to_json()
     )
     env = {
         "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(folder),
+        "PYTHONPATH": with_inherited_path(str(folder)),
         "VFED_ALGORITHM_MODULE": "summary_stats",
         "INPUT_FILE": str(tmp_path / "input"),
         "OUTPUT_FILE": str(tmp_path / "output"),
@@ -320,7 +320,7 @@ async def test_central_summary_through_wrapper_and_proxy(socket_dir: Path, tmp_p
         await server.close()
     assert process.returncode == 0, stderr.decode()
     result = decode_result((tmp_path / "output").read_bytes())
-    expected = example("summary_stats").summary(_local(frames), columns=["age", "cost"], bins=5)
+    expected = example("summary_stats").summary(_local(frames), columns=["age", "cost"], bins=2)
     assert result == expected
     pooled = pd.concat(frames)
     assert result["columns"]["cost"]["mean"] == pytest.approx(pooled["cost"].mean(), rel=1e-12)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vfed.algorithms import AlgorithmClient, central, federated, require_min_rows
+from vfed.algorithms import AlgorithmClient, Model, central, federated, require_min_rows
 
 INTERCEPT = "(intercept)"
 
@@ -53,8 +53,9 @@ def partial_glm(
     beta: Sequence[float],
     family: str = Family.LOGISTIC,
     intercept: bool = True,
-) -> dict[str, Any]:
-    """Gradient, Hessian (of the negative log-likelihood's curvature) and fit measure at `beta`."""
+) -> Model:
+    """Gradient, Hessian (of the negative log-likelihood's curvature) and fit measure at `beta`, as a model
+    part over n rows with one parameter per column of the design (the node's saturation check)."""
     x, y = _design(df, outcome, predictors, intercept)
     coefficients = np.asarray(beta, dtype=float)
     if coefficients.shape != (x.shape[1],):
@@ -62,22 +63,28 @@ def partial_glm(
     eta = x @ coefficients
     if Family(family) is Family.LINEAR:
         residual = y - eta
-        return {
-            "n": len(y),
-            "gradient": (x.T @ residual).tolist(),
-            "hessian": (x.T @ x).tolist(),
-            "rss": float(residual @ residual),
-        }
+        return Model(
+            n=len(y),
+            parameters=x.shape[1],
+            values={
+                "gradient": (x.T @ residual).tolist(),
+                "hessian": (x.T @ x).tolist(),
+                "rss": float(residual @ residual),
+            },
+        )
     if not np.isin(y, (0.0, 1.0)).all():
         raise ValueError(f"logistic regression needs a 0/1 outcome; {outcome!r} has other values")
     p = np.exp(_log_sigmoid(eta))
     weights = p * (1 - p)
-    return {
-        "n": len(y),
-        "gradient": (x.T @ (y - p)).tolist(),
-        "hessian": (x.T @ (x * weights[:, None])).tolist(),
-        "loglik": float((y * _log_sigmoid(eta) + (1 - y) * _log_sigmoid(-eta)).sum()),
-    }
+    return Model(
+        n=len(y),
+        parameters=x.shape[1],
+        values={
+            "gradient": (x.T @ (y - p)).tolist(),
+            "hessian": (x.T @ (x * weights[:, None])).tolist(),
+            "loglik": float((y * _log_sigmoid(eta) + (1 - y) * _log_sigmoid(-eta)).sum()),
+        },
+    )
 
 
 def newton_step(partials: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:

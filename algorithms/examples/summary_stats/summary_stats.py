@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vfed.algorithms import AlgorithmClient, central, federated, require_min_rows
+from vfed.algorithms import Aggregate, AlgorithmClient, Counts, Parts, central, federated, require_min_rows
 
 DEFAULT_BINS = 10
 
@@ -32,7 +32,7 @@ def _numeric(series: pd.Series) -> bool:
 
 
 @federated(datasets=["default"])
-def partial_stats(df: pd.DataFrame, columns: Sequence[str] | None = None) -> dict[str, Any]:
+def partial_stats(df: pd.DataFrame, columns: Sequence[str] | None = None) -> Parts:
     """Per column: rows and missing; for numeric columns n, mean, m2 (squared deviations), min, max."""
     result: dict[str, Any] = {}
     for name in _columns(df, columns):
@@ -52,18 +52,26 @@ def partial_stats(df: pd.DataFrame, columns: Sequence[str] | None = None) -> dic
                 "max": float(array.max()) if len(array) else None,
             }
         result[name] = entry
-    return result
+    return Parts({name: _part(entry) for name, entry in result.items()})
+
+
+def _part(entry: dict[str, Any]) -> Aggregate | Counts:
+    """A column's entry as the node checks it: rows and missing are counts, the rest statistics over n."""
+    counts = {"rows": entry.pop("rows"), "missing": entry.pop("missing")}
+    if "n" not in entry:
+        return Counts(cells=counts)
+    return Aggregate(n=entry.pop("n"), value=entry, counts=counts)
 
 
 @federated(datasets=["default"])
-def partial_histogram(df: pd.DataFrame, edges: Mapping[str, Sequence[float]]) -> dict[str, list[int]]:
+def partial_histogram(df: pd.DataFrame, edges: Mapping[str, Sequence[float]]) -> Parts:
     """Counts per bin for the agreed edges (numpy semantics: the last bin includes its right edge)."""
     counts: dict[str, list[int]] = {}
     for name, column_edges in edges.items():
         values = df[_columns(df, [name])[0]].dropna().to_numpy(dtype=float)
         hist, _ = np.histogram(values, bins=np.asarray(column_edges, dtype=float))
         counts[name] = [int(c) for c in hist]
-    return counts
+    return Parts({name: Counts(cells=bins) for name, bins in counts.items()})
 
 
 def combine_stats(partials: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
