@@ -177,7 +177,7 @@ async def test_disclosure_control_and_failures_reach_the_researcher(federation: 
     runs = await federation.researcher.runs(subtask["id"])
     refused = [r for r in runs if r["status"] == "failed"]
     assert len(refused) == 1 and refused[0]["exit_code"] == 3
-    assert refused[0]["reason"] == "disclosure-refused"  # the refused count stays in the node's sealed log
+    assert refused[0]["reason"] == "disclosure-refused: min-rows"  # the count stays in the sealed log
     assert "has 5 records" not in str(runs) and "has 5 records" not in failure.log_tail
 
     # A crashing algorithm: the researcher gets the reason and the traceback's tail.

@@ -116,7 +116,8 @@ def _fail(output: str | None, exc: Exception, code: int, trace: str = "") -> int
     else:
         print(f"vfed: {type(exc).__name__}: {exc}", file=sys.stderr)
     if output:
-        Path(output).write_bytes(encode_error(type(exc).__name__, str(exc), trace))
+        rule = exc.rule if isinstance(exc, DisclosureError) else None
+        Path(output).write_bytes(encode_error(type(exc).__name__, str(exc), trace, rule))
     return code
 
 

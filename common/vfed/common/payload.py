@@ -123,13 +123,13 @@ def encode_result(value: Any) -> bytes:
         return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
 
-def encode_error(exc_type: str, message: str, traceback: str = "") -> bytes:
-    """The output of a failed run: what went wrong, readable by the researcher."""
-    document = {
-        "vfed": FORMAT_VERSION,
-        "format": "error",
-        "error": {"type": exc_type, "message": message, "traceback": traceback},
-    }
+def encode_error(exc_type: str, message: str, traceback: str = "", rule: str | None = None) -> bytes:
+    """The output of a failed run: what went wrong (with `rule`: the disclosure rule that refused it, which
+    the node may name in the run's reason), readable by the researcher."""
+    error = {"type": exc_type, "message": message, "traceback": traceback}
+    if rule is not None:
+        error["rule"] = rule
+    document = {"vfed": FORMAT_VERSION, "format": "error", "error": error}
     return json.dumps(document, separators=(",", ":")).encode()
 
 

@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from vfed.common.api import Reason, algorithm_error, classified
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
+from vfed.common.disclosure import Rule
 from vfed.common.growing_file import GrowingFile
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
 from vfed.node import disclosure, run_folder
@@ -406,7 +407,8 @@ def _judge(exit_status: ExitStatus, bad_output: str | None, error_type: str | No
         return "failed", classified(Reason.OUT_OF_MEMORY, limit)
     code = exit_status.exit_code
     if code == EXIT_DISCLOSURE:
-        return "failed", classified(Reason.DISCLOSURE_REFUSED)
+        rule = error_type[len("rule:") :] if error_type and error_type.startswith("rule:") else None
+        return "failed", classified(Reason.DISCLOSURE_REFUSED, rule)
     if code == EXIT_SETUP_ERROR:
         return "failed", classified(Reason.BAD_INPUT)
     if code != 0:
@@ -423,6 +425,7 @@ def _memory_limit(runtime_reason: str | None) -> str | None:
     return None
 
 
+RULES = frozenset(rule.value for rule in Rule)
 ERROR_OUTPUT_MAX_BYTES = 1024 * 1024
 """An SDK error document is small; a bigger output of a failed run is not read for its type."""
 
@@ -450,7 +453,9 @@ def _settle_output(
 
 
 def _error_type(data: bytes) -> str | None:
-    """The `error.type` of the SDK's error document (vfed.common.payload.encode_error), if it is one."""
+    """The `error.type` of the SDK's error document (vfed.common.payload.encode_error), if it is one; for
+    a disclosure refusal, `rule:<name>` when the document names one of the rules (a name out of a fixed
+    list, so nothing the algorithm wrote passes on)."""
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, ValueError):
@@ -458,7 +463,11 @@ def _error_type(data: bytes) -> str | None:
     if not isinstance(document, dict) or document.get("format") != "error":
         return None
     error = document.get("error")
-    return type_name(error.get("type")) if isinstance(error, dict) else None
+    if not isinstance(error, dict):
+        return None
+    if error.get("rule") in RULES:
+        return f"rule:{error['rule']}"
+    return type_name(error.get("type"))
 
 
 def _sha256_file(path: Path) -> str:
