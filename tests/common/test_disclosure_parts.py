@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,11 @@ def test_other_outputs_are_not_structured() -> None:
     assert disclosure.load(encode_result({"a": 1})) is None
     assert disclosure.load(b"\x00\x01not json") is None
     assert disclosure.load(b'{"format": "json", "value": 3}') is None
+
+
+def test_the_client_reads_a_structured_result_file_as_plain_values(tmp_path: Path) -> None:
+    from vfed.client.results import load_result_file
+
+    path = tmp_path / "organization-1-run-2.json"
+    path.write_bytes(encode_result(Parts(age=Aggregate(n=40, value={"mean": 51.5}, counts={"missing": 0}))))
+    assert load_result_file(path) == {"age": {"n": 40, "missing": 0, "mean": 51.5}}

@@ -146,3 +146,24 @@ def test_a_run_journaled_without_rules_gets_the_strictest() -> None:
     rules = disclosure.fallback_rules(_settings())
     assert rules.reads_data and not rules.unchecked_allowed and rules.epsilon is None
     assert (rules.min_rows, rules.min_cell_count, rules.max_glm_saturation) == (50, 10, 0.1)
+
+
+def test_a_journal_of_an_older_agent_gains_the_rules_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "journal.sqlite3"
+    with sqlite3.connect(path) as old:  # the runs table as agents before disclosure control made it
+        old.execute(
+            "CREATE TABLE runs (run_id INTEGER PRIMARY KEY, task_id INTEGER NOT NULL,"
+            " job_id INTEGER NOT NULL, stage TEXT NOT NULL, handle TEXT, exit_code INTEGER, reason TEXT,"
+            " final_status TEXT,"
+            " result_blob_id TEXT, deadline REAL, updated_at REAL NOT NULL)"
+        )
+        old.execute("INSERT INTO runs VALUES (3, 1, 1, 'started', 'docker:x', NULL, NULL, NULL, NULL, 0, 0)")
+    journal = Journal(path)
+    entry = journal.get(3)
+    assert entry is not None and entry.output_rules is None  # judged by fallback_rules
+    journal.started(3, "docker:x", 0.0, _rules(["visits"]).to_json())
+    entry = journal.get(3)
+    assert entry is not None and OutputRules.from_json(entry.output_rules or "").min_rows == 50
+    journal.close()
