@@ -288,6 +288,8 @@ def parse(document: Mapping[str, Any]) -> PartsDocument:
 def load(data: bytes) -> PartsDocument | None:
     """The structured output in `data`, None when the bytes are another kind of output (plain JSON, Parquet,
     not JSON at all); MalformedParts when they say they are structured but are not valid."""
+    if b'"parts"' not in data:  # cheap: a plain result is not parsed (an escaped name is not structured)
+        return None
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, ValueError):
