@@ -39,7 +39,7 @@ test-only: venv
 	@VFED_REQUIRE_COMPONENTS=1 $(VENV)/bin/pytest -p no:cacheprovider --timeout=900 $(PYTEST_ARGS)
 
 demo: venv infra images
-	@$(PY) -m vfed.client.demo
+	@$(VENV)/bin/vfed demo --work-dir build/demo
 
 chaincode-test: venv
 	@cd chaincode && npm ci --cache "$(HOME)/.cache/vfed-npm" --prefer-offline --no-audit --no-fund --loglevel=error

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from report import emit
 from vfed.common.payload import TaskInput, decode_result, encode_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,11 +138,7 @@ def main() -> None:
     results["load_average_1min"] = os.getloadavg()[0]
     docker_s = wrapper_docker(options.repeat)
     results["wrapper_docker_s"] = None if docker_s is None else round(docker_s, 3)
-    if options.json:
-        print(json.dumps(results))
-        return
-    for key, value in results.items():
-        print(f"{key:28s} {value}")
+    emit(results, options.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -33,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from report import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the test harness
 
@@ -104,11 +105,7 @@ def main() -> None:
             for key in ("agent_peak_rss_mib", "server_peak_rss_mib", "client_peak_rss_mib")
         },
     }
-    if args.json:
-        print(json.dumps(report))
-        return
-    for key, value in report.items():
-        print(f"{key:24s} {value:12.2f}" if isinstance(value, float) else f"{key:24s} {value}")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import emit
+
 MIB = 1024 * 1024
 INPUT_BYTES = 1024
 RESULT_BYTES = 50 * MIB
@@ -467,11 +469,7 @@ def measure(args: argparse.Namespace) -> None:
     add_v6(results, None if args.skip_v6 else run_v6(args.v6_python, args.v6_tasks))
     # other work on this machine moves these figures; the load average says how busy it was
     results["loadavg_1min_start"], results["loadavg_1min_end"] = load_start, os.getloadavg()[0]
-    if args.json:
-        print(json.dumps(results))
-        return
-    for key, value in results.items():
-        print(f"{key:40s} {value:10.2f}" if isinstance(value, float) else f"{key:40s} {value}")
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

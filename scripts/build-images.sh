@@ -52,7 +52,7 @@ resolve_base() {
 
 build_wheelhouse() {
     # The project wheel plus every dependency of the extras the images need, built on the host.
-    local extras=".[algorithms,postgres]"
+    local extras=".[algorithms,postgres,sql]"
     local stamp; stamp=$( (cat pyproject.toml; echo "$extras") | sha256sum | cut -c1-16)
     if [ -f "$WHEELHOUSE/.deps-$stamp" ]; then
         say "wheelhouse: reused dependency wheels"

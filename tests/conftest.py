@@ -141,7 +141,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
     if os.environ.get(infra.REQUIRE_ENV) == "1":
         terminalreporter.write_line(
-            "(components required: a missing docker/mqtt/postgres/netns/fabric fails instead of skipping)"
+            "(components required: a missing docker/mqtt/postgres/netns/fabric/kubectl fails, never skips)"
         )
 
 

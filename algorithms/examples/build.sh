@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds each example algorithm as vfed-examples/<name>:latest from vfed/algorithm-base (make images first).
 # An image is rebuilt only when its inputs changed (label vfed.inputs: the base image id plus a hash of the
-# example's folder). The SDK's manifest of the module, read from the built image itself, is stored in the
-# label vfed.manifest, where the node reads which methods spend privacy budget.
+# example's folder). The build is `vfed algorithm build`: it stores the module's manifest (label
+# vfed.manifest, where the node reads which methods spend privacy budget) and the versions the image's SDK
+# speaks (label vfed.sdk), both read from the built image itself.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -10,6 +11,8 @@ root=$(cd "$here/../.." && pwd)
 . "$root/scripts/lib.sh"
 
 BASE=vfed/algorithm-base
+PY=${PY:-$root/.venv/bin/python}  # a Python with this vfed installed (`make images` passes the venv's)
+[ -x "$PY" ] || PY=python3
 
 inputs_hash() {  # inputs_hash DIR: a hash of the folder's files
     find "$1" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z \
@@ -26,14 +29,8 @@ build_example() {
         return
     fi
     say "image $image: building"
-    local stage=vfed-examples/$name:stage-$$
-    run_logged "docker build $name" docker build -q --label "vfed.inputs=$hash" -t "$stage" "$dir"
-    local manifest
-    manifest=$(docker run --rm --network none --cap-drop ALL "$stage" --manifest) \
-        || die "image $image: the SDK could not read the module's manifest"
-    printf 'FROM %s\n' "$stage" | run_logged "label $name" \
-        docker build -q --label "vfed.manifest=$manifest" -t "$image" -
-    docker image rm "$stage" >/dev/null
+    run_logged "vfed algorithm build $name" \
+        "$PY" -m vfed.client.cli algorithm build "$dir" --tag "$image" --label "vfed.inputs=$hash"
 }
 
 main() {

@@ -18,6 +18,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "algorithms" / "examples"
 EXAMPLE_NAMES = ("summary_stats", "federated_glm", "dp_stats")
+SDK_ROOTS = (ROOT / "algorithms", ROOT / "common")
+"""The SDK's source roots in this checkout: a wrapper subprocess runs them, not whatever vfed is installed."""
+
+
+def sdk_pythonpath(*folders: Path) -> str:
+    """PYTHONPATH for a wrapper subprocess: the given folders (an algorithm's), then this checkout's SDK."""
+    return os.pathsep.join(str(p) for p in (*folders, *SDK_ROOTS))
 
 
 def example(name: str) -> ModuleType:
@@ -50,12 +57,6 @@ def partitions(seed: int = 7, sizes: tuple[int, ...] = (120, 80, 200)) -> list[p
     return frames
 
 
-def with_inherited_path(*paths: str) -> str:
-    """A child's PYTHONPATH: the given folders, then this process's own (a worktree's source roots)."""
-    inherited = os.environ.get("PYTHONPATH", "")
-    return os.pathsep.join([*paths, *([inherited] if inherited else [])])
-
-
 def run_wrapper(
     tmp_path: Path,
     task_input: Mapping[str, Any] | bytes,
@@ -68,12 +69,11 @@ def run_wrapper(
     data = task_input if isinstance(task_input, bytes) else json.dumps(task_input).encode()
     input_file.write_bytes(data)
     output_file.unlink(missing_ok=True)
-    paths = [str(p) for p in pythonpath or []]
     full_env = {
         "PATH": os.environ.get("PATH", ""),
         "INPUT_FILE": str(input_file),
         "OUTPUT_FILE": str(output_file),
-        "PYTHONPATH": with_inherited_path(*paths),
+        "PYTHONPATH": sdk_pythonpath(*(pythonpath or [])),
         **env,
     }
     if module:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from alg_fake_proxy import FakeProxy, Served, serve_tcp, serve_unix
-from alg_helpers import EXAMPLES, example, partitions, with_inherited_path
+from alg_helpers import EXAMPLES, example, partitions, sdk_pythonpath
 from tests.infra import free_port
 
 from vfed.algorithms import AlgorithmClient, AlgorithmError, ProxyError, ProxyUnavailable, SubtaskFailed
@@ -269,7 +269,7 @@ def wrapper_executor(module: str, folder: Path, data: dict[int, Path]):  # type:
         (run_dir / "input").write_bytes(task_input.to_json())
         env = {
             "PATH": os.environ["PATH"],
-            "PYTHONPATH": with_inherited_path(str(folder)),
+            "PYTHONPATH": sdk_pythonpath(folder),
             "VFED_ALGORITHM_MODULE": module,
             "INPUT_FILE": str(run_dir / "input"),
             "OUTPUT_FILE": str(run_dir / "output"),
@@ -305,7 +305,7 @@ async def test_central_summary_through_wrapper_and_proxy(socket_dir: Path, tmp_p
     )
     env = {
         "PATH": os.environ["PATH"],
-        "PYTHONPATH": with_inherited_path(str(folder)),
+        "PYTHONPATH": sdk_pythonpath(folder),
         "VFED_ALGORITHM_MODULE": "summary_stats",
         "INPUT_FILE": str(tmp_path / "input"),
         "OUTPUT_FILE": str(tmp_path / "output"),

@@ -57,7 +57,13 @@ def test_summary_equals_pooled_statistics() -> None:
         assert got["histogram"]["counts"] == expected_counts.tolist()
         np.testing.assert_allclose(got["histogram"]["edges"], expected_edges, rtol=1e-12)
     site = result["columns"]["site"]
-    assert site == {"rows": len(pooled), "missing": 0}
+    assert site == {
+        "rows": len(pooled),
+        "missing": 0,
+        "count": len(pooled),
+        "levels": {"site-0": 120, "site-1": 80, "site-2": 200},
+        "suppressed": 0,
+    }
 
 
 def test_summary_with_fixed_edges_takes_them() -> None:
@@ -145,7 +151,9 @@ def test_linear_regression_equals_pooled_statsmodels() -> None:
     np.testing.assert_allclose(errors, reference.bse.to_numpy(), rtol=1e-8)
     assert result["rss"] == pytest.approx(reference.ssr, rel=1e-9)
     assert result["iterations"] == 2, "Newton on a quadratic converges in one step (plus the check)"
-    rounds = {task_input.kwargs["beta"][0] for _, task_input in client.created}
+    methods = [task_input.method for _, task_input in client.created]
+    assert methods == ["partial_levels"] * 3 + ["partial_glm"] * 6, "a round for the levels, then Newton's"
+    rounds = {task_input.kwargs["beta"][0] for _, task_input in client.created[3:]}
     assert len(rounds) == 2
 
 

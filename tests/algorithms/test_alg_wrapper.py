@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from alg_helpers import EXAMPLES, example, partitions, run_wrapper, with_inherited_path
+from alg_helpers import EXAMPLES, example, partitions, run_wrapper, sdk_pythonpath
 
 from vfed.common.manifest import Manifest
 from vfed.common.payload import AlgorithmError, decode_result, encode_result
@@ -244,7 +244,7 @@ def test_manifest_lists_declared_functions(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    env = {"PYTHONPATH": with_inherited_path(str(EXAMPLES / "dp_stats")), "PATH": ""}
+    env = {"PYTHONPATH": sdk_pythonpath(EXAMPLES / "dp_stats"), "PATH": ""}
     answer = subprocess.run(
         [sys.executable, "-m", "vfed.algorithms", "--manifest", "--module", "dp_stats"],
         env=env,

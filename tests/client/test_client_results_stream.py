@@ -25,7 +25,7 @@ from tests.client.test_client_paths import _chains, _publish
 from tests.client.test_client_results import _claimed_run, _vfed
 from tests.client.trustkit import open_input
 from tests.server.s3_testkit import blob_backend, blobs_settings
-from tests.server.vserver_testkit import JWT_SECRET, World, client, db_url, world
+from tests.server.vserver_testkit import World, client, db_url, kit_settings, world
 
 from vfed.client import cli_results
 from vfed.client.client import AsyncClient, Client
@@ -44,14 +44,7 @@ BIG_BYTES = 64 << 20  # the peak below is ~10 MiB whatever the size (download an
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str, blobs_settings: BlobsSettings) -> Settings:
     """The shared test settings with room for results of many MiB."""
-    return Settings(
-        data_dir=tmp_path,
-        database_url=db_url,
-        jwt_secret=JWT_SECRET,
-        blobs=blobs_settings,
-        max_blob_bytes=BIG_BYTES * 2,
-        run_log_max_bytes=1000,
-    )
+    return kit_settings(tmp_path, db_url, blobs_settings, max_blob_bytes=BIG_BYTES * 2)
 
 
 def _big_table() -> pd.DataFrame:

@@ -107,7 +107,7 @@ def test_dp_parts_need_the_epsilon_the_node_charged() -> None:
         {"vfed": 1, "format": "parts", "parts": {}},
         {"vfed": 1, "format": "parts", "parts": {"a": {"kind": "counts", "cells": [1.5]}}},
         {"vfed": 1, "format": "parts", "parts": {"a": {"kind": "counts", "cells": [-1]}}},
-        {"vfed": 1, "format": "parts", "parts": {"a": {"kind": "counts", "cells": [True]}}},
+        {"vfed": 1, "format": "parts", "parts": {"a": {"kind": "counts", "cells": {"a": "x"}}}},
         {"vfed": 1, "format": "parts", "parts": {"a": {"kind": "counts", "cells": "text"}}},
         {"vfed": 1, "format": "parts", "parts": {"a": {"kind": "secret", "rows": []}}},
         {"vfed": 1, "format": "parts", "parts": {"a": {"kind": "aggregate", "n": 50, "value": ["row"]}}},

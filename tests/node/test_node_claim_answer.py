@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from vfed.common.api.errors import ApiError
 from vfed.node.server_api import parse_claim
-from vfed.proxy.rest import ApiError
 
 RUN = {"id": 7, "task_id": 3, "job_id": 3, "organization_id": 1, "status": "initializing"}
 CT = "multipart/mixed; boundary=B0undary"

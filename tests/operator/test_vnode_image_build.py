@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = Path(os.environ.get("VFED_CACHE", ROOT / "build")) / "wheelhouse"
 DOCKERFILES = ("base.Dockerfile", "node.Dockerfile", "algorithm-base.Dockerfile")
 OFFLINE_BASE = "vfed/debian-python:bookworm"
-SHIPPED = [f"vfed/node/image_context/{name}" for name in DOCKERFILES]
+SHIPPED = [f"vfed/common/image_context/{name}" for name in DOCKERFILES]
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -68,7 +68,9 @@ def _base_image(client: Any) -> str:
 
 
 def _run(*cmd: str, timeout_s: float = 300) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    """A command without this session's PYTHONPATH: the installation must answer from its own files."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -97,7 +99,7 @@ def install(tmp_path_factory: pytest.TempPathFactory, docker_client: Any) -> Ins
     work = tmp_path / "elsewhere"
     work.mkdir()
     python = str(venv / "bin" / "python")
-    where = _run(python, "-c", "import vfed.node; print(vfed.node.__file__)")
+    where = _run(python, "-c", "import vfed.common; print(vfed.common.__file__)")
     assert Path(where.strip()).is_relative_to(venv), where  # the venv's copy, not the checkout's
     version = _run(python, "-c", "import importlib.metadata as m; print(m.version('vfed'))").strip()
     return Install(venv, deps, version, work)
@@ -160,9 +162,14 @@ def test_vnode_image_build_from_a_pip_install(install: Install, prefix: str, doc
     # The node image runs vnode, at the installed version; the Dockerfiles travelled with it.
     version = _output(docker_client, node, ["--version"]).strip()
     assert version == f"vnode, version {install.version}"
+    # The agent extracts sql datasets itself (the `sql` extra), without pandas (not in the node image).
+    extras = (
+        "import importlib.util as u; print([bool(u.find_spec(m)) for m in ('asyncpg', 'pyarrow', 'pandas')])"
+    )
+    assert _output(docker_client, node, ["-c", extras], entrypoint="python3").strip() == "[True, True, False]"
     script = (
-        "import os, pathlib, pandas, vfed.algorithms, vfed.node; "
-        "d = pathlib.Path(vfed.node.__file__).parent / 'image_context'; "
+        "import os, pathlib, pandas, vfed.algorithms, vfed.common, vfed.node; "
+        "d = pathlib.Path(vfed.common.__file__).parent / 'image_context'; "
         "print(os.getuid(), sorted(p.name for p in d.iterdir()))"
     )
     answer = _output(docker_client, algorithm_base, ["-c", script], entrypoint="python3")
@@ -183,3 +190,47 @@ def test_vnode_image_build_refuses_bad_input_in_one_line(install: Install, prefi
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and says in lines[0], done.stderr
         assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_the_algorithm_template_ships_in_the_wheel(install: Install, tmp_path: Path) -> None:
+    """`vfed algorithm new` of the pip install (no checkout) writes the template's every file, and its test
+    passes with that installation's SDK once the `algorithms` extra is installed, as the command says."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    made = subprocess.run(
+        [str(install.venv / "bin" / "vfed"), "algorithm", "new", "shipped", "--dir", str(tmp_path)],
+        cwd=install.workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "pip install 'vfed[algorithms]'" in made.stdout  # this installation has no pandas yet
+    folder = tmp_path / "shipped"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "Dockerfile",
+        "README.md",
+        "build.sh",
+        "data",
+        "shipped.py",
+        "test_shipped.py",
+    ]
+    python = str(install.venv / "bin" / "python")
+    extra = ("install", "-q", "--no-index", "--find-links", str(install.wheelhouse), "vfed[algorithms]")
+    _run(python, "-m", "pip", *extra)
+    # pytest is no dependency of vfed (not in the wheelhouse): this session's, beside the installation's vfed
+    runner = tmp_path / "pytest-only"
+    runner.mkdir()
+    for name in ("pytest", "_pytest", "pluggy", "iniconfig", "py.py"):
+        (runner / name).symlink_to(Path(pytest.__file__).parents[1] / name)
+    tested = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=folder,
+        env={**env, "PYTHONPATH": str(runner)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert tested.returncode == 0 and "3 passed" in tested.stdout, tested.stdout + tested.stderr

@@ -22,8 +22,8 @@ def config_path(dirs: Dirs, name: str) -> Path:
     return dirs.user_config / "vfed" / "nodes" / f"{name}.yaml"
 
 
-def new(name: str, *datasets: str) -> tuple[int, str]:
-    args = ["new", name, "--api-key", "1.secret", "--no-generate-key"]
+def new(name: str, *datasets: str, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    args = ["new", name, "--api-key", "1.secret", "--no-generate-key", *extra]
     for dataset in datasets:
         args += ["--dataset", dataset]
     result = vnode(*args)
@@ -54,6 +54,7 @@ def test_uris_with_colons_and_types_from_suffixes(
         "relative=tables/visits.db",
         f"named={odd}:csv",
         "url=file:///data/w.csv",
+        extra=("--dataset-table", "db=patients", "--dataset-query", "inferred=SELECT 1"),
     )
     assert code == 0, output
     settings = load_settings(config_path(dirs, "colons"))
@@ -194,3 +195,66 @@ def test_the_environment_naming_another_type_is_refused_by_its_variable(
         load_settings(None, environment=True)
     assert str(caught.value).startswith("VFED_NODE__DATASETS__SCANS__TYPE: ")
     assert "one of: csv, parquet, sqlite, sql" in str(caught.value)
+
+
+def test_a_sql_dataset_names_its_table_or_query_and_password_file(
+    dirs: Dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, output = new(
+        "sql",
+        "stays=postgresql://reader@db.example:5432/clinic",
+        "recent=postgresql://reader@db.example:5432/clinic:sql",
+        extra=(
+            "--dataset-table",
+            "stays=public.stays",
+            "--dataset-query",
+            "recent=SELECT id, ward FROM stays WHERE day > '2024-01-01'",
+            "--dataset-password-file",
+            "stays=secrets/reader.password",
+        ),
+    )
+    assert code == 0, output
+    datasets = load_settings(config_path(dirs, "sql")).datasets
+    assert (datasets["stays"].table, datasets["stays"].password_file) == (
+        "public.stays",
+        tmp_path / "secrets" / "reader.password",
+    )
+    assert datasets["recent"].query == "SELECT id, ward FROM stays WHERE day > '2024-01-01'"
+    assert datasets["recent"].password_file is None
+
+
+@pytest.mark.parametrize(
+    ("datasets", "extra", "code", "expected"),
+    [
+        (
+            ["db=postgresql://r@h/x"],
+            [],
+            1,
+            "datasets.db: Value error, a sql dataset names exactly one of table or query",
+        ),
+        (
+            ["db=postgresql://r@h/x"],
+            ["--dataset-table", "db=a", "--dataset-query", "db=SELECT 1"],
+            1,
+            "a sql dataset names exactly one of table or query",
+        ),
+        (["f=/data/f.csv"], ["--dataset-table", "f=t"], 1, "datasets.f: Value error, table: only for a sql"),
+        (["db=postgresql://r@h/x"], ["--dataset-table", "other=t"], 2, "no --dataset is labelled 'other'"),
+        (["db=postgresql://r@h/x"], ["--dataset-table", "db"], 2, "'db': expected LABEL=VALUE"),
+        (
+            ["db=postgresql://r:hunter2@h/x"],
+            ["--dataset-table", "db=t"],
+            1,
+            "uri: holds a password; put it in password_file",
+        ),
+    ],
+)
+def test_sql_keys_that_cannot_work_are_refused(
+    dirs: Dirs, datasets: list[str], extra: list[str], code: int, expected: str
+) -> None:
+    got, output = new("refused", *datasets, extra=tuple(extra))
+    assert got == code, output
+    (line,) = output.strip().splitlines()
+    assert expected in line and "hunter2" not in line
+    assert not config_path(dirs, "refused").exists()

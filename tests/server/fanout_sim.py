@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,13 @@ class Tally:
     errors: list[str] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set whenever a run completes or a node hears the broker-only message."""
+
+    async def until(self, done: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until `done()` holds, looked at again after every change; TimeoutError after `timeout_s`."""
+        async with asyncio.timeout(timeout_s):
+            while not done():
+                self.changed.clear()
+                await self.changed.wait()
 
 
 class Simulator:
@@ -292,10 +299,7 @@ class Simulator:
 
     async def wait_completed(self, run_ids: set[int], timeout_s: float) -> None:
         """Until every one of these runs completed (as the simulated nodes saw it), or TimeoutError."""
-        async with asyncio.timeout(timeout_s):
-            while not run_ids <= self.tally.completed.keys():
-                self.tally.changed.clear()
-                await self.tally.changed.wait()
+        await self.tally.until(lambda: run_ids <= self.tally.completed.keys(), timeout_s)
 
     async def broker_fanout(self, timeout_s: float = 30) -> list[float]:
         """The broker alone: one message to the topic every simulated node subscribed to; seconds until each
@@ -304,10 +308,7 @@ class Simulator:
         async with aiomqtt.Client(self.broker.host, self.broker.port) as pub:
             sent = time.monotonic()
             await pub.publish(BENCH_TOPIC, b"{}", qos=0)
-            async with asyncio.timeout(timeout_s):
-                while len(self.tally.bench_heard) < len(self._tokens):
-                    self.tally.changed.clear()
-                    await self.tally.changed.wait()
+            await self.tally.until(lambda: len(self.tally.bench_heard) >= len(self._tokens), timeout_s)
         return [t - sent for t in self.tally.bench_heard.values()]
 
 

@@ -14,10 +14,11 @@ import pytest
 from sqlalchemy import text, update
 from vserver_testkit import World, client, db_url, settings, world
 
+from vfed.common.api.statuses import RunStatus
 from vfed.server import db, pg_events
 from vfed.server.app import create_app
 from vfed.server.config import Settings
-from vfed.server.models import Run, RunStatus
+from vfed.server.models import Run
 from vfed.server.state import ENGINE, PG_EVENTS, TASK_EVENTS
 
 __all__ = ["client", "db_url", "settings", "world"]

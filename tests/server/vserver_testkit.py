@@ -41,18 +41,21 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+def kit_settings(tmp_path: Path, db_url: str, blobs: BlobsSettings, **changes: Any) -> Settings:
+    """The test server's settings (small blob and log limits, a quick login throttle), with `changes`."""
+    fields: dict[str, Any] = {
+        "max_blob_bytes": 1024 * 1024,
+        "run_log_max_bytes": 1000,
+        "login": LoginSettings(throttle_after=3, throttle_base_s=30),
+    }
+    fields.update(changes)
+    return Settings(data_dir=tmp_path, database_url=db_url, jwt_secret=JWT_SECRET, blobs=blobs, **fields)
+
+
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str, blobs_settings: BlobsSettings) -> Settings:
     """`blobs_settings` is the filesystem store unless a test asks for both (s3_testkit.both_backends)."""
-    return Settings(
-        data_dir=tmp_path,
-        database_url=db_url,
-        jwt_secret=JWT_SECRET,
-        blobs=blobs_settings,
-        max_blob_bytes=1024 * 1024,
-        run_log_max_bytes=1000,
-        login=LoginSettings(throttle_after=3, throttle_base_s=30),
-    )
+    return kit_settings(tmp_path, db_url, blobs_settings)
 
 
 @pytest.fixture

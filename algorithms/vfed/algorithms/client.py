@@ -12,12 +12,12 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from vfed.algorithms.transport import ProxyError, ProxyUnavailable, Response, Transport
+from vfed.common.api.statuses import RunStatus
 from vfed.common.manifest import FunctionSpec
 from vfed.common.payload import TaskInput, decode_result
 
@@ -26,25 +26,6 @@ log = logging.getLogger(__name__)
 LONG_POLL_S = 30.0
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
-
-
-class RunStatus(StrEnum):
-    """Run statuses of the server API (docs/api.md)."""
-
-    PENDING = "pending"
-    INITIALIZING = "initializing"
-    ACTIVE = "active"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    START_FAILED = "start-failed"
-    NOT_ALLOWED = "not-allowed"
-    KILLED = "killed"
-    CRASHED = "crashed"
-
-    @property
-    def finished(self) -> bool:
-        """Terminal: the run will not change any more."""
-        return self not in {RunStatus.PENDING, RunStatus.INITIALIZING, RunStatus.ACTIVE}
 
 
 class _Model(BaseModel):

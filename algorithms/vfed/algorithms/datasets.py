@@ -2,9 +2,11 @@
 
 `DATASETS` lists the labels (comma separated); for each label, `DATASET_<LABEL>_URI` and
 `DATASET_<LABEL>_TYPE`: csv, parquet (a file path), sqlite (a database file, opened read-only) or sql (a
-SQLAlchemy URL). Databases are read with `DATASET_<LABEL>_QUERY` (a SELECT) or `DATASET_<LABEL>_TABLE`; a
-sqlite file holding a single table needs neither. `<LABEL>` is the label in upper case with anything but
-letters and digits turned into `_`.
+SQLAlchemy URL). A node sets only file types: its `sql` datasets arrive as parquet, extracted before the
+container starts (it has no network). Type sql, and `DATASET_<LABEL>_QUERY` (a SELECT) or
+`DATASET_<LABEL>_TABLE` to choose what a database holds, are for running the wrapper outside a node (local
+tests); a sqlite file holding a single table needs neither. `<LABEL>` is the label in upper case with
+anything but letters and digits turned into `_`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The node sets `VFED_MIN_ROWS` (default 10), `VFED_MIN_CELL_COUNT` (default 5) an
 `VFED_MAX_GLM_SATURATION` (default 0.33), the same numbers it checks the run's output with. The wrapper checks
 every dataset a federated function receives against min_rows, and a structured output (`Parts`, or one part,
 vfed.common.disclosure) against every rule before writing it. Algorithms call `require_min_rows` themselves on
-any subset they aggregate (after a filter, a dropna, a grouping) and `require_min_cells` on counts.
+any subset they aggregate (after a filter, a dropna, a grouping). Counts released cell by cell (a table, the
+levels of a categorical column) follow the cell rule: no count from 1 to `VFED_MIN_CELL_COUNT` - 1 leaves the
+node; 0 may (`require_min_cells`).
 
 The node does not rely on any of this: it decodes the output and applies the rules again itself.
 """
@@ -32,21 +34,28 @@ class DisclosureError(Exception):
     a model too saturated. `rule` is the rule's name as the node reports it (`min-rows`, ...)."""
 
     def __init__(
-        self, what: str, rows: int, limit: int, rule: str = "min-rows", message: str | None = None
+        self,
+        what: str,
+        rows: int,
+        limit: int,
+        setting: str = MIN_ROWS_ENV,
+        *,
+        rule: str | None = None,
+        message: str | None = None,
     ) -> None:
-        if message is None:
-            message = (
-                f"{what} has {rows} records; this node shares aggregates over at least {limit} "
-                f"(disclosure control, {MIN_ROWS_ENV}={limit})"
-            )
-        super().__init__(message)
+        super().__init__(
+            message
+            or f"{what} has {rows} records; this node shares aggregates over at least {limit} "
+            f"(disclosure control, {setting}={limit})"
+        )
         self.what = what
         self.rows = rows
         self.limit = limit
-        self.rule = rule
+        cells = setting == MIN_CELL_COUNT_ENV
+        self.rule = rule or (disclosure.Rule.MIN_CELL_COUNT if cells else disclosure.Rule.MIN_ROWS).value
 
 
-def _whole(environ: Mapping[str, str] | None, name: str, default: int) -> int:
+def _limit(environ: Mapping[str, str] | None, name: str, default: int) -> int:
     env = os.environ if environ is None else environ
     raw = env.get(name, "").strip()
     if not raw:
@@ -62,12 +71,12 @@ def _whole(environ: Mapping[str, str] | None, name: str, default: int) -> int:
 
 def min_rows(environ: Mapping[str, str] | None = None) -> int:
     """The node's limit (0 turns the check off); a malformed value fails the run, never skips the check."""
-    return _whole(environ, MIN_ROWS_ENV, DEFAULT_MIN_ROWS)
+    return _limit(environ, MIN_ROWS_ENV, DEFAULT_MIN_ROWS)
 
 
 def min_cell_count(environ: Mapping[str, str] | None = None) -> int:
-    """The smallest non-zero count the node releases (0 or 1 turn the check off); parsed as min_rows."""
-    return _whole(environ, MIN_CELL_COUNT_ENV, DEFAULT_MIN_CELL_COUNT)
+    """The node's smallest count a released cell may hold (besides 0); parsed like `min_rows`."""
+    return _limit(environ, MIN_CELL_COUNT_ENV, DEFAULT_MIN_CELL_COUNT)
 
 
 def max_glm_saturation(environ: Mapping[str, str] | None = None) -> float:
@@ -107,20 +116,13 @@ def require_min_rows(data: Sized | int, what: str = "the data", limit: int | Non
 
 
 def require_min_cells(counts: Mapping[Any, int] | Iterable[int], what: str, limit: int | None = None) -> None:
-    """Raise DisclosureError when any count is from 1 to limit - 1 (0 is allowed: an empty cell)."""
-    threshold = min_cell_count() if limit is None else limit
+    """Raise DisclosureError when any count (of a mapping's values, or of an iterable) is from 1 to the
+    limit - 1; an empty cell (0) may be released."""
     values = counts.values() if isinstance(counts, Mapping) else counts
-    small = [int(c) for c in values if 0 < int(c) < threshold]
+    threshold = min_cell_count() if limit is None else limit
+    small = [int(count) for count in values if 0 < int(count) < threshold]
     if small:
-        raise DisclosureError(
-            what,
-            min(small),
-            threshold,
-            rule=disclosure.Rule.MIN_CELL_COUNT.value,
-            message=f"{what} has {len(small)} count(s) below {threshold} (smallest {min(small)}); this "
-            f"node releases counts of 0 or at least {threshold} "
-            f"(disclosure control, {MIN_CELL_COUNT_ENV}={threshold})",
-        )
+        raise DisclosureError(f"a cell of {what}", min(small), threshold, MIN_CELL_COUNT_ENV)
 
 
 def require_disclosable(value: object, limit: disclosure.Limits | None = None) -> None:
@@ -132,10 +134,5 @@ def require_disclosable(value: object, limit: disclosure.Limits | None = None) -
     try:
         disclosure.check(document, limits() if limit is None else limit)
     except disclosure.DisclosureRefused as exc:
-        raise DisclosureError(
-            "the result",
-            0,
-            0,
-            rule=exc.rule.value,
-            message=f"disclosure control ({exc.rule.value}): {exc.detail}",
-        ) from None
+        message = f"disclosure control ({exc.rule.value}): {exc.detail}"
+        raise DisclosureError("the result", 0, 0, rule=exc.rule.value, message=message) from None

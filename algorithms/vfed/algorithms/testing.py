@@ -5,25 +5,27 @@ function without a server: subtasks run synchronously, their inputs and results 
 Parquet encoding as in production, disclosure control applies as a node applies it (min_rows on datasets,
 every rule on structured results, and a plain result of a function that read a dataset refused as
 `unchecked-output` unless `unchecked_outputs="allow"`), and a failing subtask surfaces as `SubtaskFailed` with
-its reason, as it would through the proxy.
+its reason, as it would through the proxy. `local_datasets` reads dataset files (CSV, Parquet, SQLite) with
+the loader a node's run uses, so a test sees the same DataFrames the image will.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from vfed.algorithms.client import (
     AlgorithmClient,
     Organization,
-    RunStatus,
     Subtask,
     SubtaskFailed,
     SubtaskRun,
     TaskState,
 )
+from vfed.algorithms.datasets import DatasetType, env_key, load_dataset
 from vfed.algorithms.decorators import declared_functions
 from vfed.algorithms.disclosure import (
     DEFAULT_MAX_GLM_SATURATION,
@@ -34,12 +36,31 @@ from vfed.algorithms.disclosure import (
     require_min_rows,
 )
 from vfed.algorithms.transport import Transport
+from vfed.common.api.statuses import RunStatus
 from vfed.common.disclosure import Limits, Rule, as_document
 from vfed.common.manifest import FunctionKind, declared_epsilon
 from vfed.common.payload import TaskInput, decode_result, encode_result
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+def local_datasets(
+    files: Mapping[int, Mapping[str, str | Path]], kind: DatasetType | str | None = None
+) -> dict[int, dict[str, pd.DataFrame]]:
+    """{org_id: {label: DataFrame}} for `LocalClient`, from {org_id: {label: file}}: each file read as a node
+    offers it to a run (`DATASET_<LABEL>_URI`/`_TYPE`); the type is `kind`, else the file's suffix."""
+    frames: dict[int, dict[str, pd.DataFrame]] = {}
+    for org, labels in files.items():
+        frames[org] = {}
+        for label, file in labels.items():
+            path = Path(file)
+            chosen = str(kind or path.suffix.lstrip(".").lower())
+            if chosen in ("db", "sqlite3"):
+                chosen = DatasetType.SQLITE.value
+            env = {"DATASETS": label, f"{env_key(label)}_URI": str(path), f"{env_key(label)}_TYPE": chosen}
+            frames[org][label] = load_dataset(label, env)
+    return frames
 
 
 class LocalClient(AlgorithmClient):

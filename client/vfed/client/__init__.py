@@ -4,7 +4,10 @@
 
     with Client("http://127.0.0.1:7600", key_file="key.json") as client:
         client.login("alice", password)
-        task = client.create_task(1, "vfed-examples/stats", "summary", args=["age"])
+        task = client.create_task(
+            1, "vfed-examples/summary_stats", "summary", kwargs={"columns": ["age"]},
+            organizations=[client.organization_id],
+        )
         client.wait(task)
         print(client.results(task))
 

@@ -1,5 +1,5 @@
 """`vfed`: the researcher's command line. Exit codes: 0 success, 1 failure, 2 usage error; 130 when Ctrl-C
-interrupted `vfed task wait` (the shell's convention for SIGINT)."""
+interrupted `vfed task wait` or `vfed demo` (the shell's convention for SIGINT)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import aiohttp
 import click
 
 from vfed.client import credentials, tasks
+from vfed.client.cli_algorithm import algorithm
 from vfed.client.cli_common import FORMAT, handled, print_table, run
 from vfed.client.cli_ledger import datasets, leases, receipts
 from vfed.client.cli_researcher import (
@@ -39,8 +40,10 @@ from vfed.common import tls
     "  vfed whoami; vfed collaborations list; vfed organizations list; vfed nodes list\n"
     "  vfed task create --collaboration 1 --image IMAGE --method METHOD\n"
     "  vfed task show ID; vfed task logs ID; vfed task results ID --output DIR\n"
+    "  vfed demo   (a whole federation on this machine, on Docker)\n"
+    "Write an algorithm: vfed algorithm new NAME; vfed algorithm build NAME\n"
     "Listings take --format table|json. Exit codes: 0 success, 1 failure, 2 usage error, 130 Ctrl-C in\n"
-    "`vfed task wait` (the task goes on; `vfed task kill ID` stops it)."
+    "`vfed task wait` (the task goes on; `vfed task kill ID` stops it) or `vfed demo`."
 )
 @click.version_option(package_name="vfed", prog_name="vfed")
 def main() -> None:
@@ -120,7 +123,8 @@ def task_create(
 ) -> None:
     """Create a task; its input is encrypted for every target organization.
 
-    Example: vfed task create --collaboration 1 --image vfed-examples/stats --method summary --args '["x"]'
+    Example: vfed task create --collaboration 1 --image vfed-examples/summary_stats --method summary
+    --kwargs '{"columns": ["age"]}' --org 1
     """
     args = _json_arg("--args", args_json, list)
     kwargs = _json_arg("--kwargs", kwargs_json, dict)
@@ -274,6 +278,44 @@ def task_list(fmt: str) -> None:
     )
 
 
+@main.command("demo")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="keep the demo's files and logs in this folder (emptied first); default: a temporary folder, "
+    "removed at the end",
+)
+@click.option(
+    "--image",
+    default=None,
+    help="the algorithm image to run, one offering the summary_stats example's methods (default: "
+    "vfed-examples/summary_stats:latest when present, else vfed-demo/summary_stats:<version>, built once)",
+)
+@click.option(
+    "--base-image",
+    envvar="BASE_IMAGE",
+    default=None,
+    help="the Python base image to build the algorithm image on, when none is present "
+    "[$BASE_IMAGE; default: python:3.11-slim]",
+)
+@click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="wheels to build that image from, without a package index (`vnode image build --wheelhouse`)",
+)
+def demo(work_dir: Path | None, image: str | None, base_image: str | None, wheelhouse: Path | None) -> None:
+    """Run a whole federation on this machine: a server, three organizations with a node agent and a
+    private dataset each, and a researcher whose task computes pooled statistics across them; prints the
+    federated result beside the pooled one. Needs a Docker engine you may use (no root). Everything it
+    starts is removed when it ends, Ctrl-C included (exit code 130)."""
+    from vfed.client import demo as demo_module  # pandas and the docker SDK only for this command
+    from vfed.client.demo_images import Choice
+
+    sys.exit(demo_module.run(work_dir, Choice(image, base_image, wheelhouse)))
+
+
 task.add_command(task_show)
 task.add_command(task_logs)
 
@@ -289,6 +331,7 @@ main.add_command(organizations)
 main.add_command(datasets)
 main.add_command(leases)
 main.add_command(receipts)
+main.add_command(algorithm)
 
 if __name__ == "__main__":
     main()

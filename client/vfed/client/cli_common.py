@@ -40,9 +40,10 @@ FORMAT = click.option(
 """`--format table|json`, on every listing command."""
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 1) -> None:
+    """One line on stderr, then exit `code` (1: a failure; 2: input the command cannot use)."""
     click.echo(f"vfed: error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def handled(fn: F) -> F:

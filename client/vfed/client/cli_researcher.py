@@ -20,7 +20,8 @@ from vfed.client.client import AsyncClient
 from vfed.client.errors import ApiError, ClientError
 from vfed.client.results import OrganizationResult
 from vfed.client.run_logs import LogUnreadable, run_log
-from vfed.client.tasks import FINISHED, run_failure, subtask_failures
+from vfed.client.tasks import run_failure, subtask_failures
+from vfed.common.api.statuses import TERMINAL
 
 LOGIN_HINT = "not logged in: run `vfed login --url URL --username NAME`"
 RUN_FIELDS = ("id", "organization_id", "node_id", "status", "exit_code", "reason")
@@ -275,7 +276,7 @@ def task_show(task_id: int, fmt: str) -> None:
         own = [
             run_failure(r, names)
             for r in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))
-            if r["status"] in FINISHED and r["status"] != "completed"
+            if r["status"] in TERMINAL and r["status"] != "completed"
         ]
         failures = own + (await subtask_failures(c, task_id, own, names, logs=False) if own else [])
         return task, runs, children, names, failures

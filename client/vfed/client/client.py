@@ -170,11 +170,13 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the connections (also what leaving `async with` does)."""
         await self.ledgers.close()
         await self.api.close()
 
     @property
     def keyring(self) -> Keyring:
+        """The key this client signs and opens with, loaded on first use (KeyMissing when there is none)."""
         if self._keyring is None:
             path = Path(self._key_file) if self._key_file else default_key_file()
             if not self._key_file and not path.exists():
@@ -186,10 +188,13 @@ class AsyncClient:
         return self._keyring
 
     def use_keyring(self, keyring: Keyring) -> None:
+        """Sign and open with this keyring instead of the key file's."""
         self._keyring = keyring
         self._identity = None
 
     async def login(self, username: str, password: str) -> None:
+        """Log in with a user name and password (a client made with an explicit URL); the tokens stay in
+        this client, the saved login of `vfed login` is not touched."""
         body = await self.api.login(username, password)
         self.organization_id = int(body["organization_id"])
         self.user_id = int(body["user_id"]) if body.get("user_id") is not None else None
@@ -206,9 +211,11 @@ class AsyncClient:
         return self.chains.pin(organization_id, fingerprint, head, note="pinned by the researcher")
 
     def untrust(self, organization_id: int) -> bool:
+        """Remove an organization's pin; False when it was not pinned."""
         return self.chains.unpin(organization_id)
 
     def trusted(self) -> list[Pin]:
+        """The organizations pinned in the trust file."""
         return self.chains.pins()
 
     async def trust_from_file(self, path: str | Path) -> tuple[list[NamedPin], list[str]]:
@@ -223,9 +230,11 @@ class AsyncClient:
         return await self.chains.status(await self.organizations())
 
     async def organizations(self) -> list[dict[str, Any]]:
+        """The organizations you may see (those of your collaborations): id, name and more."""
         return await self.api.get_all("/organizations")
 
     async def collaborations(self) -> list[dict[str, Any]]:
+        """The collaborations your organization is a member of: id, name and member organizations."""
         return await self.api.get_all("/collaborations")
 
     async def nodes(
@@ -237,16 +246,21 @@ class AsyncClient:
         return await self.api.get_all("/nodes", {k: v for k, v in params.items() if v is not None})
 
     async def tasks(self, **filters: Any) -> list[dict[str, Any]]:
+        """Tasks you may see, filtered by the API's query parameters (e.g. `collaboration_id=`,
+        `status=`, `parent_id=`); None values are left out."""
         return await self.api.get_all("/tasks", {k: v for k, v in filters.items() if v is not None})
 
     async def task(self, task_id: int) -> dict[str, Any]:
+        """One task: status, image, method, collaboration, parent, creator."""
         body: dict[str, Any] = await self.api.request("GET", f"/tasks/{task_id}")
         return body
 
     async def runs(self, task_id: int) -> list[dict[str, Any]]:
+        """The task's runs, one per target organization: status, exit code, classified reason."""
         return await self.api.get_all("/runs", {"task_id": task_id})
 
     async def run(self, run_id: int) -> dict[str, Any]:
+        """One run."""
         body: dict[str, Any] = await self.api.request("GET", f"/runs/{run_id}")
         return body
 
@@ -293,7 +307,11 @@ class AsyncClient:
         name: str | None = None,
         description: str = "",
     ) -> dict[str, Any]:
-        """Encrypts the input once for every target organization, uploads it and creates the task."""
+        """Create a task: `method(*args, **kwargs)` of `image` at each of `organizations` (default: every
+        member of `collaboration`). `datasets`: the labels of the node datasets mounted for the runs (a
+        federated method needs those it declares; a central method's subtasks ask for their own). The input
+        is encrypted once for every target organization and the task descriptor is signed with this
+        client's key. `name` defaults to the method; `description` is free text. Returns the task."""
         return await tasks.create(
             self,
             collaboration,
@@ -341,6 +359,7 @@ class AsyncClient:
         return await tasks.results(self, _task_id(task), raise_on_failure, folder)
 
     async def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
+        """Stop every unfinished run of the task (and of its subtasks); returns the task."""
         body: dict[str, Any] = await self.api.request("POST", f"/tasks/{_task_id(task)}/kill")
         return body
 
@@ -411,6 +430,7 @@ class Client:
 
     @property
     def organization_id(self) -> int | None:
+        """Your organization's id, known once logged in (None before)."""
         return self._async.organization_id
 
     def use_keyring(self, keyring: Keyring) -> None:
@@ -474,8 +494,32 @@ class Client:
     def receipts(self, collaboration: int | None = None, *, task: int | None = None) -> list[ReceiptInfo]:
         return self._call(self._async.receipts(collaboration, task=task))
 
-    def create_task(self, collaboration: int, image: str, method: str, **kwargs: Any) -> dict[str, Any]:
-        return self._call(self._async.create_task(collaboration, image, method, **kwargs))
+    def create_task(
+        self,
+        collaboration: int,
+        image: str,
+        method: str,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        organizations: Sequence[int] | None = None,
+        datasets: Sequence[str] = (),
+        name: str | None = None,
+        description: str = "",
+    ) -> dict[str, Any]:
+        return self._call(
+            self._async.create_task(
+                collaboration,
+                image,
+                method,
+                args=args,
+                kwargs=kwargs,
+                organizations=organizations,
+                datasets=datasets,
+                name=name,
+                description=description,
+            )
+        )
 
     def wait(
         self, task: int | dict[str, Any], timeout_s: float | None = None, progress: bool = True

@@ -1,4 +1,5 @@
-"""`make demo`: a whole federation on this machine, on embedded defaults, through the real commands.
+"""`vfed demo` (what `make demo` runs): a whole federation on this machine, on embedded defaults, through the
+real commands.
 
 A server (`vserver start`, embedded MQTT broker), three organizations each with its own node agent
 (`vnode run`) and its own private dataset, and a researcher at the first organization who asks for pooled
@@ -16,6 +17,10 @@ The data is leased, not handed over: each organization registers its dataset on 
 organization a lease for this researcher and this image, for a week (`vnode leases grant`). The nodes run
 with `leases: required`, append a signed receipt for every run, and `vnode ledger verify` checks the whole
 ledger at the end.
+
+It needs only an installed vfed (with its `algorithms` extra, for the demo's own data) and a Docker engine the
+user may use, no root and no checkout: the image is found or built as vfed.client.demo_images says, and
+whatever the demo starts is stopped and removed when it ends, Ctrl-C included (vfed.client.demo_session).
 """
 
 from __future__ import annotations
@@ -23,29 +28,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vfed.client import demo_images, tasks
 from vfed.client.client import AsyncClient
+from vfed.client.demo_session import DemoError, Session, Stopped, listen, restore, shield
 from vfed.common.crypto import Keyring
 from vfed.common.trust import TrustMode, TrustStore, certify, fingerprint, records_for_keys
 
 ORGS = ("hospital-a", "hospital-b", "hospital-c")
-IMAGE = "vfed-examples/summary_stats:latest"
 PASSWORD = "demo-password-123"
 ROWS = (120, 200, 160)
 BIN = Path(sys.executable).parent
+INTERRUPTED = "demo interrupted: its server and agents stopped, its containers and volumes removed"
+
+
+def command(name: str) -> str:
+    """An installed vfed command: beside this Python (a virtualenv), else on PATH."""
+    beside = BIN / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise DemoError(f"the `{name}` command of vfed is not installed here (reinstall vfed)")
+    return found
 
 
 def _free_port() -> int:
@@ -80,38 +96,21 @@ def make_datasets(root: Path) -> list[Path]:
     return paths
 
 
-@contextmanager
-def process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"[demo] the server exited: see {log}\n{log.read_text()[-2000:]}")
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise DemoError(f"the server exited: {tail[0]} (log: {log})")
         with suppress(OSError), urllib.request.urlopen(url, timeout=2):
             return
         time.sleep(0.2)
-    raise SystemExit(f"[demo] the server did not answer within {timeout_s} s: see {log}")
+    raise DemoError(f"the server did not answer within {timeout_s} s (log: {log})")
 
 
-def import_federation(work: Path, data_dir: Path) -> dict[str, str]:
+def import_federation(session: Session, data_dir: Path) -> dict[str, str]:
     spec = {
         "organizations": [{"name": o} for o in ORGS],
         "collaborations": [{"name": "cardio", "organizations": list(ORGS)}],
@@ -122,13 +121,18 @@ def import_federation(work: Path, data_dir: Path) -> dict[str, str]:
         ],
         "nodes": [{"name": f"node-{o}", "organization": o, "collaboration": "cardio"} for o in ORGS],
     }
-    (work / "federation.yaml").write_text(yaml.safe_dump(spec))
-    out = subprocess.run(
-        [str(BIN / "vserver"), "import", str(work / "federation.yaml"), "--data-dir", str(data_dir)],
+    federation = session.work / "federation.yaml"
+    federation.write_text(yaml.safe_dump(spec))
+    done = subprocess.run(
+        [command("vserver"), "import", str(federation), "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
+        env=session.env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise DemoError(f"`vserver import` failed: {(done.stderr or done.stdout).strip()}")
+    out = done.stdout
     keys = {}
     for line in out.splitlines():
         if "API key" in line:
@@ -137,21 +141,24 @@ def import_federation(work: Path, data_dir: Path) -> dict[str, str]:
     return keys
 
 
-def node_config(work: Path, org: str, api_key: str, url: str, mqtt_port: int, dataset: Path) -> Path:
-    """The node's configuration, where `vnode` finds node `demo-ORG` (XDG_CONFIG_HOME points at the demo)."""
-    path = work / "config" / "vfed" / "nodes" / f"demo-{org}.yaml"
+def node_config(
+    session: Session, org: str, api_key: str, url: str, mqtt_port: int, dataset: Path, image: str
+) -> Path:
+    """The node's configuration, where `vnode` finds the node (XDG_CONFIG_HOME points at the demo)."""
+    work = session.work
+    path = work / "config" / "vfed" / "nodes" / f"{node_name(session, org)}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         yaml.safe_dump(
             {
-                "name": f"demo-{org}",
+                "name": node_name(session, org),
                 "server_url": url,
                 "api_key": api_key,
                 "data_dir": str(work / f"node-{org}"),
                 "mqtt_url": f"mqtt://127.0.0.1:{mqtt_port}",
                 "poll_interval_s": 2.0,
                 "datasets": {"default": {"uri": str(dataset), "type": "csv"}},
-                "policies": {"allowed_images": ["vfed-examples/*"]},
+                "policies": {"allowed_images": [image]},  # the one image the demo runs, nothing else
                 "trust": "pinned",
                 "leases": "required",
             }
@@ -203,9 +210,7 @@ async def publish_first_chain(url: str, api_key: str, ring: Keyring, org_id: int
         body = {"records": [e.model_dump(mode="json") for e in records_for_keys(org_id, ring.keys)]}
         async with http.post(path, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
             if r.status not in (200, 201):
-                raise SystemExit(
-                    f"[demo] publishing {ORGS[0]}'s key chain failed: {r.status} {await r.text()}"
-                )
+                raise DemoError(f"publishing {ORGS[0]}'s key chain failed: {r.status} {await r.text()}")
 
 
 async def user_id(url: str, username: str) -> int:
@@ -232,15 +237,14 @@ async def certify_researcher(url: str, api_key: str, ring: Keyring, org_id: int,
         body = {"certificate": cert.model_dump(mode="json")}
         async with http.post(path, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
             if r.status != 201:
-                raise SystemExit(
-                    f"[demo] certifying the researcher's key failed: {r.status} {await r.text()}"
-                )
+                raise DemoError(f"certifying the researcher's key failed: {r.status} {await r.text()}")
     _say(f"{ORGS[0]} certified the researcher's own key {researcher.current.key_id[:16]}...")
 
 
 async def research(
-    url: str, work: Path, researcher_key: Path, rings: dict[str, Keyring], ids: dict[str, int]
+    url: str, work: Path, image: str, rings: dict[str, Keyring], ids: dict[str, int]
 ) -> tuple[dict[str, Any], float]:
+    researcher_key = work / "researcher" / "researcher.key"
     trust_file = work / "researcher" / "trusted_orgs"
     async with AsyncClient(url, key_file=researcher_key, trust_file=trust_file, trust="pinned") as client:
         for org in ORGS:
@@ -259,7 +263,7 @@ async def research(
         t0 = time.monotonic()
         task = await client.create_task(
             collab["id"],
-            IMAGE,
+            image,
             "summary",
             # coarse bins: every hospital's bin holds 0 or at least 5 patients, or its node refuses
             # the histogram (disclosure control, min_cell_count)
@@ -271,7 +275,8 @@ async def research(
             f"task {task['id']} signed by the researcher and created; "
             f"its input is encrypted for organization {me} only"
         )
-        await client.wait(task, timeout_s=600, progress=sys.stderr.isatty())
+        # tasks.wait, not client.wait: on Ctrl-C the demo kills everything itself and says so in one line
+        await tasks.wait(client, int(task["id"]), 600, sys.stderr.isatty(), sys.stderr)
         [result] = await client.results(task)
         return result, time.monotonic() - t0
 
@@ -312,41 +317,50 @@ def establish_trust(
     return ids
 
 
-def vnode(*args: str) -> str:
+def node_name(session: Session, org: str) -> str:
+    """The demo's node at `org`: unique to this demo, so two demos on one engine never touch each other's
+    containers and volumes."""
+    return f"demo-{session.tag}-{org}"
+
+
+def vnode(session: Session, *args: str) -> str:
     """One `vnode` command, as an operator types it; the demo stops with its message if it fails."""
-    done = subprocess.run([str(BIN / "vnode"), *args], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [command("vnode"), *args], capture_output=True, text=True, env=session.env, check=False
+    )
     if done.returncode != 0:
-        raise SystemExit(f"[demo] `vnode {' '.join(args)}` failed: {(done.stderr or done.stdout).strip()}")
+        raise DemoError(f"`vnode {' '.join(args)}` failed: {(done.stderr or done.stdout).strip()}")
     return done.stdout
 
 
 def image_digest(image: str) -> str:
-    done = subprocess.run(
-        ["docker", "image", "inspect", "--format", "{{.Id}}", image],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip()
+    import docker
+
+    engine = docker.from_env(timeout=60)
+    try:
+        return str(engine.images.get(image).id)
+    finally:
+        engine.close()
 
 
-def lease_datasets(work: Path, url: str, ids: dict[str, int]) -> None:
+def lease_datasets(session: Session, url: str, ids: dict[str, int], image: str) -> None:
     """Each organization registers its dataset on the ledger; its org admin certifies her own key and
     grants the researcher's organization a week's lease, for this researcher and this image only."""
+    work = session.work
     researcher = asyncio.run(user_id(url, "researcher"))
-    digest = image_digest(IMAGE)
+    digest = image_digest(image)
     (work / "admins").mkdir(exist_ok=True)
     for org in ORGS:
-        node = f"demo-{org}"
+        node = node_name(session, org)
         admin = Keyring.generate()
         key_file = work / "admins" / f"{org}.key"
         admin.save(key_file)  # `vfed keys generate` does the same
         admin_id = asyncio.run(user_id(url, f"admin-{org}"))
         public = admin.current.public.to_text()
-        vnode("users", "certify", str(admin_id), node, "--key", public, "--roles", "org-admin")
-        vnode("datasets", "register", "default", node, "--description", f"{org}: age, bmi, systolic")
+        vnode(session, "users", "certify", str(admin_id), node, "--key", public, "--roles", "org-admin")
+        vnode(session, "datasets", "register", "default", node, "--description", f"{org}: age, bmi, systolic")
         vnode(
-            "leases", "grant", node, "--dataset", "default", "--to", str(ids[ORGS[0]]),
+            session, "leases", "grant", node, "--dataset", "default", "--to", str(ids[ORGS[0]]),
             "--user", str(researcher), "--image", digest, "--expires", "7d", "--max-runs", "20",
             "--purpose", "pooled summary statistics (demo)", "--identity", str(key_file),
         )  # fmt: skip
@@ -356,29 +370,36 @@ def lease_datasets(work: Path, url: str, ids: dict[str, int]) -> None:
     )
 
 
-def show_ledger(timeout_s: float = 60) -> None:
+def show_ledger(session: Session, timeout_s: float = 60) -> None:
     """Every node's receipts on the ledger, then a full verification of it at each organization."""
     deadline = time.monotonic() + timeout_s
     for org in ORGS:
-        node = f"demo-{org}"
+        node = node_name(session, org)
         while True:  # a node appends its receipt right after it reported the run
-            receipts = json.loads(vnode("ledger", "receipts", node, "--format", "json"))
+            receipts = json.loads(vnode(session, "ledger", "receipts", node, "--format", "json"))
             if receipts or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         statuses = ", ".join(f"run {r['run']} {r['status']}" for r in receipts) or "none yet"
         _say(f"{org}: receipts on the ledger: {statuses} (`vnode ledger receipts {node}`)")
     for org in ORGS:
-        _say(f"{org}: {vnode('ledger', 'verify', f'demo-{org}').strip()} (`vnode ledger verify`)")
+        verdict = vnode(session, "ledger", "verify", node_name(session, org)).strip()
+        _say(f"{org}: {verdict} (`vnode ledger verify`)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--work-dir", type=Path, default=Path("build/demo"))
-    args = parser.parse_args(argv)
-    work = args.work_dir.resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+def need_data_libraries() -> None:
+    """The demo's own data (and the pooled comparison) use pandas and numpy: the `algorithms` extra."""
+    try:
+        import numpy  # noqa: F401
+        import pandas  # noqa: F401
+    except ImportError as exc:
+        raise DemoError(f"the demo needs {exc.name}: pip install 'vfed[algorithms]'") from None
+
+
+def federation(session: Session, images: demo_images.Choice) -> tuple[dict[str, Any], list[Path]]:
+    """The whole demo up to the decrypted result; what it starts is registered with `session`."""
+    work = session.work
+    image = demo_images.algorithm_image(_say, command("vnode"), session.env, images)
     datasets = make_datasets(work)
     port, mqtt_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -386,58 +407,79 @@ def main(argv: list[str] | None = None) -> int:
     (work / "server.yaml").write_text(
         yaml.safe_dump({"mqtt": {"embedded_broker": True, "embedded_port": mqtt_port}})
     )
-    os.environ["XDG_CONFIG_HOME"] = str(work / "config")  # where `vnode NAME` finds the demo's nodes
-    keys = import_federation(work, server_dir)
+    keys = import_federation(session, server_dir)
     _say(f"imported {len(ORGS)} organizations, a collaboration, a researcher and {len(keys)} nodes")
     rings = make_keys(work)
     researcher = Keyring.generate()
     (work / "researcher").mkdir()
     researcher.save(work / "researcher" / "researcher.key")  # `vfed keys generate` does the same
-    with process(
-        [
-            str(BIN / "vserver"),
-            "start",
-            "--config",
-            str(work / "server.yaml"),
-            "--port",
-            str(port),
-            "--data-dir",
-            str(server_dir),
-        ],
-        work / "server.log",
-    ) as server:
-        _wait_http(f"{url}/api/v1/health", server, work / "server.log")
-        _say(f"server on {url} (embedded MQTT broker on port {mqtt_port})")
-        ids = establish_trust(work, url, keys, rings, researcher)
-        configs = [
-            node_config(work, org, keys[org], url, mqtt_port, dataset)
-            for org, dataset in zip(ORGS, datasets, strict=True)
-        ]
-        lease_datasets(work, url, ids)
-        agents = []
-        with contextmanager_stack() as stack:
-            for org, cfg in zip(ORGS, configs, strict=True):
-                agents.append(
-                    stack.enter_context(
-                        process([str(BIN / "vnode"), "run", "--config", str(cfg)], work / f"node-{org}.log")
-                    )
-                )
-            result, took = asyncio.run(
-                research(url, work, work / "researcher" / "researcher.key", rings, ids)
-            )
-            _say(f"decrypted result at the researcher after {took:.1f} s")
-            show_ledger()
-    ok = report(result, datasets)
-    print(json.dumps({"organizations": result["organizations"]}))
-    return 0 if ok else 1
+    server_cmd = [command("vserver"), "start", "--config", str(work / "server.yaml"), "--port", str(port)]
+    server = session.start([*server_cmd, "--data-dir", str(server_dir)], work / "server.log")
+    _wait_http(f"{url}/api/v1/health", server, work / "server.log")
+    _say(f"server on {url} (embedded MQTT broker on port {mqtt_port})")
+    ids = establish_trust(work, url, keys, rings, researcher)
+    session.nodes = [node_name(session, org) for org in ORGS]
+    configs = [
+        node_config(session, org, keys[org], url, mqtt_port, dataset, image)
+        for org, dataset in zip(ORGS, datasets, strict=True)
+    ]
+    lease_datasets(session, url, ids, image)
+    for org, cfg in zip(ORGS, configs, strict=True):
+        session.start([command("vnode"), "run", "--config", str(cfg)], work / f"node-{org}.log")
+    _say(f"node agents started: {', '.join(session.nodes)} (`vnode run`)")
+    result, took = asyncio.run(research(url, work, image, rings, ids))
+    _say(f"decrypted result at the researcher after {took:.1f} s")
+    show_ledger(session)
+    return result, datasets
 
 
-@contextmanager
-def contextmanager_stack() -> Iterator[Any]:
-    from contextlib import ExitStack
+def run(work_dir: Path | None, images: demo_images.Choice | None = None) -> int:
+    """The demo; its exit code: 0 when the federated result equals the pooled one, 1 when not or on a
+    failure (one line on stderr), 130 on Ctrl-C (143 on SIGTERM, 129 on SIGHUP). Whatever it started is gone
+    when it returns; the work folder stays only when `work_dir` was given."""
+    listen()
+    session: Session | None = None
+    try:
+        need_data_libraries()
+        session = Session(work_dir)
+        result, datasets = federation(session, images or demo_images.Choice())
+        ok = report(result, datasets)
+        print(json.dumps({"organizations": result["organizations"]}), flush=True)
+        if work_dir is not None:
+            _say(f"its files and logs are in {session.work}")
+        return 0 if ok else 1
+    except KeyboardInterrupt as exc:
+        shield()  # a second Ctrl-C must not cut the clean-up short
+        kept = ""
+        if session is not None:
+            session.close()
+            kept = ", its files too" if session.temporary else f"; its files and logs are in {session.work}"
+            session = None
+        print(f"vfed: {INTERRUPTED}{kept}", file=sys.stderr, flush=True)
+        return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+    except DemoError as exc:
+        print(f"vfed: error: {exc}{_logs(session, work_dir)}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # a failure nobody foresaw: still one line, and everything removed
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"vfed: error: {exc.__class__.__name__}: {text}{_logs(session, work_dir)}", file=sys.stderr)
+        return 1
+    finally:
+        shield()
+        if session is not None:
+            session.close()
+        restore()
 
-    with ExitStack() as stack:
-        yield stack
+
+def _logs(session: Session | None, work_dir: Path | None) -> str:
+    return f" (logs in {session.work})" if session is not None and work_dir is not None else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the files and logs here")
+    args = parser.parse_args(argv)
+    return run(args.work_dir)
 
 
 async def _wait_public_keys(client: AsyncClient, timeout_s: float = 90) -> None:
@@ -448,7 +490,7 @@ async def _wait_public_keys(client: AsyncClient, timeout_s: float = 90) -> None:
         if all(o.get("public_key") for o in orgs):
             return
         await asyncio.sleep(0.5)
-    raise SystemExit(f"[demo] not every organization published a key within {timeout_s} s")
+    raise DemoError(f"not every organization published a key within {timeout_s} s")
 
 
 if __name__ == "__main__":

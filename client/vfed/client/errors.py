@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vfed.common.api import errors as api_errors
 from vfed.common.ledger.errors import LedgerEntryInvalid, LedgerError, LedgerForked, LedgerTampered
 
 if TYPE_CHECKING:
@@ -16,14 +17,12 @@ class ClientError(Exception):
     """Base of every vfed client error."""
 
 
-class ApiError(ClientError):
+class ApiError(ClientError, api_errors.ApiError):
     """The server answered with an error: its status, code and detail."""
 
     def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(f"server answered {status} {error}: {detail}")
-        self.status = status
-        self.error = error
-        self.detail = detail
+        api_errors.ApiError.__init__(self, status, error, detail)
+        self.args = (f"server answered {status} {error}: {detail}",)
 
 
 class NotLoggedIn(ClientError):

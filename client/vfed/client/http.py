@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from vfed.client.errors import ApiError, NotLoggedIn
+from vfed.common.api.errors import read_error
 from vfed.common.tls import connector
 
 CHUNK_BYTES = 1 << 20
@@ -253,9 +254,4 @@ async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:
         if resp.status == 204:
             return None
         return await resp.json()
-    try:
-        body = await resp.json(content_type=None)
-        error, detail = str(body.get("error", resp.reason)), str(body.get("detail", ""))
-    except (ValueError, aiohttp.ContentTypeError, AttributeError):
-        error, detail = str(resp.reason), (await resp.text())[:500]
-    raise ApiError(resp.status, error, detail)
+    raise ApiError(resp.status, *await read_error(resp))

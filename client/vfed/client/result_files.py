@@ -94,9 +94,10 @@ async def stream_result(
             downloaded = threading.Event()
             download = asyncio.ensure_future(client.api.download_blob_to(str(run["result_blob_id"]), sealed))
             download.add_done_callback(functools.partial(_set_when_done, downloaded))
-            opener = functools.partial(
-                _open_into, sealed, downloaded, folder, org_id, run_id, client.keyring, context
+            decrypt = functools.partial(
+                _decrypt_to_file, sealed, downloaded, folder, org_id, run_id, client.keyring, context
             )
+            opener = functools.partial(_open_into, decrypt, downloaded)
             try:
                 try:
                     if kept and not again:  # an earlier call's partial may yet be dropped (416): wait for it
@@ -140,17 +141,11 @@ def _failure(download: asyncio.Future[int]) -> BaseException | None:
 
 
 async def _open_into(
-    sealed: Path,
-    downloaded: threading.Event,
-    folder: Path,
-    org_id: int,
-    run_id: int,
-    keyring: Keyring,
-    context: bytes | None,
-    sender: SenderLookup,
+    decrypt: Callable[[SenderLookup], tuple[Path, Any]], downloaded: threading.Event, sender: SenderLookup
 ) -> tuple[Path, Any]:
-    args = (sealed, downloaded, folder, org_id, run_id, keyring, sender, context)
-    work = asyncio.ensure_future(asyncio.to_thread(_decrypt_to_file, *args))
+    """`decrypt` (the partial file's decryption, in a thread) with `sender`; a cancellation ends the
+    decryption at what arrived and lets it clean up before it propagates."""
+    work = asyncio.ensure_future(asyncio.to_thread(decrypt, sender))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:  # the thread goes on: end it at what arrived and let it clean up first
@@ -166,8 +161,8 @@ def _decrypt_to_file(
     org_id: int,
     run_id: int,
     keyring: Keyring,
-    sender: SenderLookup,
     context: bytes | None,
+    sender: SenderLookup,
 ) -> tuple[Path, Any]:
     """Decrypt into a private temporary file beside the final one, renamed into place only once the
     signature verified and the plaintext is a result; on any error nothing is left."""

@@ -85,6 +85,7 @@ class OrganizationResult:
 
     @property
     def ok(self) -> bool:
+        """The run completed (its value is a result, not a RunFailed)."""
         return self.status == "completed"
 
     @property
@@ -94,6 +95,7 @@ class OrganizationResult:
 
     @property
     def who(self) -> str:
+        """The organization as messages name it: `name (id)`."""
         name = self.organization or "organization"
         return f"{name} ({self.organization_id})"
 

@@ -18,6 +18,7 @@ from vfed.client.progress import runs_progress
 from vfed.client.result_files import STREAMS_AT_ONCE, open_checked, stream_result
 from vfed.client.results import OrganizationResult, ResultSet, completed_result, failed_result
 from vfed.client.run_logs import log_if_readable
+from vfed.common.api.statuses import TERMINAL
 from vfed.common.crypto import Keyring, PublicKey, SenderLookup, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, decode_result
 from vfed.common.trust import (
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from vfed.client.client import AsyncClient
 
 T = TypeVar("T")
-FINISHED = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 LOG_TAIL_LINES = 20
 INLINE_DECRYPT_BYTES = 256 << 10  # smaller inputs and results are sealed and opened on the loop
 WAIT_CHUNK_S = 30.0  # one long poll at most this long (the server caps it too); then ask again
@@ -159,7 +159,7 @@ async def wait(
             first = False
             runs = state["runs"]
             version = state["version"] if progress else None
-            done = sum(1 for r in runs if r["status"] in FINISHED)
+            done = sum(1 for r in runs if r["status"] in TERMINAL)
             shown.update(done, len(runs))
             if state["done"]:
                 return dict(state["task"])
@@ -264,7 +264,7 @@ async def subtask_failures(
             (parent, run)
             for (parent, _), runs in zip(children, listed, strict=True)
             for run in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))
-            if run["status"] in FINISHED and run["status"] != "completed"
+            if run["status"] in TERMINAL and run["status"] != "completed"
         ]
         tails = await asyncio.gather(*(_log_tail(client, run, logs) for _, run in pairs))
         level = [
@@ -345,5 +345,5 @@ def _failure(run: Mapping[str, Any], log: str) -> RunFailed:
     """The run's failure: its classified reason and, when this client can open the sealed log, its tail."""
     tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
     status = str(run["status"])
-    reason = str(run.get("reason") or ("still " + status if status not in FINISHED else ""))
+    reason = str(run.get("reason") or ("still " + status if status not in TERMINAL else ""))
     return RunFailed(int(run["id"]), int(run["organization_id"]), status, reason, tail)

@@ -83,8 +83,9 @@ def _is_number(value: object) -> bool:
 
 
 def _numbers(value: Any, where: str, max_length: int | None = None, depth: int = 0) -> Any:
-    """A number, null or (nested) list of them, each list at most max_length long; MalformedParts else."""
-    if value is None or _is_number(value):
+    """A number, flag, null or (nested) list of them, each list at most max_length long; MalformedParts
+    else."""
+    if value is None or isinstance(value, bool) or _is_number(value):
         return value
     if isinstance(value, list) and depth < MAX_DEPTH:
         if max_length is not None and len(value) > max_length:
@@ -95,7 +96,9 @@ def _numbers(value: Any, where: str, max_length: int | None = None, depth: int =
 
 def _count_cells(value: Any, depth: int = 0) -> Any:
     """Non-negative whole numbers, as a list or a mapping of labels, nested up to MAX_DEPTH."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, bool):  # a flag beside the counts (a level is rare here): not a count
+        return value
+    if isinstance(value, int):
         if value < 0:
             raise ValueError("a count is negative")
         return value
@@ -109,6 +112,8 @@ def _count_cells(value: Any, depth: int = 0) -> Any:
 
 
 def _cells(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
     if isinstance(value, int):
         return [value]
     items = value.values() if isinstance(value, dict) else value
@@ -121,7 +126,8 @@ class _Part(BaseModel):
 
 class Counts(_Part):
     """A count table or contingency table: `cells` is {label: count}, nested for more dimensions, or a
-    list. Every cell is 0 or at least min_cell_count. Decodes to `cells`."""
+    list; true/false flags may stand beside the counts. Every count is 0 or at least min_cell_count.
+    Decodes to `cells`."""
 
     kind: Literal["counts"] = "counts"
     cells: Any

@@ -19,6 +19,8 @@ from types import TracebackType
 import aiohttp
 
 from vfed.common import tls
+from vfed.common.api.errors import ApiError
+from vfed.common.api.statuses import RunStatus
 from vfed.common.crypto import CryptoError
 from vfed.common.ledger import LedgerError
 from vfed.common.secret_file import SecretFileError, read_secret_file
@@ -43,7 +45,7 @@ from vfed.node.runtime import registry
 from vfed.node.runtime.base import Runtime
 from vfed.node.server_api import NodeClient, NodeIdentity
 from vfed.node.trust import NodeTrustStore, RunChecks, node_resolver
-from vfed.proxy.rest import ApiError, ServerUnavailable
+from vfed.proxy.rest import ServerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +404,7 @@ class Agent:
     async def _poll_once(self) -> int:
         """Start every pending run of our organization we are not already handling; check kills."""
         s = self._s
-        runs = await s.client.list_runs(organization_id=s.organization_id, status="pending")
+        runs = await s.client.list_runs(organization_id=s.organization_id, status=RunStatus.PENDING)
         fresh = [r.id for r in runs if r.id not in self._tasks]
         for run_id in fresh:
             self._spawn(run_id)
@@ -431,7 +433,7 @@ class Agent:
                 continue
             with contextlib.suppress(ApiError):
                 run = await self._s.client.get_run(run_id)
-                if run.status == "killed":
+                if run.status == RunStatus.KILLED:
                     self._kill(run_id)
 
     def _on_ring(self, ring: Ring) -> None:
@@ -491,7 +493,7 @@ class Agent:
             log.exception("doorbell: checking %s for run %s failed", ring.event, run_id)
             return
         if ring.event == "run-killed":
-            if run.status == "killed":
+            if run.status == RunStatus.KILLED:
                 self._kill(run_id)
             else:
                 log.warning(
@@ -500,7 +502,7 @@ class Agent:
                     run.status,
                 )
             return
-        if run.organization_id != s.organization_id or run.status != "pending":
+        if run.organization_id != s.organization_id or run.status != RunStatus.PENDING:
             log.warning(
                 "doorbell: run-created for run %s is only a hint; the server says it is %s for organization "
                 "%s: nothing started",

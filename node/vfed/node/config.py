@@ -52,14 +52,28 @@ DATASET_TYPES = ("csv", "parquet", "sqlite", "sql")
 equal)."""
 
 
+SQL_SCHEMES = ("postgresql", "postgres")
+"""The URL schemes (before any `+driver`) of the databases a `sql` dataset is extracted from."""
+
+
 class DatasetConfig(_Strict):
-    """A dataset the node offers to algorithms, mounted read-only."""
+    """A dataset the node offers to algorithms: a file mounted read-only, or a `sql` table or query the node
+    extracts to a Parquet file in the run's folder before the container starts (docs/vnode.md "SQL
+    datasets")."""
 
     uri: str
     """A file's absolute path (csv, parquet, sqlite; mounted read-only into the run's container), or for
-    `sql` a SQLAlchemy database URL (`postgresql://user@host:5432/db`)."""
+    `sql` a PostgreSQL URL without a password (`postgresql://reader@db.example:5432/clinic`)."""
     type: str = "csv"
-    """How the SDK reads it, `DATASET_<LABEL>_TYPE` in the container: csv, parquet, sqlite or sql."""
+    """csv, parquet or sqlite (a file), or sql (a PostgreSQL table or query the node extracts before each
+    run): `DATASET_<LABEL>_TYPE` in the container, where a sql dataset arrives as `parquet`."""
+    table: str | None = None
+    """`sql` only, instead of query: the table (or view) to extract whole, `name` or `schema.name`."""
+    query: str | None = None
+    """`sql` only, instead of table: one SELECT whose rows are extracted (run in a read-only transaction)."""
+    password_file: Path | None = None
+    """`sql` only: a file holding the database user's password, read at each extraction (a relative path is
+    taken from the config's folder); unset: no password, or libpq's usual places (`~/.pgpass`)."""
     epsilon_budget: float | None = Field(default=None, gt=0)
     """The differential-privacy epsilon all runs together may spend on this dataset, charged before each run
     and never refunded; only images whose manifest declares an epsilon may read it (docs/algorithms.md
@@ -79,6 +93,44 @@ class DatasetConfig(_Strict):
             accepted = ", ".join(DATASET_TYPES)
             raise ValueError(f"{value!r} is not a dataset type the algorithm SDK reads (one of: {accepted})")
         return value
+
+    @field_validator("table", "query")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\x00" in value):
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _sql_keys(self) -> DatasetConfig:
+        if self.type != "sql":
+            given = [k for k in ("table", "query", "password_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for a sql dataset, not {self.type}")
+            return self
+        if (self.table is None) == (self.query is None):
+            raise ValueError("a sql dataset names exactly one of table or query")
+        _check_sql_url(self.uri)
+        return self
+
+
+def _check_sql_url(uri: str) -> None:
+    """A PostgreSQL URL with no password in it: the URL is shown in logs and listings, the password is not."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+    except (ArgumentError, ValueError):
+        raise ValueError("uri: not a database URL (postgresql://user@host:5432/database)") from None
+    if url.drivername.split("+", 1)[0] not in SQL_SCHEMES:
+        raise ValueError(
+            f"uri: sql datasets are extracted from PostgreSQL (postgresql://...), not {url.drivername}"
+        )
+    if url.password is not None or "password" in url.query:
+        raise ValueError("uri: holds a password; put it in password_file (the uri is shown in logs)")
+    if not url.database:
+        raise ValueError("uri: names no database (postgresql://user@host:5432/database)")
 
 
 class ImagePolicy(_Strict):
@@ -381,6 +433,13 @@ def parse_settings(
             value = getattr(settings, key)
             if value is not None and not value.is_absolute():
                 updates[key] = base_dir / value
+        datasets = {
+            label: dataset.model_copy(update={"password_file": base_dir / dataset.password_file})
+            for label, dataset in settings.datasets.items()
+            if dataset.password_file is not None and not dataset.password_file.is_absolute()
+        }
+        if datasets:
+            updates["datasets"] = {**settings.datasets, **datasets}
         settings = settings.model_copy(update=updates)
     return settings
 

@@ -68,6 +68,9 @@ EXAMPLES: dict[str, Any] = {
     "datasets.<LABEL>.min_rows": 50,
     "datasets.<LABEL>.min_cell_count": 10,
     "datasets.<LABEL>.max_glm_saturation": 0.2,
+    "datasets.<LABEL>.table": "public.admissions",
+    "datasets.<LABEL>.query": "SELECT age, ward, days FROM admissions WHERE year >= 2019",
+    "datasets.<LABEL>.password_file": "/run/secrets/clinic-db-reader",
     "policies": {"allowed_images": ["vfed-examples/*"], "allowed_organizations": [2, 3]},
     "policies.allowed_images": ["vfed-examples/*", "sha256:" + "4f0c" * 16],
     "policies.allowed_images[].image": "registry.example.org/glm:*",
@@ -169,6 +172,14 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "datasets.<LABEL>.min_rows": {"datasets.<LABEL>.uri": "/data/patients.csv"},
     "datasets.<LABEL>.min_cell_count": {"datasets.<LABEL>.uri": "/data/patients.csv"},
     "datasets.<LABEL>.max_glm_saturation": {"datasets.<LABEL>.uri": "/data/patients.csv"},
+    **{
+        f"datasets.<LABEL>.{key}": {
+            "datasets.<LABEL>.uri": "postgresql://reader@db.example.org:5432/clinic",
+            "datasets.<LABEL>.type": "sql",
+            **({} if key in ("table", "query") else {"datasets.<LABEL>.table": "public.admissions"}),
+        }
+        for key in ("table", "query", "password_file")
+    },
     "policies.allowed_images[].max_run_time_s": {"policies.allowed_images[].image": "vfed-examples/*"},
     "policies.allowed_images[].organizations": {"policies.allowed_images[].image": "vfed-examples/*"},
     "policies.allowed_images[].unchecked_outputs": {"policies.allowed_images[].image": "lab/legacy-*"},

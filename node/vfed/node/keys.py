@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from vfed.common.api.errors import ApiError
 from vfed.common.crypto import Keyring, OrgKey, PublicKey
 from vfed.common.secret_file import SecretFileError, read_secret_file
 from vfed.common.trust import (
@@ -27,7 +28,6 @@ from vfed.common.trust import (
 )
 from vfed.node.config import NodeSettings
 from vfed.node.server_api import NodeClient
-from vfed.proxy.rest import ApiError
 
 log = logging.getLogger(__name__)
 

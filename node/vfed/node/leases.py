@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from vfed.common.api.errors import ApiError
 from vfed.common.ledger import DatasetUse, Head, Lease, LedgerError, NoValidLease
 from vfed.common.trust import TrustError, VerifiedDescriptor
 from vfed.node import budget
@@ -27,7 +28,7 @@ from vfed.node.metrics import NodeMetrics
 from vfed.node.privacy import BudgetRefused
 from vfed.node.receipts import Receipts
 from vfed.node.runtime.base import Runtime
-from vfed.proxy.rest import ApiError, ServerUnavailable, Task
+from vfed.proxy.rest import ServerUnavailable, Task
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,13 @@ import contextlib
 import logging
 import time
 
+from vfed.common.api.errors import ApiError
 from vfed.common.ledger import Head, LedgerEntryExists, LedgerError, checkpoint_entry, receipt_entry
 from vfed.node.keys import KeyHolder
 from vfed.node.lease_store import LeaseStore
 from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics
-from vfed.proxy.rest import ApiError, ServerUnavailable
+from vfed.proxy.rest import ServerUnavailable
 
 log = logging.getLogger(__name__)
 

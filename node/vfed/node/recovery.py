@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from vfed.common.api import Reason, classified
+from vfed.common.api.statuses import RunStatus
 from vfed.common.trust import DescriptorDocument, TrustError
 from vfed.node.journal import Entry, Stage
 from vfed.node.runner import Runner, Services
@@ -68,7 +69,7 @@ async def _settle(
             with contextlib.suppress(NotFound, RuntimeUnavailable):
                 await s.runtime.cleanup(info.handle)
         await fin.end_without_container(
-            entry.run_id, "crashed", "the agent stopped before the container started"
+            entry.run_id, RunStatus.CRASHED, "the agent stopped before the container started"
         )
         return
     if entry.stage != Stage.STARTED:

@@ -23,9 +23,10 @@ from vfed.common.api.reasons import type_name
 from vfed.common.crypto import ContextMismatch as BoundElsewhere
 from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
 from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument, TrustError, input_context
-from vfed.node import ahead, budget, disclosure, run_folder, timeline
+from vfed.node import ahead, budget, disclosure, run_folder, sql_dataset, timeline
 from vfed.node.config import NodeSettings
 from vfed.node.early_job import BusyJobs, EarlyJobFolder
+from vfed.node.image_sdk import SdkVerdicts
 from vfed.node.journal import Journal
 from vfed.node.keys import KeyHolder
 from vfed.node.leases import LeaseGuard, lease_refusal
@@ -37,11 +38,13 @@ from vfed.node.run_setup import RunSetup
 from vfed.node.runtime.base import (
     LABEL_AGENT,
     DatasetMount,
+    ExtractedDataset,
     PermanentStartError,
     RunSpec,
     Runtime,
     RuntimeUnavailable,
     algorithm_env,
+    extracted_name,
 )
 from vfed.node.server_api import AlreadyClaimed, Claim, NodeClient
 from vfed.node.timeline import StartTimeline
@@ -114,6 +117,8 @@ class Services:
     """Lease checks, reservations, the watch that kills and the receipts; None with `leases: off`."""
     kill_reasons: dict[int, str] = field(default_factory=dict)
     """Why a run is asked to end, when not on the server's request (a lease revoked or expired)."""
+    sdk_verdicts: SdkVerdicts = field(default_factory=SdkVerdicts)
+    """Images refused for the SDK their `vfed.sdk` label declares, by image ID (image_sdk)."""
 
     @property
     def keyring(self) -> Keyring:
@@ -249,6 +254,9 @@ class Runner:
         )
         if not decision.allowed:
             raise RunRefused("not-allowed", decision.reason)
+        incompatible = await self.s.sdk_verdicts.refusal(self.s.runtime, digest)
+        if incompatible is not None:  # image_sdk logged which image and why
+            raise RunRefused("not-allowed", incompatible)
         missing = [d for d in task.datasets if d not in self.s.settings.datasets]
         if missing:
             raise RunRefused("not-allowed", f"this node offers no dataset labelled {', '.join(missing)}")
@@ -269,9 +277,35 @@ class Runner:
         except BudgetRefused as exc:  # the node's words about its own budget, no data
             raise RunRefused("not-allowed", classified(Reason.DISCLOSURE_REFUSED, str(exc))) from None
         run_dir = self.run_dir(run.id)
+        await self._extract_datasets(run, task, run_dir)
         await _off_loop_if_big(len(plaintext), run_folder.write_input, run_dir, plaintext)
         rules = disclosure.rules_for(self.s.settings, task.datasets, decision.unchecked_outputs, epsilon)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, rules, epsilon)
+
+    async def _extract_datasets(self, run: Run, task: Task, run_dir: Path) -> None:
+        """Each `sql` dataset the run reads, extracted to Parquet in its folder (after every check: a refused
+        run never touches the database). A failure refuses the run with a classified reason; the database's
+        own words stay in this log."""
+        for label, dataset in sql_dataset.sql_datasets(self.s.settings.datasets, task.datasets):
+            target = run_dir / extracted_name(label)
+            log.info(
+                "run %s: extracting dataset %s from %s", run.id, label, sql_dataset.shown_uri(dataset.uri)
+            )
+            try:
+                done = await sql_dataset.extract_off_loop(label, dataset, target)
+            except sql_dataset.DatasetUnavailable as exc:
+                log.warning("run %s: dataset %s: %s (%s)", run.id, label, exc.problem, exc.detail)
+                reason = classified(Reason.DATASET_UNAVAILABLE, f"dataset {label}: {exc.problem}")
+                raise RunRefused("start-failed", reason) from None
+            log.info(
+                "run %s: dataset %s extracted: %d rows, %d columns, %d bytes in %.1f s",
+                run.id,
+                label,
+                done.rows,
+                len(done.columns),
+                done.bytes,
+                done.seconds,
+            )
 
     async def _reserve_leases(
         self, run: Run, task: Task, accepted: Accepted, digest: str, plaintext: bytes
@@ -377,12 +411,7 @@ class Runner:
 
     def spec_for(self, run: Run, task: Task, digest: str, epsilon: float | None, run_dir: Path) -> RunSpec:
         settings = self.s.settings
-        datasets = [
-            DatasetMount(
-                label=label, host_path=settings.datasets[label].uri, type=settings.datasets[label].type
-            )
-            for label in task.datasets
-        ]
+        datasets = [_dataset(label, settings) for label in task.datasets]
         env = algorithm_env(
             run_id=str(run.id),
             job_id=str(run.job_id),
@@ -400,7 +429,7 @@ class Runner:
             image=digest,
             env=env,
             run_dir=str(run_dir),
-            datasets=datasets,
+            datasets=[d for d in datasets if isinstance(d, DatasetMount)],
             proxy_socket=str(self.socket_path(run.id)),
             labels={LABEL_AGENT: self.s.journal.agent_id},
         )
@@ -510,6 +539,14 @@ async def _off_loop_if_big(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= _INLINE_MAX_BYTES:
         return fn(*args)
     return await asyncio.to_thread(fn, *args)
+
+
+def _dataset(label: str, settings: NodeSettings) -> DatasetMount | ExtractedDataset:
+    """A file dataset is mounted; a `sql` one arrives as the Parquet file extracted into the run folder."""
+    dataset = settings.datasets[label]
+    if dataset.type == "sql":
+        return ExtractedDataset(label=label)
+    return DatasetMount(label=label, host_path=dataset.uri, type=dataset.type)
 
 
 def _extra_env(settings: NodeSettings, datasets: list[str], epsilon: float | None) -> dict[str, str]:

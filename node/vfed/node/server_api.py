@@ -9,8 +9,9 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from vfed.common import multipart
+from vfed.common.api.errors import ApiError
 from vfed.common.trust import SignedEntry
-from vfed.proxy.rest import ApiError, Organization, RestClient, Run, Task
+from vfed.proxy.rest import Organization, RestClient, Run, Task
 
 CLAIM_ACCEPT = "multipart/mixed"  # the claim answer may carry a small input as a binary part
 

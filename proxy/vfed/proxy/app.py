@@ -20,6 +20,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from vfed.common.api.errors import error_response
+from vfed.common.api.statuses import task_status
 from vfed.common.crypto import (
     ContextMismatch,
     CryptoError,
@@ -48,10 +50,6 @@ WAIT_POLL_MAX_S = 0.25  # how stale a long poll may answer; the server sees one 
 CONTEXT = web.AppKey("context", ProxyContext)
 
 
-def _problem(status: int, error: str, detail: str) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -63,24 +61,24 @@ async def errors_middleware(  # noqa: PLR0911 - one answer per error kind
     try:
         return await handler(request)
     except ProxyError as exc:
-        response = _problem(exc.status, exc.error, exc.detail)
+        response = error_response(exc.status, exc.error, exc.detail)
         if exc.error in ("too-large", "body-timeout"):
             response.force_close()  # the rest of the body is not worth reading
         return response
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONTEXT].max_request_bytes
-        return _problem(413, "too-large", f"request body over the proxy's limit of {limit} bytes")
+        return error_response(413, "too-large", f"request body over the proxy's limit of {limit} bytes")
     except web.HTTPException as exc:
         if exc.status == 405:
-            return _problem(403, "forbidden", f"{request.method} {request.path} is not allowed")
-        return _problem(exc.status, exc.reason.lower().replace(" ", "-"), exc.text or exc.reason)
+            return error_response(403, "forbidden", f"{request.method} {request.path} is not allowed")
+        return error_response(exc.status, exc.reason.lower().replace(" ", "-"), exc.text or exc.reason)
     except ApiError as exc:
         status = exc.status if 400 <= exc.status < 500 else 502
-        return _problem(status, exc.error, f"server: {exc.detail}")
+        return error_response(status, exc.error, f"server: {exc.detail}")
     except ServerUnavailable as exc:
-        return _problem(503, "server-unavailable", str(exc))
+        return error_response(503, "server-unavailable", str(exc))
     except TrustError as exc:
-        return _problem(403, exc.reason, exc.message)
+        return error_response(403, exc.reason, exc.message)
 
 
 async def get_run(request: web.Request) -> web.Response:
@@ -189,16 +187,9 @@ async def _own_task_runs(ctx: ProxyContext, task_id: int) -> list[Run]:
 
 def _task_view(task_id: int, runs: list[Run]) -> dict[str, Any]:
     done = bool(runs) and all(r.finished for r in runs)
-    statuses = {r.status for r in runs}
-    if not done:
-        status = "active" if statuses - {"pending"} else "pending"
-    elif statuses == {"completed"}:
-        status = "completed"
-    else:
-        status = "killed" if "killed" in statuses else "failed"
     return {
         "task_id": task_id,
-        "status": status,
+        "status": str(task_status(r.status for r in runs)),
         "done": done,
         "runs": [
             {"run_id": r.id, "organization_id": r.organization_id, "status": r.status, "reason": r.reason}
@@ -327,7 +318,9 @@ async def _send_file(request: web.Request, path: Path) -> web.StreamResponse:
 
 
 async def forbidden(request: web.Request) -> web.Response:
-    return _problem(403, "forbidden", f"{request.method} {request.path} is not allowed through the proxy")
+    return error_response(
+        403, "forbidden", f"{request.method} {request.path} is not allowed through the proxy"
+    )
 
 
 def create_proxy_app(ctx: ProxyContext) -> web.Application:

@@ -20,25 +20,17 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict
 
 from vfed.common import tls
+from vfed.common.api.errors import ApiError as ApiError  # noqa: PLC0414 - runner and finish import it here
+from vfed.common.api.errors import read_error
+from vfed.common.api.statuses import is_finished
 from vfed.common.chunks import body_and_length
 
 log = logging.getLogger(__name__)
 DOWNLOAD_ATTEMPTS = 5  # transfers of one blob, each resuming where the last broke
-TERMINAL_RUN_STATUSES = frozenset({"completed", "failed", "start-failed", "not-allowed", "killed", "crashed"})
 
 
 class ServerUnavailable(Exception):
     """The server did not answer (connection refused, timeout, 502/503/504); try again later."""
-
-
-class ApiError(Exception):
-    """The server answered with an error document."""
-
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(f"{status} {error}: {detail}")
-        self.status = status
-        self.error = error
-        self.detail = detail
 
 
 class _Model(BaseModel):
@@ -86,7 +78,7 @@ class Run(_Model):
 
     @property
     def finished(self) -> bool:
-        return self.status in TERMINAL_RUN_STATUSES
+        return is_finished(self.status)
 
 
 class BlobInfo(_Model):
@@ -319,9 +311,4 @@ def _clean(params: Mapping[str, Any] | None) -> dict[str, str] | None:
 async def _raise_for(response: aiohttp.ClientResponse) -> None:
     if response.status in (502, 503, 504):
         raise ServerUnavailable(f"{response.method} {response.url.path}: HTTP {response.status}")
-    try:
-        document = await response.json(content_type=None)
-        error, detail = str(document.get("error", "error")), str(document.get("detail", ""))
-    except (ValueError, AttributeError, aiohttp.ContentTypeError):
-        error, detail = "http-error", (await response.text())[:500]
-    raise ApiError(response.status, error, detail)
+    raise ApiError(response.status, *await read_error(response))

@@ -9,20 +9,19 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.exc import IntegrityError
 
+from vfed.common.api import errors as api_errors
+from vfed.common.api.errors import error_response
 from vfed.server.blobs import BlobStoreError
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class ApiError(Exception):
-    """An answer other than success, with a short machine code and a human detail."""
+class ApiError(api_errors.ApiError):
+    """An answer other than success, with a short machine code, a human detail and extra headers."""
 
     def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
+        super().__init__(status, error, detail)
         self.headers = headers or {}
 
 
@@ -49,13 +48,6 @@ def not_found(what: str, ident: object) -> ApiError:
 def conflict(error: str, detail: str) -> ApiError:
     """409: the state of the resource forbids this."""
     return ApiError(409, error, detail)
-
-
-def error_response(
-    status: int, error: str, detail: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """The single shape of every error body."""
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
 
 
 _HTTP_CODES = {

@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from vfed.common.api.statuses import RunStatus, TaskStatus
+
 
 def utcnow() -> datetime:
     """Aware UTC now; every timestamp in the database is UTC."""
@@ -46,42 +48,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
-
-
-class RunStatus(StrEnum):
-    """Lifecycle of one run at one organization."""
-
-    PENDING = "pending"
-    INITIALIZING = "initializing"
-    ACTIVE = "active"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    START_FAILED = "start-failed"
-    NOT_ALLOWED = "not-allowed"
-    KILLED = "killed"
-    CRASHED = "crashed"
-
-
-TERMINAL = frozenset(
-    {
-        RunStatus.COMPLETED,
-        RunStatus.FAILED,
-        RunStatus.START_FAILED,
-        RunStatus.NOT_ALLOWED,
-        RunStatus.KILLED,
-        RunStatus.CRASHED,
-    }
-)
-
-
-class TaskStatus(StrEnum):
-    """A task's status, derived from its runs."""
-
-    PENDING = "pending"
-    ACTIVE = "active"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    KILLED = "killed"
 
 
 class RoleName(StrEnum):
@@ -346,18 +312,3 @@ class Run(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-
-
-def derive_task_status(statuses: list[str]) -> TaskStatus:
-    """pending until a node picks a run up; final only when every run is final."""
-    if not statuses:
-        return TaskStatus.PENDING
-    if all(s in TERMINAL for s in statuses):
-        if any(s == RunStatus.KILLED for s in statuses):
-            return TaskStatus.KILLED
-        if all(s == RunStatus.COMPLETED for s in statuses):
-            return TaskStatus.COMPLETED
-        return TaskStatus.FAILED
-    if all(s == RunStatus.PENDING for s in statuses):
-        return TaskStatus.PENDING
-    return TaskStatus.ACTIVE

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from vfed.common.api.errors import ErrorDocument
 from vfed.server.api.meta import server_version
 from vfed.server.routes import API, OPS, Op
-from vfed.server.schemas import ErrorOut
 
 REF = "#/components/schemas/{model}"
 
@@ -19,7 +19,7 @@ REF = "#/components/schemas/{model}"
 def _error(description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDocument"}}},
     }
 
 
@@ -131,7 +131,7 @@ def _operation(op: Op) -> dict[str, Any]:
 
 def build_openapi() -> dict[str, Any]:
     """The whole document: paths from `OPS`, component schemas from the pydantic models."""
-    models: set[type[BaseModel]] = {ErrorOut}
+    models: set[type[BaseModel]] = {ErrorDocument}
     for op in OPS:
         models.update(m for m in (op.body, op.response) if m is not None)
     ordered = sorted(models, key=lambda m: m.__name__)

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vfed.server.models import RoleName, RunStatus, TaskStatus
+from vfed.common.api.statuses import RunStatus, TaskStatus
+from vfed.server.models import RoleName
 
 Links = dict[str, str | None]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
@@ -26,11 +27,6 @@ class In(BaseModel):
     """Request bodies reject unknown keys, so typos fail loudly."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class ErrorOut(BaseModel):
-    error: str
-    detail: str
 
 
 class PageOut(BaseModel):

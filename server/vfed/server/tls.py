@@ -20,9 +20,9 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from vfed.common.api.errors import error_response
 from vfed.common.netaddr import is_loopback_host
 from vfed.server.config import Settings, TlsSettings
-from vfed.server.errors import error_response
 
 log = logging.getLogger(__name__)
 

@@ -224,11 +224,7 @@ class Supervisor:
             return
         from prometheus_client import multiprocess
 
-        os.environ[MULTIPROC_ENV] = str(self.metrics_dir)
-        try:
-            multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
-        finally:
-            os.environ.pop(MULTIPROC_ENV, None)
+        multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
 
 
 def _watch_parent() -> None:

@@ -1,6 +1,7 @@
 """Test algorithm for the node agent: reads INPUT_FILE (a TaskInput), writes OUTPUT_FILE (a vfed result).
 
-Methods: echo (args/env back), sleep (seconds), fail (exit code), no_output, big_output (bytes),
+Methods: echo (args/env back), files (each dataset's variables, size and, for a Parquet file, its row count
+read from the footer without pyarrow), sleep (seconds), fail (exit code), no_output, big_output (bytes),
 stream_output (a JSON result holding a string of N bytes, written 1 MiB at a time: bounded memory),
 master (creates a subtask through the proxy socket and sums the results), proxy_probe (tries forbidden calls).
 """
@@ -60,6 +61,113 @@ def echo(args, kwargs):
         if all(isinstance(a, int) for a in args)
         else None,
     }
+
+
+def _varint(data, pos):
+    shift = result = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return result, pos
+
+
+_FIXED_BYTES = {1: 0, 2: 0, 3: 1, 7: 8}
+"""Thrift compact types of a fixed size: booleans (in the type nibble), a byte, a double."""
+
+
+def _skip(data, pos, kind):
+    """Skip one Thrift compact-protocol value of this type; the position after it."""
+    if kind in _FIXED_BYTES:
+        return pos + _FIXED_BYTES[kind]
+    if kind in (4, 5, 6):  # i16, i32, i64: varints
+        return _varint(data, pos)[1]
+    if kind == 8:
+        size, pos = _varint(data, pos)
+        return pos + size
+    if kind in (9, 10):
+        return _skip_list(data, pos)
+    if kind == 11:
+        return _skip_map(data, pos)
+    if kind == 12:
+        return _skip_struct(data, pos)
+    raise ValueError(f"unknown thrift type {kind}")
+
+
+def _skip_list(data, pos):
+    head = data[pos]
+    pos += 1
+    size, element = head >> 4, head & 0x0F
+    if size == 15:
+        size, pos = _varint(data, pos)
+    for _ in range(size):
+        pos = pos + 1 if element in (1, 2) else _skip(data, pos, element)
+    return pos
+
+
+def _skip_map(data, pos):
+    size, pos = _varint(data, pos)
+    if size:
+        types = data[pos]
+        pos += 1
+        for _ in range(size):
+            pos = _skip(data, pos, types >> 4)
+            pos = _skip(data, pos, types & 0x0F)
+    return pos
+
+
+def _skip_struct(data, pos):
+    while data[pos] != 0:
+        head = data[pos]
+        pos += 1
+        if not head >> 4:  # a field id of its own (a zigzag varint) instead of a delta
+            pos = _varint(data, pos)[1]
+        pos = _skip(data, pos, head & 0x0F)
+    return pos + 1
+
+
+def parquet_rows(path):
+    """FileMetaData.num_rows (field 3, an i64) from the footer of a Parquet file."""
+    with open(path, "rb") as handle:
+        handle.seek(-8, os.SEEK_END)
+        tail = handle.read(8)
+        if tail[4:] != b"PAR1":
+            return None
+        length = int.from_bytes(tail[:4], "little")
+        handle.seek(-8 - length, os.SEEK_END)
+        data = handle.read(length)
+    pos, field = 0, 0
+    while data[pos] != 0:
+        head = data[pos]
+        pos += 1
+        delta, kind = head >> 4, head & 0x0F
+        field = field + delta if delta else None
+        if field is None:
+            raw, pos = _varint(data, pos)
+            field = (raw >> 1) ^ -(raw & 1)
+        if field == 3 and kind == 6:
+            raw, pos = _varint(data, pos)
+            return (raw >> 1) ^ -(raw & 1)
+        pos = _skip(data, pos, kind)
+    return None
+
+
+def files(args, kwargs):
+    found = {}
+    for label in filter(None, os.environ.get("DATASETS", "").split(",")):
+        prefix = f"DATASET_{label.upper()}_"
+        uri = os.environ[prefix + "URI"]
+        with open(uri, "rb") as handle:
+            head = handle.read(4)
+        found[label] = {
+            "env": {k[len(prefix) :]: v for k, v in os.environ.items() if k.startswith(prefix)},
+            "size": os.path.getsize(uri),
+            "head": head.decode("latin-1"),
+            "parquet_rows": parquet_rows(uri) if head == b"PAR1" else None,
+        }
+    return {"datasets": found, "environment": sorted(os.environ)}
 
 
 def master(args, kwargs):
@@ -154,6 +262,8 @@ def main():
         write_result(master(args, kwargs))
     elif method == "proxy_probe":
         write_result(proxy_probe(args, kwargs))
+    elif method == "files":
+        write_result(files(args, kwargs))
     else:
         write_result(echo(args, kwargs))
     print("probe: done", flush=True)

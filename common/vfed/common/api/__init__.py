@@ -1,7 +1,8 @@
 """The wire contract between vfed's components: what crosses the network and must mean the same everywhere.
 
-For now the classified reasons a run ends with (`reasons`) and how a run's log is sealed (`run_log`); the
-rest of the API's shapes join here later, so each thing on the wire is defined once.
+The run and task statuses and how a task's status follows from its runs (`statuses`), the classified reasons
+a run ends with (`reasons`) and how a run's log is sealed (`run_log`); the rest of the API's shapes join
+here, so each thing on the wire is defined once.
 """
 
 from vfed.common.api.reasons import (

@@ -9,7 +9,7 @@ exception's *type* name, a limit, a policy's words), never from the data or the 
 algorithm's own words stay in its log, which is sealed to the node's organization (`run_log`).
 
 Refusals before a run starts (policy, trust and lease checks) keep their own codes (`untrusted-key: ...`,
-`lease-expired: ...`, ...); they are the node's words about its rules, not the run's.
+`lease-expired: ...`, `image-incompatible: ...`); they are the node's words about its rules, not the run's.
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ class Reason(StrEnum):
     """The node agent itself failed on this run; the detail is the exception's type name."""
     RESULT_WITHHELD = "result-withheld"
     """The run completed, but its descriptor no longer verifies here: its output is not released."""
+    IMAGE_INCOMPATIBLE = "image-incompatible"
+    """Refused before start: the image's `vfed.sdk` label declares a payload format or proxy API version the
+    node does not speak (vfed.common.sdk)."""
+    DATASET_UNAVAILABLE = "dataset-unavailable"
+    """A dataset the run reads could not be prepared before the start (a `sql` dataset's database refused the
+    credentials, cannot be reached, lacks the table, or its query failed); the detail names the dataset and
+    the kind of failure, never the database's own message (it can quote data)."""
 
 
 _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}(?:\.[A-Za-z_][A-Za-z0-9_]{0,99}){0,7}")

@@ -235,9 +235,17 @@ def forget_secrets(ref: NodeRef) -> None:
 
 
 def dataset_mounts(settings: NodeSettings) -> list[Mount]:
-    """Each dataset that is a host path, read-only at the same path (so the runtime needs no mapping)."""
+    """Each dataset that is a host path, and each `sql` dataset's password file, read-only at the same path
+    (so the runtime needs no mapping)."""
     mounts = []
     for label, ds in settings.datasets.items():
+        if ds.password_file is not None:
+            if not ds.password_file.is_file():
+                raise OperatorError(
+                    f"invalid config: datasets.{label}.password_file: {ds.password_file} is not a file"
+                )
+            source = str(ds.password_file.resolve())  # a link (a mounted secret's) is followed here
+            mounts.append(Mount(str(ds.password_file), source, type="bind", read_only=True))
         if "://" in ds.uri:
             continue
         if not Path(ds.uri).exists():

@@ -1,4 +1,5 @@
-"""`vnode datasets register|list`: the organization's datasets on its collaboration's ledger.
+"""`vnode datasets register|list|check`: the organization's datasets on its collaboration's ledger, and a look
+at what the node's own datasets hold (`check`, module dataset_check).
 
 A registration names the dataset's label, a public description and its content hash (docs/ledger.md); it is
 signed with the organization's current key. Leases are granted on the latest registration of a label.
@@ -18,16 +19,19 @@ from vfed.node.config import DatasetConfig, NodeSettings
 from vfed.node.ledger import NodeLedger
 from vfed.node.operator import when
 from vfed.node.operator.common import CONTEXT, BadInput, OperatorError, load, scope_option, to_scope
+from vfed.node.operator.dataset_check import check_command
 from vfed.node.operator.keys import open_keyring
 from vfed.node.operator.ledger_access import open_ledger, require_own_chain, run
 from vfed.node.operator.paths import resolve
 
-_HELP = """Register the node's datasets on the collaboration's ledger, or list the datasets on it.
+_HELP = """Register the node's datasets on the collaboration's ledger, list the datasets on it, or check what
+the node's own datasets hold (rows, columns, problems).
 
 \b
 Examples:
   vnode datasets register patients hospital-a --description "admissions 2019-2024, one row per stay"
   vnode datasets list hospital-a --format json
+  vnode datasets check hospital-a
 """
 
 FORMAT = click.option(
@@ -38,6 +42,9 @@ FORMAT = click.option(
 @click.group("datasets", help=_HELP, context_settings=CONTEXT)
 def datasets_group() -> None:
     pass
+
+
+datasets_group.add_command(check_command)
 
 
 def configured(settings: NodeSettings, label: str, name: str) -> DatasetConfig:

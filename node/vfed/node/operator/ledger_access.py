@@ -16,6 +16,7 @@ from typing import TypeVar
 import aiohttp
 
 from vfed.common import tls
+from vfed.common.api.errors import ApiError
 from vfed.common.crypto import Keyring
 from vfed.common.ledger import LedgerError
 from vfed.common.trust import KIND_REVOCATION, Certificate, TrustError, revoked_digests, verify_certificate
@@ -24,7 +25,7 @@ from vfed.node.ledger import NodeLedger
 from vfed.node.operator.common import OperatorError
 from vfed.node.server_api import NodeClient
 from vfed.node.trust import NodeTrustStore
-from vfed.proxy.rest import ApiError, ServerUnavailable
+from vfed.proxy.rest import ServerUnavailable
 
 T = TypeVar("T")
 TIMEOUT_S = 60.0

@@ -26,7 +26,7 @@ _TYPES_BY_SUFFIX = {
     ".db": "sqlite",
 }
 _FILE_TYPES = ("csv", "parquet", "sqlite")
-_SQL_SCHEMES = {"postgresql", "mysql", "mariadb", "mssql", "oracle"}
+_SQL_SCHEMES = {"postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle"}
 """URL schemes (before any `+driver`) taken as a `sql` dataset when no type is given."""
 _TYPE_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -41,6 +41,8 @@ Examples:
   vnode new hospital-a --server-url http://127.0.0.1:7600 --api-key 3.s3cr3t \\
       --dataset patients=/data/patients.csv --dataset visits=/data/visits.db:sqlite \\
       --allow-image 'vfed-examples/*' --allow-organization 2
+  vnode new clinic --api-key 3.s3cr3t --dataset stays=postgresql://reader@db:5432/clinic \\
+      --dataset-table stays=public.stays --dataset-password-file stays=/etc/vfed/db-reader.password
 
 The node runs no image until one is allowed: each --allow-image (a glob over the image name, or an image
 digest sha256:...) adds one to policies.allowed_images. --allow-organization limits the organizations whose
@@ -89,6 +91,32 @@ def parse_dataset(text: str) -> tuple[str, dict[str, str]]:
     if kind in _FILE_TYPES and path is not None and path.is_dir():
         raise BadInput("--dataset", f"{shown!r}: {path} is a folder; a {kind} dataset is a file")
     return label, {"uri": uri, "type": kind}
+
+
+SQL_KEYS = {
+    "table": "--dataset-table",
+    "query": "--dataset-query",
+    "password_file": "--dataset-password-file",
+}
+"""A `sql` dataset's own keys, each given by its option as LABEL=VALUE."""
+
+
+def sql_keys(given: dict[str, tuple[str, ...]], datasets: dict[str, dict[str, str]]) -> None:
+    """Add each `--dataset-table|query|password-file LABEL=VALUE` to the `sql` dataset LABEL (BadInput for a
+    label no --dataset names, or names twice); the settings model then checks the combination."""
+    for key, values in given.items():
+        option = SQL_KEYS[key]
+        for text in values:
+            label, sep, value = text.partition("=")
+            if not sep or not label or not value.strip():
+                raise BadInput(option, f"{text!r}: expected LABEL=VALUE")
+            if label not in datasets:
+                raise BadInput(option, f"{text!r}: no --dataset is labelled {label!r}")
+            if key in datasets[label]:
+                raise BadInput(option, f"{text!r}: dataset {label!r} has a {key} already")
+            if key == "password_file":
+                value = str(Path(value).expanduser().resolve())
+            datasets[label][key] = value
 
 
 def _infer_type(shown: str, scheme: str | None, path: Path | None) -> str:
@@ -142,6 +170,7 @@ def build_config(
     allow_images: list[str] | None = None,
     allow_organizations: list[int] | None = None,
     server_ca: str | None = None,
+    sql: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """The YAML mapping for this node, checked against the agent's own settings model.
 
@@ -151,6 +180,8 @@ def build_config(
     policies: dict[str, Any] = {"allowed_images": list(dict.fromkeys(allow_images or []))}
     if allow_organizations:
         policies["allowed_organizations"] = list(dict.fromkeys(allow_organizations))
+    offered = dict(parse_dataset(d) for d in datasets)
+    sql_keys(sql or {}, offered)
     policies["unchecked_outputs"] = "refuse"
     data: dict[str, Any] = {
         "name": ref.name,
@@ -160,7 +191,7 @@ def build_config(
         "private_key": str(Path(private_key).expanduser().resolve())
         if private_key
         else str(ref.data_dir / "org-key.json"),
-        "datasets": dict(parse_dataset(d) for d in datasets),
+        "datasets": offered,
         "runtime": {"kind": runtime},
         # Tasks run only for organizations pinned with `vnode trust` (and this node's own).
         "trust": "pinned",
@@ -252,6 +283,27 @@ def _ask_datasets(given: tuple[str, ...]) -> list[str]:
     metavar="LABEL=URI[:TYPE]",
     help=f"A file path or database URL; TYPE: {', '.join(DATASET_TYPES)}, else from the suffix. Repeatable.",
 )
+@click.option(
+    "--dataset-table",
+    "dataset_tables",
+    multiple=True,
+    metavar="LABEL=TABLE",
+    help="The table (or view, `schema.name`) a sql dataset extracts whole. Repeatable.",
+)
+@click.option(
+    "--dataset-query",
+    "dataset_queries",
+    multiple=True,
+    metavar="LABEL=SELECT",
+    help="Instead of a table: the SELECT a sql dataset extracts. Repeatable.",
+)
+@click.option(
+    "--dataset-password-file",
+    "dataset_password_files",
+    multiple=True,
+    metavar="LABEL=PATH",
+    help="The file holding a sql dataset's database password (never in the URL). Repeatable.",
+)
 @click.option("--private-key", type=click.Path(dir_okay=False), help="The organization's private key file.")
 @click.option("--runtime", type=click.Choice(RUNTIME_KINDS), help="[default: docker]")
 @click.option("--mqtt-url", help="Doorbell broker, mqtt://host:port (optional: polling works without).")
@@ -285,6 +337,9 @@ def new_command(
     server_url: str | None,
     api_key: str | None,
     datasets: tuple[str, ...],
+    dataset_tables: tuple[str, ...],
+    dataset_queries: tuple[str, ...],
+    dataset_password_files: tuple[str, ...],
     private_key: str | None,
     runtime: str | None,
     mqtt_url: str | None,
@@ -320,6 +375,7 @@ def new_command(
         server_ca=str(ca_copy) if ca_copy is not None else None,
         allow_images=list(allow_images),
         allow_organizations=list(allow_organizations),
+        sql={"table": dataset_tables, "query": dataset_queries, "password_file": dataset_password_files},
     )
     write_config(ref.config_path, data)
     click.echo(f"wrote {ref.config_path}")

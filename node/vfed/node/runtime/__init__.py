@@ -9,6 +9,7 @@ from vfed.node.runtime.base import (
     TEMPORARY_FOLDER,
     DatasetMount,
     ExitStatus,
+    ExtractedDataset,
     NotFound,
     PermanentStartError,
     RunHandleInfo,
@@ -22,6 +23,7 @@ from vfed.node.runtime.base import (
     VfedRuntimeError,
     algorithm_env,
     dataset_path,
+    extracted_name,
 )
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "TEMPORARY_FOLDER",
     "DatasetMount",
     "ExitStatus",
+    "ExtractedDataset",
     "NotFound",
     "PermanentStartError",
     "RunHandleInfo",
@@ -45,4 +48,5 @@ __all__ = [
     "VfedRuntimeError",
     "algorithm_env",
     "dataset_path",
+    "extracted_name",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -54,6 +54,12 @@ def dataset_path(label: str) -> str:
     return f"{DATASETS_ROOT}/{label}"
 
 
+def extracted_name(label: str) -> str:
+    """The file, in the run folder, of a dataset the node extracted for the run (a `sql` dataset, as
+    Parquet): the run folder's mount brings it into the container, in every runtime."""
+    return f"dataset-{label}.parquet"
+
+
 class VfedRuntimeError(Exception):
     """Base of the runtime's errors."""
 
@@ -95,6 +101,32 @@ class DatasetMount(BaseModel):
         if not v.startswith("/"):
             raise ValueError("dataset host_path must be absolute")
         return v
+
+    @property
+    def container_path(self) -> str:
+        return dataset_path(self.label)
+
+
+class ExtractedDataset(BaseModel):
+    """A dataset the node wrote into the run folder before the start (`extracted_name`; a `sql` table or
+    query as Parquet): the container reads it through the run folder's mount, so no runtime mounts anything
+    for it; only the algorithm's environment names it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    type: str = "parquet"
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, v: str) -> str:
+        if not _LABEL_RE.match(v):
+            raise ValueError("dataset label must be letters, digits, '_' or '-' (at most 63)")
+        return v
+
+    @property
+    def container_path(self) -> str:
+        return f"{CONTAINER_RUN_DIR}/{extracted_name(self.label)}"
 
 
 class RunLimits(BaseModel):
@@ -347,11 +379,12 @@ def algorithm_env(
     run_id: str,
     job_id: str,
     organization_id: str,
-    datasets: list[DatasetMount],
+    datasets: Sequence[DatasetMount | ExtractedDataset],
     with_proxy: bool,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The standard algorithm environment (docs/algorithms.md) for the container paths above."""
+    """The standard algorithm environment (docs/algorithms.md) for the container paths above: each dataset,
+    mounted or extracted into the run folder, by its path inside the container."""
     env = {
         "INPUT_FILE": INPUT_FILE,
         "OUTPUT_FILE": OUTPUT_FILE,
@@ -363,7 +396,7 @@ def algorithm_env(
     }
     for d in datasets:
         key = re.sub(r"[^A-Za-z0-9]", "_", d.label).upper()
-        env[f"DATASET_{key}_URI"] = dataset_path(d.label)
+        env[f"DATASET_{key}_URI"] = d.container_path
         env[f"DATASET_{key}_TYPE"] = d.type
     if with_proxy:
         env["PROXY_SOCKET"] = PROXY_SOCKET

@@ -15,11 +15,12 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api.statuses import TERMINAL
 from vfed.server import auth
 from vfed.server.access import Scope
 from vfed.server.config import format_validation_error
 from vfed.server.errors import ApiError, bad_request, conflict, forbidden, not_found, unauthorized
-from vfed.server.models import TERMINAL, Base, Node, Run, Task, User
+from vfed.server.models import Base, Node, Run, Task, User
 from vfed.server.state import PRESENCE, PRINCIPALS, SESSIONS, SETTINGS, TOKENS
 
 M = TypeVar("M", bound=BaseModel)

@@ -8,11 +8,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
+from vfed.common.api.statuses import RunStatus
 from vfed.common.netaddr import is_loopback_host
 from vfed.server.api.common import json_response, session
 from vfed.server.doorbell import TOPIC_PREFIX
 from vfed.server.metrics import METRICS, METRICS_ACCESS, check_access
-from vfed.server.models import Run, RunStatus
+from vfed.server.models import Run
 from vfed.server.schemas import DoorbellOut, HealthOut
 from vfed.server.state import DOORBELL, SESSIONS, SETTINGS
 from vfed.server.throttle import client_address

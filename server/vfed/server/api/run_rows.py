@@ -17,10 +17,11 @@ from sqlalchemy import ColumnElement, Row, Table, Update, bindparam, func, or_, 
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from vfed.common.api.statuses import TERMINAL, RunStatus, task_status
 from vfed.server.access import NODE_RUNS
 from vfed.server.api.tasks import NewTask
 from vfed.server.auth import Principal
-from vfed.server.models import TERMINAL, Blob, Run, RunStatus, Task, derive_task_status
+from vfed.server.models import Blob, Run, Task
 from vfed.server.task_events import mark_changed
 
 RUNS: Table = Run.__table__  # type: ignore[assignment]
@@ -84,7 +85,7 @@ async def settle(
     stmt, params = (_TASK_AND_INPUT, {"blob": input_blob_id}) if input_blob_id else (_TASK, {})
     row = (await conn.execute(stmt, {"task": task_id, **params})).one()
     statuses = (await conn.execute(_STATUSES_OF, {"task": task_id})).scalars().all()
-    derived = derive_task_status(list(statuses))
+    derived = task_status(list(statuses))
     values = dict(zip((f.name for f in fields(NewTask)), row, strict=False))
     if derived != values["status"]:
         await conn.execute(_SET_STATUS, {"task": task_id, "derived": derived})

@@ -9,6 +9,7 @@ from aiohttp import MultipartWriter, hdrs, web
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api.statuses import TERMINAL, RunStatus
 from vfed.server import auth
 from vfed.server.access import require, run_filter
 from vfed.server.api import run_rows
@@ -26,7 +27,7 @@ from vfed.server.api.common import (
 from vfed.server.api.tasks import out as task_out
 from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, conflict, forbidden, not_found
-from vfed.server.models import TERMINAL, Run, RunStatus, utcnow
+from vfed.server.models import Run, utcnow
 from vfed.server.schemas import ClaimOut, RunOut, RunPatch, RunQuery, RunTokenOut
 from vfed.server.state import SETTINGS
 

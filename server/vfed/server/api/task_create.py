@@ -19,6 +19,7 @@ from sqlalchemy import Table, and_, bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from vfed.common import multipart
+from vfed.common.api.statuses import TaskStatus
 from vfed.common.trust import KIND_DESCRIPTOR, DescriptorBody, DescriptorDocument, TrustError
 from vfed.server import blob_limits
 from vfed.server.access import Scope, require, task_filter
@@ -30,7 +31,7 @@ from vfed.server.blob_limits import USAGE
 from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobStore, BlobTooLarge, StoredBlob
 from vfed.server.errors import ApiError, bad_request, conflict, forbidden, not_found
 from vfed.server.metrics import METRICS
-from vfed.server.models import Node, Organization, Run, Task, TaskStatus, collaboration_members, utcnow
+from vfed.server.models import Node, Organization, Run, Task, collaboration_members, utcnow
 from vfed.server.schemas import DESCRIPTOR_MAX_BYTES, TaskIn
 from vfed.server.state import BLOBS, DOORBELL, SETTINGS
 

@@ -17,11 +17,12 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api.statuses import TERMINAL, RunStatus
 from vfed.server.api.common import caller, json_response, path_id, read_query, session
 from vfed.server.api.tasks import out as task_out
 from vfed.server.api.tasks import visible_task_row
 from vfed.server.metrics import METRICS
-from vfed.server.models import TERMINAL, Run, RunStatus
+from vfed.server.models import Run
 from vfed.server.schemas import RunStateOut, TaskOut, TaskWaitOut, TaskWaitQuery
 from vfed.server.state import SETTINGS, TASK_EVENTS
 

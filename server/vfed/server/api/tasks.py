@@ -9,6 +9,7 @@ from aiohttp import web
 from sqlalchemy import ColumnElement, and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api.statuses import TERMINAL, RunStatus, TaskStatus, task_status
 from vfed.server.access import Scope, require, task_filter
 from vfed.server.api.common import (
     caller,
@@ -22,16 +23,7 @@ from vfed.server.api.common import (
 )
 from vfed.server.auth import Principal
 from vfed.server.errors import forbidden, not_found
-from vfed.server.models import (
-    TERMINAL,
-    Node,
-    Run,
-    RunStatus,
-    Task,
-    TaskStatus,
-    derive_task_status,
-    utcnow,
-)
+from vfed.server.models import Node, Run, Task, utcnow
 from vfed.server.schemas import TaskOut, TaskQuery
 from vfed.server.state import DOORBELL
 from vfed.server.task_events import mark_changed
@@ -104,7 +96,7 @@ async def refresh_status(s: AsyncSession, task_id: int) -> None:
     changes to its runs derive the status one after the other, each from the runs the other committed."""
     await s.execute(select(Task.id).where(Task.id == task_id).with_for_update())
     statuses = list((await s.execute(select(Run.status).where(Run.task_id == task_id))).scalars())
-    await s.execute(update(Task).where(Task.id == task_id).values(status=derive_task_status(statuses)))
+    await s.execute(update(Task).where(Task.id == task_id).values(status=task_status(statuses)))
     mark_changed(s, task_id)
 
 
