@@ -301,7 +301,7 @@ async def test_central_summary_through_wrapper_and_proxy(socket_dir: Path, tmp_p
     proxy = FakeProxy([1, 2, 3], wrapper_executor("summary_stats", folder, data))
     server = await serve_unix(proxy, str(socket_dir / "p.sock"))
     (tmp_path / "input").write_bytes(
-        TaskInput(method="summary", kwargs={"columns": ["age", "cost"], "bins": 5}).to_json()
+        TaskInput(method="summary", kwargs={"columns": ["age", "cost"], "bins": 2}).to_json()
     )
     env = {
         "PATH": os.environ["PATH"],
@@ -320,7 +320,7 @@ async def test_central_summary_through_wrapper_and_proxy(socket_dir: Path, tmp_p
         await server.close()
     assert process.returncode == 0, stderr.decode()
     result = decode_result((tmp_path / "output").read_bytes())
-    expected = example("summary_stats").summary(_local(frames), columns=["age", "cost"], bins=5)
+    expected = example("summary_stats").summary(_local(frames), columns=["age", "cost"], bins=2)
     assert result == expected
     pooled = pd.concat(frames)
     assert result["columns"]["cost"]["mean"] == pytest.approx(pooled["cost"].mean(), rel=1e-12)

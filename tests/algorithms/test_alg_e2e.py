@@ -80,7 +80,7 @@ def example_images(docker_client: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def federated(
-    tmp_path: Path, frames: list[pd.DataFrame], epsilon_budget: float | None = None
+    tmp_path: Path, frames: list[pd.DataFrame], epsilon_budget: float | None = None, **node_config: Any
 ) -> AsyncIterator[Federation]:
     server = Server(tmp_path / "server", mqtt_url=None)
     keys = await server.seed(list(NAMES))
@@ -103,6 +103,7 @@ async def federated(
                 poll_interval_s=0.5,
                 datasets={"default": dataset},
                 trust="tofu",  # the organizations pin each other at first sight (tests/trust pins by hand)
+                **node_config,
             )
             settings[name] = load_settings(config)
         agents = await stack.enter_async_context(contextlib.AsyncExitStack())
@@ -130,7 +131,8 @@ async def federation(tmp_path: Path, example_images: None) -> AsyncIterator[Fede
 async def test_examples_equal_the_pooled_computation(federation: Federation) -> None:
     pooled = pd.concat(federation.frames, ignore_index=True)
 
-    done = await federation.run("summary_stats", "summary", columns=["age", "bmi"], bins=6)
+    # 3 bins: each organization's bins hold 0 or at least 5 records (finer ones are refused, see below)
+    done = await federation.run("summary_stats", "summary", columns=["age", "bmi"], bins=3)
     assert done["status"] == "completed", await federation.researcher.runs(done["id"])
     (summary,) = await federation.researcher.results(done)
     assert len(summary["organizations"]) == 3
@@ -144,7 +146,7 @@ async def test_examples_equal_the_pooled_computation(federation: Federation) -> 
         )
         assert got["mean"] == pytest.approx(column.mean(), rel=1e-12)
         assert got["variance"] == pytest.approx(column.var(), rel=1e-10)
-        assert got["histogram"]["counts"] == np.histogram(column, bins=6)[0].tolist()
+        assert got["histogram"]["counts"] == np.histogram(column, bins=3)[0].tolist()
 
     done = await federation.run("federated_glm", "glm", outcome="event", predictors=["age", "bmi"])
     assert done["status"] == "completed", await federation.researcher.runs(done["id"])
@@ -160,10 +162,45 @@ async def test_examples_equal_the_pooled_computation(federation: Federation) -> 
     # one round for the levels of categorical predictors, then one per Newton iteration
     assert len(subtasks) == fit["iterations"] + 1 and all(t["datasets"] == ["default"] for t in subtasks)
 
+
+async def _refused_subtask_runs(federation: Federation, done: dict[str, Any]) -> list[dict[str, Any]]:
+    """The failed runs of a central task's subtasks (the central run itself fails with SubtaskFailed)."""
+    assert done["status"] == "failed"
+    runs = []
+    for subtask in await federation.researcher.tasks(parent_id=done["id"]):
+        runs += [r for r in await federation.researcher.runs(subtask["id"]) if r["status"] == "failed"]
+    return runs
+
+
+async def test_disclosure_rules_refuse_small_cells_and_unbudgeted_releases(federation: Federation) -> None:
+    """Each example on real nodes: the histogram with small bins and a differentially private release no
+    node charged epsilon for are refused, each run naming its rule and nothing of the data."""
+    done = await federation.run("summary_stats", "summary", columns=["age", "bmi"], bins=12)
+    refused = await _refused_subtask_runs(federation, done)
+    assert refused and {r["reason"] for r in refused} == {"disclosure-refused: min-cell-count"}
+    assert all(r["result_blob_id"] is None for r in refused)
+
     done = await federation.run("dp_stats", "dp_total", statistic="count", epsilon=1.0)
-    assert done["status"] == "completed", await federation.researcher.runs(done["id"])
-    (count,) = await federation.researcher.results(done)
-    assert abs(count["value"] - len(pooled)) < 60 and count["value"] != len(pooled)
+    refused = await _refused_subtask_runs(federation, done)
+    assert len(refused) == 3 and {r["reason"] for r in refused} == {"disclosure-refused: dp-budget"}
+
+
+async def test_glm_saturation_is_refused_per_node(tmp_path: Path, example_images: None) -> None:
+    """With max_glm_saturation 0.02, three parameters need 150 rows: a (120) and b (80) refuse the model
+    part, c (200) releases it."""
+    frames = partitions(seed=99)
+    async with federated(tmp_path, frames, max_glm_saturation=0.02) as federation:
+        kwargs = {"outcome": "event", "predictors": ["age", "bmi"]}
+        done = await federation.run("federated_glm", "glm", **kwargs)
+        refused = await _refused_subtask_runs(federation, done)
+        assert {r["reason"] for r in refused} == {"disclosure-refused: glm-saturation"}
+        names = {o["id"]: o["name"] for o in await federation.researcher.organizations()}
+        assert sorted(names[r["organization_id"]] for r in refused) == ["a", "b"]
+        c = next(org for org, name in names.items() if name == "c")
+        done = await federation.run("federated_glm", "glm", organizations=[c], **kwargs)
+        assert done["status"] == "completed", await federation.researcher.runs(done["id"])
+        (fit,) = await federation.researcher.results(done)
+        assert fit["n"] == len(frames[2][["event", "age", "bmi"]].dropna())
 
 
 async def test_disclosure_control_and_failures_reach_the_researcher(federation: Federation) -> None:
@@ -178,7 +215,7 @@ async def test_disclosure_control_and_failures_reach_the_researcher(federation: 
     runs = await federation.researcher.runs(subtask["id"])
     refused = [r for r in runs if r["status"] == "failed"]
     assert len(refused) == 1 and refused[0]["exit_code"] == 3
-    assert refused[0]["reason"] == "disclosure-refused"  # the refused count stays in the node's sealed log
+    assert refused[0]["reason"] == "disclosure-refused: min-rows"  # the count stays in the sealed log
     assert "has 5 records" not in str(runs) and "has 5 records" not in failure.log_tail
 
     # A crashing algorithm: the researcher gets the reason and the traceback's tail.

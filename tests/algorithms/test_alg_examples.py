@@ -3,6 +3,8 @@ centrally through `LocalClient`, equal the pooled computation on the concatenate
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,14 +13,28 @@ from alg_helpers import example, partitions
 
 from vfed.algorithms import SubtaskFailed
 from vfed.algorithms.testing import LocalClient
+from vfed.common.payload import decode_result, encode_result
 
 summary_stats = example("summary_stats")
 federated_glm = example("federated_glm")
 dp_stats = example("dp_stats")
 
 
-def _client(module: object, frames: list[pd.DataFrame], min_rows: int = 10) -> LocalClient:
-    return LocalClient(module, {i + 1: {"default": f} for i, f in enumerate(frames)}, min_rows=min_rows)  # type: ignore[arg-type]
+def _client(
+    module: object, frames: list[pd.DataFrame], min_rows: int = 10, min_cell_count: int = 5
+) -> LocalClient:
+    datasets = {i + 1: {"default": f} for i, f in enumerate(frames)}
+    return LocalClient(module, datasets, min_rows=min_rows, min_cell_count=min_cell_count)  # type: ignore[arg-type]
+
+
+def _released(value: object) -> Any:
+    """What a federated function's result is once released: the structured parts decoded."""
+    return decode_result(encode_result(value))
+
+
+ARITHMETIC = 0
+"""min_cell_count for tests of the pooled arithmetic: equal-width bins over three organizations' normal data
+hold a few records in their tails, which disclosure control refuses (test_alg_disclosure tests that)."""
 
 
 # --- summary statistics ----------------------------------------------------------------------------------
@@ -27,7 +43,7 @@ def _client(module: object, frames: list[pd.DataFrame], min_rows: int = 10) -> L
 def test_summary_equals_pooled_statistics() -> None:
     frames = partitions()
     pooled = pd.concat(frames, ignore_index=True)
-    result = summary_stats.summary(_client(summary_stats, frames), bins=8)
+    result = summary_stats.summary(_client(summary_stats, frames, min_cell_count=ARITHMETIC), bins=8)
     assert result["organizations"] == [1, 2, 3]
     for name in ("age", "bmi", "cost", "event"):
         column, got = pooled[name].dropna(), result["columns"][name]
@@ -54,7 +70,8 @@ def test_summary_with_fixed_edges_takes_them() -> None:
     frames = partitions(seed=3)
     pooled = pd.concat(frames, ignore_index=True)
     edges = {"age": [0.0, 30.0, 45.0, 60.0, 120.0]}
-    result = summary_stats.summary(_client(summary_stats, frames), columns=["age", "bmi"], edges=edges)
+    client = _client(summary_stats, frames, min_cell_count=ARITHMETIC)
+    result = summary_stats.summary(client, columns=["age", "bmi"], edges=edges)
     assert (
         result["columns"]["age"]["histogram"]["counts"]
         == np.histogram(pooled["age"], bins=edges["age"])[0].tolist()
@@ -64,7 +81,7 @@ def test_summary_with_fixed_edges_takes_them() -> None:
 
 
 def test_summary_runs_two_rounds_with_agreed_edges() -> None:
-    client = _client(summary_stats, partitions())
+    client = _client(summary_stats, partitions(), min_cell_count=ARITHMETIC)
     summary_stats.summary(client, columns=["age"], bins=4)
     methods = [task_input.method for _, task_input in client.created]
     assert methods == ["partial_stats"] * 3 + ["partial_histogram"] * 3
@@ -91,7 +108,7 @@ def test_summary_refuses_a_small_dataset() -> None:
 
 def test_partial_stats_on_one_partition_matches_pandas() -> None:
     frame = partitions()[0]
-    part = summary_stats.partial_stats(frame, columns=["bmi"])["bmi"]
+    part = _released(summary_stats.partial_stats(frame, columns=["bmi"]))["bmi"]
     bmi = frame["bmi"].dropna()
     assert part["n"] == len(bmi) and part["missing"] == frame["bmi"].isna().sum()
     assert part["m2"] == pytest.approx(((bmi - bmi.mean()) ** 2).sum())
@@ -189,7 +206,7 @@ def test_dp_count_and_sum_are_noisy_but_close() -> None:
 
 def test_dp_sum_clips_to_the_declared_range() -> None:
     frame = pd.DataFrame({"x": [1000.0] * 20})
-    released = dp_stats.dp_sum(frame, column="x", lower=0, upper=10, epsilon=1e9)
+    released = _released(dp_stats.dp_sum(frame, column="x", lower=0, upper=10, epsilon=1e9))
     assert released["value"] == pytest.approx(200.0, abs=1e-6)
     assert released["sensitivity"] == 10 and released["scale"] == pytest.approx(1e-8)
 

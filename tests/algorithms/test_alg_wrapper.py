@@ -13,7 +13,7 @@ import pytest
 from alg_helpers import EXAMPLES, example, partitions, run_wrapper, sdk_pythonpath
 
 from vfed.common.manifest import Manifest
-from vfed.common.payload import AlgorithmError, decode_result
+from vfed.common.payload import AlgorithmError, decode_result, encode_result
 
 SUMMARY = [EXAMPLES / "summary_stats"]
 CRASHY = textwrap.dedent(
@@ -62,7 +62,9 @@ def test_federated_function_on_csv(tmp_path: Path) -> None:
     process, output = run_wrapper(tmp_path, task, _csv(tmp_path, frame), "summary_stats", SUMMARY)
     assert process.returncode == 0, process.stderr
     assert output is not None
-    expected = example("summary_stats").partial_stats(frame, columns=["age", "bmi"])
+    expected = decode_result(
+        encode_result(example("summary_stats").partial_stats(frame, columns=["age", "bmi"]))
+    )
     result = decode_result(output)
     assert result["age"]["n"] == expected["age"]["n"] == len(frame)
     assert result["bmi"]["mean"] == pytest.approx(expected["bmi"]["mean"], rel=1e-12)
@@ -161,7 +163,8 @@ def test_node_sets_the_disclosure_limit(tmp_path: Path) -> None:
     with pytest.raises(AlgorithmError, match=r"has 40 records; .* at least 50"):
         decode_result(output or b"")
     lenient = {**env, "VFED_MIN_ROWS": "5"}
-    process, output = run_wrapper(tmp_path, {"method": "partial_stats"}, lenient, "summary_stats", SUMMARY)
+    task = {"method": "partial_stats", "kwargs": {"columns": ["age"]}}  # bmi: 1 to 4 missing, a small count
+    process, output = run_wrapper(tmp_path, task, lenient, "summary_stats", SUMMARY)
     assert process.returncode == 0, process.stderr
     broken = {**env, "VFED_MIN_ROWS": "ten"}
     process, output = run_wrapper(tmp_path, {"method": "partial_stats"}, broken, "summary_stats", SUMMARY)

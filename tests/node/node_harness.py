@@ -121,7 +121,9 @@ class Server:
 def write_node_config(
     path: Path, *, name: str, api_key: str, server_url: str, mqtt_url: str | None, **extra: Any
 ) -> Path:
-    """A node YAML file with test-friendly defaults (short poll, small limits)."""
+    """A node YAML file with test-friendly defaults (short poll, small limits). The test images write plain
+    JSON, which disclosure control does not check: their policy says `unchecked_outputs: allow` unless the
+    test's own `policies` say otherwise."""
     config: dict[str, Any] = {
         "name": name,
         "server_url": server_url,
@@ -134,6 +136,7 @@ def write_node_config(
     }
     if mqtt_url:
         config["mqtt_url"] = mqtt_url
+    config["policies"] = {"unchecked_outputs": "allow", **(extra.pop("policies", None) or {})}
     config.update(extra)
     path.write_text(yaml.safe_dump(config))
     return path

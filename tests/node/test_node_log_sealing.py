@@ -272,7 +272,7 @@ async def test_each_kind_of_failure_has_its_classified_reason(tmp_path: Path) ->
             "hog": ("failed", "out-of-memory: limit 256 MiB"),
             "sleep": ("failed", "timeout: killed: ran past its wall-clock limit (max_run_time_s)"),
             "unknown method": ("failed", Reason.BAD_INPUT.value),
-            "small group": ("failed", Reason.DISCLOSURE_REFUSED.value),
+            "small group": ("failed", classified(Reason.DISCLOSURE_REFUSED, "min-rows")),
             "total": ("completed", None),
         }
         assert {n: (r["status"], r["reason"]) for n, r in runs.items()} == expected

@@ -42,7 +42,8 @@ def test_new_allows_no_image_by_default(dirs: Dirs) -> None:
     result = new_node("plain", "1.a", "--no-generate-key")
     assert "no image allowed yet" in result.output
     written = yaml.safe_load(config_of(dirs, "plain").read_text())
-    assert written["policies"] == {"allowed_images": []}  # written out, not left to a default
+    # written out, not left to a default
+    assert written["policies"] == {"allowed_images": [], "unchecked_outputs": "refuse"}
     settings = load_settings(config_of(dirs, "plain"))
     assert not image_gate(settings, "vfed-test/node-probe").lookup
     refused = check_run(settings, image="vfed-test/node-probe", digest=DIGEST, initiators=[(1, 1)])
@@ -57,7 +58,11 @@ def test_new_allow_flags_are_written_and_enforced(dirs: Dirs) -> None:
     )  # fmt: skip
     assert "no image allowed yet" not in result.output
     written = yaml.safe_load(config_of(dirs, "opened").read_text())
-    assert written["policies"] == {"allowed_images": ["vfed-test/*", DIGEST], "allowed_organizations": [3, 5]}
+    assert written["policies"] == {
+        "allowed_images": ["vfed-test/*", DIGEST],
+        "allowed_organizations": [3, 5],
+        "unchecked_outputs": "refuse",
+    }
     settings = load_settings(config_of(dirs, "opened"))
     assert check_run(settings, image="vfed-test/x", digest=None, initiators=[(3, 1)]).allowed
     assert check_run(settings, image="any/tag", digest=DIGEST, initiators=[(5, 1)]).allowed

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vfed.algorithms import AlgorithmClient, central, federated
+from vfed.algorithms import DP, AlgorithmClient, central, federated
 
 MECHANISM = "laplace"
 
@@ -31,19 +31,15 @@ def _check_epsilon(epsilon: float) -> float:
     return value
 
 
-def _release(true_value: float, sensitivity: float, epsilon: float) -> dict[str, Any]:
+def _release(true_value: float, sensitivity: float, epsilon: float) -> DP:
+    """A differentially private part: the node releases it only from a run it charged `epsilon` for."""
     scale = sensitivity / epsilon
-    return {
-        "value": true_value + laplace_noise(scale),
-        "epsilon": epsilon,
-        "sensitivity": sensitivity,
-        "scale": scale,
-        "mechanism": MECHANISM,
-    }
+    value = {"value": true_value + laplace_noise(scale), "sensitivity": sensitivity, "scale": scale}
+    return DP(epsilon=epsilon, mechanism=MECHANISM, value=value)
 
 
 @federated(datasets=["default"], epsilon_kwarg="epsilon")
-def dp_count(df: pd.DataFrame, epsilon: float, column: str | None = None) -> dict[str, Any]:
+def dp_count(df: pd.DataFrame, epsilon: float, column: str | None = None) -> DP:
     """Noisy number of records (or of non-missing values of `column`); sensitivity 1."""
     eps = _check_epsilon(epsilon)
     count = len(df) if column is None else int(df[column].notna().sum())
@@ -51,7 +47,7 @@ def dp_count(df: pd.DataFrame, epsilon: float, column: str | None = None) -> dic
 
 
 @federated(datasets=["default"], epsilon_kwarg="epsilon")
-def dp_sum(df: pd.DataFrame, column: str, lower: float, upper: float, epsilon: float) -> dict[str, Any]:
+def dp_sum(df: pd.DataFrame, column: str, lower: float, upper: float, epsilon: float) -> DP:
     """Noisy sum of `column` clipped to [lower, upper]; sensitivity max(|lower|, |upper|)."""
     eps = _check_epsilon(epsilon)
     if not lower < upper:

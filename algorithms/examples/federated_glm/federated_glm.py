@@ -26,7 +26,10 @@ import pandas as pd
 
 from vfed.algorithms import (
     AlgorithmClient,
+    Counts,
     DisclosureError,
+    Model,
+    Parts,
     central,
     federated,
     min_cell_count,
@@ -203,7 +206,7 @@ def partial_levels(
     predictors: Sequence[str],
     categorical: Sequence[str] = (),
     family: str = Family.LINEAR,
-) -> dict[str, Any]:
+) -> Parts:
     """Which predictors are categorical here (declared, or not numeric: text, boolean, category) and their
     levels among the complete records, with counts. `rare` flags a column with a level rarer than the cell
     minimum (then none of its counts is released, or their sum would give the rare one away); `cells` lists
@@ -221,7 +224,10 @@ def partial_levels(
         rare = any(v < limit for v in counts.values())
         found[name] = {"levels": {} if rare else dict(sorted(counts.items())), "rare": rare}
     cells = _small_cells(labels, outcome, names, binary, limit)
-    return {"n": len(data), "categorical": found, "cells": [list(pair) for pair in cells]}
+    flagged: dict[str, dict[str, bool]] = {}
+    for first, second in cells:  # as {first: {second: true}}: parts hold counts and flags, not lists of names
+        flagged.setdefault(first, {})[second] = True
+    return Parts(n=Counts(cells=len(data)), categorical=Counts(cells=found), cells=Counts(cells=flagged))
 
 
 def agree_levels(
@@ -233,8 +239,9 @@ def agree_levels(
     cells: dict[tuple[str, str], list[int]] = {}
     pooled: dict[str, dict[str, int]] = {}
     for org, partial in sorted(partials.items()):
-        for first, second in partial.get("cells", []):
-            cells.setdefault((str(first), str(second)), []).append(org)
+        for first, seconds in partial.get("cells", {}).items():
+            for second in seconds:
+                cells.setdefault((str(first), str(second)), []).append(org)
         for name, entry in partial["categorical"].items():
             if entry["rare"]:
                 rare.setdefault(name, []).append(org)
@@ -266,9 +273,10 @@ def partial_glm(
     family: str = Family.LOGISTIC,
     intercept: bool = True,
     levels: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, Any]:
+) -> Model:
     """Gradient and Hessian of the log-likelihood at `beta` (the information matrix), the deviance, and
-    whether any fitted value is numerically at the boundary (0 or 1 for a probability, 0 for a mean)."""
+    whether any fitted value is numerically at the boundary (0 or 1 for a probability, 0 for a mean); a
+    model part over n rows with one parameter per column of the design (the node's saturation check)."""
     data = _complete(df, outcome, predictors)
     chosen = Family(family)
     check_outcome(chosen, data[outcome].to_numpy(dtype=float), outcome)
@@ -289,17 +297,23 @@ def partial_glm(
     if chosen is Family.LINEAR:
         residual = y - eta
         rss = float(residual @ residual)
-        return {
-            "n": len(y),
-            "gradient": (x.T @ residual).tolist(),
-            "hessian": (x.T @ x).tolist(),
-            "rss": rss,
-            "deviance": rss,
-            "boundary": False,
-        }
+        return _model(
+            x,
+            {
+                "gradient": (x.T @ residual).tolist(),
+                "hessian": (x.T @ x).tolist(),
+                "rss": rss,
+                "deviance": rss,
+                "boundary": False,
+            },
+        )
     if chosen is Family.LOGISTIC:
-        return {"n": len(y), **_logistic(x, y, eta)}
-    return {"n": len(y), **_poisson(x, y, eta)}
+        return _model(x, _logistic(x, y, eta))
+    return _model(x, _poisson(x, y, eta))
+
+
+def _model(x: np.ndarray, values: dict[str, Any]) -> Model:
+    return Model(n=x.shape[0], parameters=x.shape[1], values=values)
 
 
 def _log_sigmoid(z: np.ndarray) -> np.ndarray:

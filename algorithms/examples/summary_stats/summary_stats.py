@@ -21,7 +21,10 @@ import numpy as np
 import pandas as pd
 
 from vfed.algorithms import (
+    Aggregate,
     AlgorithmClient,
+    Counts,
+    Parts,
     central,
     federated,
     min_cell_count,
@@ -65,7 +68,7 @@ def suppress_small_cells(counts: Mapping[str, int], limit: int) -> dict[str, int
 @federated(datasets=["default"])
 def partial_stats(
     df: pd.DataFrame, columns: Sequence[str] | None = None, categorical: Sequence[str] = ()
-) -> dict[str, Any]:
+) -> Parts:
     """Per column: rows and missing; for numeric columns n, mean, m2 (squared deviations), min, max; for
     categorical ones (declared, or text, boolean, category) n and the level counts the cell rule releases."""
     result: dict[str, Any] = {}
@@ -90,18 +93,27 @@ def partial_stats(
                 "max": float(array.max()) if len(array) else None,
             }
         result[name] = entry
-    return result
+    return Parts({name: _part(entry) for name, entry in result.items()})
+
+
+def _part(entry: dict[str, Any]) -> Aggregate | Counts:
+    """A column's entry as the node checks it: a categorical column's are all counts (rows, missing, n and
+    the released levels); a numeric column's rows and missing are counts, the rest statistics over n."""
+    if "levels" in entry:
+        return Counts(cells=entry)
+    counts = {"rows": entry.pop("rows"), "missing": entry.pop("missing")}
+    return Aggregate(n=entry.pop("n"), value=entry, counts=counts)
 
 
 @federated(datasets=["default"])
-def partial_histogram(df: pd.DataFrame, edges: Mapping[str, Sequence[float]]) -> dict[str, list[int]]:
+def partial_histogram(df: pd.DataFrame, edges: Mapping[str, Sequence[float]]) -> Parts:
     """Counts per bin for the agreed edges (numpy semantics: the last bin includes its right edge)."""
     counts: dict[str, list[int]] = {}
     for name, column_edges in edges.items():
         values = df[_columns(df, [name])[0]].dropna().to_numpy(dtype=float)
         hist, _ = np.histogram(values, bins=np.asarray(column_edges, dtype=float))
         counts[name] = [int(c) for c in hist]
-    return counts
+    return Parts({name: Counts(cells=bins) for name, bins in counts.items()})
 
 
 def combine_stats(partials: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 Declare functions with `@federated(datasets=[...])` (run at the data, receive DataFrames) and `@central()`
 (orchestrate subtasks, receive an `AlgorithmClient`); the image's entry point `python -m vfed.algorithms`
-does the rest. Imports only `vfed.common`; pandas is loaded when a dataset is.
+does the rest. A federated function returns its result as `Parts` whose kinds (`Counts`, `Histogram`,
+`Aggregate`, `Model`, `DP`) the node checks against its disclosure rules before releasing anything. Imports
+only `vfed.common`; pandas is loaded when a dataset is.
 """
 
 from vfed.algorithms.client import AlgorithmClient, Organization, SubtaskFailed, TaskState
@@ -15,13 +17,20 @@ from vfed.algorithms.disclosure import (
     require_min_rows,
 )
 from vfed.algorithms.transport import ProxyError, ProxyUnavailable
+from vfed.common.disclosure import DP, Aggregate, Counts, Histogram, Model, Parts
 from vfed.common.payload import AlgorithmError, TaskInput
 
 __all__ = [
+    "DP",
+    "Aggregate",
     "AlgorithmClient",
     "AlgorithmError",
+    "Counts",
     "DisclosureError",
+    "Histogram",
+    "Model",
     "Organization",
+    "Parts",
     "ProxyError",
     "ProxyUnavailable",
     "SubtaskFailed",

@@ -2,9 +2,11 @@
 
 `LocalClient` stands in for the node's proxy so algorithm authors (and our own tests) can check a central
 function without a server: subtasks run synchronously, their inputs and results go through the same JSON /
-Parquet encoding as in production, disclosure control applies, and a failing subtask surfaces as
-`SubtaskFailed` with its reason, as it would through the proxy. `local_datasets` reads dataset files (CSV,
-Parquet, SQLite) with the loader a node's run uses, so a test sees the same DataFrames the image will.
+Parquet encoding as in production, disclosure control applies as a node applies it (min_rows on datasets,
+every rule on structured results, and a plain result of a function that read a dataset refused as
+`unchecked-output` unless `unchecked_outputs="allow"`), and a failing subtask surfaces as `SubtaskFailed` with
+its reason, as it would through the proxy. `local_datasets` reads dataset files (CSV, Parquet, SQLite) with
+the loader a node's run uses, so a test sees the same DataFrames the image will.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ from vfed.algorithms.client import (
 )
 from vfed.algorithms.datasets import DatasetType, env_key, load_dataset
 from vfed.algorithms.decorators import declared_functions
-from vfed.algorithms.disclosure import DEFAULT_MIN_ROWS, require_min_rows
+from vfed.algorithms.disclosure import (
+    DEFAULT_MAX_GLM_SATURATION,
+    DEFAULT_MIN_CELL_COUNT,
+    DEFAULT_MIN_ROWS,
+    DisclosureError,
+    require_disclosable,
+    require_min_rows,
+)
 from vfed.algorithms.transport import Transport
 from vfed.common.api.statuses import RunStatus
+from vfed.common.disclosure import Limits, Rule, as_document
 from vfed.common.manifest import FunctionKind, declared_epsilon
 from vfed.common.payload import TaskInput, decode_result, encode_result
 
@@ -62,11 +72,16 @@ class LocalClient(AlgorithmClient):
         datasets: Mapping[int, Mapping[str, pd.DataFrame]],
         *,
         min_rows: int = DEFAULT_MIN_ROWS,
+        min_cell_count: int = DEFAULT_MIN_CELL_COUNT,
+        max_glm_saturation: float = DEFAULT_MAX_GLM_SATURATION,
+        unchecked_outputs: str = "refuse",
     ) -> None:
         super().__init__(Transport(url="http://local.invalid"))
         self._functions = declared_functions(module)
         self._datasets = datasets
         self._min_rows = min_rows
+        self._limits = Limits(min_rows, min_cell_count, max_glm_saturation)
+        self._unchecked = unchecked_outputs == "allow"
         self._ids = itertools.count(1)
         self._tasks: dict[int, list[tuple[SubtaskRun, bytes | None]]] = {}
         self.created: list[tuple[int, TaskInput]] = []
@@ -81,7 +96,7 @@ class LocalClient(AlgorithmClient):
             return RunStatus.FAILED, f"method {task_input.method!r} is not declared", None
         function, spec = entry
         try:
-            declared_epsilon(spec, task_input)
+            epsilon = declared_epsilon(spec, task_input)
             if spec.kind is FunctionKind.CENTRAL:
                 value = function(self, *task_input.args, **task_input.kwargs)
             else:
@@ -89,9 +104,29 @@ class LocalClient(AlgorithmClient):
                 for label, frame in zip(spec.datasets, frames, strict=True):
                     require_min_rows(frame, f"dataset {label!r}", limit=self._min_rows)
                 value = function(*frames, *task_input.args, **task_input.kwargs)
+                if spec.datasets:
+                    self._as_a_node_would(value, epsilon)
             return RunStatus.COMPLETED, None, encode_result(value)
         except Exception as exc:  # a run's failure becomes its status and reason, as at a node
             return RunStatus.FAILED, f"{type(exc).__name__}: {exc}", None
+
+    def _as_a_node_would(self, value: object, epsilon: float | None) -> None:
+        """The node's check of a result that read a dataset (the epsilon a method declares counts as
+        charged, as on a node whose dataset has a budget)."""
+        if as_document(value) is None and not self._unchecked:
+            raise DisclosureError(
+                "the result",
+                0,
+                0,
+                rule=Rule.UNCHECKED_OUTPUT.value,
+                message="disclosure control (unchecked-output): a function that reads a dataset returns "
+                "Parts (vfed.algorithms.Parts) for the node to check; a node releases plain values only "
+                "from images its policy allows unchecked outputs for",
+            )
+        limits = self._limits
+        require_disclosable(
+            value, Limits(limits.min_rows, limits.min_cell_count, limits.max_glm_saturation, epsilon)
+        )
 
     def create_subtask(
         self,

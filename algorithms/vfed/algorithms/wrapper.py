@@ -2,7 +2,9 @@
 
 Exit codes: 0 the output holds the result; 1 the algorithm raised (the output holds a structured error, the
 traceback is in the run log); 2 the run could not start (bad input, unknown method, missing dataset);
-3 disclosure control refused (too few records). Every failure writes an error output when OUTPUT_FILE is set.
+3 disclosure control refused (too few records, a small count, a saturated model: the node's limits from
+VFED_MIN_ROWS, VFED_MIN_CELL_COUNT, VFED_MAX_GLM_SATURATION, checked on the structured result as the node
+will). Every failure writes an error output when OUTPUT_FILE is set.
 
 The exit codes are the node's contract (vfed.common.api.reasons): it reports them to the initiator as
 `algorithm-error: <exception type>`, `bad-input` and `disclosure-refused`. The error output and everything
@@ -26,7 +28,8 @@ from pydantic import ValidationError
 from vfed.algorithms.client import AlgorithmClient
 from vfed.algorithms.datasets import load_dataset
 from vfed.algorithms.decorators import declared_functions, load_module, manifest_of
-from vfed.algorithms.disclosure import DisclosureError, require_min_rows
+from vfed.algorithms.disclosure import DisclosureError, require_disclosable, require_min_rows
+from vfed.algorithms.disclosure import limits as disclosure_limits
 from vfed.common.api.reasons import EXIT_ALGORITHM_ERROR, EXIT_DISCLOSURE, EXIT_OK, EXIT_SETUP_ERROR
 from vfed.common.manifest import FunctionKind, FunctionSpec, declared_epsilon
 from vfed.common.payload import TaskInput, encode_error, encode_result
@@ -86,16 +89,25 @@ def _check_epsilon(spec: FunctionSpec, task_input: TaskInput, env: Mapping[str, 
 
 
 def _prepare(task_input: TaskInput, env: Mapping[str, str]) -> Callable[[], Any]:
-    """Everything that can fail before the algorithm's own code runs; returns the call to make."""
+    """Everything that can fail before the algorithm's own code runs; returns the call to make (for a
+    function that reads datasets, one whose structured result is checked as the node will check it)."""
     function, spec, declared = _resolve(env, task_input.method)
     _check_epsilon(spec, task_input, env)
     if spec.kind is FunctionKind.CENTRAL:
         client = AlgorithmClient.from_env(env, declared)
         return lambda: function(client, *task_input.args, **task_input.kwargs)
     frames = [load_dataset(label, env) for label in spec.datasets]
+    limit = disclosure_limits(env)
     for label, frame in zip(spec.datasets, frames, strict=True):
-        require_min_rows(frame, f"dataset {label!r}")
-    return lambda: function(*frames, *task_input.args, **task_input.kwargs)
+        require_min_rows(frame, f"dataset {label!r}", limit.min_rows)
+
+    def call() -> Any:
+        value = function(*frames, *task_input.args, **task_input.kwargs)
+        if spec.datasets:
+            require_disclosable(value, limit)
+        return value
+
+    return call
 
 
 def _fail(output: str | None, exc: Exception, code: int, trace: str = "") -> int:
@@ -104,7 +116,8 @@ def _fail(output: str | None, exc: Exception, code: int, trace: str = "") -> int
     else:
         print(f"vfed: {type(exc).__name__}: {exc}", file=sys.stderr)
     if output:
-        Path(output).write_bytes(encode_error(type(exc).__name__, str(exc), trace))
+        rule = exc.rule if isinstance(exc, DisclosureError) else None
+        Path(output).write_bytes(encode_error(type(exc).__name__, str(exc), trace, rule))
     return code
 
 

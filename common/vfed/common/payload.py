@@ -1,7 +1,8 @@
 """The bytes that travel between researcher, node, proxy and algorithm: task inputs and run results.
 
-No pickle anywhere: inputs are JSON, results are JSON (plain values) or Parquet (tables), and the bytes
-themselves say which. pandas/pyarrow are imported only when a table is encoded or decoded, so the node,
+No pickle anywhere: inputs are JSON, results are JSON (plain values, or the structured parts of
+vfed.common.disclosure that a node checks before release) or Parquet (tables), and the bytes themselves say
+which. pandas/pyarrow are imported only when a table is encoded or decoded, so the node,
 server and proxy can use this module without them.
 """
 
@@ -104,7 +105,14 @@ def _encode_table(value: Any) -> bytes:
 
 
 def encode_result(value: Any) -> bytes:
-    """A result as bytes: Parquet for a DataFrame (a Series becomes a one-column frame), JSON otherwise."""
+    """A result as bytes: a structured document for `Parts` or one part (vfed.common.disclosure), Parquet
+    for a DataFrame (a Series becomes a one-column frame), JSON otherwise."""
+    if type(value).__module__ == "vfed.common.disclosure":
+        from vfed.common import disclosure
+
+        structured = disclosure.as_document(value)
+        if structured is not None:
+            return disclosure.encode(structured)
     if _is_dataframe(value):
         return _encode_table(value)
     document = {"vfed": FORMAT_VERSION, "format": "json", "value": value}
@@ -115,13 +123,13 @@ def encode_result(value: Any) -> bytes:
         return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
 
-def encode_error(exc_type: str, message: str, traceback: str = "") -> bytes:
-    """The output of a failed run: what went wrong, readable by the researcher."""
-    document = {
-        "vfed": FORMAT_VERSION,
-        "format": "error",
-        "error": {"type": exc_type, "message": message, "traceback": traceback},
-    }
+def encode_error(exc_type: str, message: str, traceback: str = "", rule: str | None = None) -> bytes:
+    """The output of a failed run: what went wrong (with `rule`: the disclosure rule that refused it, which
+    the node may name in the run's reason), readable by the researcher."""
+    error = {"type": exc_type, "message": message, "traceback": traceback}
+    if rule is not None:
+        error["rule"] = rule
+    document = {"vfed": FORMAT_VERSION, "format": "error", "error": error}
     return json.dumps(document, separators=(",", ":")).encode()
 
 
@@ -162,6 +170,13 @@ def decode_result(data: bytes) -> Any:
     kind = document.get("format")
     if kind == "json":
         return document.get("value")
+    if kind == "parts":
+        from vfed.common import disclosure
+
+        try:
+            return disclosure.decoded(disclosure.parse(document))
+        except disclosure.MalformedParts as exc:
+            raise PayloadError(f"malformed structured result: {exc}") from exc
     if kind == "error":
         error = document.get("error")
         if not isinstance(error, dict):

@@ -79,6 +79,13 @@ class DatasetConfig(_Strict):
     """The differential-privacy epsilon all runs together may spend on this dataset, charged before each run
     and never refunded; only images whose manifest declares an epsilon may read it (docs/algorithms.md
     "Privacy budget"). Unset: no budget."""
+    min_rows: int | None = Field(default=None, ge=0)
+    """This dataset's own `min_rows` instead of the node's (a run reading several datasets is held to the
+    strictest of theirs)."""
+    min_cell_count: int | None = Field(default=None, ge=0)
+    """This dataset's own `min_cell_count` instead of the node's (the strictest applies, as above)."""
+    max_glm_saturation: float | None = Field(default=None, gt=0, le=1)
+    """This dataset's own `max_glm_saturation` instead of the node's (the strictest applies, as above)."""
 
     @field_validator("type")
     @classmethod
@@ -137,6 +144,10 @@ class ImagePolicy(_Strict):
     """Seconds a run of this image may take, instead of the node's max_run_time_s."""
     organizations: list[int] | None = None
     """Root initiating organizations this image may run for; missing: any the other rules allow."""
+    unchecked_outputs: Literal["allow", "refuse"] | None = None
+    """`allow`: outputs of this image the node cannot check (not structured parts) are released from runs
+    that read a dataset; `refuse`: such a run fails with `disclosure-refused: unchecked-output`. Missing:
+    `policies.unchecked_outputs`."""
 
     def matches(self, reference: str, digest: str | None) -> bool:
         """True when the rule admits this image reference or digest."""
@@ -173,6 +184,10 @@ class Policies(_Strict):
     allowed_users: list[int] | None = None
     """User ids whose tasks the node runs (the root initiator's user, and any user an intermediate
     organization names); unset: any user."""
+    unchecked_outputs: Literal["allow", "refuse"] = "refuse"
+    """Whether an output the node cannot check for disclosure (plain JSON or Parquet instead of structured
+    parts, docs/algorithms.md "Disclosure control") is released from a run that read a dataset, for images
+    whose rule does not say (and every image when allowed_images is unset)."""
 
     @field_validator("allowed_images", mode="before")
     @classmethod
@@ -259,7 +274,15 @@ class NodeSettings(_Strict):
     loopback."""
     min_rows: int = Field(default=10, ge=0)
     """The fewest records a federated function may compute over (`VFED_MIN_ROWS` for the algorithm SDK, which
-    refuses smaller datasets and subsets)."""
+    refuses smaller datasets and subsets); the node refuses an aggregate or model part over fewer."""
+    min_cell_count: int = Field(default=5, ge=0)
+    """The smallest count a released count table, histogram bin or named count may hold, unless 0
+    (`VFED_MIN_CELL_COUNT` for the SDK); the node refuses an output with a count from 1 to this minus 1."""
+    max_glm_saturation: float = Field(default=0.33, gt=0, le=1)
+    """The most parameters per record a released model part may have (`VFED_MAX_GLM_SATURATION` for the
+    SDK), as DataSHIELD's nfilter.glm; the node refuses a more saturated one."""
+    max_structured_output_bytes: int = Field(default=16 * 1024**2, gt=0)
+    """The largest output the node decodes to check its parts; a bigger one counts as unchecked."""
     max_output_bytes: int = Field(default=16 * 1024**3, gt=0)
     """The largest output file a run may leave; a larger one fails the run."""
     max_log_bytes: int = Field(default=64 * 1024, gt=0)

@@ -65,6 +65,9 @@ EXAMPLES: dict[str, Any] = {
     "datasets.<LABEL>.uri": "/data/patients.parquet",
     "datasets.<LABEL>.type": "parquet",
     "datasets.<LABEL>.epsilon_budget": 3.0,
+    "datasets.<LABEL>.min_rows": 50,
+    "datasets.<LABEL>.min_cell_count": 10,
+    "datasets.<LABEL>.max_glm_saturation": 0.2,
     "datasets.<LABEL>.table": "public.admissions",
     "datasets.<LABEL>.query": "SELECT age, ward, days FROM admissions WHERE year >= 2019",
     "datasets.<LABEL>.password_file": "/run/secrets/clinic-db-reader",
@@ -73,6 +76,8 @@ EXAMPLES: dict[str, Any] = {
     "policies.allowed_images[].image": "registry.example.org/glm:*",
     "policies.allowed_images[].max_run_time_s": 600,
     "policies.allowed_images[].organizations": [2],
+    "policies.allowed_images[].unchecked_outputs": "allow",
+    "policies.unchecked_outputs": "refuse",
     "policies.allowed_organizations": [2, 3],
     "policies.allowed_users": [7, 12],
     "max_concurrent_runs": 2,
@@ -89,6 +94,9 @@ EXAMPLES: dict[str, Any] = {
     "metrics_host": "10.0.0.5",
     "metrics_token_file": "/run/secrets/vfed-metrics-token",
     "min_rows": 20,
+    "min_cell_count": 10,
+    "max_glm_saturation": 0.2,
+    "max_structured_output_bytes": 4 * 1024 * 1024,
     "max_output_bytes": 64 * 1024 * 1024,
     "max_log_bytes": 16 * 1024,
     "share_logs_with_initiator": True,
@@ -161,6 +169,9 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "metrics_host": {"metrics_port": 9100, "metrics_token_file": "/run/secrets/vfed-metrics-token"},
     "datasets.<LABEL>.type": {"datasets.<LABEL>.uri": "/data/patients.parquet"},
     "datasets.<LABEL>.epsilon_budget": {"datasets.<LABEL>.uri": "/data/patients.csv"},
+    "datasets.<LABEL>.min_rows": {"datasets.<LABEL>.uri": "/data/patients.csv"},
+    "datasets.<LABEL>.min_cell_count": {"datasets.<LABEL>.uri": "/data/patients.csv"},
+    "datasets.<LABEL>.max_glm_saturation": {"datasets.<LABEL>.uri": "/data/patients.csv"},
     **{
         f"datasets.<LABEL>.{key}": {
             "datasets.<LABEL>.uri": "postgresql://reader@db.example.org:5432/clinic",
@@ -171,6 +182,7 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     },
     "policies.allowed_images[].max_run_time_s": {"policies.allowed_images[].image": "vfed-examples/*"},
     "policies.allowed_images[].organizations": {"policies.allowed_images[].image": "vfed-examples/*"},
+    "policies.allowed_images[].unchecked_outputs": {"policies.allowed_images[].image": "lab/legacy-*"},
     "ledger.backend": {"ledger.fabric": _FABRIC},
     **{
         f"runtime.{key}": {"runtime.kind": "kubernetes"}

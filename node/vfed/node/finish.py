@@ -32,9 +32,10 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from vfed.common.api import Reason, algorithm_error, classified
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
+from vfed.common.disclosure import Rule
 from vfed.common.growing_file import GrowingFile
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
-from vfed.node import run_folder
+from vfed.node import disclosure, run_folder
 from vfed.node.journal import Entry, Stage
 from vfed.node.log_sealing import seal_run_log
 from vfed.node.run_folder import SEALED_NAME, BadOutput
@@ -189,8 +190,9 @@ class Finisher:
         code = exit_status.exit_code if exit_status is not None else None
         if exit_status is not None:
             limit, judge = self.s.settings.max_output_bytes, status is None
-            removed, bad, error_type = await asyncio.to_thread(
-                _settle_output, run_dir, limit, exit_status.exit_code, judge
+            rules = self.output_rules(run_id)
+            removed, bad, error_type, refusal = await asyncio.to_thread(
+                _settle_output, run_dir, limit, exit_status.exit_code, judge, rules
             )
             if removed:
                 log.warning("run %s: removed non-regular files from the run folder: %s", run_id, removed)
@@ -198,10 +200,26 @@ class Finisher:
                 if exit_status.reason:  # the engine's words (State.Error): kept here, for the operator
                     log.debug("run %s: the runtime says: %s", run_id, exit_status.reason)
                 status, reason = _judge(exit_status, bad, error_type)
+                if refusal is not None and status == "completed":
+                    log.warning("run %s: output refused (%s): %s", run_id, refusal.reason, refusal.detail)
+                    status, reason = "failed", refusal.reason
         if status != "completed":
             (run_dir / OUTPUT_NAME).unlink(missing_ok=True)
         self.s.journal.exited(run_id, code, status or "crashed", reason)
         log.info("run %s: exited with code %s -> %s %s", run_id, code, status, reason or "")
+
+    def output_rules(self, run_id: int) -> disclosure.OutputRules:
+        """The disclosure rules the run was accepted with (journaled at its start); the strictest for a run
+        journaled without them."""
+        entry = self.s.journal.get(run_id)
+        if entry is not None and entry.output_rules:
+            try:
+                return disclosure.OutputRules.from_json(entry.output_rules)
+            except (ValueError, TypeError) as exc:
+                log.error(
+                    "run %s: its journaled output rules are unreadable (%s): the strictest apply", run_id, exc
+                )
+        return disclosure.fallback_rules(self.s.settings)
 
     async def complete(self, run_id: int, job_id: int, handle: str | None) -> None:
         """From the journal's stage to the final report; safe to call again after a crash."""
@@ -389,7 +407,8 @@ def _judge(exit_status: ExitStatus, bad_output: str | None, error_type: str | No
         return "failed", classified(Reason.OUT_OF_MEMORY, limit)
     code = exit_status.exit_code
     if code == EXIT_DISCLOSURE:
-        return "failed", classified(Reason.DISCLOSURE_REFUSED)
+        rule = error_type[len("rule:") :] if error_type and error_type.startswith("rule:") else None
+        return "failed", classified(Reason.DISCLOSURE_REFUSED, rule)
     if code == EXIT_SETUP_ERROR:
         return "failed", classified(Reason.BAD_INPUT)
     if code != 0:
@@ -406,34 +425,37 @@ def _memory_limit(runtime_reason: str | None) -> str | None:
     return None
 
 
+RULES = frozenset(rule.value for rule in Rule)
 ERROR_OUTPUT_MAX_BYTES = 1024 * 1024
 """An SDK error document is small; a bigger output of a failed run is not read for its type."""
 
 
 def _settle_output(
-    run_dir: Path, max_bytes: int, exit_code: int | None, judge: bool
-) -> tuple[list[str], str | None, str | None]:
+    run_dir: Path, max_bytes: int, exit_code: int | None, judge: bool, rules: disclosure.OutputRules
+) -> tuple[list[str], str | None, str | None, disclosure.Refusal | None]:
     """Clean the stopped run's folder of traps, then (with `judge`: the run ended by itself) check its
     output: (what was removed, why it is bad, the exception type the SDK's error document names when the
-    run failed)."""
+    run failed, why disclosure control refuses it)."""
     removed = run_folder.sanitize(run_dir)
     if not judge:
-        return removed, None, None
+        return removed, None, None, None
     if exit_code not in (0, None):
         try:
-            return removed, None, _error_type(run_folder.read_output(run_dir, ERROR_OUTPUT_MAX_BYTES))
+            return removed, None, _error_type(run_folder.read_output(run_dir, ERROR_OUTPUT_MAX_BYTES)), None
         except BadOutput:
-            return removed, None, None
+            return removed, None, None, None
     try:
         with run_folder.open_output(run_dir, max_bytes):
             pass  # a regular file within the limit: sealed later, read once
+        return removed, None, None, disclosure.judge(run_dir, rules, max_bytes)
     except BadOutput as exc:
-        return removed, str(exc), None
-    return removed, None, None
+        return removed, str(exc), None, None
 
 
 def _error_type(data: bytes) -> str | None:
-    """The `error.type` of the SDK's error document (vfed.common.payload.encode_error), if it is one."""
+    """The `error.type` of the SDK's error document (vfed.common.payload.encode_error), if it is one; for
+    a disclosure refusal, `rule:<name>` when the document names one of the rules (a name out of a fixed
+    list, so nothing the algorithm wrote passes on)."""
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, ValueError):
@@ -441,7 +463,11 @@ def _error_type(data: bytes) -> str | None:
     if not isinstance(document, dict) or document.get("format") != "error":
         return None
     error = document.get("error")
-    return type_name(error.get("type")) if isinstance(error, dict) else None
+    if not isinstance(error, dict):
+        return None
+    if error.get("rule") in RULES:
+        return f"rule:{error['rule']}"
+    return type_name(error.get("type"))
 
 
 def _sha256_file(path: Path) -> str:

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS runs (
     final_status TEXT,
     result_blob_id TEXT,
     deadline REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    output_rules TEXT
 )
 """
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -66,6 +67,8 @@ class Entry:
     final_status: str | None
     result_blob_id: str | None
     deadline: float | None
+    output_rules: str | None = None
+    """The disclosure rules the run's output is held to (vfed.node.disclosure.OutputRules, as JSON)."""
 
 
 class Journal:
@@ -82,6 +85,9 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "output_rules" not in columns:  # a journal of an agent older than disclosure control
+            self._db.execute("ALTER TABLE runs ADD COLUMN output_rules TEXT")
         self._db.execute(_META)
         self._db.execute(_DESCRIPTORS)
         self._db.execute(_DESCRIPTORS_BY_RUN)
@@ -121,8 +127,8 @@ class Journal:
             (run_id, task_id, job_id, Stage.CLAIMED, time.time()),
         )
 
-    def started(self, run_id: int, handle: str, deadline: float) -> None:
-        self._update(run_id, stage=Stage.STARTED, handle=handle, deadline=deadline)
+    def started(self, run_id: int, handle: str, deadline: float, output_rules: str | None = None) -> None:
+        self._update(run_id, stage=Stage.STARTED, handle=handle, deadline=deadline, output_rules=output_rules)
 
     def exited(self, run_id: int, exit_code: int | None, final_status: str, reason: str | None) -> None:
         self._update(
@@ -186,7 +192,7 @@ class Journal:
     def _select(self, where: str, args: tuple[object, ...]) -> list[Entry]:
         rows = self._exec(
             "SELECT run_id, task_id, job_id, stage, handle, exit_code, reason, final_status, result_blob_id,"
-            f" deadline FROM runs {where}",
+            f" deadline, output_rules FROM runs {where}",
             args,
         )
-        return [Entry(r[0], r[1], r[2], Stage(r[3]), r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows]
+        return [Entry(r[0], r[1], r[2], Stage(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]) for r in rows]

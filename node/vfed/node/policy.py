@@ -32,6 +32,8 @@ class Decision:
     allowed: bool
     reason: str = ""
     max_run_time_s: float = 0.0
+    unchecked_outputs: bool = False
+    """Outputs the node cannot check for disclosure are released (the image rule's `unchecked_outputs`)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ def check_run(
     """
     policies = settings.policies
     limit = settings.max_run_time_s
+    unchecked = policies.unchecked_outputs
     if policies.allowed_images is not None:
         root = initiators[-1][0] if initiators else None
         rule = _image_rule(policies.allowed_images, image, digest, root)
@@ -109,6 +112,8 @@ def check_run(
             )
         if rule.max_run_time_s is not None:
             limit = rule.max_run_time_s
+        if rule.unchecked_outputs is not None:
+            unchecked = rule.unchecked_outputs
     orgs = policies.allowed_organizations
     for org, _ in initiators:
         if orgs is not None and org not in orgs:
@@ -118,7 +123,7 @@ def check_run(
         root_user = number == len(initiators)
         if users is not None and (root_user or user is not None) and user not in users:
             return Decision(False, f"initiating user {user} is not allowed")
-    return Decision(True, "", limit)
+    return Decision(True, "", limit, unchecked == "allow")
 
 
 def _image_rule(

@@ -23,7 +23,7 @@ from vfed.common.api.reasons import type_name
 from vfed.common.crypto import ContextMismatch as BoundElsewhere
 from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
 from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument, TrustError, input_context
-from vfed.node import ahead, budget, run_folder, sql_dataset, timeline
+from vfed.node import ahead, budget, disclosure, run_folder, sql_dataset, timeline
 from vfed.node.config import NodeSettings
 from vfed.node.early_job import BusyJobs, EarlyJobFolder
 from vfed.node.image_sdk import SdkVerdicts
@@ -57,7 +57,6 @@ from vfed.proxy.server import ProxyServer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MIN_ROWS_ENV = "VFED_MIN_ROWS"
 EPSILON_GRANTED_ENV = "VFED_EPSILON_GRANTED"
 
 
@@ -86,6 +85,7 @@ class Prepared:
     max_run_time_s: float
     run_dir: Path
     accepted: Accepted
+    output_rules: disclosure.OutputRules
     epsilon: float | None = None
 
 
@@ -279,7 +279,8 @@ class Runner:
         run_dir = self.run_dir(run.id)
         await self._extract_datasets(run, task, run_dir)
         await _off_loop_if_big(len(plaintext), run_folder.write_input, run_dir, plaintext)
-        return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, epsilon)
+        rules = disclosure.rules_for(self.s.settings, task.datasets, decision.unchecked_outputs, epsilon)
+        return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, rules, epsilon)
 
     async def _extract_datasets(self, run: Run, task: Task, run_dir: Path) -> None:
         """Each `sql` dataset the run reads, extracted to Parquet in its folder (after every check: a refused
@@ -417,7 +418,7 @@ class Runner:
             organization_id=str(run.organization_id),
             datasets=datasets,
             with_proxy=True,
-            extra=_extra_env(settings, epsilon),
+            extra=_extra_env(settings, task.datasets, epsilon),
         )
         return RunSpec(
             run_id=str(run.id),
@@ -488,7 +489,7 @@ class Runner:
         trace.mark("started")
         self.s.metrics.start_latency.observe(time.monotonic() - claimed_at)
         deadline = time.time() + prepared.max_run_time_s
-        self.s.journal.started(run.id, handle, deadline)
+        self.s.journal.started(run.id, handle, deadline, prepared.output_rules.to_json())
         if self.s.leases is not None:
             self.s.leases.started(self.s.checks.run_key(run.id), run.id)
         trace.emit()
@@ -548,8 +549,8 @@ def _dataset(label: str, settings: NodeSettings) -> DatasetMount | ExtractedData
     return DatasetMount(label=label, host_path=dataset.uri, type=dataset.type)
 
 
-def _extra_env(settings: NodeSettings, epsilon: float | None) -> dict[str, str]:
-    env = {MIN_ROWS_ENV: str(settings.min_rows)}
+def _extra_env(settings: NodeSettings, datasets: list[str], epsilon: float | None) -> dict[str, str]:
+    env = disclosure.environment(settings, datasets)
     if epsilon is not None:
         env[EPSILON_GRANTED_ENV] = repr(epsilon)
     return env

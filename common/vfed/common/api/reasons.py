@@ -24,14 +24,17 @@ EXIT_ALGORITHM_ERROR = 1
 EXIT_SETUP_ERROR = 2
 """The run could not start: a bad input, an unknown method, a missing dataset."""
 EXIT_DISCLOSURE = 3
-"""Disclosure control refused (too few records)."""
+"""Disclosure control refused (too few records, a small count, a saturated model); the error output may
+name the rule (vfed.common.disclosure.Rule), which the node then puts in the reason."""
 
 
 class Reason(StrEnum):
     """The first word of a run's `reason`."""
 
     DISCLOSURE_REFUSED = "disclosure-refused"
-    """The SDK's minimum-rows check or the node's privacy budget refused to release an aggregate."""
+    """Disclosure control refused to release the output: `disclosure-refused: <rule>` (min-rows,
+    min-cell-count, glm-saturation, dp-budget, unchecked-output; vfed.common.disclosure.Rule), checked by
+    the SDK first and by the node on the output itself; or the node's privacy budget refused the run."""
     BAD_INPUT = "bad-input"
     """The run's input could not be used (not decryptable, not a valid task input, unknown method/dataset)."""
     OUT_OF_MEMORY = "out-of-memory"

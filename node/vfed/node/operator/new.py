@@ -175,12 +175,14 @@ def build_config(
     """The YAML mapping for this node, checked against the agent's own settings model.
 
     Deny by default: `policies.allowed_images` is always written, empty unless images are allowed (a node
-    without the key would run any image anyone names, and pull it from wherever its name points)."""
+    without the key would run any image anyone names, and pull it from wherever its name points). So is
+    `unchecked_outputs: refuse`: an output the node cannot check for disclosure is not released."""
     policies: dict[str, Any] = {"allowed_images": list(dict.fromkeys(allow_images or []))}
     if allow_organizations:
         policies["allowed_organizations"] = list(dict.fromkeys(allow_organizations))
     offered = dict(parse_dataset(d) for d in datasets)
     sql_keys(sql or {}, offered)
+    policies["unchecked_outputs"] = "refuse"
     data: dict[str, Any] = {
         "name": ref.name,
         "server_url": server_url,
