@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from vfed.common.api import Reason, algorithm_error, classified
+from vfed.common.api.errors import ApiError
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.common.disclosure import Rule
@@ -40,7 +41,7 @@ from vfed.node.journal import Entry, Stage
 from vfed.node.log_sealing import seal_run_log
 from vfed.node.run_folder import SEALED_NAME, BadOutput
 from vfed.node.runtime.base import OUTPUT_NAME, ExitStatus, NotFound, RuntimeUnavailable
-from vfed.proxy.rest import ApiError, ServerUnavailable, file_chunks
+from vfed.proxy.rest import ServerUnavailable, file_chunks
 
 if TYPE_CHECKING:
     from vfed.node.runner import Services

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from vfed.common.api import Reason, classified
+from vfed.common.api.errors import ApiError
 from vfed.common.api.reasons import type_name
 from vfed.common.crypto import ContextMismatch as BoundElsewhere
 from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
@@ -51,7 +52,7 @@ from vfed.node.timeline import StartTimeline
 from vfed.node.trust import Accepted, RunChecks, refusal_reason
 from vfed.proxy.app import ProxyContext, RunInfo
 from vfed.proxy.context import ProxyLimits
-from vfed.proxy.rest import ApiError, RestClient, Run, Task
+from vfed.proxy.rest import RestClient, Run, Task
 from vfed.proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from vfed.common.api.errors import error_response
+from vfed.common.api.errors import ApiError, error_response
 from vfed.common.api.statuses import task_status
 from vfed.common.crypto import (
     ContextMismatch,
@@ -35,7 +35,7 @@ from vfed.common.slow_clients import head_middleware
 from vfed.common.trust import TrustError
 from vfed.proxy import limits, subtasks
 from vfed.proxy.context import ProxyContext, ProxyError, RunInfo
-from vfed.proxy.rest import ApiError, Run, ServerUnavailable, Task
+from vfed.proxy.rest import Run, ServerUnavailable, Task
 from vfed.proxy.subtasks import NewTask
 
 __all__ = ["CONTEXT", "ProxyContext", "ProxyError", "RunInfo", "create_proxy_app"]

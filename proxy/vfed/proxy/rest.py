@@ -20,8 +20,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict
 
 from vfed.common import tls
-from vfed.common.api.errors import ApiError as ApiError  # noqa: PLC0414 - runner and finish import it here
-from vfed.common.api.errors import read_error
+from vfed.common.api.errors import ApiError, read_error
 from vfed.common.api.statuses import is_finished
 from vfed.common.chunks import body_and_length
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vfed.common.api.errors import ApiError
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_bytes
 from vfed.common.payload import TaskInput
 from vfed.common.trust import (
@@ -29,7 +30,7 @@ from vfed.common.trust import (
 )
 from vfed.proxy import limits
 from vfed.proxy.context import ProxyContext, ProxyError
-from vfed.proxy.rest import ApiError, Organization, Run, Task
+from vfed.proxy.rest import Organization, Run, Task
 
 
 def reserve(ctx: ProxyContext) -> None:
