@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PARTS_FORMAT = "parts"
 MAX_PARTS = 10_000
@@ -120,6 +128,16 @@ def _cells(value: Any) -> list[int]:
     return [cell for item in items for cell in _cells(item)]
 
 
+def _released(value: Any) -> Any:
+    """A released statistic: a number (or a flag), or a mapping of names to numbers; no lists."""
+    if isinstance(value, dict):
+        return {str(k): _numbers(v, f"value {k!r}", max_length=0) for k, v in value.items()}
+    return _numbers(value, "value", max_length=0)
+
+
+Released = Annotated[Any, AfterValidator(_released)]
+
+
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -164,15 +182,8 @@ class Aggregate(_Part):
 
     kind: Literal["aggregate"] = "aggregate"
     n: int = Field(ge=0, strict=True)
-    value: Any
+    value: Released
     counts: dict[str, Annotated[int, Field(ge=0, strict=True)]] = Field(default_factory=dict)
-
-    @field_validator("value")
-    @classmethod
-    def _valid(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): _numbers(v, f"value {k!r}", max_length=0) for k, v in value.items()}
-        return _numbers(value, "value", max_length=0)
 
 
 class Model(_Part):
@@ -202,7 +213,7 @@ class DP(_Part):
     kind: Literal["dp"] = "dp"
     epsilon: float = Field(gt=0, allow_inf_nan=False)
     mechanism: str = "laplace"
-    value: Any
+    value: Released
 
     @field_validator("mechanism")
     @classmethod
@@ -210,13 +221,6 @@ class DP(_Part):
         if not _MECHANISM.fullmatch(value):
             raise ValueError("a mechanism is a short lower-case name (laplace, gaussian, ...)")
         return value
-
-    @field_validator("value")
-    @classmethod
-    def _valid(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): _numbers(v, f"value {k!r}", max_length=0) for k, v in value.items()}
-        return _numbers(value, "value", max_length=0)
 
 
 Part = Annotated[Counts | Histogram | Aggregate | Model | DP, Field(discriminator="kind")]
