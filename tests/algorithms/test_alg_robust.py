@@ -5,6 +5,7 @@ summary statistics under the cell rule."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,13 +15,22 @@ from alg_helpers import example, partitions
 
 from vfed.algorithms import DisclosureError, SubtaskFailed, min_cell_count, require_min_cells
 from vfed.algorithms.testing import LocalClient
+from vfed.common.disclosure import as_document, decoded
 
 federated_glm = example("federated_glm")
 summary_stats = example("summary_stats")
 
 
-def _client(module: object, frames: list[pd.DataFrame]) -> LocalClient:
-    return LocalClient(module, {i + 1: {"default": f} for i, f in enumerate(frames)})  # type: ignore[arg-type]
+def _client(module: object, frames: list[pd.DataFrame], min_cell_count: int = 5) -> LocalClient:
+    """Organizations 1, 2, ... holding the frames, with the node's output check at `min_cell_count`."""
+    datasets = {i + 1: {"default": f} for i, f in enumerate(frames)}
+    return LocalClient(module, datasets, min_cell_count=min_cell_count)  # type: ignore[arg-type]
+
+
+def _plain(value: object) -> Any:
+    """What a federated function returned, as the central function receives it (structured parts decoded)."""
+    document = as_document(value)
+    return value if document is None else decoded(document)
 
 
 def _regions(seed: int = 2) -> list[pd.DataFrame]:
@@ -245,11 +255,11 @@ def test_a_level_rarer_than_the_cell_minimum_is_refused_without_its_count() -> N
         )
     assert isinstance(caught.value, DisclosureError), "the wrapper reports it as disclosure-refused"
     # what organization 1 released: no level counts at all (their sum would give the rare one away)
-    released = federated_glm.partial_levels(frames[0], "cost", ["region"])
+    released = _plain(federated_glm.partial_levels(frames[0], "cost", ["region"]))
+    assert not released.pop("cells")  # no combination counted either
     assert released == {
         "n": len(frames[0]),
         "categorical": {"region": {"levels": {}, "rare": True}},
-        "cells": [],
     }
 
 
@@ -308,7 +318,10 @@ def test_the_cell_minimum_is_the_nodes_setting(monkeypatch: pytest.MonkeyPatch) 
     frames[0].loc[frames[0].index[:4], "region"] = "d"
     monkeypatch.setenv("VFED_MIN_CELL_COUNT", "3")
     fit = federated_glm.glm(
-        _client(federated_glm, frames), outcome="cost", predictors=["region"], family="linear"
+        _client(federated_glm, frames, min_cell_count=3),
+        outcome="cost",
+        predictors=["region"],
+        family="linear",
     )
     assert fit["levels"]["region"]["counts"]["d"] == 4 and "region[d]" in fit["coefficients"]
 
@@ -416,7 +429,10 @@ def _with_diagnosis(counts: list[dict[str, int]]) -> list[pd.DataFrame]:
     frames = []
     for index, levels in enumerate(counts):
         values = [level for level, count in levels.items() for _ in range(count)]
-        frame = pd.DataFrame({"diagnosis": values + [None] * 3, "stage": np.arange(len(values) + 3) % 3})
+        missing = 5  # a count like any other: 1 to 4 would refuse the column's summary
+        frame = pd.DataFrame(
+            {"diagnosis": values + [None] * missing, "stage": np.arange(len(values) + missing) % 3}
+        )
         frame["age"] = 40.0 + index
         frames.append(frame)
     return frames
@@ -429,10 +445,10 @@ def test_level_counts_below_the_cell_minimum_are_not_released() -> None:
         {"flu": 12, "cold": 9},  # nothing to hide
     ]
     frames = _with_diagnosis(counts)
-    partials = [summary_stats.partial_stats(f, columns=["diagnosis"])["diagnosis"] for f in frames]
+    partials = [_plain(summary_stats.partial_stats(f, columns=["diagnosis"]))["diagnosis"] for f in frames]
     assert [p["levels"] for p in partials] == [{"cold": 30, "flu": 50}, {"flu": 40}, {"cold": 9, "flu": 12}]
     for partial, levels in zip(partials, counts, strict=True):
-        assert partial["missing"] == 3 and partial["n"] == sum(levels.values())
+        assert partial["missing"] == 5 and partial["n"] == sum(levels.values())
         hidden = partial["n"] - sum(partial["levels"].values())
         assert hidden == 0 or hidden >= 5, "the released counts must not give a small total away"
         assert set(partial) == {"rows", "missing", "n", "levels"}
@@ -440,7 +456,7 @@ def test_level_counts_below_the_cell_minimum_are_not_released() -> None:
     result = summary_stats.summary(_client(summary_stats, frames), columns=["diagnosis", "age"])
     assert result["columns"]["diagnosis"] == {
         "rows": sum(len(f) for f in frames),
-        "missing": 9,
+        "missing": 15,
         "count": 172,
         "levels": {"cold": 39, "flu": 102},
         "suppressed": 31,
@@ -470,7 +486,8 @@ def test_a_numeric_code_declared_categorical_is_counted_by_level(monkeypatch: py
     assert result["columns"]["stage"]["levels"] == {str(s): int((stage == s).sum()) for s in (0, 1, 2)}
     monkeypatch.setenv("VFED_MIN_CELL_COUNT", "0")  # the node turned the cell rule off
     result = summary_stats.summary(
-        _client(summary_stats, _with_diagnosis([{"flu": 12, "x": 1}] * 2)), columns=["diagnosis"]
+        _client(summary_stats, _with_diagnosis([{"flu": 12, "x": 1}] * 2), min_cell_count=0),
+        columns=["diagnosis"],
     )
     assert result["columns"]["diagnosis"]["levels"] == {"flu": 24, "x": 2}
 
