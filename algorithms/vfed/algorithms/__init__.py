@@ -7,7 +7,7 @@ does the rest. A federated function returns its result as `Parts` whose kinds (`
 only `vfed.common`; pandas is loaded when a dataset is.
 """
 
-from vfed.algorithms.client import AlgorithmClient, Organization, SubtaskFailed, TaskState
+from vfed.algorithms.client import AlgorithmClient, SubtaskFailed
 from vfed.algorithms.decorators import central, federated
 from vfed.algorithms.disclosure import (
     DisclosureError,
@@ -17,6 +17,7 @@ from vfed.algorithms.disclosure import (
     require_min_rows,
 )
 from vfed.algorithms.transport import ProxyError, ProxyUnavailable
+from vfed.common.api.proxy import Organization, TaskState
 from vfed.common.disclosure import DP, Aggregate, Counts, Histogram, Model, Parts
 from vfed.common.payload import AlgorithmError, TaskInput
 

@@ -14,9 +14,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from vfed.algorithms.transport import ProxyError, ProxyUnavailable, Response, Transport
+from vfed.common.api.proxy import Organization, RunInfo, Subtask, SubtaskRun, TaskState
 from vfed.common.api.statuses import RunStatus
 from vfed.common.manifest import FunctionSpec
 from vfed.common.payload import TaskInput, decode_result
@@ -26,61 +25,6 @@ log = logging.getLogger(__name__)
 LONG_POLL_S = 30.0
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class Organization(_Model):
-    """An organization of the collaboration."""
-
-    id: int
-    name: str
-    key_id: str | None = None
-
-
-class RunInfo(_Model):
-    """The run this algorithm is executing as."""
-
-    run_id: int
-    task_id: int
-    job_id: int
-    organization_id: int
-    collaboration_id: int
-    image: str
-
-
-class Subtask(_Model):
-    """A created subtask: one run per target organization."""
-
-    task_id: int
-    run_ids: list[int]
-
-
-class SubtaskRun(_Model):
-    """One organization's run of a subtask."""
-
-    run_id: int
-    organization_id: int
-    status: RunStatus
-    reason: str | None = None
-
-
-class TaskState(_Model):
-    """A subtask and its runs; `done` when every run has finished."""
-
-    task_id: int
-    status: str
-    runs: list[SubtaskRun] = Field(default_factory=list)
-    done: bool | None = None
-
-    @property
-    def finished(self) -> bool:
-        """Every run is in a terminal status (the proxy's `done` flag when it gave one)."""
-        if self.done is not None:
-            return self.done
-        return all(run.status.finished for run in self.runs)
 
 
 class SubtaskFailed(Exception):

@@ -17,14 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from vfed.algorithms.client import (
-    AlgorithmClient,
-    Organization,
-    Subtask,
-    SubtaskFailed,
-    SubtaskRun,
-    TaskState,
-)
+from vfed.algorithms.client import AlgorithmClient, SubtaskFailed
 from vfed.algorithms.datasets import DatasetType, env_key, load_dataset
 from vfed.algorithms.decorators import declared_functions
 from vfed.algorithms.disclosure import (
@@ -36,6 +29,7 @@ from vfed.algorithms.disclosure import (
     require_min_rows,
 )
 from vfed.algorithms.transport import Transport
+from vfed.common.api.proxy import Organization, Subtask, SubtaskRun, TaskState
 from vfed.common.api.statuses import RunStatus
 from vfed.common.disclosure import Limits, Rule, as_document
 from vfed.common.manifest import FunctionKind, declared_epsilon

@@ -20,8 +20,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from vfed.common.api import proxy as api
 from vfed.common.api.errors import ApiError, error_response
-from vfed.common.api.statuses import task_status
 from vfed.common.crypto import (
     ContextMismatch,
     CryptoError,
@@ -83,21 +83,20 @@ async def errors_middleware(  # noqa: PLR0911 - one answer per error kind
 
 async def get_run(request: web.Request) -> web.Response:
     info = request.app[CONTEXT].run
-    return web.json_response(
-        {
-            "run_id": info.run_id,
-            "task_id": info.task_id,
-            "job_id": info.job_id,
-            "organization_id": info.organization_id,
-            "collaboration_id": info.collaboration_id,
-            "image": info.image,
-        }
+    answer = api.RunInfo(
+        run_id=info.run_id,
+        task_id=info.task_id,
+        job_id=info.job_id,
+        organization_id=info.organization_id,
+        collaboration_id=info.collaboration_id,
+        image=info.image,
     )
+    return web.json_response(answer.model_dump(mode="json"))
 
 
 async def get_organizations(request: web.Request) -> web.Response:
     orgs = await request.app[CONTEXT].rest.list_organizations()
-    data = [{"id": o.id, "name": o.name, "key_id": o.key_id} for o in orgs]
+    data = [api.Organization(id=o.id, name=o.name, key_id=o.key_id).model_dump(mode="json") for o in orgs]
     return web.json_response({"data": data})
 
 
@@ -135,7 +134,8 @@ async def post_task(request: web.Request) -> web.Response:
     ctx.subtasks.add(task.id)
     runs = await ctx.rest.list_runs(task_id=task.id)
     log.info("run %s created subtask %s for organizations %s", ctx.run.run_id, task.id, orgs)
-    return web.json_response({"task_id": task.id, "run_ids": [r.id for r in runs]}, status=201)
+    answer = api.Subtask(task_id=task.id, run_ids=[r.id for r in runs])
+    return web.json_response(answer.model_dump(mode="json"), status=201)
 
 
 async def _create_subtask(ctx: ProxyContext, new: NewTask, orgs: list[int]) -> Task:
@@ -185,23 +185,18 @@ async def _own_task_runs(ctx: ProxyContext, task_id: int) -> list[Run]:
     return await ctx.rest.list_runs(task_id=task_id)
 
 
-def _task_view(task_id: int, runs: list[Run]) -> dict[str, Any]:
-    done = bool(runs) and all(r.finished for r in runs)
-    return {
-        "task_id": task_id,
-        "status": str(task_status(r.status for r in runs)),
-        "done": done,
-        "runs": [
-            {"run_id": r.id, "organization_id": r.organization_id, "status": r.status, "reason": r.reason}
-            for r in runs
-        ],
-    }
+def _task_view(task_id: int, runs: list[Run]) -> api.TaskState:
+    found = [
+        api.SubtaskRun(run_id=r.id, organization_id=r.organization_id, status=r.status, reason=r.reason)
+        for r in runs
+    ]
+    return api.TaskState.of(task_id, found)
 
 
 async def get_task(request: web.Request) -> web.Response:
     task_id = _int_param(request, "task_id")
     runs = await _own_task_runs(request.app[CONTEXT], task_id)
-    return web.json_response(_task_view(task_id, runs))
+    return web.json_response(_task_view(task_id, runs).model_dump(mode="json"))
 
 
 async def wait_task(request: web.Request) -> web.Response:
@@ -216,8 +211,8 @@ async def wait_task(request: web.Request) -> web.Response:
     delay = 0.05
     while True:
         view = _task_view(task_id, await _own_task_runs(ctx, task_id))
-        if view["done"] or time.monotonic() >= deadline:
-            return web.json_response(view)
+        if view.done or time.monotonic() >= deadline:
+            return web.json_response(view.model_dump(mode="json"))
         await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
         delay = min(delay * 2, WAIT_POLL_MAX_S)
 
