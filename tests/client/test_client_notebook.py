@@ -34,7 +34,7 @@ def _frames() -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng(7)
     return {
         org: pd.DataFrame({"age": rng.integers(20, 80, rows), "bmi": rng.normal(26, 4, rows).round(1)})
-        for org, rows in zip(ORGS, (40, 55), strict=True)
+        for org, rows in zip(ORGS, (200, 260), strict=True)  # 3 histogram bins of 5 or more each
     }
 
 

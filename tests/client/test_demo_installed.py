@@ -307,7 +307,8 @@ def own_image(installed: Installed, docker_client: Any) -> Iterator[tuple[str, s
         f"print(d.build_example(docker.from_env(), 'vfed/algorithm-base:latest', {image!r}))"
     )
     try:
-        context, built = _installed_python(installed, script).strip().splitlines()
+        # the first line and the last: the builder says what it builds in between
+        context, *_, built = _installed_python(installed, script).strip().splitlines()
         assert built == image
         yield context, image
     finally:
