@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +33,22 @@ def missing(component: str, why: str) -> None:
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{component} is required by this run but unavailable: {why}", pytrace=False)
     pytest.skip(f"{component} unavailable: {why}")
+
+
+def json_child(module: str, argument: str, what: str, timeout_s: float | None = None) -> dict[str, Any]:
+    """`python -m module argument` from the repository root, in a process of its own (so its memory is its
+    own); its last line of output as JSON. AssertionError with the child's stderr when it fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, argument],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def free_port() -> int:

@@ -11,15 +11,15 @@ import asyncio
 import json
 import os
 import secrets
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from tests import infra
+
 MIB = 1024 * 1024
-REPO = Path(__file__).resolve().parents[2]
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -147,16 +147,7 @@ def fetch_in_process(url: str, token: str, key_file: Path, work: Path, task_id: 
     spec = json.dumps(
         {"url": url, "token": token, "key_file": str(key_file), "work": str(work), "task": task_id}
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.node.bigresult_kit", spec],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"the researcher's download failed:\n{out.stderr[-3000:]}")
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    return infra.json_child("tests.node.bigresult_kit", spec, "the researcher's download")
 
 
 async def fetch(spec: dict[str, Any]) -> tuple[Path, float]:

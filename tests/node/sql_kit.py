@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ from sqlalchemy.engine import make_url
 from tests import infra
 
 MIB = 1024 * 1024
-REPO = Path(__file__).resolve().parents[2]
 READER = "vfed_sql_reader"
 """A role whose password PostgreSQL checks (the session's cluster trusts every other role)."""
 
@@ -121,18 +119,7 @@ def extract_in_child(
     `without_pandas`: pandas cannot be imported, as in the vfed/node image (installed, pyarrow's first
     conversion loads it: ~45 MiB more)."""
     job = json.dumps({"dataset": dataset, "target": str(target), "without_pandas": without_pandas})
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.node.sql_kit", job],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout_s,
-        cwd=REPO,
-    )
-    if done.returncode != 0:
-        raise AssertionError(f"extraction child failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return answer
+    return infra.json_child("tests.node.sql_kit", job, "the extraction child", timeout_s)
 
 
 def _status_mib(field: str) -> float:
