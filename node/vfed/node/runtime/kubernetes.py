@@ -8,6 +8,7 @@ the outcome (in memory, for this runtime instance) for `wait` and `logs`; `clean
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -25,6 +26,7 @@ from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from pydantic import SecretStr
 
 from vfed.node.runtime.base import (
     LABEL_AGENT,
@@ -107,6 +109,7 @@ class KubernetesRuntime(Runtime):
     """Runs each run as a Job in one namespace of a cluster, found again by its labels."""
 
     name = "kubernetes"
+    proxy_over_network = True
 
     def __init__(self, config: KubernetesRuntimeConfig | None = None) -> None:
         self.config = config or KubernetesRuntimeConfig()
@@ -124,6 +127,12 @@ class KubernetesRuntime(Runtime):
                 f"the kubernetes runtime takes a KubernetesRuntimeConfig, not {type(config).__name__}"
             )
         return cls(config)
+
+    def proxy_listen_address(self) -> tuple[str, int] | None:
+        """The listener behind `proxy_service`; None without one (runs then have no way out)."""
+        if self.config.proxy_service is None:
+            return None
+        return self.config.proxy_listen_host, self.config.listen_port
 
     # -- lifecycle
 
@@ -351,6 +360,20 @@ class KubernetesRuntime(Runtime):
         except BaseException:
             self._remove_run_objects(name)
             raise
+
+    async def proxy_token(self, handle: str) -> SecretStr | None:
+        """The token in the run's Secret (which the pod mounts); None when the run has none any more."""
+        name = self._job_of(handle)
+
+        def read() -> SecretStr | None:
+            secret = self._json(self.core.read_namespaced_secret(name, self.ns, _preload_content=False))
+            value = (secret.get("data") or {}).get("token")
+            return SecretStr(base64.b64decode(value).decode()) if value else None
+
+        try:
+            return await self._call(f"proxy token of {handle}", read)
+        except NotFound:
+            return None
 
     def _exists(self, read: Callable[..., Any], name: str) -> bool:
         try:
