@@ -128,6 +128,9 @@ EXAMPLES: dict[str, Any] = {
     "runtime.proxy_service": "vfed-proxy",
     "runtime.proxy_port": 8080,
     "runtime.proxy_pod_labels": {"app.kubernetes.io/name": "vfed-proxy"},
+    "runtime.proxy_listen_host": "10.0.0.4",
+    "runtime.proxy_listen_port": 9443,
+    "runtime.proxy_ip_blocks": ["192.0.2.10/32"],
     "runtime.allow_dns": False,
     "runtime.gpu_resource": "nvidia.com/gpu",
     "runtime.gpus": 1,
@@ -188,6 +191,7 @@ COMPANIONS: dict[str, dict[str, Any]] = {
         f"runtime.{key}": {"runtime.kind": "kubernetes"}
         for key in (
             *("namespace", "kubeconfig", "context", "image_engine_url", "proxy_service", "proxy_port"),
+            *("proxy_listen_host", "proxy_listen_port", "proxy_ip_blocks"),
             *("proxy_pod_labels", "allow_dns", "gpu_resource", "gpus", "active_deadline_s"),
             *("ttl_after_finished_s", "termination_grace_s", "unschedulable_wait_s", "poll_interval_s"),
             *("job_storage_class", "job_storage_bytes", "dataset_sources", "run_claim"),
