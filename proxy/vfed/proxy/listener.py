@@ -220,7 +220,8 @@ class TokenRouter(asyncio.Protocol):
     def _refuse(self, why: str) -> None:
         self._finish()
         self._listener.stats.refuse(why)
-        log.info("run proxy listener: refused a connection (%s)", why)
+        # debug: a run's algorithm could otherwise fill the agent's log with refused connections
+        log.debug("run proxy listener: refused a connection (%s)", why)
         body = unauthorized_body()
         head = (
             "HTTP/1.1 401 Unauthorized\r\n"
