@@ -148,8 +148,8 @@ class KubernetesRuntimeConfig(RuntimeConfig):
     )
     host_path_map: dict[str, str] = Field(
         default_factory=dict,
-        description="Path prefix as the agent sees it -> the same path on the cluster's nodes. The run "
-        "folder and proxy socket folder reach pods as host paths: the agent must share the node's disk.",
+        description="Path prefix as the agent sees it -> the same path on the cluster's nodes. Without "
+        "run_claim, run folders reach pods as host paths: the agent must share the node's disk.",
     )
     max_waiters: int = Field(default=64, gt=0, description="Threads kept for the client's blocking calls.")
 
