@@ -291,10 +291,11 @@ async def _run_central_task(
             (run,) = await researcher.runs(task["id"])
             run_log = await researcher.run_log(run)
         left = await _left(api, name)
-        secrets_seen = await asyncio.to_thread(_history, api, "secrets")
+        secrets_seen, jobs = await asyncio.gather(
+            asyncio.to_thread(_history, api, "secrets"), asyncio.to_thread(_history, api, "jobs")
+        )
         tokens = [(s["metadata"]["labels"]["vfed.run_id"], s["data"]["token"]) for s in secrets_seen]
         after = [await _status(listener, _decoded(token)) for _, token in tokens]
-        jobs = await asyncio.to_thread(_history, api, "jobs")
     finally:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(30)
