@@ -78,7 +78,7 @@ def _raw(address: tuple[str, int], request: bytes) -> tuple[int, dict[str, str],
     return int(lines[0].split()[1]), headers, body
 
 
-async def test_each_token_reaches_its_own_runs_proxy_and_nothing_else_passes(
+async def test_each_token_reaches_its_own_runs_proxy_only_and_nothing_else_passes(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -104,6 +104,19 @@ async def test_each_token_reaches_its_own_runs_proxy_and_nothing_else_passes(
         assert len(details) == 1
         assert two.listener.stats.refused["bad-token"] >= len(refusals) + 3
         tokens = (two.token(0), two.token(1))
+        # One keep-alive connection cannot change runs; an ended run's token opens nothing.
+        connector = aiohttp.TCPConnector(limit=1)  # one keep-alive connection for every request
+        async with aiohttp.ClientSession(connector=connector) as session:
+            assert (await _get(two.url, two.token(0), session))[0] == 200
+            status, body = await _get(two.url, two.token(1), session)  # same connection, other run's token
+            assert (status, body["error"]) == (401, "unauthorized")
+            assert (await _get(two.url, two.token(0), session))[0] == 200  # a new connection after the close
+            ended = two.token(0)
+            await two.proxies[0].stop()  # the run ended: its open connection goes, its token opens nothing
+            status, body = await _get(two.url, ended, session)
+            assert (status, body["error"]) == (401, "unauthorized")
+        assert (await _get(two.url, two.token(1)))[0] == 200  # the other run is unaffected
+        assert two.listener.runs == 1
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert logged and not any(t in logged for t in tokens)
 
@@ -117,22 +130,6 @@ def _run_view(run: RunInfo) -> dict[str, Any]:
         "collaboration_id": run.collaboration_id,
         "image": run.image,
     }
-
-
-async def test_a_connection_cannot_change_runs_and_an_ended_run_opens_nothing(world: World) -> None:
-    async with _two_runs(world) as two:
-        connector = aiohttp.TCPConnector(limit=1)  # one keep-alive connection for every request
-        async with aiohttp.ClientSession(connector=connector) as session:
-            assert (await _get(two.url, two.token(0), session))[0] == 200
-            status, body = await _get(two.url, two.token(1), session)  # same connection, other run's token
-            assert (status, body["error"]) == (401, "unauthorized")
-            assert (await _get(two.url, two.token(0), session))[0] == 200  # a new connection after the close
-            ended = two.token(0)
-            await two.proxies[0].stop()  # the run ended: its open connection goes, its token opens nothing
-            status, body = await _get(two.url, ended, session)
-            assert (status, body["error"]) == (401, "unauthorized")
-        assert (await _get(two.url, two.token(1)))[0] == 200  # the other run is unaffected
-        assert two.listener.runs == 1
 
 
 async def test_oversized_or_unfinished_heads_are_cut(world: World) -> None:
