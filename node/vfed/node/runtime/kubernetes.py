@@ -430,12 +430,14 @@ class KubernetesRuntime(Runtime):
         loop = asyncio.get_running_loop()
         try:
             watching = loop.run_in_executor(self._watch_pool, self._watch_pods, name, version, timeout_s)
-            await asyncio.wait_for(watching, timeout_s + 5)
+            await asyncio.wait_for(watching, timeout_s)  # the thread ends with the server's timeoutSeconds
+        except TimeoutError:
+            return
         except ApiException as exc:
             log.debug("watch of %s refused (%s); reading its state again", handle, exc.status)
             if exc.status != 410:  # Gone is answered by a new read; anything else waits out the pause
                 await asyncio.sleep(timeout_s)
-        except (urllib3.exceptions.HTTPError, OSError, TimeoutError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             log.debug("watch of %s broke (%s); reading its state again", handle, exc)
             await asyncio.sleep(timeout_s)
 
