@@ -49,7 +49,8 @@ class RegistryImages:
             timeout_s=config.registry_timeout_s,
         )
         self._names: dict[str, ImageRef] = {}
-        self._manifests: dict[str, Manifest] = {}
+        self._manifests: dict[tuple[str, str], Manifest] = {}
+        """(name, digest asked for) -> the manifest found: an index's digest maps to its platform's image."""
         self._labels: dict[str, dict[str, str]] = {}
 
     async def close(self) -> None:
@@ -68,14 +69,14 @@ class RegistryImages:
 
     async def _manifest(self, image: str) -> Manifest:
         ref = self._ref(image)
-        if ref.digest is not None and ref.digest in self._manifests:
-            return self._manifests[ref.digest]
+        if ref.digest is not None and (ref.name, ref.digest) in self._manifests:
+            return self._manifests[(ref.name, ref.digest)]
         await self.client.open()
         found = await self.client.manifest(ref)
         self._names[found.digest] = found.ref
-        self._manifests[found.digest] = found
+        self._manifests[(ref.name, found.digest)] = found
         if ref.digest is not None:
-            self._manifests[ref.digest] = found  # an index's digest, pinned by the task: same image
+            self._manifests[(ref.name, ref.digest)] = found
         return found
 
     async def digest(self, image: str) -> str:
