@@ -23,7 +23,6 @@ from tests.docker_registry import Registry, TokenService, tiny_image
 from vfed.node.runtime import PermanentStartError, RuntimeUnavailable
 from vfed.node.runtime.kubernetes import KubernetesRuntime
 from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig, RegistryEndpoint
-from vfed.node.runtime.oci_registry import parse_reference
 from vfed.server import tls_init
 
 pytestmark = [pytest.mark.docker]
@@ -208,18 +207,3 @@ async def test_a_tls_registry_with_token_auth(guarded: Guarded, tiny: Pushed, tm
                 await rt.image_digest(name)
         finally:
             await rt.close()
-
-
-def test_references_are_read_as_docker_reads_them() -> None:
-    assert str(parse_reference("ubuntu", "docker.io")) == "docker.io/library/ubuntu:latest"
-    assert str(parse_reference("vfed/base:1", "docker.io")) == "docker.io/vfed/base:1"
-    assert str(parse_reference("vfed/base", "reg.example:5000")) == "reg.example:5000/vfed/base:latest"
-    assert str(parse_reference("localhost/a/b@sha256:" + "0" * 64, "x")) == "localhost/a/b@sha256:" + "0" * 64
-    assert parse_reference("127.0.0.1:5000/a:v@sha256:" + "1" * 64, "x").tag == "v"
-    for bad in ("a@sha512:00", "UPPER/case", "a:b:c", "a//b", ""):
-        with pytest.raises(ValueError):
-            parse_reference(bad, "docker.io")
-    with pytest.raises(ValueError, match="needs `insecure: true`"):
-        RegistryEndpoint(url="http://registry.example.org")
-    assert RegistryEndpoint(url="http://registry.example.org", insecure=True).insecure
-    assert RegistryEndpoint(url="http://127.0.0.1:5000").url
