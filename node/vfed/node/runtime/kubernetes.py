@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +24,6 @@ from typing import Any, Self, TypeVar
 import urllib3.exceptions
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
@@ -57,6 +56,7 @@ from vfed.node.runtime.kubernetes_spec import (
     secret_body,
 )
 from vfed.node.runtime.kubernetes_status import Obj, latest_pod, observe, run_state
+from vfed.node.runtime.kubernetes_watch import next_pod_event, pod_end
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -429,7 +429,9 @@ class KubernetesRuntime(Runtime):
         assert self._watch_pool is not None
         loop = asyncio.get_running_loop()
         try:
-            watching = loop.run_in_executor(self._watch_pool, self._watch_pods, name, version, timeout_s)
+            selector = f"job-name={name}"
+            watch = functools.partial(next_pod_event, self.core, self.ns, selector, version, timeout_s)
+            watching = loop.run_in_executor(self._watch_pool, watch)
             await asyncio.wait_for(watching, timeout_s)  # the thread ends with the server's timeoutSeconds
         except TimeoutError:
             return
@@ -440,20 +442,6 @@ class KubernetesRuntime(Runtime):
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             log.debug("watch of %s broke (%s); reading its state again", handle, exc)
             await asyncio.sleep(timeout_s)
-
-    def _watch_pods(self, name: str, version: str, timeout_s: float) -> None:
-        watcher: Any = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-        stream = watcher.stream(
-            self.core.list_namespaced_pod,
-            self.ns,
-            label_selector=f"job-name={name}",
-            resource_version=version or None,
-            timeout_seconds=max(1, math.ceil(timeout_s)),
-            _request_timeout=timeout_s + 5,
-        )
-        for _ in stream:
-            watcher.stop()
-            break
 
     def _end(self, handle: str, name: str, pods: list[Obj], status: ExitStatus) -> None:
         """End a run Kubernetes would keep trying: keep why (as its log), then remove its objects."""
@@ -515,30 +503,28 @@ class KubernetesRuntime(Runtime):
 
     def _last_status(self, pod: Obj | None, timeout_s: float) -> ExitStatus:
         """The killed pod's terminated state, watched from the version we saw until it shows or the pod is
-        gone (a poll could miss it: the object goes right after its container)."""
+        gone (a poll could miss it: the object goes right after its container). A 410 Gone (that version
+        is too old) reads the pod again and watches on from there."""
         if pod is None:
             return ExitStatus(exit_code=None, reason="killed before it ran")
         meta = pod["metadata"]
-        last: Obj = pod
-        watcher: Any = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-        stream = watcher.stream(
-            self.core.list_namespaced_pod,
-            self.ns,
-            label_selector=f"job-name={meta['labels']['job-name']}",
-            resource_version=meta["resourceVersion"],
-            timeout_seconds=max(1, round(timeout_s)),
-        )
-        for event in stream:
-            seen: Obj = self._api_any().sanitize_for_serialization(event["object"])
-            if seen["metadata"]["name"] != meta["name"]:
-                continue
-            last = seen
-            status = observe({}, [last], unschedulable_wait_s=float("inf")).status
+        selector = f"job-name={meta['labels']['job-name']}"
+        version = str(meta["resourceVersion"])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                left_s = deadline - time.monotonic()
+                return pod_end(self._api_any(), self.core, self.ns, meta["name"], selector, version, left_s)
+            except ApiException as exc:
+                if exc.status != 410 or time.monotonic() >= deadline:
+                    raise
+            pods, version = self._list_at(self.core.list_namespaced_pod, selector)
+            mine = [p for p in pods if p["metadata"]["name"] == meta["name"]]
+            if not mine:
+                return ExitStatus(exit_code=None, reason="killed")
+            status = observe({}, mine, unschedulable_wait_s=float("inf")).status
             if status is not None:
                 return status
-            if event["type"] == "DELETED":
-                break
-        return ExitStatus(exit_code=None, reason="killed")
 
     async def cleanup(self, handle: str) -> None:
         try:
