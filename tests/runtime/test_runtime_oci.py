@@ -193,12 +193,17 @@ async def test_a_tls_registry_with_token_auth(guarded: Guarded, tiny: Pushed, tm
     assert asked["query"] == {"scope": f"repository:{tiny.repository}:pull", "service": "vfed-reg"}
     assert asked["authorization"].startswith("Basic ")  # the configured credentials, to the token service
 
+    host = guarded.registry.host  # without ca_file below: the system's CAs, which do not know this one
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"auths": {guarded.registry.host: {"username": "reader", "password": "no"}}}))
     for changes, error, match in [
         ({"registry_credentials_file": str(wrong)}, PermanentStartError, "token service .* answered 401"),
         ({"registry_credentials_file": None}, PermanentStartError, "token service .* answered 401"),
-        ({"registries": {}}, RuntimeUnavailable, "CERTIFICATE_VERIFY_FAILED"),  # not the configured CA
+        (
+            {"registries": {host: RegistryEndpoint(url=f"https://{host}")}},
+            RuntimeUnavailable,
+            "CERTIFICATE_VERIFY",
+        ),
         ({"registry_credentials_file": str(tmp_path / "absent.json")}, RuntimeUnavailable, "absent.json"),
     ]:
         rt = _guarded_runtime(guarded, **changes)
