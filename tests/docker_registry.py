@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,9 +67,11 @@ def registry(
     *,
     tls: tuple[Path, Path] | None = None,
     token: dict[str, str] | None = None,
+    htpasswd: Path | None = None,
 ) -> Iterator[Registry]:
     """A registry on 127.0.0.1:<free port>; `tls` (certificate, key) serves https, `token` (realm, service,
-    issuer, rootcertbundle) asks for bearer tokens. Stopped, and its own folders removed, on exit."""
+    issuer, rootcertbundle) asks for bearer tokens, `htpasswd` (a file of `htpasswd_line`s) for basic
+    credentials. Stopped, and its own folders removed, on exit."""
     if not Path(BINARY).exists():
         infra.missing("docker-registry", f"no {BINARY} (apt-get install docker-registry; make infra)")
     work = Path(tempfile.mkdtemp(prefix="vfed-registry-"))
@@ -87,6 +90,8 @@ def registry(
                 config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
             if token is not None:
                 config["auth"] = {"token": token}
+            if htpasswd is not None:
+                config["auth"] = {"htpasswd": {"realm": "vfed-test", "path": str(htpasswd)}}
             (work / "config.yml").write_text(yaml.safe_dump(config))
             log = work / "registry.log"
             with log.open("ab") as out:
@@ -115,6 +120,16 @@ def registry(
         if proc is not None:
             infra.stop(proc)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    """`user:<bcrypt hash>`, the only kind the registry's htpasswd accepts (libxcrypt through the standard
+    library's crypt, deprecated but present up to Python 3.12; no bcrypt package is installed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+
+    return f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}"
 
 
 def tiny_image(reg: Registry, repository: str, tag: str, labels: dict[str, str], version: str) -> str:

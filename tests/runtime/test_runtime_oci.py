@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from tests import docker_registry, infra
-from tests.docker_registry import Registry, TokenService, tiny_image
+from tests.docker_registry import Registry, TokenService, htpasswd_line, tiny_image
 
 from vfed.node.runtime import PermanentStartError, RuntimeUnavailable
 from vfed.node.runtime.kubernetes import KubernetesRuntime
@@ -212,3 +212,34 @@ async def test_a_tls_registry_with_token_auth(guarded: Guarded, tiny: Pushed, tm
                 await rt.image_digest(name)
         finally:
             await rt.close()
+
+
+async def test_a_registry_asking_for_basic_credentials(
+    oci_registry: Registry, tiny: Pushed, tmp_path: Path
+) -> None:
+    """Basic auth (htpasswd) over loopback http: the configured credentials are sent when asked for."""
+    users = tmp_path / "htpasswd"
+    users.write_text(htpasswd_line("reader", "s3cret-pw") + "\n")
+    with docker_registry.registry(oci_registry.storage, htpasswd=users) as basic:
+        name = f"{basic.host}/{tiny.repository}:v1"
+
+        def credentials(password: str) -> str:
+            path = tmp_path / f"auth-{password}.json"
+            path.write_text(json.dumps({"auths": {basic.host: {"username": "reader", "password": password}}}))
+            return str(path)
+
+        for settings, error in [
+            ({"registry_credentials_file": credentials("s3cret-pw")}, None),
+            ({"registry_credentials_file": credentials("wrong")}, "answered 401"),
+            ({}, "asks for credentials; none are set"),
+        ]:
+            rt = runtime(basic, **settings)
+            try:
+                if error is None:
+                    assert await rt.image_digest(name) == tiny.digest
+                    assert await rt.image_labels(name) == _engine_labels(tiny.name)
+                else:
+                    with pytest.raises(PermanentStartError, match=error):
+                        await rt.image_digest(name)
+            finally:
+                await rt.close()
