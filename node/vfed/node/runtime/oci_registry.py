@@ -99,12 +99,13 @@ def parse_reference(image: str, default_registry: str) -> ImageRef:
     return ImageRef(registry, repository, tag, digest or None)
 
 
-def load_credentials(path: str) -> dict[str, aiohttp.BasicAuth]:
-    """Registry host -> basic credentials, from a Docker config.json (`auths`); ValueError when unreadable."""
+def load_credentials(path: str) -> dict[str, str]:
+    """Registry host -> its basic Authorization header, from a Docker config.json (`auths`); ValueError when
+    unreadable."""
     try:
         data = json.loads(Path(path).read_text())
         auths = data.get("auths") or {}
-        found: dict[str, aiohttp.BasicAuth] = {}
+        found: dict[str, str] = {}
         for key, entry in auths.items():
             if entry.get("auth"):
                 user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
@@ -112,7 +113,7 @@ def load_credentials(path: str) -> dict[str, aiohttp.BasicAuth]:
                 user, password = entry.get("username"), entry.get("password")
             if not user or password is None:
                 continue
-            found[_auth_host(key)] = aiohttp.BasicAuth(user, password)
+            found[_auth_host(key)] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         return found
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise ValueError(f"registry credentials file {path}: {type(exc).__name__}: {exc}") from exc
@@ -159,7 +160,7 @@ class RegistryClient:
         self.platform = platform.split("/")
         self.timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
-        self._credentials: dict[str, aiohttp.BasicAuth] = {}
+        self._credentials: dict[str, str] = {}
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._ssl: dict[str, ssl.SSLContext | bool] = {}
 
@@ -311,7 +312,7 @@ class RegistryClient:
             if basic is None:
                 raise PermanentStartError(f"registry {ref.registry} asks for credentials; none are set")
             self._check_secure(ref, url)
-            return str(basic.encode())
+            return basic
         if scheme.lower() != "bearer" or "realm" not in params:
             raise PermanentStartError(f"registry {ref.registry}: unsupported challenge {scheme!r}")
         token, expires_s = await self._token(ref, URL(params["realm"]), params.get("service"), scope, basic)
@@ -319,7 +320,7 @@ class RegistryClient:
         return f"Bearer {token}"
 
     async def _token(
-        self, ref: ImageRef, realm: URL, service: str | None, scope: str, basic: aiohttp.BasicAuth | None
+        self, ref: ImageRef, realm: URL, service: str | None, scope: str, basic: str | None
     ) -> tuple[str, float]:
         assert self._session is not None
         if realm.scheme not in ("http", "https") or not realm.host:
@@ -328,7 +329,7 @@ class RegistryClient:
         headers = {}
         if basic is not None:
             self._check_secure(ref, realm)
-            headers["Authorization"] = basic.encode()
+            headers["Authorization"] = basic
         try:
             async with self._session.get(
                 realm.update_query(query), headers=headers, ssl=self._ssl_for(ref.registry)
