@@ -493,6 +493,12 @@ def test_states_the_pods_leave_unsaid() -> None:
         exit_code=None, reason="unschedulable for 60 s: 0/3 nodes"
     )
     assert observe({}, []) == Observed(None)  # a Job whose pod is not made yet: running
+    killed = {"metadata": {"name": "p"}, "spec": {"containers": [{}]}, "status": {"phase": "Failed"}}
+    killed["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 137}}}]
+    target = {"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded"}
+    deciding = {"spec": {"activeDeadlineSeconds": 5}, "status": {"conditions": [target]}}
+    assert observe(deciding, [killed]).status == ExitStatus(exit_code=None, reason="deadline exceeded (5 s)")
+    assert observe({}, [killed]).status == ExitStatus(exit_code=137, reason="killed (SIGKILL)")
 
 
 async def test_a_job_claim_being_deleted_is_not_used(
