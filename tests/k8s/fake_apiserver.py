@@ -14,8 +14,8 @@ Faithful (the official `kubernetes` client talks to it unchanged, through a kube
 - Watches: `?watch=true` on every list, answered as chunked JSON lines of ADDED/MODIFIED/DELETED events with
   the objects' resourceVersions; without resourceVersion (or "0") first an ADDED per existing object; from a
   version, every change after it; `timeoutSeconds` ends the stream. The history is a window (20,000 events,
-  or what `compact` leaves): a watch from before it gets 200 and then an ERROR event with a 410 Expired
-  `Status`, as the real server's watch cache answers.
+  `set_history_window`, or what `compact` leaves): a watch from before it, or one that falls behind it, gets
+  an ERROR event with a 410 Expired `Status` (after the 200), as the real server's watch cache answers.
 - Every create body is validated against the real 1.32 schemas by `kubernetes-validate` (strict schemas): a
   wrong type is 400 (the real server fails to decode it), a broken rule (required, enum, ...) is 422 Invalid.
   Unknown fields follow the fieldValidation parameter (Strict: 400, Warn: dropped with a Warning header,
@@ -191,6 +191,16 @@ class FakeKubernetes:
         async def go() -> None:
             assert self.store is not None
             self.store.compact()
+
+        self._call(go())
+
+    def set_history_window(self, events: int) -> None:
+        """Keep at most about this many events (default 20,000): with a small window, a watch falls behind
+        it at the next change and gets 410, as on a busy real server."""
+
+        async def go() -> None:
+            assert self.store is not None
+            self.store.max_history = events
 
         self._call(go())
 

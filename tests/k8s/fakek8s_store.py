@@ -119,8 +119,8 @@ class Store:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
         self.history.append(Event(self.rv, plural, type_, copy.deepcopy(obj)))
-        if len(self.history) > self.max_history:
-            self.compact(self.history[len(self.history) // 2].rv)
+        if len(self.history) > self.max_history:  # keep the newest half of the window
+            self.compact(self.history[-(self.max_history // 2) - 1].rv)
         self._changed.set()
         self._changed = asyncio.Event()
 

@@ -16,6 +16,7 @@ registry); the registry path runs end to end in test_a_moved_tag_does_not_move_a
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -565,18 +566,23 @@ async def test_run_folders_reach_pods_through_a_claim(cluster: Cluster, make_spe
 # --- wait watches; images from a registry ----------------------------------------------------------------
 
 
-async def test_wait_watches_the_run_and_resumes_after_gone(cluster: Cluster, make_spec: SpecFactory) -> None:
-    """With a fallback read only every hour, only the watch can tell `wait` that the run ended; the fake's
-    history is compacted meanwhile, so the watch in place gets 410 Gone and the runtime reads and watches
-    again."""
+async def test_wait_watches_the_run_and_resumes_after_gone(
+    cluster: Cluster, make_spec: SpecFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a fallback read only every hour, only the watch can tell `wait` that the run ended; the fake
+    keeps a history of one event, so each watch falls behind it at the next change and gets 410 Gone, and
+    the runtime reads and watches again."""
     fake = cluster.need_fake()
+    caplog.set_level(logging.DEBUG, logger="vfed.node.runtime.kubernetes")
     async with KubernetesRuntime(cluster.config(poll_interval_s=3600)) as rt:
-        handle = await rt.start(make_spec(py("import time; time.sleep(2); raise SystemExit(3)")))
-        waiting = asyncio.create_task(rt.wait(handle, timeout_s=120))
-        await _running_pod(cluster, parse_handle(handle)[1])
-        await asyncio.to_thread(fake.compact)
-        status = await waiting
+        handle = await rt.start(make_spec(py("import time; time.sleep(1); raise SystemExit(3)")))
+        await asyncio.to_thread(fake.set_history_window, 1)
+        try:
+            status = await rt.wait(handle, timeout_s=120)
+        finally:
+            await asyncio.to_thread(fake.set_history_window, 20_000)
         assert (status.exit_code, status.timed_out) == (3, False)
+        assert any("refused (410)" in r.getMessage() for r in caplog.records)
         await rt.cleanup(handle)
 
 
