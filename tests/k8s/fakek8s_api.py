@@ -22,7 +22,7 @@ from aiohttp import web
 from fakek8s_core import ApiError, bad_request, check_name, check_selector, invalid, now, validate_body
 from fakek8s_jobs import JOBS, PODS, JobController, check_job, job_defaults
 from fakek8s_kubelet import LABEL, Kubelet, claim_volume_name
-from fakek8s_store import Kind, Obj, Store
+from fakek8s_store import Expired, Kind, Obj, Store
 
 SECRETS = Kind("secrets", "", "v1", "Secret")
 CLAIMS = Kind("persistentvolumeclaims", "", "v1", "PersistentVolumeClaim")
@@ -228,9 +228,13 @@ class Api:
         await response.prepare(request)
 
         async def pump() -> None:
-            async for event in self.store.watch(kind.plural, ns, selector, since):
-                line = json.dumps({"type": event.type, "object": event.obj}) + "\n"
-                await response.write(line.encode())
+            try:
+                async for event in self.store.watch(kind.plural, ns, selector, since):
+                    line = json.dumps({"type": event.type, "object": event.obj}) + "\n"
+                    await response.write(line.encode())
+            except Expired as exc:  # after the 200, as the real server's watch cache answers it
+                gone = ApiError(410, "Expired", str(exc)).status()
+                await response.write((json.dumps({"type": "ERROR", "object": gone}) + "\n").encode())
 
         with contextlib.suppress(TimeoutError, ConnectionResetError):
             await asyncio.wait_for(pump(), timeout_s)

@@ -276,6 +276,7 @@ async def _run_central_task(
     config.update(leases="off", poll_interval_s=0.3)  # no ledger here; a fast poll
     config["policies"]["unchecked_outputs"] = "allow"  # plain JSON results
     config["runtime"]["memory_bytes"] = 256 * 1024 * 1024
+    config["runtime"]["image_source"] = "engine"  # the fake's kubelet runs images of the local engine
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp_path / "agent.log"
     agent = _start_agent(name, env, log_path)

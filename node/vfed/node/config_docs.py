@@ -124,6 +124,14 @@ EXAMPLES: dict[str, Any] = {
     "runtime.namespace": "vfed-hospital-a",
     "runtime.kubeconfig": "/etc/vfed/kubeconfig",
     "runtime.context": "hospital-a",
+    "runtime.image_source": "engine",
+    "runtime.default_registry": "registry.hospital-a.example:5000",
+    "runtime.registries": {
+        "registry.hospital-a.example:5000": {"ca_file": "/etc/vfed/registry-ca.pem"},
+    },
+    "runtime.registry_credentials_file": "/etc/vfed/registry-auth.json",
+    "runtime.image_platform": "linux/arm64/v8",
+    "runtime.registry_timeout_s": 60,
     "runtime.image_engine_url": "unix:///var/run/docker.sock",
     "runtime.proxy_service": "vfed-proxy",
     "runtime.proxy_port": 8080,
@@ -191,6 +199,8 @@ COMPANIONS: dict[str, dict[str, Any]] = {
         f"runtime.{key}": {"runtime.kind": "kubernetes"}
         for key in (
             *("namespace", "kubeconfig", "context", "image_engine_url", "proxy_service", "proxy_port"),
+            *("image_source", "default_registry", "registries", "registry_credentials_file"),
+            *("image_platform", "registry_timeout_s"),
             *("proxy_listen_host", "proxy_listen_port", "proxy_ip_blocks"),
             *("proxy_pod_labels", "allow_dns", "gpu_resource", "gpus", "active_deadline_s"),
             *("ttl_after_finished_s", "termination_grace_s", "unschedulable_wait_s", "poll_interval_s"),

@@ -401,7 +401,8 @@ class Runner:
             return await self.s.runtime.image_digest(task.image, pull=gate.pull)
         except PermanentStartError as exc:
             log.warning("run of task %s: image %s is not available: %s", task.id, task.image, exc)
-            raise RunRefused("start-failed", f"image {task.image} is not available at this node") from None
+            reason = classified(Reason.IMAGE_UNAVAILABLE, f"image {task.image} is not available at this node")
+            raise RunRefused("start-failed", reason) from None
 
     def _decrypt(self, blob: bytes, accepted: Accepted) -> bytes:
         """The input, signed by the descriptor's signer and bound to the descriptor's nonce."""
