@@ -8,9 +8,9 @@ honours (docs/vnode.md); this module's own tests always use the fake, as they dr
 Faithful (the official `kubernetes` client talks to it unchanged, through a kubeconfig from
 `write_kubeconfig`):
 - REST paths, verbs and answers for namespaces (get), batch/v1 Jobs, v1 Pods (list, get, delete, log with
-  follow), v1 Secrets, PersistentVolumeClaims, Services and networking.k8s.io/v1 NetworkPolicies: create, get,
-  list with labelSelector, delete; `Status` documents for errors (400 BadRequest, 401, 404 NotFound,
-  409 AlreadyExists, 422 Invalid).
+  follow), v1 Secrets, PersistentVolumeClaims, Services, discovery.k8s.io/v1 EndpointSlices and
+  networking.k8s.io/v1 NetworkPolicies: create, get, list with labelSelector, delete; `Status` documents for
+  errors (400 BadRequest, 401, 404 NotFound, 409 AlreadyExists, 422 Invalid).
 - Watches: `?watch=true` on every list, answered as chunked JSON lines of ADDED/MODIFIED/DELETED events with
   the objects' resourceVersions; without resourceVersion (or "0") first an ADDED per existing object; from a
   version, every change after it; `timeoutSeconds` ends the stream. The history is a window (20,000 events,
@@ -34,7 +34,11 @@ Not faithful:
 - No scheduler and one node: a pod is scheduled at once unless a test injects Unschedulable (or a claim is
   missing). Image pull failures, evictions and unschedulable pods are injected, not caused.
 - NetworkPolicies are validated and stored but not enforced: a real cluster is needed to show isolation
-  (the escape probes run in real-cluster mode). Services get a ClusterIP but route nothing.
+  (the escape probes run in real-cluster mode). Services get a ClusterIP that routes nothing; with a
+  `network`, a pod's /etc/hosts names each Service without a selector after a ready endpoint of its
+  EndpointSlice (when the port numbers match), which is where a cluster's DNS and kube-proxy would take a
+  connection to the Service (Kubelet._service_hosts). That is how a test's pods reach an agent outside the
+  fake cluster through its proxy Service; a Service with a selector routes nowhere (pods have no IPs).
 - Only the Job shapes the node uses: one container, parallelism/completions 1, restartPolicy Never; other
   Job features are refused with a 422 naming the fake, never silently ignored. The retry back-off starts at
   0.5 s instead of 10 s. No RBAC, quotas, admission plugins (except the optional image digest policy), or

@@ -28,9 +28,10 @@ SECRETS = Kind("secrets", "", "v1", "Secret")
 CLAIMS = Kind("persistentvolumeclaims", "", "v1", "PersistentVolumeClaim")
 SERVICES = Kind("services", "", "v1", "Service")
 POLICIES = Kind("networkpolicies", "networking.k8s.io", "v1", "NetworkPolicy")
+ENDPOINT_SLICES = Kind("endpointslices", "discovery.k8s.io", "v1", "EndpointSlice")
 NAMESPACES = Kind("namespaces", "", "v1", "Namespace")
-KINDS = {k.plural: k for k in (JOBS, PODS, SECRETS, CLAIMS, SERVICES, POLICIES)}
-CREATABLE = {"jobs", "secrets", "persistentvolumeclaims", "services", "networkpolicies"}
+KINDS = {k.plural: k for k in (JOBS, PODS, SECRETS, CLAIMS, SERVICES, POLICIES, ENDPOINT_SLICES)}
+CREATABLE = {"jobs", "secrets", "persistentvolumeclaims", "services", "networkpolicies", "endpointslices"}
 
 
 def create_app(api: Api) -> web.Application:
@@ -182,6 +183,12 @@ class Api:
             port.setdefault("targetPort", port["port"])
         body["status"] = {"loadBalancer": {}}
         return copy.deepcopy(self.store.create(SERVICES, ns, body))
+
+    async def _create_endpointslices(self, ns: str, body: Obj) -> Obj:
+        """Stored as given: the endpoints of a Service without a selector (the kubelet routes its name)."""
+        for port in body.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+        return copy.deepcopy(self.store.create(ENDPOINT_SLICES, ns, body))
 
     async def _create_networkpolicies(self, ns: str, body: Obj) -> Obj:
         body["spec"].setdefault("policyTypes", ["Ingress"] + (["Egress"] if "egress" in body["spec"] else []))

@@ -240,7 +240,41 @@ class Kubelet:
             user,
             self.workdir / "pods" / pod["metadata"]["uid"],
             self.network,
+            self._service_hosts(ns) if self.network is not None else {},
         )
+
+    def _service_hosts(self, ns: str) -> dict[str, str]:
+        """The pod's view of its namespace's Services, as /etc/hosts entries: each routable Service's DNS
+        names (`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) -> an endpoint's address.
+
+        A cluster resolves the names to the Service's ClusterIP (cluster DNS) and kube-proxy forwards the
+        ClusterIP's port to a ready endpoint's targetPort. Here no proxy translates ports, so only a Service
+        without a selector whose EndpointSlice (label kubernetes.io/service-name) has a ready endpoint with
+        the same port numbers is routed (the case of an agent outside the cluster); others get no name."""
+        hosts: dict[str, str] = {}
+        for service in self.store.list("services", ns):
+            spec, name = service["spec"], service["metadata"]["name"]
+            if spec.get("selector"):
+                continue  # routed to pods' IPs on a cluster; the fake's pods have none
+            ports = spec.get("ports") or []
+            if any(p.get("targetPort", p["port"]) != p["port"] for p in ports):
+                continue  # no kube-proxy here to translate a port
+            address = self._endpoint(ns, name, {int(p["port"]) for p in ports})
+            if address is None:
+                continue
+            for suffix in ("", f".{ns}", f".{ns}.svc", f".{ns}.svc.cluster.local"):
+                hosts[f"{name}{suffix}"] = address
+        return hosts
+
+    def _endpoint(self, ns: str, service: str, ports: set[int]) -> str | None:
+        """A ready endpoint's address in the Service's EndpointSlices that serve exactly its ports."""
+        for piece in self.store.list("endpointslices", ns, f"kubernetes.io/service-name={service}"):
+            if {int(p.get("port", 0)) for p in piece.get("ports") or []} != ports:
+                continue
+            for endpoint in piece.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready", True) and endpoint.get("addresses"):
+                    return str(endpoint["addresses"][0])
+        return None
 
     def _local_image(self, reference: str) -> tuple[str, str]:
         """The image from the local engine: `name@sha256:<manifest digest>` as a repo digest it has (else

@@ -244,6 +244,8 @@ async def test_a_run_is_a_hardened_job_with_its_own_secret_and_policy(
         volumes = {v.name: v for v in pod_spec.volumes}
         assert volumes["proxy-token"].secret.secret_name == name  # mounted into this run's pod only
         assert "run-token-1" not in str(job.to_dict())  # never in the Job itself
+        token = await rt.proxy_token(handle)  # what an agent that restarted serves the run's proxy under
+        assert token is not None and token.get_secret_value() == "run-token-1"
 
         policy = cluster.net.read_namespaced_network_policy(name, NAMESPACE).spec
         assert policy.pod_selector.match_labels == {"vfed.node": spec.node_name, "vfed.run_id": spec.run_id}
@@ -267,6 +269,7 @@ async def test_a_run_is_a_hardened_job_with_its_own_secret_and_policy(
             assert gone.value.status == 404
         with pytest.raises(client.exceptions.ApiException):
             cluster.net.read_namespaced_network_policy(name, NAMESPACE)
+        assert await rt.proxy_token(handle) is None  # gone with the run
         await rt.cleanup(handle)
 
 

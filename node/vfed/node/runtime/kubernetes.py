@@ -9,6 +9,7 @@ the same); `cleanup` forgets it. `wait` watches the run's pods and reads its sta
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -26,6 +27,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from pydantic import SecretStr
 
 from vfed.node.runtime.base import (
     LABEL_AGENT,
@@ -110,6 +112,7 @@ class KubernetesRuntime(Runtime):
     """Runs each run as a Job in one namespace of a cluster, found again by its labels."""
 
     name = "kubernetes"
+    proxy_over_network = True
 
     def __init__(self, config: KubernetesRuntimeConfig | None = None, state_dir: Path | None = None) -> None:
         """`state_dir` keeps the outcomes of runs this runtime ended (kubernetes_ended); None keeps them in
@@ -130,6 +133,12 @@ class KubernetesRuntime(Runtime):
                 f"the kubernetes runtime takes a KubernetesRuntimeConfig, not {type(config).__name__}"
             )
         return cls(config, data_dir / "kubernetes-ended")
+
+    def proxy_listen_address(self) -> tuple[str, int] | None:
+        """The listener behind `proxy_service`; None without one (runs then have no way out)."""
+        if self.config.proxy_service is None:
+            return None
+        return self.config.proxy_listen_host, self.config.listen_port
 
     # -- lifecycle
 
@@ -362,6 +371,20 @@ class KubernetesRuntime(Runtime):
         except BaseException:
             self._remove_run_objects(name)
             raise
+
+    async def proxy_token(self, handle: str) -> SecretStr | None:
+        """The token in the run's Secret (which the pod mounts); None when the run has none any more."""
+        name = self._job_of(handle)
+
+        def read() -> SecretStr | None:
+            secret = self._json(self.core.read_namespaced_secret(name, self.ns, _preload_content=False))
+            value = (secret.get("data") or {}).get("token")
+            return SecretStr(base64.b64decode(value).decode()) if value else None
+
+        try:
+            return await self._call(f"proxy token of {handle}", read)
+        except NotFound:
+            return None
 
     def _exists(self, read: Callable[..., Any], name: str) -> bool:
         try:

@@ -156,6 +156,23 @@ class KubernetesRuntimeConfig(RuntimeConfig):
         "PROXY_URL, and its NetworkPolicy lets it reach only that. None: runs have no way out.",
     )
     proxy_port: int = Field(default=8080, gt=0, lt=65536, description="The proxy Service's port.")
+    proxy_listen_host: str = Field(
+        default="0.0.0.0",
+        description="Address the agent's proxy listener binds (where the Service sends runs' requests; "
+        "each request must carry its run's token).",
+    )
+    proxy_listen_port: int | None = Field(
+        default=None,
+        gt=0,
+        lt=65536,
+        description="Port of the agent's proxy listener (the Service's targetPort); None: proxy_port.",
+    )
+    proxy_ip_blocks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of an agent outside the cluster (its Service has no selector; an "
+        "EndpointSlice names the agent's address): runs' NetworkPolicy lets them reach these too, on the "
+        "listener's port. Empty: only the pods of proxy_pod_labels.",
+    )
     proxy_pod_labels: dict[str, str] = Field(
         default_factory=lambda: {"app.kubernetes.io/name": "vfed-proxy"},
         description="Labels of the proxy's pods: the only egress a run's NetworkPolicy allows.",
@@ -207,8 +224,8 @@ class KubernetesRuntimeConfig(RuntimeConfig):
     )
     host_path_map: dict[str, str] = Field(
         default_factory=dict,
-        description="Path prefix as the agent sees it -> the same path on the cluster's nodes. The run "
-        "folder and proxy socket folder reach pods as host paths: the agent must share the node's disk.",
+        description="Path prefix as the agent sees it -> the same path on the cluster's nodes. Without "
+        "run_claim, run folders reach pods as host paths: the agent must share the node's disk.",
     )
     max_waiters: int = Field(default=64, gt=0, description="Threads kept for the client's blocking calls.")
 
@@ -218,6 +235,21 @@ class KubernetesRuntimeConfig(RuntimeConfig):
         if not _DNS_LABEL.match(v):
             raise ValueError("namespace must be a DNS label (lowercase letters, digits, '-')")
         return v
+
+    @field_validator("proxy_ip_blocks")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for block in v:
+            try:
+                ipaddress.ip_network(block)
+            except ValueError:
+                raise ValueError(f"proxy_ip_blocks: {block!r} is not a CIDR (e.g. 192.0.2.10/32)") from None
+        return v
+
+    @property
+    def listen_port(self) -> int:
+        """The port the agent's proxy listener binds, which runs' NetworkPolicy opens."""
+        return self.proxy_listen_port if self.proxy_listen_port is not None else self.proxy_port
 
     @field_validator("image_platform")
     @classmethod
