@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.k8s, pytest.mark.docker]
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "vfed-site"
 SERVICE = "vfed-node-proxy"
-IMAGE_REPO = "vfed-wip-k8swire/k8s-sdk-probe"
+IMAGE_REPO = "vfed-test-tmp/k8s-sdk-probe"
 """A throwaway image of this test (removed at its end): the algorithm below on vfed/algorithm-base, with the
 SDK of this tree (an algorithm-base built from an older tree reads no PROXY_TOKEN_FILE)."""
 
@@ -109,7 +109,7 @@ def network(docker_client: docker.DockerClient) -> Iterator[tuple[str, str]]:
     """An internal Docker network for the pods (no way out of the host) and its gateway, an address of this
     machine the pods reach: where the agent's listener binds."""
     made = docker_client.networks.create(
-        f"vfed-wip-k8swire-{secrets.token_hex(4)}", driver="bridge", internal=True
+        f"vfed-test-k8s-{secrets.token_hex(4)}", driver="bridge", internal=True
     )
     try:
         made.reload()
