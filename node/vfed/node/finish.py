@@ -23,7 +23,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,14 +34,14 @@ from vfed.common.api.errors import ApiError
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.common.disclosure import Rule
-from vfed.common.growing_file import GrowingFile
+from vfed.common.resumable_upload import FileSource, GrowingSource, SourceFailed
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
 from vfed.node import disclosure, run_folder
 from vfed.node.journal import Entry, Stage
 from vfed.node.log_sealing import seal_run_log
 from vfed.node.run_folder import SEALED_NAME, BadOutput
 from vfed.node.runtime.base import OUTPUT_NAME, ExitStatus, NotFound, RuntimeUnavailable
-from vfed.proxy.rest import ServerUnavailable, file_chunks
+from vfed.proxy.rest import ServerUnavailable
 
 if TYPE_CHECKING:
     from vfed.node.runner import Services
@@ -307,11 +307,9 @@ class Finisher:
         seal = (run_dir, key, recipients, limit, context)
         sealing = asyncio.ensure_future(asyncio.to_thread(_seal_file, *seal))
         sealing.add_done_callback(lambda _: sealed.set())
-        digest = hashlib.sha256()
         paths = [_sealing_tmp(run_dir), run_dir / SEALED_NAME]
-        uploading = asyncio.ensure_future(
-            self.s.client.upload_blob(_following_chunks(paths, sealed, sealing, digest))
-        )
+        source = GrowingSource(paths, sealed, lambda: sealing.cancelled() or sealing.exception() is not None)
+        uploading = asyncio.ensure_future(self.s.client.upload_source(source))
         try:
             await asyncio.shield(sealing)
         except BaseException:
@@ -321,11 +319,11 @@ class Finisher:
         self.s.journal.sealed(entry.run_id)
         try:
             info = await uploading
-        except (ServerUnavailable, ApiError, OSError) as exc:
+        except (ServerUnavailable, ApiError, OSError, SourceFailed) as exc:
             log.warning("run %s: upload while sealing failed (%s); sending it again", entry.run_id, exc)
             return
-        if self.s.leases is not None:  # the receipt names the result blob by its SHA-256
-            self.s.leases.store.result(self.s.checks.run_key(entry.run_id), digest.hexdigest())
+        if self.s.leases is not None:  # the receipt names the result blob by its SHA-256 (computed here)
+            self.s.leases.store.result(self.s.checks.run_key(entry.run_id), info.sha256)
         self.s.metrics.bytes_up.inc(info.size)
         self.s.journal.uploaded(entry.run_id, info.id)
 
@@ -335,7 +333,7 @@ class Finisher:
         if self.s.leases is not None:  # the receipt names the result blob by its SHA-256
             digest = await asyncio.to_thread(_sha256_file, path)
             self.s.leases.store.result(self.s.checks.run_key(entry.run_id), digest)
-        info = await self._retry(lambda: self.s.client.upload_blob(file_chunks(path), size=size))
+        info = await self._retry(lambda: self.s.client.upload_source(FileSource(path), size=size))
         self.s.metrics.bytes_up.inc(size)
         self.s.journal.uploaded(entry.run_id, info.id)
 
@@ -477,23 +475,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-async def _following_chunks(
-    paths: list[Path],
-    sealed: threading.Event,
-    sealing: asyncio.Future[None],
-    digest: hashlib._Hash,
-    chunk_bytes: int = 1024 * 1024,
-) -> AsyncIterator[bytes]:
-    """The sealed file as its sealing thread writes it, hashed on the way; raises (ending the upload
-    unfinished) when the sealing failed, so no partial blob is ever completed."""
-    with GrowingFile(paths, sealed) as source:
-        while chunk := await asyncio.to_thread(source.read, chunk_bytes):
-            digest.update(chunk)
-            yield chunk
-    if sealing.cancelled() or sealing.exception() is not None:
-        raise OSError("the sealing failed: the upload is abandoned")
 
 
 def _sealing_tmp(run_dir: Path) -> Path:
