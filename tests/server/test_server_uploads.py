@@ -1,5 +1,5 @@
-"""Resumable uploads (`/api/v1/uploads`, vfed.common.resumable_upload) on both blob stores: a body cut twice on
-its way up goes on from the committed offset (each byte reaches the blob store once), the refusals (wrong
+"""Resumable uploads (`/api/v1/uploads`, vfed.common.resumable_upload) on both blob stores: a body cut twice
+on its way up goes on from the committed offset (each byte reaches the blob store once), the refusals (wrong
 offset, another principal, sizes and checksums), and the collector's removal of expired sessions only."""
 
 from __future__ import annotations
@@ -56,13 +56,14 @@ async def test_a_cut_upload_goes_on_from_the_committed_offset(world: World, tmp_
     port = world.client.server.port
     assert port is not None
     # connections: create, append (cut), status, append (cut), status, append
-    async with cutting_proxy(port, after_bytes=4 * MIB, cuts=4, upload=True) as cut:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            base = f"http://127.0.0.1:{cut.port}/api/v1"
-            uploader = ResumableUploader(
-                http, base, lambda: {"Authorization": f"Bearer {token}"}, backoff_s=0.01
-            )
-            done = await uploader.upload(FileSource(source), size=len(data))
+    fresh = aiohttp.TCPConnector(force_close=True)  # each request meets the proxy's next connection
+    async with (
+        cutting_proxy(port, after_bytes=4 * MIB, cuts=4, upload=True) as cut,
+        aiohttp.ClientSession(connector=fresh) as http,
+    ):
+        base = f"http://127.0.0.1:{cut.port}/api/v1"
+        uploader = ResumableUploader(http, base, lambda: {"Authorization": f"Bearer {token}"}, backoff_s=0.01)
+        done = await uploader.upload(FileSource(source), size=len(data))
     assert done.size == len(data) and done.sha256 == hashlib.sha256(data).hexdigest()
     status, got = await world.call("a_node", "GET", f"/blobs/{done.id}")
     assert status == 200 and got == data
