@@ -89,12 +89,8 @@ class GrowingSource:
 
     async def chunks(self, offset: int) -> AsyncIterator[bytes]:
         with GrowingFile(self.paths, self.done) as source:
-            skip = offset
-            while skip > 0:  # a resume: these bytes were read before (the page cache has them)
-                data = await asyncio.to_thread(source.read, min(skip, self.chunk_bytes))
-                if not data:
-                    raise SourceFailed("the file is shorter than the bytes already sent")
-                skip -= len(data)
+            if offset:  # a resume: the writer passed this point when the bytes were first read
+                await asyncio.to_thread(source.seek, offset)
             while chunk := await asyncio.to_thread(source.read, self.chunk_bytes):
                 yield chunk
         if self.failed():
@@ -293,6 +289,8 @@ class _Transfer:
     async def _body(self, offset: int) -> AsyncIterator[bytes]:
         position = offset
         try:
+            if offset > self.hashed:  # bytes this client never sent: not an upload it can finish
+                raise ApiError(409, "offset-mismatch", f"the server holds {offset} bytes, more than sent")
             async for chunk in self.source.chunks(offset):
                 if position + len(chunk) > self.hashed:  # position <= hashed: bytes before were all read
                     self.digest.update(memoryview(chunk)[self.hashed - position :])
