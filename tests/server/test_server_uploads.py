@@ -4,9 +4,12 @@ offset, another principal, sizes and checksums), and the collector's removal of 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +17,11 @@ from typing import Any
 import aiohttp
 import pytest
 from s3_testkit import both_backends
+from sqlalchemy import select
 from tests.cutting_proxy import cutting_proxy
 from vserver_testkit import World, kit_settings, seed
 
-from vfed.common.resumable_upload import FileSource, ResumableUploader
+from vfed.common.resumable_upload import FileSource, GrowingSource, ResumableUploader, SourceFailed
 from vfed.server.app import create_app
 from vfed.server.blob_collector import collect
 from vfed.server.config import BlobsSettings, LimitsSettings
@@ -74,6 +78,54 @@ async def test_a_cut_upload_goes_on_from_the_committed_offset(world: World, tmp_
     assert _received(world) == len(data)  # no byte was committed twice
     sent = sum(len(r) for r in cut.requests)
     assert sent < len(data) + MIB, sent  # only the bytes in flight at each cut went twice, never the whole
+
+
+def _write_slowly(path: Path, data: bytes, done: threading.Event) -> threading.Thread:
+    """A writer thread (the node's sealing): the file grows in 1 MiB pieces, then `done` is set."""
+
+    def write() -> None:
+        with path.open("wb") as fh:
+            for start in range(0, len(data), MIB):
+                fh.write(data[start : start + MIB])
+                fh.flush()
+                time.sleep(0.005)
+        done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    return thread
+
+
+async def test_a_file_still_being_written_uploads_through_cuts(world: World, tmp_path: Path) -> None:
+    data = os.urandom(10 * MIB + 7)
+    token = await world.token("a_node")
+    port = world.client.server.port
+    assert port is not None
+    for fail in (False, True):
+        done = threading.Event()
+        path = tmp_path / f"sealing-{fail}"
+        writer = _write_slowly(path, data, done)
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with (
+            cutting_proxy(port, after_bytes=3 * MIB, cuts=2, upload=True) as cut,
+            aiohttp.ClientSession(connector=fresh) as http,
+        ):
+            base = f"http://127.0.0.1:{cut.port}/api/v1"
+            uploader = ResumableUploader(
+                http, base, lambda: {"Authorization": f"Bearer {token}"}, backoff_s=0.01
+            )
+            source = GrowingSource([path], done, functools.partial(bool, fail))  # size unknown: a session
+            if fail:  # the writer failed: nothing becomes a blob, and the session is dropped
+                with pytest.raises(SourceFailed):
+                    await uploader.upload(source)
+                async with world.client.app[SESSIONS]() as s:
+                    assert (await s.execute(select(UploadSession))).first() is None
+            else:
+                got = await uploader.upload(source)
+        await asyncio.to_thread(writer.join)
+    assert got.sha256 == hashlib.sha256(data).hexdigest()
+    status, body = await world.call("a_node", "GET", f"/blobs/{got.id}")
+    assert status == 200 and body == data
 
 
 async def test_offsets_owners_sizes_and_checksums_are_checked(world: World) -> None:

@@ -16,6 +16,7 @@ coroutine that renews them after a 401), so every REST client of the project can
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -139,7 +140,13 @@ class ResumableUploader:
         created = await self._call("POST", "/uploads", json=_declared(size, sha256), sessions=True)
         if created is None:  # a server without upload sessions
             return await self._single(source)
-        return await _Transfer(self, source, created["id"], created["blob_id"]).run()
+        transfer = _Transfer(self, source, created["id"], created["blob_id"])
+        try:
+            return await transfer.run()
+        except (SourceFailed, ApiError):  # it cannot go on: the session's bytes go now, not at its expiry
+            with contextlib.suppress(_Broken, ApiError):
+                await self._call("DELETE", transfer.path)
+            raise
 
     async def _single(self, source: Source) -> Uploaded:
         """One `POST /blobs`, sent again whole after a break (bounded like the sessions' appends)."""
