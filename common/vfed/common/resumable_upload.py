@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 SINGLE_MAX_BYTES = 8 * 1024 * 1024
 _RETRYABLE_STATUS = (502, 503, 504)
+T = TypeVar("T")
 
 
 class UploadBroken(Exception):
@@ -137,7 +138,8 @@ class ResumableUploader:
         server then refuses anything else); a size within `single_max_bytes` goes as one request."""
         if size is not None and size <= self.single_max_bytes:
             return await self._single(source)
-        created = await self._call("POST", "/uploads", json=_declared(size, sha256), sessions=True)
+        declared = _declared(size, sha256)
+        created = await self._retrying(lambda: self._call("POST", "/uploads", json=declared, sessions=True))
         if created is None:  # a server without upload sessions
             return await self._single(source)
         transfer = _Transfer(self, source, created["id"], created["blob_id"])
@@ -162,14 +164,25 @@ class ResumableUploader:
                 failed.append(exc)
                 raise
 
-        for failures in range(1, self.max_failures + 1):
+        async def send() -> Uploaded:
+            nonlocal digest
             digest = hashlib.sha256()
             try:
                 answer = await self._call("POST", "/blobs", body=body())
-                return _checked(answer, digest.hexdigest())
-            except _Broken as exc:
+            except _Broken:
                 if failed:
                     raise failed[0] from None
+                raise
+            return _checked(answer, digest.hexdigest())
+
+        return await self._retrying(send)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` again after a break, `max_failures` times at most; then UploadBroken."""
+        for failures in range(1, self.max_failures + 1):
+            try:
+                return await call()
+            except _Broken as exc:
                 if failures == self.max_failures:
                     raise UploadBroken(f"upload failed {failures} times: {exc}") from exc
                 await self.pause(failures)
