@@ -275,27 +275,33 @@ class FileBlobStore(BlobStore):
     async def append_upload(
         self, blob_id: str, handle: str, offset: int, chunks: AsyncIterator[bytes], commit: Commit
     ) -> int:
-        """Bytes past `offset` (a request cut before its commit) are dropped first; every SESSION_COMMIT_BYTES
-        and at the end the file is flushed and its length committed."""
+        """Bytes past `offset` (a request cut before its commit) are dropped first. Writes go to a worker
+        thread 1 MiB at a time and are waited for even when the request is cancelled (a thread cannot be
+        stopped), so the committed length is what the file holds; what arrived before a break is written
+        too. Committed every SESSION_COMMIT_BYTES and at the end."""
+        """Bytes past `offset` (a request cut before its commit) are dropped first; what arrived before a
+        break is written too (_Appender)."""
         fh = await asyncio.to_thread(_open_at, self._part(blob_id), offset)
-        written = committed = offset
+        out = _Appender(fh, offset)
+        committed = offset
+        buf: list[bytes] = []
         try:
-            buf: list[bytes] = []
             async for chunk in chunks:
                 buf.append(chunk)
                 if sum(map(len, buf)) >= CHUNK_BYTES:
-                    written += await asyncio.to_thread(_write_all, fh, buf)
-                    buf = []
-                    if written - committed >= SESSION_COMMIT_BYTES:
-                        committed = written  # first: a commit that raises is not tried again below
-                        await commit(written)
-            written += await asyncio.to_thread(_write_all, fh, buf)
+                    batch, buf = buf, []
+                    await out.write(batch)
+                    if out.written - committed >= SESSION_COMMIT_BYTES:
+                        committed = out.written  # first: a commit that raises is not tried again below
+                        await commit(committed)
         finally:
+            if out.intact and buf:
+                await out.write(buf)
             await asyncio.to_thread(fh.close)
-            if written != committed:
-                committed = written
-                await commit(written)
-        return written
+            if out.written != committed:
+                committed = out.written
+                await commit(committed)
+        return committed
 
     async def finish_upload(self, blob_id: str, handle: str, size: int) -> None:
         part = self._part(blob_id)
@@ -352,6 +358,28 @@ def _open_at(path: Path, offset: int) -> BinaryIO:
     fh.truncate(offset)
     fh.seek(offset)
     return fh
+
+
+class _Appender:
+    """Writes of an upload session's file, 1 MiB at a time in a worker thread. A write is waited for even
+    when the request is cancelled (a thread cannot be stopped), so `written` is what the file holds;
+    `intact` turns False when a write failed (then the file's end is unknown and nothing more is written)."""
+
+    def __init__(self, fh: BinaryIO, written: int) -> None:
+        self.fh = fh
+        self.written = written
+        self.intact = True
+
+    async def write(self, parts: list[bytes]) -> None:
+        writing = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fh, parts))
+        try:
+            await asyncio.shield(writing)
+        finally:
+            await asyncio.gather(writing, return_exceptions=True)
+            if writing.exception() is None:
+                self.written += writing.result()
+            else:
+                self.intact = False
 
 
 def _write_all(fh: BinaryIO, parts: list[bytes]) -> int:

@@ -50,6 +50,7 @@ class _Session:
 
 
 UPLOADS = web.AppKey("uploads", dict[str, _Session])
+KEPT_HASHES = 10_000
 
 
 def _offset_mismatch(offset: int) -> ApiError:
@@ -119,8 +120,17 @@ async def _turn(request: web.Request) -> AsyncIterator[_Session]:
             state.lock.release()
     finally:
         state.users -= 1
-        if state.users == 0:
+        if state.users == 0 and state.digest is None:
             states.pop(upload_id, None)
+        _forget_idle(states)
+
+
+def _forget_idle(states: dict[str, _Session]) -> None:
+    """Past KEPT_HASHES sessions, the oldest idle ones lose their running hash (their completion then reads
+    the stored bytes once): abandoned sessions cannot fill the memory."""
+    if len(states) > KEPT_HASHES:
+        for upload_id in [k for k, v in states.items() if v.users == 0][: len(states) - KEPT_HASHES]:
+            del states[upload_id]
 
 
 async def _usage(s: AsyncSession, org_id: int) -> tuple[int, int]:
@@ -293,6 +303,7 @@ async def complete_upload(request: web.Request) -> web.Response:
                 )
                 await s.execute(delete(UploadSession).where(UploadSession.id == row.id))
                 await s.commit()
+            state.digest = None  # the state goes with the request's turn
         finally:
             store.writing.discard(row.blob_id)
     return json_response(BlobOut(id=row.blob_id, size=body.size, sha256=digest), 201)
@@ -315,6 +326,7 @@ async def _finish(request: web.Request, store: BlobStore, row: UploadSession, st
 
 
 async def _discard(request: web.Request, store: BlobStore, row: UploadSession) -> None:
+    request.app[UPLOADS][row.id].digest = None  # the state goes with the request's turn
     await store.delete(row.blob_id)
     await store.abort_upload(row.blob_id, row.handle)
     async with session(request) as s:
