@@ -21,7 +21,14 @@ from sqlalchemy import select
 from tests.cutting_proxy import cutting_proxy
 from vserver_testkit import World, kit_settings, seed
 
-from vfed.common.resumable_upload import FileSource, GrowingSource, ResumableUploader, SourceFailed
+from vfed.common.resumable_upload import (
+    FileSource,
+    GrowingSource,
+    ResumableUploader,
+    Session,
+    SourceFailed,
+    UploadBroken,
+)
 from vfed.server.app import create_app
 from vfed.server.blob_collector import collect
 from vfed.server.config import BlobsSettings, LimitsSettings
@@ -80,6 +87,35 @@ async def test_a_cut_upload_goes_on_from_the_committed_offset(world: World, tmp_
     # resent: only what was in flight at each cut (lost with the connection); starting over would have sent
     # the 2 x 4 MiB before the cuts again on top of the whole body
     assert sent < len(data) + 2 * 4 * MIB, (sent, offsets)
+
+
+async def test_a_later_uploader_goes_on_with_the_session_of_an_earlier_one(
+    world: World, tmp_path: Path
+) -> None:
+    """What a restarted node agent does with the session it journaled."""
+    data = os.urandom(9 * MIB + 3)
+    source = tmp_path / "sealed"
+    source.write_bytes(data)
+    token = await world.token("a_node")
+    port = world.client.server.port
+    assert port is not None
+    kept: list[Session] = []
+    fresh = aiohttp.TCPConnector(force_close=True)
+    async with (
+        cutting_proxy(port, after_bytes=4 * MIB, cuts=2, upload=True) as cut,
+        aiohttp.ClientSession(connector=fresh) as http,
+    ):
+        base = f"http://127.0.0.1:{cut.port}/api/v1"
+        headers = {"Authorization": f"Bearer {token}"}
+        gives_up = ResumableUploader(http, base, lambda: headers, max_failures=0)
+        with pytest.raises(UploadBroken):
+            await gives_up.upload(FileSource(source), size=len(data), started=kept.append)
+        later = ResumableUploader(http, base, lambda: headers)
+        done = await later.upload(FileSource(source), size=len(data), resume=kept[0])
+    assert done.id == kept[0].blob_id and done.sha256 == hashlib.sha256(data).hexdigest()
+    assert _received(world) == len(data)  # the later one sent only what the server did not have
+    status, got = await world.call("a_node", "GET", f"/blobs/{done.id}")
+    assert status == 200 and got == data
 
 
 def _write_slowly(path: Path, data: bytes, done: threading.Event) -> threading.Thread:

@@ -49,6 +49,14 @@ class Source(Protocol):
 
 
 @dataclass(frozen=True)
+class Session:
+    """An upload session on the server: its id, and the id its blob gets."""
+
+    id: str
+    blob_id: str
+
+
+@dataclass(frozen=True)
 class Uploaded:
     id: str
     size: int
@@ -133,16 +141,40 @@ class ResumableUploader:
         self.backoff_s = backoff_s
         self.single_max_bytes = single_max_bytes
 
-    async def upload(self, source: Source, size: int | None = None, sha256: str | None = None) -> Uploaded:
+    async def upload(
+        self,
+        source: Source,
+        size: int | None = None,
+        sha256: str | None = None,
+        *,
+        resume: Session | None = None,
+        started: Callable[[Session], None] | None = None,
+    ) -> Uploaded:
         """Store the source's bytes as a blob. `size` and `sha256`, when known, are declared up front (the
-        server then refuses anything else); a size within `single_max_bytes` goes as one request."""
+        server then refuses anything else); a size within `single_max_bytes` goes as one request.
+
+        `started` is told the session as soon as it exists, so a caller that keeps it can pass it back as
+        `resume` after a restart: the upload then goes on from what the server committed (the bytes before
+        are read once more to hash them). A session the server no longer has (expired) starts anew."""
         if size is not None and size <= self.single_max_bytes:
             return await self._single(source)
+        if resume is not None:
+            try:
+                return await self._transfer(_Transfer(self, source, resume, resuming=True))
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                log.info("upload %s is gone from the server (%s); starting a new one", resume.id, exc)
         declared = _declared(size, sha256)
         created = await self._retrying(lambda: self._call("POST", "/uploads", json=declared, sessions=True))
         if created is None:  # a server without upload sessions
             return await self._single(source)
-        transfer = _Transfer(self, source, created["id"], created["blob_id"])
+        session = Session(str(created["id"]), str(created["blob_id"]))
+        if started is not None:
+            started(session)
+        return await self._transfer(_Transfer(self, source, session))
+
+    async def _transfer(self, transfer: _Transfer) -> Uploaded:
         try:
             return await transfer.run()
         except (SourceFailed, ApiError):  # it cannot go on: the session's bytes go now, not at its expiry
@@ -179,14 +211,15 @@ class ResumableUploader:
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call` again after a break, `max_failures` times at most; then UploadBroken."""
-        for failures in range(1, self.max_failures + 1):
+        failures = 0
+        while True:
             try:
                 return await call()
             except _Broken as exc:
-                if failures == self.max_failures:
+                failures += 1
+                if failures > self.max_failures:
                     raise UploadBroken(f"upload failed {failures} times: {exc}") from exc
                 await self.pause(failures)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def pause(self, failures: int) -> None:
         await asyncio.sleep(min(self.backoff_s * 2 ** (failures - 1), 10.0) * random.uniform(0.5, 1.0))
@@ -252,11 +285,14 @@ def _declared(size: int | None, sha256: str | None) -> dict[str, Any]:
 class _Transfer:
     """One session's appends: from the committed offset, until the source's end is committed."""
 
-    def __init__(self, up: ResumableUploader, source: Source, upload_id: str, blob_id: str) -> None:
+    def __init__(
+        self, up: ResumableUploader, source: Source, session: Session, resuming: bool = False
+    ) -> None:
         self.up = up
         self.source = source
-        self.path = f"/uploads/{upload_id}"
-        self.blob_id = blob_id
+        self.path = f"/uploads/{session.id}"
+        self.blob_id = session.blob_id
+        self.resuming = resuming
         self.digest = hashlib.sha256()
         self.hashed = 0  # bytes the digest has seen: each byte is hashed the first time it is read
         self.end: int | None = None  # the source's size, once read to its end
@@ -275,12 +311,14 @@ class _Transfer:
 
     async def _send_all(self) -> None:
         """Append until the server committed the source's end."""
-        known = True
+        known = not self.resuming  # a session from before: ask where it stands first
         while self.end is None or self.committed < self.end:
             try:
                 if not known:
                     self.committed = (await self.up._call("GET", self.path))["offset"]
                     known = True
+                    if self.committed > self.hashed:
+                        await self._hash_to(self.committed)
                     if self.end is not None and self.committed >= self.end:
                         return
                 before = self.committed
@@ -305,6 +343,15 @@ class _Transfer:
             raise UploadBroken(f"upload broke {self.failures - 1} times without progress: {exc}") from exc
         log.info("upload %s: %s; resuming (%d bytes committed)", self.path, exc, self.committed)
         await self.up.pause(self.failures)
+
+    async def _hash_to(self, offset: int) -> None:
+        """Hash the source's bytes up to `offset`, which a session from before already holds."""
+        async for chunk in self.source.chunks(self.hashed):
+            take = memoryview(chunk)[: offset - self.hashed]
+            self.digest.update(take)
+            self.hashed += len(take)
+            if self.hashed >= offset:
+                return
 
     async def _body(self, offset: int) -> AsyncIterator[bytes]:
         position = offset

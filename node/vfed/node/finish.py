@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from vfed.common.api.errors import ApiError
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.common.disclosure import Rule
-from vfed.common.resumable_upload import FileSource, GrowingSource, SourceFailed
+from vfed.common.resumable_upload import FileSource, GrowingSource, Session, SourceFailed
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
 from vfed.node import disclosure, run_folder
 from vfed.node.journal import Entry, Stage
@@ -273,6 +274,7 @@ class Finisher:
         return self.s.journal.get(entry.run_id) or entry
 
     async def _seal(self, entry: Entry) -> None:
+        self.s.journal.drop_meta(_session_key(entry.run_id))  # bytes of an earlier sealing are not these
         verified = await self.verified(entry.run_id, entry.task_id)
         context = result_context(verified.digest, self.s.organization_id, entry.run_id)
         recipients = list(verified.reply_keys)
@@ -309,7 +311,8 @@ class Finisher:
         sealing.add_done_callback(lambda _: sealed.set())
         paths = [_sealing_tmp(run_dir), run_dir / SEALED_NAME]
         source = GrowingSource(paths, sealed, lambda: sealing.cancelled() or sealing.exception() is not None)
-        uploading = asyncio.ensure_future(self.s.client.upload_source(source))
+        started = functools.partial(self._keep_session, entry.run_id)
+        uploading = asyncio.ensure_future(self.s.client.upload_source(source, started=started))
         try:
             await asyncio.shield(sealing)
         except BaseException:
@@ -326,6 +329,7 @@ class Finisher:
             self.s.leases.store.result(self.s.checks.run_key(entry.run_id), info.sha256)
         self.s.metrics.bytes_up.inc(info.size)
         self.s.journal.uploaded(entry.run_id, info.id)
+        self.s.journal.drop_meta(_session_key(entry.run_id))
 
     async def _upload(self, entry: Entry) -> None:
         path = self.run_dir(entry.run_id) / SEALED_NAME
@@ -333,9 +337,24 @@ class Finisher:
         if self.s.leases is not None:  # the receipt names the result blob by its SHA-256
             digest = await asyncio.to_thread(_sha256_file, path)
             self.s.leases.store.result(self.s.checks.run_key(entry.run_id), digest)
-        info = await self._retry(lambda: self.s.client.upload_source(FileSource(path), size=size))
+        started = functools.partial(self._keep_session, entry.run_id)
+        info = await self._retry(
+            lambda: self.s.client.upload_source(
+                FileSource(path), size=size, resume=self._kept_session(entry.run_id), started=started
+            )
+        )
         self.s.metrics.bytes_up.inc(size)
         self.s.journal.uploaded(entry.run_id, info.id)
+        self.s.journal.drop_meta(_session_key(entry.run_id))
+
+    def _keep_session(self, run_id: int, session: Session) -> None:
+        """The run's upload session, journaled: an agent restarted mid-upload goes on with it (the sealed
+        file it sends is the same; a run sealed again forgets it)."""
+        self.s.journal.set_meta(_session_key(run_id), f"{session.id} {session.blob_id}")
+
+    def _kept_session(self, run_id: int) -> Session | None:
+        kept = (self.s.journal.meta(_session_key(run_id)) or "").split()
+        return Session(kept[0], kept[1]) if len(kept) == 2 else None
 
     async def _seal_log(self, entry: Entry, text: str) -> str | None:
         """The log tail sealed to this organization, and to the initiator with the opt-in; None when it
@@ -475,6 +494,10 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _session_key(run_id: int) -> str:
+    return f"upload_session:{run_id}"
 
 
 def _sealing_tmp(run_dir: Path) -> Path:

@@ -222,14 +222,13 @@ class RestClient:
         self.bytes_up += info.size if size is None else size
         return info
 
-    async def upload_source(
-        self, source: Source, size: int | None = None, sha256: str | None = None
-    ) -> BlobInfo:
-        """Store a file's bytes on the server, resuming after a broken connection
-        (vfed.common.resumable_upload); ServerUnavailable when it stayed unreachable."""
+    async def upload_source(self, source: Source, size: int | None = None, **session: Any) -> BlobInfo:
+        """Store a file's bytes on the server, resuming after a broken connection (and with `resume`, a
+        session of an earlier attempt: vfed.common.resumable_upload); ServerUnavailable when it stayed
+        unreachable."""
         uploader = ResumableUploader(self.session, self.base, self._headers, self._on_unauthorized)
         try:
-            done = await uploader.upload(source, size=size, sha256=sha256)
+            done = await uploader.upload(source, size=size, **session)
         except UploadBroken as exc:
             raise ServerUnavailable(str(exc)) from exc
         self.bytes_up += done.size
