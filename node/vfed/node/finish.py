@@ -114,6 +114,7 @@ class Finisher:
         await self._report(run_id, status=status, reason=reason)
         self._leases_done(run_id, status)
         self.s.journal.done(run_id)
+        self.s.journal.drop_meta(_session_key(run_id))
         self.s.metrics.runs.labels(status).inc()
         await self.remove_run_folders(run_id)
         if job_id is not None:
@@ -251,6 +252,7 @@ class Finisher:
         )
         self._leases_done(run_id, status)
         self.s.journal.done(run_id)
+        self.s.journal.drop_meta(_session_key(run_id))
         self._verified.pop(run_id, None)
         self.s.metrics.runs.labels(status).inc()
         log.info("run %s: %s", run_id, status)
@@ -304,7 +306,7 @@ class Finisher:
         sealing thread writes it (vfed.common.growing_file), so the bytes are read back once from the page
         cache instead of a second pass over the file. A failed seal ends the upload unfinished (the server
         keeps nothing of it) and fails the run as before; a failed upload leaves the journal at `sealed`, and
-        `_upload` sends the sealed file again with its retries."""
+        `_upload` goes on with the journaled upload session from the sealed file, with its retries."""
         sealed = threading.Event()
         seal = (run_dir, key, recipients, limit, context)
         sealing = asyncio.ensure_future(asyncio.to_thread(_seal_file, *seal))
