@@ -40,8 +40,13 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-async def world(aiohttp_client: Any, tmp_path: Path, blobs_settings: BlobsSettings) -> World:
+async def world(
+    request: pytest.FixtureRequest, aiohttp_client: Any, tmp_path: Path, blobs_settings: BlobsSettings
+) -> World:
+    """SQLite, or a test's PostgreSQL (parametrized indirectly)."""
     db = f"sqlite+aiosqlite:///{tmp_path / 'vserver.sqlite'}"
+    if getattr(request, "param", "sqlite") == "postgres":
+        db = str(request.getfixturevalue("postgres_url"))
     limits = LimitsSettings(blob_keep_s=0)  # the collector would take any idle upload but a live session's
     settings = kit_settings(tmp_path, db, blobs_settings, max_blob_bytes=64 * MIB, limits=limits)
     return await seed(await aiohttp_client(create_app(settings)))
@@ -166,6 +171,9 @@ async def test_a_file_still_being_written_uploads_through_cuts(world: World, tmp
     assert status == 200 and body == data
 
 
+@pytest.mark.parametrize(
+    "world", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 async def test_offsets_owners_sizes_and_checksums_are_checked(world: World) -> None:
     up = await _session(world, "a_res", size=10)
     path = f"/uploads/{up['id']}"
