@@ -278,9 +278,8 @@ class FileBlobStore(BlobStore):
         """Bytes past `offset` (a request cut before its commit) are dropped first. Writes go to a worker
         thread 1 MiB at a time and are waited for even when the request is cancelled (a thread cannot be
         stopped), so the committed length is what the file holds; what arrived before a break is written
-        too. Committed every SESSION_COMMIT_BYTES and at the end."""
-        """Bytes past `offset` (a request cut before its commit) are dropped first; what arrived before a
-        break is written too (_Appender)."""
+        too (_Appender: one write in flight while the next megabyte is read). Committed every
+        SESSION_COMMIT_BYTES and at the end."""
         fh = await asyncio.to_thread(_open_at, self._part(blob_id), offset)
         out = _Appender(fh, offset)
         committed = offset
@@ -295,12 +294,15 @@ class FileBlobStore(BlobStore):
                         committed = out.written  # first: a commit that raises is not tried again below
                         await commit(committed)
         finally:
-            if out.intact and buf:
-                await out.write(buf)
-            await asyncio.to_thread(fh.close)
-            if out.written != committed:
-                committed = out.written
-                await commit(committed)
+            try:
+                if out.intact and buf:
+                    await out.write(buf)
+                await out.settle()
+            finally:
+                await asyncio.to_thread(fh.close)
+                if out.written != committed:
+                    committed = out.written
+                    await commit(committed)
         return committed
 
     async def finish_upload(self, blob_id: str, handle: str, size: int) -> None:
@@ -361,23 +363,33 @@ def _open_at(path: Path, offset: int) -> BinaryIO:
 
 
 class _Appender:
-    """Writes of an upload session's file, 1 MiB at a time in a worker thread. A write is waited for even
-    when the request is cancelled (a thread cannot be stopped), so `written` is what the file holds;
-    `intact` turns False when a write failed (then the file's end is unknown and nothing more is written)."""
+    """Writes of an upload session's file, 1 MiB at a time in a worker thread, one at a time while the loop
+    reads the next from the socket. A write is waited for even when the request is cancelled (a thread
+    cannot be stopped), so `written` is what the file holds once `settle` returned; `intact` turns False when
+    a write failed (then the file's end is unknown and nothing more is written)."""
 
     def __init__(self, fh: BinaryIO, written: int) -> None:
         self.fh = fh
         self.written = written
         self.intact = True
+        self._pending: asyncio.Future[int] | None = None
 
     async def write(self, parts: list[bytes]) -> None:
-        writing = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fh, parts))
+        """Start writing `parts` once the write before is done."""
+        await self.settle()
+        self._pending = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fh, parts))
+
+    async def settle(self) -> None:
+        """Wait for the write in flight, if any; its failure is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
         try:
-            await asyncio.shield(writing)
+            await asyncio.shield(pending)
         finally:
-            await asyncio.gather(writing, return_exceptions=True)
-            if writing.exception() is None:
-                self.written += writing.result()
+            await asyncio.gather(pending, return_exceptions=True)
+            if pending.exception() is None:
+                self.written += pending.result()
             else:
                 self.intact = False
 
