@@ -1,8 +1,10 @@
 """A TCP proxy on loopback that breaks transfers on purpose: what a flaky link does to a download.
 
 Each connection is forwarded both ways; for the first `cuts` connections, the server-to-client direction is
-closed after `after_bytes` bytes (the client sees the response end mid-body). The client-to-server bytes of
-every connection are kept (`requests`), so a test can see which Range each attempt asked for.
+closed after `after_bytes` bytes (the client sees the response end mid-body), or with `upload=True` the
+client-to-server direction (the server sees the request body end mid-way). The client-to-server bytes of
+every connection are kept (`requests`), so a test can see which Range or offset each attempt asked for and
+how many bytes went up in all.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import AsyncIterator
 
 
 class CuttingProxy:
-    def __init__(self, target_port: int, after_bytes: int, cuts: int) -> None:
+    def __init__(self, target_port: int, after_bytes: int, cuts: int, upload: bool = False) -> None:
         self.target_port = target_port
+        self.upload = upload
         self.after_bytes = after_bytes
         self.cuts = cuts
         self.requests: list[bytes] = []
@@ -46,9 +49,10 @@ class CuttingProxy:
         except OSError:
             writer.close()
             return
+        up, down = (limit, None) if self.upload else (None, limit)
         pumps = {
-            asyncio.create_task(self._pump(reader, up_writer, index, None)),
-            asyncio.create_task(self._pump(up_reader, writer, None, limit)),
+            asyncio.create_task(self._pump(reader, up_writer, index, up)),
+            asyncio.create_task(self._pump(up_reader, writer, None, down)),
         }
         try:
             _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
@@ -66,7 +70,7 @@ class CuttingProxy:
         sent = 0
         while data := await src.read(65536):
             if record is not None:
-                self.requests[record] += data
+                self.requests[record] += data[: None if limit is None else max(limit - sent, 0)]
             if limit is not None and sent + len(data) >= limit:
                 dst.write(data[: limit - sent])
                 with contextlib.suppress(ConnectionError):
@@ -81,8 +85,10 @@ class CuttingProxy:
 
 
 @contextlib.asynccontextmanager
-async def cutting_proxy(target_port: int, after_bytes: int, cuts: int) -> AsyncIterator[CuttingProxy]:
-    proxy = CuttingProxy(target_port, after_bytes, cuts)
+async def cutting_proxy(
+    target_port: int, after_bytes: int, cuts: int, upload: bool = False
+) -> AsyncIterator[CuttingProxy]:
+    proxy = CuttingProxy(target_port, after_bytes, cuts, upload)
     await proxy.start()
     try:
         yield proxy

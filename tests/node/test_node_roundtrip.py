@@ -25,6 +25,7 @@ from vfed.node.agent import Agent
 from vfed.node.config import load_settings
 
 pytestmark = [pytest.mark.docker]
+PAD = 9 * 1024 * 1024
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,8 +42,10 @@ async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: obj
                 await researcher.login("res-alpha", PASSWORD)
                 collab = (await researcher.collaborations())[0]["id"]
                 task = await researcher.create_task(collab, PROBE_IMAGE, "echo", args=[2, 3])
-                # Over 64 KiB: not sent along with the claim (it does not live in its blob row), downloaded.
-                big = await researcher.create_task(collab, PROBE_IMAGE, "echo", kwargs={"pad": "x" * 100_000})
+                # Over 64 KiB: not sent along with the claim (it does not live in its blob row), downloaded
+                # and decrypted file to file; over 8 MiB its result goes up while it is sealed, through a
+                # resumable upload session.
+                big = await researcher.create_task(collab, PROBE_IMAGE, "echo", kwargs={"pad": "x" * PAD})
                 (big_run,) = await researcher.runs(big["id"])
                 await agent.run(burst=True)
                 done = await researcher.wait(task, timeout_s=30, progress=False)
@@ -51,7 +54,7 @@ async def test_one_node_in_process_round_trip(tmp_path: Path, docker_client: obj
                 runs = await researcher.runs(task["id"])
                 log_text = await researcher.run_log(runs[0])  # sealed to the organization: its keyring
                 (big_result,) = await researcher.results(big)
-        assert big_result["kwargs"] == {"pad": "x" * 100_000}
+        assert big_result["kwargs"] == {"pad": "x" * PAD}
         assert await blob_size(server, big_run["input_blob_id"]) > 64 * 1024
         org_id = runs[0]["organization_id"]
         assert result["organization_id"] == org_id

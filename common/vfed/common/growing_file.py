@@ -38,6 +38,15 @@ class GrowingFile:
                 return data
             self.done.wait(POLL_S)
 
+    def seek(self, offset: int) -> None:
+        """Go to `offset`, which the writer has passed (a reader resuming where it was); OSError if no file
+        exists yet."""
+        if self._file is None:
+            self._file = _open_first(self.paths)
+        if self._file is None:
+            raise FileNotFoundError(f"none of {[str(p) for p in self.paths]} exists")
+        self._file.seek(offset)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

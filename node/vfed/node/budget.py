@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pydantic import ValidationError
-
 from vfed.common.manifest import MANIFEST_LABEL, EpsilonError, declared_epsilon
 from vfed.common.payload import TaskInput
 from vfed.node.config import NodeSettings
 from vfed.node.privacy import BudgetRefused, BudgetStore, authorize, parse_manifest
+from vfed.node.run_input import RunInput
 from vfed.node.runtime.base import Runtime, VfedRuntimeError
 
 log = logging.getLogger(__name__)
@@ -27,17 +26,18 @@ async def image_labels(runtime: Runtime, image: str) -> dict[str, str]:
         raise BudgetRefused("the image's labels cannot be read, so its manifest is unknown") from None
 
 
-def _task_input(plaintext: bytes) -> TaskInput:
+async def _task_input(run_input: RunInput) -> TaskInput:
+    """The input's method and keyword arguments (a big input's read from its file: vfed.node.run_input)."""
     try:
-        return TaskInput.from_json(plaintext)
-    except ValidationError:
+        return await run_input.header()
+    except ValueError:  # pydantic's ValidationError, or input_header's InputFormatError
         raise BudgetRefused("the input is not a valid task input, so its privacy cost is unknown") from None
 
 
-async def spent_epsilon(runtime: Runtime, *, image: str, plaintext: bytes) -> float | None:
+async def spent_epsilon(runtime: Runtime, *, image: str, run_input: RunInput) -> float | None:
     """The epsilon this run's method declares it spends (image manifest), or None when it declares none.
     BudgetRefused when the manifest or the input says something invalid."""
-    task_input = _task_input(plaintext)
+    task_input = await _task_input(run_input)
     manifest = parse_manifest((await image_labels(runtime, image)).get(MANIFEST_LABEL))
     spec = manifest.functions.get(task_input.method) if manifest is not None else None
     if spec is None or spec.epsilon_kwarg is None:
@@ -55,7 +55,7 @@ async def charge(
     *,
     run_key: str,
     image: str,
-    plaintext: bytes,
+    run_input: RunInput,
     datasets: list[str],
     initiator: str,
 ) -> float | None:
@@ -63,7 +63,7 @@ async def charge(
     budgets = {d: settings.datasets[d].epsilon_budget for d in datasets if d in settings.datasets}
     if not any(b is not None for b in budgets.values()):
         return None
-    task_input = _task_input(plaintext)
+    task_input = await _task_input(run_input)
     manifest = parse_manifest((await image_labels(runtime, image)).get(MANIFEST_LABEL))
     return await asyncio.to_thread(
         authorize,

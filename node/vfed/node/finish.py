@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,14 +35,14 @@ from vfed.common.api.errors import ApiError
 from vfed.common.api.reasons import EXIT_DISCLOSURE, EXIT_SETUP_ERROR, type_name
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_fileobj
 from vfed.common.disclosure import Rule
-from vfed.common.growing_file import GrowingFile
+from vfed.common.resumable_upload import FileSource, GrowingSource, Session, SourceFailed
 from vfed.common.trust import TrustError, VerifiedDescriptor, result_context
 from vfed.node import disclosure, run_folder
 from vfed.node.journal import Entry, Stage
 from vfed.node.log_sealing import seal_run_log
 from vfed.node.run_folder import SEALED_NAME, BadOutput
 from vfed.node.runtime.base import OUTPUT_NAME, ExitStatus, NotFound, RuntimeUnavailable
-from vfed.proxy.rest import ServerUnavailable, file_chunks
+from vfed.proxy.rest import ServerUnavailable
 
 if TYPE_CHECKING:
     from vfed.node.runner import Services
@@ -113,6 +114,7 @@ class Finisher:
         await self._report(run_id, status=status, reason=reason)
         self._leases_done(run_id, status)
         self.s.journal.done(run_id)
+        self.s.journal.drop_meta(_session_key(run_id))
         self.s.metrics.runs.labels(status).inc()
         await self.remove_run_folders(run_id)
         if job_id is not None:
@@ -250,6 +252,7 @@ class Finisher:
         )
         self._leases_done(run_id, status)
         self.s.journal.done(run_id)
+        self.s.journal.drop_meta(_session_key(run_id))
         self._verified.pop(run_id, None)
         self.s.metrics.runs.labels(status).inc()
         log.info("run %s: %s", run_id, status)
@@ -273,6 +276,7 @@ class Finisher:
         return self.s.journal.get(entry.run_id) or entry
 
     async def _seal(self, entry: Entry) -> None:
+        self.s.journal.drop_meta(_session_key(entry.run_id))  # bytes of an earlier sealing are not these
         verified = await self.verified(entry.run_id, entry.task_id)
         context = result_context(verified.digest, self.s.organization_id, entry.run_id)
         recipients = list(verified.reply_keys)
@@ -302,16 +306,15 @@ class Finisher:
         sealing thread writes it (vfed.common.growing_file), so the bytes are read back once from the page
         cache instead of a second pass over the file. A failed seal ends the upload unfinished (the server
         keeps nothing of it) and fails the run as before; a failed upload leaves the journal at `sealed`, and
-        `_upload` sends the sealed file again with its retries."""
+        `_upload` goes on with the journaled upload session from the sealed file, with its retries."""
         sealed = threading.Event()
         seal = (run_dir, key, recipients, limit, context)
         sealing = asyncio.ensure_future(asyncio.to_thread(_seal_file, *seal))
         sealing.add_done_callback(lambda _: sealed.set())
-        digest = hashlib.sha256()
         paths = [_sealing_tmp(run_dir), run_dir / SEALED_NAME]
-        uploading = asyncio.ensure_future(
-            self.s.client.upload_blob(_following_chunks(paths, sealed, sealing, digest))
-        )
+        source = GrowingSource(paths, sealed, lambda: sealing.cancelled() or sealing.exception() is not None)
+        started = functools.partial(self._keep_session, entry.run_id)
+        uploading = asyncio.ensure_future(self.s.client.upload_source(source, started=started))
         try:
             await asyncio.shield(sealing)
         except BaseException:
@@ -321,13 +324,14 @@ class Finisher:
         self.s.journal.sealed(entry.run_id)
         try:
             info = await uploading
-        except (ServerUnavailable, ApiError, OSError) as exc:
+        except (ServerUnavailable, ApiError, OSError, SourceFailed) as exc:
             log.warning("run %s: upload while sealing failed (%s); sending it again", entry.run_id, exc)
             return
-        if self.s.leases is not None:  # the receipt names the result blob by its SHA-256
-            self.s.leases.store.result(self.s.checks.run_key(entry.run_id), digest.hexdigest())
+        if self.s.leases is not None:  # the receipt names the result blob by its SHA-256 (computed here)
+            self.s.leases.store.result(self.s.checks.run_key(entry.run_id), info.sha256)
         self.s.metrics.bytes_up.inc(info.size)
         self.s.journal.uploaded(entry.run_id, info.id)
+        self.s.journal.drop_meta(_session_key(entry.run_id))
 
     async def _upload(self, entry: Entry) -> None:
         path = self.run_dir(entry.run_id) / SEALED_NAME
@@ -335,9 +339,24 @@ class Finisher:
         if self.s.leases is not None:  # the receipt names the result blob by its SHA-256
             digest = await asyncio.to_thread(_sha256_file, path)
             self.s.leases.store.result(self.s.checks.run_key(entry.run_id), digest)
-        info = await self._retry(lambda: self.s.client.upload_blob(file_chunks(path), size=size))
+        started = functools.partial(self._keep_session, entry.run_id)
+        info = await self._retry(
+            lambda: self.s.client.upload_source(
+                FileSource(path), size=size, resume=self._kept_session(entry.run_id), started=started
+            )
+        )
         self.s.metrics.bytes_up.inc(size)
         self.s.journal.uploaded(entry.run_id, info.id)
+        self.s.journal.drop_meta(_session_key(entry.run_id))
+
+    def _keep_session(self, run_id: int, session: Session) -> None:
+        """The run's upload session, journaled: an agent restarted mid-upload goes on with it (the sealed
+        file it sends is the same; a run sealed again forgets it)."""
+        self.s.journal.set_meta(_session_key(run_id), f"{session.id} {session.blob_id}")
+
+    def _kept_session(self, run_id: int) -> Session | None:
+        kept = (self.s.journal.meta(_session_key(run_id)) or "").split()
+        return Session(kept[0], kept[1]) if len(kept) == 2 else None
 
     async def _seal_log(self, entry: Entry, text: str) -> str | None:
         """The log tail sealed to this organization, and to the initiator with the opt-in; None when it
@@ -479,21 +498,8 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def _following_chunks(
-    paths: list[Path],
-    sealed: threading.Event,
-    sealing: asyncio.Future[None],
-    digest: hashlib._Hash,
-    chunk_bytes: int = 1024 * 1024,
-) -> AsyncIterator[bytes]:
-    """The sealed file as its sealing thread writes it, hashed on the way; raises (ending the upload
-    unfinished) when the sealing failed, so no partial blob is ever completed."""
-    with GrowingFile(paths, sealed) as source:
-        while chunk := await asyncio.to_thread(source.read, chunk_bytes):
-            digest.update(chunk)
-            yield chunk
-    if sealing.cancelled() or sealing.exception() is not None:
-        raise OSError("the sealing failed: the upload is abandoned")
+def _session_key(run_id: int) -> str:
+    return f"upload_session:{run_id}"
 
 
 def _sealing_tmp(run_dir: Path) -> Path:

@@ -115,6 +115,9 @@ class Journal:
     def set_meta(self, key: str, value: str) -> None:
         self._exec("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
+    def drop_meta(self, key: str) -> None:
+        self._exec("DELETE FROM meta WHERE key = ?", (key,))
+
     def forget_all(self) -> list[Entry]:
         """Drop every unfinished run (they belong to a server that no longer knows them); answer them."""
         entries = self.unfinished()

@@ -27,6 +27,7 @@ from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics
 from vfed.node.privacy import BudgetRefused
 from vfed.node.receipts import Receipts
+from vfed.node.run_input import RunInput
 from vfed.node.runtime.base import Runtime
 from vfed.proxy.rest import ServerUnavailable, Task
 
@@ -103,7 +104,7 @@ class LeaseGuard:
         digest: str,
         verified: VerifiedDescriptor,
         input_hash: str | None,
-        plaintext: bytes,
+        run_input: RunInput,
     ) -> list[DatasetUse]:
         """Reserve this run on a lease for each dataset it reads; NoValidLease (or another TrustError) if not.
         The reservation is recorded even without datasets: it carries what the run's receipt says."""
@@ -121,7 +122,7 @@ class LeaseGuard:
                     [Candidate(x.id, x.dataset.digest, x.body.max_runs, x.body.epsilon) for x in leases],
                 )
             )
-        epsilon = await self._epsilon(task, digest, plaintext, choices)
+        epsilon = await self._epsilon(task, digest, run_input, choices)
         self.ledger.feed_receipts()  # a no-op unless a feed failed: the store counts every verified receipt
         return self.store.reserve(
             run_key=run_key,
@@ -159,7 +160,7 @@ class LeaseGuard:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _epsilon(
-        self, task: Task, digest: str, plaintext: bytes, choices: list[tuple[str, list[Candidate]]]
+        self, task: Task, digest: str, run_input: RunInput, choices: list[tuple[str, list[Candidate]]]
     ) -> float | None:
         """What the run spends: asked of the image's manifest only when a lease caps epsilon or a dataset has
         a privacy budget (otherwise the receipt records none)."""
@@ -169,7 +170,7 @@ class LeaseGuard:
         if not (capped or budgeted):
             return None
         try:
-            return await budget.spent_epsilon(self.runtime, image=digest, plaintext=plaintext)
+            return await budget.spent_epsilon(self.runtime, image=digest, run_input=run_input)
         except BudgetRefused as exc:
             raise NoValidLease(f"the run's epsilon is unknown: {exc}") from None
 

@@ -23,7 +23,7 @@ from vfed.common.api import Reason, classified
 from vfed.common.api.errors import ApiError
 from vfed.common.api.reasons import type_name
 from vfed.common.crypto import ContextMismatch as BoundElsewhere
-from vfed.common.crypto import CryptoError, Keyring, decrypt_bytes
+from vfed.common.crypto import CryptoError, Keyring
 from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument, TrustError, input_context
 from vfed.node import ahead, budget, disclosure, run_folder, sql_dataset, timeline
 from vfed.node.config import NodeSettings
@@ -36,6 +36,7 @@ from vfed.node.ledger import NodeLedger
 from vfed.node.metrics import NodeMetrics
 from vfed.node.policy import check_run, image_gate, subtask_image_refusal
 from vfed.node.privacy import BudgetRefused, BudgetStore
+from vfed.node.run_input import SEALED_INPUT_NAME, RunInput, SealedInput, decrypt_sealed
 from vfed.node.run_setup import RunSetup
 from vfed.node.runtime.base import (
     LABEL_AGENT,
@@ -243,7 +244,7 @@ class Runner:
     async def _prepare(self, run: Run, task: Task, setup: RunSetup, token: str | None) -> Prepared:
         """Input and checks. The loop verifies and decrypts while the engine looks the image up, then starts
         the run's proxy while it waits for that answer: the loop's own work stays off the critical path."""
-        accepted, plaintext, remembered = await self._trusted_input(run, task)
+        accepted, run_input, remembered = await self._trusted_input(run, task)
         timeline.mark("decrypted")
         document = accepted.verified.document
         setup.proxy = asyncio.ensure_future(self.start_proxy(run, task, token, document))
@@ -267,7 +268,7 @@ class Runner:
         if missing:
             raise RunRefused("not-allowed", f"this node offers no dataset labelled {', '.join(missing)}")
         if self.s.leases is not None:
-            await self._reserve_leases(run, task, accepted, digest, plaintext)
+            await self._reserve_leases(run, task, accepted, digest, run_input)
         try:
             epsilon = await budget.charge(
                 self.s.settings,
@@ -276,7 +277,7 @@ class Runner:
                 # The store outlives servers: a reset server's run 5 is not the run 5 charged before.
                 run_key=self.s.checks.run_key(run.id),
                 image=digest,  # the manifest of exactly the image the policy checked
-                plaintext=plaintext,
+                run_input=run_input,
                 datasets=task.datasets,
                 initiator=str(accepted.verified.body.initiator.org),
             )
@@ -284,7 +285,8 @@ class Runner:
             raise RunRefused("not-allowed", classified(Reason.DISCLOSURE_REFUSED, str(exc))) from None
         run_dir = self.run_dir(run.id)
         await self._extract_datasets(run, task, run_dir)
-        await _off_loop_if_big(len(plaintext), run_folder.write_input, run_dir, plaintext)
+        if run_input.data is not None:  # a big input was decrypted into the run folder already
+            await _off_loop_if_big(run_input.size, run_folder.write_input, run_dir, run_input.data)
         rules = disclosure.rules_for(self.s.settings, task.datasets, decision.unchecked_outputs, epsilon)
         return Prepared(run, task, digest, decision.max_run_time_s, run_dir, accepted, rules, epsilon)
 
@@ -314,7 +316,7 @@ class Runner:
             )
 
     async def _reserve_leases(
-        self, run: Run, task: Task, accepted: Accepted, digest: str, plaintext: bytes
+        self, run: Run, task: Task, accepted: Accepted, digest: str, run_input: RunInput
     ) -> None:
         """The ledger heads the descriptor names are on this node's chain, and a lease covers each dataset the
         run reads (reserved here; a run that does not start gives it back when it ends)."""
@@ -329,31 +331,32 @@ class Runner:
                 digest=digest,
                 verified=accepted.verified,
                 input_hash=accepted.target.input,
-                plaintext=plaintext,
+                run_input=run_input,
             )
         except TrustError as exc:
             raise RunRefused("not-allowed", lease_refusal(exc, run.id, self.s.metrics)) from None
 
-    async def _trusted_input(self, run: Run, task: Task) -> tuple[Accepted, bytes, asyncio.Future[None]]:
+    async def _trusted_input(self, run: Run, task: Task) -> tuple[Accepted, RunInput, asyncio.Future[None]]:
         """The task's descriptor verified, the run checked against it and the input it names decrypted; any
         failure refuses the run (RunRefused). The replay record (a journal write with its fsync) is made in a
         thread meanwhile: the caller awaits it (`_not_replayed`) before the budget is charged or anything
         starts."""
         checks = self.s.checks
         try:
-            blob, verified = await asyncio.gather(self._download_input(run), checks.verify(task))
-            accepted = await _off_loop_if_big(len(blob), checks.assign, verified, run, task, blob)
+            sealed, verified = await asyncio.gather(self._download_input(run), checks.verify(task))
+            digest = await _off_loop_if_big(sealed.size, sealed.sha256)
+            accepted = checks.assign(verified, run, task, digest)
         except TrustError as exc:
             raise RunRefused("not-allowed", refusal_reason(exc, run.id, self.s.metrics)) from None
         remembered = asyncio.ensure_future(asyncio.to_thread(checks.accept, verified, run.id))
         try:
-            plaintext = await _off_loop_if_big(len(blob), self._decrypt, blob, accepted)
+            run_input = await _off_loop_if_big(sealed.size, self._decrypt, sealed, accepted)
         except BaseException as exc:
             await asyncio.gather(remembered, return_exceptions=True)
             if isinstance(exc, TrustError):
                 raise RunRefused("not-allowed", refusal_reason(exc, run.id, self.s.metrics)) from None
             raise
-        return accepted, plaintext, remembered
+        return accepted, run_input, remembered
 
     async def _not_replayed(self, run: Run, remembered: asyncio.Future[None]) -> None:
         """The replay record's verdict: a descriptor another run executed refuses this one."""
@@ -378,7 +381,9 @@ class Runner:
         _make_folder(self.socket_path(run.id).parent)  # the proxy's socket comes later, into this folder
         return await ahead.create(self.s.runtime, spec)
 
-    async def _download_input(self, run: Run) -> bytes:
+    async def _download_input(self, run: Run) -> SealedInput:
+        """The claim's inline input, else the blob downloaded into the run folder (resuming a broken
+        transfer): a big input is never held in memory."""
         if run.input_blob_id is None:
             raise RunRefused("failed", classified(Reason.BAD_INPUT, "the run has no input blob"))
         try:
@@ -386,9 +391,15 @@ class Runner:
         except ValueError:  # binascii.Error: not base64
             reason = classified(Reason.BAD_INPUT, "the server sent an input that is not base64")
             raise RunRefused("failed", reason) from None
-        blob = sent if sent is not None else await self.s.client.download_blob(run.input_blob_id)
-        self.s.metrics.bytes_down.inc(len(blob))
-        return blob
+        if sent is not None:
+            sealed = SealedInput(data=sent, size=len(sent))
+        else:
+            path = self.run_dir(run.id) / SEALED_INPUT_NAME
+            sealed = SealedInput(
+                path=path, size=await self.s.client.download_blob_to(run.input_blob_id, path)
+            )
+        self.s.metrics.bytes_down.inc(sealed.size)
+        return sealed
 
     async def _image_digest(self, task: Task) -> str:
         """The image's ID, once its name passed the node's image rules (policy.image_gate): a name no rule
@@ -404,11 +415,12 @@ class Runner:
             reason = classified(Reason.IMAGE_UNAVAILABLE, f"image {task.image} is not available at this node")
             raise RunRefused("start-failed", reason) from None
 
-    def _decrypt(self, blob: bytes, accepted: Accepted) -> bytes:
-        """The input, signed by the descriptor's signer and bound to the descriptor's nonce."""
+    def _decrypt(self, sealed: SealedInput, accepted: Accepted) -> RunInput:
+        """The input, signed by the descriptor's signer and bound to the descriptor's nonce: in memory when
+        it came with the claim, else decrypted file to file into the run folder (the envelope then goes)."""
         context = input_context(accepted.verified.body.nonce)
         try:
-            return decrypt_bytes(blob, self.s.keyring, accepted.sender(), context=context)
+            return decrypt_sealed(sealed, self.s.keyring, accepted.sender(), context)
         except BoundElsewhere as exc:
             raise ContextMismatch(f"the input belongs to another task than the signed one: {exc}") from None
         except CryptoError as exc:

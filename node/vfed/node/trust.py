@@ -8,7 +8,6 @@ its input must be sealed to a key of ours that is still in use. Every refusal is
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -215,7 +214,7 @@ class RunChecks:
                 self.resolver.forget(org)
                 del self._verified_at[org]
 
-    def assign(self, verified: VerifiedDescriptor, run: Run, task: Task, blob: bytes) -> Accepted:
+    def assign(self, verified: VerifiedDescriptor, run: Run, task: Task, input_sha256: str) -> Accepted:
         """The run the server handed over is the one signed, and its input is sealed to a key in use."""
         target = check_assignment(
             verified,
@@ -223,7 +222,7 @@ class RunChecks:
             collaboration_id=self.collaboration_id,
             image=task.image,
             datasets=task.datasets,
-            input_sha256=hashlib.sha256(blob).hexdigest(),
+            input_sha256=input_sha256,
             initiator_org=task.initiator_organization_id,
         )
         if run.organization_id != self.organization_id:

@@ -23,6 +23,7 @@ from vfed.common import tls
 from vfed.common.api.errors import ApiError, read_error
 from vfed.common.api.statuses import is_finished
 from vfed.common.chunks import body_and_length
+from vfed.common.resumable_upload import ResumableUploader, Source, UploadBroken
 
 log = logging.getLogger(__name__)
 DOWNLOAD_ATTEMPTS = 5  # transfers of one blob, each resuming where the last broke
@@ -221,6 +222,18 @@ class RestClient:
         self.bytes_up += info.size if size is None else size
         return info
 
+    async def upload_source(self, source: Source, size: int | None = None, **session: Any) -> BlobInfo:
+        """Store a file's bytes on the server, resuming after a broken connection (and with `resume`, a
+        session of an earlier attempt: vfed.common.resumable_upload); ServerUnavailable when it stayed
+        unreachable."""
+        uploader = ResumableUploader(self.session, self.base, self._headers, self._on_unauthorized)
+        try:
+            done = await uploader.upload(source, size=size, **session)
+        except UploadBroken as exc:
+            raise ServerUnavailable(str(exc)) from exc
+        self.bytes_up += done.size
+        return BlobInfo(id=done.id, size=done.size, sha256=done.sha256)
+
     async def download_blob(self, blob_id: str) -> bytes:
         """The whole blob in memory; a transfer broken mid-way goes on from where it stopped (Range)."""
         buf = bytearray()
@@ -284,16 +297,6 @@ class RestClient:
                 if have() == start or attempt == DOWNLOAD_ATTEMPTS - 1:
                     raise  # no byte came (a server that is down): the caller's retry, not ours
                 log.info("blob %s: transfer broke after %d bytes (%s); resuming", blob_id, have(), exc)
-
-
-async def file_chunks(path: Path, chunk_bytes: int = 1024 * 1024) -> AsyncIterable[bytes]:
-    """A file as chunks for a streamed upload, read off the event loop."""
-    handle = await asyncio.to_thread(path.open, "rb")
-    try:
-        while chunk := await asyncio.to_thread(handle.read, chunk_bytes):
-            yield chunk
-    finally:
-        handle.close()
 
 
 def _create_private(path: Path) -> BinaryIO:

@@ -12,6 +12,7 @@ from vfed.common.slow_clients import head_middleware
 from vfed.server import blob_collector, db
 from vfed.server.api.meta import DOCS_HTML, OPENAPI, scrape
 from vfed.server.api.tokens import DUMMY_HASH
+from vfed.server.api.uploads import UPLOADS
 from vfed.server.blob_limits import USAGE, Usage
 from vfed.server.blobs import BlobStore, BlobStoreError, FileBlobStore
 from vfed.server.broker_auth import BROKER, BrokerAccounts
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> web.Application:
     app[BLOBS] = blob_store(settings)
     app[BROKER] = BrokerAccounts.from_settings(settings)
     app[USAGE] = Usage()
+    app[UPLOADS] = {}
     app[OPENAPI] = build_openapi()
     app[DOCS_HTML] = build_docs_html()
     add_routes(app)

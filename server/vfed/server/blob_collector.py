@@ -8,7 +8,9 @@ meanwhile keeps its input (or, on a race, fails on the foreign key and is retrie
 removed after the rows are committed. Stored blobs without a row (a crash between writing and committing) and
 unfinished uploads (a `.part` file, an S3 multipart upload) are removed once nothing was written to them for
 the keep time, unless this process is still writing them; an upload in progress on another server machine
-sharing an S3 bucket keeps adding parts, so it is never idle that long.
+sharing an S3 bucket keeps adding parts, so it is never idle that long. A resumable upload session's bytes
+are spared while the session lives; an expired session (no append for `limits.upload_expiry_s`) is removed
+with them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from vfed.server.blobs import BlobStore, BlobStoreError
-from vfed.server.models import Base, Blob, utcnow
+from vfed.server.models import Base, Blob, UploadSession, utcnow
 from vfed.server.state import BLOBS, SESSIONS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ BLOBS_TABLE: Table = Blob.__table__  # type: ignore[assignment]
 class Collected:
     rows: int = 0
     files: int = 0
+    uploads: int = 0
 
 
 def _unreferenced() -> list[object]:
@@ -79,8 +82,38 @@ async def collect(sessions: async_sessionmaker[AsyncSession], store: BlobStore, 
         done.rows += len(removed)
         if len(ids) < BATCH:
             break
+    done.uploads = await _expired_uploads(sessions, store)
     done.files = await _orphans(sessions, store, keep_s)
     return done
+
+
+async def _expired_uploads(sessions: async_sessionmaker[AsyncSession], store: BlobStore) -> int:
+    """Upload sessions past their expiry, with what they stored (rows first: a late append then finds none
+    and answers 404 rather than writing into bytes being removed)."""
+    removed = 0
+    while True:
+        async with sessions() as s:
+            rows = list(
+                (
+                    await s.execute(
+                        delete(UploadSession)
+                        .where(
+                            UploadSession.id.in_(
+                                select(UploadSession.id)
+                                .where(UploadSession.expires_at < utcnow())
+                                .limit(BATCH)
+                            )
+                        )
+                        .returning(UploadSession.blob_id, UploadSession.handle)
+                    )
+                ).all()
+            )
+            await s.commit()
+        for blob_id, handle in rows:
+            await store.abort_upload(blob_id, handle)
+        removed += len(rows)
+        if len(rows) < BATCH:
+            return removed
 
 
 async def _orphans(sessions: async_sessionmaker[AsyncSession], store: BlobStore, keep_s: float) -> int:
@@ -92,8 +125,15 @@ async def _orphans(sessions: async_sessionmaker[AsyncSession], store: BlobStore,
         async with sessions() as s:
             ids = {item.blob_id for item in batch}
             known = set((await s.execute(select(Blob.id).where(Blob.id.in_(ids)))).scalars())
+            uploading = set(
+                (
+                    await s.execute(select(UploadSession.blob_id).where(UploadSession.blob_id.in_(ids)))
+                ).scalars()
+            )
         for item in batch:
             if (item.blob_id in known and not item.partial) or item.blob_id in store.writing:
+                continue
+            if item.partial and item.blob_id in uploading:  # a live session's bytes
                 continue
             await store.remove(item)
             removed += 1
@@ -109,8 +149,13 @@ async def _loop(app: web.Application) -> None:
         except (OSError, DBAPIError, BlobStoreError) as exc:
             log.warning("blob collection failed, trying again later: %s", exc)
             continue
-        if done.rows or done.files:
-            log.info("removed %d unreferenced blobs and %d orphaned blob files", done.rows, done.files)
+        if done.rows or done.files or done.uploads:
+            log.info(
+                "removed %d unreferenced blobs, %d orphaned blob files and %d expired uploads",
+                done.rows,
+                done.files,
+                done.uploads,
+            )
 
 
 async def collector(app: web.Application) -> AsyncIterator[None]:

@@ -12,7 +12,7 @@ import hashlib
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 CHUNK_BYTES = 1 << 20
 ROW_BYTES = 64 << 10  # blobs up to this size live in their database row (sealed task inputs, small results)
+SESSION_COMMIT_BYTES = 8 << 20  # an upload session's file records its committed offset this often
 INLINE_BYTES = 64 << 10  # up to this size a blob is written on the event loop: page-cache writes of a few
 # KiB take tens of microseconds, a hand-off to a worker thread ~1 ms on a busy machine
 
@@ -30,6 +31,18 @@ class BlobTooLarge(Exception):
 
 class BlobMissing(Exception):
     """A blob whose row exists has no stored bytes (removed by hand, or a store that lost it)."""
+
+
+class UploadOffsetLost(Exception):
+    """An upload session's store holds fewer bytes than its row says (lost in a crash); `offset` is what it
+    holds, where the client must go on from."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"the upload holds {offset} bytes")
+        self.offset = offset
+
+
+Commit = Callable[[int], Awaitable[None]]  # records a session's new committed offset (raises to stop it)
 
 
 class BlobStoreError(Exception):
@@ -54,7 +67,7 @@ class Leftover:
     handle: str  # what the store needs to remove it (a path, an upload id)
 
 
-async def _capped(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+async def capped(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
     """`chunks` with the size cap applied while they stream (no Content-Length is trusted)."""
     size = 0
     async for chunk in chunks:
@@ -79,7 +92,7 @@ class BlobStore(ABC):
         blob_id = secrets.token_hex(16)
         self.writing.add(blob_id)
         try:
-            it = aiter(_capped(chunks, self.max_bytes))
+            it = aiter(capped(chunks, self.max_bytes))
             head: list[bytes] = []
             size = 0
             async for chunk in it:
@@ -121,6 +134,29 @@ class BlobStore(ABC):
     @abstractmethod
     async def remove(self, leftover: Leftover) -> None:
         """Remove what `leftovers` named (a missing one is no error)."""
+
+    # Upload sessions (api/uploads.py): the bytes of blob `blob_id` arrive over several requests, each
+    # appending at the committed offset; the blob becomes visible (its row) only after `finish_upload`.
+
+    @abstractmethod
+    async def begin_upload(self, blob_id: str) -> str:
+        """Start an upload session's storage; the handle the later calls take."""
+
+    @abstractmethod
+    async def append_upload(
+        self, blob_id: str, handle: str, offset: int, chunks: AsyncIterator[bytes], commit: Commit
+    ) -> int:
+        """Append `chunks` at `offset` (what was committed before), calling `commit` with each new durable
+        offset, also when `chunks` breaks off (a dropped connection): what arrived stays. Returns the last
+        committed offset. UploadOffsetLost when the store holds less than `offset`."""
+
+    @abstractmethod
+    async def finish_upload(self, blob_id: str, handle: str, size: int) -> None:
+        """Make the session's `size` bytes the stored blob `blob_id` (still invisible until its row)."""
+
+    @abstractmethod
+    async def abort_upload(self, blob_id: str, handle: str) -> None:
+        """Remove what a session stored (a missing one is no error)."""
 
     async def prepare(self) -> None:  # noqa: B027 (a hook; stores that need nothing keep it empty)
         """At server start: make sure the store can be used (BlobStoreError if not)."""
@@ -228,6 +264,57 @@ class FileBlobStore(BlobStore):
     async def remove(self, leftover: Leftover) -> None:
         await asyncio.to_thread(Path(leftover.handle).unlink, missing_ok=True)
 
+    def _part(self, blob_id: str) -> Path:
+        return self.path(blob_id).with_suffix(".part")
+
+    async def begin_upload(self, blob_id: str) -> str:
+        await self._ensure_dir(blob_id)
+        await asyncio.to_thread(_create_empty, self._part(blob_id))
+        return ""
+
+    async def append_upload(
+        self, blob_id: str, handle: str, offset: int, chunks: AsyncIterator[bytes], commit: Commit
+    ) -> int:
+        """Bytes past `offset` (a request cut before its commit) are dropped first. Writes go to a worker
+        thread 1 MiB at a time and are waited for even when the request is cancelled (a thread cannot be
+        stopped), so the committed length is what the file holds; what arrived before a break is written
+        too (_Appender: one write in flight while the next megabyte is read). Committed every
+        SESSION_COMMIT_BYTES and at the end."""
+        fh = await asyncio.to_thread(_open_at, self._part(blob_id), offset)
+        out = _Appender(fh, offset)
+        committed = offset
+        buf: list[bytes] = []
+        try:
+            async for chunk in chunks:
+                buf.append(chunk)
+                if sum(map(len, buf)) >= CHUNK_BYTES:
+                    batch, buf = buf, []
+                    await out.write(batch)
+                    if out.written - committed >= SESSION_COMMIT_BYTES:
+                        committed = out.written  # first: a commit that raises is not tried again below
+                        await commit(committed)
+        finally:
+            try:
+                if out.intact and buf:
+                    await out.write(buf)
+                await out.settle()
+            finally:
+                await asyncio.to_thread(fh.close)
+                if out.written != committed:
+                    committed = out.written
+                    await commit(committed)
+        return committed
+
+    async def finish_upload(self, blob_id: str, handle: str, size: int) -> None:
+        part = self._part(blob_id)
+        actual = await asyncio.to_thread(_truncated, part, size)
+        if actual < size:
+            raise UploadOffsetLost(actual)
+        await asyncio.to_thread(os.replace, part, self.path(blob_id))
+
+    async def abort_upload(self, blob_id: str, handle: str) -> None:
+        await asyncio.to_thread(self._part(blob_id).unlink, missing_ok=True)
+
 
 async def _read_file(fh: BinaryIO, start: int, stop: int | None) -> AsyncIterator[bytes]:
     await asyncio.to_thread(fh.seek, start)
@@ -253,6 +340,77 @@ def _old_files(root: Path, before: float) -> list[Leftover]:
                 partial = entry.name.endswith(".part")
                 found.append(Leftover(entry.name.removesuffix(".part"), partial, entry.path))
     return found
+
+
+def _create_empty(path: Path) -> None:
+    with path.open("xb"):
+        pass
+
+
+def _open_at(path: Path, offset: int) -> BinaryIO:
+    """The session file opened for appending at `offset`; UploadOffsetLost if it is shorter."""
+    try:
+        fh = path.open("r+b")
+    except FileNotFoundError:
+        raise UploadOffsetLost(0) from None
+    size = fh.seek(0, os.SEEK_END)
+    if size < offset:
+        fh.close()
+        raise UploadOffsetLost(size)
+    fh.truncate(offset)
+    fh.seek(offset)
+    return fh
+
+
+class _Appender:
+    """Writes of an upload session's file, 1 MiB at a time in a worker thread, one at a time while the loop
+    reads the next from the socket. A write is waited for even when the request is cancelled (a thread
+    cannot be stopped), so `written` is what the file holds once `settle` returned; `intact` turns False when
+    a write failed (then the file's end is unknown and nothing more is written)."""
+
+    def __init__(self, fh: BinaryIO, written: int) -> None:
+        self.fh = fh
+        self.written = written
+        self.intact = True
+        self._pending: asyncio.Future[int] | None = None
+
+    async def write(self, parts: list[bytes]) -> None:
+        """Start writing `parts` once the write before is done."""
+        await self.settle()
+        self._pending = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fh, parts))
+
+    async def settle(self) -> None:
+        """Wait for the write in flight, if any; its failure is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            await asyncio.shield(pending)
+        finally:
+            await asyncio.gather(pending, return_exceptions=True)
+            if pending.exception() is None:
+                self.written += pending.result()
+            else:
+                self.intact = False
+
+
+def _write_all(fh: BinaryIO, parts: list[bytes]) -> int:
+    for part in parts:
+        fh.write(part)
+    fh.flush()
+    return sum(map(len, parts))
+
+
+def _truncated(path: Path, size: int) -> int:
+    """The session file cut to `size` (bytes past it were never committed); its length if shorter."""
+    try:
+        with path.open("r+b") as fh:
+            actual = fh.seek(0, os.SEEK_END)
+            if actual > size:
+                fh.truncate(size)
+            return min(actual, size)
+    except FileNotFoundError:
+        return 0
 
 
 def _write_hash(fh: BinaryIO, digest: hashlib._Hash, parts: list[bytes]) -> None:

@@ -35,12 +35,22 @@ from minio.datatypes import Part
 from minio.error import MinioException, S3Error
 from urllib3.response import BaseHTTPResponse
 
-from vfed.server.blobs import CHUNK_BYTES, BlobMissing, BlobStore, BlobStoreError, Leftover, StoredBlob
+from vfed.server.blobs import (
+    CHUNK_BYTES,
+    BlobMissing,
+    BlobStore,
+    BlobStoreError,
+    Commit,
+    Leftover,
+    StoredBlob,
+    UploadOffsetLost,
+)
 from vfed.server.config import S3Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _BLOB_ID = re.compile(r"^[0-9a-f]{32}$")
+TAIL = ".tail"  # an upload session's bytes past its last whole part
 _REFUSED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -221,6 +231,102 @@ class S3BlobStore(BlobStore):
     async def delete(self, blob_id: str) -> None:
         await self._call("delete", self.client.remove_object, self.s3.bucket, self.key(blob_id))
 
+    # Upload sessions: a multipart upload at the blob's key, one part per whole `part_bytes` of the session
+    # (part N holds bytes [(N-1)*part_bytes, N*part_bytes)), so S3's 5 MiB minimum never applies to an
+    # append; the bytes past the last whole part are the object `<key>.tail`, rewritten at the end of each
+    # append and read back by the next. Committed offset O = full parts O // part_bytes + the tail's first
+    # O % part_bytes bytes, whatever a crash left behind past that.
+
+    async def begin_upload(self, blob_id: str) -> str:
+        key = self.key(blob_id)
+        return await self._call("upload start", self.client._create_multipart_upload, self.s3.bucket, key, {})
+
+    async def append_upload(
+        self, blob_id: str, handle: str, offset: int, chunks: AsyncIterator[bytes], commit: Commit
+    ) -> int:
+        size = self.s3.part_bytes
+        parts, tail = divmod(offset, size)
+        buf = bytearray(await self._tail(blob_id, tail, parts * size))
+        committed = offset
+        try:
+            async for chunk in chunks:
+                buf += chunk
+                while len(buf) >= size:
+                    await self._part(blob_id, handle, bytes(buf[:size]), parts + 1)
+                    del buf[:size]
+                    parts += 1
+                    committed = parts * size
+                    await commit(committed)
+        finally:
+            if parts * size + len(buf) != committed and len(buf) < size:  # not a part that failed to go
+                committed = await self._keep_tail(blob_id, bytes(buf), parts * size, committed, commit)
+        return committed
+
+    async def _keep_tail(self, blob_id: str, data: bytes, at: int, committed: int, commit: Commit) -> int:
+        """Store the bytes past the last whole part and commit them; on a store failure the last commit
+        stands (the client resends from there)."""
+        bucket, key = self.s3.bucket, self.key(blob_id) + TAIL
+        try:
+            await self._call("upload", self.client.put_object, bucket, key, io.BytesIO(data), len(data))
+        except BlobStoreError as exc:
+            log.warning("upload session %s: its tail was not kept: %s", blob_id, exc)
+            return committed
+        await commit(at + len(data))
+        return at + len(data)
+
+    async def _tail(self, blob_id: str, length: int, at: int) -> bytes:
+        """The first `length` bytes of the session's tail; UploadOffsetLost (at the last whole part) if the
+        tail holds fewer."""
+        if length == 0:
+            return b""
+        try:
+            async with self.open(blob_id + TAIL, 0, length) as chunks:
+                data = b"".join([c async for c in chunks])
+        except BlobMissing:
+            data = b""
+        if len(data) < length:
+            raise UploadOffsetLost(at)
+        return data
+
+    async def _part(self, blob_id: str, handle: str, data: bytes, number: int) -> str:
+        key = self.key(blob_id)
+        return await self._call(
+            "part upload", self.client._upload_part, self.s3.bucket, key, data, None, handle, number
+        )
+
+    async def finish_upload(self, blob_id: str, handle: str, size: int) -> None:
+        """The tail becomes the last part; an empty session is an empty object (S3 completes no zero
+        parts)."""
+        bucket, key = self.s3.bucket, self.key(blob_id)
+        count, tail = divmod(size, self.s3.part_bytes)
+        if tail:
+            last = await self._tail(blob_id, tail, count * self.s3.part_bytes)
+            await self._part(blob_id, handle, last, count + 1)
+            count += 1
+        if count == 0:
+            await self._call("upload", self.client.put_object, bucket, key, io.BytesIO(b""), 0)
+            await self.abort_upload(blob_id, handle)
+            return
+        listed = await self._call("listing", _parts, self.client, bucket, key, handle)
+        parts = [p for p in listed if p.part_number <= count]
+        if [p.part_number for p in parts] != list(range(1, count + 1)):
+            raise UploadOffsetLost(0)
+        await self._call(
+            "upload completion", self.client._complete_multipart_upload, bucket, key, handle, parts
+        )
+        await self._remove_tail(blob_id)
+
+    async def abort_upload(self, blob_id: str, handle: str) -> None:
+        with contextlib.suppress(S3Error):  # NoSuchUpload: completed or aborted already
+            await self._call(
+                "upload abort", self.client._abort_multipart_upload, self.s3.bucket, self.key(blob_id), handle
+            )
+        await self._remove_tail(blob_id)
+
+    async def _remove_tail(self, blob_id: str) -> None:
+        with contextlib.suppress(S3Error):
+            await self._call("delete", self.client.remove_object, self.s3.bucket, self.key(blob_id) + TAIL)
+
     async def leftovers(self, before: float) -> list[Leftover]:
         """Objects last modified before `before`, and multipart uploads that started before it and got no
         part since (an upload in progress on any server machine keeps adding parts)."""
@@ -232,14 +338,18 @@ class S3BlobStore(BlobStore):
         )
         found = []
         for key, partial, handle in (*objects, *uploads):
-            blob_id = key[len(self.s3.prefix) :]
+            name = key[len(self.s3.prefix) :]
+            tail = name.endswith(TAIL)
+            blob_id = name.removesuffix(TAIL)
             if _BLOB_ID.match(blob_id):  # anything else under the prefix is not ours to remove
-                found.append(Leftover(blob_id, partial, handle))
+                found.append(Leftover(blob_id, partial or tail, key if tail else handle))
         return found
 
     async def remove(self, leftover: Leftover) -> None:
         key = self.key(leftover.blob_id)
-        if leftover.partial:
+        if leftover.handle.endswith(TAIL):  # a session's tail (its multipart upload is a leftover too)
+            await self._remove_tail(leftover.blob_id)
+        elif leftover.partial:
             with contextlib.suppress(S3Error):  # NoSuchUpload: completed or aborted meanwhile
                 await self._call(
                     "upload abort", self.client._abort_multipart_upload, self.s3.bucket, key, leftover.handle
@@ -284,6 +394,18 @@ def _put_part(
     data = b"".join(chunks)
     chunks.clear()
     return client._upload_part(bucket, key, data, None, upload_id, number)
+
+
+def _parts(client: Minio, bucket: str, key: str, upload_id: str) -> list[Part]:
+    """Every part of a multipart upload, page by page, in part order."""
+    found: list[Part] = []
+    marker: str | None = None
+    while True:
+        page = client._list_parts(bucket, key, upload_id, max_parts=1000, part_number_marker=marker)
+        found.extend(page.parts)
+        if not page.is_truncated or not page.next_part_number_marker:
+            return sorted(found, key=lambda p: p.part_number)
+        marker = str(page.next_part_number_marker)
 
 
 def _old_objects(client: Minio, bucket: str, prefix: str, before: float) -> list[tuple[str, bool, str]]:

@@ -162,6 +162,11 @@ class LimitsSettings(BaseModel):
     blob_quota_count: int = Field(1_000_000, ge=0, description="blobs one organization may store")
     blob_keep_s: float = Field(24 * 3600.0, ge=0, description="unreferenced blobs are kept this long")
     blob_collect_interval_s: float = Field(600.0, gt=0, description="how often the collector runs")
+    upload_expiry_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="a resumable upload that got no bytes for this long is removed with what it stored",
+    )
     head_timeout_s: float = Field(10.0, gt=0, description="a request's head must arrive within this")
     body_timeout_s: float = Field(60.0, gt=0, description="longest wait for the next bytes of a body")
     keepalive_timeout_s: float = Field(75.0, gt=0, description="idle keep-alive connections close after")

@@ -20,9 +20,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ApiError(api_errors.ApiError):
     """An answer other than success, with a short machine code, a human detail and extra headers."""
 
-    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, int | str] | None = None,
+    ) -> None:
         super().__init__(status, error, detail)
         self.headers = headers or {}
+        self.extra = extra or {}
 
 
 def bad_request(detail: str, error: str = "bad-request") -> ApiError:
@@ -65,7 +73,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+        return error_response(exc.status, exc.error, exc.detail, exc.headers, exc.extra)
     except BlobStoreError as exc:
         log.warning("blob store failure on %s %s: %s", request.method, request.path, exc)
         return error_response(503, "blob-store-unavailable", str(exc), {"Retry-After": "30"})

@@ -271,6 +271,27 @@ class Blob(Base):
     data: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
 
 
+class UploadSession(Base):
+    """A resumable upload (api/uploads.py): the bytes of blob `blob_id` arrive over several requests, each
+    appended at `committed_bytes`; the blob's row is written only once they are complete and verified."""
+
+    __tablename__ = "upload_sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    blob_id: Mapped[str] = mapped_column(String(64), unique=True)
+    owner_organization_id: Mapped[int] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    owner_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    owner_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    size: Mapped[int | None] = mapped_column(BigInteger)  # declared at creation, or only at completion
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    committed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    handle: Mapped[str] = mapped_column(String(1024), default="")  # the store's (an S3 multipart upload id)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # the collector removes a session (and its bytes) once this passed; every append moves it on
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class Task(Base):
     __tablename__ = "tasks"
     id: Mapped[int] = mapped_column(primary_key=True)

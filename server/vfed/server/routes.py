@@ -24,6 +24,7 @@ from vfed.server.api import (
     task_wait,
     tasks,
     tokens,
+    uploads,
     users,
 )
 
@@ -33,7 +34,7 @@ API = "/api/v1"
 
 @dataclass(frozen=True)
 class Op:
-    """One operation; `path` uses {id} (integer) and {blob_id} (hex string) placeholders."""
+    """One operation; `path` uses {id} (integer), {blob_id} and {upload_id} (hex string) placeholders."""
 
     method: str
     path: str
@@ -324,6 +325,52 @@ OPS: list[Op] = [
         binary_in=True,
     ),
     Op(
+        "POST",
+        "/uploads",
+        uploads.create_upload,
+        "Start a resumable upload (size and SHA-256 now or at completion); appends go to its id",
+        "blobs",
+        sc.UploadIn,
+        sc.UploadOut,
+        status=201,
+    ),
+    Op(
+        "GET",
+        "/uploads/{upload_id}",
+        uploads.get_upload,
+        "A resumable upload's committed offset (where a broken append goes on from)",
+        "blobs",
+        response=sc.UploadOut,
+    ),
+    Op(
+        "PATCH",
+        "/uploads/{upload_id}",
+        uploads.append_upload,
+        "Append bytes at the committed offset (409 with the right `offset` otherwise)",
+        "blobs",
+        response=sc.UploadOut,
+        query=sc.UploadAppendQuery,
+        binary_in=True,
+    ),
+    Op(
+        "POST",
+        "/uploads/{upload_id}/complete",
+        uploads.complete_upload,
+        "Finish a resumable upload: size and SHA-256 are checked, then the blob exists",
+        "blobs",
+        sc.UploadCompleteIn,
+        sc.BlobOut,
+        status=201,
+    ),
+    Op(
+        "DELETE",
+        "/uploads/{upload_id}",
+        uploads.delete_upload,
+        "Drop a resumable upload and its bytes",
+        "blobs",
+        status=204,
+    ),
+    Op(
         "GET",
         "/blobs/{blob_id}",
         blobs.download_blob,
@@ -406,7 +453,11 @@ OPS: list[Op] = [
 
 
 def _aiohttp_path(path: str) -> str:
-    return API + path.replace("{id}", r"{id:\d{1,12}}").replace("{blob_id}", r"{blob_id:[0-9a-f]{32}}")
+    hexes = {name: f"{{{name}:[0-9a-f]{{32}}}}" for name in ("blob_id", "upload_id")}
+    path = path.replace("{id}", r"{id:\d{1,12}}")
+    for name, pattern in hexes.items():
+        path = path.replace(f"{{{name}}}", pattern)
+    return API + path
 
 
 def add_routes(app: web.Application) -> None:

@@ -299,6 +299,38 @@ class BlobOut(BaseModel):
     sha256: str
 
 
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+ByteCount = Annotated[int, Field(ge=0, le=2**62)]
+
+
+class UploadIn(In):
+    """A resumable upload: the size and SHA-256 may be declared now, or only when completing it."""
+
+    size: ByteCount | None = None
+    sha256: Sha256Hex | None = None
+
+
+class UploadOut(BaseModel):
+    id: str
+    blob_id: str = Field(
+        description="the blob's id once complete (a client whose completion answer was lost "
+        "finds the blob under it)"
+    )
+    offset: int = Field(description="bytes the server has committed: the next append starts here")
+    size: int | None = None
+    sha256: str | None = None
+    expires_at: datetime = Field(description="removed with its bytes if no append comes before this")
+
+
+class UploadAppendQuery(In):
+    offset: ByteCount | None = Field(None, description="where the body goes: the upload's committed offset")
+
+
+class UploadCompleteIn(In):
+    size: ByteCount
+    sha256: Sha256Hex
+
+
 class TaskOrganizationIn(In):
     id: Id
     input_blob_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None

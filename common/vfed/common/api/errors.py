@@ -30,12 +30,16 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+    status: int,
+    error: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, int | str] | None = None,
 ) -> web.Response:
-    """An error answer in the one shape every vfed API uses."""
-    return web.json_response(
-        ErrorDocument(error=error, detail=detail).model_dump(), status=status, headers=headers
-    )
+    """An error answer in the one shape every vfed API uses; `extra` adds machine-readable fields beside
+    the two (an upload's committed `offset` on a 409)."""
+    body = {**(extra or {}), **ErrorDocument(error=error, detail=detail).model_dump()}
+    return web.json_response(body, status=status, headers=headers)
 
 
 async def read_error(response: aiohttp.ClientResponse) -> tuple[str, str]:
