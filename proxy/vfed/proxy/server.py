@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -14,6 +15,26 @@ from pydantic import SecretStr
 from vfed.common.slow_clients import HEAD_WATCH, HeadWatch
 from vfed.proxy.app import ProxyContext, create_proxy_app
 from vfed.proxy.listener import ProxyListener
+
+
+# A Unix socket's address holds at most 107 bytes of path (sun_path is 108 with the NUL); a node whose data folder
+# lies deep (a long home, a mounted volume's path) would otherwise fail every run with "AF_UNIX path too long".
+SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address bind() and connect() accept for the socket at `path`: the path itself, or, when it is too long,
+    the same name reached through a descriptor of its folder (`/proc/self/fd/N/name`), which the kernel resolves
+    like the path. Bind or connect inside the block: the descriptor is closed after it."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
 
 
 class ProxyServer:
@@ -66,7 +87,8 @@ class ProxyServer:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self.watch.bind(runner), str(self.socket_path))
+        with unix_address(self.socket_path) as address:
+            self._server = await loop.create_unix_server(self.watch.bind(runner), address)
         os.chmod(self.socket_path, 0o666)
         os.chmod(self.socket_path.parent, 0o755)
 
