@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from vfed.common.api.errors import ApiError
+from vfed.common.api.resources import Task
 from vfed.common.ledger import DatasetUse, Head, Lease, LedgerError, NoValidLease
 from vfed.common.trust import TrustError, VerifiedDescriptor
 from vfed.node import budget
@@ -28,7 +29,7 @@ from vfed.node.metrics import NodeMetrics
 from vfed.node.privacy import BudgetRefused
 from vfed.node.receipts import Receipts
 from vfed.node.runtime.base import Runtime
-from vfed.proxy.rest import ServerUnavailable, Task
+from vfed.proxy.rest import ServerUnavailable
 
 log = logging.getLogger(__name__)
 

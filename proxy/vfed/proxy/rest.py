@@ -1,7 +1,8 @@
 """A small client of the server's REST API (docs/api.md), shared by the proxy (run token) and the node agent.
 
-It holds a bearer token and turns answers into pydantic models; error answers become `ApiError` with the
-server's `error` code, connection failures `ServerUnavailable`. The node's subclass adds login and refresh.
+It holds a bearer token and turns answers into the shared resource models (`vfed.common.api.resources`);
+error answers become `ApiError` with the server's `error` code, connection failures `ServerUnavailable`. The
+node's subclass adds login and refresh.
 """
 
 from __future__ import annotations
@@ -12,16 +13,14 @@ import json as _json
 import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict
 
 from vfed.common import tls
 from vfed.common.api.errors import ApiError, read_error
-from vfed.common.api.statuses import is_finished
+from vfed.common.api.resources import Blob, Organization, Run, Task
 from vfed.common.chunks import body_and_length
 
 log = logging.getLogger(__name__)
@@ -30,60 +29,6 @@ DOWNLOAD_ATTEMPTS = 5  # transfers of one blob, each resuming where the last bro
 
 class ServerUnavailable(Exception):
     """The server did not answer (connection refused, timeout, 502/503/504); try again later."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class Organization(_Model):
-    id: int
-    name: str
-    public_key: str | None = None
-    key_id: str | None = None
-
-
-class Task(_Model):
-    id: int
-    collaboration_id: int
-    initiator_organization_id: int | None = None
-    initiator_user_id: int | None = None
-    image: str
-    image_digest: str | None = None
-    name: str = ""
-    description: str | None = None
-    organization_ids: list[int] = []
-    datasets: list[str] = []
-    parent_id: int | None = None
-    job_id: int
-    status: str
-    descriptor: str | None = None  # the signed task descriptor document (JSON text), stored verbatim
-
-
-class Run(_Model):
-    id: int
-    task_id: int
-    job_id: int
-    organization_id: int
-    node_id: int | None = None
-    status: str
-    input_blob_id: str | None = None
-    result_blob_id: str | None = None
-    image_digest: str | None = None
-    exit_code: int | None = None
-    reason: str | None = None
-    sealed_log: str | None = None  # base64 envelope, sealed to the node's organization (never plaintext)
-    created_at: datetime | None = None
-
-    @property
-    def finished(self) -> bool:
-        return is_finished(self.status)
-
-
-class BlobInfo(_Model):
-    id: str
-    size: int
-    sha256: str
 
 
 def api_base(server_url: str) -> str:
@@ -212,12 +157,12 @@ class RestClient:
                 return items
             page += 1
 
-    async def upload_blob(self, data: bytes | AsyncIterable[bytes], size: int | None = None) -> BlobInfo:
+    async def upload_blob(self, data: bytes | AsyncIterable[bytes], size: int | None = None) -> Blob:
         """Store bytes (or a stream of chunks) on the server; the answer carries the blob id."""
         headers = {"Content-Type": "application/octet-stream"}
         body = body_and_length(data, headers) if isinstance(data, bytes | bytearray) else data
         answer = await self.request("POST", "/blobs", data=body, headers=headers)
-        info = BlobInfo.model_validate(answer)
+        info = Blob.model_validate(answer)
         self.bytes_up += info.size if size is None else size
         return info
 
