@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+from pydantic import BaseModel
 
 from vfed.client.errors import ApiError, NotLoggedIn
 from vfed.common.api.errors import read_error
 from vfed.common.tls import connector
 
+M = TypeVar("M", bound=BaseModel)
 CHUNK_BYTES = 1 << 20
 RESUME_ATTEMPTS = 5  # attempts in a row that bring no new byte before a download to a file gives up
 BLOB_READ_TIMEOUT_S = 60.0  # a transfer silent this long is broken: resume it
@@ -122,6 +124,11 @@ class ApiSession:
             if len(items) >= body["total"] or not body["data"]:
                 return items
             page += 1
+
+    async def get_models(self, path: str, model: type[M], params: Mapping[str, Any] | None = None) -> list[M]:
+        """Every item of a paginated list, read as `model`; filters left None are not sent."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        return [model.model_validate(item) for item in await self.get_all(path, query)]
 
     async def post_with_input(self, path: str, fields: dict[str, Any], data: bytes) -> Any:
         """One multipart POST: `fields` as the JSON `task` part, `data` as the octet-stream `input` part

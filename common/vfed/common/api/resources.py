@@ -5,11 +5,15 @@ Reading is forward compatible: a field a newer server adds is ignored, and a fie
 takes its default. Writing is exact: the server builds these models from its own rows, so it emits only the
 declared fields; the OpenAPI document marks every one of them as always present
 (`json_schema_serialization_defaults_required`).
+
+Datasets and leases are not served as resources: they are signed ledger entries (`vfed.common.ledger.kinds`),
+stored and served verbatim and read through a verified ledger.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,9 +24,29 @@ Links = dict[str, str | None]
 
 
 class Resource(BaseModel):
-    """Base of every served resource: unknown fields are ignored when reading, instances are immutable."""
+    """Base of every served resource: unknown fields are ignored when reading, instances are immutable.
+
+    Fields read as attributes (`task.id`); reading them by name as from the JSON object (`task["id"]`,
+    `task.get("parent_id")`, `dict(task)`) keeps working for code written when the client returned dicts.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True, json_schema_serialization_defaults_required=True)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in type(self).model_fields:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The field named `key`, `default` when the model has none of that name."""
+        return getattr(self, key) if key in type(self).model_fields else default
+
+    def keys(self) -> list[str]:
+        """The field names, in the order the JSON object has them."""
+        return list(type(self).model_fields)
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields
 
 
 class Page(Resource):
@@ -35,6 +59,8 @@ class Page(Resource):
 
 
 class Organization(Resource):
+    """An organization: its name and current public key (`key_id`: its fingerprint)."""
+
     id: int
     name: str
     public_key: str | None = None
@@ -43,6 +69,8 @@ class Organization(Resource):
 
 
 class Collaboration(Resource):
+    """Organizations that run tasks together; `encrypted`: their tasks' inputs and results are sealed."""
+
     id: int
     name: str
     organization_ids: list[int] = Field(default_factory=list)
@@ -51,6 +79,8 @@ class Collaboration(Resource):
 
 
 class Node(Resource):
+    """An organization's node agent in one collaboration; `status`: online or offline, as last heard."""
+
     id: int
     name: str
     organization_id: int
@@ -61,6 +91,7 @@ class Node(Resource):
 
     @property
     def online(self) -> bool:
+        """The server heard from the node lately (its `online_window_s`)."""
         return self.status == "online"
 
 
@@ -73,6 +104,9 @@ class Blob(Resource):
 
 
 class Task(Resource):
+    """A task: one image run at each target organization (one run each); its status follows from its runs
+    (`vfed.common.api.statuses.task_status`). `job_id` is the root task's id, shared by its subtasks."""
+
     id: int
     collaboration_id: int
     initiator_organization_id: int | None = None
@@ -97,6 +131,8 @@ class Task(Resource):
 
 
 class Run(Resource):
+    """One run of a task at one organization, claimed by one of its nodes."""
+
     id: int
     task_id: int
     job_id: int
