@@ -73,7 +73,7 @@ def check_image(ctx: ProxyContext, image: str) -> None:
 async def check_members(ctx: ProxyContext, organizations: Sequence[int]) -> None:
     """Subtasks stay inside the run's collaboration."""
     if ctx.members is None:
-        listed = await ctx.rest.list_all("/organizations", {"collaboration_id": ctx.run.collaboration_id})
+        listed = await ctx.rest.get_all("/organizations", {"collaboration_id": ctx.run.collaboration_id})
         ctx.members = frozenset(Organization.model_validate(o).id for o in listed)
     outside = sorted(set(organizations) - ctx.members)
     if outside:
