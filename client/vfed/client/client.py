@@ -13,7 +13,7 @@ import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from vfed.client import credentials, identity, ledger, run_logs, tasks
 from vfed.client.catalog import DatasetInfo, LeaseInfo, ReceiptInfo
@@ -34,6 +34,17 @@ from vfed.common.trust import Pin
 from vfed.common.trust.truststore import NamedPin
 
 T = TypeVar("T")
+
+
+class TaskFilters(TypedDict, total=False):
+    """The filters of `tasks()`, each a query parameter of `GET /tasks`."""
+
+    collaboration_id: int | None
+    parent_id: int | None
+    job_id: int | None
+    status: str | None
+
+
 TaskRef = int | Task | Mapping[str, Any]
 """A task by its id, as a Task, or as the JSON object of one."""
 DEFAULT_URL = "http://127.0.0.1:7600"
@@ -247,20 +258,11 @@ class AsyncClient:
         params = {"collaboration_id": collaboration, "organization_id": organization}
         return await self.api.get_models("/nodes", Node, params)
 
-    async def tasks(
-        self,
-        *,
-        collaboration_id: int | None = None,
-        parent_id: int | None = None,
-        job_id: int | None = None,
-        status: str | None = None,
-    ) -> list[Task]:
-        """Tasks you may see, oldest first: of one collaboration, the subtasks of one task (`parent_id`),
-        the tasks of one job (`job_id`, the root task's id) or those of one status (pending, active,
-        completed, failed, killed); filters left None are not applied."""
-        params: dict[str, Any] = {"collaboration_id": collaboration_id, "parent_id": parent_id}
-        params.update(job_id=job_id, status=status)
-        return await self.api.get_models("/tasks", Task, params)
+    async def tasks(self, **filters: Unpack[TaskFilters]) -> list[Task]:
+        """Tasks you may see, oldest first, filtered by `collaboration_id`, `parent_id` (the subtasks of one
+        task), `job_id` (the tasks of one job: the root task's id) and `status` (pending, active, completed,
+        failed, killed); filters left out or None are not applied."""
+        return await self.api.get_models("/tasks", Task, dict(filters))
 
     async def task(self, task_id: int) -> Task:
         """One task: status, image, collaboration, target organizations, datasets, parent, creator."""
@@ -471,19 +473,8 @@ class Client:
     def nodes(self, collaboration: int | None = None, organization: int | None = None) -> list[Node]:
         return self._call(self._async.nodes(collaboration, organization))
 
-    def tasks(
-        self,
-        *,
-        collaboration_id: int | None = None,
-        parent_id: int | None = None,
-        job_id: int | None = None,
-        status: str | None = None,
-    ) -> list[Task]:
-        return self._call(
-            self._async.tasks(
-                collaboration_id=collaboration_id, parent_id=parent_id, job_id=job_id, status=status
-            )
-        )
+    def tasks(self, **filters: Unpack[TaskFilters]) -> list[Task]:
+        return self._call(self._async.tasks(**filters))
 
     def task(self, task_id: int) -> Task:
         return self._call(self._async.task(task_id))
