@@ -47,6 +47,8 @@ class TaskFilters(TypedDict, total=False):
 
 TaskRef = int | Task | Mapping[str, Any]
 """A task by its id, as a Task, or as the JSON object of one."""
+RunRef = int | Run | Mapping[str, Any]
+"""A run by its id, as a Run, or as the JSON object of one."""
 DEFAULT_URL = "http://127.0.0.1:7600"
 LOGIN_AGAIN = "run `vfed login` again"
 
@@ -276,10 +278,13 @@ class AsyncClient:
         """One run."""
         return Run.model_validate(await self.api.request("GET", f"/runs/{run_id}"))
 
-    async def run_log(self, run: int | Run) -> str:
+    async def run_log(self, run: RunRef) -> str:
         """The run's log tail, opened with this client's key: readable by the run's organization (its
         keyring) and, when that node shares logs, the initiator; LogUnreadable otherwise."""
-        found = run if isinstance(run, Run) else await self.run(run)
+        if isinstance(run, Run | Mapping):
+            found = Run.model_validate(run)
+        else:
+            found = await self.run(run)
         return await run_logs.run_log(self, found)
 
     async def ledger(self, collaboration: int) -> LedgerView:
@@ -485,7 +490,7 @@ class Client:
     def run(self, run_id: int) -> Run:
         return self._call(self._async.run(run_id))
 
-    def run_log(self, run: int | Run) -> str:
+    def run_log(self, run: RunRef) -> str:
         return self._call(self._async.run_log(run))
 
     def ledger(self, collaboration: int) -> LedgerView:
