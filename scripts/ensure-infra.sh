@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure the real components the tests need are here: a Docker engine that answers, the Mosquitto,
-# PostgreSQL and debootstrap binaries, and moto's S3 server. The test session starts its own broker, database
+# PostgreSQL, debootstrap and docker-registry binaries, and moto's S3 server. The test session starts its own broker, database
 # and S3 server on loopback.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,11 +43,12 @@ ensure_binaries() {
     command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
     command -v docker-compose >/dev/null || missing+=(docker-compose)  # validates docker/compose.yaml
     command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)  # TLS-proxy tests
+    [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)  # OCI distribution API tests
     if [ ${#missing[@]} -gt 0 ]; then
         apt_install "${missing[@]}"
     fi
     # The distribution's own service instances are not used; the tests start their own on free ports.
-    say "mosquitto, postgresql, debootstrap, haproxy: present"
+    say "mosquitto, postgresql, debootstrap, haproxy, docker-registry: present"
 }
 
 # moto's S3 server for the S3 blob store tests, in a venv of its own: moto needs botocore, which caps

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import infra
+from tests import docker_registry, infra
 
 MARKERS = ("docker", "mqtt", "postgres", "netns", "k8s", "fabric", "slow")
 
@@ -93,6 +93,14 @@ def moto_server() -> Iterator[infra.S3Server]:
     """moto's standalone S3 server for the session (tests make a bucket each: tests/server/s3_testkit.py)."""
     with infra.moto_s3() as s3:
         yield s3
+
+
+@pytest.fixture(scope="session")
+def oci_registry() -> Iterator[docker_registry.Registry]:
+    """Debian's docker-registry on loopback, open (plain http), for the session; tests push tiny images to it
+    (tests/docker_registry.py), which are removed from the engine when it stops."""
+    with docker_registry.registry() as registry:
+        yield registry
 
 
 @pytest.fixture

@@ -237,6 +237,18 @@ async def test_tcp_with_bearer_token(socket_dir: Path) -> None:
         bad = AlgorithmClient.from_env({"PROXY_URL": f"http://127.0.0.1:{port}", "PROXY_TOKEN": "wrong"})
         with pytest.raises(ProxyError, match="401 unauthorized: bad run token"):
             await asyncio.to_thread(bad.organizations)
+        # A pod's token is a file its Secret mounts (PROXY_TOKEN_FILE), read at each request, never copied.
+        token_file = socket_dir / "token"
+        token_file.write_text("wrong")
+        env = {"PROXY_URL": f"http://127.0.0.1:{port}", "PROXY_TOKEN_FILE": str(token_file)}
+        from_file = AlgorithmClient.from_env(env)
+        with pytest.raises(ProxyError, match="401 unauthorized"):
+            await asyncio.to_thread(from_file.organizations)
+        token_file.write_text("s3cret\n")
+        assert [o.id for o in await asyncio.to_thread(from_file.organizations)] == [5]
+        token_file.unlink()
+        with pytest.raises(ProxyConfigError, match=r"PROXY_TOKEN_FILE .*token: No such file"):
+            await asyncio.to_thread(from_file.organizations)
     finally:
         await server.close()
 

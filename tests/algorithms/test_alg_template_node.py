@@ -67,7 +67,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, docker_client: Any) -> Itera
     except docker.errors.ImageNotFound:
         pytest.fail("no vfed/algorithm-base image (run: make images)")
     name = f"tpl_{secrets.token_hex(3)}"
-    repository = f"vfed-wip-tpl/{name}"
+    repository = f"vfed-test-tpl/{name}"
     tag, future = f"{repository}:test", f"{repository}:future"
     work = tmp_path_factory.mktemp("template")
     try:

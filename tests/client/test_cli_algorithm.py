@@ -135,14 +135,14 @@ def test_build_refuses_folders_it_cannot_build(tmp_path: Path, docker_client: ob
     plain.mkdir()
     (plain / "Dockerfile").write_text("FROM vfed/algorithm-base\n")
     assert cli("algorithm", "new", "ok_alg", "--dir", str(tmp_path))[0] == 0
-    tag = "vfed-wip-tpl/never:built"
+    tag = "vfed-test-tpl/never:built"
     cases = [
         ((str(empty),), 2, "holds no Dockerfile (make one with `vfed algorithm new NAME`)"),
         ((str(plain), "--base-image", "vfed/algorithm-base"), 2, "does not declare ARG VFED_ALGORITHM_BASE"),
         (
-            (str(tmp_path / "ok_alg"), "--base-image", "vfed-wip-tpl/no-such-base:1"),
+            (str(tmp_path / "ok_alg"), "--base-image", "vfed-test-tpl/no-such-base:1"),
             1,
-            "the base image vfed-wip-tpl/no-such-base:1 is not on this Docker engine: build it with "
+            "the base image vfed-test-tpl/no-such-base:1 is not on this Docker engine: build it with "
             "`vnode image build`",
         ),
     ]
@@ -160,7 +160,7 @@ def test_a_build_that_fails_says_why_and_leaves_no_image(tmp_path: Path, docker_
     folder = tmp_path / "bad_alg"
     module = folder / "bad_alg.py"
     original = module.read_text()
-    repository = f"vfed-wip-tpl/bad-{secrets.token_hex(3)}"
+    repository = f"vfed-test-tpl/bad-{secrets.token_hex(3)}"
     cases = [
         ("fails at import", original + '\nraise RuntimeError("broken on purpose")\n', None),
         ("declares nothing", '"""nothing declared"""\n', None),

@@ -300,7 +300,7 @@ def own_image(installed: Installed, docker_client: Any) -> Iterator[tuple[str, s
     folder the example came from and the image."""
     import docker.errors
 
-    image = f"vfed-wip-test-{secrets.token_hex(3)}/summary_stats:t1"
+    image = f"vfed-test-tmp-{secrets.token_hex(3)}/summary_stats:t1"
     script = (
         "import docker; from vfed.client import demo_images as d; "
         "print(d.example_context()); "
@@ -331,7 +331,7 @@ def test_the_demo_image_builds_from_the_installed_package(
 
 
 def test_without_images_or_base_a_user_is_told_what_to_do(installed: Installed) -> None:
-    absent = f"vfed-wip-test-{secrets.token_hex(3)}/absent"
+    absent = f"vfed-test-tmp-{secrets.token_hex(3)}/absent"
     script = (
         "import docker; from vfed.client import demo_images as d\n"
         "from vfed.client.demo_session import DemoError\n"

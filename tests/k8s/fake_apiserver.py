@@ -2,15 +2,20 @@
 
 Why a fake: no Kubernetes API server can run on these machines, and the node's Kubernetes runtime must still
 be tested against something that answers like one. A real cluster can replace it: ENV_KUBECONFIG
-(VFED_TEST_KUBECONFIG) is the variable naming a real cluster's kubeconfig, for the runtime tests to honour
-(they are not written yet); this module's own tests always use the fake, as they drive its injections.
+(VFED_TEST_KUBECONFIG) names a real cluster's kubeconfig, which tests/runtime/test_runtime_kubernetes.py
+honours (docs/vnode.md); this module's own tests always use the fake, as they drive its injections.
 
 Faithful (the official `kubernetes` client talks to it unchanged, through a kubeconfig from
 `write_kubeconfig`):
 - REST paths, verbs and answers for namespaces (get), batch/v1 Jobs, v1 Pods (list, get, delete, log with
-  follow), v1 Secrets, PersistentVolumeClaims, Services and networking.k8s.io/v1 NetworkPolicies: create, get,
-  list with labelSelector, delete; watch=true on every list (resourceVersion, resume from a version); `Status`
-  documents for errors (400 BadRequest, 401, 404 NotFound, 409 AlreadyExists, 422 Invalid).
+  follow), v1 Secrets, PersistentVolumeClaims, Services, discovery.k8s.io/v1 EndpointSlices and
+  networking.k8s.io/v1 NetworkPolicies: create, get, list with labelSelector, delete; `Status` documents for
+  errors (400 BadRequest, 401, 404 NotFound, 409 AlreadyExists, 422 Invalid).
+- Watches: `?watch=true` on every list, answered as chunked JSON lines of ADDED/MODIFIED/DELETED events with
+  the objects' resourceVersions; without resourceVersion (or "0") first an ADDED per existing object; from a
+  version, every change after it; `timeoutSeconds` ends the stream. The history is a window (20,000 events,
+  `set_history_window`, or what `compact` leaves): a watch from before it, or one that falls behind it, gets
+  an ERROR event with a 410 Expired `Status` (after the 200), as the real server's watch cache answers.
 - Every create body is validated against the real 1.32 schemas by `kubernetes-validate` (strict schemas): a
   wrong type is 400 (the real server fails to decode it), a broken rule (required, enum, ...) is 422 Invalid.
   Unknown fields follow the fieldValidation parameter (Strict: 400, Warn: dropped with a Warning header,
@@ -29,11 +34,17 @@ Not faithful:
 - No scheduler and one node: a pod is scheduled at once unless a test injects Unschedulable (or a claim is
   missing). Image pull failures, evictions and unschedulable pods are injected, not caused.
 - NetworkPolicies are validated and stored but not enforced: a real cluster is needed to show isolation
-  (the escape probes run in real-cluster mode). Services get a ClusterIP but route nothing.
+  (the escape probes run in real-cluster mode). Services get a ClusterIP that routes nothing; with a
+  `network`, a pod's /etc/hosts names each Service without a selector after a ready endpoint of its
+  EndpointSlice (when the port numbers match), which is where a cluster's DNS and kube-proxy would take a
+  connection to the Service (Kubelet._service_hosts). That is how a test's pods reach an agent outside the
+  fake cluster through its proxy Service; a Service with a selector routes nowhere (pods have no IPs).
 - Only the Job shapes the node uses: one container, parallelism/completions 1, restartPolicy Never; other
   Job features are refused with a 422 naming the fake, never silently ignored. The retry back-off starts at
   0.5 s instead of 10 s. No RBAC, quotas, admission plugins (except the optional image digest policy), or
   PATCH/PUT; Pods are created only by the Job controller.
+- Watches: no BOOKMARK events (allowWatchBookmarks is ignored), no fieldSelector, no
+  resourceVersionMatch / sendInitialEvents (streaming lists); a watch whose client is too slow is not cut off.
 - Namespaces exist as configured (default: "default"); they are not created or deleted over the API.
 - Needs the Docker engine on this host and root: it bind-mounts its own folders, opens claim volumes to all
   users (as a local-path provisioner does) and chowns Secret files to the pod's fsGroup.
@@ -177,6 +188,25 @@ class FakeKubernetes:
     def inject_unschedulable(self, name: str) -> None:
         """Pods named `name`, or the pods of the Job named `name`, stay Pending: PodScheduled False."""
         self._call(self._inject(lambda k: k.injections.unschedulable.add(name)))
+
+    def compact(self) -> None:
+        """Forget the event history so far (etcd compaction): a watch from an older version gets 410."""
+
+        async def go() -> None:
+            assert self.store is not None
+            self.store.compact()
+
+        self._call(go())
+
+    def set_history_window(self, events: int) -> None:
+        """Keep at most about this many events (default 20,000): with a small window, a watch falls behind
+        it at the next change and gets 410, as on a busy real server."""
+
+        async def go() -> None:
+            assert self.store is not None
+            self.store.max_history = events
+
+        self._call(go())
 
     def evict(self, namespace: str, pod: str) -> None:
         """The node evicts a running pod: its container is killed, phase Failed, reason Evicted."""

@@ -22,15 +22,16 @@ from aiohttp import web
 from fakek8s_core import ApiError, bad_request, check_name, check_selector, invalid, now, validate_body
 from fakek8s_jobs import JOBS, PODS, JobController, check_job, job_defaults
 from fakek8s_kubelet import LABEL, Kubelet, claim_volume_name
-from fakek8s_store import Kind, Obj, Store
+from fakek8s_store import Expired, Kind, Obj, Store
 
 SECRETS = Kind("secrets", "", "v1", "Secret")
 CLAIMS = Kind("persistentvolumeclaims", "", "v1", "PersistentVolumeClaim")
 SERVICES = Kind("services", "", "v1", "Service")
 POLICIES = Kind("networkpolicies", "networking.k8s.io", "v1", "NetworkPolicy")
+ENDPOINT_SLICES = Kind("endpointslices", "discovery.k8s.io", "v1", "EndpointSlice")
 NAMESPACES = Kind("namespaces", "", "v1", "Namespace")
-KINDS = {k.plural: k for k in (JOBS, PODS, SECRETS, CLAIMS, SERVICES, POLICIES)}
-CREATABLE = {"jobs", "secrets", "persistentvolumeclaims", "services", "networkpolicies"}
+KINDS = {k.plural: k for k in (JOBS, PODS, SECRETS, CLAIMS, SERVICES, POLICIES, ENDPOINT_SLICES)}
+CREATABLE = {"jobs", "secrets", "persistentvolumeclaims", "services", "networkpolicies", "endpointslices"}
 
 
 def create_app(api: Api) -> web.Application:
@@ -183,6 +184,12 @@ class Api:
         body["status"] = {"loadBalancer": {}}
         return copy.deepcopy(self.store.create(SERVICES, ns, body))
 
+    async def _create_endpointslices(self, ns: str, body: Obj) -> Obj:
+        """Stored as given: the endpoints of a Service without a selector (the kubelet routes its name)."""
+        for port in body.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+        return copy.deepcopy(self.store.create(ENDPOINT_SLICES, ns, body))
+
     async def _create_networkpolicies(self, ns: str, body: Obj) -> Obj:
         body["spec"].setdefault("policyTypes", ["Ingress"] + (["Egress"] if "egress" in body["spec"] else []))
         return copy.deepcopy(self.store.create(POLICIES, ns, body))
@@ -221,9 +228,13 @@ class Api:
         await response.prepare(request)
 
         async def pump() -> None:
-            async for event in self.store.watch(kind.plural, ns, selector, since):
-                line = json.dumps({"type": event.type, "object": event.obj}) + "\n"
-                await response.write(line.encode())
+            try:
+                async for event in self.store.watch(kind.plural, ns, selector, since):
+                    line = json.dumps({"type": event.type, "object": event.obj}) + "\n"
+                    await response.write(line.encode())
+            except Expired as exc:  # after the 200, as the real server's watch cache answers it
+                gone = ApiError(410, "Expired", str(exc)).status()
+                await response.write((json.dumps({"type": "ERROR", "object": gone}) + "\n").encode())
 
         with contextlib.suppress(TimeoutError, ConnectionResetError):
             await asyncio.wait_for(pump(), timeout_s)

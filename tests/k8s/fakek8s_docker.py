@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class PodInputs:
     image_user: str
     secret_dir: Path  # this pod's folder for Secret volume files
     network: str | None
+    hosts: dict[str, str] = field(default_factory=dict)  # Service DNS names -> an endpoint's address
 
 
 def effective_user(pod: Obj, container: Obj, image_user: str) -> str:
@@ -292,4 +293,6 @@ def container_options(pod: Obj, inputs: PodInputs, labels: dict[str, str], name:
         options["network_mode"] = "none"
     else:
         options["network"] = inputs.network
+        if inputs.hosts:
+            options["extra_hosts"] = dict(inputs.hosts)
     return options

@@ -240,29 +240,83 @@ class Kubelet:
             user,
             self.workdir / "pods" / pod["metadata"]["uid"],
             self.network,
+            self._service_hosts(ns) if self.network is not None else {},
         )
 
+    def _service_hosts(self, ns: str) -> dict[str, str]:
+        """The pod's view of its namespace's Services, as /etc/hosts entries: each routable Service's DNS
+        names (`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) -> an endpoint's address.
+
+        A cluster resolves the names to the Service's ClusterIP (cluster DNS) and kube-proxy forwards the
+        ClusterIP's port to a ready endpoint's targetPort. Here no proxy translates ports, so only a Service
+        without a selector whose EndpointSlice (label kubernetes.io/service-name) has a ready endpoint with
+        the same port numbers is routed (the case of an agent outside the cluster); others get no name."""
+        hosts: dict[str, str] = {}
+        for service in self.store.list("services", ns):
+            spec, name = service["spec"], service["metadata"]["name"]
+            if spec.get("selector"):
+                continue  # routed to pods' IPs on a cluster; the fake's pods have none
+            ports = spec.get("ports") or []
+            if any(p.get("targetPort", p["port"]) != p["port"] for p in ports):
+                continue  # no kube-proxy here to translate a port
+            address = self._endpoint(ns, name, {int(p["port"]) for p in ports})
+            if address is None:
+                continue
+            for suffix in ("", f".{ns}", f".{ns}.svc", f".{ns}.svc.cluster.local"):
+                hosts[f"{name}{suffix}"] = address
+        return hosts
+
+    def _endpoint(self, ns: str, service: str, ports: set[int]) -> str | None:
+        """A ready endpoint's address in the Service's EndpointSlices that serve exactly its ports."""
+        for piece in self.store.list("endpointslices", ns, f"kubernetes.io/service-name={service}"):
+            if {int(p.get("port", 0)) for p in piece.get("ports") or []} != ports:
+                continue
+            for endpoint in piece.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready", True) and endpoint.get("addresses"):
+                    return str(endpoint["addresses"][0])
+        return None
+
     def _local_image(self, reference: str) -> tuple[str, str]:
-        """ "Pull" from the local engine only: a digest names the image ID (or a repo digest) of a local
-        image whose repository matches the name."""
+        """The image from the local engine: `name@sha256:<manifest digest>` as a repo digest it has (else
+        pulled, as a kubelet does, when the name has a registry host), or `name@sha256:<image ID>` of a local
+        image whose repository matches the name, or a plain name."""
         missing = Waiting(
             "ErrImagePull",
             f'failed to pull and unpack image "{reference}": failed to resolve reference "{reference}": '
-            f"{reference}: not found (the fake kubelet pulls from the local Docker engine only)",
+            f"{reference}: not found",
         )
         try:
-            if "@sha256:" in reference:
-                name, digest = reference.split("@", 1)
-                image = self.engine.images.get(digest)
-                repos = {t.rsplit(":", 1)[0] for t in image.tags}
-                repos |= {d.split("@")[0] for d in image.attrs.get("RepoDigests") or []}
-                if name not in repos:
-                    raise missing
-            else:
-                image = self.engine.images.get(reference)
-        except docker.errors.ImageNotFound as exc:
+            image = self.engine.images.get(reference)
+        except docker.errors.ImageNotFound:
+            image = self._image_by_id(reference) or self._pull(reference)
+        except docker.errors.APIError as exc:
             raise missing from exc
+        if image is None:
+            raise missing
         return str(image.id), str(image.attrs["Config"].get("User") or "")
+
+    def _image_by_id(self, reference: str) -> Any:
+        if "@sha256:" not in reference:
+            return None
+        name, digest = reference.split("@", 1)
+        try:
+            image = self.engine.images.get(digest)
+        except docker.errors.ImageNotFound:
+            return None
+        repos = {t.rsplit(":", 1)[0] for t in image.tags}
+        repos |= {d.split("@")[0] for d in image.attrs.get("RepoDigests") or []}
+        return image if name in repos else None
+
+    def _pull(self, reference: str) -> Any:
+        """A pull from the image's registry (a reference with a host part only: nothing reaches Docker Hub).
+        Whoever pushed the image there removes it from the engine after the test."""
+        first = reference.split("/", 1)[0]
+        if "/" not in reference or not ("." in first or ":" in first or first == "localhost"):
+            return None
+        try:
+            return self.engine.images.pull(reference)
+        except docker.errors.APIError:
+            return None
 
     def _start_container(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         container = self.engine.containers.create(**options)

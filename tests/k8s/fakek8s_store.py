@@ -1,12 +1,14 @@
 """The fake API server's object store: one resourceVersion counter, an event history for watches.
 
 Lives on the server's event loop only (no locks): handlers, the job controller and the kubelet all run there.
-The history is kept whole for the fake's short life, so a watch can resume from any resourceVersion it saw.
+The history is a window, as the real server's watch cache is: the oldest events go once it holds
+`max_history` (or when a test calls `compact`), and a watch from a version before the window is Expired (410).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import copy
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,11 +42,21 @@ class Event:
     obj: Obj
 
 
+class Expired(Exception):
+    """A watch asked for events from before the history's window."""
+
+    def __init__(self, since: int, oldest: int) -> None:
+        super().__init__(f"too old resource version: {since} ({oldest})")
+
+
 @dataclass
 class Store:
     objects: dict[str, dict[tuple[str, str], Obj]] = field(default_factory=dict)
     history: list[Event] = field(default_factory=list)
     rv: int = 1
+    compacted: int = 0
+    """Events up to this resourceVersion are gone from `history`."""
+    max_history: int = 20_000
     _changed: asyncio.Event = field(default_factory=asyncio.Event)  # set and replaced on every change
 
     def _bucket(self, plural: str) -> dict[tuple[str, str], Obj]:
@@ -107,8 +119,16 @@ class Store:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
         self.history.append(Event(self.rv, plural, type_, copy.deepcopy(obj)))
+        if len(self.history) > self.max_history:  # keep the newest half of the window
+            self.compact(self.history[-(self.max_history // 2) - 1].rv)
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def compact(self, upto: int | None = None) -> None:
+        """Forget the events up to `upto` (default: all so far), as etcd compaction does."""
+        upto = self.rv if upto is None else upto
+        self.history = [e for e in self.history if e.rv > upto]
+        self.compacted = max(self.compacted, upto)
 
     async def next_change(self) -> None:
         """Returns after the next change to any object."""
@@ -118,20 +138,25 @@ class Store:
         self, plural: str, namespace: str | None, selector: str | None, since: int | None
     ) -> AsyncIterator[Event]:
         """Events after `since`; with no `since`, first a synthetic ADDED per existing object (as the real
-        server does for a watch without resourceVersion or with "0")."""
+        server does for a watch without resourceVersion or with "0"). Expired when `since` is before the
+        window, or falls behind it while the watcher is slow."""
         if since is None:
             for obj in self.list(plural, namespace, selector):
                 yield Event(int(obj["metadata"]["resourceVersion"]), plural, "ADDED", copy.deepcopy(obj))
             since = self.rv
-        index = 0
+        last = since
         while True:
-            while index < len(self.history):
-                event = self.history[index]
-                index += 1
-                if event.rv <= since or event.plural != plural:
-                    continue
-                if namespace is not None and event.obj["metadata"].get("namespace") != namespace:
-                    continue
-                if selector_matches(selector, event.obj["metadata"].get("labels") or {}):
-                    yield event
-            await self.next_change()
+            if last < self.compacted:
+                raise Expired(last, self.compacted + 1)
+            index = bisect.bisect_right(self.history, last, key=lambda e: e.rv)
+            if index == len(self.history):
+                await self.next_change()
+                continue
+            event = self.history[index]
+            last = event.rv
+            if event.plural != plural:
+                continue
+            if namespace is not None and event.obj["metadata"].get("namespace") != namespace:
+                continue
+            if selector_matches(selector, event.obj["metadata"].get("labels") or {}):
+                yield event

@@ -443,6 +443,14 @@ def test_watch_sees_the_transitions_and_resumes(cluster: Cluster) -> None:
             seen.append((event["type"], tuple(c.type for c in event["object"].status.conditions or [])))
     assert seen == [("ADDED", ("SuccessCriteriaMet", "Complete"))]  # no resourceVersion: the current state
 
+    cluster.fake.compact()  # etcd compaction: a watch from before it is told 410 Expired, after a 200
+    with pytest.raises(ApiException) as gone:
+        for _ in watch.Watch().stream(
+            cluster.core.list_namespaced_pod, NS, resource_version=start, timeout_seconds=5
+        ):
+            pass
+    assert gone.value.status == 410 and "Expired: too old resource version" in str(gone.value.reason)
+
 
 def test_delete_propagation(cluster: Cluster) -> None:
     background = cluster.job(["sleep", "60"])

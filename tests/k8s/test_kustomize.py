@@ -304,8 +304,10 @@ def test_runs_reach_the_proxy_service_and_nothing_else(
     assert selects({"matchLabels": service["spec"]["selector"]}, agent_labels)
     assert selects(deployment["spec"]["selector"], agent_labels)
     (port,) = [p for p in service["spec"]["ports"] if p["name"] == "proxy"]
-    # PROXY_URL names the Service's port; the run's NetworkPolicy allows the pod's port: one number for both
-    assert port["port"] == rc.proxy_port == port_number(agent, port["targetPort"])
+    # PROXY_URL names the Service's port; the agent's listener serves the pod's port (the target), which the
+    # run's NetworkPolicy allows, on every address of the pod
+    assert port["port"] == rc.proxy_port and port_number(agent, port["targetPort"]) == rc.listen_port
+    assert rc.proxy_listen_host == "0.0.0.0"
 
     spec = _run_spec(settings, tmp_path)
     policy = network_policy_body(spec, rc)
@@ -314,7 +316,7 @@ def test_runs_reach_the_proxy_service_and_nothing_else(
     for body in bodies:
         kv.validate(body, KUBERNETES_VERSION, strict=True)
     proxy_rule = policy["spec"]["egress"][0]
-    assert proxy_rule["ports"] == [{"port": rc.proxy_port, "protocol": "TCP"}]
+    assert proxy_rule["ports"] == [{"port": rc.listen_port, "protocol": "TCP"}]
     assert selects(proxy_rule["to"][0]["podSelector"], agent_labels)
 
     agent_policy = r.one("NetworkPolicy", "vfed-node-agent")
@@ -324,7 +326,7 @@ def test_runs_reach_the_proxy_service_and_nothing_else(
         rule
         for rule in agent_policy["spec"]["ingress"]
         if any(selects(peer.get("podSelector", {}), run_pod) for peer in rule.get("from", []))
-        and any(port_number(agent, p["port"]) == rc.proxy_port for p in rule["ports"])
+        and any(port_number(agent, p["port"]) == rc.listen_port for p in rule["ports"])
     ]
     assert admitted, "the agent's NetworkPolicy keeps its runs from the proxy port"
 

@@ -101,7 +101,7 @@ async def test_bad_runs_end_clearly_and_the_agent_keeps_serving(tmp_path: Path) 
     expected = {
         "undecryptable": ("failed", "bad-input: the input does not decrypt"),
         "unsigned": ("not-allowed", "unsigned-task: "),
-        "unknown image": ("start-failed", "is not available"),
+        "unknown image": ("start-failed", "image-unavailable: image "),
         "not allowed": ("not-allowed", "allowed_images"),
         "no output": ("failed", "bad-output: the algorithm wrote no output"),
         "too big": ("failed", "bad-output: output is"),

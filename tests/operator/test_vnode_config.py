@@ -268,11 +268,56 @@ def test_trust_untrust_and_list_edit_the_nodes_trust_store(dirs: Dirs) -> None:
     assert again.exit_code == 1 and "is not pinned" in again.output
 
 
-def test_new_offers_only_runtimes_the_agent_has(dirs: Dirs) -> None:
-    """`--runtime` takes exactly the agent's runtimes: one it would refuse at start is a usage error now."""
+def test_new_kubernetes_writes_a_config_the_agent_accepts_and_start_refuses_bad_combinations(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """`vnode new --runtime kubernetes` writes the runtime's section from its options (the agent's own model
+    reads it back); options of the other runtime, or values that cannot work, are one line and exit 2; such a
+    node's agent starts with --no-container (its runs go to the cluster), not in a local container."""
     from vfed.node.config import RUNTIME_KINDS
+    from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
 
-    refused = vnode("new", unique("k8s"), "--server-url", "http://127.0.0.1:9", "--api-key", "1.s",
-                    "--runtime", "kubernetes")  # fmt: skip
-    assert refused.exit_code == 2 and "kubernetes" in refused.output, refused.output
-    assert "docker" in refused.output and RUNTIME_KINDS == ("docker",)
+    assert RUNTIME_KINDS == ("docker", "kubernetes")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    name = unique("k8s")
+    made = new_node(name, "1.s", "--runtime", "kubernetes", "--namespace", "vfed-site",
+                    "--kubeconfig", str(kubeconfig), "--kube-context", "prod", "--proxy-port", "9443",
+                    "--proxy-listen", "10.0.0.4:9444", "--proxy-ip-block", "10.0.0.4/32")  # fmt: skip
+    assert f"next: `vnode start {name} --no-container`" in made.output
+    runtime = load_settings(dirs.user_config / "vfed" / "nodes" / f"{name}.yaml").runtime
+    assert runtime == KubernetesRuntimeConfig(
+        namespace="vfed-site",
+        kubeconfig=str(kubeconfig),
+        context="prod",
+        proxy_service="vfed-node-proxy",  # the manifests' Service (docker/kubernetes/node/base/service.yaml)
+        proxy_port=9443,
+        proxy_listen_host="10.0.0.4",
+        proxy_listen_port=9444,
+        proxy_ip_blocks=["10.0.0.4/32"],
+    )
+    in_cluster = unique("k8s")
+    new_node(in_cluster, "1.s", "--runtime", "kubernetes")
+    section = yaml.safe_load((dirs.user_config / "vfed" / "nodes" / f"{in_cluster}.yaml").read_text())
+    assert section["runtime"] == {"kind": "kubernetes", "proxy_service": "vfed-node-proxy"}  # in-cluster
+    base = ("new", unique("bad"), "--server-url", "http://127.0.0.1:9", "--api-key", "1.s")
+    for extra, message in [
+        (("--namespace", "x"), "--namespace: is an option of --runtime kubernetes, not of docker"),
+        (("--runtime", "kubernetes", "--kubeconfig", str(tmp_path / "absent")), "absent is not a file"),
+        (("--runtime", "kubernetes", "--proxy-listen", "proxy.local"), "HOST is an IP address"),
+        (("--runtime", "kubernetes", "--proxy-listen", "0.0.0.0:99999"), "PORT is a number from 1 to 65535"),
+        (("--runtime", "kubernetes", "--proxy-ip-block", "10.0.0.0/33"), "is not a CIDR"),
+        (("--runtime", "k9s"), "'k9s' is not one of 'docker', 'kubernetes'"),
+    ]:
+        refused = vnode(*base, *extra)
+        assert refused.exit_code == 2 and message in refused.output, (extra, refused.output)
+    for args, message in [
+        ((name,), f"--no-container: node {name} (user) runs its runs with the kubernetes runtime"),
+        ((name, "--no-container", "--attach"), "--attach: starts an agent container; --no-container runs"),
+        ((name, "--no-container", "--timeout", "5"), "--timeout: starts an agent container"),
+        ((name, "--no-container", "--log-level", "LOUD"), "unknown level 'LOUD'"),
+        ((name, "--log-level", "DEBUG"), "--log-level: goes with --no-container"),
+    ]:
+        refused = vnode("start", *args)
+        assert refused.exit_code == 2 and message in refused.output, (args, refused.output)
+        assert "Traceback" not in refused.output

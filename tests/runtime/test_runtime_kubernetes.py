@@ -2,12 +2,21 @@
 ends Kubernetes reports: deadline, image pull, eviction, unschedulable).
 
 Against tests/k8s/fake_apiserver.FakeKubernetes (every body validated against the 1.32 schemas, pods run in
-Docker), or a real cluster when VFED_TEST_KUBECONFIG names its kubeconfig (the injected faults then skip).
+Docker), or a real cluster when VFED_TEST_KUBECONFIG names its kubeconfig: then VFED_TEST_K8S_IMAGE names an
+image the cluster can pull (python3, and the `vfed.inputs` label vfed/base carries: vfed/base pushed to the
+cluster's registry), VFED_TEST_K8S_RUNTIME a YAML file of runtime settings for reaching that registry
+(default_registry, registries, registry_credentials_file) and VFED_TEST_K8S_NAMESPACE the namespace; the
+tests that inject faults or push to the loopback registry skip. Not run here (no cluster can run on these
+machines): docs/vnode.md "Testing against a real cluster".
+
+With the fake, the contract runs with `image_source: engine` (vfed/base is in the local engine, not in a
+registry); the registry path runs end to end in test_a_moved_tag_does_not_move_a_started_run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -18,9 +27,11 @@ from typing import Any
 
 import docker
 import pytest
+import yaml
 from kubernetes import client, config
 from pydantic import SecretStr
 from runtime_contract import RuntimeContract, SpecFactory, make_spec, node_name, py
+from tests.docker_registry import Registry, tiny_image
 from tests.imagebuild import LABEL as BUILD_LABEL
 
 from vfed.node.runtime import (
@@ -45,9 +56,10 @@ from fake_apiserver import ENV_KUBECONFIG, FakeKubernetes
 pytestmark = [pytest.mark.k8s, pytest.mark.docker]
 __all__ = ["make_spec", "node_name"]  # shared fixtures, used by name
 
-IMAGE = "vfed/base"
+IMAGE = os.environ.get("VFED_TEST_K8S_IMAGE", "vfed/base")
 """Built by the test session (tests/imagebuild, which labels it with BUILD_LABEL)."""
 NAMESPACE = os.environ.get("VFED_TEST_K8S_NAMESPACE", "default")
+REAL_RUNTIME_SETTINGS = "VFED_TEST_K8S_RUNTIME"
 
 
 class Cluster:
@@ -62,7 +74,13 @@ class Cluster:
         self.net = client.NetworkingV1Api(api)
 
     def config(self, **changes: Any) -> KubernetesRuntimeConfig:
+        if self.fake is None:
+            extra_file = os.environ.get(REAL_RUNTIME_SETTINGS)
+            extra = yaml.safe_load(Path(extra_file).read_text()) if extra_file else {}
+        else:
+            extra = {"image_source": "engine"}
         base = KubernetesRuntimeConfig(
+            **extra,
             namespace=NAMESPACE,
             kubeconfig=str(self.kubeconfig),
             memory_bytes=256 << 20,
@@ -200,8 +218,7 @@ async def test_a_run_is_a_hardened_job_with_its_own_secret_and_policy(
         assert pod_spec.security_context.run_as_non_root is True
         assert pod_spec.security_context.seccomp_profile.type == "RuntimeDefault"
         [container] = pod_spec.containers
-        image_id = docker.from_env().images.get(IMAGE).id
-        assert container.image == f"{IMAGE}@{image_id}"  # by digest, always
+        assert container.image.endswith(f"@{await rt.image_digest(IMAGE)}")  # by digest, always
         sc = container.security_context
         assert (sc.run_as_non_root, sc.read_only_root_filesystem, sc.allow_privilege_escalation) == (
             True,
@@ -227,6 +244,8 @@ async def test_a_run_is_a_hardened_job_with_its_own_secret_and_policy(
         volumes = {v.name: v for v in pod_spec.volumes}
         assert volumes["proxy-token"].secret.secret_name == name  # mounted into this run's pod only
         assert "run-token-1" not in str(job.to_dict())  # never in the Job itself
+        token = await rt.proxy_token(handle)  # what an agent that restarted serves the run's proxy under
+        assert token is not None and token.get_secret_value() == "run-token-1"
 
         policy = cluster.net.read_namespaced_network_policy(name, NAMESPACE).spec
         assert policy.pod_selector.match_labels == {"vfed.node": spec.node_name, "vfed.run_id": spec.run_id}
@@ -250,6 +269,7 @@ async def test_a_run_is_a_hardened_job_with_its_own_secret_and_policy(
             assert gone.value.status == 404
         with pytest.raises(client.exceptions.ApiException):
             cluster.net.read_namespaced_network_policy(name, NAMESPACE)
+        assert await rt.proxy_token(handle) is None  # gone with the run
         await rt.cleanup(handle)
 
 
@@ -294,10 +314,12 @@ async def test_deadline_exceeded_ends_the_run(cluster: Cluster, make_spec: SpecF
         await rt.cleanup(handle)
 
 
-async def test_image_pull_failure_ends_the_run(cluster: Cluster, make_spec: SpecFactory) -> None:
+async def test_image_pull_failure_ends_the_run(
+    cluster: Cluster, make_spec: SpecFactory, tmp_path: Path
+) -> None:
     fake = cluster.need_fake()
     spec = make_spec(py("pass"))
-    async with KubernetesRuntime(cluster.config()) as rt:
+    async with KubernetesRuntime(cluster.config(), tmp_path / "kept") as rt:
         fake.inject_pull_failure(object_name(f"vfed-{spec.node_name}-run-{spec.run_id}"))
         handle = await rt.start(spec)
         status = await rt.wait(handle, timeout_s=60)
@@ -306,6 +328,10 @@ async def test_image_pull_failure_ends_the_run(cluster: Cluster, make_spec: Spec
         assert "vfed: the run ended: image pull failed" in await rt.logs(handle)
         assert await rt.list_runs(spec.node_name) == []  # the runtime ended it: the Job is gone
         assert (await rt.wait(handle)).reason == status.reason
+    async with KubernetesRuntime(cluster.config(), tmp_path / "kept") as restarted:
+        assert await restarted.wait(handle) == status
+        assert "vfed: the run ended: image pull failed" in await restarted.logs(handle)
+        await restarted.cleanup(handle)
 
 
 async def test_eviction_ends_the_run(cluster: Cluster, make_spec: SpecFactory) -> None:
@@ -334,19 +360,31 @@ async def test_unschedulable_ends_the_run_after_the_wait(cluster: Cluster, make_
 
 
 async def test_a_new_runtime_reattaches_and_kills_by_label(
-    cluster: Cluster, runtime: KubernetesRuntime, make_spec: SpecFactory, node_name: str
+    cluster: Cluster, runtime: KubernetesRuntime, make_spec: SpecFactory, node_name: str, tmp_path: Path
 ) -> None:
+    """A run another runtime started is found by label and killed; what the kill kept (exit code, log)
+    is reported again by a runtime made after an agent restart, from the agent's data folder."""
     spec = make_spec(py("import time; print('ready', flush=True); time.sleep(60)"))
     handle = await runtime.start(spec)
     await _running_pod(cluster, parse_handle(handle)[1])
-    async with KubernetesRuntime(cluster.config()) as fresh:
+    kept = tmp_path / "agent-data" / "kubernetes-ended"
+    async with KubernetesRuntime(cluster.config(), kept) as fresh:
         [found] = await fresh.list_runs(node_name)
         assert (found.handle, found.run_id, found.job_id) == (handle, spec.run_id, "job1")
         assert (await fresh.wait(found.handle, timeout_s=0.3)).timed_out
         await fresh.kill(found.handle, grace_s=0)
-        assert (await fresh.wait(found.handle, timeout_s=5)).exit_code in (137, 143)
+        killed = await fresh.wait(found.handle, timeout_s=5)
+        assert killed.exit_code in (137, 143)
         assert "ready" in await fresh.logs(found.handle)
     assert await runtime.list_runs(node_name) == []
+    async with KubernetesRuntime(cluster.config(), kept) as restarted:  # the agent restarted: same outcome
+        assert await restarted.wait(handle, timeout_s=5) == killed
+        assert "ready" in await restarted.logs(handle)
+        await restarted.cleanup(handle)
+    assert list(kept.iterdir()) == []
+    async with KubernetesRuntime(cluster.config(), kept) as after_cleanup:
+        with pytest.raises(NotFound):
+            await after_cleanup.wait(handle, timeout_s=1)
 
 
 async def test_an_image_id_runs_under_its_name(
@@ -357,8 +395,9 @@ async def test_an_image_id_runs_under_its_name(
     handle = await runtime.start(make_spec(py("pass"), image=image_id))
     assert (await runtime.wait(handle, timeout_s=60)).exit_code == 0
     job = cluster.batch.read_namespaced_job(parse_handle(handle)[1], NAMESPACE)
-    assert job.spec.template.spec.containers[0].image == f"{IMAGE}@{image_id}"
-    with pytest.raises(PermanentStartError, match="is not present"):
+    name, digest = job.spec.template.spec.containers[0].image.split("@")
+    assert digest == image_id and name.endswith(IMAGE.split(":")[0])
+    with pytest.raises(PermanentStartError, match=r"is not present|was not looked up by name"):
         await runtime.start(make_spec(py("pass"), image="sha256:" + "f" * 64))
 
 
@@ -458,6 +497,12 @@ def test_states_the_pods_leave_unsaid() -> None:
         exit_code=None, reason="unschedulable for 60 s: 0/3 nodes"
     )
     assert observe({}, []) == Observed(None)  # a Job whose pod is not made yet: running
+    killed = {"metadata": {"name": "p"}, "spec": {"containers": [{}]}, "status": {"phase": "Failed"}}
+    killed["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 137}}}]
+    target = {"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded"}
+    deciding = {"spec": {"activeDeadlineSeconds": 5}, "status": {"conditions": [target]}}
+    assert observe(deciding, [killed]).status == ExitStatus(exit_code=None, reason="deadline exceeded (5 s)")
+    assert observe({}, [killed]).status == ExitStatus(exit_code=137, reason="killed (SIGKILL)")
 
 
 async def test_a_job_claim_being_deleted_is_not_used(
@@ -519,3 +564,54 @@ async def test_run_folders_reach_pods_through_a_claim(cluster: Cluster, make_spe
             await rt.cleanup(handle)
     finally:
         cluster.core.delete_namespaced_persistent_volume_claim(claim, NAMESPACE)
+
+
+# --- wait watches; images from a registry ----------------------------------------------------------------
+
+
+async def test_wait_watches_the_run_and_resumes_after_gone(
+    cluster: Cluster, make_spec: SpecFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a fallback read only every hour, only the watch can tell `wait` that the run ended; the fake
+    keeps a history of one event, so each watch falls behind it at the next change and gets 410 Gone, and
+    the runtime reads and watches again."""
+    fake = cluster.need_fake()
+    caplog.set_level(logging.DEBUG, logger="vfed.node.runtime.kubernetes")
+    async with KubernetesRuntime(cluster.config(poll_interval_s=3600)) as rt:
+        handle = await rt.start(make_spec(py("import time; time.sleep(1); raise SystemExit(3)")))
+        await asyncio.to_thread(fake.set_history_window, 1)
+        try:
+            status = await rt.wait(handle, timeout_s=120)
+        finally:
+            await asyncio.to_thread(fake.set_history_window, 20_000)
+        assert (status.exit_code, status.timed_out) == (3, False)
+        assert any("refused (410)" in r.getMessage() for r in caplog.records)
+        await rt.cleanup(handle)
+
+
+@pytest.fixture
+def registry_image(cluster: Cluster, oci_registry: Registry) -> Registry:
+    cluster.need_fake()  # a real cluster cannot pull from this machine's loopback registry
+    return oci_registry
+
+
+async def test_a_moved_tag_does_not_move_a_started_run(
+    cluster: Cluster, registry_image: Registry, make_spec: SpecFactory
+) -> None:
+    """Digests come from the registry; a pod names the one the policy allowed, so a tag pushed again after
+    the check runs the old image still, pulled by digest."""
+    first = tiny_image(registry_image, "oci-test/moving", "latest", {"v": "1"}, "one")
+    settings = cluster.config(image_source="registry", default_registry=registry_image.host)
+    async with KubernetesRuntime(settings) as rt:
+        allowed = await rt.image_digest("oci-test/moving")
+        assert allowed == first and (await rt.image_labels(allowed))["v"] == "1"
+        second = tiny_image(registry_image, "oci-test/moving", "latest", {"v": "2"}, "two")
+        assert await rt.image_digest("oci-test/moving") == second != first
+        assert (await rt.image_labels(second))["v"] == "2"
+        command = ["/bin/sh", "-c", "read v < /version; echo version $v"]
+        handle = await rt.start(make_spec(command, image=allowed))
+        job = cluster.batch.read_namespaced_job(parse_handle(handle)[1], NAMESPACE)
+        assert job.spec.template.spec.containers[0].image == f"{registry_image.host}/oci-test/moving@{first}"
+        assert (await rt.wait(handle, timeout_s=60)).exit_code == 0, await rt.logs(handle)
+        assert "version one" in await rt.logs(handle)
+        await rt.cleanup(handle)

@@ -29,7 +29,7 @@ def _section_tags() -> list[str]:
 
 def test_one_table_names_the_kinds() -> None:
     assert tuple(registry.KINDS) == ("docker", "kubernetes")
-    assert RUNTIME_KINDS == ("docker",)  # what `vnode new` offers: kubernetes is not wired into the agent yet
+    assert RUNTIME_KINDS == ("docker", "kubernetes")  # what `vnode new` offers: both run runs end to end
     assert _section_tags() == list(registry.KINDS)  # the union has exactly one member per registered kind
     for kind, entry in registry.KINDS.items():
         assert entry.kind == kind and issubclass(entry.config, RuntimeConfig)

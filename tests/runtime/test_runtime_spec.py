@@ -1,4 +1,5 @@
-"""The runtime's plain-data parts: run specs, host path translation, the hardened container definition."""
+"""The runtime's plain-data parts: run specs, host path translation, the hardened container definition, image
+references, the Kubernetes runtime's kept outcomes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from vfed.node.runtime import (
     DatasetMount,
+    ExitStatus,
     NotFound,
     PermanentStartError,
     RunLimits,
@@ -21,6 +23,9 @@ from vfed.node.runtime.base import container_name, job_volume_name
 from vfed.node.runtime.docker import exit_reason, parse_handle
 from vfed.node.runtime.docker_config import DockerRuntimeConfig
 from vfed.node.runtime.docker_spec import check_local_paths, container_kwargs, grant_container_user
+from vfed.node.runtime.kubernetes_config import RegistryEndpoint
+from vfed.node.runtime.kubernetes_ended import EndedRuns
+from vfed.node.runtime.oci_registry import parse_reference
 
 
 def spec(tmp_path: Path, **kw: object) -> RunSpec:
@@ -200,3 +205,36 @@ def test_handles() -> None:
 )
 def test_exit_reasons(code: int | None, oom: bool, error: str | None, expected: str | None) -> None:
     assert exit_reason(code, oom, error, 64 << 20) == expected
+
+
+def test_references_are_read_as_docker_reads_them() -> None:
+    assert str(parse_reference("ubuntu", "docker.io")) == "docker.io/library/ubuntu:latest"
+    assert str(parse_reference("vfed/base:1", "docker.io")) == "docker.io/vfed/base:1"
+    assert str(parse_reference("vfed/base", "reg.example:5000")) == "reg.example:5000/vfed/base:latest"
+    assert str(parse_reference("localhost/a/b@sha256:" + "0" * 64, "x")) == "localhost/a/b@sha256:" + "0" * 64
+    assert parse_reference("127.0.0.1:5000/a:v@sha256:" + "1" * 64, "x").tag == "v"
+    for bad in ("a@sha512:00", "UPPER/case", "a:b:c", "a//b", ""):
+        with pytest.raises(ValueError):
+            parse_reference(bad, "docker.io")
+    with pytest.raises(ValueError, match="needs `insecure: true`"):
+        RegistryEndpoint(url="http://registry.example.org")
+    assert RegistryEndpoint(url="http://registry.example.org", insecure=True).insecure
+    assert RegistryEndpoint(url="http://127.0.0.1:5000").url
+
+
+def test_kept_outcomes_survive_a_new_instance_until_forgotten(tmp_path: Path) -> None:
+    folder = tmp_path / "kubernetes-ended"
+    killed = ExitStatus(exit_code=137, reason="killed (SIGKILL)")
+    EndedRuns(folder).put("k8s:ns/vfed-n-run-1", killed, b"last words\n")
+    assert (folder.stat().st_mode & 0o777) == 0o700
+    again = EndedRuns(folder)  # a restarted agent's runtime
+    assert again.get("k8s:ns/vfed-n-run-1") == (killed, b"last words\n")
+    assert again.get("k8s:ns/vfed-n-run-2") is None
+    again.forget("k8s:ns/vfed-n-run-1")
+    assert EndedRuns(folder).get("k8s:ns/vfed-n-run-1") is None and list(folder.iterdir()) == []
+    EndedRuns(folder).put("k8s:ns/vfed-n-run-3", killed, b"")
+    next(folder.glob("*.status.json")).write_text("{not json")  # a damaged file: unknown, not a crash
+    assert EndedRuns(folder).get("k8s:ns/vfed-n-run-3") is None
+    memory_only = EndedRuns(None)
+    memory_only.put("k8s:ns/vfed-n-run-4", killed, b"x")
+    assert memory_only.get("k8s:ns/vfed-n-run-4") == (killed, b"x")

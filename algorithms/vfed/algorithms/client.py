@@ -76,7 +76,7 @@ class AlgorithmClient:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, declared: Mapping[str, FunctionSpec] | None = None
     ) -> AlgorithmClient:
-        """The client for the proxy the node gave this run (PROXY_SOCKET, or PROXY_URL + PROXY_TOKEN).
+        """The client for the proxy the node gave this run (PROXY_SOCKET, or PROXY_URL + PROXY_TOKEN_FILE).
 
         `declared` (the image's own functions) lets subtasks ask for the datasets their method declares.
         """

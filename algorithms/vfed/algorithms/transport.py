@@ -1,8 +1,9 @@
 """HTTP to the node's proxy from inside an algorithm container, with the standard library only.
 
-The container has no network: the proxy is a Unix socket (`PROXY_SOCKET`). Runtimes that need TCP give
-`PROXY_URL` and a per-run `PROXY_TOKEN` instead. One connection per request keeps it simple and robust;
-a Unix-socket connect costs microseconds.
+A Docker run has no network: the proxy is a Unix socket (`PROXY_SOCKET`). A run in a cluster reaches it over
+the network (`PROXY_URL`) with its own token, a file its pod alone mounts (`PROXY_TOKEN_FILE`; read at each
+request, never copied into the environment). One connection per request keeps it simple and robust; a
+Unix-socket connect costs microseconds.
 """
 
 from __future__ import annotations
@@ -70,12 +71,20 @@ class Transport:
     """Sends requests to one proxy endpoint, over a Unix socket or TCP with a bearer token."""
 
     def __init__(
-        self, *, socket_path: str | None = None, url: str | None = None, token: str | None = None
+        self,
+        *,
+        socket_path: str | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        token_file: str | None = None,
     ) -> None:
         if not socket_path and not url:
-            raise ProxyConfigError("no proxy configured: set PROXY_SOCKET (or PROXY_URL and PROXY_TOKEN)")
+            raise ProxyConfigError(
+                "no proxy configured: set PROXY_SOCKET (or PROXY_URL and PROXY_TOKEN_FILE)"
+            )
         self._socket_path = socket_path
         self._token = token
+        self._token_file = token_file
         self._base_path = ""
         self._host = ""
         self._port: int | None = None
@@ -94,7 +103,20 @@ class Transport:
             socket_path=env.get("PROXY_SOCKET") or None,
             url=env.get("PROXY_URL") or None,
             token=env.get("PROXY_TOKEN") or None,
+            token_file=env.get("PROXY_TOKEN_FILE") or None,
         )
+
+    def _bearer(self) -> str | None:
+        """The run's token: the token file's content (as the pod sees it now), else the one given."""
+        if self._token_file:
+            try:
+                with open(self._token_file, encoding="utf-8") as handle:
+                    return handle.read().strip() or None
+            except OSError as exc:
+                raise ProxyConfigError(
+                    f"PROXY_TOKEN_FILE {self._token_file}: {exc.strerror or exc}"
+                ) from None
+        return self._token
 
     def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
         if self._socket_path:
@@ -108,8 +130,9 @@ class Transport:
         if body is not None:
             data = json.dumps(body, allow_nan=False).encode()
             headers["Content-Type"] = "application/json"
-        if self._token and not self._socket_path:
-            headers["Authorization"] = f"Bearer {self._token}"
+        token = None if self._socket_path else self._bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         connection = self._connection(timeout_s)
         try:
             connection.request(method, self._base_path + path, body=data, headers=headers)

@@ -46,6 +46,7 @@ from vfed.node.runtime import registry
 from vfed.node.runtime.base import Runtime
 from vfed.node.server_api import NodeClient, NodeIdentity
 from vfed.node.trust import NodeTrustStore, RunChecks, node_resolver
+from vfed.proxy.listener import ProxyListener
 from vfed.proxy.rest import ServerUnavailable
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class Agent:
         await reconcile(s, client, keyring, identity.organization_id, rotate=self.rotate_key)
         holder = KeyHolder(s.key_path, passphrase(s), keyring)  # after a rotation at start, if any
         await self._stack.enter_async_context(runtime)
+        listener = await self._proxy_listener(runtime)
         journal = Journal(s.data_dir / "journal.sqlite3")
         self._stack.callback(journal.close)
         store = NodeTrustStore(s, identity.organization_id, holder.root)
@@ -160,6 +162,7 @@ class Agent:
             server_identity=server_id,
             ledger=ledger,
             leases=guard,
+            listener=listener,
         )
         self.runner = Runner(self.services)
         if s.metrics_port is not None:
@@ -172,6 +175,16 @@ class Agent:
             log.warning(ALLOWS_EVERY_IMAGE)
         # `vnode start` waits for this exact line (vfed.node.operator.container.ONLINE_RE): keep its shape.
         log.info("node %s (organization %s) started", identity.node_id, identity.organization_id)
+
+    async def _proxy_listener(self, runtime: Runtime) -> ProxyListener | None:
+        """The listener of runs that reach their proxy over a network (one per agent, a token per run)."""
+        address = runtime.proxy_listen_address() if runtime.proxy_over_network else None
+        if address is None:
+            if runtime.proxy_over_network:
+                log.warning("the %s runtime names no proxy service: runs have no way out", runtime.name)
+            return None
+        listener = ProxyListener(*address, head_timeout_s=self.settings.proxy_head_timeout_s)
+        return await self._stack.enter_async_context(listener)
 
     async def _leases(
         self,

@@ -13,6 +13,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from pydantic import SecretStr
+
 from vfed.common.api import Reason, classified
 from vfed.common.api.statuses import RunStatus
 from vfed.common.trust import DescriptorDocument, TrustError
@@ -100,13 +102,33 @@ def _follow_again(s: Services, runner: Runner, entry: Entry, handle: str) -> Res
         except TrustError as exc:  # the proxy then makes no subtasks; sealing withholds the result
             log.error("run %s: its descriptor does not verify any more: %s", entry.run_id, exc.message)
             document = None
-        proxy = await runner.start_proxy(run, task, descriptor=document)
+        proxy = await runner.start_proxy(
+            run, task, descriptor=document, proxy_token=await _proxy_token(s, entry, handle)
+        )
         try:
             deadline = (
                 entry.deadline if entry.deadline is not None else time.time() + s.settings.max_run_time_s
             )
             await runner.finisher.follow(entry.run_id, entry.job_id, handle, deadline, kill)
         finally:
-            await proxy.stop()
+            if proxy is not None:
+                await proxy.stop()
 
     return resume
+
+
+async def _proxy_token(s: Services, entry: Entry, handle: str) -> SecretStr | None:
+    """The proxy token the still-running run holds (its runtime kept it where the run reads it); None for a
+    socket runtime. A networked run whose token is gone gets a new proxy it cannot reach: said here."""
+    if not s.runtime.proxy_over_network:
+        return None
+    try:
+        token = await s.runtime.proxy_token(handle)
+    except RuntimeUnavailable as exc:
+        log.warning(
+            "run %s: its proxy token cannot be read (%s); its proxy requests will fail", entry.run_id, exc
+        )
+        return None
+    if token is None:
+        log.warning("run %s: its proxy token is gone; its proxy requests will fail", entry.run_id)
+    return token

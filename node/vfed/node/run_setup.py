@@ -20,11 +20,11 @@ class RunSetup:
     digest: asyncio.Future[str]
     volume: asyncio.Future[str]
     runtime: Runtime
-    proxy: asyncio.Future[ProxyServer] | None = None
+    proxy: asyncio.Future[ProxyServer | None] | None = None
     creating: asyncio.Future[ahead.Ahead | None] | None = None
     created: ahead.Ahead | None = None
 
-    async def ready(self) -> ProxyServer:
+    async def ready(self) -> ProxyServer | None:
         await self.journaled  # no container before its run is in the journal
         # A job folder that failed here is tried again, with the start's own retries, when the run starts.
         with contextlib.suppress(Exception):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+from pydantic import SecretStr
 
 from vfed.common.api import Reason, classified
 from vfed.common.api.errors import ApiError
@@ -53,6 +54,7 @@ from vfed.node.timeline import StartTimeline
 from vfed.node.trust import Accepted, RunChecks, refusal_reason
 from vfed.proxy.app import ProxyContext, RunInfo
 from vfed.proxy.context import ProxyLimits
+from vfed.proxy.listener import ProxyListener, new_token
 from vfed.proxy.rest import RestClient
 from vfed.proxy.server import ProxyServer
 
@@ -121,6 +123,9 @@ class Services:
     """Why a run is asked to end, when not on the server's request (a lease revoked or expired)."""
     sdk_verdicts: SdkVerdicts = field(default_factory=SdkVerdicts)
     """Images refused for the SDK their `vfed.sdk` label declares, by image ID (image_sdk)."""
+    listener: ProxyListener | None = None
+    """The proxy listener of runs that reach their proxy over a network (runtime.proxy_over_network); None
+    for a socket runtime, or when the runtime gives its runs no way out."""
 
     @property
     def keyring(self) -> Keyring:
@@ -397,7 +402,8 @@ class Runner:
             return await self.s.runtime.image_digest(task.image, pull=gate.pull)
         except PermanentStartError as exc:
             log.warning("run of task %s: image %s is not available: %s", task.id, task.image, exc)
-            raise RunRefused("start-failed", f"image {task.image} is not available at this node") from None
+            reason = classified(Reason.IMAGE_UNAVAILABLE, f"image {task.image} is not available at this node")
+            raise RunRefused("start-failed", reason) from None
 
     def _decrypt(self, blob: bytes, accepted: Accepted) -> bytes:
         """The input, signed by the descriptor's signer and bound to the descriptor's nonce."""
@@ -411,15 +417,25 @@ class Runner:
             reason = classified(Reason.BAD_INPUT, "the input does not decrypt for this node")
             raise RunRefused("failed", reason) from None
 
-    def spec_for(self, run: Run, task: Task, digest: str, epsilon: float | None, run_dir: Path) -> RunSpec:
+    def spec_for(
+        self,
+        run: Run,
+        task: Task,
+        digest: str,
+        epsilon: float | None,
+        run_dir: Path,
+        proxy_token: SecretStr | None = None,
+    ) -> RunSpec:
+        """The run's container; `proxy_token` is its proxy's (runs reached over a network only)."""
         settings = self.s.settings
         datasets = [_dataset(label, settings) for label in task.datasets]
+        networked = self.s.runtime.proxy_over_network
         env = algorithm_env(
             run_id=str(run.id),
             job_id=str(run.job_id),
             organization_id=str(run.organization_id),
             datasets=datasets,
-            with_proxy=True,
+            with_proxy=not networked,  # a networked run's runtime gives PROXY_URL and PROXY_TOKEN_FILE
             extra=_extra_env(settings, task.datasets, epsilon),
         )
         return RunSpec(
@@ -432,15 +448,28 @@ class Runner:
             env=env,
             run_dir=str(run_dir),
             datasets=[d for d in datasets if isinstance(d, DatasetMount)],
-            proxy_socket=str(self.socket_path(run.id)),
+            proxy_socket=None if networked else str(self.socket_path(run.id)),
+            proxy_token=proxy_token if networked else None,
             labels={LABEL_AGENT: self.s.journal.agent_id},
         )
 
     async def start_proxy(
-        self, run: Run, task: Task, token: str | None = None, descriptor: DescriptorDocument | None = None
-    ) -> ProxyServer:
-        """The run's own proxy on its own socket, speaking to the server with the run's token; it signs the
-        run's subtasks with the organization's current key, under the run's verified descriptor."""
+        self,
+        run: Run,
+        task: Task,
+        token: str | None = None,
+        descriptor: DescriptorDocument | None = None,
+        proxy_token: SecretStr | None = None,
+    ) -> ProxyServer | None:
+        """The run's own proxy, speaking to the server with the run's token (`token`); it signs the run's
+        subtasks with the organization's current key, under the run's verified descriptor.
+
+        It listens on the run's own socket, or, for a runtime whose runs reach it over a network, behind the
+        agent's listener under a proxy token of the run's own (`proxy_token`, else a new one: the runtime
+        gives it to the run's pod alone). None when such a runtime gives its runs no way out."""
+        networked = self.s.runtime.proxy_over_network
+        if networked and self.s.listener is None:
+            return None
         if token is None:
             token = await self.s.client.run_token(run.id)
         info = RunInfo(
@@ -468,14 +497,17 @@ class Runner:
                 max_blob_bytes=settings.proxy_max_blob_bytes_per_run,
             ),
         )
-        proxy = ProxyServer(ctx, self.socket_path(run.id))
+        if networked:
+            proxy = ProxyServer(ctx, listener=self.s.listener, token=proxy_token or new_token())
+        else:
+            proxy = ProxyServer(ctx, self.socket_path(run.id))
         await proxy.start()
         return proxy
 
     async def _start_and_follow(
         self,
         prepared: Prepared,
-        proxy: ProxyServer,
+        proxy: ProxyServer | None,
         early: ahead.Ahead | None,
         kill: asyncio.Event,
         claimed_at: float,
@@ -483,9 +515,10 @@ class Runner:
     ) -> None:
         run = prepared.run
         try:
-            handle = await self._start_container(prepared, early)
+            handle = await self._start_container(prepared, early, proxy)
         except RunRefused as refused:
-            await proxy.stop()
+            if proxy is not None:
+                await proxy.stop()
             await self.finisher.end_without_container(run.id, refused.status, refused.reason, run.job_id)
             return
         trace.mark("started")
@@ -503,7 +536,8 @@ class Runner:
             await self.finisher.follow(run.id, run.job_id, handle, deadline, kill, before_report=active)
         finally:
             active.cancel()
-            await proxy.stop()
+            if proxy is not None:
+                await proxy.stop()
 
     async def _mark_active(self, run_id: int, digest: str) -> None:
         try:
@@ -511,9 +545,12 @@ class Runner:
         except Exception as exc:  # the server may have killed it meanwhile; follow() finds out
             log.warning("run %s: could not mark active: %s", run_id, exc)
 
-    async def _start_container(self, prepared: Prepared, early: ahead.Ahead | None) -> str:
+    async def _start_container(
+        self, prepared: Prepared, early: ahead.Ahead | None, proxy: ProxyServer | None
+    ) -> str:
         p = prepared
-        spec = self.spec_for(p.run, p.task, p.digest, p.epsilon, p.run_dir)
+        token = proxy.token if proxy is not None else None
+        spec = self.spec_for(p.run, p.task, p.digest, p.epsilon, p.run_dir, token)
         if early is not None:
             try:
                 handle = await ahead.start(self.s.runtime, early, spec)

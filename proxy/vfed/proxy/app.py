@@ -1,7 +1,8 @@
 """The proxy: one aiohttp app per run, the only thing an algorithm container can reach (docs/proxy-api.md).
 
-The app is bound to one run, so the socket it listens on identifies the caller; nothing inside the container
-is a credential. It speaks to the server with the run's own token, signs each subtask's descriptor and
+The app is bound to one run, so the socket it listens on identifies the caller; nothing inside a Docker
+run's container is a credential (a run in a cluster reaches it through the agent's listener with a token of
+its own, listener.py). It speaks to the server with the run's own token, signs each subtask's descriptor and
 encrypts its inputs for each target organization (subtasks.py), and decrypts subtask results with our keyring,
 checked against the executing organization's verified key chain and bound to their run.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from aiohttp.typedefs import Middleware
+from pydantic import SecretStr, ValidationError
 
 from vfed.common.api import proxy as api
 from vfed.common.api.errors import ApiError, error_response
@@ -36,6 +38,7 @@ from vfed.common.slow_clients import head_middleware
 from vfed.common.trust import TrustError
 from vfed.proxy import limits, subtasks
 from vfed.proxy.context import ProxyContext, ProxyError, RunInfo
+from vfed.proxy.listener import token_middleware
 from vfed.proxy.rest import ServerUnavailable
 from vfed.proxy.subtasks import NewTask
 
@@ -319,9 +322,12 @@ async def forbidden(request: web.Request) -> web.Response:
     )
 
 
-def create_proxy_app(ctx: ProxyContext) -> web.Application:
-    """The app for one run. Only the routes of docs/proxy-api.md; everything else answers 403."""
-    middlewares = [head_middleware, errors_middleware, limits.limits_middleware(ctx)]
+def create_proxy_app(ctx: ProxyContext, token: SecretStr | None = None) -> web.Application:
+    """The app for one run. Only the routes of docs/proxy-api.md; everything else answers 403. With `token`
+    (a run reached over the network, listener.py) every request must carry it, else 401."""
+    middlewares: list[Middleware] = [head_middleware, errors_middleware, limits.limits_middleware(ctx)]
+    if token is not None:
+        middlewares.insert(1, token_middleware(token))
     app = web.Application(middlewares=middlewares, client_max_size=ctx.max_request_bytes)
     app[CONTEXT] = ctx
     app[limits.GATE] = limits.new_gate(ctx)

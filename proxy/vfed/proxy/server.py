@@ -1,4 +1,5 @@
-"""Serving one run's proxy app on its own Unix socket, with a deadline for request heads (slow_clients.py)."""
+"""Serving one run's proxy app, with a deadline for request heads (slow_clients.py): on its own Unix socket
+(Docker runs), or behind the agent's TCP listener under the run's token (runs in a cluster, listener.py)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,38 @@ import os
 from pathlib import Path
 
 from aiohttp import web
+from pydantic import SecretStr
 
 from vfed.common.slow_clients import HEAD_WATCH, HeadWatch
 from vfed.proxy.app import ProxyContext, create_proxy_app
+from vfed.proxy.listener import ProxyListener
 
 
 class ProxyServer:
-    """The proxy of one run, listening on a socket only that run's container gets mounted."""
+    """The proxy of one run: listening on a socket only that run's container gets mounted, or (with
+    `listener` and `token`) reached through the shared listener by the run's token alone."""
 
-    def __init__(self, ctx: ProxyContext, socket_path: Path) -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        socket_path: Path | None = None,
+        *,
+        listener: ProxyListener | None = None,
+        token: SecretStr | None = None,
+    ) -> None:
+        if (socket_path is None) == (listener is None) or (listener is None) != (token is None):
+            raise ValueError("a run's proxy has either a socket path, or a listener and a token")
         self.ctx = ctx
         self.socket_path = socket_path
+        self.listener = listener
+        self.token = token
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self.watch = HeadWatch(ctx.limits.head_timeout_s)
 
     async def start(self) -> None:
         """Listen; the socket is world-connectable because the container user is not ours."""
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        app = create_proxy_app(self.ctx)
+        app = create_proxy_app(self.ctx, token=self.token)
         app[HEAD_WATCH] = self.watch
         runner = web.AppRunner(
             app,
@@ -37,28 +49,42 @@ class ProxyServer:
             keepalive_timeout=self.ctx.limits.keepalive_timeout_s,
         )
         await runner.setup()
-        loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_unix_server(self.watch.bind(runner), str(self.socket_path))
+            if self.listener is not None:
+                assert self.token is not None
+                self.listener.register(self.token, self.watch.bind(runner))
+            else:
+                await self._listen_on_socket(runner)
         except BaseException:
             await runner.cleanup()
             raise
-        os.chmod(self.socket_path, 0o666)
-        os.chmod(self.socket_path.parent, 0o755)
         self._runner = runner
 
+    async def _listen_on_socket(self, runner: web.AppRunner) -> None:
+        assert self.socket_path is not None
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self.watch.bind(runner), str(self.socket_path))
+        os.chmod(self.socket_path, 0o666)
+        os.chmod(self.socket_path.parent, 0o755)
+
     async def stop(self) -> None:
-        """Stop listening and remove the socket. Safe to call twice."""
+        """Stop listening (the token opens nothing any more) and remove the socket. Safe to call twice."""
         runner, self._runner = self._runner, None
         server, self._server = self._server, None
+        if self.listener is not None and self.token is not None and runner is not None:
+            self.listener.unregister(self.token)
         if server is not None:
             server.close()  # no new connections; the runner's cleanup closes the open ones
         if runner is not None:
             await runner.cleanup()
         if server is not None:
             await server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()

@@ -56,6 +56,9 @@ class Reason(StrEnum):
     IMAGE_INCOMPATIBLE = "image-incompatible"
     """Refused before start: the image's `vfed.sdk` label declares a payload format or proxy API version the
     node does not speak (vfed.common.sdk)."""
+    IMAGE_UNAVAILABLE = "image-unavailable"
+    """Refused before start: the node could not find the run's image where it runs images from (not in
+    the engine or the registry, or its content did not match its digest); the detail names the image."""
     DATASET_UNAVAILABLE = "dataset-unavailable"
     """A dataset the run reads could not be prepared before the start (a `sql` dataset's database refused the
     credentials, cannot be reached, lacks the table, or its query failed); the detail names the dataset and

@@ -1,4 +1,5 @@
-"""`vnode start|stop|attach|clean`: the node agent as a long-lived container `vfed-<name>-<scope>`."""
+"""`vnode start|stop|attach|clean`: the node agent as a long-lived container `vfed-<name>-<scope>` (or, with
+`vnode start --no-container`, as the command's own process)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from typing import Any, Literal, cast
 
 import click
 import docker.errors
+from click.core import ParameterSource
 from docker import DockerClient
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 
 from vfed.common.api import Reason, classified
 from vfed.node.config import NodeSettings
+from vfed.node.foreground import log_levels
+from vfed.node.foreground import run_agent as run_here
 from vfed.node.operator import container as agent
 from vfed.node.operator import server
 from vfed.node.operator.common import (
@@ -25,6 +29,7 @@ from vfed.node.operator.common import (
     LABEL_AGENT_SCOPE,
     LABEL_ROLE,
     ROLE_AGENT,
+    BadInput,
     OperatorError,
     engine,
     load,
@@ -35,7 +40,7 @@ from vfed.node.operator.paths import NodeRef, nodes_in, resolve
 from vfed.node.operator.run_logs import quiet_keyring
 from vfed.node.runtime.base import LABEL_NODE, LABEL_RUN_ID
 
-_START_HELP = """Run node NAME's agent in a container and wait until it reports online.
+_START_HELP = """Run node NAME's agent in a container and wait until it reports online (--no-container: here).
 
 \b
 The container `vfed-<name>-<scope>` gets the Docker socket, the config, the key file's folder and the
@@ -49,7 +54,14 @@ Examples:
   vnode start hospital-a
   vnode start hospital-a --attach                 # then follow its log (Ctrl-C leaves it running)
   vnode start lab --system --image vfed/node:dev --develop ~/src/vfed
+  vnode start site-k --no-container               # a kubernetes-runtime node's agent, outside the cluster
+
+\b
+--no-container runs the agent as this process, until Ctrl-C or SIGTERM (a service manager such as systemd
+keeps it running): for nodes whose runs go to a Kubernetes cluster (runtime.kind kubernetes), whose agent
+runs either so or in the cluster from docker/kubernetes/node (docs/deployment.md), and for development.
 """
+_CONTAINER_ONLY = ("attach", "image", "develop", "timeout_s")
 
 
 def _build_image(client: DockerClient, image: str) -> None:
@@ -182,11 +194,45 @@ def follow_logs(container: Container, tail: int | Literal["all"] = 50) -> None:
 @click.option(
     "--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds to wait for online."
 )
+@click.option(
+    "--no-container", is_flag=True, help="Run the agent here, in the foreground, not in a container."
+)
+@click.option(
+    "--log-level",
+    help="With --no-container: DEBUG, INFO, WARNING or ERROR, then LOGGER=LEVEL items. [default: INFO]",
+)
+@click.pass_context
 def start_command(
-    name: str | None, user_scope: bool, attach: bool, image: str, develop: Path | None, timeout_s: float
+    ctx: click.Context,
+    name: str | None,
+    user_scope: bool,
+    attach: bool,
+    image: str,
+    develop: Path | None,
+    timeout_s: float,
+    no_container: bool,
+    log_level: str | None,
 ) -> None:
     ref = resolve(name, to_scope(user_scope))
+    if no_container:
+        given = [p for p in _CONTAINER_ONLY if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
+        if given:
+            option = "--timeout" if given[0] == "timeout_s" else f"--{given[0]}"
+            raise BadInput(option, "starts an agent container; --no-container runs the agent here")
+        levels = log_levels(log_level or "INFO")
+        load(ref)  # a bad file: one line, before anything starts
+        click.echo(f"node {ref}: running its agent here (Ctrl-C or SIGTERM stops it)", err=True)
+        run_here(ref.config_path, levels, rotate_key=False, environment=False)
+        return
+    if log_level is not None:
+        raise BadInput("--log-level", "goes with --no-container (a container's agent logs at INFO)")
     settings = load(ref)
+    if settings.runtime.kind != "docker":
+        raise BadInput(
+            "--no-container",
+            f"node {ref} runs its runs with the {settings.runtime.kind} runtime: start its agent here with "
+            f"`vnode start {ref.name} --no-container`, or in the cluster (docs/deployment.md)",
+        )
     client = engine()
     container = run_agent(client, ref, settings, image, develop)
     try:

@@ -15,6 +15,7 @@ import yaml
 from vfed.node.config import DATASET_TYPES, RUNTIME_KINDS, ConfigError, parse_settings
 from vfed.node.operator import keys
 from vfed.node.operator.common import CONTEXT, BadInput, OperatorError, scope_option, to_scope
+from vfed.node.operator.new_runtime import kubernetes_options, runtime_section
 from vfed.node.operator.paths import NodeRef, check_name, interactive
 
 _TYPES_BY_SUFFIX = {
@@ -48,6 +49,11 @@ The node runs no image until one is allowed: each --allow-image (a glob over the
 digest sha256:...) adds one to policies.allowed_images. --allow-organization limits the organizations whose
 tasks it runs (beside the trust pins of `vnode trust`).
   vnode new lab --system --api-key 4.xyz --private-key /etc/vfed/keys/lab.key --force
+
+Runs in a Kubernetes cluster (docs/deployment.md, "Kubernetes"); such a node starts with
+`vnode start NAME --no-container`, or in the cluster from docker/kubernetes/node:
+  vnode new site-k --runtime kubernetes --namespace vfed-site --kubeconfig ~/.kube/config \
+      --proxy-service vfed-node-proxy --proxy-ip-block 192.0.2.10/32 --api-key 5.abc
 """
 
 
@@ -167,6 +173,7 @@ def build_config(
     private_key: str | None,
     runtime: str,
     mqtt_url: str | None,
+    runtime_options: dict[str, Any] | None = None,
     allow_images: list[str] | None = None,
     allow_organizations: list[int] | None = None,
     server_ca: str | None = None,
@@ -192,7 +199,7 @@ def build_config(
         if private_key
         else str(ref.data_dir / "org-key.json"),
         "datasets": offered,
-        "runtime": {"kind": runtime},
+        "runtime": runtime_section(runtime, runtime_options or {}),
         # Tasks run only for organizations pinned with `vnode trust` (and this node's own).
         "trust": "pinned",
         # A run reads a dataset only under a lease granted on the collaboration's ledger (`vnode leases`).
@@ -306,6 +313,7 @@ def _ask_datasets(given: tuple[str, ...]) -> list[str]:
 )
 @click.option("--private-key", type=click.Path(dir_okay=False), help="The organization's private key file.")
 @click.option("--runtime", type=click.Choice(RUNTIME_KINDS), help="[default: docker]")
+@kubernetes_options
 @click.option("--mqtt-url", help="Doorbell broker, mqtt://host:port (optional: polling works without).")
 @click.option(
     "--server-ca",
@@ -342,6 +350,13 @@ def new_command(
     dataset_password_files: tuple[str, ...],
     private_key: str | None,
     runtime: str | None,
+    namespace: str | None,
+    kubeconfig: Path | None,
+    kube_context: str | None,
+    proxy_service: str | None,
+    proxy_port: int | None,
+    proxy_listen: str | None,
+    proxy_ip_blocks: tuple[str, ...],
     mqtt_url: str | None,
     server_ca: Path | None,
     allow_images: tuple[str, ...],
@@ -372,6 +387,15 @@ def new_command(
             else "docker"
         ),
         mqtt_url=mqtt_url,
+        runtime_options={
+            "namespace": namespace,
+            "kubeconfig": kubeconfig,
+            "kube_context": kube_context,
+            "proxy_service": proxy_service,
+            "proxy_port": proxy_port,
+            "proxy_listen": proxy_listen,
+            "proxy_ip_blocks": proxy_ip_blocks,
+        },
         server_ca=str(ca_copy) if ca_copy is not None else None,
         allow_images=list(allow_images),
         allow_organizations=list(allow_organizations),
@@ -395,4 +419,7 @@ def new_command(
         if generate_key:
             key_id = keys.generate_file(key_path, passphrase=None)
             click.echo(f"generated organization key {key_id} at {key_path} (mode 0600)")
-    click.echo(f"next: `vnode start {name}{'' if user_scope else ' --system'}`")
+    start = f"vnode start {name}{'' if user_scope else ' --system'}"
+    if data["runtime"]["kind"] == "kubernetes":
+        start += " --no-container"  # `vnode start` runs Docker-runtime agents in a container
+    click.echo(f"next: `{start}`")

@@ -297,6 +297,21 @@ class Runtime(abc.ABC):
         Starting a run whose container already exists raises PermanentStartError (see list_runs).
         """
 
+    proxy_over_network: bool = False
+    """Whether runs reach the node's proxy over a network, each with a token of its own (RunSpec.proxy_token),
+    instead of a Unix socket of their own (RunSpec.proxy_socket)."""
+
+    def proxy_listen_address(self) -> tuple[str, int] | None:
+        """Where the agent's proxy listener must listen for runs that reach it over a network (host, port);
+        None when runs get no way out over the network (a socket runtime, or none configured)."""
+        return None
+
+    async def proxy_token(self, handle: str) -> SecretStr | None:
+        """The proxy token a started run holds (RunSpec.proxy_token), read back from where the runtime keeps
+        it for the run: an agent that restarted serves a still-running run's proxy under it again. None when
+        the runtime keeps none or the run's is gone."""
+        return None
+
     creates_ahead: bool = False
     """Whether `create` and `start_created` work: a container can be made while the run's checks go on."""
 

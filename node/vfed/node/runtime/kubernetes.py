@@ -2,13 +2,16 @@
 
 The `kubernetes` client is synchronous: every call runs in the runtime's own thread pool, never on the loop.
 A deleted pod takes its logs and exit code with it, so `kill` follows the pod's log while it stops and keeps
-the outcome (in memory, for this runtime instance) for `wait` and `logs`; `cleanup` forgets it.
+the outcome for `wait` and `logs` (kubernetes_ended: in the agent's data folder, so a restarted agent reports
+the same); `cleanup` forgets it. `wait` watches the run's pods and reads its state again on every event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,9 +25,9 @@ from typing import Any, Self, TypeVar
 import urllib3.exceptions
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from pydantic import SecretStr
 
 from vfed.node.runtime.base import (
     LABEL_AGENT,
@@ -42,7 +45,8 @@ from vfed.node.runtime.base import (
 )
 from vfed.node.runtime.docker_spec import check_local_paths
 from vfed.node.runtime.kubernetes_config import KubernetesRuntimeConfig
-from vfed.node.runtime.kubernetes_images import ClusterImages
+from vfed.node.runtime.kubernetes_ended import EndedRuns
+from vfed.node.runtime.kubernetes_images import cluster_images
 from vfed.node.runtime.kubernetes_logs import KEPT_LOG_BYTES, follow_log, pod_log
 from vfed.node.runtime.kubernetes_spec import (
     LABEL_KIND,
@@ -54,6 +58,7 @@ from vfed.node.runtime.kubernetes_spec import (
     secret_body,
 )
 from vfed.node.runtime.kubernetes_status import Obj, latest_pod, observe, run_state
+from vfed.node.runtime.kubernetes_watch import next_pod_event, pod_end
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,15 +112,19 @@ class KubernetesRuntime(Runtime):
     """Runs each run as a Job in one namespace of a cluster, found again by its labels."""
 
     name = "kubernetes"
+    proxy_over_network = True
 
-    def __init__(self, config: KubernetesRuntimeConfig | None = None) -> None:
+    def __init__(self, config: KubernetesRuntimeConfig | None = None, state_dir: Path | None = None) -> None:
+        """`state_dir` keeps the outcomes of runs this runtime ended (kubernetes_ended); None keeps them in
+        memory only, for tools and tests that need no restart."""
         self.config = config or KubernetesRuntimeConfig()
         self._pool: ThreadPoolExecutor | None = None
+        self._watch_pool: ThreadPoolExecutor | None = None
         self._api: k8s.ApiClient | None = None
-        self.images = ClusterImages(self.config.image_engine_url)
+        self.images = cluster_images(self.config)
         self._open_lock = asyncio.Lock()
         self._ready_claims: set[str] = set()
-        self._ended: dict[str, tuple[ExitStatus, bytes]] = {}
+        self._ended = EndedRuns(state_dir)
 
     @classmethod
     def from_config(cls, config: RuntimeConfig, data_dir: Path) -> Self:
@@ -123,13 +132,20 @@ class KubernetesRuntime(Runtime):
             raise TypeError(
                 f"the kubernetes runtime takes a KubernetesRuntimeConfig, not {type(config).__name__}"
             )
-        return cls(config)
+        return cls(config, data_dir / "kubernetes-ended")
+
+    def proxy_listen_address(self) -> tuple[str, int] | None:
+        """The listener behind `proxy_service`; None without one (runs then have no way out)."""
+        if self.config.proxy_service is None:
+            return None
+        return self.config.proxy_listen_host, self.config.listen_port
 
     # -- lifecycle
 
     async def open(self) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.max_waiters, thread_name_prefix="vfed-k8s")
+            self._watch_pool = ThreadPoolExecutor(self.config.max_waiters, thread_name_prefix="vfed-k8s-w")
         if self._api is None:
             async with self._open_lock:
                 if self._api is None:
@@ -162,10 +178,11 @@ class KubernetesRuntime(Runtime):
         if self._api is not None:
             await asyncio.to_thread(self._api.close)
             self._api = None
-        await asyncio.to_thread(self.images.close)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        await self.images.close()
+        for pool in (self._pool, self._watch_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._watch_pool = None
 
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._pool is not None
@@ -219,19 +236,22 @@ class KubernetesRuntime(Runtime):
         return data
 
     def _list(self, fn: Callable[..., Any], selector: str) -> list[Obj]:
-        items: list[Obj] = self._json(fn(self.ns, label_selector=selector, _preload_content=False))["items"]
-        return items
+        return self._list_at(fn, selector)[0]
+
+    def _list_at(self, fn: Callable[..., Any], selector: str) -> tuple[list[Obj], str]:
+        """The items and the list's resourceVersion (where a watch of them starts)."""
+        answer = self._json(fn(self.ns, label_selector=selector, _preload_content=False))
+        return answer["items"], str(answer.get("metadata", {}).get("resourceVersion") or "")
 
     # -- images
 
     async def image_digest(self, image: str, *, pull: bool = True) -> str:
-        """The image's ID; never pulls (the cluster pulls, by the name and this digest)."""
-        await self.open()
-        return await self._in_pool(self.images.digest, image)
+        """The image's digest where the cluster pulls from (kubernetes_images); never pulls: the cluster
+        does, by the name and this digest."""
+        return await self.images.digest(image)
 
     async def image_labels(self, image: str) -> dict[str, str]:
-        await self.open()
-        return await self._in_pool(self.images.labels, image)
+        return await self.images.labels(image)
 
     # -- job claims
 
@@ -321,7 +341,7 @@ class KubernetesRuntime(Runtime):
         self.step("runtime_start")
         self._check_local(spec)
         await self.open()
-        image = await self._in_pool(self.images.pod_image, spec.image)
+        image = await self.images.pod_image(spec.image)
         await self.ensure_job_volume(spec.node_name, spec.job_id)
         self.step("runtime_ready")
         name = job_name(spec.node_name, spec.run_id)
@@ -352,6 +372,20 @@ class KubernetesRuntime(Runtime):
             self._remove_run_objects(name)
             raise
 
+    async def proxy_token(self, handle: str) -> SecretStr | None:
+        """The token in the run's Secret (which the pod mounts); None when the run has none any more."""
+        name = self._job_of(handle)
+
+        def read() -> SecretStr | None:
+            secret = self._json(self.core.read_namespaced_secret(name, self.ns, _preload_content=False))
+            value = (secret.get("data") or {}).get("token")
+            return SecretStr(base64.b64decode(value).decode()) if value else None
+
+        try:
+            return await self._call(f"proxy token of {handle}", read)
+        except NotFound:
+            return None
+
     def _exists(self, read: Callable[..., Any], name: str) -> bool:
         try:
             read(name, self.ns, _preload_content=False)
@@ -374,20 +408,27 @@ class KubernetesRuntime(Runtime):
         self._delete_quietly(self.core.delete_namespaced_secret, name)
         self._delete_quietly(self.net.delete_namespaced_network_policy, name)
 
-    def _job_and_pods(self, name: str) -> tuple[Obj, list[Obj]]:
+    def _job_and_pods(self, name: str) -> tuple[Obj, list[Obj], str]:
+        """The Job, its pods, and the pods' resourceVersion (a watch from there misses nothing after)."""
         job = self._json(self.batch.read_namespaced_job(name, self.ns, _preload_content=False))
-        return job, self._list(self.core.list_namespaced_pod, f"job-name={name}")
+        pods, version = self._list_at(self.core.list_namespaced_pod, f"job-name={name}")
+        return job, pods, version
+
+    async def _kept(self, handle: str) -> tuple[ExitStatus, bytes] | None:
+        await self.open()
+        return await self._in_pool(self._ended.get, handle)
 
     async def wait(self, handle: str, timeout_s: float | None = None) -> ExitStatus:
         name = self._job_of(handle)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if handle in self._ended:
-                return self._ended[handle][0]
+            kept = await self._kept(handle)
+            if kept is not None:
+                return kept[0]
             try:
-                job, pods = await self._call(f"wait {handle}", self._job_and_pods, name)
+                job, pods, version = await self._call(f"wait {handle}", self._job_and_pods, name)
             except NotFound:
-                if handle in self._ended:
+                if await self._kept(handle) is not None:
                     continue
                 raise
             seen = observe(job, pods, unschedulable_wait_s=self.config.unschedulable_wait_s)
@@ -400,13 +441,36 @@ class KubernetesRuntime(Runtime):
             pause = self.config.poll_interval_s
             if deadline is not None:
                 pause = max(0.0, min(pause, deadline - time.monotonic()))
-            await asyncio.sleep(pause)
+            await self._next_change(handle, name, version, pause)
+
+    async def _next_change(self, handle: str, name: str, version: str, timeout_s: float) -> None:
+        """Returns on the next change to the run's pods after `version`, or after timeout_s (the safety net
+        for a watch that stalls, and for changes only the Job shows). A watch refused or broken (410 Gone: the
+        version is too old) just returns: the caller reads the state again and watches from there."""
+        if timeout_s <= 0:
+            return
+        assert self._watch_pool is not None
+        loop = asyncio.get_running_loop()
+        try:
+            selector = f"job-name={name}"
+            watch = functools.partial(next_pod_event, self.core, self.ns, selector, version, timeout_s)
+            watching = loop.run_in_executor(self._watch_pool, watch)
+            await asyncio.wait_for(watching, timeout_s)  # the thread ends with the server's timeoutSeconds
+        except TimeoutError:
+            return
+        except ApiException as exc:
+            log.debug("watch of %s refused (%s); reading its state again", handle, exc.status)
+            if exc.status != 410:  # Gone is answered by a new read; anything else waits out the pause
+                await asyncio.sleep(timeout_s)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.debug("watch of %s broke (%s); reading its state again", handle, exc)
+            await asyncio.sleep(timeout_s)
 
     def _end(self, handle: str, name: str, pods: list[Obj], status: ExitStatus) -> None:
         """End a run Kubernetes would keep trying: keep why (as its log), then remove its objects."""
         pod = latest_pod(pods)
         logs = self._pod_log(pod["metadata"]["name"]) if pod is not None else b""
-        self._ended[handle] = (status, logs + f"vfed: the run ended: {status.reason}\n".encode())
+        self._ended.put(handle, status, logs + f"vfed: the run ended: {status.reason}\n".encode())
         self._remove_run_objects(name)
         log.info("run %s ended by the runtime: %s", handle, status.reason)
 
@@ -415,8 +479,9 @@ class KubernetesRuntime(Runtime):
 
     async def logs(self, handle: str, max_bytes: int = 64 * 1024) -> str:
         name = self._job_of(handle)
-        if handle in self._ended:
-            return _tail(self._ended[handle][1], max_bytes)
+        kept = await self._kept(handle)
+        if kept is not None:
+            return _tail(kept[1], max_bytes)
 
         def read() -> bytes:
             pods = self._job_and_pods(name)[1]
@@ -436,9 +501,9 @@ class KubernetesRuntime(Runtime):
     def _kill(self, handle: str, name: str, grace_s: float) -> None:
         """Delete the pod with the grace (SIGTERM, SIGKILL after it) while following its log, keep the
         outcome, then delete the Job with Background propagation, its Secret and its NetworkPolicy."""
-        if handle in self._ended:
+        if self._ended.get(handle) is not None:
             return
-        job, pods = self._job_and_pods(name)
+        job, pods, _ = self._job_and_pods(name)
         if observe(job, pods, unschedulable_wait_s=float("inf")).status is not None:
             return  # ended already: stays for its logs and exit code
         pod = latest_pod(pods)
@@ -455,43 +520,42 @@ class KubernetesRuntime(Runtime):
         status = self._last_status(pod, grace_s + 30)
         if follower is not None:
             follower.join(10)
-        self._ended[handle] = (status, bytes(kept[-KEPT_LOG_BYTES:]))
+        self._ended.put(handle, status, bytes(kept[-KEPT_LOG_BYTES:]))
         self._remove_run_objects(name)
         log.info("run %s killed: %s", handle, status.reason)
 
     def _last_status(self, pod: Obj | None, timeout_s: float) -> ExitStatus:
         """The killed pod's terminated state, watched from the version we saw until it shows or the pod is
-        gone (a poll could miss it: the object goes right after its container)."""
+        gone (a poll could miss it: the object goes right after its container). A 410 Gone (that version
+        is too old) reads the pod again and watches on from there."""
         if pod is None:
             return ExitStatus(exit_code=None, reason="killed before it ran")
         meta = pod["metadata"]
-        last: Obj = pod
-        watcher: Any = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-        stream = watcher.stream(
-            self.core.list_namespaced_pod,
-            self.ns,
-            label_selector=f"job-name={meta['labels']['job-name']}",
-            resource_version=meta["resourceVersion"],
-            timeout_seconds=max(1, round(timeout_s)),
-        )
-        for event in stream:
-            seen: Obj = self._api_any().sanitize_for_serialization(event["object"])
-            if seen["metadata"]["name"] != meta["name"]:
-                continue
-            last = seen
-            status = observe({}, [last], unschedulable_wait_s=float("inf")).status
+        selector = f"job-name={meta['labels']['job-name']}"
+        version = str(meta["resourceVersion"])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                left_s = deadline - time.monotonic()
+                return pod_end(self._api_any(), self.core, self.ns, meta["name"], selector, version, left_s)
+            except ApiException as exc:
+                if exc.status != 410 or time.monotonic() >= deadline:
+                    raise
+            pods, version = self._list_at(self.core.list_namespaced_pod, selector)
+            mine = [p for p in pods if p["metadata"]["name"] == meta["name"]]
+            if not mine:
+                return ExitStatus(exit_code=None, reason="killed")
+            status = observe({}, mine, unschedulable_wait_s=float("inf")).status
             if status is not None:
                 return status
-            if event["type"] == "DELETED":
-                break
-        return ExitStatus(exit_code=None, reason="killed")
 
     async def cleanup(self, handle: str) -> None:
         try:
             name = self._job_of(handle)
         except NotFound:
             return
-        self._ended.pop(handle, None)
+        await self.open()
+        await self._in_pool(self._ended.forget, handle)
         await self._call(f"cleanup {handle}", self._remove_run_objects, name)
 
     def _sweep(self, jobs: set[str], selector: str) -> None:

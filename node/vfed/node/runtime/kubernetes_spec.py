@@ -73,12 +73,9 @@ def network_policy_body(spec: RunSpec, config: KubernetesRuntimeConfig) -> Body:
     """No ingress at all; egress only to the proxy's pods on its port (and the cluster DNS when allowed)."""
     egress: list[Body] = []
     if config.proxy_service is not None and spec.proxy_token is not None:
-        egress.append(
-            {
-                "to": [{"podSelector": {"matchLabels": dict(config.proxy_pod_labels)}}],
-                "ports": [{"port": config.proxy_port, "protocol": "TCP"}],
-            }
-        )
+        peers: list[Body] = [{"podSelector": {"matchLabels": dict(config.proxy_pod_labels)}}]
+        peers += [{"ipBlock": {"cidr": block}} for block in config.proxy_ip_blocks]
+        egress.append({"to": peers, "ports": [{"port": config.listen_port, "protocol": "TCP"}]})
         if config.allow_dns:
             dns = {"kubernetes.io/metadata.name": "kube-system"}
             egress.append(

@@ -96,6 +96,20 @@ def _stuck(pod: Obj, now: datetime, unschedulable_wait_s: float) -> ExitStatus |
     return None
 
 
+def _deadline_exceeded(job: Obj) -> ExitStatus | None:
+    """The deadline's end, once the Job controller decided it (FailureTarget comes before it kills the pod,
+    so the pod's own end, SIGKILL or SIGTERM, is the deadline's doing)."""
+    for condition in job.get("status", {}).get("conditions") or []:
+        if (
+            condition.get("type") in ("FailureTarget", "Failed")
+            and condition.get("status") == "True"
+            and condition.get("reason") == "DeadlineExceeded"
+        ):
+            deadline = job["spec"].get("activeDeadlineSeconds")
+            return ExitStatus(exit_code=None, reason=f"deadline exceeded ({deadline} s)")
+    return None
+
+
 def job_end(job: Obj) -> ExitStatus | None:
     """The end the Job's own conditions tell, for when no pod tells it (deadline exceeded deletes the pods;
     a pod may also be gone on its own)."""
@@ -103,10 +117,8 @@ def job_end(job: Obj) -> ExitStatus | None:
         if condition.get("type") == "Complete" and condition.get("status") == "True":
             return ExitStatus(exit_code=0)
         if condition.get("type") == "Failed" and condition.get("status") == "True":
-            if condition.get("reason") == "DeadlineExceeded":
-                deadline = job["spec"].get("activeDeadlineSeconds")
-                return ExitStatus(exit_code=None, reason=f"deadline exceeded ({deadline} s)")
-            return ExitStatus(exit_code=None, reason=f"job failed: {condition.get('message') or ''}".strip())
+            failed = f"job failed: {condition.get('message') or ''}".strip()
+            return _deadline_exceeded(job) or ExitStatus(exit_code=None, reason=failed)
     return None
 
 
@@ -119,7 +131,7 @@ def observe(
     if pod is not None and pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
         ended = _terminated_status(pod) or _pod_failure(pod)
         if ended is not None:
-            return Observed(ended)
+            return Observed(_deadline_exceeded(job) or ended)
     ended = job_end(job)
     if ended is not None:
         return Observed(ended)

@@ -51,8 +51,7 @@ KINDS: dict[str, RuntimeKind] = {
     entry.kind: entry
     for entry in (
         RuntimeKind("docker", DockerRuntimeConfig, _docker),
-        # Not offered yet: no test shows an agent running its runs on a cluster.
-        RuntimeKind("kubernetes", KubernetesRuntimeConfig, _kubernetes, offered=False),
+        RuntimeKind("kubernetes", KubernetesRuntimeConfig, _kubernetes),
     )
 }
 
