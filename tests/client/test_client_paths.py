@@ -292,15 +292,15 @@ async def test_pinned_mode_and_a_mismatching_pin(world: World) -> None:
         researcher.trust(world.orgs["B"], fingerprint(other.current.public))
         with pytest.raises(TrustRefused, match="does not match the pinned fingerprint"):
             await researcher.create_task(world.collabs["ab"], "alpine:3", "m")
-        rows = {r["id"]: r for r in await researcher.organizations_with_trust()}
-        assert rows[world.orgs["A"]]["pinned"] == "yes"
-        assert rows[world.orgs["A"]]["fingerprint"] == fingerprint(ring_a.keys[0].public)
-        assert rows[world.orgs["B"]]["pinned"] == "MISMATCH"
-        assert rows[world.orgs["B"]]["fingerprint"] == fingerprint(ring_b.keys[0].public)
+        rows = {r.id: r for r in await researcher.organizations_with_trust()}
+        assert rows[world.orgs["A"]].pinned == "yes"
+        assert rows[world.orgs["A"]].fingerprint == fingerprint(ring_a.keys[0].public)
+        assert rows[world.orgs["B"]].pinned == "MISMATCH"
+        assert rows[world.orgs["B"]].fingerprint == fingerprint(ring_b.keys[0].public)
         assert researcher.untrust(world.orgs["B"]) and not researcher.untrust(world.orgs["B"])
-        rows = {r["id"]: r for r in await researcher.organizations_with_trust()}
-        assert rows[world.orgs["B"]]["pinned"] == "no"
-    assert "MISMATCH" not in json.dumps(rows)
+        rows = {r.id: r for r in await researcher.organizations_with_trust()}
+        assert rows[world.orgs["B"]].pinned == "no"
+    assert "MISMATCH" not in json.dumps({i: r.model_dump(mode="json") for i, r in rows.items()})
 
 
 async def test_create_task_refusals(world: World) -> None:

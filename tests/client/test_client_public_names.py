@@ -8,6 +8,7 @@ import vfed.client
 import vfed.client.client
 import vfed.client.errors
 import vfed.client.results
+from vfed.common.api import resources
 
 
 def test_the_package_names_the_classes_a_script_uses() -> None:
@@ -29,11 +30,28 @@ def test_the_package_names_the_classes_a_script_uses() -> None:
     assert TaskTimeout is vfed.client.errors.TaskTimeout
     assert WaitInterrupted is vfed.client.client.WaitInterrupted
     assert issubclass(TaskFailed, RunFailed)
+    # the resources the client returns are the server's own models
+    from vfed.client import Collaboration, CreatedTask, Node, Organization, Run, Task
+
+    assert (Organization, Collaboration, Node, Run, Task) == (
+        resources.Organization,
+        resources.Collaboration,
+        resources.Node,
+        resources.Run,
+        resources.Task,
+    )
+    assert issubclass(CreatedTask, Task)
     assert sorted(vfed.client.__all__) == sorted(
         [
             "AsyncClient",
             "Client",
             "ClientError",
+            "Collaboration",
+            "CreatedTask",
+            "Node",
+            "Organization",
+            "Run",
+            "Task",
             "OrganizationResult",
             "ResultSet",
             "RunFailed",

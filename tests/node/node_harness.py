@@ -379,7 +379,7 @@ async def post_signed_task(
     nonce = secrets.token_hex(16)
     plaintext = TaskInput(method=method, args=args or []).to_json()
     envelope = encrypt_bytes(plaintext, signer, list(targets.values()), context=input_context(nonce))
-    blob_id = await researcher.api.upload_blob(envelope)
+    blob_id = (await researcher.api.upload_blob(envelope)).id
     digest = hashlib.sha256(envelope).hexdigest()
     body = new_body(
         collaboration=collaboration,

@@ -21,6 +21,7 @@ import pytest
 from tests.node.node_harness import PASSWORD, PROBE_IMAGE, ensure_probe_image, one_node, wait_run_status
 
 from vfed.client.client import AsyncClient
+from vfed.common.api.resources import Task
 from vfed.node import ahead, budget, timeline
 from vfed.node.agent import Agent
 from vfed.node.config import ImagePolicy, NodeSettings, Policies
@@ -32,7 +33,6 @@ from vfed.node.runtime.base import START_STEPS, RunSpec, algorithm_env, containe
 from vfed.node.runtime.docker import DockerRuntime
 from vfed.node.runtime.docker_config import DockerRuntimeConfig
 from vfed.node.runtime.job_folder import job_folder
-from vfed.proxy.rest import Task
 
 pytestmark = pytest.mark.docker
 T = TypeVar("T")

@@ -374,4 +374,4 @@ async def test_openapi_documents_the_trust_endpoints(client: Any) -> None:
     for path in ("key-records", "certificates", "revocations"):
         assert set(doc["paths"][f"/api/v1/organizations/{{id}}/{path}"]) == {"get", "post"}
     assert "descriptor" in doc["components"]["schemas"]["TaskIn"]["properties"]
-    assert "descriptor" in doc["components"]["schemas"]["TaskOut"]["properties"]
+    assert "descriptor" in doc["components"]["schemas"]["Task"]["properties"]

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 import vfed.client
 
 HEADER = """# The Python client: API reference
@@ -81,6 +83,24 @@ def _signature(owner: str, name: str, member: Any) -> str:
     return f"{prefix}{owner}.{name}({_parameters(signature)}){tail}"
 
 
+def _type(annotation: Any) -> str:
+    """A field's type as one would write it (`list[int]`, `datetime | None`)."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "").replace("datetime.datetime", "datetime")
+    return text.replace("NoneType", "None")
+
+
+def _fields(model: type[BaseModel]) -> str:
+    """A model's fields, each with its type and, where it has one, its description."""
+    lines = ["Fields:\n"]
+    for name, info in model.model_fields.items():
+        kind = _type(info.annotation)
+        text = f"- `{name}: {kind}`"
+        lines.append(text + (f": {info.description}" if info.description else ""))
+    return "\n".join(lines) + "\n"
+
+
 def _doc(member: Any) -> str | None:
     target: Callable[..., Any] | None = member.fget if isinstance(member, property) else member
     return inspect.getdoc(target) if target is not None else None
@@ -100,6 +120,8 @@ def render() -> str:
         out.append((inspect.getdoc(obj) or "").strip() + "\n")
         if not isinstance(obj, type) or issubclass(obj, BaseException):
             continue
+        if issubclass(obj, BaseModel):
+            out.append(_fields(obj))
         for name, member in _members(obj):
             doc = _doc(member)
             other = _fallback(obj)

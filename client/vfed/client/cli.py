@@ -32,6 +32,7 @@ from vfed.client.cli_trust import keys, organizations, trust, untrust
 from vfed.client.client import AsyncClient, interrupted_message
 from vfed.client.errors import ClientError
 from vfed.common import tls
+from vfed.common.api.statuses import TaskStatus
 
 
 @click.group(
@@ -140,7 +141,8 @@ def task_create(
             name=name,
         )
     )
-    click.echo(json.dumps(body) if fmt == "json" else f"task {body['id']} created (job {body.get('job_id')})")
+    shown = json.dumps(body.model_dump(mode="json")) if fmt == "json" else None
+    click.echo(shown or f"task {body.id} created (job {body.job_id})")
 
 
 def _json_arg(flag: str, text: str, kind: type) -> Any:
@@ -166,8 +168,8 @@ def task_wait(task_id: int, timeout_s: float | None) -> None:
     except KeyboardInterrupt:
         click.echo(f"vfed: {interrupted_message(task_id, f'`vfed task kill {task_id}`')}", err=True)
         sys.exit(130)
-    click.echo(f"task {task_id} {body['status']}")
-    if body["status"] != "completed":
+    click.echo(f"task {task_id} {body.status}")
+    if body.status != TaskStatus.COMPLETED:
         sys.exit(1)
 
 
@@ -223,7 +225,7 @@ def _render(results: Sequence[Any], fmt: str) -> str:
 def task_kill(task_id: int) -> None:
     """Kill every unfinished run of TASK_ID."""
     body = run(lambda c: c.kill(task_id))
-    click.echo(f"task {task_id} {body.get('status', 'killed')}")
+    click.echo(f"task {task_id} {body.status}")
 
 
 @task.command("runs")
@@ -233,7 +235,8 @@ def task_kill(task_id: int) -> None:
 def task_runs(task_id: int, fmt: str) -> None:
     """List the runs of TASK_ID: organization, status and the classified reason of each."""
     runs = run(lambda c: c.runs(task_id))
-    shown = [{k: r.get(k) for k in ("id", "organization_id", "status", "exit_code", "reason")} for r in runs]
+    keys = ("id", "organization_id", "status", "exit_code", "reason")
+    shown = [{k: v for k, v in r.model_dump(mode="json").items() if k in keys} for r in runs]
     if fmt == "json":
         click.echo(json.dumps(shown))
         return
@@ -262,9 +265,10 @@ def run_log(run_id: int) -> None:
 @handled
 def task_list(fmt: str) -> None:
     """List tasks you can see."""
-    tasks = run(lambda c: c.tasks())
+    found = run(lambda c: c.tasks())
+    tasks = [t.model_dump(mode="json") for t in found]
     if fmt == "json":
-        click.echo(json.dumps(tasks, default=str))
+        click.echo(json.dumps(tasks))
         return
     if not tasks:
         click.echo("no tasks")

@@ -21,7 +21,8 @@ from vfed.client.errors import ApiError, ClientError
 from vfed.client.results import OrganizationResult
 from vfed.client.run_logs import LogUnreadable, run_log
 from vfed.client.tasks import run_failure, subtask_failures
-from vfed.common.api.statuses import TERMINAL
+from vfed.common.api.resources import Run, Task
+from vfed.common.api.statuses import RunStatus
 
 LOGIN_HINT = "not logged in: run `vfed login --url URL --username NAME`"
 RUN_FIELDS = ("id", "organization_id", "node_id", "status", "exit_code", "reason")
@@ -61,7 +62,7 @@ def _logged_in() -> dict[str, Any]:
 
 
 async def _org_names(client: AsyncClient) -> dict[int, str]:
-    return {int(o["id"]): str(o["name"]) for o in await client.organizations()}
+    return {o.id: o.name for o in await client.organizations()}
 
 
 def _org(names: dict[int, str], org_id: Any) -> str:
@@ -168,7 +169,7 @@ def collaborations_list(fmt: str) -> None:
 
     async def go(c: AsyncClient) -> tuple[list[dict[str, Any]], dict[int, str]]:
         found, names = await asyncio.gather(c.collaborations(), _org_names(c))
-        return found, names
+        return [x.model_dump(mode="json") for x in found], names
 
     found, names = run(go)
     rows = [
@@ -219,7 +220,7 @@ def nodes_list(collaboration: int | None, organization: int | None, fmt: str) ->
 
     async def go(c: AsyncClient) -> tuple[list[dict[str, Any]], dict[int, str]]:
         found, names = await asyncio.gather(c.nodes(collaboration, organization), _org_names(c))
-        return found, names
+        return [n.model_dump(mode="json") for n in found], names
 
     found, names = run(go)
     keys = ("id", "name", "organization_id", "collaboration_id", "status", "last_seen_at")
@@ -249,10 +250,11 @@ def nodes_list(collaboration: int | None, organization: int | None, fmt: str) ->
 
 
 # --- task show, logs, results --output ----------------------------------------------------------------
-def _run_row(run: dict[str, Any], names: dict[int, str]) -> dict[str, Any]:
-    row = {k: run.get(k) for k in (*RUN_FIELDS, *RUN_TIMES)}
-    row["organization"] = names.get(int(run["organization_id"]))
-    row["has_result"] = bool(run.get("result_blob_id"))
+def _run_row(run: Run, names: dict[int, str]) -> dict[str, Any]:
+    fields = run.model_dump(mode="json")
+    row = {k: fields.get(k) for k in (*RUN_FIELDS, *RUN_TIMES)}
+    row["organization"] = names.get(run.organization_id)
+    row["has_result"] = bool(run.result_blob_id)
     return row
 
 
@@ -269,23 +271,24 @@ def task_show(task_id: int, fmt: str) -> None:
 
     async def go(
         c: AsyncClient,
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[int, str], list[Any]]:
+    ) -> tuple[Task, list[Run], list[Task], dict[int, str], list[OrganizationResult]]:
         task, runs, children, names = await asyncio.gather(
             c.task(task_id), c.runs(task_id), c.tasks(parent_id=task_id), _org_names(c)
         )
         own = [
             run_failure(r, names)
-            for r in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))
-            if r["status"] in TERMINAL and r["status"] != "completed"
+            for r in sorted(runs, key=lambda r: (r.organization_id, r.id))
+            if r.finished and r.status != RunStatus.COMPLETED
         ]
         failures = own + (await subtask_failures(c, task_id, own, names, logs=False) if own else [])
         return task, runs, children, names, failures
 
-    task, runs, children, names, failures = run(go)
+    found, runs, children, names, failures = run(go)
+    task = found.model_dump(mode="json")
     shown = {k: v for k, v in task.items() if k not in ("links", "descriptor")}
-    shown["signed"] = bool(task.get("descriptor"))
-    shown["runs"] = [_run_row(r, names) for r in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))]
-    shown["subtasks"] = [{"id": t["id"], "status": t["status"], "name": t["name"]} for t in children]
+    shown["signed"] = bool(found.descriptor)
+    shown["runs"] = [_run_row(r, names) for r in sorted(runs, key=lambda r: (r.organization_id, r.id))]
+    shown["subtasks"] = [{"id": t.id, "status": str(t.status), "name": t.name} for t in children]
     shown["failures"] = [_failure_row(f) for f in failures]
     if fmt == "json":
         click.echo(json.dumps(shown, default=str))
@@ -348,18 +351,18 @@ def task_logs(task_id: int, fmt: str) -> None:
         task, runs, names = await asyncio.gather(c.task(task_id), c.runs(task_id), _org_names(c))
         del task  # asked first so an unknown task is one 404 line
         out = []
-        for r in sorted(runs, key=lambda r: (r["organization_id"], r["id"])):
+        for r in sorted(runs, key=lambda r: (r.organization_id, r.id)):
             item: dict[str, Any] = {
-                "run_id": r["id"],
-                "organization_id": r["organization_id"],
-                "organization": names.get(int(r["organization_id"])),
-                "status": r["status"],
-                "reason": r.get("reason"),
+                "run_id": r.id,
+                "organization_id": r.organization_id,
+                "organization": names.get(r.organization_id),
+                "status": str(r.status),
+                "reason": r.reason,
             }
             try:
                 item.update(readable=True, log=await run_log(c, r), why=None, problem=None)
             except LogUnreadable as exc:
-                item.update(readable=False, log=None, why=_why(exc, int(r["organization_id"])))
+                item.update(readable=False, log=None, why=_why(exc, r.organization_id))
                 item["problem"] = exc.kind if exc.kind not in ("none", "not-a-recipient") else None
             out.append(item)
         return out, names

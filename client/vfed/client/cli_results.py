@@ -21,9 +21,9 @@ import click
 
 from vfed.client.cli_common import fail, run
 from vfed.client.errors import ClientError
-from vfed.client.http import CHUNK_BYTES
 from vfed.client.result_files import JSON_PREFIX
 from vfed.client.results import OrganizationResult, ResultSet
+from vfed.common.chunks import CHUNK_BYTES
 
 CONVERT_MAX_BYTES = 64 << 20  # a JSON result up to this size is parsed and written as today; beyond, copied
 PARQUET_BATCH_ROWS = 65_536

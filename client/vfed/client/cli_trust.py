@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -194,7 +193,7 @@ def organizations() -> None:
 @handled
 def organizations_list(fmt: str) -> None:
     """List organizations: id, name, fingerprint of the first key they published, pinned yes/no/MISMATCH."""
-    rows: list[dict[str, Any]] = run(lambda c: c.organizations_with_trust())
+    rows = [o.model_dump(mode="json") for o in run(lambda c: c.organizations_with_trust())]
     if fmt == "json":
         click.echo(json.dumps(rows))
         return

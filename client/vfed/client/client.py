@@ -13,7 +13,7 @@ import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from vfed.client import credentials, identity, ledger, run_logs, tasks
 from vfed.client.catalog import DatasetInfo, LeaseInfo, ReceiptInfo
@@ -24,7 +24,9 @@ from vfed.client.identity import Identity
 from vfed.client.ledger import LedgerViews, fabric_ledgers_from_env
 from vfed.client.members import Members
 from vfed.client.results import ResultSet
-from vfed.client.trust import ClientTrust, trust_mode
+from vfed.client.tasks import CreatedTask
+from vfed.client.trust import ClientTrust, OrganizationTrust, trust_mode
+from vfed.common.api.resources import Collaboration, Node, Organization, Run, Task
 from vfed.common.crypto import Keyring
 from vfed.common.ledger import LedgerView
 from vfed.common.ledger.fabric_settings import FabricSettings
@@ -32,6 +34,21 @@ from vfed.common.trust import Pin
 from vfed.common.trust.truststore import NamedPin
 
 T = TypeVar("T")
+
+
+class TaskFilters(TypedDict, total=False):
+    """The filters of `tasks()`, each a query parameter of `GET /tasks`."""
+
+    collaboration_id: int | None
+    parent_id: int | None
+    job_id: int | None
+    status: str | None
+
+
+TaskRef = int | Task | Mapping[str, Any]
+"""A task by its id, as a Task, or as the JSON object of one."""
+RunRef = int | Run | Mapping[str, Any]
+"""A run by its id, as a Run, or as the JSON object of one."""
 DEFAULT_URL = "http://127.0.0.1:7600"
 LOGIN_AGAIN = "run `vfed login` again"
 
@@ -224,50 +241,50 @@ class AsyncClient:
         (the server's operator in a single-operator setup)."""
         return await self.chains.pin_from_file(Path(path))
 
-    async def organizations_with_trust(self) -> list[dict[str, Any]]:
+    async def organizations_with_trust(self) -> list[OrganizationTrust]:
         """Every visible organization with the fingerprint of its first key and `pinned`: yes, no or
         MISMATCH (pins nothing, whatever the trust mode)."""
         return await self.chains.status(await self.organizations())
 
-    async def organizations(self) -> list[dict[str, Any]]:
-        """The organizations you may see (those of your collaborations): id, name and more."""
-        return await self.api.get_all("/organizations")
+    async def organizations(self) -> list[Organization]:
+        """The organizations you may see (those of your collaborations): id, name, current public key."""
+        return await self.api.get_models("/organizations", Organization)
 
-    async def collaborations(self) -> list[dict[str, Any]]:
+    async def collaborations(self) -> list[Collaboration]:
         """The collaborations your organization is a member of: id, name and member organizations."""
-        return await self.api.get_all("/collaborations")
+        return await self.api.get_models("/collaborations", Collaboration)
 
-    async def nodes(
-        self, collaboration: int | None = None, organization: int | None = None
-    ) -> list[dict[str, Any]]:
+    async def nodes(self, collaboration: int | None = None, organization: int | None = None) -> list[Node]:
         """Nodes you may see (of one collaboration or organization if given), each with `status` online or
         offline and `last_seen_at`."""
         params = {"collaboration_id": collaboration, "organization_id": organization}
-        return await self.api.get_all("/nodes", {k: v for k, v in params.items() if v is not None})
+        return await self.api.get_models("/nodes", Node, params)
 
-    async def tasks(self, **filters: Any) -> list[dict[str, Any]]:
-        """Tasks you may see, filtered by the API's query parameters (e.g. `collaboration_id=`,
-        `status=`, `parent_id=`); None values are left out."""
-        return await self.api.get_all("/tasks", {k: v for k, v in filters.items() if v is not None})
+    async def tasks(self, **filters: Unpack[TaskFilters]) -> list[Task]:
+        """Tasks you may see, oldest first, filtered by `collaboration_id`, `parent_id` (the subtasks of one
+        task), `job_id` (the tasks of one job: the root task's id) and `status` (pending, active, completed,
+        failed, killed); filters left out or None are not applied."""
+        return await self.api.get_models("/tasks", Task, dict(filters))
 
-    async def task(self, task_id: int) -> dict[str, Any]:
-        """One task: status, image, method, collaboration, parent, creator."""
-        body: dict[str, Any] = await self.api.request("GET", f"/tasks/{task_id}")
-        return body
+    async def task(self, task_id: int) -> Task:
+        """One task: status, image, collaboration, target organizations, datasets, parent, creator."""
+        return Task.model_validate(await self.api.request("GET", f"/tasks/{task_id}"))
 
-    async def runs(self, task_id: int) -> list[dict[str, Any]]:
+    async def runs(self, task_id: int) -> list[Run]:
         """The task's runs, one per target organization: status, exit code, classified reason."""
-        return await self.api.get_all("/runs", {"task_id": task_id})
+        return await self.api.get_models("/runs", Run, {"task_id": task_id})
 
-    async def run(self, run_id: int) -> dict[str, Any]:
+    async def run(self, run_id: int) -> Run:
         """One run."""
-        body: dict[str, Any] = await self.api.request("GET", f"/runs/{run_id}")
-        return body
+        return Run.model_validate(await self.api.request("GET", f"/runs/{run_id}"))
 
-    async def run_log(self, run: int | dict[str, Any]) -> str:
+    async def run_log(self, run: RunRef) -> str:
         """The run's log tail, opened with this client's key: readable by the run's organization (its
         keyring) and, when that node shares logs, the initiator; LogUnreadable otherwise."""
-        found = run if isinstance(run, dict) else await self.run(run)
+        if isinstance(run, Run | Mapping):
+            found = Run.model_validate(run)
+        else:
+            found = await self.run(run)
         return await run_logs.run_log(self, found)
 
     async def ledger(self, collaboration: int) -> LedgerView:
@@ -306,12 +323,13 @@ class AsyncClient:
         datasets: Sequence[str] = (),
         name: str | None = None,
         description: str = "",
-    ) -> dict[str, Any]:
+    ) -> CreatedTask:
         """Create a task: `method(*args, **kwargs)` of `image` at each of `organizations` (default: every
         member of `collaboration`). `datasets`: the labels of the node datasets mounted for the runs (a
         federated method needs those it declares; a central method's subtasks ask for their own). The input
         is encrypted once for every target organization and the task descriptor is signed with this
-        client's key. `name` defaults to the method; `description` is free text. Returns the task."""
+        client's key. `name` defaults to the method; `description` is free text. Returns the task, with the
+        digest of the descriptor signed for it."""
         return await tasks.create(
             self,
             collaboration,
@@ -325,9 +343,7 @@ class AsyncClient:
             description,
         )
 
-    async def wait(
-        self, task: int | dict[str, Any], timeout_s: float | None = None, progress: bool = True
-    ) -> dict[str, Any]:
+    async def wait(self, task: TaskRef, timeout_s: float | None = None, progress: bool = True) -> Task:
         """Waits until every run of the task finished; shows progress; returns the task. Cancelled (Ctrl-C
         under `asyncio.run` or a notebook's interrupt) it stops waiting, not the task, and says so on stderr
         as `vfed task wait` does, then lets the cancellation go on; a KeyboardInterrupt raised inside it
@@ -342,7 +358,7 @@ class AsyncClient:
             raise WaitInterrupted(task_id) from None
 
     async def results(
-        self, task: int | dict[str, Any], raise_on_failure: bool = True, *, to: str | Path | None = None
+        self, task: TaskRef, raise_on_failure: bool = True, *, to: str | Path | None = None
     ) -> ResultSet:
         """Decrypted results, one per run in organization order, as a ResultSet (a sequence of the values,
         with `.by_organization`, `.organizations`, `.failures` and `.to_dataframe()`). A failed run raises
@@ -358,14 +374,13 @@ class AsyncClient:
         folder = None if to is None else Path(to)
         return await tasks.results(self, _task_id(task), raise_on_failure, folder)
 
-    async def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
+    async def kill(self, task: TaskRef) -> Task:
         """Stop every unfinished run of the task (and of its subtasks); returns the task."""
-        body: dict[str, Any] = await self.api.request("POST", f"/tasks/{_task_id(task)}/kill")
-        return body
+        return Task.model_validate(await self.api.request("POST", f"/tasks/{_task_id(task)}/kill"))
 
 
-def _task_id(task: int | dict[str, Any]) -> int:
-    return int(task["id"]) if isinstance(task, dict) else int(task)
+def _task_id(task: TaskRef) -> int:
+    return int(task["id"]) if isinstance(task, Task | Mapping) else int(task)
 
 
 def _saved_login(required: bool = False) -> dict[str, Any]:
@@ -448,36 +463,34 @@ class Client:
     def trust_from_file(self, path: str | Path) -> tuple[list[NamedPin], list[str]]:
         return self._call(self._async.trust_from_file(path))
 
-    def organizations_with_trust(self) -> list[dict[str, Any]]:
+    def organizations_with_trust(self) -> list[OrganizationTrust]:
         return self._call(self._async.organizations_with_trust())
 
     def login(self, username: str, password: str) -> None:
         self._call(self._async.login(username, password))
 
-    def organizations(self) -> list[dict[str, Any]]:
+    def organizations(self) -> list[Organization]:
         return self._call(self._async.organizations())
 
-    def collaborations(self) -> list[dict[str, Any]]:
+    def collaborations(self) -> list[Collaboration]:
         return self._call(self._async.collaborations())
 
-    def nodes(
-        self, collaboration: int | None = None, organization: int | None = None
-    ) -> list[dict[str, Any]]:
+    def nodes(self, collaboration: int | None = None, organization: int | None = None) -> list[Node]:
         return self._call(self._async.nodes(collaboration, organization))
 
-    def tasks(self, **filters: Any) -> list[dict[str, Any]]:
+    def tasks(self, **filters: Unpack[TaskFilters]) -> list[Task]:
         return self._call(self._async.tasks(**filters))
 
-    def task(self, task_id: int) -> dict[str, Any]:
+    def task(self, task_id: int) -> Task:
         return self._call(self._async.task(task_id))
 
-    def runs(self, task_id: int) -> list[dict[str, Any]]:
+    def runs(self, task_id: int) -> list[Run]:
         return self._call(self._async.runs(task_id))
 
-    def run(self, run_id: int) -> dict[str, Any]:
+    def run(self, run_id: int) -> Run:
         return self._call(self._async.run(run_id))
 
-    def run_log(self, run: int | dict[str, Any]) -> str:
+    def run_log(self, run: RunRef) -> str:
         return self._call(self._async.run_log(run))
 
     def ledger(self, collaboration: int) -> LedgerView:
@@ -506,7 +519,7 @@ class Client:
         datasets: Sequence[str] = (),
         name: str | None = None,
         description: str = "",
-    ) -> dict[str, Any]:
+    ) -> CreatedTask:
         return self._call(
             self._async.create_task(
                 collaboration,
@@ -521,9 +534,7 @@ class Client:
             )
         )
 
-    def wait(
-        self, task: int | dict[str, Any], timeout_s: float | None = None, progress: bool = True
-    ) -> dict[str, Any]:
+    def wait(self, task: TaskRef, timeout_s: float | None = None, progress: bool = True) -> Task:
         """As AsyncClient.wait; Ctrl-C stops waiting (not the task) and raises WaitInterrupted, a
         KeyboardInterrupt saying so and that `client.kill(task)` stops the task."""
         # tasks.wait, not AsyncClient.wait: cancelled below, that would print what WaitInterrupted says
@@ -537,11 +548,11 @@ class Client:
             raise WaitInterrupted(_task_id(task)) from None
 
     def results(
-        self, task: int | dict[str, Any], raise_on_failure: bool = True, *, to: str | Path | None = None
+        self, task: TaskRef, raise_on_failure: bool = True, *, to: str | Path | None = None
     ) -> ResultSet:
         return self._call(self._async.results(task, raise_on_failure, to=to))
 
-    def kill(self, task: int | dict[str, Any]) -> dict[str, Any]:
+    def kill(self, task: TaskRef) -> Task:
         return self._call(self._async.kill(task))
 
 

@@ -253,7 +253,7 @@ async def research(
         await _wait_public_keys(client)
         _say("three node agents online; each published its organization's key chain")
         collab = (await client.collaborations())[0]
-        for d in await client.datasets(collab["id"]):
+        for d in await client.datasets(collab.id):
             lease, rows = d.lease, d.metadata.rows if d.metadata is not None else "?"
             until = time.strftime("%Y-%m-%d", time.gmtime(lease.expires_at)) if lease else ""
             status = f"lease {lease.status.value} until {until}" if lease else "no lease"
@@ -262,7 +262,7 @@ async def research(
         assert me is not None
         t0 = time.monotonic()
         task = await client.create_task(
-            collab["id"],
+            collab.id,
             image,
             "summary",
             # coarse bins: every hospital's bin holds 0 or at least 5 patients, or its node refuses
@@ -276,7 +276,7 @@ async def research(
             f"its input is encrypted for organization {me} only"
         )
         # tasks.wait, not client.wait: on Ctrl-C the demo kills everything itself and says so in one line
-        await tasks.wait(client, int(task["id"]), 600, sys.stderr.isatty(), sys.stderr)
+        await tasks.wait(client, task.id, 600, sys.stderr.isatty(), sys.stderr)
         [result] = await client.results(task)
         return result, time.monotonic() - t0
 
@@ -487,7 +487,7 @@ async def _wait_public_keys(client: AsyncClient, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         orgs = await client.organizations()
-        if all(o.get("public_key") for o in orgs):
+        if all(o.public_key for o in orgs):
             return
         await asyncio.sleep(0.5)
     raise DemoError(f"not every organization published a key within {timeout_s} s")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,20 @@ import aiohttp
 
 from vfed.client.errors import ApiError, NotLoggedIn
 from vfed.common.api.errors import read_error
-from vfed.common.tls import connector
+from vfed.common.api.rest import RestClient
+from vfed.common.chunks import CHUNK_BYTES
 
-CHUNK_BYTES = 1 << 20
 RESUME_ATTEMPTS = 5  # attempts in a row that bring no new byte before a download to a file gives up
 BLOB_READ_TIMEOUT_S = 60.0  # a transfer silent this long is broken: resume it
 
 
-class ApiSession:
-    """One aiohttp session against `<url>/api/v1`; refreshes the access token once on a 401. An https://
-    server's certificate is verified against `ca_file` (None: the system's CAs) and the URL's host name."""
+class ApiSession(RestClient):
+    """The researcher's session against `<url>/api/v1` (the shared REST client, on a session of its own):
+    refreshes the access token once on a 401, raises the client's ApiError for an error answer and lets a
+    connection failure through as aiohttp raised it (the CLI names what to fix). An https:// server's
+    certificate is verified against `ca_file` (None: the system's CAs) and the URL's host name."""
+
+    api_error = ApiError
 
     def __init__(
         self,
@@ -30,11 +33,8 @@ class ApiSession:
         refresh_token: str | None = None,
         ca_file: str | Path | None = None,
     ) -> None:
-        self.base = url.rstrip("/") + "/api/v1"
-        self.ca_file = ca_file
-        self.token = token
+        super().__init__(None, url, token, ca_file=ca_file)
         self.refresh_token = refresh_token
-        self._session: aiohttp.ClientSession | None = None
         # the server rotates refresh tokens and treats a second use of one as theft (revoking every token),
         # so concurrent requests that all met a 401 must refresh once, not once each
         self._refresh_lock = asyncio.Lock()
@@ -45,27 +45,26 @@ class ApiSession:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def _unavailable(self, method: str, path: str, exc: BaseException) -> BaseException:
+        return exc
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=connector(self.ca_file),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
-            )
-        return self._session
+    async def _error(self, response: aiohttp.ClientResponse) -> BaseException:
+        return self.api_error(response.status, *await read_error(response))
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+    async def _on_unauthorized(self) -> bool:
+        return await self._refresh()
 
     def _auth_headers(self) -> dict[str, str]:
         if not self.token:
             raise NotLoggedIn("not logged in: call login() or set VFED_TOKEN")
         return self._headers()
+
+    async def request(self, method: str, path: str, *, auth: bool = True, **kwargs: Any) -> Any:
+        """A JSON request; an error answer raises ApiError with the server's code and detail, and a
+        request that needs a login without one NotLoggedIn."""
+        if auth:
+            self._auth_headers()
+        return await super().request(method, path, auth=auth, **kwargs)
 
     async def login(self, username: str, password: str) -> dict[str, Any]:
         body = await self.request(
@@ -102,67 +101,21 @@ class ApiSession:
         self.refresh_token = body.get("refresh_token", self.refresh_token)
         return True
 
-    async def request(
-        self, method: str, path: str, *, auth: bool = True, retry: bool = True, **kwargs: Any
-    ) -> Any:
-        """A JSON request; an error answer raises ApiError with the server's code and detail."""
-        headers = self._auth_headers() if auth else {}
-        async with self.session.request(method, self.base + path, headers=headers, **kwargs) as resp:
-            if resp.status == 401 and auth and retry and await self._refresh():
-                return await self.request(method, path, auth=auth, retry=False, **kwargs)
-            return await _json_or_raise(resp)
-
-    async def get_all(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Every item of a paginated list."""
-        items: list[dict[str, Any]] = []
-        page = 1
-        while True:
-            body = await self.request("GET", path, params={**(params or {}), "page": page, "per_page": 500})
-            items.extend(body["data"])
-            if len(items) >= body["total"] or not body["data"]:
-                return items
-            page += 1
-
     async def post_with_input(self, path: str, fields: dict[str, Any], data: bytes) -> Any:
         """One multipart POST: `fields` as the JSON `task` part, `data` as the octet-stream `input` part
-        (the server streams it into blob storage; no base64, no second request)."""
-        for retry in (True, False):
+        (the server streams it into blob storage; no base64, no second request). A form is sent once: on
+        a 401 it is built again after the refresh."""
+        for again in (True, False):
             form = aiohttp.FormData()
             form.add_field("task", json.dumps(fields), content_type="application/json")
             form.add_field("input", data, content_type="application/octet-stream", filename="input")
-            headers = self._auth_headers()
-            async with self.session.post(self.base + path, data=form, headers=headers) as resp:
-                if resp.status == 401 and retry and await self._refresh():
-                    continue
-                return await _json_or_raise(resp)
-        raise AssertionError("unreachable: the second attempt returns or raises")
-
-    async def upload_blob(self, data: bytes | AsyncIterator[bytes]) -> str:
-        """Streams a body to `POST /blobs`; returns the blob id."""
-        headers = {**self._headers(), "Content-Type": "application/octet-stream"}
-        async with self.session.post(self.base + "/blobs", data=data, headers=headers) as resp:
-            body = await _json_or_raise(resp)
-        return str(body["id"])
-
-    async def download_blob(self, blob_id: str) -> bytes:
-        """The whole blob; a broken transfer resumes with a Range request."""
-        buf = bytearray()
-        for _attempt in range(5):
-            headers = self._headers()
-            if buf:
-                headers["Range"] = f"bytes={len(buf)}-"
             try:
-                async with self.session.get(f"{self.base}/blobs/{blob_id}", headers=headers) as resp:
-                    if resp.status >= 400:
-                        await _json_or_raise(resp)
-                    if resp.status == 200 and buf:
-                        buf.clear()  # the server ignored the range: start over
-                    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-                        buf.extend(chunk)
-                return bytes(buf)
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
-                continue
-        raise ApiError(0, "download-failed", f"blob {blob_id} could not be downloaded after 5 attempts")
+                return await self.request("POST", path, data=form)
+            except ApiError as exc:
+                if exc.status == 401 and again and await self._refresh():
+                    continue
+                raise
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def download_blob_to(self, blob_id: str, path: Path) -> int:
         """The blob into `path`, continuing from the bytes the file already holds (`Range: bytes=N-`), so a
@@ -171,29 +124,22 @@ class ApiSession:
         caller's decryption verifies them all. Gives up (ApiError download-failed) after RESUME_ATTEMPTS
         attempts in a row that brought no new byte."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=BLOB_READ_TIMEOUT_S)
-        refreshed, idle, why = False, 0, ""
+        self._auth_headers()
+        idle, why = 0, ""
         while idle < RESUME_ATTEMPTS:
             have = await asyncio.to_thread(file_size, path)
-            headers = self._auth_headers()
-            if have:
-                headers["Range"] = f"bytes={have}-"
+            headers = {"Range": f"bytes={have}-"} if have else None
             try:
-                async with self.session.get(
-                    f"{self.base}/blobs/{blob_id}", headers=headers, timeout=timeout
+                async with self.open(
+                    "GET", f"/blobs/{blob_id}", headers=headers, client_timeout=timeout, passing={416}
                 ) as resp:
-                    if resp.status == 401 and not refreshed:
-                        refreshed = True
-                        if await self._refresh():
-                            continue
-                    if resp.status == 416 and have:
+                    if resp.status == 416:
                         if _range_size(resp.headers.get("Content-Range")) == have:
                             return have  # an earlier transfer got every byte
                         # longer than the blob, or an unreadable answer: start over
                         await asyncio.to_thread(path.unlink, True)
                         idle, why = idle + 1, "the server refused the range"
                         continue
-                    if resp.status >= 400:
-                        await _json_or_raise(resp)
                     if resp.status == 206 and _range_start(resp.headers.get("Content-Range")) != have:
                         # a part of another place than asked: start over
                         await asyncio.to_thread(path.unlink, True)
@@ -247,11 +193,3 @@ def _range_size(header: str | None) -> int | None:
         return int(rest.rsplit("/", 1)[1]) if unit == "bytes" else None
     except (ValueError, IndexError):
         return None
-
-
-async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:
-    if resp.status < 400:
-        if resp.status == 204:
-            return None
-        return await resp.json()
-    raise ApiError(resp.status, *await read_error(resp))

@@ -261,7 +261,7 @@ async def states(client: AsyncClient, collaboration: int | None) -> list[LedgerS
     found = []
     for item in await client.collaborations():
         try:
-            found.append((await client.ledgers.view(int(item["id"]))).state)
+            found.append((await client.ledgers.view(item.id)).state)
         except LedgerUnavailable:
             continue
     return found

@@ -6,6 +6,7 @@ Membership only: the keys inputs are sealed to come from the organizations' pinn
 from __future__ import annotations
 
 from vfed.client.http import ApiSession
+from vfed.common.api.resources import Organization
 
 
 class Members:
@@ -20,7 +21,8 @@ class Members:
         list (an unknown collaboration) is asked about again each time."""
         kept = self._members.get(collaboration_id)
         if not kept or refresh:
-            orgs = await self.api.get_all("/organizations", {"collaboration_id": collaboration_id})
-            kept = sorted(int(o["id"]) for o in orgs)
+            query = {"collaboration_id": collaboration_id}
+            orgs = await self.api.get_models("/organizations", Organization, query)
+            kept = sorted(o.id for o in orgs)
             self._members[collaboration_id] = kept
         return list(kept)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from vfed.client.errors import ResultMismatch
 from vfed.client.http import file_size
 from vfed.client.results import NOT_LOADED
+from vfed.common.api.resources import Run
 from vfed.common.crypto import (
     ContextMismatch,
     CryptoError,
@@ -78,12 +79,12 @@ async def open_checked(
 
 
 async def stream_result(
-    client: AsyncClient, run: dict[str, Any], digest: str | None, folder: Path, limit: asyncio.Semaphore
+    client: AsyncClient, run: Run, digest: str | None, folder: Path, limit: asyncio.Semaphore
 ) -> tuple[Path, Any]:
     """(the final file, its value if read already else NOT_LOADED) for a completed run. A sealed partial
     left by an earlier call is continued; when what it held fails to decrypt, it is fetched whole once
     more before the result is refused (ResultMismatch, no final file, no partial left)."""
-    run_id, org_id = int(run["id"]), int(run["organization_id"])
+    run_id, org_id = run.id, run.organization_id
     context = None if digest is None else result_context(digest, org_id, run_id)
     sealed = folder / sealed_name(org_id, run_id)
     async with limit:
@@ -92,7 +93,7 @@ async def stream_result(
         for again in (False, True):
             # the decryption follows the download through the partial file: one pass over the bytes
             downloaded = threading.Event()
-            download = asyncio.ensure_future(client.api.download_blob_to(str(run["result_blob_id"]), sealed))
+            download = asyncio.ensure_future(client.api.download_blob_to(str(run.result_blob_id), sealed))
             download.add_done_callback(functools.partial(_set_when_done, downloaded))
             decrypt = functools.partial(
                 _decrypt_to_file, sealed, downloaded, folder, org_id, run_id, client.keyring, context

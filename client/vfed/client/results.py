@@ -16,6 +16,7 @@ from typing import Any, Final, overload
 
 from vfed.client.errors import ClientError, NotTables, RunFailed
 from vfed.common.api.reasons import code_of
+from vfed.common.api.resources import Run
 from vfed.common.payload import PARQUET_MAGIC, decode_result
 
 
@@ -107,33 +108,32 @@ class OrganizationResult:
         return f"{self.who}: {where} {self.status}: {self.message or 'no reason given'}"
 
 
-def failed_result(run: Mapping[str, Any], failure: RunFailed, names: Mapping[int, str]) -> OrganizationResult:
+def failed_result(run: Run, failure: RunFailed, names: Mapping[int, str]) -> OrganizationResult:
     return OrganizationResult(
         organization_id=failure.organization_id,
         organization=names.get(failure.organization_id),
         run_id=failure.run_id,
-        task_id=int(run["task_id"]),
+        task_id=run.task_id,
         status=failure.status,
         value=failure,
         code=code_of(failure.reason),
         message=failure.reason or None,
         log_tail=failure.log_tail,
-        path=(int(run["task_id"]),),
+        path=(run.task_id,),
     )
 
 
 def completed_result(
-    run: Mapping[str, Any], value: Any, names: Mapping[int, str], file: Path | None = None
+    run: Run, value: Any, names: Mapping[int, str], file: Path | None = None
 ) -> OrganizationResult:
-    org_id = int(run["organization_id"])
     return OrganizationResult(
-        organization_id=org_id,
-        organization=names.get(org_id),
-        run_id=int(run["id"]),
-        task_id=int(run["task_id"]),
-        status=str(run["status"]),
+        organization_id=run.organization_id,
+        organization=names.get(run.organization_id),
+        run_id=run.id,
+        task_id=run.task_id,
+        status=str(run.status),
         value=value,
-        path=(int(run["task_id"]),),
+        path=(run.task_id,),
         file=file,
     )
 

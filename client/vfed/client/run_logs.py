@@ -9,10 +9,11 @@ the initiator.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vfed.client.errors import ClientError
 from vfed.common.api import RunLogError, open_log
+from vfed.common.api.resources import Run
 
 if TYPE_CHECKING:
     from vfed.client.client import AsyncClient
@@ -26,11 +27,11 @@ class LogUnreadable(ClientError):
         self.kind = kind
 
 
-async def run_log(client: AsyncClient, run: dict[str, Any]) -> str:
+async def run_log(client: AsyncClient, run: Run) -> str:
     """The run's plaintext log, verified against the executing organization's key chain and bound to the run;
     LogUnreadable says why not."""
-    run_id, org_id, task_id = int(run["id"]), int(run["organization_id"]), int(run["task_id"])
-    sealed = run.get("sealed_log")
+    run_id, org_id, task_id = run.id, run.organization_id, run.task_id
+    sealed = run.sealed_log
     if not sealed:
         raise LogUnreadable(
             f"run {run_id} has no sealed log (its node sent none, or it has not ended)", "none"
@@ -49,7 +50,7 @@ async def run_log(client: AsyncClient, run: dict[str, Any]) -> str:
         raise LogUnreadable(str(exc), exc.kind) from None
 
 
-async def log_if_readable(client: AsyncClient, run: dict[str, Any]) -> str:
+async def log_if_readable(client: AsyncClient, run: Run) -> str:
     """The run's log when this client may read it, else "" (a failure report never fails for its log)."""
     try:
         return await run_log(client, run)

@@ -18,7 +18,8 @@ from vfed.client.progress import runs_progress
 from vfed.client.result_files import STREAMS_AT_ONCE, open_checked, stream_result
 from vfed.client.results import OrganizationResult, ResultSet, completed_result, failed_result
 from vfed.client.run_logs import log_if_readable
-from vfed.common.api.statuses import TERMINAL
+from vfed.common.api.resources import Run, Task, TaskWait
+from vfed.common.api.statuses import TERMINAL, RunStatus, TaskStatus
 from vfed.common.crypto import Keyring, PublicKey, SenderLookup, decrypt_bytes, encrypt_bytes
 from vfed.common.payload import TaskInput, decode_result
 from vfed.common.trust import (
@@ -40,6 +41,13 @@ INLINE_DECRYPT_BYTES = 256 << 10  # smaller inputs and results are sealed and op
 WAIT_CHUNK_S = 30.0  # one long poll at most this long (the server caps it too); then ask again
 
 
+class CreatedTask(Task):
+    """A task this client created, with the digest of the descriptor it signed for it (its runs' results
+    are bound to that digest)."""
+
+    descriptor_digest: str
+
+
 async def create(
     client: AsyncClient,
     collaboration: int,
@@ -51,7 +59,7 @@ async def create(
     datasets: list[str],
     name: str,
     description: str,
-) -> dict[str, Any]:
+) -> CreatedTask:
     plaintext = TaskInput(method=method, args=args, kwargs=kwargs).to_json()
     signer = await client.identity()
     # The ledger head verified now goes into the descriptor, so a node shown another history reports a fork;
@@ -84,14 +92,14 @@ async def create(
         fields["descriptor"] = document.to_json()
         try:
             # One request: the server stores the envelope as every run's input, in the task's transaction.
-            body: dict[str, Any] = await client.api.post_with_input("/tasks", fields, envelope)
+            body = await client.api.post_with_input("/tasks", fields, envelope)
         except ApiError as exc:  # a chain's head rotated meanwhile: nothing was stored; read the chains again
             if exc.status != 409 or exc.error != "stale-key" or fresh:
                 raise
             continue
-        client.descriptor_digests[int(body["id"])] = document.digest
-        body["descriptor_digest"] = document.digest
-        return body
+        task = CreatedTask.model_validate({**body, "descriptor_digest": document.digest})
+        client.descriptor_digests[task.id] = document.digest
+        return task
     raise AssertionError("unreachable: the second attempt returns or raises")
 
 
@@ -145,7 +153,7 @@ async def _recipients(
 
 async def wait(
     client: AsyncClient, task_id: int, timeout_s: float | None, progress: bool, stream: TextIO | None = None
-) -> dict[str, Any]:
+) -> Task:
     """Long polls the server, which answers as soon as every run ended or, with a progress bar to draw, as
     soon as any run changed (`since`: the state last seen; the first call only reads the state). Progress
     goes to `stream` (standard output when None)."""
@@ -157,24 +165,21 @@ async def wait(
             left_s = WAIT_CHUNK_S if deadline is None else max(0.0, deadline - time.monotonic())
             state = await _wait_once(client, task_id, 0.0 if first else min(left_s, WAIT_CHUNK_S), version)
             first = False
-            runs = state["runs"]
-            version = state["version"] if progress else None
-            done = sum(1 for r in runs if r["status"] in TERMINAL)
+            runs = state.runs
+            version = state.version if progress else None
+            done = sum(1 for r in runs if r.status in TERMINAL)
             shown.update(done, len(runs))
-            if state["done"]:
-                return dict(state["task"])
+            if state.done:
+                return state.task
             if deadline is not None and time.monotonic() >= deadline:
                 raise TaskTimeout(f"task {task_id}: {done} of {len(runs)} runs finished after {timeout_s} s")
 
 
-async def _wait_once(
-    client: AsyncClient, task_id: int, timeout_s: float, since: str | None
-) -> dict[str, Any]:
+async def _wait_once(client: AsyncClient, task_id: int, timeout_s: float, since: str | None) -> TaskWait:
     params: dict[str, Any] = {"timeout_s": round(timeout_s, 3)}
     if since is not None:
         params["since"] = since
-    state: dict[str, Any] = await client.api.request("GET", f"/tasks/{task_id}/wait", params=params)
-    return state
+    return TaskWait.model_validate(await client.api.request("GET", f"/tasks/{task_id}/wait", params=params))
 
 
 async def results(
@@ -188,9 +193,9 @@ async def results(
     listed, digest, orgs = await asyncio.gather(
         client.runs(task_id), descriptor_digest(client, task_id), client.organizations()
     )
-    names = {int(o["id"]): str(o["name"]) for o in orgs}
-    runs = sorted(listed, key=lambda r: (r["organization_id"], r["id"]))
-    done = [run["status"] == "completed" and bool(run.get("result_blob_id")) for run in runs]
+    names = {o.id: o.name for o in orgs}
+    runs = sorted(listed, key=lambda r: (r.organization_id, r.id))
+    done = [run.status == RunStatus.COMPLETED and bool(run.result_blob_id) for run in runs]
     failed = [i for i in range(len(runs)) if not done[i]]
     logs = await asyncio.gather(*(log_if_readable(client, runs[i]) for i in failed))
     own = {
@@ -213,7 +218,7 @@ async def results(
 
 
 async def _streamed(
-    client: AsyncClient, runs: list[dict[str, Any]], digest: str | None, to: Path, names: Mapping[int, str]
+    client: AsyncClient, runs: list[Run], digest: str | None, to: Path, names: Mapping[int, str]
 ) -> list[OrganizationResult]:
     """Each run's result streamed to a file in `to`, a few at a time. Every stream runs to its end (the
     others' files are then complete), then the first failure is raised."""
@@ -246,10 +251,10 @@ async def subtask_failures(
     see are walked (the server shows a researcher the tasks its organization started or runs at). `logs`:
     open the log tail of each where this client may (else each `log_tail` is empty)."""
     task = await client.task(task_id)
-    below: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for sub in await client.tasks(job_id=task["job_id"]):
-        if sub.get("parent_id") is not None:
-            below.setdefault((int(sub["parent_id"]), int(sub["initiator_organization_id"])), []).append(sub)
+    below: dict[tuple[int, int | None], list[Task]] = {}
+    for sub in await client.tasks(job_id=task.job_id):
+        if sub.parent_id is not None:
+            below.setdefault((sub.parent_id, sub.initiator_organization_id), []).append(sub)
     found: list[OrganizationResult] = []
     level = failed
     while level:
@@ -257,20 +262,20 @@ async def subtask_failures(
             (parent, sub)
             for parent in level
             for sub in below.get((parent.task_id, parent.organization_id), [])
-            if sub["status"] != "completed"
+            if sub.status != TaskStatus.COMPLETED
         ]
-        listed = await asyncio.gather(*(client.runs(int(sub["id"])) for _, sub in children))
+        listed = await asyncio.gather(*(client.runs(sub.id) for _, sub in children))
         pairs = [
             (parent, run)
             for (parent, _), runs in zip(children, listed, strict=True)
-            for run in sorted(runs, key=lambda r: (r["organization_id"], r["id"]))
-            if run["status"] in TERMINAL and run["status"] != "completed"
+            for run in sorted(runs, key=lambda r: (r.organization_id, r.id))
+            if run.finished and run.status != RunStatus.COMPLETED
         ]
         tails = await asyncio.gather(*(_log_tail(client, run, logs) for _, run in pairs))
         level = [
             replace(
                 failed_result(run, _failure(run, text), names),
-                path=(*parent.path, int(run["task_id"])),
+                path=(*parent.path, run.task_id),
                 parent_run_id=parent.run_id,
             )
             for (parent, run), text in zip(pairs, tails, strict=True)
@@ -286,7 +291,7 @@ async def descriptor_digest(client: AsyncClient, task_id: int) -> str | None:
     if known is not None:
         return known
     task = await client.task(task_id)
-    text = task.get("descriptor")
+    text = task.descriptor
     if not text:
         return None
     try:
@@ -301,19 +306,19 @@ async def descriptor_digest(client: AsyncClient, task_id: int) -> str | None:
             f"task {task_id}: its descriptor is not signed by a key of yours (another researcher's task, "
             "or the server swapped it); its results are not yours to read"
         )
-    if body.image != task.get("image") or body.collaboration != task.get("collaboration_id"):
+    if body.image != task.image or body.collaboration != task.collaboration_id:
         raise ClientError(f"task {task_id}: the server shows another image or collaboration than you signed")
     client.descriptor_digests[task_id] = document.digest
     return document.digest
 
 
-async def _decrypt_result(client: AsyncClient, run: dict[str, Any], digest: str | None) -> Any:
+async def _decrypt_result(client: AsyncClient, run: Run, digest: str | None) -> Any:
     """Decrypt a run's result, checked against the executing organization's verified chain and bound to
     this run (descriptor digest, organization, run id) unless the task has no descriptor."""
-    run_id, org_id = int(run["id"]), int(run["organization_id"])
+    run_id, org_id = run.id, run.organization_id
     context = None if digest is None else result_context(digest, org_id, run_id)
     blob, chain = await asyncio.gather(
-        client.api.download_blob(str(run["result_blob_id"])), client.chains.chain(org_id)
+        client.api.download_blob(str(run.result_blob_id)), client.chains.chain(org_id)
     )
     plaintext = await open_checked(
         client, run_id, org_id, chain, lambda sender: _decrypt(blob, client.keyring, sender, context)
@@ -332,18 +337,18 @@ async def _decrypt(blob: bytes, keyring: Keyring, sender: SenderLookup, context:
     )
 
 
-def run_failure(run: Mapping[str, Any], names: Mapping[int, str]) -> OrganizationResult:
+def run_failure(run: Run, names: Mapping[int, str]) -> OrganizationResult:
     """A run that did not complete, with its classified reason and no log (what `vfed task show` tells)."""
     return failed_result(run, _failure(run, ""), names)
 
 
-async def _log_tail(client: AsyncClient, run: dict[str, Any], opened: bool) -> str:
+async def _log_tail(client: AsyncClient, run: Run, opened: bool) -> str:
     return await log_if_readable(client, run) if opened else ""
 
 
-def _failure(run: Mapping[str, Any], log: str) -> RunFailed:
+def _failure(run: Run, log: str) -> RunFailed:
     """The run's failure: its classified reason and, when this client can open the sealed log, its tail."""
     tail = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
-    status = str(run["status"])
-    reason = str(run.get("reason") or ("still " + status if status not in TERMINAL else ""))
-    return RunFailed(int(run["id"]), int(run["organization_id"]), status, reason, tail)
+    status = str(run.status)
+    reason = run.reason or ("still " + status if not run.finished else "")
+    return RunFailed(run.id, run.organization_id, status, reason, tail)

@@ -13,10 +13,11 @@ import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vfed.client.errors import ApiError, ClientError, TrustRefused
 from vfed.client.http import ApiSession
+from vfed.common.api.resources import Organization, Resource
 from vfed.common.crypto import CryptoError, PublicKey
 from vfed.common.trust import (
     KIND_GENESIS,
@@ -79,6 +80,19 @@ class ClientStore(TrustStore):
 
 def refused(exc: TrustError, organization_id: int | None = None) -> TrustRefused:
     return TrustRefused(exc.message, exc.reason, organization_id)
+
+
+class OrganizationTrust(Resource):
+    """An organization as your pins see it: the fingerprint of the first key it published, and whether it is
+    pinned (`yes`, `no`, or `MISMATCH`: the pin names another first key) with the pinned fingerprint."""
+
+    id: int
+    name: str
+    fingerprint: str | None
+    pinned: Literal["yes", "no", "MISMATCH"]
+    pinned_fingerprint: str | None
+    problem: str | None
+    """What stands in the way of trusting it (no key published, a chain that does not verify), else None."""
 
 
 class ClientTrust:
@@ -200,14 +214,14 @@ class ClientTrust:
     def pins(self) -> list[Pin]:
         return self.store.pins()
 
-    async def status(self, organizations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def status(self, organizations: Sequence[Organization]) -> list[OrganizationTrust]:
         """Each organization with the fingerprint of its published first key and whether it is pinned:
         `yes`, `no` or `MISMATCH` (the pin names another first key). Pins nothing, whatever the mode."""
         self.store.reload_if_changed()
         return list(await asyncio.gather(*(self._status(org) for org in organizations)))
 
-    async def _status(self, org: dict[str, Any]) -> dict[str, Any]:
-        org_id = int(org["id"])
+    async def _status(self, org: Organization) -> OrganizationTrust:
+        org_id = org.id
         problem: str | None = None
         records: list[SignedEntry] = []
         try:
@@ -231,14 +245,14 @@ class ClientTrust:
                 verify_chain(org_id, records, pin.root, pin.head)
             except TrustError as exc:
                 problem = exc.message
-        return {
-            "id": org_id,
-            "name": org.get("name", ""),
-            "fingerprint": fingerprint(first) if first is not None else None,
-            "pinned": pinned,
-            "pinned_fingerprint": show_fingerprint(pin.root) if pin is not None else None,
-            "problem": problem,
-        }
+        return OrganizationTrust(
+            id=org_id,
+            name=org.name,
+            fingerprint=fingerprint(first) if first is not None else None,
+            pinned=pinned,
+            pinned_fingerprint=show_fingerprint(pin.root) if pin is not None else None,
+            problem=problem,
+        )
 
 
 def first_key(organization_id: int, records: Sequence[SignedEntry], prefer: str | None) -> PublicKey | None:

@@ -28,8 +28,8 @@ from vfed.node.policy import check_run
 from vfed.node.runtime.base import NotFound, PermanentStartError, RunSpec, Runtime, RuntimeUnavailable
 
 if TYPE_CHECKING:
+    from vfed.common.api.resources import Task
     from vfed.node.config import NodeSettings
-    from vfed.proxy.rest import Task
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from vfed.common.api.errors import ApiError
+from vfed.common.api.resources import Task
 from vfed.common.ledger import DatasetUse, Head, Lease, LedgerError, NoValidLease
 from vfed.common.trust import TrustError, VerifiedDescriptor
 from vfed.node import budget
@@ -29,7 +30,7 @@ from vfed.node.privacy import BudgetRefused
 from vfed.node.receipts import Receipts
 from vfed.node.run_input import RunInput
 from vfed.node.runtime.base import Runtime
-from vfed.proxy.rest import ServerUnavailable, Task
+from vfed.proxy.rest import ServerUnavailable
 
 log = logging.getLogger(__name__)
 

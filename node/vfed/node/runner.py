@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from vfed.common.api import Reason, classified
 from vfed.common.api.errors import ApiError
 from vfed.common.api.reasons import type_name
+from vfed.common.api.resources import Run, Task
 from vfed.common.crypto import ContextMismatch as BoundElsewhere
 from vfed.common.crypto import CryptoError, Keyring
 from vfed.common.trust import ChainResolver, ContextMismatch, DescriptorDocument, TrustError, input_context
@@ -55,7 +56,7 @@ from vfed.node.trust import Accepted, RunChecks, refusal_reason
 from vfed.proxy.app import ProxyContext, RunInfo
 from vfed.proxy.context import ProxyLimits
 from vfed.proxy.listener import ProxyListener, new_token
-from vfed.proxy.rest import RestClient, Run, Task
+from vfed.proxy.rest import RestClient
 from vfed.proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)

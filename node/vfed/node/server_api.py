@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from vfed.common import multipart
 from vfed.common.api.errors import ApiError
+from vfed.common.api.resources import Organization, Run, RunToken, Task
 from vfed.common.trust import SignedEntry
-from vfed.proxy.rest import Organization, RestClient, Run, Task
+from vfed.proxy.rest import RestClient
 
 CLAIM_ACCEPT = "multipart/mixed"  # the claim answer may carry a small input as a binary part
 
@@ -29,15 +30,10 @@ class NodeIdentity(BaseModel):
     broker_password: str | None = Field(None, repr=False)
 
 
-class RunToken(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    token: str
-
-
 class Claim(Run):
-    """A claimed run, with the task, the run's proxy token and a small input the server sends along as a
-    binary part (None from an older server, or for a large input: the node then asks for them)."""
+    """A claimed run (`vfed.common.api.resources.Claim`, read leniently): the task, the run's proxy token and
+    a small input the server sends along as a binary part (None from an older server, or for a large input:
+    the node then asks for them)."""
 
     task: Task | None = None
     run_token: RunToken | None = None

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from vfed.common.api.resources import Run, Task
 from vfed.common.crypto import PublicKey
 from vfed.common.trust import (
     ChainResolver,
@@ -38,7 +39,6 @@ from vfed.node.journal import Journal
 from vfed.node.keys import KeyHolder
 from vfed.node.metrics import NodeMetrics
 from vfed.node.server_api import NodeClient
-from vfed.proxy.rest import Run, Task
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from pydantic import SecretStr, ValidationError
 
 from vfed.common.api import proxy as api
 from vfed.common.api.errors import ApiError, error_response
+from vfed.common.api.resources import Run, Task
 from vfed.common.crypto import (
     ContextMismatch,
     CryptoError,
@@ -38,7 +39,7 @@ from vfed.common.trust import TrustError
 from vfed.proxy import limits, subtasks
 from vfed.proxy.context import ProxyContext, ProxyError, RunInfo
 from vfed.proxy.listener import token_middleware
-from vfed.proxy.rest import Run, ServerUnavailable, Task
+from vfed.proxy.rest import ServerUnavailable
 from vfed.proxy.subtasks import NewTask
 
 __all__ = ["CONTEXT", "ProxyContext", "ProxyError", "RunInfo", "create_proxy_app"]

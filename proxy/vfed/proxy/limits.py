@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from vfed.common.api.resources import Blob
 from vfed.proxy.context import ProxyContext, ProxyError
-from vfed.proxy.rest import BlobInfo
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -100,7 +100,7 @@ async def read_body(request: web.Request, ctx: ProxyContext) -> bytes:
     return b"".join(chunks)
 
 
-async def upload_blob(ctx: ProxyContext, data: bytes) -> BlobInfo:
+async def upload_blob(ctx: ProxyContext, data: bytes) -> Blob:
     """Upload a sealed input within the run's blob quota (counted before; given back if the upload fails)."""
     limits = ctx.limits
     if ctx.blob_uploads + 1 > limits.max_blob_uploads:

@@ -16,17 +16,16 @@ from vfed.common.slow_clients import HEAD_WATCH, HeadWatch
 from vfed.proxy.app import ProxyContext, create_proxy_app
 from vfed.proxy.listener import ProxyListener
 
-
-# A Unix socket's address holds at most 107 bytes of path (sun_path is 108 with the NUL); a node whose data folder
-# lies deep (a long home, a mounted volume's path) would otherwise fail every run with "AF_UNIX path too long".
+# A Unix socket's address holds at most 107 bytes of path (sun_path is 108 with the NUL); a node whose data
+# folder lies deep (a long home, a mounted volume) would otherwise fail every run: "AF_UNIX path too long".
 SUN_PATH_MAX = 107
 
 
 @contextlib.contextmanager
 def unix_address(path: Path) -> Iterator[str]:
-    """An address bind() and connect() accept for the socket at `path`: the path itself, or, when it is too long,
-    the same name reached through a descriptor of its folder (`/proc/self/fd/N/name`), which the kernel resolves
-    like the path. Bind or connect inside the block: the descriptor is closed after it."""
+    """An address bind() and connect() accept for the socket at `path`: the path itself, or, when it is too
+    long, the same name reached through a descriptor of its folder (`/proc/self/fd/N/name`), which the kernel
+    resolves like the path. Bind or connect inside the block: the descriptor is closed after it."""
     if len(os.fsencode(path)) <= SUN_PATH_MAX:
         yield str(path)
         return

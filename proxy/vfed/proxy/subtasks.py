@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from vfed.common.api.errors import ApiError
+from vfed.common.api.resources import Organization, Run, Task
 from vfed.common.crypto import OrgKey, PublicKey, encrypt_bytes
 from vfed.common.payload import TaskInput
 from vfed.common.trust import (
@@ -30,7 +31,6 @@ from vfed.common.trust import (
 )
 from vfed.proxy import limits
 from vfed.proxy.context import ProxyContext, ProxyError
-from vfed.proxy.rest import Organization, Run, Task
 
 
 def reserve(ctx: ProxyContext) -> None:
@@ -73,7 +73,7 @@ def check_image(ctx: ProxyContext, image: str) -> None:
 async def check_members(ctx: ProxyContext, organizations: Sequence[int]) -> None:
     """Subtasks stay inside the run's collaboration."""
     if ctx.members is None:
-        listed = await ctx.rest.list_all("/organizations", {"collaboration_id": ctx.run.collaboration_id})
+        listed = await ctx.rest.get_all("/organizations", {"collaboration_id": ctx.run.collaboration_id})
         ctx.members = frozenset(Organization.model_validate(o).id for o in listed)
     outside = sorted(set(organizations) - ctx.members)
     if outside:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel
 
+from vfed.common.api import resources as res
 from vfed.server import schemas as sc
 from vfed.server.api import (
     audit,
@@ -98,7 +99,7 @@ OPS: list[Op] = [
         organizations.list_organizations,
         "List organizations",
         "organizations",
-        response=sc.OrganizationPage,
+        response=res.OrganizationPage,
         query=sc.OrganizationQuery,
     ),
     Op(
@@ -108,7 +109,7 @@ OPS: list[Op] = [
         "Create an organization (root)",
         "organizations",
         sc.OrganizationIn,
-        sc.OrganizationOut,
+        res.Organization,
         status=201,
     ),
     Op(
@@ -117,7 +118,7 @@ OPS: list[Op] = [
         organizations.get_organization,
         "Get an organization",
         "organizations",
-        response=sc.OrganizationOut,
+        response=res.Organization,
     ),
     Op(
         "PUT",
@@ -126,7 +127,7 @@ OPS: list[Op] = [
         "Replace the public key",
         "organizations",
         sc.PublicKeyIn,
-        sc.OrganizationOut,
+        res.Organization,
     ),
     Op(
         "GET",
@@ -197,7 +198,7 @@ OPS: list[Op] = [
         collaborations.list_collaborations,
         "List collaborations",
         "collaborations",
-        response=sc.CollaborationPage,
+        response=res.CollaborationPage,
         query=sc.CollaborationQuery,
     ),
     Op(
@@ -207,7 +208,7 @@ OPS: list[Op] = [
         "Create a collaboration (root)",
         "collaborations",
         sc.CollaborationIn,
-        sc.CollaborationOut,
+        res.Collaboration,
         status=201,
     ),
     Op(
@@ -216,7 +217,7 @@ OPS: list[Op] = [
         collaborations.get_collaboration,
         "Get a collaboration",
         "collaborations",
-        response=sc.CollaborationOut,
+        response=res.Collaboration,
     ),
     Op(
         "PATCH",
@@ -225,7 +226,7 @@ OPS: list[Op] = [
         "Change a collaboration (root)",
         "collaborations",
         sc.CollaborationPatch,
-        sc.CollaborationOut,
+        res.Collaboration,
     ),
     Op(
         "GET",
@@ -248,7 +249,7 @@ OPS: list[Op] = [
         sc.LedgerAppendOut,
         status=201,
     ),
-    Op("GET", "/nodes", nodes.list_nodes, "List nodes", "nodes", response=sc.NodePage, query=sc.NodeQuery),
+    Op("GET", "/nodes", nodes.list_nodes, "List nodes", "nodes", response=res.NodePage, query=sc.NodeQuery),
     Op(
         "POST",
         "/nodes",
@@ -259,16 +260,16 @@ OPS: list[Op] = [
         sc.NodeCreatedOut,
         status=201,
     ),
-    Op("GET", "/nodes/self", nodes.node_self, "The calling node", "nodes", response=sc.NodeOut),
+    Op("GET", "/nodes/self", nodes.node_self, "The calling node", "nodes", response=res.Node),
     Op(
         "POST",
         "/nodes/heartbeat",
         nodes.heartbeat,
         "Mark the calling node online",
         "nodes",
-        response=sc.NodeOut,
+        response=res.Node,
     ),
-    Op("GET", "/nodes/{id}", nodes.get_node, "Get a node", "nodes", response=sc.NodeOut),
+    Op("GET", "/nodes/{id}", nodes.get_node, "Get a node", "nodes", response=res.Node),
     Op(
         "DELETE",
         "/nodes/{id}",
@@ -320,7 +321,7 @@ OPS: list[Op] = [
         blobs.upload_blob,
         "Upload a blob (streamed octet-stream)",
         "blobs",
-        response=sc.BlobOut,
+        response=res.Blob,
         status=201,
         binary_in=True,
     ),
@@ -378,7 +379,7 @@ OPS: list[Op] = [
         "blobs",
         binary_out=True,
     ),
-    Op("GET", "/tasks", tasks.list_tasks, "List tasks", "tasks", response=sc.TaskPage, query=sc.TaskQuery),
+    Op("GET", "/tasks", tasks.list_tasks, "List tasks", "tasks", response=res.TaskPage, query=sc.TaskQuery),
     Op(
         "POST",
         "/tasks",
@@ -386,18 +387,18 @@ OPS: list[Op] = [
         "Create a task with one run per organization (JSON, or multipart with the input envelope)",
         "tasks",
         sc.TaskIn,
-        sc.TaskOut,
+        res.Task,
         status=201,
         multipart_in=True,
     ),
-    Op("GET", "/tasks/{id}", tasks.get_task, "Get a task", "tasks", response=sc.TaskOut),
+    Op("GET", "/tasks/{id}", tasks.get_task, "Get a task", "tasks", response=res.Task),
     Op(
         "GET",
         "/tasks/{id}/wait",
         task_wait.wait_task,
         "Wait until every run finished (or, with `since`, any changed); answers at the timeout regardless",
         "tasks",
-        response=sc.TaskWaitOut,
+        response=res.TaskWait,
         query=sc.TaskWaitQuery,
     ),
     Op(
@@ -406,10 +407,10 @@ OPS: list[Op] = [
         tasks.kill_task,
         "Kill a task's unfinished runs",
         "tasks",
-        response=sc.TaskOut,
+        response=res.Task,
     ),
-    Op("GET", "/runs", runs.list_runs, "List runs", "runs", response=sc.RunPage, query=sc.RunQuery),
-    Op("GET", "/runs/{id}", runs.get_run, "Get a run", "runs", response=sc.RunOut),
+    Op("GET", "/runs", runs.list_runs, "List runs", "runs", response=res.RunPage, query=sc.RunQuery),
+    Op("GET", "/runs/{id}", runs.get_run, "Get a run", "runs", response=res.Run),
     Op(
         "PATCH",
         "/runs/{id}",
@@ -417,18 +418,16 @@ OPS: list[Op] = [
         "Report a run's progress (claiming node)",
         "runs",
         sc.RunPatch,
-        sc.RunOut,
+        res.Run,
     ),
-    Op(
-        "POST", "/runs/{id}/claim", runs.claim_run, "Claim a pending run (node)", "runs", response=sc.ClaimOut
-    ),
+    Op("POST", "/runs/{id}/claim", runs.claim_run, "Claim a pending run (node)", "runs", response=res.Claim),
     Op(
         "POST",
         "/runs/{id}/token",
         runs.run_token,
         "A token for the run's proxy (claiming node)",
         "runs",
-        response=sc.RunTokenOut,
+        response=res.RunToken,
     ),
     Op(
         "GET",

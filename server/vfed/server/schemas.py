@@ -1,4 +1,6 @@
-"""Pydantic models of every request and response body; the OpenAPI document is generated from them."""
+"""Pydantic models of every request body and query, and of the answers only the server gives; the resources
+every component reads (organization, task, run, ...) are those of `vfed.common.api.resources`. The OpenAPI
+document is generated from both."""
 
 from __future__ import annotations
 
@@ -7,10 +9,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vfed.common.api import resources as res
 from vfed.common.api.statuses import RunStatus, TaskStatus
 from vfed.server.models import RoleName
 
-Links = dict[str, str | None]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Text = Annotated[str, Field(max_length=100_000)]
 Id = Annotated[int, Field(ge=1, le=2**31 - 1)]
@@ -27,13 +29,6 @@ class In(BaseModel):
     """Request bodies reject unknown keys, so typos fail loudly."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class PageOut(BaseModel):
-    page: int
-    per_page: int
-    total: int
-    links: Links
 
 
 # --- tokens -------------------------------------------------------------------------------------------
@@ -72,11 +67,6 @@ class TokenNodeOut(TokenRefreshOut):
     )
 
 
-class RunTokenOut(BaseModel):
-    token: str
-    expires_at: datetime
-
-
 # --- organizations, collaborations ----------------------------------------------------------------------
 class OrganizationIn(In):
     name: Name
@@ -85,14 +75,6 @@ class OrganizationIn(In):
 
 class PublicKeyIn(In):
     public_key: Annotated[str, Field(min_length=1, max_length=100_000)]
-
-
-class OrganizationOut(BaseModel):
-    id: int
-    name: str
-    public_key: str | None
-    key_id: str | None
-    links: Links
 
 
 class OrganizationKeyOut(BaseModel):
@@ -104,10 +86,6 @@ class OrganizationKeyOut(BaseModel):
 
 class OrganizationKeysOut(BaseModel):
     data: list[OrganizationKeyOut]
-
-
-class OrganizationPage(PageOut):
-    data: list[OrganizationOut]
 
 
 # --- key chains, researcher certificates (signed entries, stored verbatim) ------------------------------
@@ -190,18 +168,6 @@ class CollaborationPatch(In):
     encrypted: bool | None = None
 
 
-class CollaborationOut(BaseModel):
-    id: int
-    name: str
-    organization_ids: list[int]
-    encrypted: bool
-    links: Links
-
-
-class CollaborationPage(PageOut):
-    data: list[CollaborationOut]
-
-
 # --- nodes, users, roles --------------------------------------------------------------------------------
 class NodeIn(In):
     collaboration_id: Id
@@ -209,22 +175,8 @@ class NodeIn(In):
     name: Name | None = None
 
 
-class NodeOut(BaseModel):
-    id: int
-    name: str
-    organization_id: int
-    collaboration_id: int
-    status: str = Field(description="online | offline")
-    last_seen_at: datetime | None
-    links: Links
-
-
-class NodeCreatedOut(NodeOut):
+class NodeCreatedOut(res.Node):
     api_key: str = Field(description="shown once; store it now")
-
-
-class NodePage(PageOut):
-    data: list[NodeOut]
 
 
 class UserIn(In):
@@ -249,10 +201,10 @@ class UserOut(BaseModel):
     organization_id: int
     roles: list[str]
     disabled: bool = False
-    links: Links
+    links: res.Links
 
 
-class UserPage(PageOut):
+class UserPage(res.Page):
     data: list[UserOut]
 
 
@@ -271,7 +223,7 @@ class AuditEntryOut(BaseModel):
     address: str = Field(description="the client address (see trusted_proxies)")
 
 
-class AuditPage(PageOut):
+class AuditPage(res.Page):
     data: list[AuditEntryOut]
 
 
@@ -288,15 +240,11 @@ class RoleOut(BaseModel):
     rules: list[RuleOut]
 
 
-class RolePage(PageOut):
+class RolePage(res.Page):
     data: list[RoleOut]
 
 
 # --- blobs, tasks, runs ----------------------------------------------------------------------------------
-class BlobOut(BaseModel):
-    id: str
-    size: int
-    sha256: str
 
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -359,29 +307,6 @@ class TaskIn(In):
     )
 
 
-class TaskOut(BaseModel):
-    id: int
-    collaboration_id: int
-    initiator_organization_id: int
-    initiator_user_id: int | None
-    image: str
-    image_digest: str | None
-    name: str
-    description: str
-    organization_ids: list[int]
-    datasets: list[str]
-    parent_id: int | None
-    job_id: int
-    status: TaskStatus
-    created_at: datetime
-    descriptor: str | None = Field(description="the signed task descriptor document, verbatim")
-    links: Links
-
-
-class TaskPage(PageOut):
-    data: list[TaskOut]
-
-
 class TaskWaitQuery(In):
     timeout_s: Annotated[float, Field(ge=0, le=3600)] = Field(
         30.0, description="answer after this long at the latest (the server caps it, 60 s by default)"
@@ -389,57 +314,6 @@ class TaskWaitQuery(In):
     since: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
         None, description="a `version` from an earlier answer: answer as soon as any run changed since"
     )
-
-
-class RunStateOut(BaseModel):
-    id: int
-    organization_id: int
-    node_id: int | None
-    status: RunStatus
-
-
-class TaskWaitOut(BaseModel):
-    done: bool = Field(description="every run has finished")
-    version: str = Field(description="changes when any run's status or node changes; pass it as `since`")
-    task: TaskOut
-    runs: list[RunStateOut]
-
-
-class RunOut(BaseModel):
-    id: int
-    task_id: int
-    job_id: int
-    organization_id: int
-    node_id: int | None
-    status: RunStatus
-    input_blob_id: str | None
-    result_blob_id: str | None
-    image_digest: str | None
-    exit_code: int | None
-    reason: str | None = Field(
-        description="why the run ended: a classified code (vfed.common.api.reasons), optionally `: ` and the "
-        "node's own words; never the algorithm's output"
-    )
-    sealed_log: str | None = Field(
-        description="the log tail as base64 of an envelope sealed on the node to its organization (and to "
-        "the initiator when the node shares logs); null when the node sent none"
-    )
-    created_at: datetime
-    claimed_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    links: Links
-
-
-class RunPage(PageOut):
-    data: list[RunOut]
-
-
-class ClaimOut(RunOut):
-    """A claimed run with what its node needs next, so starting it takes no further round trips."""
-
-    task: TaskOut
-    run_token: RunTokenOut
 
 
 SealedText = Annotated[str, Field(max_length=64 * 1024 * 1024, pattern=r"^[A-Za-z0-9+/]*={0,2}$")]

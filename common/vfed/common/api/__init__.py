@@ -1,8 +1,9 @@
 """The wire contract between vfed's components: what crosses the network and must mean the same everywhere.
 
 The run and task statuses and how a task's status follows from its runs (`statuses`), the classified reasons
-a run ends with (`reasons`) and how a run's log is sealed (`run_log`); the rest of the API's shapes join
-here, so each thing on the wire is defined once.
+a run ends with (`reasons`), how a run's log is sealed (`run_log`), the error document (`errors`), the
+resources the server serves (`resources`), the proxy's API (`proxy`), the doorbell message (`doorbell`) and
+the one REST client every component calls the server with (`rest`): each thing on the wire is defined once.
 """
 
 from vfed.common.api.reasons import (

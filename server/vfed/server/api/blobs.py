@@ -9,6 +9,7 @@ from aiohttp import web
 from sqlalchemy import Row, Table, bindparam, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.server import blob_limits
 from vfed.server.access import Scope, require, run_filter, scope_of
 from vfed.server.api.common import caller, json_response, session
@@ -18,7 +19,6 @@ from vfed.server.blobs import CHUNK_BYTES, ROW_BYTES, BlobMissing, BlobStoreErro
 from vfed.server.errors import ApiError, not_found
 from vfed.server.metrics import METRICS
 from vfed.server.models import Blob, Run
-from vfed.server.schemas import BlobOut
 from vfed.server.state import BLOBS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ async def upload_blob(request: web.Request) -> web.Response:
     finally:
         meter.release()
     request.app[METRICS].blob_bytes_in.inc(stored.size)
-    return json_response(BlobOut(id=stored.id, size=stored.size, sha256=stored.sha256), 201)
+    return json_response(res.Blob(id=stored.id, size=stored.size, sha256=stored.sha256), 201)
 
 
 async def _write(request: web.Request, meter: blob_limits.Upload) -> StoredBlob:

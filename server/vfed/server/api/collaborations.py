@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.server.access import Scope, collaboration_filter, require
 from vfed.server.api.common import (
     caller,
@@ -27,12 +28,12 @@ from vfed.server.api.ledger import announce
 from vfed.server.errors import ApiError, conflict, forbidden, not_found
 from vfed.server.ledger_store import carry_members, lock_collaborations, lock_organizations
 from vfed.server.models import Collaboration, Organization, collaboration_members
-from vfed.server.schemas import CollaborationIn, CollaborationOut, CollaborationPatch, CollaborationQuery
+from vfed.server.schemas import CollaborationIn, CollaborationPatch, CollaborationQuery
 
 
-def out(c: Collaboration) -> CollaborationOut:
+def out(c: Collaboration) -> res.Collaboration:
     """The collaboration as the API shows it."""
-    return CollaborationOut(
+    return res.Collaboration(
         id=c.id,
         name=c.name,
         organization_ids=[o.id for o in c.organizations],

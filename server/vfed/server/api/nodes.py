@@ -7,6 +7,7 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.server import audit, auth
 from vfed.server.access import Scope, node_filter, require, scope_of
 from vfed.server.api.common import (
@@ -28,14 +29,14 @@ from vfed.server.auth import Principal
 from vfed.server.broker_auth import BROKER
 from vfed.server.errors import ApiError, forbidden, not_found
 from vfed.server.models import Collaboration, Node
-from vfed.server.schemas import NodeCreatedOut, NodeIn, NodeOut, NodeQuery
+from vfed.server.schemas import NodeCreatedOut, NodeIn, NodeQuery
 from vfed.server.state import SESSIONS, SETTINGS
 
 
-def out(request: web.Request, n: Node) -> NodeOut:
+def out(request: web.Request, n: Node) -> res.Node:
     """The node as the API shows it (never its key)."""
     seen = node_last_seen(request, n)
-    return NodeOut(
+    return res.Node(
         id=n.id,
         name=n.name,
         organization_id=n.organization_id,

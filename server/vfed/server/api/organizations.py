@@ -6,6 +6,7 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.common.crypto.errors import CryptoError
 from vfed.common.crypto.keys import PublicKey
 from vfed.server import audit
@@ -28,16 +29,15 @@ from vfed.server.schemas import (
     OrganizationIn,
     OrganizationKeyOut,
     OrganizationKeysOut,
-    OrganizationOut,
     OrganizationQuery,
     PublicKeyIn,
 )
 
 
-def out(org: Organization) -> OrganizationOut:
+def out(org: Organization) -> res.Organization:
     """The organization as the API shows it."""
     base = f"/api/v1/organizations/{org.id}"
-    return OrganizationOut(
+    return res.Organization(
         id=org.id,
         name=org.name,
         public_key=org.public_key,

@@ -9,6 +9,7 @@ from aiohttp import MultipartWriter, hdrs, web
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.common.api.statuses import TERMINAL, RunStatus
 from vfed.server import auth
 from vfed.server.access import require, run_filter
@@ -28,16 +29,16 @@ from vfed.server.api.tasks import out as task_out
 from vfed.server.auth import Principal
 from vfed.server.errors import ApiError, conflict, forbidden, not_found
 from vfed.server.models import Run, utcnow
-from vfed.server.schemas import ClaimOut, RunOut, RunPatch, RunQuery, RunTokenOut
+from vfed.server.schemas import RunPatch, RunQuery
 from vfed.server.state import SETTINGS
 
 CLAIM_MIXED = "multipart/mixed"  # a node that sends this in Accept gets a small input in the claim answer
 
 
-def out(r: Run | Row[Any]) -> RunOut:
+def out(r: Run | Row[Any]) -> res.Run:
     """The run as the API shows it (a row of our own database, or RETURNING: no validation needed)."""
     blob = "/api/v1/blobs/"
-    return RunOut.model_construct(
+    return res.Run.model_construct(
         id=r.id,
         task_id=r.task_id,
         job_id=r.job_id,
@@ -132,13 +133,13 @@ async def claim_run(request: web.Request) -> web.Response:
     # What the node needs before it can start the container comes along: the task, the run's proxy token and,
     # for a node that accepts multipart/mixed, a small input (one that lives in its blob row) as binary part.
     token = _issue_run_token(request, p, run.id)
-    claim = ClaimOut.model_construct(**dict(out(run)), task=task_out(task, orgs), run_token=token)
+    claim = res.Claim.model_construct(**dict(out(run)), task=task_out(task, orgs), run_token=token)
     if small is not None and CLAIM_MIXED in request.headers.get(hdrs.ACCEPT, ""):
         return _claim_with_input(claim, small)
     return json_response(claim)
 
 
-def _claim_with_input(claim: ClaimOut, data: bytes) -> web.Response:
+def _claim_with_input(claim: res.Claim, data: bytes) -> web.Response:
     """multipart/mixed: the claim as JSON, then the sealed input as octet-stream (never base64)."""
     body = MultipartWriter("mixed")
     body.append(claim.model_dump_json(), {hdrs.CONTENT_TYPE: "application/json"})
@@ -239,8 +240,8 @@ async def run_token(request: web.Request) -> web.Response:
     return json_response(_issue_run_token(request, p, run.id))
 
 
-def _issue_run_token(request: web.Request, p: Principal, run_id: int) -> RunTokenOut:
+def _issue_run_token(request: web.Request, p: Principal, run_id: int) -> res.RunToken:
     settings = request.app[SETTINGS]
     claims = {"sub": str(p.node_id), "kind": "run", "typ": "access", "run_id": run_id}
     token, expires_at = auth.issue(settings.jwt_secret, claims, settings.run_token_max_s)
-    return RunTokenOut(token=token, expires_at=expires_at)
+    return res.RunToken(token=token, expires_at=expires_at)

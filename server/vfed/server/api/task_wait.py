@@ -17,13 +17,14 @@ from aiohttp import web
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.common.api.statuses import TERMINAL, RunStatus
 from vfed.server.api.common import caller, json_response, path_id, read_query, session
 from vfed.server.api.tasks import out as task_out
 from vfed.server.api.tasks import visible_task_row
 from vfed.server.metrics import METRICS
 from vfed.server.models import Run
-from vfed.server.schemas import RunStateOut, TaskOut, TaskWaitOut, TaskWaitQuery
+from vfed.server.schemas import TaskWaitQuery
 from vfed.server.state import SETTINGS, TASK_EVENTS
 
 _RUN_STATES = (
@@ -33,32 +34,32 @@ _RUN_STATES = (
 )
 
 
-def _done(runs: list[RunStateOut]) -> bool:
+def _done(runs: list[res.RunState]) -> bool:
     return bool(runs) and all(r.status in TERMINAL for r in runs)
 
 
-def _version(runs: list[RunStateOut]) -> str:
+def _version(runs: list[res.RunState]) -> str:
     """Changes whenever any run's status or node changes (the same in every server process)."""
     text = ";".join(f"{r.id}:{r.status}:{r.node_id}" for r in runs)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-async def _run_states(s: AsyncSession, task_id: int) -> list[RunStateOut]:
+async def _run_states(s: AsyncSession, task_id: int) -> list[res.RunState]:
     conn = await s.connection()
     rows = await conn.execute(_RUN_STATES, {"task": task_id})
     return [
-        RunStateOut.model_construct(id=i, organization_id=o, node_id=n, status=RunStatus(st))
+        res.RunState.model_construct(id=i, organization_id=o, node_id=n, status=RunStatus(st))
         for i, o, n, st in rows
     ]
 
 
-def _answerable(runs: list[RunStateOut], since: str | None) -> bool:
+def _answerable(runs: list[res.RunState], since: str | None) -> bool:
     return _done(runs) or (since is not None and _version(runs) != since)
 
 
 async def _state(
     request: web.Request, task_id: int, since: str | None, full: bool
-) -> tuple[TaskOut | None, list[RunStateOut]]:
+) -> tuple[res.Task | None, list[res.RunState]]:
     """The runs' states and, when `full` or when they call for an answer, the task (with the caller's access
     checked, as GET /tasks/{id} does); a wake-up that changes nothing costs one statement."""
     async with session(request) as s:
@@ -70,8 +71,8 @@ async def _state(
     return task_out(task, [r.organization_id for r in runs]), runs
 
 
-def _answer(task: TaskOut, runs: list[RunStateOut]) -> web.Response:
-    body = TaskWaitOut.model_construct(done=_done(runs), version=_version(runs), task=task, runs=runs)
+def _answer(task: res.Task, runs: list[res.RunState]) -> web.Response:
+    body = res.TaskWait.model_construct(done=_done(runs), version=_version(runs), task=task, runs=runs)
     return json_response(body)
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from sqlalchemy import ColumnElement, and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.common.api.statuses import TERMINAL, RunStatus, TaskStatus, task_status
 from vfed.server.access import Scope, require, task_filter
 from vfed.server.api.common import (
@@ -24,7 +25,7 @@ from vfed.server.api.common import (
 from vfed.server.auth import Principal
 from vfed.server.errors import forbidden, not_found
 from vfed.server.models import Node, Run, Task, utcnow
-from vfed.server.schemas import TaskOut, TaskQuery
+from vfed.server.schemas import TaskQuery
 from vfed.server.state import DOORBELL
 from vfed.server.task_events import mark_changed
 
@@ -49,9 +50,9 @@ class NewTask:
     descriptor: str | None = None
 
 
-def out(t: Task | NewTask, org_ids: list[int]) -> TaskOut:
+def out(t: Task | NewTask, org_ids: list[int]) -> res.Task:
     """The task as the API shows it (rows from our own database: no validation needed)."""
-    return TaskOut.model_construct(
+    return res.Task.model_construct(
         id=t.id,
         collaboration_id=t.collaboration_id,
         initiator_organization_id=t.initiator_organization_id,
