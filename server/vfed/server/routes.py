@@ -360,7 +360,7 @@ OPS: list[Op] = [
         "Finish a resumable upload: size and SHA-256 are checked, then the blob exists",
         "blobs",
         sc.UploadCompleteIn,
-        sc.BlobOut,
+        res.Blob,
         status=201,
     ),
     Op(

@@ -26,6 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vfed.common.api import resources as res
 from vfed.server import blob_limits
 from vfed.server.access import require
 from vfed.server.api.common import caller, json_response, read_json, read_query, session
@@ -35,7 +36,7 @@ from vfed.server.blobs import CHUNK_BYTES, BlobStore, BlobTooLarge, UploadOffset
 from vfed.server.errors import ApiError, bad_request, not_found
 from vfed.server.metrics import METRICS
 from vfed.server.models import Blob, UploadSession, utcnow
-from vfed.server.schemas import BlobOut, UploadAppendQuery, UploadCompleteIn, UploadIn, UploadOut
+from vfed.server.schemas import UploadAppendQuery, UploadCompleteIn, UploadIn, UploadOut
 from vfed.server.state import BLOBS, SETTINGS
 
 
@@ -306,7 +307,7 @@ async def complete_upload(request: web.Request) -> web.Response:
             state.digest = None  # the state goes with the request's turn
         finally:
             store.writing.discard(row.blob_id)
-    return json_response(BlobOut(id=row.blob_id, size=body.size, sha256=digest), 201)
+    return json_response(res.Blob(id=row.blob_id, size=body.size, sha256=digest), 201)
 
 
 async def _finish(request: web.Request, store: BlobStore, row: UploadSession, state: _Session) -> str:
