@@ -36,7 +36,7 @@ lint: venv
 test: venv infra images lint chaincode-test test-only
 
 test-only: venv
-	@VFED_REQUIRE_COMPONENTS=1 $(VENV)/bin/pytest -p no:cacheprovider --timeout=900 --durations=30 -n 2 --dist loadgroup $(PYTEST_ARGS)
+	@VFED_REQUIRE_COMPONENTS=1 bash scripts/run-tests.sh $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: venv infra images
 	@$(VENV)/bin/vfed demo --work-dir build/demo

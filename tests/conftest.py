@@ -111,23 +111,15 @@ def postgres_url(postgres_server: infra.Postgres) -> str:
 
 # --- per-marker summary -------------------------------------------------------------------------------------
 
+_markers_of: dict[str, tuple[str, ...]] = {}
 _outcomes: dict[str, Counter[str]] = defaultdict(Counter)
-
-# `make test` runs two pytest-xdist workers. Tests that share a machine-wide resource run one after another
-# in one worker: the Docker engine (containers, volumes and networks are global, and the volume sweep above
-# compares before and after), network namespaces and the Fabric network. Every other test file is a group of
-# its own, so a module's fixtures are set up once, in one worker.
-_MACHINE_WIDE = ("docker", "netns", "fabric")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Fabric tests skip (or fail when components are required) in their own fixture, tests/fabric/conftest.py,
     # which finds the binaries in $VFED_FABRIC_DIR or ../shared/fabric rather than on PATH.
     for item in items:
-        markers = tuple(m for m in MARKERS if item.get_closest_marker(m) is not None)
-        item.user_properties.append(("vfed_markers", markers))  # travels with the report, also from a worker
-        machine_wide = any(m in markers for m in _MACHINE_WIDE)
-        item.add_marker(pytest.mark.xdist_group("machine" if machine_wide else item.nodeid.split("::", 1)[0]))
+        _markers_of[item.nodeid] = tuple(m for m in MARKERS if item.get_closest_marker(m) is not None)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -140,8 +132,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         outcome = "failed"
     if outcome is None:
         return
-    markers: tuple[str, ...] = dict(report.user_properties).get("vfed_markers", ())
-    for marker in markers or ("unmarked",):
+    for marker in _markers_of.get(report.nodeid, ()) or ("unmarked",):
         _outcomes[marker][outcome] += 1
 
 
