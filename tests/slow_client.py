@@ -16,6 +16,10 @@ def trickle_head(sock: socket.socket, head: bytes) -> tuple[int, int]:
             break
         sent += 1
         readable, _, _ = select.select([sock], [], [], 1.0)
-        if readable and sock.recv(1024) == b"":
-            break
+        if readable:
+            try:
+                if sock.recv(1024) == b"":
+                    break
+            except ConnectionResetError:  # closed with bytes of ours still unread there: a reset, not a FIN
+                break
     return sent, len(head)
