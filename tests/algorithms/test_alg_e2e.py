@@ -22,8 +22,7 @@ from alg_helpers import EXAMPLES, partitions
 from tests.node.node_harness import (
     PASSWORD,
     Server,
-    remove_run_containers,
-    run_containers_gone,
+    run_containers_cleared,
     running_agent,
     write_node_config,
 )
@@ -114,7 +113,7 @@ async def federated(
             )
             settings[name] = load_settings(config)
         agents = await stack.enter_async_context(contextlib.AsyncExitStack())
-        stack.push_async_callback(_run_containers_cleared, [f"alg-{name}" for name in NAMES])
+        stack.push_async_callback(run_containers_cleared, [f"alg-{name}" for name in NAMES])
         researcher = AsyncClient(server.url, key_file=settings["a"].key_path)
         federation = Federation(server, settings, researcher, 0, 0, frames, agents)
         await federation.start_agents()
@@ -124,19 +123,6 @@ async def federated(
         assert researcher.organization_id is not None
         federation.org_a = researcher.organization_id
         yield federation
-
-
-async def _run_containers_cleared(node_names: list[str]) -> None:
-    """Before the agents stop: an agent removes a run's container right after reporting its end, and the next
-    test's nodes have the same names, so a container left here would hold the next test's job volume."""
-    left = []
-    for name in node_names:
-        try:
-            await run_containers_gone(name)
-        except AssertionError:
-            left.append(name)
-            remove_run_containers(name)
-    assert not left, f"run containers of {left} were still there 30 s after the test"
 
 
 @pytest.fixture

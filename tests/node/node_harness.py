@@ -223,6 +223,20 @@ async def run_containers_gone(node_name: str, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"node {node_name}'s run containers are still there after {timeout_s} s")
 
 
+async def run_containers_cleared(node_names: list[str]) -> None:
+    """While the nodes' agents still serve (an agent removes a run's container right after reporting its end):
+    wait until each node's run containers are gone; remove those still there after the wait, then fail naming
+    their nodes (a container left would hold the job volume of the next agent with the same name)."""
+    left = []
+    for name in node_names:
+        try:
+            await run_containers_gone(name)
+        except AssertionError:
+            left.append(name)
+            await asyncio.to_thread(remove_run_containers, name)
+    assert not left, f"run containers of {left} were still there 30 s after the test"
+
+
 def remove_run_containers(node_name: str) -> None:
     """Remove whatever run containers a failed test's node left (its job volumes go with the test's own
     clean-up, conftest._job_volumes_removed)."""
@@ -259,7 +273,8 @@ async def csv_nodes(
 ) -> AsyncIterator[dict[str, NodeSettings]]:
     """A running node per organization of `data`, each offering its CSV file as the dataset `default` (named
     `<prefix><org's first letter><6 hex>`, polling fast, pinning at first use); their settings by
-    organization. The runs' containers are gone when it ends (checked after a clean exit, removed anyway)."""
+    organization. The runs' containers are gone when it ends (after a clean exit, checked before the agents
+    stop; removed anyway)."""
     settings: dict[str, NodeSettings] = {}
     try:
         for org, csv in data.items():
@@ -278,8 +293,7 @@ async def csv_nodes(
             for node in settings.values():
                 await agents.enter_async_context(running_agent(node))
             yield settings
-        for node in settings.values():
-            await run_containers_gone(node.name)
+            await run_containers_cleared([node.name for node in settings.values()])
     finally:
         for node in settings.values():
             await asyncio.to_thread(remove_run_containers, node.name)
